@@ -1,0 +1,362 @@
+//! Vault cryptography: AES-256-GCM sealing of PANs under a rotating keyring, and keyed
+//! HMAC-SHA256 fingerprints for deduplication.
+//!
+//! Ciphertext format (see `docs/security.md`): `blob = nonce (12 bytes) || ciphertext || tag
+//! (16 bytes)`, stored next to the id of the key that sealed it. The AAD binds the ciphertext to
+//! its record so a blob copied into another record (another token, another merchant, or relabelled
+//! with another key id) fails to open:
+//! `AAD = "tokengate/pan/v1" || 0x00 || key_id || 0x00 || merchant_id || 0x00 || token_id`.
+//!
+//! Nonces are 96 random bits from a user-space CSPRNG seeded by the OS (`rand::rng()`, ChaCha12):
+//! a system call per nonce would cost more than the encryption itself. With random nonces one key
+//! should seal fewer than 2^32 messages; rotate keys well before that (`docs/security.md`).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use aes_gcm::aead::{AeadInOut, KeyInit};
+use aes_gcm::aead::Tag;
+use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, KeyInit as HmacKeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::domain::card::{Expiry, Pan};
+use crate::domain::token::{Fingerprints, MerchantId, SealedPan, TokenId};
+
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const AAD_LABEL: &[u8] = b"tokengate/pan/v1";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("key `{0}` is not in the keyring")]
+    UnknownKey(String),
+    #[error("ciphertext failed authentication")]
+    Authentication,
+    #[error("invalid key material for `{0}`: {1}")]
+    BadKey(String, &'static str),
+    #[error("decrypted data is not a valid card number")]
+    BadPlaintext,
+}
+
+/// Data-encryption keys by id, plus the active one used for new writes.
+pub struct Keyring {
+    active: String,
+    keys: HashMap<String, Aes256Gcm>,
+    /// Pre-keyed HMAC; cloning it per use skips the key schedule (see PERF-NOTES).
+    fingerprint: Hmac<Sha256>,
+    /// Separate key for digests of idempotent requests, so they cannot be matched with
+    /// fingerprints.
+    request_digest: Hmac<Sha256>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut ids: Vec<&String> = self.keys.keys().collect();
+        ids.sort();
+        f.debug_struct("Keyring")
+            .field("active", &self.active)
+            .field("key_ids", &ids)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Key material as configured: base64 of 32 random bytes per key.
+pub struct KeyMaterial {
+    pub active_key_id: String,
+    pub data_keys: Vec<(String, SecretString)>,
+    pub fingerprint_key: SecretString,
+}
+
+fn decode_key(id: &str, b64: &SecretString) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+    use base64::Engine;
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.expose_secret().trim())
+            .map_err(|_| CryptoError::BadKey(id.to_owned(), "not valid base64"))?,
+    );
+    if bytes.len() != 32 {
+        return Err(CryptoError::BadKey(
+            id.to_owned(),
+            "must be 32 bytes (base64 of 32 random bytes)",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Key ids end up in stored records and AAD, so keep them short and plain.
+pub fn valid_key_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Keyring {
+    pub fn new(material: &KeyMaterial) -> Result<Keyring, CryptoError> {
+        let mut keys = HashMap::new();
+        for (id, b64) in &material.data_keys {
+            if !valid_key_id(id) {
+                return Err(CryptoError::BadKey(
+                    id.clone(),
+                    "key id must be 1-32 characters of [A-Za-z0-9_-]",
+                ));
+            }
+            let bytes = decode_key(id, b64)?;
+            let cipher = Aes256Gcm::new_from_slice(&bytes)
+                .map_err(|_| CryptoError::BadKey(id.clone(), "bad length"))?;
+            keys.insert(id.clone(), cipher);
+        }
+        if !keys.contains_key(&material.active_key_id) {
+            return Err(CryptoError::UnknownKey(material.active_key_id.clone()));
+        }
+        let fp = decode_key("fingerprint", &material.fingerprint_key)?;
+        // Derive two independent HMAC keys from the one configured secret.
+        let derive = |label: &[u8]| -> Result<Hmac<Sha256>, CryptoError> {
+            let mut m = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&fp)
+                .map_err(|_| CryptoError::BadKey("fingerprint".into(), "bad length"))?;
+            m.update(label);
+            let derived = Zeroizing::new(m.finalize().into_bytes().to_vec());
+            <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&derived)
+                .map_err(|_| CryptoError::BadKey("fingerprint".into(), "bad length"))
+        };
+        Ok(Keyring {
+            active: material.active_key_id.clone(),
+            keys,
+            fingerprint: derive(b"tokengate/fingerprint/v1")?,
+            request_digest: derive(b"tokengate/request-digest/v1")?,
+        })
+    }
+
+    pub fn active_key_id(&self) -> &str {
+        &self.active
+    }
+
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    fn aad(key_id: &str, merchant: &MerchantId, token: &TokenId) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(AAD_LABEL.len() + key_id.len() + 48);
+        aad.extend_from_slice(AAD_LABEL);
+        for part in [key_id, merchant.as_str(), token.as_str()] {
+            aad.push(0);
+            aad.extend_from_slice(part.as_bytes());
+        }
+        aad
+    }
+
+    /// Encrypts a PAN under the active key, bound to its token and merchant.
+    pub fn seal(&self, pan: &Pan, merchant: &MerchantId, token: &TokenId) -> SealedPan {
+        let key_id = &self.active;
+        let cipher = &self.keys[key_id];
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::fill(&mut nonce);
+        let mut blob = Vec::with_capacity(NONCE_LEN + pan.len() + TAG_LEN);
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(pan.as_bytes());
+        let aad = Self::aad(key_id, merchant, token);
+        let tag = cipher
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut blob[NONCE_LEN..]).into())
+            // AES-GCM only fails for messages over 64 GiB.
+            .unwrap_or_default();
+        blob.extend_from_slice(&tag);
+        SealedPan {
+            key_id: key_id.clone(),
+            blob,
+        }
+    }
+
+    /// Decrypts a sealed PAN. Fails if the blob was tampered with or belongs to another record.
+    pub fn open(
+        &self,
+        sealed: &SealedPan,
+        merchant: &MerchantId,
+        token: &TokenId,
+    ) -> Result<Pan, CryptoError> {
+        let cipher = self
+            .keys
+            .get(&sealed.key_id)
+            .ok_or_else(|| CryptoError::UnknownKey(sealed.key_id.clone()))?;
+        if sealed.blob.len() < NONCE_LEN + TAG_LEN {
+            return Err(CryptoError::Authentication);
+        }
+        let (nonce, rest) = sealed.blob.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut buf = Zeroizing::new(ct.to_vec());
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Authentication)?;
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Authentication)?;
+        let aad = Self::aad(&sealed.key_id, merchant, token);
+        cipher
+            .decrypt_inout_detached(
+                &Nonce::from(nonce),
+                &aad,
+                (&mut buf[..]).into(),
+                &Tag::<Aes256Gcm>::from(tag),
+            )
+            .map_err(|_| CryptoError::Authentication)?;
+        let s = std::str::from_utf8(&buf).map_err(|_| CryptoError::BadPlaintext)?;
+        s.parse::<Pan>().map_err(|_| CryptoError::BadPlaintext)
+    }
+
+    /// Keyed fingerprints of a card for one merchant. Including the merchant id means the same
+    /// card at two merchants has unrelated fingerprints, so the store cannot link tenants.
+    pub fn fingerprints(&self, merchant: &MerchantId, pan: &Pan, expiry: &Expiry) -> Fingerprints {
+        let mut m = self.fingerprint.clone();
+        m.update(merchant.as_str().as_bytes());
+        m.update(&[0]);
+        m.update(pan.as_bytes());
+        let pan_only = m.clone().finalize().into_bytes();
+        m.update(&[0, expiry.month, (expiry.year >> 8) as u8, expiry.year as u8]);
+        let with_expiry = m.finalize().into_bytes();
+        Fingerprints {
+            pan: hex::encode(&pan_only[..]),
+            pan_expiry: hex::encode(&with_expiry[..]),
+        }
+    }
+
+    /// PAN-only fingerprint (what dedup looks up).
+    pub fn pan_fingerprint(&self, merchant: &MerchantId, pan: &Pan) -> String {
+        let mut m = self.fingerprint.clone();
+        m.update(merchant.as_str().as_bytes());
+        m.update(&[0]);
+        m.update(pan.as_bytes());
+        hex::encode(&m.finalize().into_bytes()[..])
+    }
+
+    /// Keyed digest of a request, for idempotency comparisons. Keyed because request bodies
+    /// contain card numbers, and an unkeyed hash of a PAN can be brute-forced.
+    pub fn request_digest(&self, parts: &[&[u8]]) -> String {
+        let mut m = self.request_digest.clone();
+        for p in parts {
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        hex::encode(&m.finalize().into_bytes()[..])
+    }
+}
+
+/// A key set for tests and sandbox mode only. Loudly marked; production mode refuses it.
+pub mod dev {
+    use secrecy::SecretString;
+
+    use super::KeyMaterial;
+
+    pub const DEV_KEY_ID: &str = "dev-insecure-1";
+    /// 32 bytes "tokengate-DEVELOPMENT-key-NOTSAF" in base64. NOT SECRET.
+    pub const DEV_DATA_KEY_B64: &str = "dG9rZW5nYXRlLURFVkVMT1BNRU5ULWtleS1OT1RTQUY=";
+    /// 32 bytes "tokengate-DEV-fingerprint-NOSAFE" in base64. NOT SECRET.
+    pub const DEV_FINGERPRINT_KEY_B64: &str = "dG9rZW5nYXRlLURFVi1maW5nZXJwcmludC1OT1NBRkU=";
+
+    pub fn material() -> KeyMaterial {
+        KeyMaterial {
+            active_key_id: DEV_KEY_ID.into(),
+            data_keys: vec![(DEV_KEY_ID.into(), SecretString::from(DEV_DATA_KEY_B64))],
+            fingerprint_key: SecretString::from(DEV_FINGERPRINT_KEY_B64),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretString;
+
+    use super::*;
+
+    fn ring() -> Keyring {
+        Keyring::new(&dev::material()).unwrap()
+    }
+
+    fn ids() -> (MerchantId, TokenId) {
+        (MerchantId::generate(), TokenId::generate())
+    }
+
+    const PAN: &str = "4111111111111111";
+
+    #[test]
+    fn seal_open_round_trip_and_randomised() {
+        let k = ring();
+        let (m, t) = ids();
+        let pan: Pan = PAN.parse().unwrap();
+        let a = k.seal(&pan, &m, &t);
+        let b = k.seal(&pan, &m, &t);
+        assert_ne!(a.blob, b.blob, "equal inputs must encrypt differently");
+        assert_eq!(a.blob.len(), 12 + 16 + 16);
+        assert!(!a.blob.windows(4).any(|w| w == b"1111"));
+        assert_eq!(k.open(&a, &m, &t).unwrap(), pan);
+    }
+
+    #[test]
+    fn aad_binds_record() {
+        let k = ring();
+        let (m, t) = ids();
+        let pan: Pan = PAN.parse().unwrap();
+        let s = k.seal(&pan, &m, &t);
+        assert_eq!(
+            k.open(&s, &MerchantId::generate(), &t),
+            Err(CryptoError::Authentication)
+        );
+        assert_eq!(
+            k.open(&s, &m, &TokenId::generate()),
+            Err(CryptoError::Authentication)
+        );
+        let mut tampered = s.clone();
+        tampered.blob[14] ^= 1;
+        assert_eq!(k.open(&tampered, &m, &t), Err(CryptoError::Authentication));
+    }
+
+    #[test]
+    fn rotation_keeps_old_records_readable() {
+        let old = ring();
+        let (m, t) = ids();
+        let pan: Pan = PAN.parse().unwrap();
+        let sealed_old = old.seal(&pan, &m, &t);
+        let mut material = dev::material();
+        material.data_keys.push((
+            "k2".into(),
+            SecretString::from("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
+        ));
+        material.active_key_id = "k2".into();
+        let new = Keyring::new(&material).unwrap();
+        let sealed_new = new.seal(&pan, &m, &t);
+        assert_eq!(sealed_new.key_id, "k2");
+        assert_eq!(new.open(&sealed_old, &m, &t).unwrap(), pan);
+        assert_eq!(new.open(&sealed_new, &m, &t).unwrap(), pan);
+        // Relabelling a blob with another key id fails (the key id is in the AAD).
+        let mut relabelled = sealed_old.clone();
+        relabelled.key_id = "k2".into();
+        assert_eq!(new.open(&relabelled, &m, &t), Err(CryptoError::Authentication));
+        assert!(matches!(old.open(&sealed_new, &m, &t), Err(CryptoError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn fingerprints_are_keyed_per_merchant_and_expiry() {
+        let k = ring();
+        let m = MerchantId::generate();
+        let pan: Pan = PAN.parse().unwrap();
+        let e1 = Expiry::trusted(1, 2030).unwrap();
+        let e2 = Expiry::trusted(2, 2031).unwrap();
+        let f1 = k.fingerprints(&m, &pan, &e1);
+        let f2 = k.fingerprints(&m, &pan, &e2);
+        assert_eq!(f1.pan, f2.pan, "reissued card must match on the PAN fingerprint");
+        assert_ne!(f1.pan_expiry, f2.pan_expiry);
+        assert_eq!(f1.pan, k.pan_fingerprint(&m, &pan));
+        let other = k.fingerprints(&MerchantId::generate(), &pan, &e1);
+        assert_ne!(other.pan, f1.pan);
+    }
+
+    #[test]
+    fn bad_keys_are_named_without_material() {
+        let mut material = dev::material();
+        material.data_keys[0].1 = SecretString::from("c2hvcnQ=");
+        let err = Keyring::new(&material).unwrap_err().to_string();
+        assert!(err.contains("dev-insecure-1") && !err.contains("c2hvcnQ"));
+        let mut material = dev::material();
+        material.active_key_id = "missing".into();
+        assert!(matches!(Keyring::new(&material), Err(CryptoError::UnknownKey(_))));
+        let dbg = format!("{:?}", ring());
+        assert!(!dbg.contains(dev::DEV_DATA_KEY_B64));
+    }
+}

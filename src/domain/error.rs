@@ -1,0 +1,53 @@
+//! Domain errors: what can go wrong in a use case, independent of HTTP and of the store.
+//!
+//! `crate::http::problem` is the one place that turns these into HTTP responses.
+
+use std::time::Duration;
+
+use super::card::CardError;
+use super::token::TokenStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    #[error("{0}")]
+    InvalidCard(#[from] CardError),
+    #[error("{detail}")]
+    Validation { code: &'static str, detail: String },
+    #[error("token not found")]
+    TokenNotFound,
+    #[error("merchant not found")]
+    MerchantNotFound,
+    #[error("token is {0:?}; this operation needs another status")]
+    TokenState(TokenStatus),
+    #[error("the record was changed concurrently; retry")]
+    Conflict,
+    #[error("the storage backend is unavailable")]
+    StoreUnavailable,
+    #[error("network token service: {0}")]
+    Upstream(#[from] ProviderError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// What a network-token provider (D1) call can fail with, as far as the domain cares.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// Overloaded, rate limited, circuit open, or down: try later.
+    #[error("unavailable")]
+    Unavailable { retry_after: Option<Duration> },
+    /// No answer within the time budget; the outcome upstream is unknown.
+    #[error("timed out")]
+    Timeout,
+    /// The provider refused the request (a 4xx). `code` is its machine error code.
+    #[error("rejected the request ({code})")]
+    Rejected { status: u16, code: String },
+    /// The provider does not know the resource.
+    #[error("resource not found upstream")]
+    NotFound,
+    /// The provider answered something we cannot use (5xx, bad JSON, bad crypto).
+    #[error("bad response: {0}")]
+    BadResponse(String),
+    /// Not configured (no D1 in this deployment).
+    #[error("not configured")]
+    NotConfigured,
+}

@@ -1,0 +1,12 @@
+//! Domain: cards, tokens and merchants, and the use cases that sequence vault, store and D1.
+//!
+//! Nothing here knows hyper, axum or Redis; storage and the network-token provider are traits.
+
+pub mod card;
+pub mod error;
+pub mod merchant;
+pub mod provider;
+pub mod service;
+pub mod token;
+
+pub use error::{DomainError, ProviderError};

@@ -1,0 +1,250 @@
+//! Token records: what the vault keeps per tokenized card, and the identifiers around them.
+
+use std::fmt;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::OffsetDateTime;
+
+use super::card::{Brand, Expiry};
+
+/// Random identifier with a type prefix: `tok_` + 128 random bits, base64url (22 characters).
+fn random_id(prefix: &str, bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::fill(&mut buf[..]);
+    format!("{prefix}{}", URL_SAFE_NO_PAD.encode(&buf))
+}
+
+/// Checks the shape of an id received from a client before it reaches storage keys.
+fn valid_id(s: &str, prefix: &str, body_len: usize) -> bool {
+    s.len() == prefix.len() + body_len
+        && s.starts_with(prefix)
+        && s[prefix.len()..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+macro_rules! id_type {
+    ($(#[$m:meta])* $name:ident, $prefix:literal, $bytes:literal, $chars:literal) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            pub const PREFIX: &'static str = $prefix;
+            pub fn generate() -> Self {
+                $name(random_id($prefix, $bytes))
+            }
+            /// Accepts only well-formed ids, so a client cannot smuggle key separators or
+            /// arbitrary text into storage keys.
+            pub fn parse(s: &str) -> Option<Self> {
+                valid_id(s, $prefix, $chars).then(|| $name(s.to_owned()))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Our token id, handed to merchants instead of the PAN.
+    TokenId, "tok_", 16, 22
+);
+id_type!(
+    /// A merchant (tenant) id.
+    MerchantId, "mer_", 12, 16
+);
+
+/// What the merchant will use the token for (it decides the transaction type D1 expects).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Usage {
+    CardOnFile,
+    OneOff,
+    Recurring,
+}
+
+impl Usage {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Usage::CardOnFile => "CARD_ON_FILE",
+            Usage::OneOff => "ONE_OFF",
+            Usage::Recurring => "RECURRING",
+        }
+    }
+}
+
+/// Token status. D1 and the networks may add values; unknown ones are kept verbatim rather than
+/// failing, so a new upstream status never breaks decoding of a stored record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TokenStatus {
+    Pending,
+    Active,
+    Suspended,
+    Inactive,
+    Expired,
+    Deleted,
+    Unknown(String),
+}
+
+impl TokenStatus {
+    pub fn as_str(&self) -> &str {
+        match self {
+            TokenStatus::Pending => "PENDING",
+            TokenStatus::Active => "ACTIVE",
+            TokenStatus::Suspended => "SUSPENDED",
+            TokenStatus::Inactive => "INACTIVE",
+            TokenStatus::Expired => "EXPIRED",
+            TokenStatus::Deleted => "DELETED",
+            TokenStatus::Unknown(s) => s,
+        }
+    }
+
+    pub fn parse(s: &str) -> TokenStatus {
+        match s {
+            "PENDING" => TokenStatus::Pending,
+            "ACTIVE" => TokenStatus::Active,
+            "SUSPENDED" => TokenStatus::Suspended,
+            "INACTIVE" => TokenStatus::Inactive,
+            "EXPIRED" => TokenStatus::Expired,
+            "DELETED" => TokenStatus::Deleted,
+            other => TokenStatus::Unknown(other.to_owned()),
+        }
+    }
+
+    /// `DELETED` is terminal: nothing moves a token out of it.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, TokenStatus::Deleted)
+    }
+}
+
+impl Serialize for TokenStatus {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenStatus {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(TokenStatus::parse(&s))
+    }
+}
+
+/// Card metadata that may be shown (PCI DSS allows BIN + last four; expiry is not secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CardMeta {
+    pub brand: Brand,
+    pub bin: String,
+    pub last4: String,
+    pub expiry: Expiry,
+}
+
+/// What D1 told us about the network token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkTokenMeta {
+    /// D1's token id (opaque to us).
+    pub d1_token_id: String,
+    pub last4: Option<String>,
+    pub expiry: Option<Expiry>,
+    /// Payment account reference: links tokens of the same card across merchants.
+    pub par: Option<String>,
+}
+
+/// A PAN encrypted by the vault. Opaque to the domain: only [`crate::crypto`] can open it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedPan {
+    /// Id of the data-encryption key that sealed it (keys rotate).
+    pub key_id: String,
+    /// `nonce (12) || ciphertext || tag (16)`, see docs/security.md.
+    #[serde(with = "b64")]
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for SealedPan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SealedPan(key_id={}, {} bytes)", self.key_id, self.blob.len())
+    }
+}
+
+/// Keyed fingerprints of the card, used only for deduplication (never reversible without the key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprints {
+    /// HMAC of merchant + PAN: the same card even after reissue with a new expiry.
+    pub pan: String,
+    /// HMAC of merchant + PAN + expiry: exactly this card instance.
+    pub pan_expiry: String,
+}
+
+/// One tokenized card.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: TokenId,
+    pub merchant_id: MerchantId,
+    pub usage: Usage,
+    pub status: TokenStatus,
+    pub card: CardMeta,
+    pub network_token: Option<NetworkTokenMeta>,
+    pub customer_reference: Option<String>,
+    pub sealed_pan: SealedPan,
+    pub fingerprints: Fingerprints,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Time of the newest upstream (D1) event applied, to ignore stale ones.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_event_at: Option<OffsetDateTime>,
+    /// Incremented on every update; storage refuses an update made against an older version.
+    pub version: u64,
+}
+
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_have_128_bits_and_parse() {
+        let t = TokenId::generate();
+        assert!(t.as_str().starts_with("tok_"));
+        assert_eq!(t.as_str().len(), 26);
+        assert_eq!(TokenId::parse(t.as_str()), Some(t.clone()));
+        assert_ne!(TokenId::generate(), t);
+        assert_eq!(TokenId::parse("tok_short"), None);
+        assert_eq!(TokenId::parse("tok_aaaaaaaaaaaaaaaaaaaa:x"), None);
+        assert_eq!(TokenId::parse("tok_aaaaaaaaaaaaaaaaaa}{"), None);
+        let m = MerchantId::generate();
+        assert_eq!(MerchantId::parse(m.as_str()), Some(m));
+    }
+
+    #[test]
+    fn unknown_status_round_trips() {
+        let s: TokenStatus = serde_json::from_str("\"FROZEN\"").unwrap();
+        assert_eq!(s, TokenStatus::Unknown("FROZEN".into()));
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"FROZEN\"");
+        assert!(TokenStatus::Deleted.is_terminal());
+    }
+}

@@ -1,0 +1,30 @@
+//! tokengate: a network-tokenization gateway for payment service providers.
+//!
+//! # Layout
+//!
+//! The crate is split into layers that only talk downwards, so each can be read and tested alone:
+//!
+//! - [`http`]: the REST API (axum on hyper 1), the tower middleware stack, authentication, the one
+//!   place that maps errors to `application/problem+json` responses.
+//! - [`domain`]: cards, tokens, merchants and the services that sequence storage, crypto and D1
+//!   calls. It knows neither hyper nor Redis types.
+//! - [`storage`]: the [`storage::TokenStore`] trait and its two implementations, Redis
+//!   (standalone or Cluster) and an embedded crash-safe file database (redb).
+//! - [`crypto`]: the vault keyring (AES-256-GCM with AAD, key ids for rotation) and keyed HMAC
+//!   fingerprints.
+//! - [`d1`]: the client for Thales D1 eCom Enablement (OAuth2 with ES256 assertions, mTLS, JWE).
+//! - [`sim`]: the D1 simulator used by tests, benchmarks and sandbox mode.
+//! - [`config`]: layered configuration (embedded defaults, optional file, environment).
+//! - [`app`]: wiring, used by the binary and by the integration tests.
+
+pub mod app;
+pub mod config;
+pub mod crypto;
+pub mod devkeys;
+pub mod d1;
+pub mod domain;
+pub mod http;
+pub mod sim;
+pub mod storage;
+pub mod telemetry;
+pub mod tls;

@@ -1,0 +1,2 @@
+//! The `tokengate` binary.
+fn main() {}

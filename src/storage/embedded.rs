@@ -1,0 +1,1 @@
+//! Embedded implementation of the token store on redb, a crash-safe single-file database.

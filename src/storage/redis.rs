@@ -1,0 +1,1 @@
+//! Redis implementation of the token store (standalone or Cluster).
