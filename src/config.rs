@@ -1,1 +1,419 @@
-//! Config.
+//! Configuration: embedded `config/default.toml`, then an optional file, then environment
+//! variables `TOKENGATE__SECTION__KEY`; then [`Config::validate`] for cross-field rules.
+//!
+//! Errors name the offending key's path. Secrets are `SecretString`: they never print.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// The embedded defaults, so `tokengate serve` runs with no file at all.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Development admin token, accepted only in sandbox mode.
+pub const SANDBOX_ADMIN_TOKEN: &str = "sandbox-admin-token";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Sandbox,
+    Production,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub mode: Mode,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub storage: StorageConfig,
+    pub vault: VaultConfig,
+    pub auth: AuthConfig,
+    pub idempotency: IdempotencyConfig,
+    pub d1: D1Section,
+    pub sim: SimSection,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub request_timeout_ms: u64,
+    pub body_limit_bytes: usize,
+    pub max_concurrency: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub redis_url: Option<String>,
+    pub redis_cluster_nodes: Vec<String>,
+    pub data_dir: PathBuf,
+    pub key_prefix: String,
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    pub active_key_id: Option<String>,
+    pub keys: BTreeMap<String, SecretString>,
+    pub fingerprint_key: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub api_key_cache_ttl_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    pub ttl_s: u64,
+    pub lock_ttl_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct D1Section {
+    pub enabled: bool,
+    pub base_url: Option<String>,
+    pub merchant_gateway_id: String,
+    pub keys_dir: Option<PathBuf>,
+    pub es256_kid: String,
+    pub d1_jwe_kid: String,
+    pub gateway_jwe_kid: String,
+    pub call_timeout_ms: u64,
+    pub max_retries: u32,
+    pub max_concurrency: usize,
+    pub breaker_failure_threshold: u32,
+    pub breaker_open_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimSection {
+    pub listen: SocketAddr,
+    pub control_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Figment's message names the key path and the source (file or env var).
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration: {key}: {msg}")]
+    Invalid { key: &'static str, msg: String },
+}
+
+/// Command-line values that override the layered config.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub redis_url: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub sim_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads defaults, then `file`, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(file, &env)
+    }
+
+    /// Like [`Config::load`] with an explicit environment, so tests never touch the real one.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        // Env values become a TOML snippet (typed like figment's own Env provider), taken from
+        // the given list rather than the process environment so tests can inject it.
+        let mut toml_env = String::new();
+        for (k, v) in env {
+            if let Some(rest) = k.strip_prefix("TOKENGATE__") {
+                let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+                let value = toml_value_for_env(v);
+                toml_env.push_str(&nested_toml_line(&path, &value));
+            }
+        }
+        fig = fig.merge(Toml::string(&toml_env));
+        let mut cfg: Config = fig
+            .extract()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        if let Some((_, tok)) = env.iter().find(|(k, _)| k == "TOKENGATE_ADMIN_TOKEN") {
+            cfg.admin.token = Some(SecretString::from(tok.clone()));
+        }
+        Ok(cfg)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(l) = o.listen {
+            self.server.listen = l;
+        }
+        if let Some(u) = &o.redis_url {
+            self.storage.redis_url = Some(u.clone());
+        }
+        if let Some(d) = &o.data_dir {
+            self.storage.data_dir = d.clone();
+        }
+        if let Some(s) = o.sim_listen {
+            self.sim.listen = s;
+        }
+    }
+
+    /// Cross-field rules that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, msg: &str| ConfigError::Invalid {
+            key,
+            msg: msg.to_owned(),
+        };
+        if self.server.body_limit_bytes < 256 {
+            return Err(invalid("server.body_limit_bytes", "must be at least 256"));
+        }
+        if self.server.max_concurrency == 0 {
+            return Err(invalid("server.max_concurrency", "must be at least 1"));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return Err(invalid("server.request_timeout_ms", "must be positive"));
+        }
+        if let Some(u) = &self.storage.redis_url
+            && !(u.starts_with("redis://") || u.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "storage.redis_url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        let has_keys = !self.vault.keys.is_empty();
+        if has_keys != self.vault.active_key_id.is_some()
+            || has_keys != self.vault.fingerprint_key.is_some()
+        {
+            return Err(invalid(
+                "vault",
+                "set all of vault.active_key_id, vault.keys and vault.fingerprint_key, or none",
+            ));
+        }
+        if let Some(active) = &self.vault.active_key_id
+            && !self.vault.keys.contains_key(active)
+        {
+            return Err(invalid(
+                "vault.active_key_id",
+                "names a key that is not in vault.keys",
+            ));
+        }
+        if self.mode == Mode::Production {
+            if !has_keys {
+                return Err(invalid(
+                    "vault",
+                    "production mode needs real keys (vault.active_key_id, vault.keys, vault.fingerprint_key); the development key set is refused",
+                ));
+            }
+            if self.vault.keys.contains_key(crate::crypto::dev::DEV_KEY_ID) {
+                return Err(invalid(
+                    "vault.keys",
+                    "the development key id is refused in production mode",
+                ));
+            }
+            if self.admin.token.is_none() {
+                return Err(invalid(
+                    "admin.token",
+                    "production mode needs an admin token (TOKENGATE_ADMIN_TOKEN)",
+                ));
+            }
+            if self.d1.enabled && self.d1.base_url.is_none() {
+                return Err(invalid(
+                    "d1.base_url",
+                    "production mode needs the real D1 URL; the simulator is for sandbox mode",
+                ));
+            }
+        }
+        if self.d1.enabled && self.d1.base_url.is_some() && self.d1.keys_dir.is_none() {
+            return Err(invalid(
+                "d1.keys_dir",
+                "needed with d1.base_url (client certificate, ES256 and JWE keys)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+}
+
+/// Env values are strings; numbers, booleans and inline arrays/tables are typed by TOML rules so
+/// `TOKENGATE__SERVER__MAX_CONCURRENCY=64` is a number, anything else a string.
+fn toml_value_for_env(v: &str) -> String {
+    let trimmed = v.trim();
+    let typed = trimmed.parse::<i64>().is_ok()
+        || trimmed.parse::<f64>().is_ok()
+        || trimmed == "true"
+        || trimmed == "false"
+        || (trimmed.starts_with('[') && trimmed.ends_with(']'))
+        || (trimmed.starts_with('{') && trimmed.ends_with('}'));
+    if typed {
+        trimmed.to_owned()
+    } else {
+        toml_string(v)
+    }
+}
+
+fn toml_string(v: &str) -> String {
+    let mut s = String::with_capacity(v.len() + 2);
+    s.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => s.push_str("\\\""),
+            '\\' => s.push_str("\\\\"),
+            '\n' => s.push_str("\\n"),
+            c if c.is_control() => s.push_str(&format!("\\u{:04x}", c as u32)),
+            c => s.push(c),
+        }
+    }
+    s.push('"');
+    s
+}
+
+fn nested_toml_line(path: &[String], value: &str) -> String {
+    // Dotted keys with quoted segments: `"server"."listen" = ...`.
+    let key: Vec<String> = path.iter().map(|p| toml_string(p)).collect();
+    format!("{} = {}\n", key.join("."), value)
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    let mut out = Vec::new();
+    for err in e {
+        let path = err.path.join(".");
+        // Never echo values: a secret may be the bad value.
+        let kind = match &err.kind {
+            figment::error::Kind::InvalidType(_, expected) => {
+                format!("wrong type, expected {expected}")
+            }
+            figment::error::Kind::InvalidValue(_, expected) => {
+                format!("invalid value, expected {expected}")
+            }
+            other => other.to_string(),
+        };
+        if path.is_empty() {
+            out.push(kind);
+        } else {
+            out.push(format!("key `{path}`: {kind}"));
+        }
+    }
+    out.join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c.mode, Mode::Sandbox);
+        assert_eq!(c.server.listen.port(), 8080);
+        assert!(c.storage.redis_url.is_none());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn env_overrides_with_types() {
+        let c = Config::load_with_env(
+            None,
+            &env(&[
+                ("TOKENGATE__SERVER__MAX_CONCURRENCY", "64"),
+                ("TOKENGATE__STORAGE__REDIS_URL", "redis://127.0.0.1:7000/"),
+                ("TOKENGATE_ADMIN_TOKEN", "s3cret"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server.max_concurrency, 64);
+        assert_eq!(
+            c.storage.redis_url.as_deref(),
+            Some("redis://127.0.0.1:7000/")
+        );
+        assert!(c.admin.token.is_some());
+    }
+
+    #[test]
+    fn bad_key_or_value_names_its_path() {
+        let e = Config::load_with_env(None, &env(&[("TOKENGATE__SERVER__LISTEN", "nope")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = Config::load_with_env(None, &env(&[("TOKENGATE__SERVER__BOGUS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::load_with_env(None, &env(&[("TOKENGATE__SERVER__MAX_CONCURRENCY", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.max_concurrency"), "{e}");
+    }
+
+    #[test]
+    fn production_refuses_dev_keys() {
+        let c = Config::load_with_env(None, &env(&[("TOKENGATE__MODE", "production")])).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("vault"), "{e}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::load_with_env(
+            None,
+            &env(&[("TOKENGATE__VAULT__FINGERPRINT_KEY", "very-secret-value")]),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("very-secret-value"));
+    }
+}

@@ -1,2 +1,116 @@
-//! The `tokengate` binary.
-fn main() {}
+//! The `tokengate` binary: `serve` runs the gateway, `d1-sim` the D1 simulator, `keys` manages
+//! key material.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokengate::app::{Gateway, shutdown_signal};
+use tokengate::config::{Config, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "tokengate",
+    version,
+    about = "Network-tokenization gateway for PSPs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (embedded defaults: sandbox mode, embedded store, in-process D1 simulator).
+    Serve {
+        /// TOML file layered over the embedded defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (server.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Use Redis at this URL instead of the embedded store (storage.redis_url).
+        #[arg(long)]
+        redis_url: Option<String>,
+        /// Directory of the embedded store (storage.data_dir).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Where the sandbox D1 simulator listens (sim.listen).
+        #[arg(long)]
+        sim_listen: Option<SocketAddr>,
+    },
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random 256-bit key, base64 (for vault.keys and vault.fingerprint_key).
+    New,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tokengate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokengate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            redis_url,
+            data_dir,
+            sim_listen,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            cfg.apply(&Overrides {
+                listen,
+                redis_url,
+                data_dir,
+                sim_listen,
+            });
+            tokengate::telemetry::init(&cfg.log);
+            let listener = tokio::net::TcpListener::bind(cfg.server.listen).await?;
+            let addr = listener.local_addr()?;
+            let gw = Gateway::build(&cfg, addr).await?;
+            tracing::info!(%addr, mode = ?cfg.mode, "tokengate listening");
+            gw.run(listener, shutdown_signal()).await?;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Command::Keys {
+            command: KeysCommand::New,
+        } => {
+            use base64::Engine;
+            let mut k = zeroize::Zeroizing::new([0u8; 32]);
+            rand::fill(&mut k[..]);
+            println!(
+                "{}",
+                base64::engine::general_purpose::STANDARD.encode(&k[..])
+            );
+            Ok(())
+        }
+    }
+}

@@ -14,8 +14,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::aead::Tag;
+use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, KeyInit as HmacKeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
@@ -327,8 +327,14 @@ mod tests {
         // Relabelling a blob with another key id fails (the key id is in the AAD).
         let mut relabelled = sealed_old.clone();
         relabelled.key_id = "k2".into();
-        assert_eq!(new.open(&relabelled, &m, &t), Err(CryptoError::Authentication));
-        assert!(matches!(old.open(&sealed_new, &m, &t), Err(CryptoError::UnknownKey(_))));
+        assert_eq!(
+            new.open(&relabelled, &m, &t),
+            Err(CryptoError::Authentication)
+        );
+        assert!(matches!(
+            old.open(&sealed_new, &m, &t),
+            Err(CryptoError::UnknownKey(_))
+        ));
     }
 
     #[test]
@@ -340,7 +346,10 @@ mod tests {
         let e2 = Expiry::trusted(2, 2031).unwrap();
         let f1 = k.fingerprints(&m, &pan, &e1);
         let f2 = k.fingerprints(&m, &pan, &e2);
-        assert_eq!(f1.pan, f2.pan, "reissued card must match on the PAN fingerprint");
+        assert_eq!(
+            f1.pan, f2.pan,
+            "reissued card must match on the PAN fingerprint"
+        );
         assert_ne!(f1.pan_expiry, f2.pan_expiry);
         assert_eq!(f1.pan, k.pan_fingerprint(&m, &pan));
         let other = k.fingerprints(&MerchantId::generate(), &pan, &e1);
@@ -355,7 +364,10 @@ mod tests {
         assert!(err.contains("dev-insecure-1") && !err.contains("c2hvcnQ"));
         let mut material = dev::material();
         material.active_key_id = "missing".into();
-        assert!(matches!(Keyring::new(&material), Err(CryptoError::UnknownKey(_))));
+        assert!(matches!(
+            Keyring::new(&material),
+            Err(CryptoError::UnknownKey(_))
+        ));
         let dbg = format!("{:?}", ring());
         assert!(!dbg.contains(dev::DEV_DATA_KEY_B64));
     }

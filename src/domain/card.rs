@@ -203,13 +203,13 @@ impl<'de> Deserialize<'de> for Pan {
             // Numbers are refused without echoing them: serde's default message would quote the
             // value, and the value is a card number.
             fn visit_u64<E: serde::de::Error>(self, _v: u64) -> Result<Pan, E> {
-                Err(E::custom("card number must be a JSON string"))
+                Err(E::custom("expected the card number as a JSON string"))
             }
             fn visit_i64<E: serde::de::Error>(self, _v: i64) -> Result<Pan, E> {
-                Err(E::custom("card number must be a JSON string"))
+                Err(E::custom("expected the card number as a JSON string"))
             }
             fn visit_f64<E: serde::de::Error>(self, _v: f64) -> Result<Pan, E> {
-                Err(E::custom("card number must be a JSON string"))
+                Err(E::custom("expected the card number as a JSON string"))
             }
         }
         deserializer.deserialize_str(PanVisitor)
@@ -306,7 +306,8 @@ impl Expiry {
     /// Builds an expiry without the "not in the past" check, for data that comes from a trusted
     /// source (D1 metadata, stored records).
     pub fn trusted(month: u8, year: u16) -> Option<Expiry> {
-        ((1..=12).contains(&month) && (2000..=2099).contains(&year)).then_some(Expiry { month, year })
+        ((1..=12).contains(&month) && (2000..=2099).contains(&year))
+            .then_some(Expiry { month, year })
     }
 
     /// `MMYY`, the form D1 uses.
@@ -368,7 +369,10 @@ mod tests {
             Err(CardError::PanCharacters)
         );
         assert_eq!("".parse::<Pan>(), Err(CardError::PanLength));
-        assert_eq!("４111111111111111".parse::<Pan>(), Err(CardError::PanCharacters));
+        assert_eq!(
+            "４111111111111111".parse::<Pan>(),
+            Err(CardError::PanCharacters)
+        );
     }
 
     #[test]

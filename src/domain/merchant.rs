@@ -47,7 +47,10 @@ impl NewApiKey {
     pub fn generate() -> NewApiKey {
         let mut raw = Zeroizing::new([0u8; 32]);
         rand::fill(&mut raw[..]);
-        let secret = Zeroizing::new(format!("{API_KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw[..])));
+        let secret = Zeroizing::new(format!(
+            "{API_KEY_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(&raw[..])
+        ));
         let hash = ApiKeyHash::of(&secret);
         NewApiKey { secret, hash }
     }

@@ -172,7 +172,12 @@ pub struct SealedPan {
 
 impl fmt::Debug for SealedPan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SealedPan(key_id={}, {} bytes)", self.key_id, self.blob.len())
+        write!(
+            f,
+            "SealedPan(key_id={}, {} bytes)",
+            self.key_id,
+            self.blob.len()
+        )
     }
 }
 

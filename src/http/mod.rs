@@ -1,1 +1,74 @@
-//! HTTP.
+//! HTTP layer: the REST API on axum/hyper 1, its middleware stack and the server lifecycle.
+//!
+//! [`serve`] takes a bound listener and a shutdown future (tests bind `127.0.0.1:0` and drop a
+//! channel to stop it); in-flight requests finish before it returns.
+
+pub mod dto;
+pub mod extract;
+pub mod idempotency;
+pub mod problem;
+pub mod routes;
+pub mod stack;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+
+use crate::domain::service::Services;
+
+/// What every handler can reach. Cheap to clone (handles and small values).
+#[derive(Clone)]
+pub struct AppState {
+    pub services: Services,
+    pub admin_token: Arc<SecretString>,
+    pub body_limit: usize,
+    pub idempotency_ttl_s: u64,
+    pub idempotency_lock_ttl_s: u64,
+}
+
+/// Middleware settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub request_timeout: std::time::Duration,
+    pub max_concurrency: usize,
+    pub body_limit: usize,
+}
+
+/// The API routes with the middleware stack applied.
+pub fn router(state: AppState, settings: &HttpSettings) -> Router {
+    let api = Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/v1/merchants", post(routes::create_merchant))
+        .route("/v1/tokens", post(routes::create_token))
+        .route(
+            "/v1/tokens/{id}",
+            get(routes::get_token).delete(routes::delete_token),
+        )
+        .route(
+            "/v1/tokens/{id}/cryptograms",
+            post(routes::create_cryptogram),
+        )
+        .route("/v1/tokens/{id}/suspend", post(routes::suspend_token))
+        .route("/v1/tokens/{id}/resume", post(routes::resume_token))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(settings.body_limit))
+        .with_state(state);
+    stack::apply(api, settings)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve<F>(listener: TcpListener, router: Router, shutdown: F) -> std::io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

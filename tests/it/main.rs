@@ -1,1 +1,9 @@
-fn main() {}
+//! Integration tests, compiled as one binary: real sockets, a real `redis-server` per test on a
+//! free port, the real D1 simulator.
+
+mod support;
+
+mod api;
+mod d1_client;
+mod sim;
+mod store_contract;

@@ -1,0 +1,71 @@
+//! The one tower middleware stack of the API, outermost layer first.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::{Request, StatusCode};
+use axum::response::IntoResponse;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{BoxError, ServiceBuilder};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use super::HttpSettings;
+use super::problem::ApiError;
+
+pub const REQUEST_ID: &str = "x-request-id";
+
+pub fn apply(router: Router, s: &HttpSettings) -> Router {
+    router.layer(
+        ServiceBuilder::new()
+            // A request id first, so every later layer and every log line can carry it; a
+            // client-supplied x-request-id is kept so traces join up across services.
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            // Echo it on the response so a client can quote it in a support ticket.
+            .layer(PropagateRequestIdLayer::x_request_id())
+            // One span per request with method, path and request id; never bodies or headers
+            // (they carry card data and credentials).
+            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let rid = req
+                    .headers()
+                    .get(REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %rid)
+            }))
+            // Turns shedding and timeouts below into problem responses.
+            .layer(HandleErrorLayer::new(handle_stack_error))
+            // Shed outside the limit: when all permits are taken, answer 503 at once instead
+            // of queueing (a queue only adds latency to requests that will time out anyway).
+            .load_shed()
+            // One global limit shared by all routes (not per route), bounding memory and the
+            // load we put on Redis and D1.
+            .layer(GlobalConcurrencyLimitLayer::new(s.max_concurrency))
+            // The whole-request budget, inside the limit so a slow request frees its permit.
+            .timeout(s.request_timeout),
+    )
+}
+
+async fn handle_stack_error(err: BoxError) -> axum::response::Response {
+    if err.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::unavailable(
+            "overloaded",
+            "the gateway is at its concurrency limit; retry shortly",
+        )
+        .with_retry_after(Some(Duration::from_secs(1)))
+        .into_response()
+    } else if err.is::<tower::timeout::error::Elapsed>() {
+        ApiError::unavailable(
+            "request_timeout",
+            "the request did not complete within the gateway's time budget",
+        )
+        .with_retry_after(Some(Duration::from_secs(1)))
+        .into_response()
+    } else {
+        tracing::error!(error = %err, "middleware error");
+        let mut e = ApiError::internal();
+        e.status = StatusCode::INTERNAL_SERVER_ERROR;
+        e.into_response()
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests: d1_client.

@@ -1,0 +1,948 @@
+//! Storage contract: one suite of cases, run against every backend (standalone Redis, Redis
+//! Cluster, embedded redb), so the backends cannot drift apart. Backend-specific checks (outage,
+//! reopen, raw bytes of the store) follow the shared cases.
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test that fails must fail loudly"
+)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use time::macros::datetime;
+use tokengate::crypto::Keyring;
+use tokengate::domain::card::{Brand, Expiry, Pan};
+use tokengate::domain::merchant::{ApiKeyHash, Merchant, NewApiKey};
+use tokengate::domain::token::{
+    CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
+    TokenStatus, Usage,
+};
+use tokengate::storage::embedded::EmbeddedStore;
+use tokengate::storage::redis::{RedisConfig, RedisStore};
+use tokengate::storage::{IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore};
+
+use crate::support::redis_server::{RedisCluster, RedisServer};
+
+// --- fixtures ----------------------------------------------------------------------------------
+
+const T0: OffsetDateTime = datetime!(2026-01-02 03:04:05.123456789 UTC);
+
+fn random_hex() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn merchant(d1: Option<&str>) -> Merchant {
+    Merchant {
+        id: MerchantId::generate(),
+        name: "Test Shop".into(),
+        d1_merchant_id: d1.map(str::to_owned),
+        created_at: T0,
+    }
+}
+
+/// A token record with a fake sealed PAN (the vault's real sealing is used in the raw-bytes case).
+fn record(m: &MerchantId, fingerprint: &str) -> TokenRecord {
+    TokenRecord {
+        id: TokenId::generate(),
+        merchant_id: m.clone(),
+        usage: Usage::CardOnFile,
+        status: TokenStatus::Active,
+        card: CardMeta {
+            brand: Brand::Visa,
+            bin: "411111".into(),
+            last4: "1111".into(),
+            expiry: Expiry::trusted(12, 2030).expect("valid expiry"),
+        },
+        network_token: None,
+        customer_reference: Some("customer-42".into()),
+        sealed_pan: SealedPan {
+            key_id: "k1".into(),
+            blob: random_hex().into_bytes(),
+        },
+        fingerprints: Fingerprints {
+            pan: fingerprint.to_owned(),
+            pan_expiry: format!("{fingerprint}e"),
+        },
+        created_at: T0,
+        updated_at: T0,
+        last_event_at: None,
+        version: 1,
+    }
+}
+
+fn network(d1: &str) -> Option<NetworkTokenMeta> {
+    Some(NetworkTokenMeta {
+        d1_token_id: d1.to_owned(),
+        last4: Some("9999".into()),
+        expiry: Expiry::trusted(1, 2031),
+        par: Some("PAR123".into()),
+    })
+}
+
+/// The next version of a record, as the domain would write it.
+fn next(r: &TokenRecord) -> TokenRecord {
+    let mut n = r.clone();
+    n.version += 1;
+    n.updated_at = T0 + Duration::from_secs(n.version);
+    n
+}
+
+fn existing(o: InsertOutcome) -> TokenRecord {
+    match o {
+        InsertOutcome::Existing(r) => *r,
+        InsertOutcome::Inserted => panic!("expected Existing, got Inserted"),
+    }
+}
+
+fn assert_inserted(o: InsertOutcome) {
+    assert!(matches!(o, InsertOutcome::Inserted), "expected Inserted, got {o:?}");
+}
+
+fn response(digest: &str) -> StoredResponse {
+    StoredResponse {
+        request_digest: digest.to_owned(),
+        status: 201,
+        body: r#"{"id":"tok_x"}"#.into(),
+    }
+}
+
+// --- backends ----------------------------------------------------------------------------------
+
+fn redis_config(url: String, nodes: Vec<String>, response_timeout: Duration) -> RedisConfig {
+    RedisConfig {
+        url,
+        cluster_nodes: nodes,
+        key_prefix: "tgtest".into(),
+        connect_timeout: Duration::from_secs(5),
+        response_timeout,
+    }
+}
+
+async fn redis_store(server: &RedisServer) -> RedisStore {
+    let cfg = redis_config(server.url(), Vec::new(), Duration::from_secs(2));
+    RedisStore::connect(&cfg).await.expect("connect to redis")
+}
+
+async fn cluster_store(cluster: &RedisCluster) -> RedisStore {
+    let cfg = redis_config(String::new(), cluster.addrs(), Duration::from_secs(2));
+    let store = RedisStore::connect(&cfg).await.expect("connect to cluster");
+    assert!(store.is_cluster());
+    store
+}
+
+/// Runs each named case against all three backends, one `#[tokio::test]` per pair.
+macro_rules! contract {
+    ($($case:ident),* $(,)?) => {
+        mod redis_standalone {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let server = crate::support::redis_server::RedisServer::start();
+                    let store = super::redis_store(&server).await;
+                    super::$case(&store).await;
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let cluster = tokio::task::spawn_blocking(
+                        crate::support::redis_server::RedisCluster::start,
+                    )
+                    .await
+                    .expect("cluster start");
+                    let store = super::cluster_store(&cluster).await;
+                    super::$case(&store).await;
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let store = tokengate::storage::embedded::EmbeddedStore::open(dir.path())
+                        .expect("open embedded store");
+                    super::$case(&store).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    ping_answers,
+    merchants_by_id_api_key_and_d1_id,
+    token_insert_and_get,
+    duplicate_fingerprint_returns_existing_and_writes_nothing,
+    fingerprint_is_scoped_per_merchant,
+    versioned_update,
+    deleted_status_frees_the_fingerprint,
+    d1_index_follows_network_token,
+    remove_token_is_idempotent_and_clears_indexes,
+    remove_leaves_another_tokens_index_alone,
+    idempotency_lifecycle,
+    idempotency_entries_expire,
+    concurrent_inserts_of_one_card_yield_one_token,
+);
+
+// --- the cases ---------------------------------------------------------------------------------
+
+async fn ping_answers(s: &dyn TokenStore) {
+    s.ping().await.unwrap();
+}
+
+async fn merchants_by_id_api_key_and_d1_id(s: &dyn TokenStore) {
+    let d1 = format!("D1M-{}", random_hex());
+    let m = merchant(Some(&d1));
+    let key = NewApiKey::generate();
+    s.insert_merchant(&m, &key.hash).await.unwrap();
+
+    assert_eq!(s.get_merchant(&m.id).await.unwrap(), Some(m.clone()));
+    assert_eq!(s.merchant_by_api_key(&key.hash).await.unwrap(), Some(m.clone()));
+    assert_eq!(s.merchant_by_d1_id(&d1).await.unwrap(), Some(m.clone()));
+
+    // A merchant not onboarded at D1 yet has no D1 index entry.
+    let plain = merchant(None);
+    let plain_key = NewApiKey::generate();
+    s.insert_merchant(&plain, &plain_key.hash).await.unwrap();
+    assert_eq!(
+        s.merchant_by_api_key(&plain_key.hash).await.unwrap(),
+        Some(plain.clone())
+    );
+    assert_eq!(s.get_merchant(&plain.id).await.unwrap(), Some(plain));
+
+    // Unknown everything: None, not an error.
+    assert_eq!(s.get_merchant(&MerchantId::generate()).await.unwrap(), None);
+    let unknown = ApiKeyHash::of("tgk_not-a-key");
+    assert_eq!(s.merchant_by_api_key(&unknown).await.unwrap(), None);
+    assert_eq!(s.merchant_by_d1_id("D1M-unknown").await.unwrap(), None);
+}
+
+async fn token_insert_and_get(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let mut r = record(&m, &random_hex());
+    r.last_event_at = Some(T0);
+    assert_inserted(s.insert_token(&r).await.unwrap());
+    assert_eq!(s.get_token(&m, &r.id).await.unwrap(), Some(r.clone()));
+    assert_eq!(
+        s.find_by_fingerprint(&m, &r.fingerprints.pan)
+            .await
+            .unwrap(),
+        Some(r.clone())
+    );
+    // Other id, other merchant: a miss.
+    assert_eq!(s.get_token(&m, &TokenId::generate()).await.unwrap(), None);
+    let other = MerchantId::generate();
+    assert_eq!(s.get_token(&other, &r.id).await.unwrap(), None);
+    assert_eq!(
+        s.find_by_fingerprint(&other, &r.fingerprints.pan)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(s.find_by_fingerprint(&m, "0000").await.unwrap(), None);
+    assert_eq!(s.find_by_d1_token(&m, "nope").await.unwrap(), None);
+}
+
+async fn duplicate_fingerprint_returns_existing_and_writes_nothing(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let fp = random_hex();
+    let first = record(&m, &fp);
+    assert_inserted(s.insert_token(&first).await.unwrap());
+
+    let mut dup = record(&m, &fp);
+    dup.network_token = network("D1-dup");
+    let won = existing(s.insert_token(&dup).await.unwrap());
+    assert_eq!(won, first);
+    // Nothing of the loser was written: no record, no D1 index, fingerprint still on the winner.
+    assert_eq!(s.get_token(&m, &dup.id).await.unwrap(), None);
+    assert_eq!(s.find_by_d1_token(&m, "D1-dup").await.unwrap(), None);
+    assert_eq!(
+        s.find_by_fingerprint(&m, &fp).await.unwrap().map(|r| r.id),
+        Some(first.id.clone())
+    );
+    // Any number of retries give the same answer.
+    let again = existing(s.insert_token(&record(&m, &fp)).await.unwrap());
+    assert_eq!(again.id, first.id);
+}
+
+async fn fingerprint_is_scoped_per_merchant(s: &dyn TokenStore) {
+    let fp = random_hex();
+    let (m1, m2) = (MerchantId::generate(), MerchantId::generate());
+    let r1 = record(&m1, &fp);
+    let r2 = record(&m2, &fp);
+    assert_inserted(s.insert_token(&r1).await.unwrap());
+    assert_inserted(s.insert_token(&r2).await.unwrap());
+    assert_eq!(s.find_by_fingerprint(&m1, &fp).await.unwrap(), Some(r1.clone()));
+    assert_eq!(s.find_by_fingerprint(&m2, &fp).await.unwrap(), Some(r2.clone()));
+    assert_eq!(s.get_token(&m1, &r2.id).await.unwrap(), None);
+}
+
+async fn versioned_update(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let r1 = record(&m, &random_hex());
+    assert_inserted(s.insert_token(&r1).await.unwrap());
+
+    let mut r2 = next(&r1);
+    r2.status = TokenStatus::Suspended;
+    r2.last_event_at = Some(T0 + Duration::from_secs(60));
+    s.update_token(&r2).await.unwrap();
+    assert_eq!(s.get_token(&m, &r1.id).await.unwrap(), Some(r2.clone()));
+
+    // A writer that read version 1 and writes version 2 again lost the race.
+    let mut stale = next(&r1);
+    stale.status = TokenStatus::Inactive;
+    assert!(matches!(
+        s.update_token(&stale).await,
+        Err(StoreError::Conflict)
+    ));
+    // A version from the future is a conflict too, and version 0 can never be an update.
+    let mut ahead = next(&r2);
+    ahead.version += 5;
+    assert!(matches!(
+        s.update_token(&ahead).await,
+        Err(StoreError::Conflict)
+    ));
+    let mut zero = r2.clone();
+    zero.version = 0;
+    assert!(matches!(s.update_token(&zero).await, Err(StoreError::Conflict)));
+    // Nothing was written by the refused updates.
+    assert_eq!(s.get_token(&m, &r1.id).await.unwrap(), Some(r2.clone()));
+
+    let r3 = next(&r2);
+    s.update_token(&r3).await.unwrap();
+    assert_eq!(s.get_token(&m, &r1.id).await.unwrap().map(|r| r.version), Some(3));
+
+    let missing = next(&record(&m, &random_hex()));
+    assert!(matches!(
+        s.update_token(&missing).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(s.get_token(&m, &missing.id).await.unwrap(), None);
+}
+
+async fn deleted_status_frees_the_fingerprint(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let fp = random_hex();
+    let old = record(&m, &fp);
+    assert_inserted(s.insert_token(&old).await.unwrap());
+
+    let mut tomb = next(&old);
+    tomb.status = TokenStatus::Deleted;
+    s.update_token(&tomb).await.unwrap();
+    // The tombstone stays readable but is no dedup target.
+    assert_eq!(s.get_token(&m, &old.id).await.unwrap(), Some(tomb.clone()));
+    assert_eq!(s.find_by_fingerprint(&m, &fp).await.unwrap(), None);
+
+    let fresh = record(&m, &fp);
+    assert_inserted(s.insert_token(&fresh).await.unwrap());
+    assert_eq!(s.find_by_fingerprint(&m, &fp).await.unwrap(), Some(fresh.clone()));
+
+    // Touching the tombstone again must not unhook the new token's fingerprint.
+    let tomb2 = next(&tomb);
+    s.update_token(&tomb2).await.unwrap();
+    assert_eq!(
+        s.find_by_fingerprint(&m, &fp).await.unwrap().map(|r| r.id),
+        Some(fresh.id.clone())
+    );
+    assert_eq!(
+        existing(s.insert_token(&record(&m, &fp)).await.unwrap()).id,
+        fresh.id
+    );
+}
+
+async fn d1_index_follows_network_token(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let r1 = record(&m, &random_hex());
+    assert_inserted(s.insert_token(&r1).await.unwrap());
+    let (a, b) = (format!("D1A-{}", random_hex()), format!("D1B-{}", random_hex()));
+    assert_eq!(s.find_by_d1_token(&m, &a).await.unwrap(), None);
+
+    let mut r2 = next(&r1);
+    r2.network_token = network(&a);
+    s.update_token(&r2).await.unwrap();
+    assert_eq!(s.find_by_d1_token(&m, &a).await.unwrap(), Some(r2.clone()));
+    // The index is per merchant.
+    assert_eq!(
+        s.find_by_d1_token(&MerchantId::generate(), &a).await.unwrap(),
+        None
+    );
+
+    let mut r3 = next(&r2);
+    r3.network_token = network(&b);
+    s.update_token(&r3).await.unwrap();
+    assert_eq!(s.find_by_d1_token(&m, &a).await.unwrap(), None);
+    assert_eq!(s.find_by_d1_token(&m, &b).await.unwrap(), Some(r3.clone()));
+
+    // A deleted token stays findable by its D1 id (late D1 events still resolve).
+    let mut r4 = next(&r3);
+    r4.status = TokenStatus::Deleted;
+    s.update_token(&r4).await.unwrap();
+    assert_eq!(s.find_by_d1_token(&m, &b).await.unwrap(), Some(r4.clone()));
+
+    let mut r5 = next(&r4);
+    r5.network_token = None;
+    s.update_token(&r5).await.unwrap();
+    assert_eq!(s.find_by_d1_token(&m, &b).await.unwrap(), None);
+
+    // Inserted with a network token: indexed at once.
+    let mut with = record(&m, &random_hex());
+    let c = format!("D1C-{}", random_hex());
+    with.network_token = network(&c);
+    assert_inserted(s.insert_token(&with).await.unwrap());
+    assert_eq!(s.find_by_d1_token(&m, &c).await.unwrap(), Some(with));
+}
+
+async fn remove_token_is_idempotent_and_clears_indexes(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let fp = random_hex();
+    let d1 = format!("D1-{}", random_hex());
+    let mut r = record(&m, &fp);
+    r.network_token = network(&d1);
+    assert_inserted(s.insert_token(&r).await.unwrap());
+
+    s.remove_token(&m, &r.id).await.unwrap();
+    assert_eq!(s.get_token(&m, &r.id).await.unwrap(), None);
+    assert_eq!(s.find_by_fingerprint(&m, &fp).await.unwrap(), None);
+    assert_eq!(s.find_by_d1_token(&m, &d1).await.unwrap(), None);
+    s.remove_token(&m, &r.id).await.unwrap();
+    s.remove_token(&m, &TokenId::generate()).await.unwrap();
+
+    // The card can be tokenized again.
+    let again = record(&m, &fp);
+    assert_inserted(s.insert_token(&again).await.unwrap());
+    assert_eq!(s.find_by_fingerprint(&m, &fp).await.unwrap(), Some(again));
+}
+
+async fn remove_leaves_another_tokens_index_alone(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let fp = random_hex();
+    let old = record(&m, &fp);
+    assert_inserted(s.insert_token(&old).await.unwrap());
+    let mut tomb = next(&old);
+    tomb.status = TokenStatus::Deleted;
+    s.update_token(&tomb).await.unwrap();
+    let fresh = record(&m, &fp);
+    assert_inserted(s.insert_token(&fresh).await.unwrap());
+
+    s.remove_token(&m, &old.id).await.unwrap();
+    assert_eq!(s.get_token(&m, &old.id).await.unwrap(), None);
+    assert_eq!(s.find_by_fingerprint(&m, &fp).await.unwrap(), Some(fresh));
+}
+
+async fn idempotency_lifecycle(s: &dyn TokenStore) {
+    let scope = MerchantId::generate().to_string();
+    let ttl = Duration::from_secs(60);
+    let key = format!("order-{}", random_hex());
+
+    assert_eq!(
+        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        IdempotencyBegin::InFlight { same_request: true }
+    );
+    assert_eq!(
+        s.idempotency_begin(&scope, &key, "digest-b", ttl).await.unwrap(),
+        IdempotencyBegin::InFlight {
+            same_request: false
+        }
+    );
+    // Same key in another scope is another key.
+    assert_eq!(
+        s.idempotency_begin("admin", &key, "digest-a", ttl).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+
+    let resp = response("digest-a");
+    s.idempotency_complete(&scope, &key, &resp, ttl).await.unwrap();
+    assert_eq!(
+        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        IdempotencyBegin::Completed(resp.clone())
+    );
+    // The stored digest lets the caller tell a replay from a conflicting reuse.
+    assert_eq!(
+        s.idempotency_begin(&scope, &key, "digest-b", ttl).await.unwrap(),
+        IdempotencyBegin::Completed(resp.clone())
+    );
+    // Abort never erases a completed response.
+    s.idempotency_abort(&scope, &key).await.unwrap();
+    assert_eq!(
+        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        IdempotencyBegin::Completed(resp)
+    );
+
+    // Abort frees an in-flight claim; aborting nothing is fine.
+    let k2 = format!("order-{}", random_hex());
+    assert_eq!(
+        s.idempotency_begin(&scope, &k2, "d", ttl).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    s.idempotency_abort(&scope, &k2).await.unwrap();
+    assert_eq!(
+        s.idempotency_begin(&scope, &k2, "d2", ttl).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    s.idempotency_abort(&scope, "never-used").await.unwrap();
+
+    // Printable ASCII keys of the maximum length are fine.
+    let long: String = (0..255).map(|i| char::from(b'!' + (i % 94) as u8)).collect();
+    assert_eq!(
+        s.idempotency_begin(&scope, &long, "d", ttl).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        s.idempotency_begin(&scope, &long, "d", ttl).await.unwrap(),
+        IdempotencyBegin::InFlight { same_request: true }
+    );
+}
+
+async fn idempotency_entries_expire(s: &dyn TokenStore) {
+    let scope = "admin";
+    let short = Duration::from_millis(200);
+    let lock = format!("lock-{}", random_hex());
+    let done = format!("done-{}", random_hex());
+
+    assert_eq!(
+        s.idempotency_begin(scope, &lock, "d", short).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        s.idempotency_begin(scope, &done, "d", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Started
+    );
+    s.idempotency_complete(scope, &done, &response("d"), short)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.idempotency_begin(scope, &done, "d", short).await.unwrap(),
+        IdempotencyBegin::Completed(response("d"))
+    );
+
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // A crashed request's claim lapsed, and an old response is forgotten.
+    assert_eq!(
+        s.idempotency_begin(scope, &lock, "d2", short).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        s.idempotency_begin(scope, &done, "d2", short).await.unwrap(),
+        IdempotencyBegin::Started
+    );
+}
+
+async fn concurrent_inserts_of_one_card_yield_one_token(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let fp = random_hex();
+    let records: Vec<TokenRecord> = (0..20).map(|_| record(&m, &fp)).collect();
+    let outcomes =
+        futures::future::join_all(records.iter().map(|r| s.insert_token(r))).await;
+
+    let mut winners = Vec::new();
+    let mut losers = Vec::new();
+    for (r, o) in records.iter().zip(outcomes) {
+        match o.unwrap() {
+            InsertOutcome::Inserted => winners.push(r.id.clone()),
+            InsertOutcome::Existing(ex) => losers.push((r.id.clone(), ex.id)),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one insert wins");
+    let winner = &winners[0];
+    assert_eq!(losers.len(), 19);
+    for (loser, reported) in &losers {
+        assert_eq!(reported, winner);
+        assert_eq!(s.get_token(&m, loser).await.unwrap(), None);
+    }
+    assert_eq!(
+        s.find_by_fingerprint(&m, &fp).await.unwrap().map(|r| r.id),
+        Some(winner.clone())
+    );
+}
+
+// --- backend-specific cases --------------------------------------------------------------------
+
+/// Operations against a dead Redis must fail fast with `Unavailable`, never hang or panic.
+async fn assert_unavailable_promptly(s: &dyn TokenStore, timeout: Duration) {
+    let m = MerchantId::generate();
+    let r = record(&m, &random_hex());
+    // Slack for scheduling on a loaded 2-core machine.
+    let limit = timeout + Duration::from_millis(750);
+    for round in 0..3 {
+        let ops: Vec<(&str, Result<(), StoreError>)> = vec![
+            ("ping", timed(limit, s.ping()).await),
+            ("get_token", timed(limit, s.get_token(&m, &r.id)).await.map(drop)),
+            ("insert_token", timed(limit, s.insert_token(&r)).await.map(drop)),
+            ("update_token", timed(limit, s.update_token(&next(&r))).await),
+            (
+                "merchant_by_api_key",
+                timed(limit, s.merchant_by_api_key(&ApiKeyHash::of("x")))
+                    .await
+                    .map(drop),
+            ),
+            (
+                "idempotency_begin",
+                timed(limit, s.idempotency_begin("admin", "k", "d", timeout))
+                    .await
+                    .map(drop),
+            ),
+        ];
+        for (name, res) in ops {
+            assert!(
+                matches!(res, Err(StoreError::Unavailable(_))),
+                "round {round}, {name}: expected Unavailable, got {res:?}"
+            );
+        }
+    }
+}
+
+/// Awaits `fut`, failing the test if it takes longer than `limit`.
+async fn timed<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = Instant::now();
+    let res = tokio::time::timeout(limit * 4, fut)
+        .await
+        .expect("store operation hung");
+    let took = started.elapsed();
+    assert!(took <= limit, "store took {took:?} (limit {limit:?})");
+    res
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_unavailable_promptly_and_recovers() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(500);
+    let store = RedisStore::connect(&redis_config(server.url(), Vec::new(), timeout))
+        .await
+        .unwrap();
+    let m = MerchantId::generate();
+    let r = record(&m, &random_hex());
+    assert_inserted(store.insert_token(&r).await.unwrap());
+
+    server.stop();
+    assert_unavailable_promptly(&store, timeout).await;
+
+    // Same port, empty dataset (no persistence): the store reconnects on its own and the
+    // scripts are reloaded on demand (EVALSHA falls back after NOSCRIPT).
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "store did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_inserted(store.insert_token(&r).await.unwrap());
+    assert_eq!(store.get_token(&m, &r.id).await.unwrap(), Some(r.clone()));
+    assert_eq!(
+        store
+            .find_by_fingerprint(&m, &r.fingerprints.pan)
+            .await
+            .unwrap(),
+        Some(r)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_outage_is_unavailable_promptly() {
+    let mut cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let timeout = Duration::from_millis(500);
+    let store = RedisStore::connect(&redis_config(String::new(), cluster.addrs(), timeout))
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+    cluster.stop();
+    assert_unavailable_promptly(&store, timeout).await;
+}
+
+#[tokio::test]
+async fn redis_connect_to_nothing_is_unavailable() {
+    let port = crate::support::redis_server::free_port();
+    let cfg = RedisConfig {
+        connect_timeout: Duration::from_millis(500),
+        ..redis_config(
+            format!("redis://127.0.0.1:{port}/"),
+            Vec::new(),
+            Duration::from_millis(500),
+        )
+    };
+    let started = Instant::now();
+    let res = RedisStore::connect(&cfg).await;
+    assert!(matches!(res, Err(StoreError::Unavailable(_))), "{res:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let bad_prefix = RedisConfig {
+        key_prefix: "a{b}".into(),
+        ..cfg
+    };
+    assert!(matches!(
+        RedisStore::connect(&bad_prefix).await,
+        Err(StoreError::Unavailable(_))
+    ));
+}
+
+/// Index entries whose record vanished (e.g. a partial restore) read as misses and do not block
+/// a new insert of the same card.
+#[tokio::test]
+async fn redis_dangling_index_reads_as_none() {
+    let server = RedisServer::start();
+    let store = redis_store(&server).await;
+    let m = MerchantId::generate();
+    let fp = random_hex();
+    let mut r = record(&m, &fp);
+    r.network_token = network("D1-dangling");
+    assert_inserted(store.insert_token(&r).await.unwrap());
+
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let token_key = format!("tgtest:{{m:{m}}}:tok:{}", r.id);
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(&token_key)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the documented key layout changed");
+
+    assert_eq!(store.find_by_fingerprint(&m, &fp).await.unwrap(), None);
+    assert_eq!(store.find_by_d1_token(&m, "D1-dangling").await.unwrap(), None);
+    let again = record(&m, &fp);
+    assert_inserted(store.insert_token(&again).await.unwrap());
+    assert_eq!(store.find_by_fingerprint(&m, &fp).await.unwrap(), Some(again));
+}
+
+#[tokio::test]
+async fn embedded_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let d1 = format!("D1M-{}", random_hex());
+    let merchant = merchant(Some(&d1));
+    let key = NewApiKey::generate();
+    let fp = random_hex();
+    let mut rec = record(&merchant.id, &fp);
+    rec.network_token = network("D1-reopen");
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store.insert_merchant(&merchant, &key.hash).await.unwrap();
+        assert_inserted(store.insert_token(&rec).await.unwrap());
+        let mut v2 = next(&rec);
+        v2.status = TokenStatus::Suspended;
+        store.update_token(&v2).await.unwrap();
+        rec = v2;
+        store
+            .idempotency_complete("admin", "k1", &response("d"), Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    assert_eq!(store.get_merchant(&merchant.id).await.unwrap(), Some(merchant.clone()));
+    assert_eq!(
+        store.merchant_by_api_key(&key.hash).await.unwrap(),
+        Some(merchant.clone())
+    );
+    assert_eq!(store.merchant_by_d1_id(&d1).await.unwrap(), Some(merchant.clone()));
+    assert_eq!(store.get_token(&merchant.id, &rec.id).await.unwrap(), Some(rec.clone()));
+    assert_eq!(
+        store.find_by_fingerprint(&merchant.id, &fp).await.unwrap(),
+        Some(rec.clone())
+    );
+    assert_eq!(
+        store
+            .find_by_d1_token(&merchant.id, "D1-reopen")
+            .await
+            .unwrap(),
+        Some(rec.clone())
+    );
+    assert_eq!(
+        store
+            .idempotency_begin("admin", "k1", "d", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        IdempotencyBegin::Completed(response("d"))
+    );
+    // Still a dedup target, and still versioned where it was.
+    assert_eq!(
+        existing(store.insert_token(&record(&merchant.id, &fp)).await.unwrap()).id,
+        rec.id
+    );
+    let stale = next(&record(&merchant.id, &fp));
+    assert!(matches!(
+        store.update_token(&stale).await,
+        Err(StoreError::NotFound)
+    ));
+    store.update_token(&next(&rec)).await.unwrap();
+}
+
+// --- raw bytes hygiene -------------------------------------------------------------------------
+
+const PANS: [&str; 2] = ["4111111111111111", "5555555555554444"];
+
+/// Inserts one token per test PAN sealed by the real vault, the way the service does.
+async fn insert_sealed_cards(s: &dyn TokenStore) -> Vec<TokenRecord> {
+    let keyring = Keyring::new(&tokengate::crypto::dev::material()).unwrap();
+    let m = merchant(Some("D1M-hygiene"));
+    s.insert_merchant(&m, &NewApiKey::generate().hash).await.unwrap();
+    let mut out = Vec::new();
+    for digits in PANS {
+        let pan: Pan = digits.parse().unwrap();
+        let expiry = Expiry::trusted(12, 2030).unwrap();
+        let id = TokenId::generate();
+        let mut r = record(&m.id, "placeholder");
+        r.id = id.clone();
+        r.card = CardMeta {
+            brand: pan.brand(),
+            bin: pan.bin().to_owned(),
+            last4: pan.last4().to_owned(),
+            expiry,
+        };
+        r.sealed_pan = keyring.seal(&pan, &m.id, &id);
+        r.fingerprints = keyring.fingerprints(&m.id, &pan, &expiry);
+        r.network_token = network(&format!("D1-{}", random_hex()));
+        assert_inserted(s.insert_token(&r).await.unwrap());
+        // An update writes the record again (and a tombstone keeps it).
+        let mut v2 = next(&r);
+        v2.status = TokenStatus::Deleted;
+        s.update_token(&v2).await.unwrap();
+        out.push(v2);
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn assert_no_pan(bytes: &[u8], records: &[TokenRecord], what: &str) {
+    // Positive control: the records are really in these bytes, uncompressed.
+    for r in records {
+        assert!(
+            contains(bytes, r.id.as_str().as_bytes()),
+            "{what}: token {} not found in the dump, the check would be blind",
+            r.id
+        );
+        let blob = base64_of(&r.sealed_pan.blob);
+        assert!(contains(bytes, blob.as_bytes()), "{what}: sealed blob not found");
+    }
+    for pan in PANS {
+        assert!(!contains(bytes, pan.as_bytes()), "{what} contains a PAN in clear");
+    }
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// Every value of every key on one Redis node, in its plain form (GET/HGETALL) and as `DUMP`.
+async fn dump_node(url: &str) -> Vec<u8> {
+    let client = redis::Client::open(url).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for key in keys {
+        out.extend_from_slice(key.as_bytes());
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        match kind.as_str() {
+            "string" => {
+                let v: Vec<u8> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                out.extend_from_slice(&v);
+            }
+            "hash" => {
+                let v: Vec<Vec<u8>> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                v.iter().for_each(|f| out.extend_from_slice(f));
+            }
+            other => panic!("unexpected Redis type {other} at {key}"),
+        }
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        out.extend_from_slice(&dump);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_raw_values_never_hold_a_pan() {
+    let server = RedisServer::start();
+    let store = redis_store(&server).await;
+    let records = insert_sealed_cards(&store).await;
+    let bytes = dump_node(&server.url()).await;
+    assert_no_pan(&bytes, &records, "redis dump");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_raw_values_never_hold_a_pan() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let store = cluster_store(&cluster).await;
+    let records = insert_sealed_cards(&store).await;
+    let mut bytes = Vec::new();
+    for addr in cluster.addrs() {
+        bytes.extend(dump_node(&format!("redis://{addr}/")).await);
+    }
+    assert_no_pan(&bytes, &records, "redis cluster dump");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_file_never_holds_a_pan() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let records = insert_sealed_cards(&store).await;
+    drop(store);
+    let bytes = std::fs::read(dir.path().join("tokengate.redb")).unwrap();
+    assert_no_pan(&bytes, &records, "tokengate.redb");
+}
+
+/// The store hands out one shared handle: clones work concurrently on the same data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_are_shareable_across_tasks() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<Arc<dyn TokenStore>> = vec![
+        Arc::new(redis_store(&server).await),
+        Arc::new(EmbeddedStore::open(dir.path()).unwrap()),
+    ];
+    for store in stores {
+        let m = MerchantId::generate();
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (store, m) = (Arc::clone(&store), m.clone());
+                tokio::spawn(async move {
+                    let r = record(&m, &random_hex());
+                    store.insert_token(&r).await.unwrap();
+                    r.id
+                })
+            })
+            .collect();
+        for t in tasks {
+            let id = t.await.unwrap();
+            assert!(store.get_token(&m, &id).await.unwrap().is_some());
+        }
+    }
+}
