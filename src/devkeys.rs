@@ -263,8 +263,8 @@ impl DevMaterial {
             d1_jwe_kid: self.d1_jwe_kid.clone(),
             gateway_jwe_kid: self.gateway_jwe_kid.clone(),
         };
-        let json = serde_json::to_vec_pretty(&ids)
-            .map_err(|e| DevKeysError::Generate(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&ids).map_err(|e| DevKeysError::Generate(e.to_string()))?;
         let path = dir.join(files::IDS);
         write_file(&path, &json, false).map_err(io(&path))?;
         let path = dir.join(files::README);
@@ -376,8 +376,8 @@ mod tests {
                 jose::public_key_from_pem(p).unwrap()
             );
         }
-        let signer = jose::Es256Signer::from_pkcs8_pem(&m.gateway_es256_key_pem, &m.es256_kid)
-            .unwrap();
+        let signer =
+            jose::Es256Signer::from_pkcs8_pem(&m.gateway_es256_key_pem, &m.es256_kid).unwrap();
         let jwt = signer
             .sign_assertion("mgid-42", "aud", std::time::Duration::from_secs(60))
             .unwrap();
@@ -438,9 +438,8 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = |n: &str| {
-                std::fs::metadata(sub.join(n)).unwrap().permissions().mode() & 0o777
-            };
+            let mode =
+                |n: &str| std::fs::metadata(sub.join(n)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode("ca-key.pem"), 0o600);
             assert_eq!(mode("gateway-client-key.pem"), 0o600);
             assert_eq!(mode("d1-jwe-key.pem"), 0o600);

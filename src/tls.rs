@@ -84,12 +84,10 @@ pub fn server_config(
         .map_err(|e| TlsError::Rustls("protocol versions", e))?;
     let builder = match client_ca_pem {
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(
-                Arc::new(root_store(ca)?),
-                provider,
-            )
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider)
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -148,8 +146,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.alpn_protocols[0], b"h2");
-        let s = server_config(&m.gateway_server_cert_pem, &m.gateway_server_key_pem, None, false)
-            .unwrap();
+        let s = server_config(
+            &m.gateway_server_cert_pem,
+            &m.gateway_server_key_pem,
+            None,
+            false,
+        )
+        .unwrap();
         assert_eq!(s.alpn_protocols, vec![b"http/1.1".to_vec()]);
         let c = client_config(
             &m.ca_cert_pem,
@@ -185,8 +188,7 @@ mod tests {
                 c.read_tls(&mut rd).unwrap();
             }
             c.process_new_packets()?;
-            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write()
-            {
+            if !c.is_handshaking() && !s.is_handshaking() && !c.wants_write() && !s.wants_write() {
                 return Ok(());
             }
         }
@@ -218,14 +220,20 @@ mod tests {
         let other = DevMaterial::generate("mgid-hs").unwrap();
         let foreign = client_config(
             &m.ca_cert_pem,
-            Some((&other.gateway_client_cert_pem, &other.gateway_client_key_pem)),
+            Some((
+                &other.gateway_client_cert_pem,
+                &other.gateway_client_key_pem,
+            )),
         )
         .unwrap();
         assert!(handshake(foreign, server()).is_err());
         // A client that trusts another CA refuses the server.
         let distrustful = client_config(
             &other.ca_cert_pem,
-            Some((&other.gateway_client_cert_pem, &other.gateway_client_key_pem)),
+            Some((
+                &other.gateway_client_cert_pem,
+                &other.gateway_client_key_pem,
+            )),
         )
         .unwrap();
         assert!(handshake(distrustful, server()).is_err());
@@ -241,13 +249,8 @@ mod tests {
         let err = server_config(&m.d1_server_cert_pem, "nope", None, true).unwrap_err();
         assert!(matches!(err, TlsError::NoPrivateKey(_)));
         // A key that does not match the certificate.
-        let err = server_config(
-            &m.d1_server_cert_pem,
-            &m.gateway_server_key_pem,
-            None,
-            true,
-        )
-        .unwrap_err();
+        let err = server_config(&m.d1_server_cert_pem, &m.gateway_server_key_pem, None, true)
+            .unwrap_err();
         assert!(!err.to_string().contains("PRIVATE KEY"));
         assert!(client_config("", None).is_err());
     }

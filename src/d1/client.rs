@@ -50,10 +50,9 @@ use zeroize::Zeroizing;
 
 use super::jose::{self, Es256Signer, JoseError};
 use super::model::{
-    AmountDto, CardPlaintext, CreateTokenRequest, CryptogramPlaintext, ErrorBody,
-    JWT_BEARER_GRANT, LifecycleRequest, OAuthTokenRequest, OAuthTokenResponse,
-    OnboardMerchantRequest, OnboardMerchantResponse, TokenObject, TransactionRequest,
-    TransactionResponse,
+    AmountDto, CardPlaintext, CreateTokenRequest, CryptogramPlaintext, ErrorBody, JWT_BEARER_GRANT,
+    LifecycleRequest, OAuthTokenRequest, OAuthTokenResponse, OnboardMerchantRequest,
+    OnboardMerchantResponse, TokenObject, TransactionRequest, TransactionResponse,
 };
 use super::resilience::{Breaker, backoff, parse_retry_after};
 use crate::devkeys::DevMaterial;
@@ -391,7 +390,8 @@ impl D1Client {
         }
         cfg.paths.validate()?;
 
-        let signer = Es256Signer::from_pkcs8_pem(cfg.es256_key_pem.expose_secret(), &cfg.es256_kid)?;
+        let signer =
+            Es256Signer::from_pkcs8_pem(cfg.es256_key_pem.expose_secret(), &cfg.es256_kid)?;
         let d1_jwe_public = jose::public_key_from_pem(&cfg.d1_jwe_public_pem)?;
         let gateway_jwe_key = jose::secret_key_from_pem(cfg.gateway_jwe_key_pem.expose_secret())?;
 
@@ -472,15 +472,13 @@ impl D1Client {
         let started = Instant::now();
         let deadline = started + inner.call_timeout;
 
-        let outcome = match tokio::time::timeout_at(
-            deadline,
-            self.run(&spec, &correlation_id, deadline),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(Failure::new(ProviderError::Timeout, true)),
-        };
+        let outcome =
+            match tokio::time::timeout_at(deadline, self.run(&spec, &correlation_id, deadline))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Failure::new(ProviderError::Timeout, true)),
+            };
         let outcome = outcome.and_then(|reply| {
             if reply.status.is_success() {
                 Ok(reply)
@@ -530,7 +528,11 @@ impl D1Client {
                 && reply.status == StatusCode::UNAUTHORIZED
                 && !replayed
             {
-                tracing::debug!(op = spec.op, correlation_id, "d1 refused the access token; refreshing");
+                tracing::debug!(
+                    op = spec.op,
+                    correlation_id,
+                    "d1 refused the access token; refreshing"
+                );
                 self.invalidate(t);
                 replayed = true;
                 continue;
@@ -570,11 +572,23 @@ impl D1Client {
                     (retryable, r.retry_after)
                 }
                 Err(SendError::Connect) => {
-                    tracing::debug!(op = spec.op, attempt, latency_ms, correlation_id, "d1 connect failed");
+                    tracing::debug!(
+                        op = spec.op,
+                        attempt,
+                        latency_ms,
+                        correlation_id,
+                        "d1 connect failed"
+                    );
                     (true, None)
                 }
                 Err(SendError::AfterSend) => {
-                    tracing::debug!(op = spec.op, attempt, latency_ms, correlation_id, "d1 connection broke after sending");
+                    tracing::debug!(
+                        op = spec.op,
+                        attempt,
+                        latency_ms,
+                        correlation_id,
+                        "d1 connection broke after sending"
+                    );
                     (false, None)
                 }
             };
@@ -786,7 +800,9 @@ impl D1Client {
             exp: &exp,
         }
         .to_zeroizing_json()
-        .map_err(|_| ProviderError::BadResponse("createToken: could not encode card data".into()))?;
+        .map_err(|_| {
+            ProviderError::BadResponse("createToken: could not encode card data".into())
+        })?;
         jose::jwe_encrypt(&plain, &self.inner.d1_jwe_public, &self.inner.d1_jwe_kid).map_err(|e| {
             ProviderError::BadResponse(format!("createToken: card data encryption failed: {e}"))
         })
@@ -805,7 +821,12 @@ enum SendError {
 impl NetworkTokenProvider for D1Client {
     async fn onboard_merchant(&self, name: &str) -> Result<String, ProviderError> {
         const OP: &str = "onboardMerchant";
-        let body = encode_json(OP, &OnboardMerchantRequest { merchant_name: name })?;
+        let body = encode_json(
+            OP,
+            &OnboardMerchantRequest {
+                merchant_name: name,
+            },
+        )?;
         let body = self
             .execute(Spec {
                 op: OP,
@@ -818,7 +839,9 @@ impl NetworkTokenProvider for D1Client {
             .await?;
         let resp: OnboardMerchantResponse = decode(OP, &body)?;
         if resp.merchant_id.is_empty() {
-            return Err(ProviderError::BadResponse(format!("{OP}: empty merchantId")));
+            return Err(ProviderError::BadResponse(format!(
+                "{OP}: empty merchantId"
+            )));
         }
         Ok(resp.merchant_id)
     }
@@ -906,7 +929,8 @@ impl NetworkTokenProvider for D1Client {
             .await?;
         let resp: TransactionResponse = decode(OP, &body)?;
         let inner = &self.inner;
-        let keys = |kid: &str| (kid == inner.gateway_jwe_kid).then(|| inner.gateway_jwe_key.clone());
+        let keys =
+            |kid: &str| (kid == inner.gateway_jwe_kid).then(|| inner.gateway_jwe_key.clone());
         let (_, plain) = jose::jwe_decrypt(&resp.encrypted_data, &keys)
             .map_err(|e| ProviderError::BadResponse(format!("{OP}: encryptedData: {e}")))?;
         let payload: CryptogramPlaintext = decode(OP, &plain)?;
@@ -981,10 +1005,15 @@ mod tests {
             body: Bytes::from(body.to_owned()),
         };
         let f = failure_from_reply("op", &reply(429, "", Some(2)));
-        assert!(matches!(f.error, ProviderError::Unavailable { retry_after: Some(d) } if d == Duration::from_secs(2)));
+        assert!(
+            matches!(f.error, ProviderError::Unavailable { retry_after: Some(d) } if d == Duration::from_secs(2))
+        );
         assert!(!f.upstream_fault);
         let f = failure_from_reply("op", &reply(503, "", None));
-        assert!(matches!(f.error, ProviderError::Unavailable { retry_after: None }));
+        assert!(matches!(
+            f.error,
+            ProviderError::Unavailable { retry_after: None }
+        ));
         assert!(f.upstream_fault);
         let f = failure_from_reply("op", &reply(404, r#"{"errorCode":"NOT_FOUND"}"#, None));
         assert!(matches!(f.error, ProviderError::NotFound));
@@ -994,7 +1023,10 @@ mod tests {
         );
         assert!(!f.upstream_fault);
         // A code that is not a machine code is not echoed.
-        let f = failure_from_reply("op", &reply(400, r#"{"errorCode":"4111 1111 1111 1111"}"#, None));
+        let f = failure_from_reply(
+            "op",
+            &reply(400, r#"{"errorCode":"4111 1111 1111 1111"}"#, None),
+        );
         assert!(matches!(&f.error, ProviderError::Rejected { code, .. } if code == "HTTP_400"));
         let f = failure_from_reply("op", &reply(500, "<html>oops</html>", None));
         assert!(matches!(&f.error, ProviderError::BadResponse(m) if m == "op: HTTP 500"));

@@ -209,7 +209,8 @@ pub fn verify_assertion(
     max_lifetime: Duration,
 ) -> Result<AssertionClaims, JoseError> {
     let mut parts = jwt.split('.');
-    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(JoseError::Malformed("a JWS has three parts"));
     };
@@ -280,7 +281,9 @@ pub fn concat_kdf(
     keydata_bits: u32,
 ) -> Result<Zeroizing<Vec<u8>>, JoseError> {
     if keydata_bits == 0 || !keydata_bits.is_multiple_of(8) {
-        return Err(JoseError::Internal("key length must be a positive multiple of 8 bits"));
+        return Err(JoseError::Internal(
+            "key length must be a positive multiple of 8 bits",
+        ));
     }
     let len_prefixed = |v: &[u8]| -> Result<Vec<u8>, JoseError> {
         let n = u32::try_from(v.len()).map_err(|_| JoseError::Internal("KDF input too long"))?;
@@ -350,7 +353,11 @@ fn aes_key(cek: &[u8]) -> Result<Aes256Gcm, JoseError> {
 
 /// Encrypts `plaintext` to `recipient` as a compact JWE (`ECDH-ES`, `A256GCM`, `kid` in the
 /// protected header; see the module docs).
-pub fn jwe_encrypt(plaintext: &[u8], recipient: &PublicKey, kid: &str) -> Result<String, JoseError> {
+pub fn jwe_encrypt(
+    plaintext: &[u8],
+    recipient: &PublicKey,
+    kid: &str,
+) -> Result<String, JoseError> {
     let ephemeral = SecretKey::try_generate()
         .map_err(|_| JoseError::Internal("system random generator failed"))?;
     let epk_point = ephemeral.public_key().to_uncompressed_point();
@@ -411,18 +418,28 @@ pub fn jwe_decrypt(
         return Err(JoseError::UnsupportedAlgorithm("enc must be A256GCM"));
     }
     if header.crit.is_some() {
-        return Err(JoseError::UnsupportedAlgorithm("no critical extensions are supported"));
+        return Err(JoseError::UnsupportedAlgorithm(
+            "no critical extensions are supported",
+        ));
     }
     if header.zip.is_some() {
-        return Err(JoseError::UnsupportedAlgorithm("compression is not supported"));
+        return Err(JoseError::UnsupportedAlgorithm(
+            "compression is not supported",
+        ));
     }
     if !encrypted_key.is_empty() {
         return Err(JoseError::Malformed("ECDH-ES has an empty encrypted key"));
     }
-    let kid = header.kid.ok_or(JoseError::Malformed("header has no kid"))?;
-    let epk = header.epk.ok_or(JoseError::Malformed("header has no epk"))?;
+    let kid = header
+        .kid
+        .ok_or(JoseError::Malformed("header has no kid"))?;
+    let epk = header
+        .epk
+        .ok_or(JoseError::Malformed("header has no epk"))?;
     if epk.kty != "EC" || epk.crv != "P-256" {
-        return Err(JoseError::UnsupportedAlgorithm("epk must be an EC P-256 key"));
+        return Err(JoseError::UnsupportedAlgorithm(
+            "epk must be an EC P-256 key",
+        ));
     }
     let x = b64d(&epk.x, "epk.x is not base64url")?;
     let y = b64d(&epk.y, "epk.y is not base64url")?;
@@ -437,8 +454,14 @@ pub fn jwe_decrypt(
     // (invalid-curve attack).
     let epk = PublicKey::from_sec1_bytes(&sec1)
         .map_err(|_| JoseError::Malformed("epk is not a point on P-256"))?;
-    let apu = header.apu.map(|v| b64d(&v, "apu is not base64url")).transpose()?;
-    let apv = header.apv.map(|v| b64d(&v, "apv is not base64url")).transpose()?;
+    let apu = header
+        .apu
+        .map(|v| b64d(&v, "apu is not base64url"))
+        .transpose()?;
+    let apv = header
+        .apv
+        .map(|v| b64d(&v, "apv is not base64url"))
+        .transpose()?;
 
     let iv: [u8; IV_LEN] = b64d(iv_b64, "iv is not base64url")?
         .try_into()
@@ -670,8 +693,9 @@ mod tests {
         assert_eq!(header["epk"]["crv"], "P-256");
         // The plaintext is not visible in the token.
         assert!(!jwe.contains("4111111111111111"));
-        assert!(!String::from_utf8_lossy(&URL_SAFE_NO_PAD.decode(parts[3]).unwrap())
-            .contains("4111"));
+        assert!(
+            !String::from_utf8_lossy(&URL_SAFE_NO_PAD.decode(parts[3]).unwrap()).contains("4111")
+        );
 
         let keys = |kid: &str| (kid == "d1-enc-1").then(|| k.clone());
         let (kid, plain) = jwe_decrypt(&jwe, &keys).unwrap();
@@ -710,7 +734,10 @@ mod tests {
         header["kid"] = "kid-2".into();
         let mut p = parts.clone();
         p[0] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&header).unwrap());
-        assert_eq!(jwe_decrypt(&p.join("."), &right), Err(JoseError::Decryption));
+        assert_eq!(
+            jwe_decrypt(&p.join("."), &right),
+            Err(JoseError::Decryption)
+        );
         // Wrong algorithms are refused.
         header["kid"] = "kid-1".into();
         header["enc"] = "A128GCM".into();

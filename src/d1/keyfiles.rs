@@ -187,7 +187,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = load(dir.path(), &section()).unwrap_err().to_string();
         assert!(err.contains("ca.pem"), "{err}");
-        DevMaterial::generate("m").unwrap().write_to(dir.path()).unwrap();
+        DevMaterial::generate("m")
+            .unwrap()
+            .write_to(dir.path())
+            .unwrap();
         std::fs::write(dir.path().join("gateway-jwe-key.pem"), "garbage").unwrap();
         let err = load(dir.path(), &section()).unwrap_err().to_string();
         assert!(err.contains("gateway-jwe-key.pem"), "{err}");

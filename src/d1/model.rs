@@ -232,10 +232,9 @@ mod tests {
         assert_eq!(p.last4, None);
         assert_eq!(p.expiry, None);
         // A malformed expiry does not fail decoding.
-        let t: TokenObject = serde_json::from_str(
-            r#"{"tokenId":"t3","status":"ACTIVE","tokenExpiryDate":"13/29"}"#,
-        )
-        .unwrap();
+        let t: TokenObject =
+            serde_json::from_str(r#"{"tokenId":"t3","status":"ACTIVE","tokenExpiryDate":"13/29"}"#)
+                .unwrap();
         assert_eq!(ProviderToken::from(t).expiry, None);
     }
 

@@ -23,7 +23,9 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(2);
 pub fn backoff(attempt: u32) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX));
     let ceiling = exp.min(BACKOFF_CAP);
-    let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX).max(1);
+    let ms = u64::try_from(ceiling.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
     Duration::from_millis(rand::random_range(ms.div_ceil(2)..=ms))
 }
 
@@ -114,12 +116,18 @@ impl Admission<'_> {
         let now = Instant::now();
         b.with_state(|s| match (*s, self.probe, failure) {
             (_, true, false) => *s = State::Closed { failures: 0 },
-            (_, true, true) => *s = State::Open { until: now + b.open_for },
+            (_, true, true) => {
+                *s = State::Open {
+                    until: now + b.open_for,
+                }
+            }
             (State::Closed { .. }, false, false) => *s = State::Closed { failures: 0 },
             (State::Closed { failures }, false, true) => {
                 let failures = failures.saturating_add(1);
                 *s = if failures >= b.threshold {
-                    State::Open { until: now + b.open_for }
+                    State::Open {
+                        until: now + b.open_for,
+                    }
                 } else {
                     State::Closed { failures }
                 };

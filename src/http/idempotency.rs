@@ -24,6 +24,8 @@ pub struct Reply {
     pub content_type: &'static str,
     /// Never stored for replay (e.g. cryptograms: credentials must not persist).
     pub sensitive: bool,
+    /// Carried from an [`ApiError`] so 429/503 answers keep their `Retry-After`.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl Reply {
@@ -33,6 +35,7 @@ impl Reply {
             body: serde_json::to_string(v).unwrap_or_default(),
             content_type: "application/json",
             sensitive: false,
+            retry_after: None,
         }
     }
 }
@@ -44,6 +47,7 @@ impl From<ApiError> for Reply {
             body: e.body(),
             content_type: PROBLEM_JSON,
             sensitive: false,
+            retry_after: e.retry_after,
         }
     }
 }
@@ -55,6 +59,9 @@ impl IntoResponse for Reply {
             header::CONTENT_TYPE,
             HeaderValue::from_static(self.content_type),
         );
+        if let Some(ra) = self.retry_after {
+            super::problem::set_retry_after(r.headers_mut(), ra);
+        }
         r
     }
 }
@@ -124,6 +131,7 @@ where
                 body: stored.body,
                 content_type: ct,
                 sensitive: false,
+                retry_after: None,
             }
             .into_response();
             r.headers_mut()

@@ -121,13 +121,17 @@ impl IntoResponse for ApiError {
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Some(ra) = self.retry_after {
-            // Whole seconds, at least 1 (a 0 invites an immediate retry storm).
-            let secs = ra.as_secs_f64().ceil().max(1.0) as u64;
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                h.insert(header::RETRY_AFTER, v);
-            }
+            set_retry_after(h, ra);
         }
         resp
+    }
+}
+
+/// `Retry-After` in whole seconds, at least 1 (a 0 invites an immediate retry storm).
+pub fn set_retry_after(h: &mut axum::http::HeaderMap, ra: Duration) {
+    let secs = ra.as_secs_f64().ceil().max(1.0) as u64;
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        h.insert(header::RETRY_AFTER, v);
     }
 }
 

@@ -323,11 +323,15 @@ async fn oauth_token(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResul
         )));
     }
     let keys = &shared.keys.es256;
-    let claims = jose::verify_assertion(assertion, &|kid| keys.get(kid).copied(), MAX_ASSERTION_LIFETIME)
-        .map_err(|e| {
-            tracing::debug!(error = %e, "assertion rejected");
-            ApiError::Unauthorized(format!("assertion rejected: {e}"))
-        })?;
+    let claims = jose::verify_assertion(
+        assertion,
+        &|kid| keys.get(kid).copied(),
+        MAX_ASSERTION_LIFETIME,
+    )
+    .map_err(|e| {
+        tracing::debug!(error = %e, "assertion rejected");
+        ApiError::Unauthorized(format!("assertion rejected: {e}"))
+    })?;
     // Every registered key belongs to our merchant gateway, so the key proves the issuer only
     // if the assertion claims to be it.
     if claims.iss != shared.merchant_gateway_id || claims.sub != claims.iss {
@@ -508,7 +512,14 @@ async fn get_token(
 }
 
 /// Suspend, resume and delete share everything but the action.
-fn lifecycle(shared: &Shared, mgid: &str, merchant_id: &str, token_id: &str, body: &[u8], action: Action) -> ApiResult {
+fn lifecycle(
+    shared: &Shared,
+    mgid: &str,
+    merchant_id: &str,
+    token_id: &str,
+    body: &[u8],
+    action: Action,
+) -> ApiResult {
     check_mgid(shared, mgid)?;
     // The body is optional (`{"reason": "..."}`), but if present it must be a JSON object.
     if !body.iter().all(u8::is_ascii_whitespace) {
@@ -529,7 +540,14 @@ async fn suspend_token(
     Path((mgid, merchant_id, token_id)): Path<(String, String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    lifecycle(&shared, &mgid, &merchant_id, &token_id, &body, Action::Suspend)
+    lifecycle(
+        &shared,
+        &mgid,
+        &merchant_id,
+        &token_id,
+        &body,
+        Action::Suspend,
+    )
 }
 
 async fn resume_token(
@@ -537,7 +555,14 @@ async fn resume_token(
     Path((mgid, merchant_id, token_id)): Path<(String, String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    lifecycle(&shared, &mgid, &merchant_id, &token_id, &body, Action::Resume)
+    lifecycle(
+        &shared,
+        &mgid,
+        &merchant_id,
+        &token_id,
+        &body,
+        Action::Resume,
+    )
 }
 
 async fn delete_token(
@@ -581,11 +606,15 @@ async fn create_transaction(
         .to_string(),
     );
     let keys = &shared.keys;
-    let encrypted = jose::jwe_encrypt(plaintext.as_bytes(), &keys.gateway_jwe, &keys.gateway_jwe_kid)
-        .map_err(|e| {
-            tracing::error!(error = %e, "cryptogram encryption failed");
-            ApiError::Internal
-        })?;
+    let encrypted = jose::jwe_encrypt(
+        plaintext.as_bytes(),
+        &keys.gateway_jwe,
+        &keys.gateway_jwe_kid,
+    )
+    .map_err(|e| {
+        tracing::error!(error = %e, "cryptogram encryption failed");
+        ApiError::Internal
+    })?;
     let expires = (OffsetDateTime::now_utc() + CRYPTOGRAM_VALIDITY)
         .format(&Rfc3339)
         .map_err(|_| ApiError::Internal)?;
@@ -628,8 +657,12 @@ mod tests {
         assert!(!valid_id(&[b'a'; 65]));
         assert!(!valid_id(b"a b"));
         assert!(audience_path_ok("https://127.0.0.1:8443/authz/v1"));
-        assert!(audience_path_ok("https://api.d1-stg.thalescloud.io/authz/v1/"));
-        assert!(!audience_path_ok("https://127.0.0.1:8443/authz/v1/oauth2/token"));
+        assert!(audience_path_ok(
+            "https://api.d1-stg.thalescloud.io/authz/v1/"
+        ));
+        assert!(!audience_path_ok(
+            "https://127.0.0.1:8443/authz/v1/oauth2/token"
+        ));
         assert!(!audience_path_ok("mgid"));
     }
 
@@ -639,7 +672,12 @@ mod tests {
             ApiError::Unavailable { retry_after: 3 }.parts();
         assert_eq!(
             (status, code, retryable, retry_after),
-            (StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", true, Some(3))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SERVICE_UNAVAILABLE",
+                true,
+                Some(3)
+            )
         );
         let resp = ApiError::TooManyRequests { retry_after: 2 }.into_response();
         assert_eq!(resp.headers()[header::RETRY_AFTER], "2");

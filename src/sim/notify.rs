@@ -201,9 +201,8 @@ impl Notifier {
 
 /// `2026-11-23T12:00:00.123Z`: RFC 3339, UTC, milliseconds.
 pub fn format_timestamp(ts: OffsetDateTime) -> String {
-    let fmt = format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
+    let fmt =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
     ts.to_offset(time::UtcOffset::UTC)
         .format(&fmt)
         .unwrap_or_default()
@@ -267,7 +266,9 @@ impl Target {
             .header(header::AUTHORIZATION, basic.as_str())
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from_static(b"grant_type=client_credentials")))
+            .body(Full::new(Bytes::from_static(
+                b"grant_type=client_credentials",
+            )))
             .map_err(|e| format!("token request: {e}"))?;
         let resp = self
             .client
@@ -336,7 +337,10 @@ async fn send(shared: &Shared, target: &Target, event: &Event) -> Result<(), Str
         .method(Method::POST)
         .uri(uri)
         .header(header::CONTENT_TYPE, "application/json")
-        .header("x-correlation-id", uuid::Uuid::new_v4().simple().to_string());
+        .header(
+            "x-correlation-id",
+            uuid::Uuid::new_v4().simple().to_string(),
+        );
     if let Some(token) = bearer {
         req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
     }
@@ -413,11 +417,7 @@ async fn redeliver(shared: &Shared, event: &Event) {
 }
 
 /// Delivers `event`, twice when `duplicateNotifications` is on.
-async fn deliver_maybe_twice(
-    shared: &Arc<Shared>,
-    event: Event,
-    shutdown: &watch::Receiver<bool>,
-) {
+async fn deliver_maybe_twice(shared: &Arc<Shared>, event: Event, shutdown: &watch::Receiver<bool>) {
     if shared.faults().duplicate_notifications {
         deliver(shared, event.clone(), shutdown).await;
     }

@@ -155,12 +155,15 @@ impl Store {
 
     /// Checks that a token BIN prefix leaves room for random digits and a check digit.
     pub fn valid_prefix(prefix: &str) -> bool {
-        (1..=TOKEN_PAN_LEN - 4).contains(&prefix.len()) && prefix.bytes().all(|b| b.is_ascii_digit())
+        (1..=TOKEN_PAN_LEN - 4).contains(&prefix.len())
+            && prefix.bytes().all(|b| b.is_ascii_digit())
     }
 
     pub fn add_merchant(&self, name: &str) -> String {
         let id = random_id("mer_", 12);
-        lock(&self.inner).merchants.insert(id.clone(), name.to_owned());
+        lock(&self.inner)
+            .merchants
+            .insert(id.clone(), name.to_owned());
         id
     }
 
@@ -228,7 +231,11 @@ impl Store {
             return Err(StateError::MerchantNotFound);
         }
         let key = (merchant_id.to_owned(), request_id.to_owned());
-        if let Some(existing) = inner.by_request.get(&key).and_then(|id| inner.tokens.get(id)) {
+        if let Some(existing) = inner
+            .by_request
+            .get(&key)
+            .and_then(|id| inner.tokens.get(id))
+        {
             return Ok(Created::Existing(existing.info.clone()));
         }
         let token_number = self.new_token_number(&inner.token_numbers);
@@ -467,7 +474,8 @@ mod tests {
         assert_ne!(c.token_id, a.token_id);
         assert_eq!(c.par, a.par);
         assert_eq!(
-            s.create_token("mer_unknown", "tok_3", &card()?, false).err(),
+            s.create_token("mer_unknown", "tok_3", &card()?, false)
+                .err(),
             Some(StateError::MerchantNotFound)
         );
         Ok(())
@@ -479,12 +487,18 @@ mod tests {
         let m = s.add_merchant("Acme");
         let t = new_token(&s, &m, "tok_1", false)?;
         let id = t.token_id.as_str();
-        assert_eq!(s.apply(Some(&m), id, &Action::Suspend)?.status, Status::Suspended);
+        assert_eq!(
+            s.apply(Some(&m), id, &Action::Suspend)?.status,
+            Status::Suspended
+        );
         assert_eq!(
             s.credentials(&m, id).err(),
             Some(StateError::InvalidState(Status::Suspended))
         );
-        assert_eq!(s.apply(Some(&m), id, &Action::Resume)?.status, Status::Active);
+        assert_eq!(
+            s.apply(Some(&m), id, &Action::Resume)?.status,
+            Status::Active
+        );
         let (before, _) = s.credentials(&m, id)?;
         assert_eq!(
             s.apply(Some("mer_other"), id, &Action::Suspend).err(),
@@ -497,8 +511,14 @@ mod tests {
         let (after, _) = s.credentials(&m, id)?;
         assert_ne!(*before, *after);
         assert_eq!(renewed.token_last_digits, after[12..]);
-        assert_eq!(s.apply(Some(&m), id, &Action::Delete)?.status, Status::Deleted);
-        assert_eq!(s.apply(Some(&m), id, &Action::Delete)?.status, Status::Deleted);
+        assert_eq!(
+            s.apply(Some(&m), id, &Action::Delete)?.status,
+            Status::Deleted
+        );
+        assert_eq!(
+            s.apply(Some(&m), id, &Action::Delete)?.status,
+            Status::Deleted
+        );
         assert_eq!(
             s.apply(Some(&m), id, &Action::Resume).err(),
             Some(StateError::InvalidState(Status::Deleted))

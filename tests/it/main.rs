@@ -5,5 +5,6 @@ mod support;
 
 mod api;
 mod d1_client;
+mod gateway_d1;
 mod sim;
 mod store_contract;

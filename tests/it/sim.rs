@@ -100,7 +100,11 @@ async fn answer(resp: reqwest::Response) -> Result<Answer> {
 }
 
 /// Posts a token request with `assertion`.
-async fn token_request(client: &reqwest::Client, sim: &SimHandle, assertion: &str) -> Result<Answer> {
+async fn token_request(
+    client: &reqwest::Client,
+    sim: &SimHandle,
+    assertion: &str,
+) -> Result<Answer> {
     let resp = client
         .post(format!("{}/oauth2/token", sim.base_url()))
         .header("x-correlation-id", correlation_id())
@@ -114,7 +118,10 @@ async fn token_request(client: &reqwest::Client, sim: &SimHandle, assertion: &st
 }
 
 fn signer(m: &DevMaterial) -> Result<Es256Signer> {
-    Ok(Es256Signer::from_pkcs8_pem(&m.gateway_es256_key_pem, &m.es256_kid)?)
+    Ok(Es256Signer::from_pkcs8_pem(
+        &m.gateway_es256_key_pem,
+        &m.es256_kid,
+    )?)
 }
 
 fn valid_assertion(s: &Sim) -> Result<String> {
@@ -135,7 +142,12 @@ impl Api {
 
     async fn login_with(s: &Sim, client: reqwest::Client) -> Result<Api> {
         let a = token_request(&client, &s.handle, &valid_assertion(s)?).await?;
-        ensure!(a.status == StatusCode::OK, "token request: {} {}", a.status, a.body);
+        ensure!(
+            a.status == StatusCode::OK,
+            "token request: {} {}",
+            a.status,
+            a.body
+        );
         let token = a.body["access_token"]
             .as_str()
             .context("access_token")?
@@ -147,7 +159,12 @@ impl Api {
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Answer> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Answer> {
         let resp = self.send(method, path, body).await?;
         answer(resp).await
     }
@@ -178,9 +195,19 @@ impl Api {
     }
 
     async fn merchant(&self) -> Result<String> {
-        let a = self.post("/merchants", json!({"merchantName": "Acme"})).await?;
-        ensure!(a.status == StatusCode::CREATED, "onboard: {} {}", a.status, a.body);
-        Ok(a.body["merchantId"].as_str().context("merchantId")?.to_owned())
+        let a = self
+            .post("/merchants", json!({"merchantName": "Acme"}))
+            .await?;
+        ensure!(
+            a.status == StatusCode::CREATED,
+            "onboard: {} {}",
+            a.status,
+            a.body
+        );
+        Ok(a.body["merchantId"]
+            .as_str()
+            .context("merchantId")?
+            .to_owned())
     }
 }
 
@@ -193,10 +220,19 @@ fn future_expiry() -> String {
 fn card_jwe(m: &DevMaterial, pan: &str) -> Result<String> {
     let key = jose::public_key_from_pem(&m.d1_jwe_pub_pem)?;
     let plaintext = json!({"pan": pan, "exp": future_expiry()}).to_string();
-    Ok(jose::jwe_encrypt(plaintext.as_bytes(), &key, &m.d1_jwe_kid)?)
+    Ok(jose::jwe_encrypt(
+        plaintext.as_bytes(),
+        &key,
+        &m.d1_jwe_kid,
+    )?)
 }
 
-async fn create_token(api: &Api, m: &DevMaterial, merchant: &str, request_id: &str) -> Result<Answer> {
+async fn create_token(
+    api: &Api,
+    m: &DevMaterial,
+    merchant: &str,
+    request_id: &str,
+) -> Result<Answer> {
     api.post(
         &format!("/merchants/{merchant}/tokens"),
         json!({
@@ -216,18 +252,32 @@ struct Credentials {
     eci: String,
 }
 
-async fn cryptogram(api: &Api, m: &DevMaterial, token_path: &str, kind: &str) -> Result<Credentials> {
+async fn cryptogram(
+    api: &Api,
+    m: &DevMaterial,
+    token_path: &str,
+    kind: &str,
+) -> Result<Credentials> {
     let a = api
         .post(
             &format!("{token_path}/transactions"),
             json!({"transactionType": kind, "amount": {"value": 1299, "currency": "EUR"}}),
         )
         .await?;
-    ensure!(a.status == StatusCode::CREATED, "transaction: {} {}", a.status, a.body);
+    ensure!(
+        a.status == StatusCode::CREATED,
+        "transaction: {} {}",
+        a.status,
+        a.body
+    );
     ensure!(
         a.body["cryptogramExpiryDate"]
             .as_str()
-            .is_some_and(|d| time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339).is_ok()),
+            .is_some_and(|d| time::OffsetDateTime::parse(
+                d,
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok()),
         "cryptogramExpiryDate: {}",
         a.body
     );
@@ -241,15 +291,25 @@ async fn cryptogram(api: &Api, m: &DevMaterial, token_path: &str, kind: &str) ->
     let v: Value = serde_json::from_slice(&plaintext)?;
     Ok(Credentials {
         token_number: v["tokenNumber"].as_str().context("tokenNumber")?.to_owned(),
-        token_expiry: v["tokenExpiryDate"].as_str().context("tokenExpiryDate")?.to_owned(),
+        token_expiry: v["tokenExpiryDate"]
+            .as_str()
+            .context("tokenExpiryDate")?
+            .to_owned(),
         cryptogram: STANDARD.decode(v["cryptogram"].as_str().context("cryptogram")?)?,
         eci: a.body["eci"].as_str().context("eci")?.to_owned(),
     })
 }
 
 /// Control API helpers.
-async fn control(s: &Sim, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Answer> {
-    let mut req = s.http.request(method, format!("{}{path}", s.handle.control_url()));
+async fn control(
+    s: &Sim,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Answer> {
+    let mut req = s
+        .http
+        .request(method, format!("{}{path}", s.handle.control_url()));
     if let Some(body) = body {
         req = req.json(&body);
     }
@@ -258,7 +318,12 @@ async fn control(s: &Sim, method: reqwest::Method, path: &str, body: Option<Valu
 
 async fn put_faults(s: &Sim, faults: Value) -> Result<()> {
     let a = control(s, reqwest::Method::PUT, "/sim/faults", Some(faults)).await?;
-    ensure!(a.status == StatusCode::OK, "faults: {} {}", a.status, a.body);
+    ensure!(
+        a.status == StatusCode::OK,
+        "faults: {} {}",
+        a.status,
+        a.body
+    );
     Ok(())
 }
 
@@ -269,7 +334,9 @@ async fn clear_faults(s: &Sim) -> Result<()> {
 }
 
 async fn stats(s: &Sim) -> Result<Value> {
-    Ok(control(s, reqwest::Method::GET, "/sim/stats", None).await?.body)
+    Ok(control(s, reqwest::Method::GET, "/sim/stats", None)
+        .await?
+        .body)
 }
 
 async fn event(s: &Sim, token_id: &str, body: Value) -> Result<Answer> {
@@ -416,11 +483,16 @@ async fn gateway_token(
     let ok = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str())
         && body == "grant_type=client_credentials";
     if !ok {
-        return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "invalid_client"})));
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid_client"})),
+        );
     }
     (
         StatusCode::OK,
-        axum::Json(json!({"access_token": GATEWAY_TOKEN, "expires_in": 300, "token_type": "Bearer"})),
+        axum::Json(
+            json!({"access_token": GATEWAY_TOKEN, "expires_in": 300, "token_type": "Bearer"}),
+        ),
     )
 }
 
@@ -429,7 +501,12 @@ async fn with_token(s: &Sim, request_id: &str) -> Result<(Api, String, Value)> {
     let api = Api::login(s).await?;
     let merchant = api.merchant().await?;
     let a = create_token(&api, &s.m, &merchant, request_id).await?;
-    ensure!(a.status == StatusCode::CREATED, "create: {} {}", a.status, a.body);
+    ensure!(
+        a.status == StatusCode::CREATED,
+        "create: {} {}",
+        a.status,
+        a.body
+    );
     Ok((api, merchant, a.body))
 }
 
@@ -452,7 +529,11 @@ async fn oauth_issues_tokens_for_valid_es256_assertions() -> Result<()> {
     let first = a.body["access_token"].as_str().context("token")?.to_owned();
     assert!(!first.is_empty());
     let b = token_request(&client, &s.handle, &valid_assertion(&s)?).await?;
-    assert_ne!(b.body["access_token"].as_str(), Some(first.as_str()), "tokens are random");
+    assert_ne!(
+        b.body["access_token"].as_str(),
+        Some(first.as_str()),
+        "tokens are random"
+    );
     assert_eq!(stats(&s).await?["oauthTokensIssued"], 2);
     assert_eq!(stats(&s).await?["requests"]["oauth"], 2);
     s.handle.shutdown().await;
@@ -487,18 +568,21 @@ async fn oauth_refuses_bad_assertions() -> Result<()> {
     )?;
     let none = format!(
         "{}.{}.",
-        URL_SAFE_NO_PAD.encode(json!({"alg": "none", "typ": "JWT", "kid": s.m.es256_kid}).to_string()),
+        URL_SAFE_NO_PAD
+            .encode(json!({"alg": "none", "typ": "JWT", "kid": s.m.es256_kid}).to_string()),
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(now, now + 300))?)
     );
     let expired = jsonwebtoken::encode(&es256_header, &claims(now - 1200, now - 300), &es256_key)?;
     let too_long = signer(&s.m)?.sign_assertion(MGID, &aud, Duration::from_secs(3600))?;
-    let unknown_iss = signer(&s.m)?.sign_assertion("someone-else", &aud, Duration::from_secs(300))?;
+    let unknown_iss =
+        signer(&s.m)?.sign_assertion("someone-else", &aud, Duration::from_secs(300))?;
     let unknown_kid = Es256Signer::from_pkcs8_pem(&s.m.gateway_es256_key_pem, "kid-nobody-knows")?
         .sign_assertion(MGID, &aud, Duration::from_secs(300))?;
     // Right kid, wrong key: the signature does not verify.
     let wrong_key = Es256Signer::from_pkcs8_pem(&other.gateway_es256_key_pem, &s.m.es256_kid)?
         .sign_assertion(MGID, &aud, Duration::from_secs(300))?;
-    let wrong_aud = signer(&s.m)?.sign_assertion(MGID, "urn:somewhere", Duration::from_secs(300))?;
+    let wrong_aud =
+        signer(&s.m)?.sign_assertion(MGID, "urn:somewhere", Duration::from_secs(300))?;
 
     for (name, assertion) in [
         ("HS256", hs256),
@@ -528,10 +612,16 @@ async fn oauth_body_and_correlation_id_are_validated() -> Result<()> {
     let assertion = valid_assertion(&s)?;
     let grant = "urn:ietf:params:oauth:grant-type:jwt-bearer";
     let cases = [
-        (json!({"grant_type": grant, "assertion": assertion, "scope": "x"}), "INVALID_FIELD"),
+        (
+            json!({"grant_type": grant, "assertion": assertion, "scope": "x"}),
+            "INVALID_FIELD",
+        ),
         (json!({"grant_type": grant}), "MISSING_FIELD"),
         (json!({"assertion": assertion}), "MISSING_FIELD"),
-        (json!({"grant_type": "client_credentials", "assertion": assertion}), "INVALID_FIELD"),
+        (
+            json!({"grant_type": "client_credentials", "assertion": assertion}),
+            "INVALID_FIELD",
+        ),
         (json!(["not", "an", "object"]), "INVALID_FIELD"),
     ];
     for (body, code) in cases {
@@ -576,13 +666,19 @@ async fn mutual_tls_is_required() -> Result<()> {
 
     let anonymous = tls_client(&s.m.ca_cert_pem, None, true)?;
     let r = token_request(&anonymous, &s.handle, &assertion).await;
-    assert!(r.is_err(), "a client without a certificate must not get through");
+    assert!(
+        r.is_err(),
+        "a client without a certificate must not get through"
+    );
 
     // A certificate from another CA (the client still trusts the simulator's server CA).
     let other = DevMaterial::generate(MGID)?;
     let foreign = tls_client(
         &s.m.ca_cert_pem,
-        Some((&other.gateway_client_cert_pem, &other.gateway_client_key_pem)),
+        Some((
+            &other.gateway_client_cert_pem,
+            &other.gateway_client_key_pem,
+        )),
         true,
     )?;
     let r = token_request(&foreign, &s.handle, &assertion).await;
@@ -647,7 +743,10 @@ async fn api_requires_a_valid_bearer_token() -> Result<()> {
     // Another merchant gateway's path is not ours.
     let a = api
         .client
-        .post(format!("{}/merchant-gateways/someone-else/merchants", s.handle.base_url()))
+        .post(format!(
+            "{}/merchant-gateways/someone-else/merchants",
+            s.handle.base_url()
+        ))
         .header("x-correlation-id", correlation_id())
         .bearer_auth(&api.token)
         .json(&body)
@@ -671,7 +770,9 @@ async fn token_lifecycle_and_cryptograms() -> Result<()> {
     assert_eq!(token["cardLastDigits"], "1111");
     assert_eq!(token["cardExpiryDate"], future_expiry());
     assert_eq!(token["par"].as_str().map(str::len), Some(29));
-    let token_expiry = token["tokenExpiryDate"].as_str().context("tokenExpiryDate")?;
+    let token_expiry = token["tokenExpiryDate"]
+        .as_str()
+        .context("tokenExpiryDate")?;
     assert_eq!(token_expiry.len(), 4);
     let id = token_id(&token)?;
     let path = format!("/merchants/{merchant}/tokens/{id}");
@@ -687,12 +788,16 @@ async fn token_lifecycle_and_cryptograms() -> Result<()> {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body, token);
     let found = api
-        .get(&format!("/merchants/{merchant}/tokens?requestId=tok_lifecycle_1"))
+        .get(&format!(
+            "/merchants/{merchant}/tokens?requestId=tok_lifecycle_1"
+        ))
         .await?;
     assert_eq!(found.status, StatusCode::OK);
     assert_eq!(found.body["tokenId"], id.as_str());
     let missing = api
-        .get(&format!("/merchants/{merchant}/tokens?requestId=tok_never_sent"))
+        .get(&format!(
+            "/merchants/{merchant}/tokens?requestId=tok_never_sent"
+        ))
         .await?;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.error_code(), "NOT_FOUND");
@@ -704,7 +809,10 @@ async fn token_lifecycle_and_cryptograms() -> Result<()> {
     assert!(c1.token_number.starts_with("489537"));
     assert!(luhn_valid(c1.token_number.as_bytes()));
     assert_ne!(c1.token_number, TEST_PAN);
-    assert_eq!(Some(&c1.token_number[12..]), token["tokenLastDigits"].as_str());
+    assert_eq!(
+        Some(&c1.token_number[12..]),
+        token["tokenLastDigits"].as_str()
+    );
     assert_eq!(c1.token_expiry, token_expiry);
     assert_eq!(c1.cryptogram.len(), 20);
     assert_eq!(c2.token_number, c1.token_number);
@@ -713,11 +821,16 @@ async fn token_lifecycle_and_cryptograms() -> Result<()> {
     assert_eq!(c2.eci, "07");
 
     // Suspend: no cryptogram; resume: cryptograms again.
-    let suspended = api.post(&format!("{path}/suspend"), json!({"reason": "fraud check"})).await?;
+    let suspended = api
+        .post(&format!("{path}/suspend"), json!({"reason": "fraud check"}))
+        .await?;
     assert_eq!(suspended.status, StatusCode::OK);
     assert_eq!(suspended.body["status"], "SUSPENDED");
     let refused = api
-        .post(&format!("{path}/transactions"), json!({"transactionType": "CIT"}))
+        .post(
+            &format!("{path}/transactions"),
+            json!({"transactionType": "CIT"}),
+        )
         .await?;
     assert_eq!(refused.status, StatusCode::CONFLICT);
     assert_eq!(refused.error_code(), "INVALID_STATE");
@@ -738,7 +851,10 @@ async fn token_lifecycle_and_cryptograms() -> Result<()> {
         assert_eq!(a.error_code(), "INVALID_STATE");
     }
     let refused = api
-        .post(&format!("{path}/transactions"), json!({"transactionType": "MIT"}))
+        .post(
+            &format!("{path}/transactions"),
+            json!({"transactionType": "MIT"}),
+        )
         .await?;
     assert_eq!(refused.status, StatusCode::CONFLICT);
 
@@ -762,7 +878,10 @@ async fn token_creation_validates_input() -> Result<()> {
     let non_luhn = "4111111111111112";
     let foreign_jwe = card_jwe(&DevMaterial::generate(MGID)?, TEST_PAN)?;
     let cases = [
-        (json!({"requestId": "tok_a", "usage": "CARD_ON_FILE", "encryptedData": "not-a-jwe"}), "INVALID_FIELD"),
+        (
+            json!({"requestId": "tok_a", "usage": "CARD_ON_FILE", "encryptedData": "not-a-jwe"}),
+            "INVALID_FIELD",
+        ),
         (
             json!({"requestId": "tok_b", "usage": "CARD_ON_FILE", "encryptedData": card_jwe(&s.m, non_luhn)?}),
             "INVALID_FIELD",
@@ -772,7 +891,10 @@ async fn token_creation_validates_input() -> Result<()> {
             json!({"requestId": "tok_c", "usage": "CARD_ON_FILE", "encryptedData": foreign_jwe}),
             "INVALID_FIELD",
         ),
-        (json!({"requestId": "tok_d", "usage": "CARD_ON_FILE"}), "MISSING_FIELD"),
+        (
+            json!({"requestId": "tok_d", "usage": "CARD_ON_FILE"}),
+            "MISSING_FIELD",
+        ),
         (
             json!({"requestId": "tok_e", "usage": "SOMETIMES", "encryptedData": card_jwe(&s.m, TEST_PAN)?}),
             "INVALID_FIELD",
@@ -786,8 +908,14 @@ async fn token_creation_validates_input() -> Result<()> {
         let a = api.post(&path, body.clone()).await?;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{body}: {}", a.body);
         assert_eq!(a.error_code(), code, "{body}");
-        assert!(!a.body.to_string().contains(non_luhn), "an error never echoes a PAN");
-        assert!(!a.body.to_string().contains(TEST_PAN), "an error never echoes a PAN");
+        assert!(
+            !a.body.to_string().contains(non_luhn),
+            "an error never echoes a PAN"
+        );
+        assert!(
+            !a.body.to_string().contains(TEST_PAN),
+            "an error never echoes a PAN"
+        );
     }
     let unknown = api
         .post(
@@ -821,15 +949,26 @@ async fn control_events_are_notified_and_redelivered() -> Result<()> {
     let (api, merchant, token) = with_token(&s, "tok_notify_1").await?;
     let id = token_id(&token)?;
 
-    let a = event(&s, &id, json!({"type": "SUSPEND", "reason": "ISSUER_DECISION"})).await?;
+    let a = event(
+        &s,
+        &id,
+        json!({"type": "SUSPEND", "reason": "ISSUER_DECISION"}),
+    )
+    .await?;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["status"], "SUSPENDED");
 
     let first = rcv.next().await?;
     let second = rcv.next().await?;
     assert_eq!(first.path, format!("{MGID}/{merchant}/{id}"));
-    assert_eq!(first.body, second.body, "a redelivery carries the same event");
-    assert_eq!(first.authorization.as_deref(), Some("Bearer gw-access-token-1"));
+    assert_eq!(
+        first.body, second.body,
+        "a redelivery carries the same event"
+    );
+    assert_eq!(
+        first.authorization.as_deref(),
+        Some("Bearer gw-access-token-1")
+    );
     assert!(first.correlation.is_some());
     let b = &first.body;
     assert!(b["eventId"].as_str().is_some_and(|e| !e.is_empty()));
@@ -864,7 +1003,10 @@ async fn control_events_are_notified_and_redelivered() -> Result<()> {
     assert_eq!(renewal.body["tokenExpiryDate"], "0931");
     assert_eq!(renewal.body["cardExpiryDate"], "0931");
     let creds = cryptogram(&api, &s.m, &path, "CIT").await?;
-    assert_eq!(Some(&creds.token_number[12..]), renewal.body["tokenLastDigits"].as_str());
+    assert_eq!(
+        Some(&creds.token_number[12..]),
+        renewal.body["tokenLastDigits"].as_str()
+    );
     assert_eq!(creds.token_expiry, "0931");
 
     // DELETE, then events on a deleted token are refused.
@@ -909,7 +1051,10 @@ async fn duplicate_and_reordered_notifications() -> Result<()> {
     event(&s, &id, json!({"type": "SUSPEND"})).await?;
     let later = rcv.next().await?;
     let earlier = rcv.next().await?;
-    assert_eq!(later.body["status"], "SUSPENDED", "the newer event arrives first");
+    assert_eq!(
+        later.body["status"], "SUSPENDED",
+        "the newer event arrives first"
+    );
     assert_eq!(earlier.body["status"], "ACTIVE");
     assert!(earlier.body["timestamp"].as_str() < later.body["timestamp"].as_str());
 
@@ -933,14 +1078,19 @@ async fn asynchronous_tokenization_completes_with_a_notification() -> Result<()>
     assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
     assert_eq!(a.body["status"], "PENDING");
     let id = token_id(&a.body)?;
-    assert!(a.body.get("par").is_none(), "details are absent while pending");
+    assert!(
+        a.body.get("par").is_none(),
+        "details are absent while pending"
+    );
 
     let n = rcv.next().await?;
     assert_eq!(n.body["eventType"], "TOKEN_CREATED");
     assert_eq!(n.body["status"], "ACTIVE");
     assert_eq!(n.body["tokenId"], id.as_str());
     assert_eq!(n.body["requestId"], "tok_async_1");
-    let got = api.get(&format!("/merchants/{merchant}/tokens/{id}")).await?;
+    let got = api
+        .get(&format!("/merchants/{merchant}/tokens/{id}"))
+        .await?;
     assert_eq!(got.body["status"], "ACTIVE");
     assert_eq!(got.body["tokenLastDigits"], n.body["tokenLastDigits"]);
     Ok(())
@@ -969,17 +1119,29 @@ async fn injected_errors_latency_and_noise() -> Result<()> {
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.error_code(), "SERVICE_UNAVAILABLE");
     assert_eq!(a.body["retryable"], true);
-    assert_eq!(a.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"7"[..]));
+    assert_eq!(
+        a.headers.get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"7"[..])
+    );
     // Other operations are not affected.
     let found = api
-        .get(&format!("/merchants/{merchant}/tokens?requestId=tok_faults_1"))
+        .get(&format!(
+            "/merchants/{merchant}/tokens?requestId=tok_faults_1"
+        ))
         .await?;
     assert_eq!(found.status, StatusCode::OK);
 
-    put_faults(&s, json!({"errorRates": {"429": 1.0}, "retryAfterSeconds": 2})).await?;
+    put_faults(
+        &s,
+        json!({"errorRates": {"429": 1.0}, "retryAfterSeconds": 2}),
+    )
+    .await?;
     let a = api.get(&path).await?;
     assert_eq!(a.status, StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(a.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"2"[..]));
+    assert_eq!(
+        a.headers.get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"2"[..])
+    );
 
     put_faults(&s, json!({"errorRates": {"500": 1.0}})).await?;
     let a = api.get(&path).await?;
@@ -1013,12 +1175,19 @@ async fn injected_errors_latency_and_noise() -> Result<()> {
     assert_eq!(e.error_code(), "NOT_FOUND");
     assert!(e.body["futureField"].is_object());
     let c = api
-        .post(&format!("{path}/transactions"), json!({"transactionType": "CIT"}))
+        .post(
+            &format!("{path}/transactions"),
+            json!({"transactionType": "CIT"}),
+        )
         .await?;
     assert_eq!(c.body["cryptogramType"], "NEW_KIND");
 
     // Bad fault documents are refused.
-    for bad in [json!({"resetRate": 2.0}), json!({"errorRates": {"418": 1.0}}), json!({"operations": ["fly"]})] {
+    for bad in [
+        json!({"resetRate": 2.0}),
+        json!({"errorRates": {"418": 1.0}}),
+        json!({"operations": ["fly"]}),
+    ] {
         let a = control(&s, reqwest::Method::PUT, "/sim/faults", Some(bad.clone())).await?;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{bad}");
     }
@@ -1042,9 +1211,17 @@ async fn reset_closes_the_connection_without_a_response() -> Result<()> {
         )?;
         let api = Api::login_with(&s, client).await?;
         let merchant = api.merchant().await?;
-        put_faults(&s, json!({"resetRate": 1.0, "operations": ["onboardMerchant"]})).await?;
+        put_faults(
+            &s,
+            json!({"resetRate": 1.0, "operations": ["onboardMerchant"]}),
+        )
+        .await?;
         let r = api
-            .send(reqwest::Method::POST, "/merchants", Some(json!({"merchantName": "Acme"})))
+            .send(
+                reqwest::Method::POST,
+                "/merchants",
+                Some(json!({"merchantName": "Acme"})),
+            )
             .await;
         let err = match r {
             Ok(resp) => bail!("expected no response (h2: {h2}), got {}", resp.status()),
@@ -1067,26 +1244,41 @@ async fn reset_closes_the_connection_without_a_response() -> Result<()> {
 async fn timeout_holds_the_request_and_does_not_block_shutdown() -> Result<()> {
     let s = start_sim().await?;
     let api = Api::login(&s).await?;
-    put_faults(&s, json!({"timeoutRate": 1.0, "operations": ["onboardMerchant"]})).await?;
+    put_faults(
+        &s,
+        json!({"timeoutRate": 1.0, "operations": ["onboardMerchant"]}),
+    )
+    .await?;
     let t0 = Instant::now();
     let r = tokio::time::timeout(
         Duration::from_millis(800),
-        api.send(reqwest::Method::POST, "/merchants", Some(json!({"merchantName": "Acme"}))),
+        api.send(
+            reqwest::Method::POST,
+            "/merchants",
+            Some(json!({"merchantName": "Acme"})),
+        ),
     )
     .await;
     assert!(r.is_err(), "no answer while the request is held");
     assert!(t0.elapsed() >= Duration::from_millis(800));
     // Start another held request, then shut down: shutdown must not wait the 30 s hold out.
     let held = tokio::spawn(async move {
-        api.send(reqwest::Method::POST, "/merchants", Some(json!({"merchantName": "Acme"})))
-            .await
-            .map(|r| r.status())
+        api.send(
+            reqwest::Method::POST,
+            "/merchants",
+            Some(json!({"merchantName": "Acme"})),
+        )
+        .await
+        .map(|r| r.status())
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
     s.handle.shutdown().await;
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     let outcome = tokio::time::timeout(Duration::from_secs(10), held).await??;
-    assert!(outcome.is_err(), "the held request gets no answer: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "the held request gets no answer: {outcome:?}"
+    );
     Ok(())
 }

@@ -34,6 +34,8 @@ pub struct TestApp {
     pub client: Client,
     pub data_dir: PathBuf,
     pub redis: Option<RedisServer>,
+    /// Control API of the in-process D1 simulator (sandbox mode), e.g. `http://127.0.0.1:p`.
+    pub sim_control: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,
@@ -101,6 +103,7 @@ impl TestAppBuilder {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let gw = Gateway::build(&cfg, addr).await.expect("gateway builds");
+        let sim_control = gw.sandbox.as_ref().map(|s| s.control_url());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
             gw.run(listener, async {
@@ -115,6 +118,7 @@ impl TestAppBuilder {
             client: client(),
             data_dir,
             redis,
+            sim_control,
             shutdown: Some(tx),
             handle: Some(handle),
             _tmp: tmp,
@@ -150,6 +154,52 @@ impl TestApp {
             let _ = h.await;
         }
         (self._tmp.take(), self.redis.take())
+    }
+
+    /// Sets the simulator's faults (see docs/d1-protocol.md).
+    pub async fn sim_faults(&self, faults: Value) {
+        let url = format!(
+            "{}/sim/faults",
+            self.sim_control.as_ref().expect("sandbox sim")
+        );
+        let r = self
+            .client
+            .put(url)
+            .json(&faults)
+            .send()
+            .await
+            .expect("send");
+        assert!(r.status().is_success(), "set faults: {}", r.status());
+    }
+
+    pub async fn sim_stats(&self) -> Value {
+        let url = format!(
+            "{}/sim/stats",
+            self.sim_control.as_ref().expect("sandbox sim")
+        );
+        self.client
+            .get(url)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// Triggers a lifecycle event on a D1 token in the simulator.
+    pub async fn sim_event(&self, d1_token_id: &str, event: Value) -> reqwest::StatusCode {
+        let url = format!(
+            "{}/sim/tokens/{d1_token_id}/events",
+            self.sim_control.as_ref().expect("sandbox sim")
+        );
+        self.client
+            .post(url)
+            .json(&event)
+            .send()
+            .await
+            .expect("send")
+            .status()
     }
 
     pub async fn create_merchant(&self, name: &str) -> (String, String) {
