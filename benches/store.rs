@@ -131,9 +131,8 @@ fn bench_store<S: TokenStore + Clone>(
         )
     });
     g.bench_function("get_token", |b| {
-        b.to_async(rt).iter(|| async {
-            black_box(store.get_token(&m, &known.id).await.expect("get"))
-        })
+        b.to_async(rt)
+            .iter(|| async { black_box(store.get_token(&m, &known.id).await.expect("get")) })
     });
     g.bench_function("find_by_fingerprint", |b| {
         b.to_async(rt).iter(|| async {

@@ -39,6 +39,8 @@ pub struct Gateway {
     pub settings: HttpSettings,
     /// Keeps the in-process simulator (sandbox mode) alive as long as the gateway.
     pub sandbox: Option<crate::sim::SimHandle>,
+    /// How long in-flight requests may run after the shutdown signal.
+    pub grace: Duration,
 }
 
 fn key_material(cfg: &Config) -> KeyMaterial {
@@ -125,6 +127,7 @@ impl Gateway {
             state,
             settings,
             sandbox,
+            grace: Duration::from_millis(cfg.server.shutdown_grace_ms),
         })
     }
 
@@ -134,7 +137,29 @@ impl Gateway {
         F: Future<Output = ()> + Send + 'static,
     {
         let router = crate::http::router(self.state.clone(), &self.settings);
-        crate::http::serve(listener, router, shutdown).await?;
+        // The signal is shared: the server stops accepting on it, and the grace timer starts
+        // from it, so a stuck request cannot hold the process forever.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut serve_rx = stop_rx.clone();
+        let serve = crate::http::serve(listener, router, async move {
+            let _ = serve_rx.wait_for(|s| *s).await;
+        });
+        let grace = self.grace;
+        let mut grace_rx = stop_rx;
+        let deadline = async move {
+            let _ = grace_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            r = serve => r?,
+            _ = deadline => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over; abandoning in-flight requests");
+            }
+        }
         if let Some(sim) = self.sandbox {
             sim.shutdown().await;
         }

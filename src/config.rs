@@ -19,6 +19,9 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Development admin token, accepted only in sandbox mode.
 pub const SANDBOX_ADMIN_TOKEN: &str = "sandbox-admin-token";
 
+/// Shortest accepted `notify.client_secret` (it keys the access-token MAC).
+pub const MIN_NOTIFY_SECRET_LEN: usize = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -39,6 +42,44 @@ pub struct Config {
     pub d1: D1Section,
     pub sim: SimSection,
     pub log: LogConfig,
+    pub notify: NotifySection,
+    pub reconcile: ReconcileSection,
+}
+
+/// D1's calls to us (`notify-update`) and the OAuth client credentials that protect them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySection {
+    /// Client id D1 sends to `POST /oauth2/token` (HTTP Basic). Unset in sandbox mode: random
+    /// credentials are generated at start-up and given to the in-process simulator.
+    pub client_id: Option<String>,
+    /// The matching secret; it also keys the access tokens (HMAC), so every instance with the
+    /// same secret accepts every instance's tokens, and changing it revokes them all.
+    pub client_secret: Option<SecretString>,
+    /// Lifetime of an access token.
+    pub token_ttl_s: u64,
+    /// Whether `notify-update` requires a bearer token. Only turn off behind another
+    /// authenticated channel (e.g. mTLS terminated in front of the gateway).
+    pub require_auth: bool,
+    /// How long a processed event id is remembered: redeliveries within it are recognised.
+    pub event_ttl_s: u64,
+}
+
+/// The background job that asks D1 about tokens we have not heard about (lost notifications).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSection {
+    pub enabled: bool,
+    /// Pause between two ticks.
+    pub interval_ms: u64,
+    /// Most tokens checked per tick (bounds D1 calls per interval).
+    pub batch: usize,
+    /// A `PENDING` token is checked this long after it was created.
+    pub pending_grace_s: u64,
+    /// Any other live token is checked when nothing was heard about it for this long.
+    pub stale_after_s: u64,
+    /// Lease so one instance at a time runs a tick; a crashed holder frees it after this.
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +314,71 @@ impl Config {
                 "d1.keys_dir",
                 "needed with d1.base_url (client certificate, ES256 and JWE keys)",
             ));
+        }
+        self.validate_notify()?;
+        Ok(())
+    }
+
+    /// Rules of `[notify]` and `[reconcile]`.
+    fn validate_notify(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        let invalid = |key, msg: &str| ConfigError::Invalid {
+            key,
+            msg: msg.to_owned(),
+        };
+        let n = &self.notify;
+        match (&n.client_id, &n.client_secret) {
+            (Some(id), Some(secret)) => {
+                // HTTP Basic splits at the first colon, so an id cannot contain one.
+                if id.is_empty()
+                    || id.len() > 128
+                    || id.contains(':')
+                    || !id.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(invalid(
+                        "notify.client_id",
+                        "1 to 128 printable ASCII characters without `:`",
+                    ));
+                }
+                // The secret keys the access-token MAC: a short one would be guessable offline.
+                let s = secret.expose_secret();
+                if s.len() < MIN_NOTIFY_SECRET_LEN || !s.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(invalid(
+                        "notify.client_secret",
+                        "at least 32 printable ASCII characters",
+                    ));
+                }
+            }
+            (None, None) => {
+                if self.mode == Mode::Production && n.require_auth {
+                    return Err(invalid(
+                        "notify.client_id",
+                        "production mode with notify.require_auth needs notify.client_id and notify.client_secret",
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "notify",
+                    "set both notify.client_id and notify.client_secret, or neither",
+                ));
+            }
+        }
+        if !(1..=86_400).contains(&n.token_ttl_s) {
+            return Err(invalid("notify.token_ttl_s", "1 to 86400 seconds"));
+        }
+        if n.event_ttl_s == 0 {
+            return Err(invalid("notify.event_ttl_s", "must be positive"));
+        }
+        let r = &self.reconcile;
+        if r.interval_ms < 10 {
+            return Err(invalid("reconcile.interval_ms", "at least 10"));
+        }
+        if !(1..=10_000).contains(&r.batch) {
+            return Err(invalid("reconcile.batch", "1 to 10000"));
+        }
+        if r.lease_ms < 100 {
+            return Err(invalid("reconcile.lease_ms", "at least 100"));
         }
         Ok(())
     }

@@ -345,6 +345,13 @@ fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()>
 }
 
 #[cfg(test)]
+// `allow`, not `expect`: whether clippy flags unwraps in tests depends on crate-level settings.
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failing test should stop loudly"
+)]
 mod tests {
     use super::*;
     use crate::d1::jose;

@@ -40,6 +40,25 @@ enum Command {
         #[arg(long)]
         sim_listen: Option<SocketAddr>,
     },
+    /// Run the D1 simulator on its own (development keys are loaded from, or written to,
+    /// `--keys-dir`, default `./sim-keys`).
+    D1Sim {
+        /// D1 API listener (mutual TLS).
+        #[arg(long, default_value = "127.0.0.1:8765")]
+        listen: SocketAddr,
+        /// Control API listener (plain HTTP: `/sim/faults`, `/sim/tokens/{id}/events`, `/sim/stats`).
+        #[arg(long, default_value = "127.0.0.1:8766")]
+        control_listen: SocketAddr,
+        /// Development key set to use (written there when missing).
+        #[arg(long)]
+        keys_dir: Option<PathBuf>,
+        /// Gateway base URL that notifications are posted to.
+        #[arg(long)]
+        notify_url: Option<String>,
+        /// Merchant gateway id for a newly generated key set.
+        #[arg(long)]
+        merchant_gateway_id: Option<String>,
+    },
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -98,6 +117,27 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             tracing::info!(%addr, mode = ?cfg.mode, "tokengate listening");
             gw.run(listener, shutdown_signal()).await?;
             tracing::info!("stopped");
+            Ok(())
+        }
+        Command::D1Sim {
+            listen,
+            control_listen,
+            keys_dir,
+            notify_url,
+            merchant_gateway_id,
+        } => {
+            tokengate::telemetry::init(&tokengate::config::LogConfig {
+                format: tokengate::config::LogFormat::Text,
+                level: "info".into(),
+            });
+            tokengate::sim::run_cli(tokengate::sim::SimCliArgs {
+                listen,
+                control_listen,
+                keys_dir,
+                notify_url,
+                merchant_gateway_id,
+            })
+            .await?;
             Ok(())
         }
         Command::Keys {

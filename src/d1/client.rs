@@ -218,6 +218,14 @@ struct AccessToken {
     expires_at: Instant,
 }
 
+/// The last token request's outcome, for the callers that waited on it.
+struct Flight {
+    /// Token requests completed.
+    done: u64,
+    /// Why the last one failed, if it did.
+    failed: Option<Failure>,
+}
+
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 struct Inner {
@@ -234,7 +242,9 @@ struct Inner {
     /// Current token; read without waiting on the hot path.
     token: RwLock<Option<Arc<AccessToken>>>,
     /// Held while fetching a token: the single flight.
-    refresh: tokio::sync::Mutex<()>,
+    refresh: tokio::sync::Mutex<Flight>,
+    /// Token requests completed so far (mirror of `Flight::done`, readable without the lock).
+    flights_done: AtomicU64,
     token_serial: AtomicU64,
     limiter: Semaphore,
     breaker: Breaker,
@@ -278,6 +288,7 @@ struct Reply {
 }
 
 /// A failed call, and whether it says something about D1's health (breaker input).
+#[derive(Clone)]
 struct Failure {
     error: ProviderError,
     upstream_fault: bool,
@@ -429,7 +440,11 @@ impl D1Client {
                 gateway_jwe_key,
                 gateway_jwe_kid: cfg.gateway_jwe_kid,
                 token: RwLock::new(None),
-                refresh: tokio::sync::Mutex::new(()),
+                refresh: tokio::sync::Mutex::new(Flight {
+                    done: 0,
+                    failed: None,
+                }),
+                flights_done: AtomicU64::new(0),
                 token_serial: AtomicU64::new(0),
                 limiter: Semaphore::new(cfg.max_concurrency),
                 breaker: Breaker::new(cfg.breaker_failure_threshold, cfg.breaker_open_for),
@@ -670,7 +685,9 @@ impl D1Client {
             .clone()
     }
 
-    /// A usable access token; at most one token request is in flight at any time.
+    /// A usable access token; at most one token request is in flight at any time. Callers that
+    /// waited for a request share its outcome, failure included, so a failing token endpoint
+    /// gets one request per wave of callers rather than one per caller.
     async fn access_token(
         &self,
         correlation_id: &str,
@@ -681,7 +698,8 @@ impl D1Client {
         {
             return Ok(t);
         }
-        let _flight = match self.inner.refresh.try_lock() {
+        let seen = self.inner.flights_done.load(Ordering::Acquire);
+        let mut flight = match self.inner.refresh.try_lock() {
             Ok(guard) => guard,
             Err(_) => {
                 // Someone else is refreshing: a token that is due for refresh but not yet
@@ -694,15 +712,36 @@ impl D1Client {
                 self.inner.refresh.lock().await
             }
         };
-        // The refresh we may have waited for could have produced a fresh token.
+        // The refresh we may have waited for could have produced a fresh token ...
         if let Some(t) = self.cached_token()
             && Instant::now() < t.refresh_at
         {
             return Ok(t);
         }
-        let fresh = Arc::new(self.fetch_token(correlation_id, deadline).await?);
-        *self.inner.token.write().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
-        Ok(fresh)
+        // ... or failed just now: share that answer instead of asking again at once.
+        if flight.done != seen
+            && let Some(f) = &flight.failed
+        {
+            return Err(f.clone());
+        }
+        // If this future is cancelled mid-request, `done` stays put and waiters try themselves.
+        let result = self.fetch_token(correlation_id, deadline).await;
+        flight.done += 1;
+        self.inner
+            .flights_done
+            .store(flight.done, Ordering::Release);
+        match result {
+            Ok(t) => {
+                flight.failed = None;
+                let fresh = Arc::new(t);
+                *self.inner.token.write().unwrap_or_else(|e| e.into_inner()) = Some(fresh.clone());
+                Ok(fresh)
+            }
+            Err(f) => {
+                flight.failed = Some(f.clone());
+                Err(f)
+            }
+        }
     }
 
     /// Evicts `used` if it is still the cached token (a newer one is left alone).
@@ -756,6 +795,14 @@ impl D1Client {
         {
             return Err(Failure::new(
                 ProviderError::BadResponse(format!("{OP}: not a bearer token")),
+                false,
+            ));
+        }
+        if HeaderValue::from_str(&resp.access_token).is_err() {
+            return Err(Failure::new(
+                ProviderError::BadResponse(format!(
+                    "{OP}: access token is not a valid header value"
+                )),
                 false,
             ));
         }
@@ -973,6 +1020,13 @@ impl NetworkTokenProvider for D1Client {
 }
 
 #[cfg(test)]
+// `allow`, not `expect`: whether clippy flags unwraps in tests depends on crate-level settings.
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failing test should stop loudly"
+)]
 mod tests {
     use super::*;
 

@@ -492,6 +492,13 @@ pub fn jwe_decrypt(
 }
 
 #[cfg(test)]
+// `allow`, not `expect`: whether clippy flags unwraps in tests depends on crate-level settings.
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failing test should stop loudly"
+)]
 mod tests {
     use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 

@@ -151,6 +151,13 @@ impl Drop for Admission<'_> {
 }
 
 #[cfg(test)]
+// `allow`, not `expect`: whether clippy flags unwraps in tests depends on crate-level settings.
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failing test should stop loudly"
+)]
 mod tests {
     use super::*;
 

@@ -9,7 +9,8 @@ use axum::response::IntoResponse;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use super::HttpSettings;
 use super::problem::ApiError;
@@ -33,7 +34,9 @@ pub fn apply(router: Router, s: &HttpSettings) -> Router {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("-");
                 tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %rid)
-            }))
+            })
+            // One access-log line per response (status, latency) at info.
+            .on_response(DefaultOnResponse::new().level(Level::INFO)))
             // Turns shedding and timeouts below into problem responses.
             .layer(HandleErrorLayer::new(handle_stack_error))
             // Shed outside the limit: when all permits are taken, answer 503 at once instead

@@ -38,7 +38,7 @@ pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: Router,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -77,7 +77,6 @@ pub async fn serve_tls(
     }
     // Stop accepting, let in-flight requests finish, then cut whatever is left.
     drop(listener);
-    let _ = shutdown.borrow_and_update();
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()

@@ -132,9 +132,9 @@ impl From<redb::DatabaseError> for StoreError {
             redb::DatabaseError::DatabaseAlreadyOpen => {
                 StoreError::Unavailable("embedded database is already open elsewhere".into())
             }
-            redb::DatabaseError::UpgradeRequired(_) => StoreError::Unavailable(
-                "embedded database file needs a format upgrade".into(),
-            ),
+            redb::DatabaseError::UpgradeRequired(_) => {
+                StoreError::Unavailable("embedded database file needs a format upgrade".into())
+            }
             _ => StoreError::Unavailable("embedded database could not be opened".into()),
         }
     }
@@ -169,7 +169,7 @@ fn expiry_after(ttl: Duration) -> u64 {
     now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn begin_write(db: &Database) -> Result<WriteTransaction, StoreError> {
+pub(crate) fn begin_write(db: &Database) -> Result<WriteTransaction, StoreError> {
     let mut txn = db.begin_write()?;
     // See the module docs: bounded recovery time after a crash.
     txn.set_quick_repair(true);
@@ -270,7 +270,7 @@ impl EmbeddedStore {
     }
 
     /// Runs a synchronous database operation on the blocking pool.
-    async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
+    pub(crate) async fn run<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
@@ -289,7 +289,10 @@ impl EmbeddedStore {
     ) -> Result<Option<Merchant>, StoreError> {
         self.run(move |db| {
             let txn = db.begin_read()?;
-            let Some(id) = txn.open_table(index)?.get(key.as_str())?.map(|g| g.value().to_owned())
+            let Some(id) = txn
+                .open_table(index)?
+                .get(key.as_str())?
+                .map(|g| g.value().to_owned())
             else {
                 return Ok(None);
             };
@@ -322,9 +325,7 @@ impl EmbeddedStore {
             };
             let tokens = txn.open_table(TOKENS)?;
             let found = tokens.get((merchant.as_str(), id.as_str()))?;
-            found
-                .map(|g| decode("token record", g.value()))
-                .transpose()
+            found.map(|g| decode("token record", g.value())).transpose()
         })
         .await
     }
@@ -332,6 +333,49 @@ impl EmbeddedStore {
 
 fn d1_id(rec: &TokenRecord) -> Option<&str> {
     rec.network_token.as_ref().map(|n| n.d1_token_id.as_str())
+}
+
+/// The `update_token` compare-and-set inside a caller's write transaction, so a sibling module
+/// (`embedded_lifecycle`) can commit it together with other writes. On `Err` the caller drops
+/// the transaction: nothing is written.
+pub(crate) fn update_token_in(txn: &WriteTransaction, rec: &TokenRecord) -> Result<(), StoreError> {
+    let json = encode("token record", rec)?;
+    let m = rec.merchant_id.as_str();
+    let id = rec.id.as_str();
+    let mut tokens = txn.open_table(TOKENS)?;
+    let Some(old) = tokens
+        .get((m, id))?
+        .map(|g| decode::<TokenRecord>("token record", g.value()))
+        .transpose()?
+    else {
+        return Err(StoreError::NotFound);
+    };
+    if rec.version.checked_sub(1) != Some(old.version) {
+        return Err(StoreError::Conflict);
+    }
+    let mut d1s = txn.open_table(D1_TOKENS)?;
+    let new_d1 = d1_id(rec);
+    if let Some(old_d1) = d1_id(&old)
+        && Some(old_d1) != new_d1
+    {
+        let points_here = d1s.get((m, old_d1))?.is_some_and(|g| g.value() == id);
+        if points_here {
+            d1s.remove((m, old_d1))?;
+        }
+    }
+    if let Some(d1) = new_d1 {
+        d1s.insert((m, d1), id)?;
+    }
+    if rec.status == TokenStatus::Deleted {
+        let mut fps = txn.open_table(FINGERPRINTS)?;
+        let fp = rec.fingerprints.pan.as_str();
+        let points_here = fps.get((m, fp))?.is_some_and(|g| g.value() == id);
+        if points_here {
+            fps.remove((m, fp))?;
+        }
+    }
+    tokens.insert((m, id), json.as_slice())?;
+    Ok(())
 }
 
 #[async_trait]
@@ -437,55 +481,16 @@ impl TokenStore for EmbeddedStore {
             let txn = db.begin_read()?;
             let tokens = txn.open_table(TOKENS)?;
             let found = tokens.get((merchant.as_str(), id.as_str()))?;
-            found
-                .map(|g| decode("token record", g.value()))
-                .transpose()
+            found.map(|g| decode("token record", g.value())).transpose()
         })
         .await
     }
 
     async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
-        let json = encode("token record", rec)?;
         let rec = rec.clone();
         self.run(move |db| {
             let txn = begin_write(db)?;
-            let m = rec.merchant_id.as_str();
-            let id = rec.id.as_str();
-            {
-                let mut tokens = txn.open_table(TOKENS)?;
-                let Some(old) = tokens
-                    .get((m, id))?
-                    .map(|g| decode::<TokenRecord>("token record", g.value()))
-                    .transpose()?
-                else {
-                    return Err(StoreError::NotFound);
-                };
-                if rec.version.checked_sub(1) != Some(old.version) {
-                    return Err(StoreError::Conflict);
-                }
-                let mut d1s = txn.open_table(D1_TOKENS)?;
-                let new_d1 = d1_id(&rec);
-                if let Some(old_d1) = d1_id(&old)
-                    && Some(old_d1) != new_d1
-                {
-                    let points_here = d1s.get((m, old_d1))?.is_some_and(|g| g.value() == id);
-                    if points_here {
-                        d1s.remove((m, old_d1))?;
-                    }
-                }
-                if let Some(d1) = new_d1 {
-                    d1s.insert((m, d1), id)?;
-                }
-                if rec.status == TokenStatus::Deleted {
-                    let mut fps = txn.open_table(FINGERPRINTS)?;
-                    let fp = rec.fingerprints.pan.as_str();
-                    let points_here = fps.get((m, fp))?.is_some_and(|g| g.value() == id);
-                    if points_here {
-                        fps.remove((m, fp))?;
-                    }
-                }
-                tokens.insert((m, id), json.as_slice())?;
-            }
+            update_token_in(&txn, &rec)?;
             txn.commit()?;
             Ok(())
         })
@@ -711,7 +716,10 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let _first = EmbeddedStore::open(dir.path())?;
         let second = EmbeddedStore::open(dir.path());
-        assert!(matches!(second, Err(StoreError::Unavailable(_))), "{second:?}");
+        assert!(
+            matches!(second, Err(StoreError::Unavailable(_))),
+            "{second:?}"
+        );
         Ok(())
     }
 }

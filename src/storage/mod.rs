@@ -13,7 +13,10 @@
 //! The key layout of both backends is documented in `docs/storage.md`.
 
 pub mod embedded;
+pub mod embedded_lifecycle;
+pub mod lifecycle;
 pub mod redis;
+pub mod redis_lifecycle;
 
 use std::time::Duration;
 

@@ -79,8 +79,7 @@ impl fmt::Debug for RedisConfig {
 /// would make keys ambiguous.
 fn valid_prefix(p: &str) -> bool {
     (1..=32).contains(&p.len())
-        && p
-            .bytes()
+        && p.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
@@ -241,7 +240,8 @@ return false
 /// Compare-and-set on the version. Returns 0 written, 1 missing, 2 version conflict.
 /// KEYS: token, fingerprint index[, new d1 index]. ARGV: expected version, new version, status,
 /// fingerprint, d1 id or '', record JSON, token id, d1 key prefix.
-const UPDATE_TOKEN: &str = r#"
+/// (`redis_lifecycle` wraps this script so an event marker is written in the same step.)
+pub(crate) const UPDATE_TOKEN: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'v', 'n')
 if not cur[1] then
   return 1
@@ -496,7 +496,9 @@ impl RedisStore {
         // to every primary.)
         for script in store.inner.scripts.all() {
             let mut conn = store.inner.conn.clone();
-            store.run(async move { script.load_async(&mut conn).await }).await?;
+            store
+                .run(async move { script.load_async(&mut conn).await })
+                .await?;
         }
         Ok(store)
     }
@@ -529,6 +531,67 @@ impl RedisStore {
 
     fn keys(&self) -> &Keys {
         &self.inner.keys
+    }
+
+    // --- for sibling modules (`redis_lifecycle`): the layout and the deadline stay here --------
+
+    /// Start of every key of `merchant` (`P:{m:M}:`): keys built on it share the merchant's slot.
+    pub(crate) fn merchant_key_start(&self, merchant: &MerchantId) -> String {
+        self.keys().merchant_scope(merchant.as_str())
+    }
+
+    /// `P:` followed by `rest`, for keys that belong to no merchant (`rest` carries its own tag).
+    pub(crate) fn global_key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.keys().prefix)
+    }
+
+    /// Runs one command under the response deadline.
+    pub(crate) async fn query<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        self.run(async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs one script under the response deadline (`SCRIPT LOAD` fallback included).
+    pub(crate) async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn();
+        self.run(async move { inv.invoke_async(&mut conn).await })
+            .await
+    }
+
+    /// The keys and arguments of the [`UPDATE_TOKEN`] compare-and-set for `rec`, bound to
+    /// `script` (that script or one that wraps it and takes extra arguments after these).
+    pub(crate) fn update_invocation<'a>(
+        &self,
+        script: &'a Script,
+        rec: &TokenRecord,
+    ) -> Result<redis::ScriptInvocation<'a>, StoreError> {
+        let json = encode("token record", rec)?;
+        let k = self.keys();
+        let m = &rec.merchant_id;
+        // Version 0 cannot be an update of anything: "-1" never matches a stored version.
+        let expected = rec
+            .version
+            .checked_sub(1)
+            .map_or_else(|| "-1".to_owned(), |v| v.to_string());
+        let mut inv = script.key(k.token(m, &rec.id));
+        inv.key(k.fingerprint(m, &rec.fingerprints.pan));
+        let d1 = d1_id(rec);
+        if !d1.is_empty() {
+            inv.key(k.d1_token(m, d1));
+        }
+        inv.arg(expected)
+            .arg(rec.version)
+            .arg(rec.status.as_str())
+            .arg(&rec.fingerprints.pan)
+            .arg(d1)
+            .arg(&json)
+            .arg(rec.id.as_str())
+            .arg(k.d1_prefix(m));
+        Ok(inv)
     }
 
     async fn get_string(&self, key: String) -> Result<Option<String>, StoreError> {
@@ -681,7 +744,10 @@ impl TokenStore for RedisStore {
             .await?;
         match existing {
             None => Ok(InsertOutcome::Inserted),
-            Some(j) => Ok(InsertOutcome::Existing(Box::new(decode("token record", &j)?))),
+            Some(j) => Ok(InsertOutcome::Existing(Box::new(decode(
+                "token record",
+                &j,
+            )?))),
         }
     }
 
@@ -705,28 +771,7 @@ impl TokenStore for RedisStore {
     }
 
     async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
-        let json = encode("token record", rec)?;
-        let k = self.keys();
-        let m = &rec.merchant_id;
-        // Version 0 cannot be an update of anything: "-1" never matches a stored version.
-        let expected = rec
-            .version
-            .checked_sub(1)
-            .map_or_else(|| "-1".to_owned(), |v| v.to_string());
-        let mut inv = self.inner.scripts.update_token.key(k.token(m, &rec.id));
-        inv.key(k.fingerprint(m, &rec.fingerprints.pan));
-        let d1 = d1_id(rec);
-        if !d1.is_empty() {
-            inv.key(k.d1_token(m, d1));
-        }
-        inv.arg(expected)
-            .arg(rec.version)
-            .arg(rec.status.as_str())
-            .arg(&rec.fingerprints.pan)
-            .arg(d1)
-            .arg(&json)
-            .arg(rec.id.as_str())
-            .arg(k.d1_prefix(m));
+        let inv = self.update_invocation(&self.inner.scripts.update_token, rec)?;
         let mut conn = self.conn();
         let code: i64 = self
             .run(async move { inv.invoke_async(&mut conn).await })
@@ -735,7 +780,9 @@ impl TokenStore for RedisStore {
             0 => Ok(()),
             1 => Err(StoreError::NotFound),
             2 => Err(StoreError::Conflict),
-            _ => Err(StoreError::Corrupt("unexpected update script result".into())),
+            _ => Err(StoreError::Corrupt(
+                "unexpected update script result".into(),
+            )),
         }
     }
 

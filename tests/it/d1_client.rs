@@ -92,6 +92,8 @@ struct FakeState {
     base: String,
     oauth_requests: AtomicUsize,
     oauth_delay: Mutex<Duration>,
+    /// Status the token endpoint answers with while set.
+    oauth_fail: Mutex<Option<u16>>,
     expires_in: AtomicU64,
     valid_tokens: Mutex<HashSet<String>>,
     api_requests: AtomicUsize,
@@ -160,6 +162,9 @@ async fn oauth(State(s): State<Arc<FakeState>>, headers: HeaderMap, body: String
     }
     let delay = *lock(&s.oauth_delay);
     tokio::time::sleep(delay).await;
+    if let Some(status) = *lock(&s.oauth_fail) {
+        return error(status, "INTERNAL_ERROR");
+    }
     let token = format!("at-{}", uuid::Uuid::new_v4().simple());
     lock(&s.valid_tokens).insert(token.clone());
     axum::Json(json!({
@@ -327,6 +332,7 @@ impl FakeD1 {
             base: format!("https://127.0.0.1:{}/authz/v1", addr.port()),
             oauth_requests: AtomicUsize::new(0),
             oauth_delay: Mutex::new(Duration::ZERO),
+            oauth_fail: Mutex::new(None),
             expires_in: AtomicU64::new(900),
             valid_tokens: Mutex::new(HashSet::new()),
             api_requests: AtomicUsize::new(0),
@@ -443,6 +449,38 @@ async fn oauth_token_is_fetched_once_for_100_concurrent_calls() -> Result<()> {
     // Every call had its own correlation id.
     let ids: HashSet<String> = fake.seen().into_iter().map(|s| s.correlation_id).collect();
     ensure!(ids.len() == 101, "distinct correlation ids: {}", ids.len());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_token_endpoint_is_asked_once_per_wave_of_callers() -> Result<()> {
+    let fake = start().await?;
+    *lock(&fake.state.oauth_delay) = Duration::from_millis(200);
+    *lock(&fake.state.oauth_fail) = Some(500);
+    let mut cfg = fake.config();
+    cfg.max_retries = 0;
+    let client = D1Client::new(cfg)?;
+    let calls = (0..20).map(|_| {
+        let c = client.clone();
+        tokio::spawn(async move { c.get_token("mer-1", "t").await })
+    });
+    for r in futures::future::join_all(calls).await {
+        let err = r?;
+        ensure!(
+            matches!(&err, Err(ProviderError::BadResponse(m)) if m.contains("oauth")),
+            "{err:?}"
+        );
+    }
+    ensure!(
+        fake.oauth_requests() == 1,
+        "oauth: {}",
+        fake.oauth_requests()
+    );
+    ensure!(fake.api_requests() == 0);
+    // Later callers try again, and succeed once the endpoint recovers.
+    *lock(&fake.state.oauth_fail) = None;
+    client.get_token("mer-1", "t").await?;
+    ensure!(fake.oauth_requests() == 2);
     Ok(())
 }
 

@@ -98,7 +98,10 @@ fn existing(o: InsertOutcome) -> TokenRecord {
 }
 
 fn assert_inserted(o: InsertOutcome) {
-    assert!(matches!(o, InsertOutcome::Inserted), "expected Inserted, got {o:?}");
+    assert!(
+        matches!(o, InsertOutcome::Inserted),
+        "expected Inserted, got {o:?}"
+    );
 }
 
 fn response(digest: &str) -> StoredResponse {
@@ -203,7 +206,10 @@ async fn merchants_by_id_api_key_and_d1_id(s: &dyn TokenStore) {
     s.insert_merchant(&m, &key.hash).await.unwrap();
 
     assert_eq!(s.get_merchant(&m.id).await.unwrap(), Some(m.clone()));
-    assert_eq!(s.merchant_by_api_key(&key.hash).await.unwrap(), Some(m.clone()));
+    assert_eq!(
+        s.merchant_by_api_key(&key.hash).await.unwrap(),
+        Some(m.clone())
+    );
     assert_eq!(s.merchant_by_d1_id(&d1).await.unwrap(), Some(m.clone()));
 
     // A merchant not onboarded at D1 yet has no D1 index entry.
@@ -278,8 +284,14 @@ async fn fingerprint_is_scoped_per_merchant(s: &dyn TokenStore) {
     let r2 = record(&m2, &fp);
     assert_inserted(s.insert_token(&r1).await.unwrap());
     assert_inserted(s.insert_token(&r2).await.unwrap());
-    assert_eq!(s.find_by_fingerprint(&m1, &fp).await.unwrap(), Some(r1.clone()));
-    assert_eq!(s.find_by_fingerprint(&m2, &fp).await.unwrap(), Some(r2.clone()));
+    assert_eq!(
+        s.find_by_fingerprint(&m1, &fp).await.unwrap(),
+        Some(r1.clone())
+    );
+    assert_eq!(
+        s.find_by_fingerprint(&m2, &fp).await.unwrap(),
+        Some(r2.clone())
+    );
     assert_eq!(s.get_token(&m1, &r2.id).await.unwrap(), None);
 }
 
@@ -310,13 +322,19 @@ async fn versioned_update(s: &dyn TokenStore) {
     ));
     let mut zero = r2.clone();
     zero.version = 0;
-    assert!(matches!(s.update_token(&zero).await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        s.update_token(&zero).await,
+        Err(StoreError::Conflict)
+    ));
     // Nothing was written by the refused updates.
     assert_eq!(s.get_token(&m, &r1.id).await.unwrap(), Some(r2.clone()));
 
     let r3 = next(&r2);
     s.update_token(&r3).await.unwrap();
-    assert_eq!(s.get_token(&m, &r1.id).await.unwrap().map(|r| r.version), Some(3));
+    assert_eq!(
+        s.get_token(&m, &r1.id).await.unwrap().map(|r| r.version),
+        Some(3)
+    );
 
     let missing = next(&record(&m, &random_hex()));
     assert!(matches!(
@@ -341,7 +359,10 @@ async fn deleted_status_frees_the_fingerprint(s: &dyn TokenStore) {
 
     let fresh = record(&m, &fp);
     assert_inserted(s.insert_token(&fresh).await.unwrap());
-    assert_eq!(s.find_by_fingerprint(&m, &fp).await.unwrap(), Some(fresh.clone()));
+    assert_eq!(
+        s.find_by_fingerprint(&m, &fp).await.unwrap(),
+        Some(fresh.clone())
+    );
 
     // Touching the tombstone again must not unhook the new token's fingerprint.
     let tomb2 = next(&tomb);
@@ -360,7 +381,10 @@ async fn d1_index_follows_network_token(s: &dyn TokenStore) {
     let m = MerchantId::generate();
     let r1 = record(&m, &random_hex());
     assert_inserted(s.insert_token(&r1).await.unwrap());
-    let (a, b) = (format!("D1A-{}", random_hex()), format!("D1B-{}", random_hex()));
+    let (a, b) = (
+        format!("D1A-{}", random_hex()),
+        format!("D1B-{}", random_hex()),
+    );
     assert_eq!(s.find_by_d1_token(&m, &a).await.unwrap(), None);
 
     let mut r2 = next(&r1);
@@ -369,7 +393,9 @@ async fn d1_index_follows_network_token(s: &dyn TokenStore) {
     assert_eq!(s.find_by_d1_token(&m, &a).await.unwrap(), Some(r2.clone()));
     // The index is per merchant.
     assert_eq!(
-        s.find_by_d1_token(&MerchantId::generate(), &a).await.unwrap(),
+        s.find_by_d1_token(&MerchantId::generate(), &a)
+            .await
+            .unwrap(),
         None
     );
 
@@ -441,40 +467,56 @@ async fn idempotency_lifecycle(s: &dyn TokenStore) {
     let key = format!("order-{}", random_hex());
 
     assert_eq!(
-        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        s.idempotency_begin(&scope, &key, "digest-a", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::Started
     );
     assert_eq!(
-        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        s.idempotency_begin(&scope, &key, "digest-a", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::InFlight { same_request: true }
     );
     assert_eq!(
-        s.idempotency_begin(&scope, &key, "digest-b", ttl).await.unwrap(),
+        s.idempotency_begin(&scope, &key, "digest-b", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::InFlight {
             same_request: false
         }
     );
     // Same key in another scope is another key.
     assert_eq!(
-        s.idempotency_begin("admin", &key, "digest-a", ttl).await.unwrap(),
+        s.idempotency_begin("admin", &key, "digest-a", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::Started
     );
 
     let resp = response("digest-a");
-    s.idempotency_complete(&scope, &key, &resp, ttl).await.unwrap();
+    s.idempotency_complete(&scope, &key, &resp, ttl)
+        .await
+        .unwrap();
     assert_eq!(
-        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        s.idempotency_begin(&scope, &key, "digest-a", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::Completed(resp.clone())
     );
     // The stored digest lets the caller tell a replay from a conflicting reuse.
     assert_eq!(
-        s.idempotency_begin(&scope, &key, "digest-b", ttl).await.unwrap(),
+        s.idempotency_begin(&scope, &key, "digest-b", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::Completed(resp.clone())
     );
     // Abort never erases a completed response.
     s.idempotency_abort(&scope, &key).await.unwrap();
     assert_eq!(
-        s.idempotency_begin(&scope, &key, "digest-a", ttl).await.unwrap(),
+        s.idempotency_begin(&scope, &key, "digest-a", ttl)
+            .await
+            .unwrap(),
         IdempotencyBegin::Completed(resp)
     );
 
@@ -492,7 +534,9 @@ async fn idempotency_lifecycle(s: &dyn TokenStore) {
     s.idempotency_abort(&scope, "never-used").await.unwrap();
 
     // Printable ASCII keys of the maximum length are fine.
-    let long: String = (0..255).map(|i| char::from(b'!' + (i % 94) as u8)).collect();
+    let long: String = (0..255)
+        .map(|i| char::from(b'!' + (i % 94) as u8))
+        .collect();
     assert_eq!(
         s.idempotency_begin(&scope, &long, "d", ttl).await.unwrap(),
         IdempotencyBegin::Started
@@ -530,11 +574,15 @@ async fn idempotency_entries_expire(s: &dyn TokenStore) {
     tokio::time::sleep(Duration::from_millis(350)).await;
     // A crashed request's claim lapsed, and an old response is forgotten.
     assert_eq!(
-        s.idempotency_begin(scope, &lock, "d2", short).await.unwrap(),
+        s.idempotency_begin(scope, &lock, "d2", short)
+            .await
+            .unwrap(),
         IdempotencyBegin::Started
     );
     assert_eq!(
-        s.idempotency_begin(scope, &done, "d2", short).await.unwrap(),
+        s.idempotency_begin(scope, &done, "d2", short)
+            .await
+            .unwrap(),
         IdempotencyBegin::Started
     );
 }
@@ -543,8 +591,7 @@ async fn concurrent_inserts_of_one_card_yield_one_token(s: &dyn TokenStore) {
     let m = MerchantId::generate();
     let fp = random_hex();
     let records: Vec<TokenRecord> = (0..20).map(|_| record(&m, &fp)).collect();
-    let outcomes =
-        futures::future::join_all(records.iter().map(|r| s.insert_token(r))).await;
+    let outcomes = futures::future::join_all(records.iter().map(|r| s.insert_token(r))).await;
 
     let mut winners = Vec::new();
     let mut losers = Vec::new();
@@ -578,9 +625,18 @@ async fn assert_unavailable_promptly(s: &dyn TokenStore, timeout: Duration) {
     for round in 0..3 {
         let ops: Vec<(&str, Result<(), StoreError>)> = vec![
             ("ping", timed(limit, s.ping()).await),
-            ("get_token", timed(limit, s.get_token(&m, &r.id)).await.map(drop)),
-            ("insert_token", timed(limit, s.insert_token(&r)).await.map(drop)),
-            ("update_token", timed(limit, s.update_token(&next(&r))).await),
+            (
+                "get_token",
+                timed(limit, s.get_token(&m, &r.id)).await.map(drop),
+            ),
+            (
+                "insert_token",
+                timed(limit, s.insert_token(&r)).await.map(drop),
+            ),
+            (
+                "update_token",
+                timed(limit, s.update_token(&next(&r))).await,
+            ),
             (
                 "merchant_by_api_key",
                 timed(limit, s.merchant_by_api_key(&ApiKeyHash::of("x")))
@@ -713,10 +769,16 @@ async fn redis_dangling_index_reads_as_none() {
     assert_eq!(deleted, 1, "the documented key layout changed");
 
     assert_eq!(store.find_by_fingerprint(&m, &fp).await.unwrap(), None);
-    assert_eq!(store.find_by_d1_token(&m, "D1-dangling").await.unwrap(), None);
+    assert_eq!(
+        store.find_by_d1_token(&m, "D1-dangling").await.unwrap(),
+        None
+    );
     let again = record(&m, &fp);
     assert_inserted(store.insert_token(&again).await.unwrap());
-    assert_eq!(store.find_by_fingerprint(&m, &fp).await.unwrap(), Some(again));
+    assert_eq!(
+        store.find_by_fingerprint(&m, &fp).await.unwrap(),
+        Some(again)
+    );
 }
 
 #[tokio::test]
@@ -742,13 +804,22 @@ async fn embedded_store_survives_reopen() {
             .unwrap();
     }
     let store = EmbeddedStore::open(dir.path()).unwrap();
-    assert_eq!(store.get_merchant(&merchant.id).await.unwrap(), Some(merchant.clone()));
+    assert_eq!(
+        store.get_merchant(&merchant.id).await.unwrap(),
+        Some(merchant.clone())
+    );
     assert_eq!(
         store.merchant_by_api_key(&key.hash).await.unwrap(),
         Some(merchant.clone())
     );
-    assert_eq!(store.merchant_by_d1_id(&d1).await.unwrap(), Some(merchant.clone()));
-    assert_eq!(store.get_token(&merchant.id, &rec.id).await.unwrap(), Some(rec.clone()));
+    assert_eq!(
+        store.merchant_by_d1_id(&d1).await.unwrap(),
+        Some(merchant.clone())
+    );
+    assert_eq!(
+        store.get_token(&merchant.id, &rec.id).await.unwrap(),
+        Some(rec.clone())
+    );
     assert_eq!(
         store.find_by_fingerprint(&merchant.id, &fp).await.unwrap(),
         Some(rec.clone())
@@ -769,7 +840,13 @@ async fn embedded_store_survives_reopen() {
     );
     // Still a dedup target, and still versioned where it was.
     assert_eq!(
-        existing(store.insert_token(&record(&merchant.id, &fp)).await.unwrap()).id,
+        existing(
+            store
+                .insert_token(&record(&merchant.id, &fp))
+                .await
+                .unwrap()
+        )
+        .id,
         rec.id
     );
     let stale = next(&record(&merchant.id, &fp));
@@ -788,7 +865,9 @@ const PANS: [&str; 2] = ["4111111111111111", "5555555555554444"];
 async fn insert_sealed_cards(s: &dyn TokenStore) -> Vec<TokenRecord> {
     let keyring = Keyring::new(&tokengate::crypto::dev::material()).unwrap();
     let m = merchant(Some("D1M-hygiene"));
-    s.insert_merchant(&m, &NewApiKey::generate().hash).await.unwrap();
+    s.insert_merchant(&m, &NewApiKey::generate().hash)
+        .await
+        .unwrap();
     let mut out = Vec::new();
     for digits in PANS {
         let pan: Pan = digits.parse().unwrap();
@@ -828,10 +907,16 @@ fn assert_no_pan(bytes: &[u8], records: &[TokenRecord], what: &str) {
             r.id
         );
         let blob = base64_of(&r.sealed_pan.blob);
-        assert!(contains(bytes, blob.as_bytes()), "{what}: sealed blob not found");
+        assert!(
+            contains(bytes, blob.as_bytes()),
+            "{what}: sealed blob not found"
+        );
     }
     for pan in PANS {
-        assert!(!contains(bytes, pan.as_bytes()), "{what} contains a PAN in clear");
+        assert!(
+            !contains(bytes, pan.as_bytes()),
+            "{what} contains a PAN in clear"
+        );
     }
 }
 

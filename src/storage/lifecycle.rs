@@ -1,0 +1,136 @@
+//! Storage operations of the token lifecycle: processed-event markers (so each D1 notification
+//! is applied once), the reconciliation schedule, and leases for singleton background jobs.
+//!
+//! A separate trait from [`super::TokenStore`] because these are a different concern with their
+//! own keys, but implemented by the same two stores on the same connection or file
+//! (`redis_lifecycle.rs`, `embedded_lifecycle.rs`). Key layout: `docs/storage.md`, section
+//! "Lifecycle".
+//!
+//! How the usual cases show up:
+//! - **duplicate event**: [`EventWrite::Duplicate`] or `Ok(false)`, nothing written;
+//! - **version conflict / missing token** in [`LifecycleStore::apply_event`]: exactly as
+//!   [`super::TokenStore::update_token`] (`Conflict`, `NotFound`), marker not written either;
+//! - **backend down**: `StoreError::Unavailable`, with the same "unknown outcome" caveat for
+//!   writes; every write here is safe to retry.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::StoreError;
+use crate::domain::token::{MerchantId, TokenId, TokenRecord};
+
+/// Result of [`LifecycleStore::apply_event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventWrite {
+    /// The token was replaced and the event marked as processed, in one atomic step.
+    Applied,
+    /// The event was already marked as processed: nothing was written.
+    Duplicate,
+}
+
+/// Lifecycle persistence. Event ids are scoped by merchant (two merchants' events never collide)
+/// and are at most [`MAX_EVENT_ID_LEN`] printable ASCII characters (checked by the caller).
+#[async_trait]
+pub trait LifecycleStore: Send + Sync + 'static {
+    /// Whether `event_id` is marked as processed for `merchant`. A cheap pre-check only: the
+    /// exactly-once guarantee comes from [`Self::apply_event`] being atomic.
+    async fn event_seen(&self, merchant: &MerchantId, event_id: &str) -> Result<bool, StoreError>;
+
+    /// Marks `event_id` as processed for `ttl` without touching any token (for events that
+    /// change nothing, so a redelivery is recognised cheaply). `Ok(true)` the first time,
+    /// `Ok(false)` when it was already marked.
+    async fn mark_event(
+        &self,
+        merchant: &MerchantId,
+        event_id: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Atomically: unless `event_id` is already marked for the record's merchant, replaces the
+    /// token exactly like `TokenStore::update_token` (compare-and-set on `rec.version - 1`, same
+    /// index maintenance) **and** marks the event for `ttl`. Two deliveries of one event, even
+    /// on two gateway instances at once, cannot both answer `Applied`.
+    async fn apply_event(
+        &self,
+        rec: &TokenRecord,
+        event_id: &str,
+        ttl: Duration,
+    ) -> Result<EventWrite, StoreError>;
+
+    /// Puts the token on the reconciliation schedule at `due_ms` (Unix milliseconds), replacing
+    /// any earlier entry for it. Idempotent.
+    async fn schedule_check(
+        &self,
+        merchant: &MerchantId,
+        token: &TokenId,
+        due_ms: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Takes the token off the schedule. Idempotent.
+    async fn unschedule_check(&self, merchant: &MerchantId, token: &TokenId)
+    -> Result<(), StoreError>;
+
+    /// Up to `limit` scheduled tokens due at or before `now_ms`, earliest first. They stay on the
+    /// schedule until rescheduled or unscheduled, so a check that fails is retried next time.
+    /// Entries that do not parse as ids (only possible by tampering) are dropped, not returned.
+    async fn due_checks(
+        &self,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(MerchantId, TokenId)>, StoreError>;
+
+    /// Takes the lease `name` for `holder` if it is free or expired, or extends it if `holder`
+    /// already has it; `Ok(true)` when `holder` holds it for the next `ttl`.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives the lease up if `holder` still holds it (never someone else's).
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+}
+
+/// Longest event id accepted: it becomes part of a storage key.
+pub const MAX_EVENT_ID_LEN: usize = 128;
+
+/// Milliseconds, at least 1 (Redis refuses `PX 0`; a zero ttl would also mean "already gone").
+pub(crate) fn ttl_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Schedule members are `"<merchant id> <token id>"`: both ids are validated and contain no
+/// space, so the split is unambiguous.
+pub(crate) fn schedule_member(merchant: &MerchantId, token: &TokenId) -> String {
+    format!("{} {}", merchant.as_str(), token.as_str())
+}
+
+/// Parses a schedule member; `None` for anything that is not two well-formed ids.
+pub(crate) fn parse_schedule_member(s: &str) -> Option<(MerchantId, TokenId)> {
+    let (m, t) = s.split_once(' ')?;
+    Some((MerchantId::parse(m)?, TokenId::parse(t)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_members_round_trip_and_reject_junk() {
+        let m = MerchantId::generate();
+        let t = TokenId::generate();
+        let s = schedule_member(&m, &t);
+        assert_eq!(parse_schedule_member(&s), Some((m.clone(), t.clone())));
+        assert_eq!(parse_schedule_member("junk"), None);
+        assert_eq!(parse_schedule_member(&format!("{m} tok_x")), None);
+        assert_eq!(parse_schedule_member(&format!("{t} {m}")), None);
+    }
+
+    #[test]
+    fn ttl_is_never_zero() {
+        assert_eq!(ttl_ms(Duration::ZERO), 1);
+        assert_eq!(ttl_ms(Duration::from_secs(2)), 2000);
+    }
+}
