@@ -12,12 +12,21 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, Mode, SANDBOX_ADMIN_TOKEN};
 use crate::crypto::{KeyMaterial, Keyring};
+use crate::domain::lifecycle::Lifecycle;
+use crate::domain::notify_auth::{ClientCredentials, NotifyAuth};
 use crate::domain::provider::NetworkTokenProvider;
+use crate::domain::reconcile::{ReconcileSettings, Reconciler, Schedule};
 use crate::domain::service::Services;
+use crate::domain::token::TokenRecord;
+use crate::domain::webhooks::{TokenRenderer, WebhookSender, WebhookService, WebhookSettings};
+use crate::http::notify::NotifyState;
 use crate::http::{AppState, HttpSettings};
 use crate::storage::TokenStore;
 use crate::storage::embedded::EmbeddedStore;
+use crate::storage::lifecycle::LifecycleStore;
+use crate::storage::outbox::OutboxStore;
 use crate::storage::redis::{RedisConfig, RedisStore};
+use crate::webhook_sender::HyperWebhookSender;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -41,6 +50,59 @@ pub struct Gateway {
     pub sandbox: Option<crate::sim::SimHandle>,
     /// How long in-flight requests may run after the shutdown signal.
     pub grace: Duration,
+    /// Background reconciliation with D1 (`None` without D1 or with `reconcile.enabled = false`).
+    pub reconciler: Option<Reconciler>,
+    /// Merchant webhook delivery, run in the background by [`Gateway::run`].
+    pub webhooks: WebhookWorker,
+}
+
+/// The webhook service and the HTTP client its delivery worker sends with.
+pub struct WebhookWorker {
+    pub service: Arc<WebhookService>,
+    pub sender: Arc<dyn WebhookSender>,
+}
+
+/// Builds the webhook service (on the store's outbox) and its outbound client.
+fn webhook_worker(
+    cfg: &Config,
+    outbox: Arc<dyn OutboxStore>,
+    keyring: Arc<Keyring>,
+) -> Result<WebhookWorker, AppError> {
+    let w = &cfg.webhooks;
+    let bad_ca = |msg: String| {
+        AppError::Config(crate::config::ConfigError::Invalid {
+            key: "webhooks.ca_file",
+            msg,
+        })
+    };
+    let ca_pem = match &w.ca_file {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+            bad_ca(format!("cannot read {} ({:?})", path.display(), e.kind()))
+        })?),
+        None => None,
+    };
+    let timeout = Duration::from_millis(w.timeout_ms);
+    let sender = HyperWebhookSender::new(timeout, ca_pem.as_deref())
+        .map_err(|e| bad_ca(e.to_string()))?;
+    // Webhook payloads carry the token exactly as `GET /v1/tokens/{id}` shows it.
+    let render: TokenRenderer = Arc::new(|r: &TokenRecord| {
+        serde_json::to_value(crate::http::dto::TokenView::from(r))
+            .unwrap_or(serde_json::Value::Null)
+    });
+    let settings = WebhookSettings {
+        max_attempts: w.max_attempts,
+        timeout,
+        backoff_base: Duration::from_millis(w.backoff_base_ms),
+        backoff_max: Duration::from_millis(w.backoff_max_ms),
+        poll_interval: Duration::from_millis(w.poll_interval_ms),
+        claim_idle: Duration::from_millis(w.claim_idle_ms),
+        retention: Duration::from_secs(w.retention_hours.saturating_mul(3600)),
+        allow_plain_http: cfg.mode == Mode::Sandbox,
+    };
+    Ok(WebhookWorker {
+        service: Arc::new(WebhookService::new(outbox, keyring, render, settings)),
+        sender: Arc::new(sender),
+    })
 }
 
 fn key_material(cfg: &Config) -> KeyMaterial {
@@ -69,6 +131,21 @@ fn key_material(cfg: &Config) -> KeyMaterial {
 }
 
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
+    Ok(open_stores(cfg).await?.0)
+}
+
+/// The token store, the lifecycle store and the webhook outbox: one backend (one connection or
+/// file) behind all three.
+pub async fn open_stores(
+    cfg: &Config,
+) -> Result<
+    (
+        Arc<dyn TokenStore>,
+        Arc<dyn LifecycleStore>,
+        Arc<dyn OutboxStore>,
+    ),
+    AppError,
+> {
     let s = &cfg.storage;
     if s.redis_url.is_some() || !s.redis_cluster_nodes.is_empty() {
         let rc = RedisConfig {
@@ -78,10 +155,39 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
             connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             response_timeout: Duration::from_millis(s.response_timeout_ms),
         };
-        Ok(Arc::new(RedisStore::connect(&rc).await?))
+        let store = Arc::new(RedisStore::connect(&rc).await?);
+        Ok((store.clone(), store.clone(), store))
     } else {
         let dir: PathBuf = s.data_dir.clone();
-        Ok(Arc::new(EmbeddedStore::open(&dir)?))
+        let store = Arc::new(EmbeddedStore::open(&dir)?);
+        Ok((store.clone(), store.clone(), store))
+    }
+}
+
+/// Client credentials D1 uses for `notify-update`: configured ones; in sandbox mode without
+/// them (and with `notify.require_auth`), fresh random ones, handed to the in-process simulator
+/// so sandbox notifications are authenticated end to end.
+fn notify_credentials(cfg: &Config) -> Option<ClientCredentials> {
+    let n = &cfg.notify;
+    match (&n.client_id, &n.client_secret) {
+        (Some(id), Some(secret)) => Some(ClientCredentials {
+            client_id: id.clone(),
+            client_secret: secret.clone(),
+        }),
+        _ if cfg.mode == Mode::Sandbox && n.require_auth => {
+            let c = ClientCredentials::generate();
+            tracing::info!(client_id = %c.client_id,
+                "SANDBOX MODE: generated notify client credentials for the in-process D1 simulator");
+            Some(c)
+        }
+        _ => {
+            if !n.require_auth {
+                tracing::warn!(
+                    "notify.require_auth is off: notify-update accepts unauthenticated calls"
+                );
+            }
+            None
+        }
     }
 }
 
@@ -90,10 +196,28 @@ impl Gateway {
     /// notifications).
     pub async fn build(cfg: &Config, public_addr: SocketAddr) -> Result<Gateway, AppError> {
         cfg.validate()?;
+        // Before anything records a metric (once per process; see src/observability.rs).
+        crate::observability::init();
         let keyring = Arc::new(Keyring::new(&key_material(cfg))?);
-        let store = open_store(cfg).await?;
-        let (provider, sandbox) = d1_provider(cfg, public_addr).await?;
+        let (store, lifecycle_store, outbox_store) = open_stores(cfg).await?;
+        // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
+        let store: Arc<dyn TokenStore> =
+            Arc::new(crate::storage::instrumented::InstrumentedStore::new(store));
+        let credentials = notify_credentials(cfg);
+        let (provider, sandbox) = d1_provider(cfg, public_addr, credentials.as_ref()).await?;
         let provider: Option<Arc<dyn NetworkTokenProvider>> = provider;
+        let notify_auth = NotifyAuth::new(
+            credentials.as_ref(),
+            Duration::from_secs(cfg.notify.token_ttl_s),
+            cfg.notify.require_auth,
+        )
+        .map_err(|e| {
+            AppError::Config(crate::config::ConfigError::Invalid {
+                key: "notify.client_secret",
+                msg: e.to_string(),
+            })
+        })?;
+        drop(credentials);
         let admin_token = match &cfg.admin.token {
             Some(t) => t.clone(),
             None => {
@@ -105,12 +229,52 @@ impl Gateway {
                 SecretString::from(SANDBOX_ADMIN_TOKEN)
             }
         };
-        let services = Services::new(
+        let mut services = Services::new(
             store,
-            keyring,
-            provider,
+            keyring.clone(),
+            provider.clone(),
             Duration::from_millis(cfg.auth.api_key_cache_ttl_ms),
         );
+        // Before anything clones the services: every token change they make emits webhooks.
+        let webhooks = webhook_worker(cfg, outbox_store, keyring.clone())?;
+        services = services.with_webhooks(webhooks.service.clone());
+        // Reconciliation needs D1 to ask; without it there is no schedule to keep either.
+        let rc = &cfg.reconcile;
+        let schedule = (rc.enabled && provider.is_some()).then(|| {
+            Schedule::new(
+                lifecycle_store.clone(),
+                Duration::from_secs(rc.pending_grace_s),
+                Duration::from_secs(rc.stale_after_s),
+            )
+        });
+        if let Some(s) = &schedule {
+            services = services.with_schedule(s.clone());
+        }
+        let lifecycle = Lifecycle::new(
+            services.clone(),
+            lifecycle_store.clone(),
+            schedule.clone(),
+            Duration::from_secs(cfg.notify.event_ttl_s),
+        );
+        let reconciler = match (schedule, provider) {
+            (Some(schedule), Some(provider)) => Some(Reconciler::new(
+                lifecycle.clone(),
+                lifecycle_store,
+                schedule,
+                provider,
+                ReconcileSettings {
+                    interval: Duration::from_millis(rc.interval_ms),
+                    batch: rc.batch,
+                    lease_ttl: Duration::from_millis(rc.lease_ms),
+                },
+            )),
+            _ => None,
+        };
+        let notify = Arc::new(NotifyState {
+            auth: notify_auth,
+            lifecycle,
+            merchant_gateway_id: cfg.d1.merchant_gateway_id.clone(),
+        });
         let settings = HttpSettings {
             request_timeout: cfg.request_timeout(),
             max_concurrency: cfg.server.max_concurrency,
@@ -122,12 +286,15 @@ impl Gateway {
             body_limit: cfg.server.body_limit_bytes,
             idempotency_ttl_s: cfg.idempotency.ttl_s,
             idempotency_lock_ttl_s: cfg.idempotency.lock_ttl_s,
+            notify,
         };
         Ok(Gateway {
             state,
             settings,
             sandbox,
             grace: Duration::from_millis(cfg.server.shutdown_grace_ms),
+            reconciler,
+            webhooks,
         })
     }
 
@@ -137,6 +304,14 @@ impl Gateway {
         F: Future<Output = ()> + Send + 'static,
     {
         let router = crate::http::router(self.state.clone(), &self.settings);
+        // Drains metric histograms (we run no exporter task; see src/observability.rs).
+        let _upkeep = AbortOnDrop(Some(tokio::spawn(async {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                crate::observability::run_upkeep();
+            }
+        })));
         // The signal is shared: the server stops accepting on it, and the grace timer starts
         // from it, so a stuck request cannot hold the process forever.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -144,6 +319,19 @@ impl Gateway {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        // Reconciliation stops on the same signal; the guard also stops it if serving fails.
+        let mut reconciling = self
+            .reconciler
+            .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
+        // Webhook delivery stops on the signal too, abandoning attempts in flight (their jobs
+        // are claimed again after `webhooks.claim_idle_ms`, by this or another instance).
+        let mut delivering = {
+            let mut rx = stop_rx.clone();
+            let worker = self.webhooks.service.clone().run(self.webhooks.sender.clone(), async move {
+                let _ = rx.wait_for(|s| *s).await;
+            });
+            AbortOnDrop(Some(tokio::spawn(worker)))
+        };
         let mut serve_rx = stop_rx.clone();
         let serve = crate::http::serve(listener, router, async move {
             let _ = serve_rx.wait_for(|s| *s).await;
@@ -160,10 +348,29 @@ impl Gateway {
                 tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over; abandoning in-flight requests");
             }
         }
+        // The signal was given: it finishes at once (and releases its lease).
+        if let Some(handle) = reconciling.as_mut().and_then(|g| g.0.take()) {
+            let _ = handle.await;
+        }
+        // Waiting releases the worker's hold on the store (the embedded file) before returning.
+        if let Some(handle) = delivering.0.take() {
+            let _ = handle.await;
+        }
         if let Some(sim) = self.sandbox {
             sim.shutdown().await;
         }
         Ok(())
+    }
+}
+
+/// Aborts a background task when dropped, so an early return cannot leave it running.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
     }
 }
 
@@ -198,7 +405,12 @@ type ProviderSetup = (
 /// Builds the D1 provider: the real D1 when `d1.base_url` is set; in sandbox mode without it,
 /// the simulator started in-process on `sim.listen` and used over real sockets with mTLS, OAuth
 /// and JWE exactly as D1 would be.
-async fn d1_provider(cfg: &Config, public_addr: SocketAddr) -> Result<ProviderSetup, AppError> {
+/// `notify` are the client credentials the sandbox simulator uses to call us back.
+async fn d1_provider(
+    cfg: &Config,
+    public_addr: SocketAddr,
+    notify: Option<&ClientCredentials>,
+) -> Result<ProviderSetup, AppError> {
     use crate::d1::{D1Client, D1Config};
     use crate::devkeys::DevMaterial;
     use crate::sim::{NotifyTarget, SimConfig, Simulator};
@@ -226,7 +438,9 @@ async fn d1_provider(cfg: &Config, public_addr: SocketAddr) -> Result<ProviderSe
             if target.ip().is_unspecified() {
                 target.set_ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
             }
-            sim_cfg.notify = Some(NotifyTarget::http(format!("http://{target}")));
+            let mut notify_target = NotifyTarget::http(format!("http://{target}"));
+            notify_target.oauth = notify.map(|c| (c.client_id.clone(), c.client_secret.clone()));
+            sim_cfg.notify = Some(notify_target);
             let api = TcpListener::bind(cfg.sim.listen).await?;
             let control = TcpListener::bind(cfg.sim.control_listen).await?;
             let handle = Simulator::start(sim_cfg, api, control)

@@ -43,7 +43,30 @@ pub struct Config {
     pub sim: SimSection,
     pub log: LogConfig,
     pub notify: NotifySection,
+    pub webhooks: WebhooksSection,
     pub reconcile: ReconcileSection,
+}
+
+/// Merchant webhooks: delivery policy of the outbox worker (`docs/webhooks.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksSection {
+    /// Attempts per event and endpoint before the delivery is dead-lettered.
+    pub max_attempts: u32,
+    /// Bound on one attempt (connect, TLS, request, response head).
+    pub timeout_ms: u64,
+    /// First retry delay; doubles per failed attempt (jittered), up to `backoff_max_ms`.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// How often an idle worker looks for due jobs queued by other instances.
+    pub poll_interval_ms: u64,
+    /// A claimed delivery not finished within this is taken over by another worker (its
+    /// gateway is presumed dead). Must exceed `timeout_ms` comfortably.
+    pub claim_idle_ms: u64,
+    /// Events are kept (listable, redeliverable) this long.
+    pub retention_hours: u64,
+    /// Extra CA certificates (PEM) trusted for https receivers, besides the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// D1's calls to us (`notify-update`) and the OAuth client credentials that protect them.
@@ -379,6 +402,32 @@ impl Config {
         }
         if r.lease_ms < 100 {
             return Err(invalid("reconcile.lease_ms", "at least 100"));
+        }
+        let w = &self.webhooks;
+        if w.max_attempts == 0 {
+            return Err(invalid("webhooks.max_attempts", "must be at least 1"));
+        }
+        if w.timeout_ms == 0 || w.backoff_base_ms == 0 || w.poll_interval_ms == 0 {
+            return Err(invalid(
+                "webhooks",
+                "timeout_ms, backoff_base_ms and poll_interval_ms must be positive",
+            ));
+        }
+        if w.backoff_max_ms < w.backoff_base_ms {
+            return Err(invalid(
+                "webhooks.backoff_max_ms",
+                "must be at least webhooks.backoff_base_ms",
+            ));
+        }
+        // A lease shorter than an attempt would hand a live delivery to a second worker.
+        if w.claim_idle_ms < w.timeout_ms.saturating_add(500) {
+            return Err(invalid(
+                "webhooks.claim_idle_ms",
+                "must exceed webhooks.timeout_ms by at least 500",
+            ));
+        }
+        if w.retention_hours == 0 {
+            return Err(invalid("webhooks.retention_hours", "must be at least 1"));
         }
         Ok(())
     }

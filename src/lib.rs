@@ -14,8 +14,11 @@
 //!   fingerprints.
 //! - [`d1`]: the client for Thales D1 eCom Enablement (OAuth2 with ES256 assertions, mTLS, JWE).
 //! - [`sim`]: the D1 simulator used by tests, benchmarks and sandbox mode.
+//! - [`webhook_sender`]: outbound HTTP(S) for merchant webhooks (the domain's `WebhookSender`).
 //! - [`config`]: layered configuration (embedded defaults, optional file, environment).
 //! - [`app`]: wiring, used by the binary and by the integration tests.
+//! - [`observability`]: Prometheus metrics (`GET /metrics`), with labels that never carry card
+//!   data, ids or keys.
 
 pub mod app;
 pub mod config;
@@ -24,7 +27,9 @@ pub mod devkeys;
 pub mod d1;
 pub mod domain;
 pub mod http;
+pub mod observability;
 pub mod sim;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;
+pub mod webhook_sender;

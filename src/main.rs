@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use tokengate::app::{Gateway, shutdown_signal};
 use tokengate::config::{Config, Overrides};
 
+/// Hidden load-testing commands (`scripts/loadtest.sh`, `docs/performance.md`).
+mod perf;
+
 #[derive(Parser)]
 #[command(
     name = "tokengate",
@@ -64,6 +67,8 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    #[command(flatten)]
+    Perf(perf::PerfCommand),
 }
 
 #[derive(Subcommand)]
@@ -152,5 +157,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             );
             Ok(())
         }
+        Command::Perf(cmd) => perf::run(cmd)
+            .await
+            .map_err(|e| e as Box<dyn std::error::Error>),
     }
 }

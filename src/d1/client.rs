@@ -478,10 +478,12 @@ impl D1Client {
         let inner = &self.inner;
         let Ok(_permit) = inner.limiter.try_acquire() else {
             tracing::debug!(op = spec.op, "d1 call refused: concurrency limit reached");
+            crate::observability::record_d1_refused(spec.op, "concurrency_limit");
             return Err(ProviderError::Unavailable { retry_after: None });
         };
         let admission = inner.breaker.admit().inspect_err(|_| {
             tracing::debug!(op = spec.op, "d1 call refused: circuit open");
+            crate::observability::record_d1_refused(spec.op, "circuit_open");
         })?;
         let correlation_id = uuid::Uuid::new_v4().simple().to_string();
         let started = Instant::now();
@@ -503,6 +505,14 @@ impl D1Client {
         });
         admission.record(outcome.as_ref().err().is_some_and(|f| f.upstream_fault));
         let latency_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // The one place a call completes: its metrics (src/observability.rs).
+        crate::observability::record_d1_call(
+            spec.op,
+            crate::observability::provider_outcome(
+                outcome.as_ref().map(|_| ()).map_err(|f| &f.error),
+            ),
+            started.elapsed(),
+        );
         match &outcome {
             Ok(r) => tracing::debug!(
                 op = spec.op,

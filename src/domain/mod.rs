@@ -4,9 +4,13 @@
 
 pub mod card;
 pub mod error;
+pub mod lifecycle;
 pub mod merchant;
+pub mod notify_auth;
 pub mod provider;
+pub mod reconcile;
 pub mod service;
 pub mod token;
+pub mod webhooks;
 
 pub use error::{DomainError, ProviderError};

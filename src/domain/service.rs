@@ -50,6 +50,10 @@ pub struct Services {
     pub provider: Option<Arc<dyn NetworkTokenProvider>>,
     api_key_cache: Arc<DashMap<ApiKeyHash, (Merchant, Instant)>>,
     api_key_cache_ttl: Duration,
+    /// Reconciliation schedule kept in step with token writes (`None`: reconciliation off).
+    schedule: Option<super::reconcile::Schedule>,
+    /// Merchant webhooks, told about every token change made here (`None`: no webhooks).
+    pub webhooks: Option<Arc<super::webhooks::WebhookService>>,
 }
 
 /// A card as submitted for tokenization.
@@ -86,6 +90,37 @@ impl Services {
             provider,
             api_key_cache: Arc::new(DashMap::new()),
             api_key_cache_ttl,
+            schedule: None,
+            webhooks: None,
+        }
+    }
+
+    /// Emits merchant webhook events for the token changes made by these services.
+    pub fn with_webhooks(mut self, webhooks: Arc<super::webhooks::WebhookService>) -> Services {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
+    /// Best-effort: the change is stored; a failure to record its event is logged, never fails
+    /// the request (retrying it would find the token already changed, and emit nothing).
+    async fn note_webhook(&self, before: &TokenRecord, after: &TokenRecord) {
+        if let Some(w) = &self.webhooks
+            && let Err(e) = w.token_changed(before, after).await
+        {
+            tracing::warn!(token_id = %after.id, error = %e, "webhook event not recorded");
+        }
+    }
+
+    /// Keeps `schedule` (reconciliation, `domain::reconcile`) in step with token writes.
+    pub fn with_schedule(mut self, schedule: super::reconcile::Schedule) -> Services {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// Best-effort: a failed schedule write is logged by the schedule, never fails the request.
+    async fn note_schedule(&self, rec: &TokenRecord) {
+        if let Some(s) = &self.schedule {
+            s.note(rec).await;
         }
     }
 
@@ -205,19 +240,27 @@ impl Services {
                 .on_existing(merchant, *existing, &cmd.pan, expiry)
                 .await;
         }
+        crate::observability::token_transition(None, Some(&rec.status));
         if self.provider.is_none() {
             return Ok(Tokenized::Created(rec));
         }
+        // Scheduled before D1 is called: if we die mid-call, reconciliation finds the
+        // reservation and asks D1 what became of it.
+        self.note_schedule(&rec).await;
         match self.drive_create(merchant, &rec, &cmd.pan, &expiry).await {
             Ok(pt) => {
                 apply_provider_token(&mut rec, &pt, Self::now());
                 let rec = self.save_after_create(rec).await?;
+                self.note_schedule(&rec).await;
                 Ok(Tokenized::Created(rec))
             }
             Err(e) => {
                 if definitely_not_created(&e) {
-                    if let Err(se) = self.store.remove_token(&merchant.id, &rec.id).await {
-                        tracing::warn!(token_id = %rec.id, error = %se, "could not remove failed reservation");
+                    match self.store.remove_token(&merchant.id, &rec.id).await {
+                        Ok(()) => crate::observability::token_transition(Some(&rec.status), None),
+                        Err(se) => {
+                            tracing::warn!(token_id = %rec.id, error = %se, "could not remove failed reservation")
+                        }
                     }
                 } else {
                     tracing::warn!(token_id = %rec.id, error = %e, "D1 outcome unknown; token left PENDING for retry or reconciliation");
@@ -254,7 +297,11 @@ impl Services {
     async fn save_after_create(&self, mut rec: TokenRecord) -> Result<TokenRecord, DomainError> {
         rec.version += 1;
         match self.store.update_token(&rec).await {
-            Ok(()) => Ok(rec),
+            Ok(()) => {
+                // The CAS replaced the version we reserved (or re-drove): a PENDING record.
+                crate::observability::token_transition(Some(&TokenStatus::Pending), Some(&rec.status));
+                Ok(rec)
+            }
             Err(StoreError::Conflict) => self
                 .get_token(&rec.merchant_id, &rec.id)
                 .await
@@ -298,6 +345,7 @@ impl Services {
             let pt = self.drive_create(merchant, &existing, pan, &expiry).await?;
             apply_provider_token(&mut existing, &pt, Self::now());
             existing = self.save_after_create(existing).await?;
+            self.note_schedule(&existing).await;
         }
         Ok(Tokenized::Existing(existing))
     }
@@ -398,14 +446,23 @@ impl Services {
             None if action == LifecycleAction::Delete => None,
             None => return Err(DomainError::TokenState(rec.status)),
         };
-        self.update_token(&merchant.id, id, |r| {
-            match &pt {
-                Some(pt) => apply_provider_token(r, pt, Self::now()),
-                None => r.status = target.clone(),
-            }
-            true
-        })
-        .await
+        // The record as it was right before the write that won (the CAS may re-read it).
+        let mut before: Option<TokenRecord> = None;
+        let rec = self
+            .update_token(&merchant.id, id, |r| {
+                before = Some(r.clone());
+                match &pt {
+                    Some(pt) => apply_provider_token(r, pt, Self::now()),
+                    None => r.status = target.clone(),
+                }
+                true
+            })
+            .await?;
+        self.note_schedule(&rec).await;
+        if let Some(before) = &before {
+            self.note_webhook(before, &rec).await;
+        }
+        Ok(rec)
     }
 
     /// Read-modify-write with optimistic concurrency; `f` returns false to skip writing.
@@ -420,13 +477,17 @@ impl Services {
     {
         for _ in 0..CAS_ATTEMPTS {
             let mut rec = self.require_token(merchant, id).await?;
+            let before = rec.status.clone();
             if !f(&mut rec) {
                 return Ok(rec);
             }
             rec.version += 1;
             rec.updated_at = Self::now();
             match self.store.update_token(&rec).await {
-                Ok(()) => return Ok(rec),
+                Ok(()) => {
+                    crate::observability::token_transition(Some(&before), Some(&rec.status));
+                    return Ok(rec);
+                }
                 Err(StoreError::Conflict) => continue,
                 Err(e) => return Err(e.into()),
             }

@@ -1,28 +1,42 @@
 //! Wire types of the public REST API (camelCase JSON). Domain types are mapped here so the API
 //! contract does not change when internals do.
+//!
+//! Every type here derives `utoipa::ToSchema`: `GET /openapi.json` (src/http/openapi.rs) is
+//! generated from these definitions, and tests/it/openapi.rs validates real responses against
+//! it. Domain types used in fields (`Usage`, `Brand`, `TransactionType`) get their schemas in
+//! src/http/openapi.rs, so the domain itself knows nothing of OpenAPI.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use utoipa::ToSchema;
 
 use crate::domain::card::{Brand, Pan};
 use crate::domain::merchant::Merchant;
 use crate::domain::provider::{Cryptogram, TransactionType};
 use crate::domain::token::{TokenRecord, Usage};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMerchantRequest {
+    /// 1 to 200 printable characters.
+    #[schema(example = "Acme", min_length = 1)]
     pub name: String,
 }
 
-#[derive(Debug, Serialize)]
+/// A new merchant. The API key is shown here once; only its hash is stored.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MerchantCreated<'a> {
+    #[schema(example = "mer_NJayePY2ypiUCAIv")]
     pub id: &'a str,
     pub name: &'a str,
+    /// The merchant's API key (`Authorization: Bearer <apiKey>`). Shown once.
+    #[schema(example = "tgk_...")]
     pub api_key: &'a str,
+    /// The merchant's id at D1; `null` when D1 is disabled.
     pub d1_merchant_id: Option<&'a str>,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -38,14 +52,21 @@ impl<'a> MerchantCreated<'a> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CardInput {
+    /// 12-19 digits, Luhn-valid; spaces and dashes between digits are accepted and removed.
+    /// Never echoed back.
+    #[schema(value_type = String, example = "4111111111111111", pattern = "^[0-9 -]+$")]
     pub number: Pan,
+    #[schema(minimum = 1, maximum = 12, example = 12)]
     pub expiry_month: u8,
+    /// Four digits (two digits are read as 20YY).
+    #[schema(example = 2030)]
     pub expiry_year: u16,
     /// Accepted for compatibility with checkout forms; not stored (not needed for tokenization).
     #[serde(default)]
+    #[schema(value_type = Option<String>, max_length = 64)]
     pub holder_name: Option<HolderName>,
 }
 
@@ -64,45 +85,63 @@ impl<'de> Deserialize<'de> for HolderName {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTokenRequest {
     pub card: CardInput,
     pub usage: Usage,
+    /// The merchant's own reference, 1 to 128 printable characters.
     #[serde(default)]
+    #[schema(example = "cust-42")]
     pub customer_reference: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+/// What is kept in clear about the card: never the full number.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Card)]
 pub struct CardView<'a> {
     pub brand: Brand,
+    #[schema(example = "411111")]
     pub bin: &'a str,
+    #[schema(example = "1111")]
     pub last4: &'a str,
     pub expiry_month: u8,
     pub expiry_year: u16,
 }
 
-#[derive(Debug, Serialize)]
+/// The network token D1 issued for the card (its number is only ever in a cryptogram response).
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = NetworkToken)]
 pub struct NetworkTokenView<'a> {
+    /// D1's token id.
     pub id: &'a str,
     pub last4: Option<&'a str>,
     pub expiry_month: Option<u8>,
     pub expiry_year: Option<u16>,
+    /// Payment Account Reference.
     pub par: Option<&'a str>,
 }
 
-#[derive(Debug, Serialize)]
+/// A token: what the gateway knows about a tokenized card.
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Token)]
 pub struct TokenView<'a> {
+    #[schema(example = "tok_d7XXXyQu2WZRKlyWvsMJRA")]
     pub id: &'a str,
+    /// `PENDING`, `ACTIVE`, `SUSPENDED`, `INACTIVE`, `EXPIRED`, `DELETED`, or a value D1 adds
+    /// later (passed through verbatim, so this is not a closed enum).
+    #[schema(example = "ACTIVE")]
     pub status: &'a str,
     pub usage: Usage,
     pub card: CardView<'a>,
     pub network_token: Option<NetworkTokenView<'a>>,
     pub customer_reference: Option<&'a str>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub updated_at: String,
 }
 
@@ -137,14 +176,19 @@ impl<'a> From<&'a TokenRecord> for TokenView<'a> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schema(as = Amount)]
 pub struct AmountInput {
+    /// Minor units (cents).
+    #[schema(example = 1299)]
     pub value: u64,
+    /// ISO 4217 alphabetic code.
+    #[schema(example = "EUR", min_length = 3, max_length = 3)]
     pub currency: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateCryptogramRequest {
     pub transaction_type: TransactionType,
@@ -152,14 +196,29 @@ pub struct CreateCryptogramRequest {
     pub amount: Option<AmountInput>,
 }
 
-#[derive(Serialize)]
+/// Token credentials and a cryptogram for one card-not-present authorization. Never stored.
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = Cryptogram)]
 pub struct CryptogramView<'a> {
+    /// The network token number (not the card number).
     pub token_number: &'a str,
     pub expiry_month: u8,
     pub expiry_year: u16,
+    #[schema(example = "URkiExOo/1Z9Fblq657nvhbj0lg=")]
     pub cryptogram: &'a str,
+    /// Electronic Commerce Indicator.
+    #[schema(example = "05")]
     pub eci: &'a str,
+}
+
+/// `GET /healthz` and `GET /readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Health)]
+pub struct HealthView {
+    /// `ok` (process alive) or `ready` (store reachable).
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
 impl<'a> From<&'a Cryptogram> for CryptogramView<'a> {

@@ -6,9 +6,13 @@
 pub mod dto;
 pub mod extract;
 pub mod idempotency;
+pub mod notify;
+pub mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod stack;
+pub mod telemetry;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +33,8 @@ pub struct AppState {
     pub body_limit: usize,
     pub idempotency_ttl_s: u64,
     pub idempotency_lock_ttl_s: u64,
+    /// D1's calls to us: OAuth client credentials and lifecycle notifications.
+    pub notify: Arc<notify::NotifyState>,
 }
 
 /// Middleware settings.
@@ -44,6 +50,9 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     let api = Router::new()
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        // Generated from the handlers (src/http/openapi.rs); Prometheus text (observability.rs).
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/metrics", get(telemetry::metrics))
         .route("/v1/merchants", post(routes::create_merchant))
         .route("/v1/tokens", post(routes::create_token))
         .route(
@@ -56,6 +65,24 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         )
         .route("/v1/tokens/{id}/suspend", post(routes::suspend_token))
         .route("/v1/tokens/{id}/resume", post(routes::resume_token))
+        // Merchant webhooks (docs/webhooks.md).
+        .route(
+            "/v1/webhook-endpoints",
+            post(webhooks::create_endpoint).get(webhooks::list_endpoints),
+        )
+        .route(
+            "/v1/webhook-endpoints/{id}",
+            get(webhooks::get_endpoint).delete(webhooks::delete_endpoint),
+        )
+        .route("/v1/events", get(webhooks::list_events))
+        .route("/v1/events/{id}", get(webhooks::get_event))
+        .route("/v1/events/{id}/redeliver", post(webhooks::redeliver_event))
+        // D1 -> gateway (docs/d1-protocol.md, "Notifications").
+        .route("/oauth2/token", post(notify::oauth_token))
+        .route(
+            "/merchant-gateways/{merchant_gateway_id}/merchants/{merchant_id}/tokens/{token_id}/notify-update",
+            post(notify::notify_update),
+        )
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.body_limit))

@@ -1,5 +1,6 @@
 //! The one place that turns errors into HTTP responses: RFC 9457 `application/problem+json`
 //! with a stable machine `code`. Status codes are decided here and nowhere else.
+//! (One exception, documented at [`OAuthError`]: `POST /oauth2/token` answers in OAuth's format.)
 
 use std::time::Duration;
 
@@ -21,13 +22,24 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
 }
 
-#[derive(Serialize)]
-struct ProblemBody<'a> {
+/// The body of every error response (RFC 9457); its OpenAPI schema is `Problem`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
+pub(crate) struct ProblemBody<'a> {
+    /// `urn:tokengate:problem:<code>`.
     #[serde(rename = "type")]
+    #[schema(example = "urn:tokengate:problem:token_not_found")]
     type_: String,
+    /// Short, human-readable summary of the status.
+    #[schema(example = "Not found")]
     title: &'a str,
+    /// The HTTP status code, repeated.
+    #[schema(example = 404)]
     status: u16,
+    /// For humans; never echoes submitted values.
     detail: &'a str,
+    /// Stable machine-readable code (docs/api.md lists them all).
+    #[schema(example = "token_not_found")]
     code: &'a str,
 }
 
@@ -232,6 +244,134 @@ impl From<ProviderError> for ApiError {
                 "d1_not_configured",
                 "no network token service is configured in this deployment",
             ),
+        }
+    }
+}
+
+// --- D1's calls to us (src/http/notify.rs) ----------------------------------------------------
+
+/// A failure while applying a D1 notification. D1 redelivers on any answer but 2xx and treats
+/// 503 as retryable, so everything a later attempt may fix (store down, a version conflict that
+/// outlasted the retries) is a 503 with `Retry-After`, never a 409.
+pub fn notification_error(e: DomainError) -> ApiError {
+    match e {
+        DomainError::Internal(msg) => {
+            tracing::error!(error = %msg, "internal error while applying a notification");
+            ApiError::internal()
+        }
+        other => {
+            tracing::warn!(error = %other, "notification not applied; D1 will redeliver it");
+            ApiError::unavailable(
+                "notification_not_applied",
+                "the notification could not be applied now; redeliver it",
+            )
+            .with_retry_after(Some(Duration::from_secs(1)))
+        }
+    }
+}
+
+/// 401 for `notify-update` without a valid access token, with the RFC 6750 challenge.
+pub fn notify_unauthorized(e: crate::domain::notify_auth::BearerError) -> Response {
+    use crate::domain::notify_auth::BearerError;
+    let (detail, challenge) = match e {
+        BearerError::Missing => (
+            "send the access token from POST /oauth2/token as `Authorization: Bearer <token>`",
+            "Bearer realm=\"tokengate\"",
+        ),
+        BearerError::Invalid => (
+            "the access token is not valid or has expired",
+            "Bearer realm=\"tokengate\", error=\"invalid_token\"",
+        ),
+    };
+    let mut resp = ApiError::unauthorized(detail).into_response();
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    resp
+}
+
+/// An error of `POST /oauth2/token`, in OAuth 2.0's own format (RFC 6749 section 5.2):
+/// `{"error": "...", "error_description": "..."}`. **The one exception to problem+json** in this
+/// API: the caller is an OAuth client (D1), which parses this shape and no other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthError {
+    /// Client authentication failed (unknown client, wrong secret, no HTTP Basic): 401.
+    InvalidClient,
+    /// Malformed request (content type, form encoding, a missing or repeated parameter): 400.
+    InvalidRequest(&'static str),
+    /// A `grant_type` other than `client_credentials`: 400.
+    UnsupportedGrantType,
+}
+
+#[derive(Serialize)]
+struct OAuthErrorBody<'a> {
+    error: &'a str,
+    error_description: &'a str,
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let (status, error, description) = match self {
+            OAuthError::InvalidClient => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "client authentication failed",
+            ),
+            OAuthError::InvalidRequest(d) => (StatusCode::BAD_REQUEST, "invalid_request", d),
+            OAuthError::UnsupportedGrantType => (
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported",
+            ),
+        };
+        let body = serde_json::to_string(&OAuthErrorBody {
+            error,
+            error_description: description,
+        })
+        .unwrap_or_default();
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        // RFC 6749 5.1/5.2: token responses must not be cached.
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        if self == OAuthError::InvalidClient {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"tokengate\""),
+            );
+        }
+        resp
+    }
+}
+
+// --- merchant webhooks (src/http/webhooks.rs) --------------------------------------------------
+
+impl From<crate::domain::webhooks::WebhookError> for ApiError {
+    fn from(e: crate::domain::webhooks::WebhookError) -> Self {
+        use crate::domain::webhooks::{MAX_ENDPOINTS_PER_MERCHANT, WebhookError};
+        match e {
+            WebhookError::Validation { code, detail } => ApiError::unprocessable(code, detail),
+            WebhookError::EndpointNotFound => ApiError::not_found(
+                "webhook_endpoint_not_found",
+                "no such webhook endpoint for this merchant",
+            ),
+            WebhookError::EventNotFound => {
+                ApiError::not_found("event_not_found", "no such event for this merchant")
+            }
+            WebhookError::TooManyEndpoints => ApiError::conflict(
+                "too_many_webhook_endpoints",
+                format!(
+                    "a merchant can have at most {MAX_ENDPOINTS_PER_MERCHANT} webhook endpoints; delete one first"
+                ),
+            ),
+            WebhookError::NotRedeliverable => ApiError::conflict(
+                "event_not_redeliverable",
+                "every delivery of this event is still queued or retrying, or its endpoints were deleted",
+            ),
+            WebhookError::Domain(d) => d.into(),
         }
     }
 }

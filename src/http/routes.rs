@@ -9,30 +9,33 @@ use zeroize::Zeroize;
 use super::AppState;
 use super::dto::{
     CreateCryptogramRequest, CreateMerchantRequest, CreateTokenRequest, CryptogramView,
-    MerchantCreated, TokenView,
+    HealthView, MerchantCreated, TokenView,
 };
 use super::extract::{AdminAuth, Body, MerchantAuth, parse_json};
 use super::idempotency::{Reply, key_from, run_idempotent};
-use super::problem::ApiError;
+use super::openapi::{IdempotencyKeyHeader, TokenIdPath};
+use super::problem::{ApiError, ProblemBody};
 use crate::domain::provider::{Amount, LifecycleAction};
 use crate::domain::service::{TokenizeCommand, Tokenized};
 use crate::domain::token::TokenId;
 
+/// Liveness: 200 while the process runs.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses(
+    (status = 200, description = "The process runs", body = HealthView),
+))]
 pub async fn healthz() -> Response {
-    (
-        StatusCode::OK,
-        axum::Json(serde_json::json!({"status": "ok"})),
-    )
-        .into_response()
+    (StatusCode::OK, axum::Json(HealthView { status: "ok" })).into_response()
 }
 
+/// Readiness: 200 when the token store answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses(
+    (status = 200, description = "The store answers", body = HealthView),
+    (status = 503, description = "`store_unavailable`: the token store is not reachable",
+        body = ProblemBody, content_type = "application/problem+json"),
+))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     match state.services.store.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ready"})),
-        )
-            .into_response(),
+        Ok(()) => (StatusCode::OK, axum::Json(HealthView { status: "ready" })).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
             ApiError::unavailable("store_unavailable", "the token store is not reachable")
@@ -67,6 +70,29 @@ fn wipe(body: Bytes) {
     }
 }
 
+/// Onboards a merchant (at D1 too) and issues its API key, shown once.
+#[utoipa::path(post, path = "/v1/merchants", tag = "merchants",
+    security(("adminToken" = [])),
+    params(IdempotencyKeyHeader),
+    request_body = CreateMerchantRequest,
+    responses(
+        (status = 201, description = "The merchant and its API key", body = MerchantCreated),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_in_flight`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_merchant_name`, `idempotency_key_reused`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "`d1_bad_response`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn create_merchant(
     State(state): State<AppState>,
     _admin: AdminAuth,
@@ -93,6 +119,31 @@ pub async fn create_merchant(
     .await
 }
 
+/// Tokenizes a card: 201 with a new token, or 200 with the merchant's existing token for it.
+#[utoipa::path(post, path = "/v1/tokens", tag = "tokens",
+    security(("merchantApiKey" = [])),
+    params(IdempotencyKeyHeader),
+    request_body = CreateTokenRequest,
+    responses(
+        (status = 200, description = "The merchant already tokenized this card: its existing token", body = TokenView),
+        (status = 201, description = "A new token", body = TokenView),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_in_flight`, `concurrent_update`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_card_number`, `invalid_card_number_luhn`, `invalid_expiry`, `card_expired`, `invalid_customer_reference`, `idempotency_key_reused`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "`d1_timeout`: D1 did not answer in time; retrying is safe",
+            body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn create_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -128,6 +179,20 @@ pub async fn create_token(
     resp
 }
 
+/// Reads a token of the authenticated merchant.
+#[utoipa::path(get, path = "/v1/tokens/{id}", tag = "tokens",
+    security(("merchantApiKey" = [])),
+    params(TokenIdPath),
+    responses(
+        (status = 200, description = "The token", body = TokenView),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn get_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -145,6 +210,32 @@ pub async fn get_token(
     }
 }
 
+/// Token credentials and a fresh cryptogram for one card-not-present authorization. Only for
+/// `ACTIVE` tokens; never stored, not even for idempotent replay.
+#[utoipa::path(post, path = "/v1/tokens/{id}/cryptograms", tag = "tokens",
+    security(("merchantApiKey" = [])),
+    params(TokenIdPath, IdempotencyKeyHeader),
+    request_body = CreateCryptogramRequest,
+    responses(
+        (status = 201, description = "Credentials for one authorization", body = CryptogramView),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`token_suspended`, `token_deleted`, `token_pending`, `token_not_active`, `idempotency_in_flight`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_amount`, `idempotency_key_reused`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn create_cryptogram(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -215,6 +306,26 @@ async fn lifecycle(
     .await
 }
 
+/// Suspends an `ACTIVE` token (at D1, then here).
+#[utoipa::path(post, path = "/v1/tokens/{id}/suspend", tag = "tokens",
+    security(("merchantApiKey" = [])),
+    params(TokenIdPath, IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The token in its new status (repeating the current status is a no-op 200)", body = TokenView),
+        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`token_deleted`, `token_suspended`, `token_pending`, `token_not_active`, `concurrent_update`, `idempotency_in_flight`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`, `d1_rejected`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn suspend_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -232,6 +343,26 @@ pub async fn suspend_token(
     .await
 }
 
+/// Resumes a `SUSPENDED` token (at D1, then here).
+#[utoipa::path(post, path = "/v1/tokens/{id}/resume", tag = "tokens",
+    security(("merchantApiKey" = [])),
+    params(TokenIdPath, IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The token in its new status (repeating the current status is a no-op 200)", body = TokenView),
+        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`token_deleted`, `token_suspended`, `token_pending`, `token_not_active`, `concurrent_update`, `idempotency_in_flight`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`, `d1_rejected`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn resume_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -249,6 +380,26 @@ pub async fn resume_token(
     .await
 }
 
+/// Deletes a token (at D1, then here). `DELETED` is terminal; the record stays readable.
+#[utoipa::path(delete, path = "/v1/tokens/{id}", tag = "tokens",
+    security(("merchantApiKey" = [])),
+    params(TokenIdPath, IdempotencyKeyHeader),
+    responses(
+        (status = 200, description = "The token in its new status (repeating the current status is a no-op 200)", body = TokenView),
+        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`token_deleted`, `token_suspended`, `token_pending`, `token_not_active`, `concurrent_update`, `idempotency_in_flight`, `d1_rejected`",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`, `d1_rejected`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
+            body = ProblemBody, content_type = "application/problem+json"),
+        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn delete_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,

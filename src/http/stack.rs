@@ -37,6 +37,8 @@ pub fn apply(router: Router, s: &HttpSettings) -> Router {
             })
             // One access-log line per response (status, latency) at info.
             .on_response(DefaultOnResponse::new().level(Level::INFO)))
+            // Metrics by route template, outside shedding and timeouts so their 503s count too.
+            .layer(axum::middleware::from_fn(super::telemetry::track))
             // Turns shedding and timeouts below into problem responses.
             .layer(HandleErrorLayer::new(handle_stack_error))
             // Shed outside the limit: when all permits are taken, answer 503 at once instead

@@ -722,4 +722,107 @@ mod tests {
         );
         Ok(())
     }
+
+    fn record(m: &MerchantId, fp: &str, d1: Option<&str>) -> TokenRecord {
+        use crate::domain::card::{Brand, Expiry};
+        use crate::domain::token::{CardMeta, Fingerprints, NetworkTokenMeta, SealedPan, Usage};
+        let t = time::OffsetDateTime::UNIX_EPOCH;
+        TokenRecord {
+            id: TokenId::generate(),
+            merchant_id: m.clone(),
+            usage: Usage::OneOff,
+            status: TokenStatus::Active,
+            card: CardMeta {
+                brand: Brand::Visa,
+                bin: "411111".into(),
+                last4: "1111".into(),
+                expiry: Expiry {
+                    month: 1,
+                    year: 2030,
+                },
+            },
+            network_token: d1.map(|d| NetworkTokenMeta {
+                d1_token_id: d.into(),
+                last4: None,
+                expiry: None,
+                par: None,
+            }),
+            customer_reference: None,
+            sealed_pan: SealedPan {
+                key_id: "k".into(),
+                blob: vec![1, 2, 3],
+            },
+            fingerprints: Fingerprints {
+                pan: fp.into(),
+                pan_expiry: format!("{fp}e"),
+            },
+            created_at: t,
+            updated_at: t,
+            last_event_at: None,
+            version: 1,
+        }
+    }
+
+    fn rows(db: &Database) -> Result<[u64; 3], StoreError> {
+        let txn = db.begin_read()?;
+        Ok([
+            txn.open_table(TOKENS)?.len()?,
+            txn.open_table(FINGERPRINTS)?.len()?,
+            txn.open_table(D1_TOKENS)?.len()?,
+        ])
+    }
+
+    /// The finders ignore tombstones and dangling entries anyway, so only the raw tables show
+    /// that index rows are really deleted.
+    #[tokio::test]
+    async fn index_rows_are_deleted_not_left_dangling() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(dir.path())?;
+        let m = MerchantId::generate();
+        let r = record(&m, "fp1", Some("d1-a"));
+        assert!(matches!(
+            store.insert_token(&r).await?,
+            InsertOutcome::Inserted
+        ));
+        assert_eq!(rows(&store.db)?, [1, 1, 1]);
+
+        let mut tomb = r.clone();
+        tomb.version = 2;
+        tomb.status = TokenStatus::Deleted;
+        store.update_token(&tomb).await?;
+        assert_eq!(
+            rows(&store.db)?,
+            [1, 0, 1],
+            "tombstone keeps no fingerprint row"
+        );
+
+        store.remove_token(&m, &r.id).await?;
+        assert_eq!(rows(&store.db)?, [0, 0, 0]);
+        Ok(())
+    }
+
+    /// An index row whose record is gone (e.g. a restore of a partial copy) reads as a miss and
+    /// does not block a new insert of the same card.
+    #[tokio::test]
+    async fn dangling_index_rows_read_as_none() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let store = EmbeddedStore::open(dir.path())?;
+        let m = MerchantId::generate();
+        let r = record(&m, "fp1", Some("d1-a"));
+        store.insert_token(&r).await?;
+        let txn = begin_write(&store.db)?;
+        txn.open_table(TOKENS)?
+            .remove((m.as_str(), r.id.as_str()))?;
+        txn.commit()?;
+
+        assert_eq!(store.find_by_fingerprint(&m, "fp1").await?, None);
+        assert_eq!(store.find_by_d1_token(&m, "d1-a").await?, None);
+        let again = record(&m, "fp1", None);
+        assert!(matches!(
+            store.insert_token(&again).await?,
+            InsertOutcome::Inserted
+        ));
+        assert_eq!(store.find_by_fingerprint(&m, "fp1").await?, Some(again));
+        Ok(())
+    }
 }

@@ -14,9 +14,13 @@
 
 pub mod embedded;
 pub mod embedded_lifecycle;
+pub mod embedded_outbox;
+pub mod instrumented;
 pub mod lifecycle;
+pub mod outbox;
 pub mod redis;
 pub mod redis_lifecycle;
+pub mod redis_outbox;
 
 use std::time::Duration;
 

@@ -6,5 +6,8 @@ mod support;
 mod api;
 mod d1_client;
 mod gateway_d1;
+mod lifecycle;
+mod metrics;
+mod openapi;
 mod sim;
 mod store_contract;

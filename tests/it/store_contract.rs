@@ -781,6 +781,57 @@ async fn redis_dangling_index_reads_as_none() {
     );
 }
 
+/// Every key of one merchant on a standalone server, sorted.
+async fn keys_of_merchant(
+    con: &mut redis::aio::MultiplexedConnection,
+    m: &MerchantId,
+) -> Vec<String> {
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("tgtest:{{m:{m}}}:*"))
+        .query_async(con)
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+/// Index entries are deleted, not just ignored: the finders skip tombstones and dangling
+/// entries anyway, so only the raw keys show that nothing is left behind.
+#[tokio::test]
+async fn redis_index_keys_are_deleted_not_left_dangling() {
+    let server = RedisServer::start();
+    let store = redis_store(&server).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let m = MerchantId::generate();
+
+    let fp = random_hex();
+    let d1 = format!("D1-{}", random_hex());
+    let mut r = record(&m, &fp);
+    r.network_token = network(&d1);
+    assert_inserted(store.insert_token(&r).await.unwrap());
+    let token_key = format!("tgtest:{{m:{m}}}:tok:{}", r.id);
+    let fp_key = format!("tgtest:{{m:{m}}}:fp:{fp}");
+    let d1_key = format!("tgtest:{{m:{m}}}:d1:{d1}");
+    let mut all = vec![token_key.clone(), fp_key.clone(), d1_key.clone()];
+    all.sort();
+    assert_eq!(keys_of_merchant(&mut con, &m).await, all);
+
+    let mut tomb = next(&r);
+    tomb.status = TokenStatus::Deleted;
+    store.update_token(&tomb).await.unwrap();
+    let mut left = vec![token_key, d1_key];
+    left.sort();
+    assert_eq!(
+        keys_of_merchant(&mut con, &m).await,
+        left,
+        "tombstone keeps no fingerprint entry"
+    );
+
+    store.remove_token(&m, &r.id).await.unwrap();
+    assert_eq!(keys_of_merchant(&mut con, &m).await, Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn embedded_store_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,357 @@
+//! The OpenAPI 3.1 document of the API, generated from the code and served at
+//! `GET /openapi.json`.
+//!
+//! Why generated with `utoipa` rather than written by hand: the schemas come from the very DTOs
+//! the handlers serialize (src/http/dto.rs, the `Problem` body in src/http/problem.rs) and each
+//! operation is declared on its handler (`#[utoipa::path]`), so a changed field or a new status
+//! is one edit away from the document instead of a second file to remember. What the macros
+//! cannot prove (that a handler really answers what its annotation says, that every routed
+//! handler is annotated) is checked by tests/it/openapi.rs against a running gateway.
+//!
+//! This module also holds the OpenAPI-only pieces that have no place in the domain: the schemas
+//! of the domain enums used on the wire (`Usage`, `Brand`, `TransactionType`; implemented here so
+//! the domain knows nothing of OpenAPI), the shared parameters, and the security schemes.
+
+use std::borrow::Cow;
+use std::sync::LazyLock;
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{Required, RefOr};
+use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
+
+use crate::domain::card::Brand;
+use crate::domain::provider::TransactionType;
+use crate::domain::token::Usage;
+
+/// Security scheme of the merchant routes: `Authorization: Bearer <merchant API key>`.
+pub const MERCHANT_API_KEY: &str = "merchantApiKey";
+/// Security scheme of the admin routes: `Authorization: Bearer <admin token>`.
+pub const ADMIN_TOKEN: &str = "adminToken";
+
+/// The document. Operations are listed here once; their content lives on the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tokengate",
+        description = "Network-tokenization gateway: tokenize cards with Thales D1, keep PANs \
+            encrypted, serve token credentials and cryptograms. Errors are \
+            `application/problem+json` with a stable `code` (see the `Problem` schema). Every \
+            response carries `x-request-id`; every POST accepts `Idempotency-Key`.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        super::routes::healthz,
+        super::routes::readyz,
+        openapi_json,
+        super::telemetry::metrics,
+        super::routes::create_merchant,
+        super::routes::create_token,
+        super::routes::get_token,
+        super::routes::delete_token,
+        super::routes::create_cryptogram,
+        super::routes::suspend_token,
+        super::routes::resume_token,
+    ),
+    components(schemas(super::problem::ProblemBody)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; cryptograms"),
+        (name = "merchants", description = "Merchant onboarding (admin)"),
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The serialized document, built once per process (it depends only on the code).
+static DOCUMENT: LazyLock<String> =
+    LazyLock::new(|| ApiDoc::openapi().to_json().unwrap_or_default());
+
+/// The OpenAPI 3.1 document of this API.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
+    (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json",
+        body = Object),
+))]
+pub async fn openapi_json() -> Response {
+    let mut resp = (StatusCode::OK, DOCUMENT.as_str()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Adds the two bearer schemes (the derive has no syntax for them).
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            MERCHANT_API_KEY,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("tgk_...")
+                    .description(Some(
+                        "The merchant API key returned once by `POST /v1/merchants`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            ADMIN_TOKEN,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The admin token (`admin.token`, `TOKENGATE_ADMIN_TOKEN`).",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+// --- parameters shared by several operations -----------------------------------------------
+
+/// The `Idempotency-Key` request header (src/http/idempotency.rs).
+pub struct IdempotencyKeyHeader;
+
+impl IntoParams for IdempotencyKeyHeader {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "1-255 printable ASCII characters, scoped per merchant: the same key with \
+                     the same request replays the stored response (`idempotent-replayed: \
+                     true`); with a different request it is refused (422 \
+                     `idempotency_key_reused`).",
+                ))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(255)),
+                ))
+                .build(),
+        ]
+    }
+}
+
+/// The `{id}` of `/v1/tokens/{id}...`.
+pub struct TokenIdPath;
+
+impl IntoParams for TokenIdPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some(
+                    "The token id (`tok_...`). A malformed id answers 404 like an unknown one.",
+                ))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .example(Some(serde_json::json!("tok_d7XXXyQu2WZRKlyWvsMJRA")))
+                .build(),
+        ]
+    }
+}
+
+// --- schemas of domain enums used on the wire ---------------------------------------------
+
+/// A string enum whose values are the domain type's own serde names, so the schema cannot
+/// disagree with what is serialized.
+fn string_enum<T: Serialize>(description: &str, values: &[T]) -> RefOr<Schema> {
+    let names: Vec<serde_json::Value> = values
+        .iter()
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .collect();
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Type(Type::String))
+        .description(Some(description))
+        .enum_values(Some(names))
+        .into()
+}
+
+/// Every `Usage`; the `match` stops compiling when a variant is added, so the list cannot lag.
+fn all_usages() -> [Usage; 3] {
+    let _exhaustive = |u: Usage| match u {
+        Usage::CardOnFile | Usage::OneOff | Usage::Recurring => (),
+    };
+    [Usage::CardOnFile, Usage::OneOff, Usage::Recurring]
+}
+
+fn all_brands() -> [Brand; 8] {
+    let _exhaustive = |b: Brand| match b {
+        Brand::Visa
+        | Brand::Mastercard
+        | Brand::Amex
+        | Brand::Discover
+        | Brand::Jcb
+        | Brand::Unionpay
+        | Brand::Diners
+        | Brand::Unknown => (),
+    };
+    [
+        Brand::Visa,
+        Brand::Mastercard,
+        Brand::Amex,
+        Brand::Discover,
+        Brand::Jcb,
+        Brand::Unionpay,
+        Brand::Diners,
+        Brand::Unknown,
+    ]
+}
+
+fn all_transaction_types() -> [TransactionType; 2] {
+    let _exhaustive = |t: TransactionType| match t {
+        TransactionType::Cit | TransactionType::Mit => (),
+    };
+    [TransactionType::Cit, TransactionType::Mit]
+}
+
+impl PartialSchema for Usage {
+    fn schema() -> RefOr<Schema> {
+        string_enum(
+            "What the merchant will use the token for.",
+            &all_usages(),
+        )
+    }
+}
+
+impl ToSchema for Usage {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Usage")
+    }
+}
+
+impl PartialSchema for Brand {
+    fn schema() -> RefOr<Schema> {
+        string_enum("Card scheme, derived from the BIN.", &all_brands())
+    }
+}
+
+impl ToSchema for Brand {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Brand")
+    }
+}
+
+impl PartialSchema for TransactionType {
+    fn schema() -> RefOr<Schema> {
+        string_enum(
+            "Customer-initiated (`CIT`) or merchant-initiated (`MIT`) transaction.",
+            &all_transaction_types(),
+        )
+    }
+}
+
+impl ToSchema for TransactionType {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("TransactionType")
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failing test should stop loudly"
+)]
+mod tests {
+    use super::*;
+
+    fn doc() -> serde_json::Value {
+        serde_json::from_str(&DOCUMENT).unwrap()
+    }
+
+    #[test]
+    fn document_is_openapi_3_1_with_components() {
+        let d = doc();
+        assert_eq!(d["openapi"], "3.1.0");
+        assert_eq!(d["info"]["version"], env!("CARGO_PKG_VERSION"));
+        let schemas = &d["components"]["schemas"];
+        for name in [
+            "Problem",
+            "Token",
+            "Card",
+            "NetworkToken",
+            "Cryptogram",
+            "MerchantCreated",
+            "CreateTokenRequest",
+            "CardInput",
+            "CreateCryptogramRequest",
+            "Amount",
+            "Usage",
+            "Brand",
+            "TransactionType",
+            "Health",
+        ] {
+            assert!(schemas[name].is_object(), "schema {name} missing");
+        }
+        let schemes = &d["components"]["securitySchemes"];
+        assert_eq!(schemes[MERCHANT_API_KEY]["scheme"], "bearer");
+        assert_eq!(schemes[ADMIN_TOKEN]["scheme"], "bearer");
+    }
+
+    #[test]
+    fn enum_schemas_use_the_wire_names() {
+        let d = doc();
+        let s = &d["components"]["schemas"];
+        assert_eq!(
+            s["Usage"]["enum"],
+            serde_json::json!(["CARD_ON_FILE", "ONE_OFF", "RECURRING"])
+        );
+        assert_eq!(s["TransactionType"]["enum"], serde_json::json!(["CIT", "MIT"]));
+        assert_eq!(s["Brand"]["enum"].as_array().unwrap().len(), 8);
+        assert!(
+            s["Brand"]["enum"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("MASTERCARD"))
+        );
+    }
+
+    #[test]
+    fn card_number_is_a_string_and_only_the_test_pan_is_an_example() {
+        let d = doc();
+        let number = &d["components"]["schemas"]["CardInput"]["properties"]["number"];
+        assert_eq!(number["type"], "string");
+        // No example anywhere in the document may look like a PAN, except the well-known test
+        // PAN: scan every run of 12+ digits in the serialized document.
+        let text = DOCUMENT.as_str();
+        let mut run = String::new();
+        for c in text.chars().chain(std::iter::once(' ')) {
+            if c.is_ascii_digit() {
+                run.push(c);
+            } else {
+                if run.len() >= 12 {
+                    assert_eq!(run, "4111111111111111", "PAN-like digits in the document");
+                }
+                run.clear();
+            }
+        }
+        assert!(text.contains("4111111111111111"));
+    }
+
+    #[test]
+    fn protected_operations_name_their_scheme() {
+        let d = doc();
+        let op = &d["paths"]["/v1/tokens"]["post"];
+        assert_eq!(op["security"][0][MERCHANT_API_KEY], serde_json::json!([]));
+        let op = &d["paths"]["/v1/merchants"]["post"];
+        assert_eq!(op["security"][0][ADMIN_TOKEN], serde_json::json!([]));
+        assert!(d["paths"]["/healthz"]["get"]["security"].is_null());
+    }
+}

@@ -1,0 +1,395 @@
+//! Merchant webhook routes: endpoints (`/v1/webhook-endpoints`) and the event log with delivery
+//! status (`/v1/events`). Thin adapters over [`crate::domain::webhooks::WebhookService`].
+//!
+//! The signing secret is in the body of the `201` that creates an endpoint and nowhere else.
+//! For `Idempotency-Key` replays the stored response is kept *without* it: the secret is put
+//! into the body on the way out, from the request that just created it or, for a replay, from
+//! the endpoint's sealed copy. So the idempotency store never holds a secret in clear.
+
+use std::sync::Arc;
+
+use axum::body::to_bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::AppState;
+use super::dto::rfc3339;
+use super::extract::{Body, MerchantAuth, parse_json};
+use super::idempotency::{Reply, key_from, run_idempotent};
+use super::problem::ApiError;
+use crate::domain::token::MerchantId;
+use crate::domain::webhooks::{DeliveryState, EventRecord, WebhookEndpoint, WebhookService};
+
+/// Default and largest page size of `GET /v1/events`.
+const DEFAULT_LIMIT: usize = 20;
+const MAX_LIMIT: usize = 100;
+/// Largest response body re-read to add the secret (it is a small JSON object).
+const MAX_CREATED_BODY: usize = 64 * 1024;
+
+fn service(state: &AppState) -> Result<Arc<WebhookService>, ApiError> {
+    state.services.webhooks.clone().ok_or_else(|| {
+        ApiError::unavailable(
+            "webhooks_unavailable",
+            "webhooks are not configured in this deployment",
+        )
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateEndpointRequest {
+    url: String,
+    events: Vec<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointView<'a> {
+    id: &'a str,
+    url: &'a str,
+    events: Vec<&'static str>,
+    created_at: String,
+}
+
+impl<'a> From<&'a WebhookEndpoint> for EndpointView<'a> {
+    fn from(ep: &'a WebhookEndpoint) -> Self {
+        EndpointView {
+            id: ep.id.as_str(),
+            url: &ep.url,
+            events: ep.events.iter().map(|e| e.as_str()).collect(),
+            created_at: rfc3339(ep.created_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct DeliveryView<'a> {
+    endpoint_id: &'a str,
+    status: &'static str,
+    attempts: u32,
+    last_attempt_at: Option<String>,
+    next_attempt_at: Option<String>,
+    delivered_at: Option<String>,
+    last_error: Option<&'a str>,
+    last_response_status: Option<u16>,
+}
+
+impl<'a> From<&'a DeliveryState> for DeliveryView<'a> {
+    fn from(d: &'a DeliveryState) -> Self {
+        DeliveryView {
+            endpoint_id: d.endpoint_id.as_str(),
+            status: d.status.as_str(),
+            attempts: d.attempts,
+            last_attempt_at: d.last_attempt_at.map(rfc3339),
+            next_attempt_at: d.next_attempt_at.map(rfc3339),
+            delivered_at: d.delivered_at.map(rfc3339),
+            last_error: d.last_error.as_deref(),
+            last_response_status: d.last_status,
+        }
+    }
+}
+
+/// An event with its delivery status: the summary (`status`, `attempts`, `lastError`) covers
+/// all endpoints, `deliveries` has one entry per endpoint.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventView<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'static str,
+    token_id: &'a str,
+    created_at: String,
+    status: &'static str,
+    attempts: u32,
+    last_error: Option<&'a str>,
+    deliveries: Vec<DeliveryView<'a>>,
+}
+
+impl<'a> From<&'a EventRecord> for EventView<'a> {
+    fn from(r: &'a EventRecord) -> Self {
+        let last_error = r
+            .deliveries
+            .iter()
+            .filter(|d| d.last_error.is_some())
+            .max_by_key(|d| d.last_attempt_at)
+            .and_then(|d| d.last_error.as_deref());
+        EventView {
+            id: r.event.id.as_str(),
+            event_type: r.event.event_type.as_str(),
+            token_id: r.event.token_id.as_str(),
+            created_at: rfc3339(r.event.created_at),
+            status: r.status().as_str(),
+            attempts: r.deliveries.iter().map(|d| d.attempts).sum(),
+            last_error,
+            deliveries: r.deliveries.iter().map(DeliveryView::from).collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Page<T> {
+    data: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+fn json(status: StatusCode, v: &impl Serialize) -> Response {
+    Reply::json(status, v).into_response()
+}
+
+// --- endpoints ---------------------------------------------------------------------------------
+
+pub async fn create_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let parts: [&[u8]; 3] = [b"POST", b"/v1/webhook-endpoints", &body];
+    let mut fresh: Option<Zeroizing<String>> = None;
+    let resp = run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+        let req: CreateEndpointRequest = match parse_json(&body) {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        match hooks
+            .create_endpoint(&merchant.id, &req.url, &req.events)
+            .await
+        {
+            Ok((ep, secret)) => {
+                fresh = Some(secret);
+                // Stored for replay as is: without the secret.
+                Reply::json(StatusCode::CREATED, &EndpointView::from(&ep))
+            }
+            Err(e) => ApiError::from(e).into(),
+        }
+    })
+    .await;
+    if resp.status() != StatusCode::CREATED {
+        return resp;
+    }
+    add_secret(&hooks, &merchant.id, resp, fresh).await
+}
+
+/// Puts `secret` into a `201` endpoint body: the one just generated, or for a replay the
+/// endpoint's own (opened from its sealed copy). A replay for an endpoint deleted since has no
+/// secret to show, and is answered as stored.
+async fn add_secret(
+    hooks: &WebhookService,
+    merchant: &MerchantId,
+    resp: Response,
+    fresh: Option<Zeroizing<String>>,
+) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = to_bytes(body, MAX_CREATED_BODY).await else {
+        return ApiError::internal().into_response();
+    };
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return ApiError::internal().into_response();
+    };
+    let secret = match fresh {
+        Some(s) => Some(s),
+        None => {
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            match hooks.get_endpoint(merchant, &id).await {
+                Ok(ep) => match hooks.endpoint_secret(&ep) {
+                    Ok(s) => Some(s),
+                    Err(e) => return ApiError::from(e).into_response(),
+                },
+                Err(_) => None,
+            }
+        }
+    };
+    if let (Some(s), Some(obj)) = (&secret, v.as_object_mut()) {
+        obj.insert("secret".into(), serde_json::Value::String(s.to_string()));
+    }
+    let out = Zeroizing::new(serde_json::to_string(&v).unwrap_or_default());
+    parts.headers.remove(header::CONTENT_LENGTH);
+    // A secret must not sit in any cache on the way.
+    parts
+        .headers
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Response::from_parts(parts, axum::body::Body::from(out.as_bytes().to_vec()))
+}
+
+pub async fn list_endpoints(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h.list_endpoints(&merchant.id).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(eps) => json(
+            StatusCode::OK,
+            &Page {
+                data: eps.iter().map(EndpointView::from).collect(),
+                next_cursor: None,
+            },
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn get_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h.get_endpoint(&merchant.id, &id).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(ep) => json(StatusCode::OK, &EndpointView::from(&ep)),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn delete_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h.delete_endpoint(&merchant.id, &id).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+// --- events ------------------------------------------------------------------------------------
+
+/// `?limit=&cursor=`; anything else is refused, so a typo does not silently return page one.
+fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError> {
+    let mut limit = DEFAULT_LIMIT;
+    let mut cursor = None;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            format!("limit must be an integer from 1 to {MAX_LIMIT}"),
+                        )
+                    })?;
+            }
+            Some(("cursor", v)) if !v.is_empty() => cursor = Some(v.to_owned()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "the query parameters are `limit` and `cursor`",
+                ));
+            }
+        }
+    }
+    Ok((limit, cursor))
+}
+
+pub async fn list_events(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let (limit, cursor) = match page_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    match hooks
+        .list_events(&merchant.id, cursor.as_deref(), limit)
+        .await
+    {
+        Ok((events, next)) => json(
+            StatusCode::OK,
+            &Page {
+                data: events.iter().map(EventView::from).collect(),
+                next_cursor: next.map(|n| n.as_str().to_owned()),
+            },
+        ),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+pub async fn get_event(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h.get_event(&merchant.id, &id).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(r) => json(StatusCode::OK, &EventView::from(&r)),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn redeliver_event(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let path = format!("/v1/events/{id}/redeliver");
+    let parts: [&[u8]; 2] = [b"POST", path.as_bytes()];
+    run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+        match hooks.redeliver(&merchant.id, &id).await {
+            Ok(r) => Reply::json(StatusCode::ACCEPTED, &EventView::from(&r)),
+            Err(e) => ApiError::from(e).into(),
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a failing test should stop loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_query_accepts_limit_and_cursor_only() {
+        assert_eq!(page_query(None).unwrap(), (DEFAULT_LIMIT, None));
+        assert_eq!(page_query(Some("")).unwrap(), (DEFAULT_LIMIT, None));
+        assert_eq!(
+            page_query(Some("limit=5&cursor=evt_x")).unwrap(),
+            (5, Some("evt_x".into()))
+        );
+        for bad in ["limit=0", "limit=101", "limit=x", "page=2", "limit"] {
+            let e = page_query(Some(bad)).unwrap_err();
+            assert_eq!(e.code, "invalid_query", "{bad}");
+        }
+    }
+}

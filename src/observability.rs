@@ -1,0 +1,322 @@
+//! Prometheus metrics: the process-wide recorder, every metric name, and the helpers the other
+//! layers call. `GET /metrics` (src/http/telemetry.rs) renders [`handle`].
+//!
+//! # Metrics
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `tokengate_http_requests_total` | counter | `method`, `route`, `status` |
+//! | `tokengate_http_request_duration_seconds` | histogram | `method`, `route`, `status` |
+//! | `tokengate_d1_calls_total` | counter | `operation`, `outcome` |
+//! | `tokengate_d1_call_duration_seconds` | histogram | `operation`, `outcome` (calls refused before sending are counted, not timed) |
+//! | `tokengate_store_operation_duration_seconds` | histogram | `operation`, `outcome` |
+//! | `tokengate_store_errors_total` | counter | `operation`, `kind` (`unavailable`, `corrupt`) |
+//! | `tokengate_token_transitions_total` | counter | `from`, `to` (`NONE` for created/removed) |
+//! | `tokengate_tokens` | gauge | `status` |
+//! | `tokengate_build_info` | gauge (always 1) | `version` |
+//!
+//! **Labels never carry a PAN, a token number, a token id, a merchant id or a key**: `route` is
+//! the route *template* (`/v1/tokens/{id}`, from axum's `MatchedPath`; `unmatched` for 404s),
+//! `method` is one of the standard methods or `OTHER`, and statuses outside the known set are
+//! reported as `OTHER` (a status string D1 invents must not grow the label set without bound).
+//!
+//! **`tokengate_tokens` is per process, adjusted on transitions** (no store scan per scrape):
+//! each instance adds one when it writes a token into a status and subtracts one when it
+//! writes a token out of it (`tokengate_token_transitions_total` counts the same writes). So it
+//! is the *net change this process made since it started*, which can be negative on an instance
+//! that mostly deletes. Summed over every instance it equals the number of tokens per status
+//! only if the instances have run since the store was empty; after a restart the gauge starts
+//! from 0 again. For rates and alerting use the counter; absolute counts per status would need
+//! counters kept by the store itself (not done).
+//!
+//! # One recorder per process
+//!
+//! The `metrics` facade has one global recorder per process. [`handle`] installs ours the first
+//! time it is called and every later call (another gateway in the same process, as the
+//! integration tests start dozens) shares it, so all gateways of one process render the same
+//! metrics. That is the right answer for one gateway per process (production) and acceptable
+//! for tests, which assert on metrics they caused (counters only go up).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::error::ProviderError;
+use crate::domain::token::TokenStatus;
+use crate::storage::StoreError;
+
+pub const HTTP_REQUESTS: &str = "tokengate_http_requests_total";
+pub const HTTP_DURATION: &str = "tokengate_http_request_duration_seconds";
+pub const D1_CALLS: &str = "tokengate_d1_calls_total";
+pub const D1_DURATION: &str = "tokengate_d1_call_duration_seconds";
+pub const STORE_DURATION: &str = "tokengate_store_operation_duration_seconds";
+pub const STORE_ERRORS: &str = "tokengate_store_errors_total";
+pub const TOKEN_TRANSITIONS: &str = "tokengate_token_transitions_total";
+pub const TOKENS: &str = "tokengate_tokens";
+pub const BUILD_INFO: &str = "tokengate_build_info";
+
+/// Histogram buckets (seconds) for every latency: 1 ms to 10 s, the range between an embedded
+/// store read and a D1 call at its time budget.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide recorder's handle; installs the recorder on first use (see the module docs).
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new();
+        let builder = builder
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "metrics: invalid histogram buckets; using summaries");
+                PrometheusBuilder::new()
+            });
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::error!(
+                "metrics: another recorder is already installed in this process; /metrics will be empty"
+            );
+        }
+        describe();
+        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
+    })
+}
+
+/// Installs the recorder (idempotent). Called when a gateway is built, before anything records.
+pub fn init() {
+    let _ = handle();
+}
+
+/// Drains histogram buckets; the exporter leaves this to us because we run no exporter task.
+/// Cheap; `Gateway::run` calls it every few seconds.
+pub fn run_upkeep() {
+    handle().run_upkeep();
+}
+
+fn describe() {
+    describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests answered, by method, route template and status"
+    );
+    describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "HTTP request latency, by method, route template and status"
+    );
+    describe_counter!(
+        D1_CALLS,
+        "D1 API calls (all attempts of one call count once), by operation and outcome"
+    );
+    describe_histogram!(
+        D1_DURATION,
+        metrics::Unit::Seconds,
+        "D1 API call latency including retries, by operation and outcome"
+    );
+    describe_histogram!(
+        STORE_DURATION,
+        metrics::Unit::Seconds,
+        "Token store operation latency, by operation and outcome"
+    );
+    describe_counter!(
+        STORE_ERRORS,
+        "Token store failures (backend unavailable or corrupt record), by operation and kind"
+    );
+    describe_counter!(
+        TOKEN_TRANSITIONS,
+        "Token status changes written by this process (NONE: created or removed)"
+    );
+    describe_gauge!(
+        TOKENS,
+        "Net change in tokens per status made by this process since it started (see docs)"
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build");
+}
+
+// --- HTTP ------------------------------------------------------------------------------------
+
+/// The `method` label: standard methods as they are, anything else `OTHER` (a client can send
+/// any token as a method; it must not become a label value).
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// One answered HTTP request. `route` is a route template or `unmatched`, never a raw path.
+pub fn record_http(method: &'static str, route: &str, status: u16, elapsed: Duration) {
+    let route = route.to_owned();
+    let status = status_label(status);
+    counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)
+        .increment(1);
+    histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Status codes are a small closed set; `&'static str` avoids an allocation per request.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 200 => "1xx",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+// --- D1 --------------------------------------------------------------------------------------
+
+/// The `outcome` label of a D1 call.
+pub fn provider_outcome(result: Result<(), &ProviderError>) -> &'static str {
+    match result {
+        Ok(()) => "ok",
+        Err(ProviderError::Unavailable { .. }) => "unavailable",
+        Err(ProviderError::Timeout) => "timeout",
+        Err(ProviderError::Rejected { .. }) => "rejected",
+        Err(ProviderError::NotFound) => "not_found",
+        Err(ProviderError::BadResponse(_)) => "bad_response",
+        Err(ProviderError::NotConfigured) => "not_configured",
+    }
+}
+
+/// A D1 call that was sent (with its retries) and finished, one way or another.
+pub fn record_d1_call(operation: &'static str, outcome: &'static str, elapsed: Duration) {
+    counter!(D1_CALLS, "operation" => operation, "outcome" => outcome).increment(1);
+    histogram!(D1_DURATION, "operation" => operation, "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+}
+
+/// A D1 call refused before anything was sent (`concurrency_limit`, `circuit_open`): counted,
+/// not timed (its latency would say nothing about D1).
+pub fn record_d1_refused(operation: &'static str, reason: &'static str) {
+    counter!(D1_CALLS, "operation" => operation, "outcome" => reason).increment(1);
+}
+
+// --- store -----------------------------------------------------------------------------------
+
+/// One store operation. `Conflict` and `NotFound` are normal answers (optimistic concurrency,
+/// idempotent removes) and only appear as outcomes; `Unavailable` and `Corrupt` also count as
+/// errors.
+pub fn record_store_op(operation: &'static str, result: Result<(), &StoreError>, elapsed: Duration) {
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(StoreError::Conflict) => "conflict",
+        Err(StoreError::NotFound) => "not_found",
+        Err(StoreError::Unavailable(_)) => "unavailable",
+        Err(StoreError::Corrupt(_)) => "corrupt",
+    };
+    histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+    if matches!(outcome, "unavailable" | "corrupt") {
+        counter!(STORE_ERRORS, "operation" => operation, "kind" => outcome).increment(1);
+    }
+}
+
+// --- tokens ----------------------------------------------------------------------------------
+
+/// The `status` label: the statuses we know, `OTHER` for whatever else D1 sends.
+pub fn token_status_label(s: &TokenStatus) -> &'static str {
+    match s {
+        TokenStatus::Pending => "PENDING",
+        TokenStatus::Active => "ACTIVE",
+        TokenStatus::Suspended => "SUSPENDED",
+        TokenStatus::Inactive => "INACTIVE",
+        TokenStatus::Expired => "EXPIRED",
+        TokenStatus::Deleted => "DELETED",
+        TokenStatus::Unknown(_) => "OTHER",
+    }
+}
+
+/// A token write that succeeded: `None` before means created, `None` after means removed.
+/// A write that keeps the status is not a transition and records nothing.
+pub fn token_transition(before: Option<&TokenStatus>, after: Option<&TokenStatus>) {
+    let from = before.map_or("NONE", token_status_label);
+    let to = after.map_or("NONE", token_status_label);
+    if from == to {
+        return;
+    }
+    counter!(TOKEN_TRANSITIONS, "from" => from, "to" => to).increment(1);
+    if before.is_some() {
+        gauge!(TOKENS, "status" => from).decrement(1.0);
+    }
+    if after.is_some() {
+        gauge!(TOKENS, "status" => to).increment(1.0);
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failing test should stop loudly"
+)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_statuses_and_methods_collapse() {
+        assert_eq!(
+            token_status_label(&TokenStatus::Unknown("tok_secret".into())),
+            "OTHER"
+        );
+        let m = http::Method::from_bytes(b"X-TOK-123").unwrap();
+        assert_eq!(method_label(&m), "OTHER");
+        assert_eq!(status_label(299), "2xx");
+        assert_eq!(status_label(404), "404");
+    }
+
+    #[test]
+    fn recorder_renders_build_info_and_transitions() {
+        let h = handle();
+        token_transition(None, Some(&TokenStatus::Pending));
+        token_transition(Some(&TokenStatus::Pending), Some(&TokenStatus::Active));
+        // Same status: not a transition.
+        token_transition(Some(&TokenStatus::Active), Some(&TokenStatus::Active));
+        let text = h.render();
+        assert!(
+            text.contains(&format!(
+                "tokengate_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("tokengate_token_transitions_total{from=\"PENDING\",to=\"ACTIVE\"}"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("from=\"ACTIVE\",to=\"ACTIVE\""),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,453 @@
+//! Drift test of `GET /openapi.json`: real responses of a running gateway (sandbox mode, the
+//! in-process D1 simulator) must validate against the schemas the document declares for their
+//! path, method and status, and the document and the router must list the same routes.
+//!
+//! Validation is strict where utoipa is lenient: every object schema of the document gets
+//! `additionalProperties: false` before validating, so a response field the document does not
+//! declare fails the test, not only a missing or mistyped one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use reqwest::{Method, Response};
+use serde_json::{Value, json};
+
+use crate::support::app::{ADMIN, Backend, TestApp, card_body};
+
+const VISA: &str = "4111111111111111";
+const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The document plus the checks made against it.
+struct Contract {
+    doc: Value,
+    /// `components` with every object schema closed (see the module docs).
+    strict_components: Value,
+    /// (method, path template, status) of every response validated.
+    seen: BTreeSet<(String, String, u16)>,
+}
+
+/// Adds `additionalProperties: false` to every schema with `properties` that does not say
+/// otherwise.
+fn close_objects(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            for child in map.values_mut() {
+                close_objects(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
+    }
+}
+
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+impl Contract {
+    async fn fetch(app: &TestApp) -> Contract {
+        let r = app
+            .client
+            .get(app.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            essence(r.headers()["content-type"].to_str().unwrap()),
+            "application/json"
+        );
+        let doc: Value = r.json().await.unwrap();
+        assert_eq!(doc["openapi"], "3.1.0", "OpenAPI 3.1");
+        let mut strict_components = doc["components"].clone();
+        close_objects(&mut strict_components);
+        Contract {
+            doc,
+            strict_components,
+            seen: BTreeSet::new(),
+        }
+    }
+
+    /// Validates a real response against the document: the status must be documented for this
+    /// operation, the content type must be the documented one, and the body must match its
+    /// schema. Returns the body (JSON, or a JSON string for non-JSON bodies).
+    async fn check(&mut self, method: &str, template: &str, r: Response) -> Value {
+        let status = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(essence)
+            .unwrap_or_default();
+        let text = r.text().await.unwrap();
+        let op = &self.doc["paths"][template][method.to_ascii_lowercase()];
+        assert!(op.is_object(), "{method} {template} is not in the document");
+        let resp = &op["responses"][status.to_string()];
+        assert!(
+            resp.is_object(),
+            "{method} {template} answered {status}, which the document does not list: {text}"
+        );
+        let content = resp["content"].as_object().unwrap_or_else(|| {
+            panic!("{method} {template} {status}: the document declares no body")
+        });
+        let (media, spec) = content
+            .iter()
+            .find(|(m, _)| essence(m) == ct)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{method} {template} {status}: content type {ct:?} not documented (documented: {:?})",
+                    content.keys().collect::<Vec<_>>()
+                )
+            });
+        let body: Value = if media.ends_with("json") {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {template}: {e}"))
+        } else {
+            Value::String(text)
+        };
+        let mut root = spec["schema"].clone();
+        close_objects(&mut root);
+        let Value::Object(map) = &mut root else {
+            panic!("{method} {template} {status}: schema is not an object")
+        };
+        map.insert("components".into(), self.strict_components.clone());
+        let validator = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft202012)
+            .should_validate_formats(true)
+            .build(&root)
+            .unwrap_or_else(|e| panic!("{method} {template} {status}: bad schema: {e}"));
+        let errors: Vec<String> = validator
+            .iter_errors(&body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {template} {status}: body does not match the document: {errors:#?}\nbody: {body}"
+        );
+        self.seen
+            .insert((method.to_owned(), template.to_owned(), status));
+        body
+    }
+
+    /// Every (method, path) the document lists.
+    fn operations(&self) -> BTreeSet<(String, String)> {
+        let mut ops = BTreeSet::new();
+        for (path, item) in self.doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                    ops.insert((method.to_ascii_uppercase(), path.clone()));
+                }
+            }
+        }
+        ops
+    }
+}
+
+/// Problem bodies must also carry the code the test expects.
+fn assert_code(body: &Value, code: &str) {
+    assert_eq!(body["code"], code, "{body}");
+}
+
+async fn send(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<Value>,
+) -> Response {
+    let mut rb = app.client.request(method, app.url(path));
+    if let Some(b) = bearer {
+        rb = rb.bearer_auth(b);
+    }
+    if let Some(v) = body {
+        rb = rb.json(&v);
+    }
+    rb.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_responses_match_the_document() {
+    let app = TestApp::start(Backend::Embedded).await;
+    let mut c = Contract::fetch(&app).await;
+
+    // Operations.
+    let r = send(&app, Method::GET, "/healthz", None, None).await;
+    assert_eq!(c.check("GET", "/healthz", r).await["status"], "ok");
+    let r = send(&app, Method::GET, "/readyz", None, None).await;
+    assert_eq!(c.check("GET", "/readyz", r).await["status"], "ready");
+    let r = send(&app, Method::GET, "/openapi.json", None, None).await;
+    c.check("GET", "/openapi.json", r).await;
+
+    // Merchants.
+    let body = json!({"name": "Acme"});
+    let r = send(&app, Method::POST, "/v1/merchants", Some("wrong"), Some(body.clone())).await;
+    assert_code(&c.check("POST", "/v1/merchants", r).await, "unauthorized");
+    let r = send(&app, Method::POST, "/v1/merchants", Some(ADMIN), Some(body)).await;
+    let m = c.check("POST", "/v1/merchants", r).await;
+    assert!(m["d1MerchantId"].is_string(), "{m}");
+    let key = m["apiKey"].as_str().unwrap().to_owned();
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/merchants",
+        Some(ADMIN),
+        Some(json!({"name": ""})),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/merchants", r).await,
+        "invalid_merchant_name",
+    );
+
+    // Tokens: 201, then 200 for the same card.
+    let k = Some(key.as_str());
+    let r = send(&app, Method::POST, "/v1/tokens", k, Some(card_body(VISA, 12, 2030))).await;
+    assert_eq!(r.status(), 201);
+    let t = c.check("POST", "/v1/tokens", r).await;
+    assert_eq!(t["status"], "ACTIVE", "{t}");
+    assert!(t["networkToken"].is_object(), "{t}");
+    let id = t["id"].as_str().unwrap().to_owned();
+    let r = send(&app, Method::POST, "/v1/tokens", k, Some(card_body(VISA, 12, 2030))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(c.check("POST", "/v1/tokens", r).await["id"], id.as_str());
+    let r = send(&app, Method::GET, &format!("/v1/tokens/{id}"), k, None).await;
+    c.check("GET", "/v1/tokens/{id}", r).await;
+
+    // Token problems: 400, 401, 404, 415, 422.
+    let r = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_code(&c.check("POST", "/v1/tokens", r).await, "malformed_json");
+    let r = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&key)
+        .header("content-type", "text/plain")
+        .body("number=4111")
+        .send()
+        .await
+        .unwrap();
+    assert_code(
+        &c.check("POST", "/v1/tokens", r).await,
+        "unsupported_media_type",
+    );
+    let r = send(&app, Method::POST, "/v1/tokens", None, Some(card_body(VISA, 12, 2030))).await;
+    assert_code(&c.check("POST", "/v1/tokens", r).await, "unauthorized");
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/tokens",
+        k,
+        Some(card_body("4111111111111112", 12, 2030)),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/tokens", r).await,
+        "invalid_card_number_luhn",
+    );
+    let r = send(&app, Method::GET, "/v1/tokens/tok_AAAAAAAAAAAAAAAAAAAAAA", k, None).await;
+    assert_code(
+        &c.check("GET", "/v1/tokens/{id}", r).await,
+        "token_not_found",
+    );
+
+    // Idempotency: the same key with another body.
+    let first = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "drift-1")
+        .json(&card_body("5555555555554444", 12, 2030))
+        .send()
+        .await
+        .unwrap();
+    c.check("POST", "/v1/tokens", first).await;
+    let reused = app
+        .client
+        .post(app.url("/v1/tokens"))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "drift-1")
+        .json(&card_body(VISA, 11, 2031))
+        .send()
+        .await
+        .unwrap();
+    assert_code(
+        &c.check("POST", "/v1/tokens", reused).await,
+        "idempotency_key_reused",
+    );
+
+    // Cryptograms and the lifecycle.
+    let crypto_path = format!("/v1/tokens/{id}/cryptograms");
+    let cit = json!({"transactionType": "CIT", "amount": {"value": 1299, "currency": "EUR"}});
+    let r = send(&app, Method::POST, &crypto_path, k, Some(cit.clone())).await;
+    assert_eq!(r.status(), 201);
+    c.check("POST", "/v1/tokens/{id}/cryptograms", r).await;
+    let bad_amount = json!({"transactionType": "CIT", "amount": {"value": 1, "currency": "eur"}});
+    let r = send(&app, Method::POST, &crypto_path, k, Some(bad_amount)).await;
+    assert_code(
+        &c.check("POST", "/v1/tokens/{id}/cryptograms", r).await,
+        "invalid_amount",
+    );
+    let r = send(&app, Method::POST, &format!("/v1/tokens/{id}/suspend"), k, None).await;
+    assert_eq!(
+        c.check("POST", "/v1/tokens/{id}/suspend", r).await["status"],
+        "SUSPENDED"
+    );
+    let r = send(&app, Method::POST, &crypto_path, k, Some(cit)).await;
+    assert_code(
+        &c.check("POST", "/v1/tokens/{id}/cryptograms", r).await,
+        "token_suspended",
+    );
+    let r = send(&app, Method::POST, &format!("/v1/tokens/{id}/resume"), k, None).await;
+    assert_eq!(
+        c.check("POST", "/v1/tokens/{id}/resume", r).await["status"],
+        "ACTIVE"
+    );
+    let r = send(&app, Method::DELETE, &format!("/v1/tokens/{id}"), k, None).await;
+    assert_eq!(
+        c.check("DELETE", "/v1/tokens/{id}", r).await["status"],
+        "DELETED"
+    );
+    let r = send(&app, Method::POST, &format!("/v1/tokens/{id}/suspend"), k, None).await;
+    assert_code(
+        &c.check("POST", "/v1/tokens/{id}/suspend", r).await,
+        "token_deleted",
+    );
+
+    // Metrics last, so it has seen the traffic above.
+    let r = send(&app, Method::GET, "/metrics", None, None).await;
+    let text = c.check("GET", "/metrics", r).await;
+    assert!(
+        text.as_str()
+            .unwrap()
+            .contains("tokengate_http_requests_total"),
+        "{text}"
+    );
+
+    // Every operation of the document was exercised above, so each one's schema has been held
+    // against a real answer (webhook and D1-facing operations are covered below by probing).
+    let exercised: BTreeSet<(String, String)> =
+        c.seen.iter().map(|(m, p, _)| (m.clone(), p.clone())).collect();
+    let own: BTreeSet<(String, String)> = c
+        .operations()
+        .into_iter()
+        .filter(|(_, p)| {
+            p.starts_with("/v1/tokens")
+                || p.starts_with("/v1/merchants")
+                || ["/healthz", "/readyz", "/metrics", "/openapi.json"].contains(&p.as_str())
+        })
+        .collect();
+    let missing: Vec<_> = own.difference(&exercised).collect();
+    assert!(missing.is_empty(), "documented but never exercised: {missing:?}");
+}
+
+/// The `.route("...")` paths of the router, read from the source of src/http. A router built
+/// some other way (`nest`, `merge` of another router) fails the test rather than slip by.
+fn routed_paths() -> BTreeSet<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/http");
+    let mut paths = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let file = entry.unwrap().path();
+        if file.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let src = std::fs::read_to_string(&file).unwrap();
+        for banned in [".nest(", ".nest_service(", ".merge("] {
+            assert!(
+                !src.contains(banned),
+                "{}: `{banned}` is not understood by this test; teach routed_paths() about it",
+                file.display()
+            );
+        }
+        let mut rest = src.as_str();
+        while let Some(i) = rest.find(".route(") {
+            rest = rest[i + ".route(".len()..].trim_start();
+            let lit = rest
+                .strip_prefix('"')
+                .and_then(|r| r.split_once('"'))
+                .map(|(p, _)| p.to_owned())
+                .unwrap_or_else(|| panic!("{}: .route( without a literal path", file.display()));
+            paths.insert(lit);
+        }
+    }
+    assert!(paths.contains("/v1/tokens"), "source scan found {paths:?}");
+    paths
+}
+
+/// Fills `{param}` segments with a value no route treats specially.
+fn concrete(template: &str) -> String {
+    template
+        .split('/')
+        .map(|seg| {
+            if seg.starts_with('{') && seg.ends_with('}') {
+                "x1"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_is_documented_and_every_documented_route_exists() {
+    let app = TestApp::start(Backend::Embedded).await;
+    let c = Contract::fetch(&app).await;
+    let documented = c.operations();
+    let doc_paths: BTreeSet<String> = documented.iter().map(|(_, p)| p.clone()).collect();
+
+    // Every path of the router is in the document.
+    let routed = routed_paths();
+    let undocumented: Vec<_> = routed.difference(&doc_paths).collect();
+    assert!(undocumented.is_empty(), "routes missing from /openapi.json: {undocumented:?}");
+
+    // For every path, the methods the router accepts are exactly the documented ones: an
+    // undocumented method answers 405, a documented one anything but 405 or 404 route_not_found.
+    // No credentials are sent, so nothing is changed by these probes.
+    let mut answers: BTreeMap<(String, String), u16> = BTreeMap::new();
+    for path in &routed {
+        for method in ["GET", "POST", "PUT", "PATCH", "DELETE"] {
+            let r = app
+                .client
+                .request(
+                    Method::from_bytes(method.as_bytes()).unwrap(),
+                    app.url(&concrete(path)),
+                )
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            let is_doc = documented.contains(&(method.to_owned(), path.clone()));
+            if is_doc {
+                assert!(
+                    status != 405 && !body.contains("route_not_found"),
+                    "{method} {path} is documented but not routed ({status})"
+                );
+            } else {
+                assert_eq!(status, 405, "{method} {path} is routed but not documented: {body}");
+            }
+            answers.insert((method.to_owned(), path.clone()), status);
+        }
+    }
+    // And the document lists nothing the router does not serve.
+    for (method, path) in &documented {
+        assert!(
+            answers.contains_key(&(method.clone(), path.clone())),
+            "{method} {path} is documented but no `.route(\"{path}\")` exists"
+        );
+    }
+}
