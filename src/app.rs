@@ -40,6 +40,8 @@ pub enum AppError {
     D1(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::http::listener::TlsLoadError),
 }
 
 /// Everything a running gateway holds, besides the listener.
@@ -54,6 +56,8 @@ pub struct Gateway {
     pub reconciler: Option<Reconciler>,
     /// Merchant webhook delivery, run in the background by [`Gateway::run`].
     pub webhooks: WebhookWorker,
+    /// The listener's TLS (`[server.tls]`), reloaded by [`Gateway::run`]; `None`: plain HTTP.
+    pub tls: Option<Arc<crate::http::listener::ReloadableTls>>,
 }
 
 /// The webhook service and the HTTP client its delivery worker sends with.
@@ -130,6 +134,33 @@ fn key_material(cfg: &Config) -> KeyMaterial {
     }
 }
 
+/// The listener's TLS from `[server.tls]`; without it plain HTTP, loudly refused as a
+/// default outside sandbox mode (card data and API keys would cross the network in clear
+/// unless TLS is terminated in front of the gateway).
+fn listener_tls(
+    cfg: &Config,
+) -> Result<Option<Arc<crate::http::listener::ReloadableTls>>, AppError> {
+    match &cfg.server.tls {
+        Some(t) => {
+            let tls = crate::http::listener::ReloadableTls::load(t)?;
+            tracing::info!(
+                mutual_tls = t.require_client_cert,
+                client_ca = t.client_ca_file.is_some(),
+                "HTTPS listener (TLS 1.2/1.3, h2 and http/1.1)"
+            );
+            Ok(Some(tls))
+        }
+        None => {
+            if cfg.mode != Mode::Sandbox {
+                tracing::warn!(
+                    "!!! PLAIN HTTP LISTENER: [server.tls] is not configured. API keys and card numbers cross the network in clear unless TLS is terminated in front of this gateway. !!!"
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
     Ok(open_stores(cfg).await?.0)
 }
@@ -198,6 +229,8 @@ impl Gateway {
         cfg.validate()?;
         // Before anything records a metric (once per process; see src/observability.rs).
         crate::observability::init();
+        // Certificates first: a bad file should stop start-up before anything is opened.
+        let tls = listener_tls(cfg)?;
         let keyring = Arc::new(Keyring::new(&key_material(cfg))?);
         let (store, lifecycle_store, outbox_store) = open_stores(cfg).await?;
         // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
@@ -295,6 +328,7 @@ impl Gateway {
             grace: Duration::from_millis(cfg.server.shutdown_grace_ms),
             reconciler,
             webhooks,
+            tls,
         })
     }
 
@@ -332,8 +366,16 @@ impl Gateway {
             });
             AbortOnDrop(Some(tokio::spawn(worker)))
         };
+        // Certificate reloads (SIGHUP, file changes) until the signal; registered before serving
+        // so a SIGHUP that reaches a serving gateway always reloads.
+        let _reloading = self.tls.clone().map(|tls| {
+            let mut rx = stop_rx.clone();
+            AbortOnDrop(Some(tokio::spawn(tls.watch(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }))))
+        });
         let mut serve_rx = stop_rx.clone();
-        let serve = crate::http::serve(listener, router, async move {
+        let serve = crate::http::serve(listener, router, self.tls.clone(), async move {
             let _ = serve_rx.wait_for(|s| *s).await;
         });
         let grace = self.grace;
@@ -439,6 +481,13 @@ async fn d1_provider(
                 target.set_ip(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
             }
             let mut notify_target = NotifyTarget::http(format!("http://{target}"));
+            // An HTTPS gateway: the simulator trusts the certificates of `cert_file` (put the
+            // issuing CA in the chain file, or use a self-signed certificate). It presents no
+            // client certificate, so with `require_client_cert` its notifications are refused.
+            if let Some(t) = &cfg.server.tls {
+                notify_target.base_url = format!("https://{target}");
+                notify_target.ca_pem = std::fs::read_to_string(&t.cert_file).ok();
+            }
             notify_target.oauth = notify.map(|c| (c.client_id.clone(), c.client_secret.clone()));
             sim_cfg.notify = Some(notify_target);
             let api = TcpListener::bind(cfg.sim.listen).await?;

@@ -113,6 +113,36 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     pub max_concurrency: usize,
     pub shutdown_grace_ms: u64,
+    /// HTTPS on the listener. Absent (the default): plain HTTP, with a loud warning outside
+    /// sandbox mode.
+    #[serde(default)]
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: the gateway's own TLS (rustls, TLS 1.2 and 1.3, ALPN h2 and http/1.1).
+/// The files are re-read on SIGHUP and whenever their content changes (checked every
+/// `reload_interval_ms`), so a renewed certificate needs no restart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1) of the leaf.
+    pub key_file: PathBuf,
+    /// PEM CA bundle for client certificates (mutual TLS with PSP clients).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate chaining to `client_ca_file`. With a CA and this
+    /// off, a certificate is asked for and verified when presented, but not required.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// How often the files are checked for changes; 0 = only on SIGHUP.
+    #[serde(default = "default_tls_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+}
+
+fn default_tls_reload_interval_ms() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +198,9 @@ pub struct D1Section {
     pub max_concurrency: usize,
     pub breaker_failure_threshold: u32,
     pub breaker_open_ms: u64,
+    /// Path templates of the D1 API (`[d1.paths]`); defaults in docs/d1-protocol.md.
+    #[serde(default)]
+    pub paths: crate::d1::D1Paths,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -280,6 +313,15 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be positive"));
+        }
+        if let Some(t) = &self.server.tls
+            && t.require_client_cert
+            && t.client_ca_file.is_none()
+        {
+            return Err(invalid(
+                "server.tls.client_ca_file",
+                "needed with server.tls.require_client_cert = true",
+            ));
         }
         if let Some(u) = &self.storage.redis_url
             && !(u.starts_with("redis://") || u.starts_with("rediss://"))
@@ -553,6 +595,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.max_concurrency"), "{e}");
+    }
+
+    #[test]
+    fn server_tls_from_env_and_its_rules() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert!(c.server.tls.is_none(), "plain HTTP by default");
+        let c = Config::load_with_env(
+            None,
+            &env(&[
+                ("TOKENGATE__SERVER__TLS__CERT_FILE", "/etc/tg/cert.pem"),
+                ("TOKENGATE__SERVER__TLS__KEY_FILE", "/etc/tg/key.pem"),
+            ]),
+        )
+        .unwrap();
+        let t = c.server.tls.as_ref().unwrap();
+        assert_eq!(t.cert_file, PathBuf::from("/etc/tg/cert.pem"));
+        assert!(!t.require_client_cert && t.client_ca_file.is_none());
+        assert_eq!(t.reload_interval_ms, 5000);
+        c.validate().unwrap();
+        let c = Config::load_with_env(
+            None,
+            &env(&[
+                ("TOKENGATE__SERVER__TLS__CERT_FILE", "c"),
+                ("TOKENGATE__SERVER__TLS__KEY_FILE", "k"),
+                ("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"),
+            ]),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.tls.client_ca_file"), "{e}");
+        let e = Config::load_with_env(None, &env(&[("TOKENGATE__SERVER__TLS__CERT_FILE", "c")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_file"), "{e}");
     }
 
     #[test]

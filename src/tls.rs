@@ -2,8 +2,8 @@
 //!
 //! One place decides the TLS policy: the `ring` provider (the only one compiled in), TLS 1.2 and
 //! 1.3 only (what D1 requires), certificates and keys from PEM. Client certificates, when
-//! required, must chain to the configured CA; there is no "optional client auth" mode because
-//! every mTLS endpoint here (D1, the simulator) requires one.
+//! required, must chain to the configured CA. Only the gateway's own listener may also ask for
+//! one without requiring it ([`ClientAuth::Optional`]); D1 and the simulator always require one.
 
 use std::sync::Arc;
 
@@ -76,21 +76,54 @@ pub fn server_config(
     client_ca_pem: Option<&str>,
     alpn_h2: bool,
 ) -> Result<ServerConfig, TlsError> {
+    let client_auth = match client_ca_pem {
+        Some(ca) => ClientAuth::Required(ca),
+        None => ClientAuth::None,
+    };
+    server_config_with_client_auth(cert_pem, key_pem, client_auth, alpn_h2)
+}
+
+/// Which client certificates a server asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum ClientAuth<'a> {
+    /// None asked for.
+    None,
+    /// Asked for; a client without one is served, a client with one that does not chain to this
+    /// CA bundle (PEM) is refused. Only the gateway's own listener offers this
+    /// (`server.tls.require_client_cert = false` with a `client_ca_file`).
+    Optional(&'a str),
+    /// Required, chaining to this CA bundle (PEM): mutual TLS.
+    Required(&'a str),
+}
+
+/// [`server_config`] with the client-certificate policy spelled out.
+pub fn server_config_with_client_auth(
+    cert_pem: &str,
+    key_pem: &str,
+    client_auth: ClientAuth<'_>,
+    alpn_h2: bool,
+) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let certs = certs_from_pem(cert_pem, "server certificate")?;
     let key = key_from_pem(key_pem, "server key")?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| TlsError::Rustls("protocol versions", e))?;
-    let builder = match client_ca_pem {
-        Some(ca) => {
+    let builder = match client_auth {
+        ClientAuth::Required(ca) | ClientAuth::Optional(ca) => {
             let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider)
-                    .build()
-                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider);
+            let verifier = if matches!(client_auth, ClientAuth::Optional(_)) {
+                verifier.allow_unauthenticated()
+            } else {
+                verifier
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
-        None => builder.with_no_client_auth(),
+        ClientAuth::None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(certs, key)

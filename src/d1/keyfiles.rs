@@ -22,7 +22,7 @@ use std::path::Path;
 
 use secrecy::{ExposeSecret, SecretString};
 
-use super::client::{D1Config, D1Paths};
+use super::client::D1Config;
 use crate::config::{ConfigError, D1Section};
 use crate::devkeys::DevMaterial;
 
@@ -134,7 +134,7 @@ impl D1Config {
             client_cert_pem: m.client_cert_pem,
             client_key_pem: m.client_key_pem,
             ca_pem: m.ca_pem,
-            paths: D1Paths::default(),
+            paths: d1.paths.clone(),
             call_timeout: std::time::Duration::from_millis(d1.call_timeout_ms),
             max_retries: d1.max_retries,
             max_concurrency: d1.max_concurrency,

@@ -6,6 +6,7 @@
 pub mod dto;
 pub mod extract;
 pub mod idempotency;
+pub mod listener;
 pub mod notify;
 pub mod openapi;
 pub mod problem;
@@ -91,11 +92,22 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets in-flight requests finish.
-pub async fn serve<F>(listener: TcpListener, router: Router, shutdown: F) -> std::io::Result<()>
+/// HTTPS with `tls` (src/http/listener.rs), plain HTTP without.
+pub async fn serve<F>(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<Arc<listener::ReloadableTls>>,
+    shutdown: F,
+) -> std::io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    match tls {
+        Some(tls) => listener::serve_tls(listener, router, tls, shutdown).await,
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }

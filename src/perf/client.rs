@@ -37,7 +37,10 @@ impl Conn {
     }
 
     /// Sends one request and reads the whole response body.
-    pub async fn send(&mut self, mut req: Request<ReqBody>) -> Result<(StatusCode, Bytes), BoxError> {
+    pub async fn send(
+        &mut self,
+        mut req: Request<ReqBody>,
+    ) -> Result<(StatusCode, Bytes), BoxError> {
         req.headers_mut().insert(header::HOST, self.host.clone());
         self.sender.ready().await?;
         let resp = self.sender.send_request(req).await?;

@@ -59,6 +59,10 @@ pub struct Filled {
     pub sample: Vec<String>,
 }
 
+#[expect(
+    clippy::field_reassign_with_default,
+    reason = "a field added to RedisConfig later keeps its default here"
+)]
 pub fn redis_config(url: &str, cluster_nodes: &[String], key_prefix: &str) -> RedisConfig {
     let mut cfg = RedisConfig::default();
     cfg.url = url.to_owned();
@@ -70,7 +74,11 @@ pub fn redis_config(url: &str, cluster_nodes: &[String], key_prefix: &str) -> Re
     cfg
 }
 
-fn record(keyring: &Keyring, merchant: &MerchantId, now: OffsetDateTime) -> Result<TokenRecord, BoxError> {
+fn record(
+    keyring: &Keyring,
+    merchant: &MerchantId,
+    now: OffsetDateTime,
+) -> Result<TokenRecord, BoxError> {
     let pan: Pan = random_pan().parse()?;
     let expiry = Expiry::trusted(EXPIRY_MONTH, EXPIRY_YEAR).ok_or("bad fill expiry")?;
     let id = TokenId::generate();
@@ -151,7 +159,14 @@ pub async fn fill(
 pub async fn run(args: Args) -> Result<(), BoxError> {
     let merchant = MerchantId::parse(&args.merchant_id).ok_or("malformed --merchant-id")?;
     let cfg = redis_config(&args.redis_url, &args.cluster_nodes, &args.key_prefix);
-    let f = fill(&cfg, &merchant, args.count, args.sample_every, args.concurrency).await?;
+    let f = fill(
+        &cfg,
+        &merchant,
+        args.count,
+        args.sample_every,
+        args.concurrency,
+    )
+    .await?;
     println!(
         "inserted {} tokens ({} random-PAN collisions skipped) in {:.1} s ({:.0}/s)",
         f.inserted,

@@ -516,34 +516,33 @@ impl Ctx {
     async fn tokenize_cards(&mut self, gw: &Gateway, n: usize) -> Result<(), BoxError> {
         let addr = gw.addr;
         let key = self.api_key.clone();
-        let results: Vec<Result<(String, String, bool), BoxError>> =
-            futures::stream::iter(0..n)
-                .map(|_| {
-                    let key = key.clone();
-                    async move {
-                        let pan = loadgen::random_pan();
-                        let (status, body) = client::once(
-                            addr,
-                            Method::POST,
-                            "/v1/tokens",
-                            Some(&key),
-                            Some(tokenize_body(&pan)),
-                        )
-                        .await?;
-                        if status != StatusCode::CREATED {
-                            return Err(BoxError::from(format!(
-                                "tokenize during set-up: {status} {}",
-                                String::from_utf8_lossy(&body)
-                            )));
-                        }
-                        let v: serde_json::Value = serde_json::from_slice(&body)?;
-                        let id = v["id"].as_str().unwrap_or_default().to_owned();
-                        Ok((id, pan, v["status"] == "ACTIVE"))
+        let results: Vec<Result<(String, String, bool), BoxError>> = futures::stream::iter(0..n)
+            .map(|_| {
+                let key = key.clone();
+                async move {
+                    let pan = loadgen::random_pan();
+                    let (status, body) = client::once(
+                        addr,
+                        Method::POST,
+                        "/v1/tokens",
+                        Some(&key),
+                        Some(tokenize_body(&pan)),
+                    )
+                    .await?;
+                    if status != StatusCode::CREATED {
+                        return Err(BoxError::from(format!(
+                            "tokenize during set-up: {status} {}",
+                            String::from_utf8_lossy(&body)
+                        )));
                     }
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
+                    let v: serde_json::Value = serde_json::from_slice(&body)?;
+                    let id = v["id"].as_str().unwrap_or_default().to_owned();
+                    Ok((id, pan, v["status"] == "ACTIVE"))
+                }
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
         let mut ids = Vec::new();
         let mut pans = Vec::new();
         for r in results {
@@ -771,7 +770,7 @@ fn thousands(v: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -908,7 +907,12 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     let (bare, bare_addr) = ctx.start_bare()?;
     let bare_idle = bare.rss_kib();
     let bare_before = ctx
-        .measure(bare_addr, Scenario::Bare, "bare hyper (before)".into(), "before")
+        .measure(
+            bare_addr,
+            Scenario::Bare,
+            "bare hyper (before)".into(),
+            "before",
+        )
         .await?;
     let bare_conns = ctx
         .rss_with_idle_connections(&bare, bare_addr, Scenario::Bare)
@@ -944,7 +948,8 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             "tokenizing {} cards through the API ...",
             ctx.args.setup_tokens
         ));
-        ctx.tokenize_cards(&gw, ctx.args.setup_tokens.max(1)).await?;
+        ctx.tokenize_cards(&gw, ctx.args.setup_tokens.max(1))
+            .await?;
         let after_setup = gw.proc.rss_kib();
         let conns = ctx
             .rss_with_idle_connections(&gw.proc, gw.addr, Scenario::Get)
@@ -976,7 +981,12 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     ctx.say("bare hyper (after) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
     let bare_after = ctx
-        .measure(bare_addr, Scenario::Bare, "bare hyper (after)".into(), "after")
+        .measure(
+            bare_addr,
+            Scenario::Bare,
+            "bare hyper (after)".into(),
+            "after",
+        )
         .await?;
     drop(bare);
 
@@ -1036,8 +1046,7 @@ fn memory_row(
                 .map(|i| {
                     format!(
                         "; {:.1} KiB per connection",
-                        r.now.saturating_sub(after_setup.unwrap_or(i).now) as f64
-                            / n.max(1) as f64
+                        r.now.saturating_sub(after_setup.unwrap_or(i).now) as f64 / n.max(1) as f64
                     )
                 })
                 .unwrap_or_default();
@@ -1076,7 +1085,12 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     ctx.say("bare hyper (before) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
     let bare_before = ctx
-        .measure(bare_addr, Scenario::Bare, "bare hyper (before)".into(), "before")
+        .measure(
+            bare_addr,
+            Scenario::Bare,
+            "bare hyper (before)".into(),
+            "before",
+        )
         .await?;
     drop(bare);
 
@@ -1163,7 +1177,12 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     ctx.say("bare hyper (after) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
     let bare_after = ctx
-        .measure(bare_addr, Scenario::Bare, "bare hyper (after)".into(), "after")
+        .measure(
+            bare_addr,
+            Scenario::Bare,
+            "bare hyper (after)".into(),
+            "after",
+        )
         .await?;
     drop(bare);
     let baseline = (bare_before.wrk.rps + bare_after.wrk.rps) / 2.0;

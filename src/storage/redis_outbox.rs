@@ -28,7 +28,7 @@ use super::outbox::{
 use super::redis::RedisStore;
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
-    DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent,
+    DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
 };
 
 /// The consumer group every gateway instance joins.
@@ -57,22 +57,24 @@ return 0
 "#;
 
 /// Stores an event, its pending deliveries and (when the stream key is given) its jobs; trims
-/// the merchant's index past retention.
-/// KEYS: event hash, events index[, outbox stream]. ARGV: event id, event JSON, retention ms,
-/// retention cutoff id, n, then n delivery fields, n delivery states, n jobs.
+/// the merchant's index past retention. The event expires `retention` after its creation; the
+/// index, `retention` after the merchant's newest event.
+/// KEYS: event hash, events index[, outbox stream]. ARGV: event id, event JSON, event expiry
+/// (Unix ms), index expiry (Unix ms), retention cutoff id, n, then n delivery fields, n delivery
+/// states, n jobs.
 const ENQUEUE: &str = r#"
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
 redis.call('HSET', KEYS[1], 'd', ARGV[2])
 for i = 1, n do
-  redis.call('HSET', KEYS[1], ARGV[5 + i], ARGV[5 + n + i])
+  redis.call('HSET', KEYS[1], ARGV[6 + i], ARGV[6 + n + i])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
-redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[5])
+redis.call('PEXPIREAT', KEYS[2], ARGV[4])
 if KEYS[3] then
   for i = 1, n do
-    redis.call('XADD', KEYS[3], '*', 'j', ARGV[5 + 2 * n + i])
+    redis.call('XADD', KEYS[3], '*', 'j', ARGV[6 + 2 * n + i])
   end
 end
 return 1
@@ -344,9 +346,11 @@ impl OutboxStore for RedisStore {
         if !cluster {
             inv.key(k.outbox());
         }
+        let keep = ms(retention);
         inv.arg(event.id.as_str())
             .arg(encode("webhook event", event)?)
-            .arg(ms(retention))
+            .arg(unix_ms(event.created_at).saturating_add(keep))
+            .arg(now_ms().saturating_add(keep))
             .arg(cutoff)
             .arg(endpoints.len())
             .arg(&fields)
@@ -449,7 +453,7 @@ impl OutboxStore for RedisStore {
             .arg(GROUP)
             .arg(consumer)
             .arg(now_ms())
-            .arg(ms(lease))
+            .arg(1)
             .arg(max.max(1));
         let flat: Vec<String> = self.invoke(inv).await?;
         let mut jobs = Vec::with_capacity(flat.len() / 2);

@@ -501,7 +501,8 @@ async fn forged_and_malformed_notifications_change_nothing() {
     assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"tokengate\"");
     expect_problem(r, 401, "unauthorized").await;
     // A made-up token, a well-formed one signed with another secret, a merchant API key.
-    let other = with_credentials(Backend::Embedded)
+    let other = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__NOTIFY__CLIENT_ID", CLIENT_ID)
         .env(
             "TOKENGATE__NOTIFY__CLIENT_SECRET",
             "another-secret-0123456789abcdef-0123456789",

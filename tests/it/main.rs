@@ -1,6 +1,9 @@
 //! Integration tests, compiled as one binary: real sockets, a real `redis-server` per test on a
 //! free port, the real D1 simulator.
 
+// Test code states its expectations with unwrap/expect/panic; the product-code lints do not apply.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod support;
 
 mod api;
@@ -11,3 +14,4 @@ mod metrics;
 mod openapi;
 mod sim;
 mod store_contract;
+mod webhooks;

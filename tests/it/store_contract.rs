@@ -706,6 +706,31 @@ async fn redis_outage_is_unavailable_promptly_and_recovers() {
     );
 }
 
+/// A server that accepts but never answers (stalled, swapping, frozen): only the response
+/// deadline can turn that into `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stall_is_unavailable_within_the_response_timeout() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(500);
+    let store = RedisStore::connect(&redis_config(server.url(), Vec::new(), timeout))
+        .await
+        .unwrap();
+    let m = MerchantId::generate();
+    let r = record(&m, &random_hex());
+    assert_inserted(store.insert_token(&r).await.unwrap());
+
+    server.freeze();
+    assert_unavailable_promptly(&store, timeout).await;
+    server.thaw();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "store did not recover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.get_token(&m, &r.id).await.unwrap(), Some(r));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_outage_is_unavailable_promptly() {
     let mut cluster = tokio::task::spawn_blocking(RedisCluster::start)

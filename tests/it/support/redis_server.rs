@@ -208,3 +208,24 @@ fn cluster_ok(port: u16) -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
         .unwrap_or(false)
 }
+
+impl RedisServer {
+    /// Suspends the server process (SIGSTOP): connections stay open but nothing answers, as
+    /// with a stalled or overloaded server.
+    pub fn freeze(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Resumes a server suspended by [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill must be available");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}

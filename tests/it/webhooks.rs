@@ -1,0 +1,1006 @@
+//! Integration tests: merchant webhooks end to end. The gateway runs in sandbox mode (tokens
+//! become ACTIVE through the in-process D1 simulator); a real axum receiver on a free port gets
+//! the deliveries and the tests check their signatures with an independent HMAC. Also: retries,
+//! dead letters and redelivery, a gateway stopped mid-delivery, two gateways on one Redis, and
+//! the outbox store contract on the embedded store, Redis and Redis Cluster.
+
+use std::future::Future;
+use std::process::Command;
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokengate::domain::token::MerchantId;
+use tokengate::domain::webhooks::{
+    DeliveryState, DeliveryStatus, EndpointId, EventId, EventType, SealedSecret, WebhookEndpoint,
+    WebhookEvent,
+};
+use tokengate::storage::embedded::EmbeddedStore;
+use tokengate::storage::outbox::{JobNext, OutboxStore};
+use tokengate::storage::redis::{RedisConfig, RedisStore};
+use tokio::sync::oneshot;
+
+use crate::support::app::{Backend, TestApp, TestAppBuilder, expect_problem};
+use crate::support::redis_server::{RedisCluster, RedisServer, free_port};
+
+const VISA: &str = "4111111111111111";
+const WAIT: Duration = Duration::from_secs(20);
+
+// --- fixtures ----------------------------------------------------------------------------------
+
+/// Short backoff, fast polling and a short lease, so retries and take-overs happen in seconds.
+fn fast(b: TestAppBuilder) -> TestAppBuilder {
+    b.env("TOKENGATE__D1__CALL_TIMEOUT_MS", "2000")
+        .env("TOKENGATE__WEBHOOKS__BACKOFF_BASE_MS", "50")
+        .env("TOKENGATE__WEBHOOKS__BACKOFF_MAX_MS", "200")
+        .env("TOKENGATE__WEBHOOKS__POLL_INTERVAL_MS", "50")
+        .env("TOKENGATE__WEBHOOKS__TIMEOUT_MS", "2000")
+        .env("TOKENGATE__WEBHOOKS__CLAIM_IDLE_MS", "3000")
+}
+
+async fn sandbox(b: Backend) -> TestApp {
+    fast(TestApp::builder(b)).start().await
+}
+
+/// What the receiver saw of one request.
+#[derive(Clone, Debug)]
+struct Hit {
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Hit {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    fn event_id(&self) -> &str {
+        self.header("tokengate-event-id")
+    }
+}
+
+#[derive(Default)]
+struct RecvState {
+    hits: Mutex<Vec<Hit>>,
+    /// Answered once `fail_next` is used up.
+    status: AtomicU16,
+    /// This many requests are answered 500 first.
+    fail_next: AtomicUsize,
+    /// Delay before answering (after the hit is recorded).
+    delay_ms: AtomicU64,
+}
+
+/// A webhook receiver on 127.0.0.1; stops when dropped.
+struct Receiver {
+    port: u16,
+    state: Arc<RecvState>,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn receive(State(s): State<Arc<RecvState>>, headers: HeaderMap, body: String) -> StatusCode {
+    s.hits.lock().unwrap().push(Hit { headers, body });
+    let delay = s.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if s
+        .fail_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    StatusCode::from_u16(s.status.load(Ordering::SeqCst)).unwrap()
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        Self::on(0).await
+    }
+
+    async fn on(port: u16) -> Receiver {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind receiver");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(RecvState::default());
+        state.status.store(200, Ordering::SeqCst);
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(state.clone());
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Receiver {
+            port,
+            state,
+            _stop: tx,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.state.hits.lock().unwrap().clone()
+    }
+
+    fn hits_for(&self, event_id: &str) -> Vec<Hit> {
+        self.hits()
+            .into_iter()
+            .filter(|h| h.event_id() == event_id)
+            .collect()
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails the test after `WAIT`.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks `Tokengate-Signature` the way docs/webhooks.md tells receivers to, with an HMAC
+/// computed here (not the gateway's code).
+fn assert_signed(secret: &str, hit: &Hit) {
+    let sig = hit.header("tokengate-signature");
+    let mut t = None;
+    let mut v1 = None;
+    for part in sig.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1 = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    let t = t.unwrap_or_else(|| panic!("no t= in {sig:?}"));
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((now - t).abs() <= 300, "signature time {t} far from {now}");
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(hit.body.as_bytes());
+    assert_eq!(
+        v1.as_deref(),
+        Some(hex::encode(mac.finalize().into_bytes()).as_str()),
+        "signature of {}",
+        hit.event_id()
+    );
+}
+
+async fn post_empty(app: &TestApp, path: &str, key: &str) -> reqwest::Response {
+    app.client
+        .post(app.url(path))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A merchant (onboarded at the simulator) with one ACTIVE token.
+async fn merchant_with_token(app: &TestApp, name: &str) -> (String, String) {
+    let (_, key) = app.create_merchant(name).await;
+    let r = app.tokenize(&key, VISA).await;
+    assert_eq!(r.status(), 201);
+    let t: Value = r.json().await.unwrap();
+    assert_eq!(t["status"], "ACTIVE", "{t}");
+    (key, t["id"].as_str().unwrap().to_owned())
+}
+
+/// Registers an endpoint; returns its id and secret.
+async fn endpoint(app: &TestApp, key: &str, url: &str, events: &[&str]) -> (String, String) {
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            key,
+            &json!({"url": url, "events": events}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn event(app: &TestApp, key: &str, id: &str) -> Value {
+    let r = app.get(&format!("/v1/events/{id}"), key).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn events(app: &TestApp, key: &str) -> Vec<Value> {
+    let r = app.get("/v1/events?limit=100", key).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
+/// Waits for the event's delivery to `endpoint` to satisfy `pred`; returns the event.
+async fn wait_delivery(
+    app: &TestApp,
+    key: &str,
+    event_id: &str,
+    endpoint: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(&format!("delivery of {event_id} to {endpoint}"), || async {
+        let e = event(app, key, event_id).await;
+        let d = e["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["endpointId"] == endpoint)
+            .cloned()
+            .unwrap_or(Value::Null);
+        pred(&d).then_some(e)
+    })
+    .await
+}
+
+fn delivery<'a>(event: &'a Value, endpoint: &str) -> &'a Value {
+    event["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["endpointId"] == endpoint)
+        .unwrap()
+}
+
+fn redis_cli(server: &RedisServer, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .arg("-p")
+        .arg(server.port.to_string())
+        .args(args)
+        .output()
+        .expect("redis-cli must be installed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Embedded).await })*
+        }
+        mod redis {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Backend::Redis).await })*
+        }
+    };
+}
+
+both_backends!(
+    suspend_delivers_a_signed_event,
+    retries_until_receivers_recover,
+    dead_letter_then_redeliver,
+    stopped_mid_delivery_delivers_after_restart,
+    endpoints_validation_idempotency_and_isolation,
+);
+
+// --- end to end --------------------------------------------------------------------------------
+
+async fn suspend_delivers_a_signed_event(b: Backend) {
+    let app = sandbox(b).await;
+    let rx = Receiver::start().await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            &key,
+            &json!({"url": rx.url(), "events": ["token.suspended", "token.resumed", "token.suspended"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let ep: Value = r.json().await.unwrap();
+    let ep_id = ep["id"].as_str().unwrap().to_owned();
+    let secret = ep["secret"].as_str().unwrap().to_owned();
+    assert!(ep_id.starts_with("whe_"), "{ep}");
+    assert!(secret.starts_with("whsec_") && secret.len() == 6 + 43, "{ep}");
+    assert_eq!(ep["url"], rx.url());
+    assert_eq!(ep["events"], json!(["token.suspended", "token.resumed"]));
+    assert!(ep["createdAt"].is_string());
+
+    // Listing and reading never show the secret again.
+    let list: Value = app
+        .get("/v1/webhook-endpoints", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["data"][0]["id"], ep_id.as_str());
+    assert!(list["data"][0].get("secret").is_none(), "{list}");
+    let one: Value = app
+        .get(&format!("/v1/webhook-endpoints/{ep_id}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(one.get("secret").is_none() && one["id"] == ep_id.as_str(), "{one}");
+
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
+    assert_eq!(r.status(), 200);
+    let hit = eventually("the suspended event", || async { rx.hits().first().cloned() }).await;
+    assert_eq!(hit.header("tokengate-event-type"), "token.suspended");
+    assert_eq!(hit.header("content-type"), "application/json");
+    assert!(hit.header("user-agent").starts_with("tokengate-webhooks/"));
+    assert_signed(&secret, &hit);
+    assert!(!hit.body.contains(VISA), "PAN in a webhook body");
+    let body: Value = serde_json::from_str(&hit.body).unwrap();
+    let event_id = hit.event_id().to_owned();
+    assert!(event_id.starts_with("evt_"), "{event_id}");
+    assert_eq!(body["id"], event_id.as_str());
+    assert_eq!(body["type"], "token.suspended");
+    assert!(body["createdAt"].is_string());
+    // The token exactly as GET /v1/tokens/{id} shows it.
+    let current: Value = app
+        .get(&format!("/v1/tokens/{token}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["data"]["token"], current);
+    assert_eq!(body["data"]["token"]["status"], "SUSPENDED");
+
+    // Delivery status is visible.
+    let e = wait_delivery(&app, &key, &event_id, &ep_id, |d| {
+        d["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(e["status"], "delivered");
+    assert_eq!(e["type"], "token.suspended");
+    assert_eq!(e["tokenId"], token.as_str());
+    assert_eq!(e["attempts"], 1);
+    assert_eq!(e["lastError"], Value::Null);
+    let d = delivery(&e, &ep_id);
+    assert_eq!(d["attempts"], 1);
+    assert_eq!(d["lastResponseStatus"], 200);
+    assert!(d["deliveredAt"].is_string() && d["lastAttemptAt"].is_string());
+
+    // Resume: a second event, to the same endpoint.
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/resume"), &key).await;
+    assert_eq!(r.status(), 200);
+    let resumed = eventually("the resumed event", || async {
+        rx.hits()
+            .into_iter()
+            .find(|h| h.header("tokengate-event-type") == "token.resumed")
+    })
+    .await;
+    assert_signed(&secret, &resumed);
+
+    // Deletion: the endpoint does not subscribe to token.deleted, so no event at all.
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/tokens/{token}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = events(&app, &key).await;
+    let types: Vec<&str> = all.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(types, ["token.resumed", "token.suspended"], "newest first");
+    assert_eq!(rx.hits().len(), 2, "exactly one delivery per event");
+
+    // The secret is stored only sealed: it appears nowhere in the raw store.
+    let secret_body = secret.trim_start_matches("whsec_").to_owned();
+    let data_dir = app.data_dir.clone();
+    let (_tmp, redis) = app.stop().await;
+    let raw = match b {
+        Backend::Embedded => std::fs::read(data_dir.join("tokengate.redb")).unwrap(),
+        Backend::Redis => {
+            let server = redis.unwrap();
+            // Uncompressed, so a secret in clear would show up verbatim.
+            redis_cli(&server, &["CONFIG", "SET", "rdbcompression", "no"]);
+            assert_eq!(redis_cli(&server, &["SAVE"]), "OK");
+            std::fs::read(server.dir().join("dump.rdb")).unwrap()
+        }
+    };
+    assert!(raw.len() > 1000, "store dump is suspiciously small");
+    let found = raw
+        .windows(secret_body.len())
+        .any(|w| w == secret_body.as_bytes());
+    assert!(!found, "webhook secret stored in clear");
+    assert!(
+        !raw.windows(VISA.len()).any(|w| w == VISA.as_bytes()),
+        "PAN stored in clear"
+    );
+}
+
+async fn retries_until_receivers_recover(b: Backend) {
+    let app = fast(TestApp::builder(b))
+        .env("TOKENGATE__WEBHOOKS__MAX_ATTEMPTS", "50")
+        .start()
+        .await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    // One receiver answers 500 twice, the other is not listening yet.
+    let flaky = Receiver::start().await;
+    flaky.state.fail_next.store(2, Ordering::SeqCst);
+    let down_port = free_port();
+    let down_url = format!("http://127.0.0.1:{down_port}/hook");
+    let (flaky_ep, flaky_secret) = endpoint(&app, &key, &flaky.url(), &["token.suspended"]).await;
+    let (down_ep, down_secret) = endpoint(&app, &key, &down_url, &["token.suspended"]).await;
+
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
+    assert_eq!(r.status(), 200);
+    let event_id = eventually("the event", || async {
+        events(&app, &key)
+            .await
+            .first()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+
+    // The flaky receiver gets it on the third attempt.
+    let e = wait_delivery(&app, &key, &event_id, &flaky_ep, |d| {
+        d["status"] == "delivered"
+    })
+    .await;
+    let d = delivery(&e, &flaky_ep);
+    assert_eq!(d["attempts"], 3, "{e}");
+    assert_eq!(d["lastResponseStatus"], 200);
+    let hits = flaky.hits_for(&event_id);
+    assert_eq!(hits.len(), 3);
+    for h in &hits {
+        assert_signed(&flaky_secret, h);
+        assert_eq!(h.body, hits[0].body, "every attempt carries the same body");
+    }
+
+    // The other one keeps failing, visibly, with retries scheduled.
+    let e = wait_delivery(&app, &key, &event_id, &down_ep, |d| {
+        d["status"] == "failed" && d["attempts"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    let d = delivery(&e, &down_ep);
+    assert_eq!(d["lastError"], "connect_failed", "{e}");
+    assert!(d["nextAttemptAt"].is_string(), "{e}");
+    assert_eq!(e["status"], "failed", "one delivery failing makes the event failed");
+    assert_eq!(e["lastError"], "connect_failed");
+
+    // Once it listens, a retry gets through.
+    let up = Receiver::on(down_port).await;
+    let e = wait_delivery(&app, &key, &event_id, &down_ep, |d| {
+        d["status"] == "delivered"
+    })
+    .await;
+    assert_eq!(e["status"], "delivered");
+    assert!(delivery(&e, &down_ep)["attempts"].as_u64().unwrap() >= 3, "{e}");
+    let hits = up.hits_for(&event_id);
+    assert_eq!(hits.len(), 1);
+    assert_signed(&down_secret, &hits[0]);
+}
+
+async fn dead_letter_then_redeliver(b: Backend) {
+    let app = fast(TestApp::builder(b))
+        .env("TOKENGATE__WEBHOOKS__MAX_ATTEMPTS", "3")
+        .start()
+        .await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let rx = Receiver::start().await;
+    rx.state.status.store(500, Ordering::SeqCst);
+    let (ep, secret) = endpoint(&app, &key, &rx.url(), &["token.suspended"]).await;
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
+    assert_eq!(r.status(), 200);
+
+    let event_id =
+        eventually("a hit", || async { rx.hits().first().map(|h| h.event_id().to_owned()) }).await;
+    let e = wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "dead").await;
+    assert_eq!(e["status"], "dead");
+    let d = delivery(&e, &ep);
+    assert_eq!(d["attempts"], 3, "{e}");
+    assert_eq!(d["lastError"], "http_500");
+    assert_eq!(d["lastResponseStatus"], 500);
+    assert_eq!(d["nextAttemptAt"], Value::Null);
+    // No attempt after the last one.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rx.hits_for(&event_id).len(), 3);
+    if let Some(server) = &app.redis {
+        assert_eq!(redis_cli(server, &["XLEN", "tg:{wh}:dead"]), "1");
+    }
+
+    // Fixed receiver, manual redelivery: a new round, delivered.
+    rx.state.status.store(200, Ordering::SeqCst);
+    let r = post_empty(&app, &format!("/v1/events/{event_id}/redeliver"), &key).await;
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"], event_id.as_str());
+    assert!(v["status"] == "pending" || v["status"] == "delivered", "{v}");
+    let e = wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "delivered").await;
+    assert_eq!(delivery(&e, &ep)["attempts"], 1, "{e}");
+    let hits = rx.hits_for(&event_id);
+    assert_eq!(hits.len(), 4);
+    assert_signed(&secret, &hits[3]);
+    assert_eq!(hits[3].body, hits[0].body);
+
+    // A delivered event can be sent again on request.
+    let r = post_empty(&app, &format!("/v1/events/{event_id}/redeliver"), &key).await;
+    assert_eq!(r.status(), 202);
+    eventually("the second redelivery", || async {
+        (rx.hits_for(&event_id).len() == 5).then_some(())
+    })
+    .await;
+
+    // Unknown and malformed ids.
+    let unknown = EventId::generate(time::OffsetDateTime::now_utc());
+    let r = post_empty(&app, &format!("/v1/events/{unknown}/redeliver"), &key).await;
+    expect_problem(r, 404, "event_not_found").await;
+    let r = post_empty(&app, "/v1/events/evt_nope/redeliver", &key).await;
+    expect_problem(r, 404, "event_not_found").await;
+}
+
+async fn stopped_mid_delivery_delivers_after_restart(b: Backend) {
+    let app = sandbox(b).await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let rx = Receiver::start().await;
+    // The receiver holds the first request long enough for the gateway to go away meanwhile.
+    rx.state.delay_ms.store(5_000, Ordering::SeqCst);
+    let (ep, secret) = endpoint(&app, &key, &rx.url(), &["token.suspended"]).await;
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
+    assert_eq!(r.status(), 200);
+    let event_id = eventually("the first attempt to arrive", || async {
+        rx.hits().first().map(|h| h.event_id().to_owned())
+    })
+    .await;
+
+    // Stop the gateway while the attempt is in flight: nothing records its outcome.
+    let data_dir = app.data_dir.clone();
+    let (tmp, redis) = app.stop().await;
+    rx.state.delay_ms.store(0, Ordering::SeqCst);
+
+    // A new gateway on the same store takes the job over once its claim is stale.
+    let builder = fast(TestApp::builder(b));
+    let app = match redis {
+        Some(server) => builder.redis_server(server).start().await,
+        None => builder.data_dir(data_dir).start().await,
+    };
+    let e = wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "delivered").await;
+    assert_eq!(delivery(&e, &ep)["attempts"], 1, "the abandoned attempt left no trace: {e}");
+    let hits = rx.hits_for(&event_id);
+    assert_eq!(hits.len(), 2, "at least once: the interrupted attempt, then the delivery");
+    assert_signed(&secret, &hits[1]);
+    drop(tmp);
+}
+
+async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
+    let app = sandbox(b).await;
+    let rx = Receiver::start().await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let (_, other) = app.create_merchant("Other").await;
+
+    // Authentication first.
+    let r = app
+        .client
+        .get(app.url("/v1/webhook-endpoints"))
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 401, "unauthorized").await;
+
+    // Validation.
+    for (body, status, code) in [
+        (json!({"url": "ftp://example.com/", "events": ["token.suspended"]}), 422, "invalid_webhook_url"),
+        (json!({"url": "https://u:p@example.com/", "events": ["token.suspended"]}), 422, "invalid_webhook_url"),
+        (json!({"url": format!("https://example.com/{}", "a".repeat(2100)), "events": ["token.suspended"]}), 422, "invalid_webhook_url"),
+        (json!({"url": "https://example.com/", "events": []}), 422, "invalid_event_types"),
+        (json!({"url": "https://example.com/", "events": ["token.frozen"]}), 422, "invalid_event_types"),
+        (json!({"url": "https://example.com/", "events": ["token.suspended"], "x": 1}), 400, "invalid_field"),
+        (json!({"events": ["token.suspended"]}), 400, "missing_field"),
+    ] {
+        let r = app.post("/v1/webhook-endpoints", &key, &body).await;
+        expect_problem(r, status, code).await;
+    }
+    // Sandbox mode accepts plain http to any host (documented); production only to loopback.
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            &key,
+            &json!({"url": "http://example.com/hook", "events": ["token.deleted"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+
+    // Idempotency: a replay returns the same endpoint and the same secret.
+    let create = |k: &'static str, url: String| {
+        app.client
+            .post(app.url("/v1/webhook-endpoints"))
+            .bearer_auth(&key)
+            .header("idempotency-key", k)
+            .json(&json!({"url": url, "events": ["token.suspended"]}))
+            .send()
+    };
+    let first = create("ep-1", rx.url()).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let again = create("ep-1", rx.url()).await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()["cache-control"], "no-store");
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(again["secret"], first["secret"]);
+    assert!(first["secret"].as_str().unwrap().starts_with("whsec_"));
+    let r = create("ep-1", "https://example.com/other".into()).await.unwrap();
+    expect_problem(r, 422, "idempotency_key_reused").await;
+    let ep_id = first["id"].as_str().unwrap().to_owned();
+    let list: Value = app
+        .get("/v1/webhook-endpoints", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "the replay made no endpoint");
+
+    // Another merchant sees nothing of it.
+    let list: Value = app
+        .get("/v1/webhook-endpoints", &other)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"], json!([]));
+    let r = app.get(&format!("/v1/webhook-endpoints/{ep_id}"), &other).await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/webhook-endpoints/{ep_id}")))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+    let r = app.get("/v1/webhook-endpoints/whe_nope", &key).await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+
+    // Six events, paged two ways; the other merchant sees none of them.
+    for i in 0..3 {
+        for verb in ["suspend", "resume"] {
+            let r = post_empty(&app, &format!("/v1/tokens/{token}/{verb}"), &key).await;
+            assert_eq!(r.status(), 200, "{verb} {i}");
+        }
+    }
+    // Only suspensions are subscribed: three events.
+    let all = eventually("three events", || async {
+        let all = events(&app, &key).await;
+        (all.len() == 3).then_some(all)
+    })
+    .await;
+    let ids: Vec<String> = all
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.reverse();
+    assert_eq!(ids, sorted, "newest first");
+    let page: Value = app.get("/v1/events?limit=2", &key).await.json().await.unwrap();
+    assert_eq!(page["data"].as_array().unwrap().len(), 2);
+    let cursor = page["nextCursor"].as_str().unwrap().to_owned();
+    assert_eq!(cursor, ids[1]);
+    let page2: Value = app
+        .get(&format!("/v1/events?limit=2&cursor={cursor}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page2["data"].as_array().unwrap().len(), 1);
+    assert_eq!(page2["data"][0]["id"], ids[2].as_str());
+    assert_eq!(page2["nextCursor"], Value::Null);
+    let r = app.get("/v1/events?limit=0", &key).await;
+    expect_problem(r, 400, "invalid_query").await;
+    let r = app.get("/v1/events?cursor=evt_bad", &key).await;
+    expect_problem(r, 422, "invalid_cursor").await;
+
+    let theirs: Value = app.get("/v1/events", &other).await.json().await.unwrap();
+    assert_eq!(theirs["data"], json!([]));
+    let r = app.get(&format!("/v1/events/{}", ids[0]), &other).await;
+    expect_problem(r, 404, "event_not_found").await;
+    let r = post_empty(&app, &format!("/v1/events/{}/redeliver", ids[0]), &other).await;
+    expect_problem(r, 404, "event_not_found").await;
+
+    // Deleting: 204, then gone; a second delete is 404.
+    let del = |id: String, k: String| {
+        app.client
+            .delete(app.url(&format!("/v1/webhook-endpoints/{id}")))
+            .bearer_auth(k)
+            .send()
+    };
+    let r = del(ep_id.clone(), key.clone()).await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = del(ep_id.clone(), key.clone()).await.unwrap();
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+
+    // At most 16 endpoints per merchant.
+    let (_, third) = app.create_merchant("Third").await;
+    for i in 0..16 {
+        let r = app
+            .post(
+                "/v1/webhook-endpoints",
+                &third,
+                &json!({"url": format!("https://example.com/{i}"), "events": ["token.updated"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "endpoint {i}");
+    }
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            &third,
+            &json!({"url": "https://example.com/17", "events": ["token.updated"]}),
+        )
+        .await;
+    expect_problem(r, 409, "too_many_webhook_endpoints").await;
+}
+
+// --- two gateways, one Redis -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_redis_deliver_each_event_once() {
+    let a = fast(TestApp::builder(Backend::Redis)).start().await;
+    let url = a.redis.as_ref().unwrap().url();
+    // The second gateway shares A's Redis (and so its outbox and consumer group).
+    let b = fast(TestApp::builder(Backend::Embedded))
+        .env("TOKENGATE__STORAGE__REDIS_URL", &url)
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    // Slow answers keep deliveries in flight, so both workers find work.
+    rx.state.delay_ms.store(150, Ordering::SeqCst);
+    let (_, key) = a.create_merchant("Acme").await;
+    let (_, secret) = endpoint(&b, &key, &rx.url(), &["token.suspended", "token.resumed"]).await;
+    let pans = ["4111111111111111", "5555555555554444", "4012888888881881", "4000056655665556"];
+    let mut tokens = Vec::new();
+    for pan in pans {
+        let r = a.tokenize(&key, pan).await;
+        assert_eq!(r.status(), 201);
+        let t: Value = r.json().await.unwrap();
+        tokens.push(t["id"].as_str().unwrap().to_owned());
+    }
+    // Lifecycle calls go through A (whose simulator knows the tokens); both deliver.
+    let mut tasks = Vec::new();
+    for t in tokens {
+        let client = a.client.clone();
+        let base = a.base.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..3 {
+                for verb in ["suspend", "resume"] {
+                    let r = client
+                        .post(format!("{base}/v1/tokens/{t}/{verb}"))
+                        .bearer_auth(&key)
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let expected = 4 * 3 * 2;
+    let all = eventually("every event delivered", || async {
+        let all = events(&a, &key).await;
+        (all.len() == expected && all.iter().all(|e| e["status"] == "delivered")).then_some(all)
+    })
+    .await;
+    // Let any duplicate that is going to happen happen.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hits = rx.hits();
+    assert_eq!(hits.len(), expected, "each event delivered exactly once");
+    for e in &all {
+        let id = e["id"].as_str().unwrap();
+        let mine = rx.hits_for(id);
+        assert_eq!(mine.len(), 1, "{id}");
+        assert_signed(&secret, &mine[0]);
+    }
+    // Both instances joined the one consumer group.
+    let server = a.redis.as_ref().unwrap();
+    let consumers = redis_cli(server, &["XINFO", "CONSUMERS", "tg:{wh}:outbox", "webhook-workers"]);
+    assert_eq!(consumers.matches("gw-").count(), 2, "{consumers}");
+    drop(b);
+}
+
+// --- the outbox store contract -----------------------------------------------------------------
+
+fn redis_config(url: String, nodes: Vec<String>) -> RedisConfig {
+    RedisConfig {
+        url,
+        cluster_nodes: nodes,
+        key_prefix: "tgtest".into(),
+        connect_timeout: Duration::from_secs(5),
+        response_timeout: Duration::from_secs(2),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_contract_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    outbox_contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_contract_redis() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&redis_config(server.url(), Vec::new()))
+        .await
+        .unwrap();
+    outbox_contract(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_contract_redis_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let store = RedisStore::connect(&redis_config(String::new(), cluster.addrs()))
+        .await
+        .unwrap();
+    assert!(store.is_cluster());
+    outbox_contract(&store).await;
+}
+
+fn sample_endpoint(m: &MerchantId) -> WebhookEndpoint {
+    WebhookEndpoint {
+        id: EndpointId::generate(),
+        merchant_id: m.clone(),
+        url: "https://example.com/hook".into(),
+        events: vec![EventType::Suspended],
+        secret: SealedSecret {
+            key_id: "k1".into(),
+            blob: vec![1; 60],
+        },
+        created_at: time::OffsetDateTime::now_utc(),
+    }
+}
+
+fn sample_event(m: &MerchantId, at: time::OffsetDateTime) -> WebhookEvent {
+    WebhookEvent {
+        id: EventId::generate(at),
+        merchant_id: m.clone(),
+        event_type: EventType::Suspended,
+        token_id: tokengate::domain::token::TokenId::generate(),
+        created_at: at,
+        payload: r#"{"id":"x"}"#.into(),
+    }
+}
+
+async fn outbox_contract(store: &dyn OutboxStore) {
+    let m = MerchantId::generate();
+    let lease = Duration::from_millis(600);
+    let retention = Duration::from_secs(3600);
+
+    // Endpoints: the limit holds, reads are per merchant.
+    let e1 = sample_endpoint(&m);
+    let e2 = sample_endpoint(&m);
+    assert!(store.insert_endpoint(&e1, 2).await.unwrap());
+    assert!(store.insert_endpoint(&e2, 2).await.unwrap());
+    assert!(!store.insert_endpoint(&sample_endpoint(&m), 2).await.unwrap());
+    assert_eq!(store.list_endpoints(&m).await.unwrap().len(), 2);
+    assert_eq!(store.get_endpoint(&m, &e1.id).await.unwrap(), Some(e1.clone()));
+    let stranger = MerchantId::generate();
+    assert_eq!(store.get_endpoint(&stranger, &e1.id).await.unwrap(), None);
+    assert!(!store.delete_endpoint(&stranger, &e1.id).await.unwrap());
+    assert!(store.list_endpoints(&stranger).await.unwrap().is_empty());
+
+    // An event with two deliveries: two jobs, handed out once.
+    let now = time::OffsetDateTime::now_utc();
+    let ev = sample_event(&m, now);
+    store
+        .enqueue_event(&ev, &[e1.id.clone(), e2.id.clone()], retention)
+        .await
+        .unwrap();
+    let rec = store.get_event(&m, &ev.id).await.unwrap().unwrap();
+    assert_eq!(rec.event, ev);
+    assert_eq!(rec.deliveries.len(), 2);
+    assert!(rec.deliveries.iter().all(|d| d.status == DeliveryStatus::Pending));
+    assert_eq!(store.get_event(&stranger, &ev.id).await.unwrap(), None);
+
+    let jobs = store.claim_jobs("c1", 10, lease).await.unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(jobs.iter().all(|j| j.event == ev.id && j.merchant == m && j.attempts == 0));
+    assert!(store.claim_jobs("c2", 10, lease).await.unwrap().is_empty(), "claimed jobs are held");
+
+    // Done and retry; finishing twice finds nothing.
+    let (j1, j2) = (&jobs[0], &jobs[1]);
+    assert!(store.finish_job(j1, JobNext::Done).await.unwrap());
+    assert!(!store.finish_job(j1, JobNext::Done).await.unwrap());
+    let due = tokengate::domain::webhooks::unix_ms(time::OffsetDateTime::now_utc()) + 300;
+    assert!(store.finish_job(j2, JobNext::Retry { at_ms: due }).await.unwrap());
+    assert!(store.claim_jobs("c1", 10, lease).await.unwrap().is_empty(), "retry not due yet");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let retried = store.claim_jobs("c1", 10, lease).await.unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].endpoint, j2.endpoint);
+    assert_eq!(retried[0].attempts, 1);
+
+    // A claim that is never finished is handed out again after the lease, once.
+    assert!(store.claim_jobs("c2", 10, lease).await.unwrap().is_empty());
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let taken = store.claim_jobs("c2", 10, lease).await.unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].attempts, 1);
+    // The old and the new holder both finish: exactly one of them schedules the retry.
+    let later = due + 60_000;
+    let old = store.finish_job(&retried[0], JobNext::Retry { at_ms: later }).await.unwrap();
+    let new = store.finish_job(&taken[0], JobNext::Retry { at_ms: later }).await.unwrap();
+    assert!(old ^ new, "old {old}, new {new}");
+
+    // Dead letters are not handed out; a redelivery queues a fresh job.
+    let ev2 = sample_event(&m, time::OffsetDateTime::now_utc());
+    store.enqueue_event(&ev2, &[e1.id.clone()], retention).await.unwrap();
+    let jobs = store.claim_jobs("c1", 10, lease).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert!(store
+        .finish_job(&jobs[0], JobNext::Dead { reason: "http_500".into() })
+        .await
+        .unwrap());
+    let mut dead = DeliveryState::pending(e1.id.clone());
+    dead.status = DeliveryStatus::Dead;
+    dead.attempts = 1;
+    dead.last_error = Some("http_500".into());
+    store.put_delivery(&m, &ev2.id, &dead).await.unwrap();
+    let rec = store.get_event(&m, &ev2.id).await.unwrap().unwrap();
+    assert_eq!(rec.deliveries, vec![dead]);
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    assert!(store.claim_jobs("c1", 10, lease).await.unwrap().is_empty());
+    store.redeliver(&m, &ev2.id, &[e1.id.clone()]).await.unwrap();
+    let rec = store.get_event(&m, &ev2.id).await.unwrap().unwrap();
+    assert_eq!(rec.deliveries[0].status, DeliveryStatus::Pending);
+    let jobs = store.claim_jobs("c1", 10, lease).await.unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!((jobs[0].event.clone(), jobs[0].attempts), (ev2.id.clone(), 0));
+    assert!(store.finish_job(&jobs[0], JobNext::Done).await.unwrap());
+
+    // Listing: newest first, paged by cursor, per merchant.
+    let page = store.list_events(&m, None, 10).await.unwrap();
+    let ids: Vec<&EventId> = page.iter().map(|r| &r.event.id).collect();
+    assert_eq!(ids, [&ev2.id, &ev.id]);
+    let older = store.list_events(&m, Some(&ev2.id), 10).await.unwrap();
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].event.id, ev.id);
+    assert!(store.list_events(&stranger, None, 10).await.unwrap().is_empty());
+
+    // Retention: an event older than it is dropped by the next enqueue.
+    let old_ev = sample_event(&m, now - Duration::from_secs(7200));
+    store.enqueue_event(&old_ev, &[], retention).await.unwrap();
+    let ev3 = sample_event(&m, time::OffsetDateTime::now_utc());
+    store.enqueue_event(&ev3, &[], retention).await.unwrap();
+    assert_eq!(store.get_event(&m, &old_ev.id).await.unwrap(), None);
+    let page = store.list_events(&m, None, 10).await.unwrap();
+    assert_eq!(page.len(), 3, "{:?}", page.iter().map(|r| &r.event.id).collect::<Vec<_>>());
+
+    // Deleting an endpoint.
+    assert!(store.delete_endpoint(&m, &e1.id).await.unwrap());
+    assert!(!store.delete_endpoint(&m, &e1.id).await.unwrap());
+    assert_eq!(store.get_endpoint(&m, &e1.id).await.unwrap(), None);
+}
