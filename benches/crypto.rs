@@ -3,6 +3,11 @@
 //!
 //! `cargo bench --bench crypto`
 
+#![allow(
+    clippy::expect_used,
+    reason = "bench setup: failing loudly is the right outcome"
+)]
+
 use std::hint::black_box;
 
 use aes_gcm::aead::{AeadInOut, KeyInit};

@@ -80,14 +80,15 @@ fn webhook_worker(
         })
     };
     let ca_pem = match &w.ca_file {
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-            bad_ca(format!("cannot read {} ({:?})", path.display(), e.kind()))
-        })?),
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| bad_ca(format!("cannot read {} ({:?})", path.display(), e.kind())))?,
+        ),
         None => None,
     };
     let timeout = Duration::from_millis(w.timeout_ms);
-    let sender = HyperWebhookSender::new(timeout, ca_pem.as_deref())
-        .map_err(|e| bad_ca(e.to_string()))?;
+    let sender =
+        HyperWebhookSender::new(timeout, ca_pem.as_deref()).map_err(|e| bad_ca(e.to_string()))?;
     // Webhook payloads carry the token exactly as `GET /v1/tokens/{id}` shows it.
     let render: TokenRenderer = Arc::new(|r: &TokenRecord| {
         serde_json::to_value(crate::http::dto::TokenView::from(r))
@@ -361,9 +362,11 @@ impl Gateway {
         // are claimed again after `webhooks.claim_idle_ms`, by this or another instance).
         let mut delivering = {
             let mut rx = stop_rx.clone();
-            let worker = self.webhooks.service.clone().run(self.webhooks.sender.clone(), async move {
+            let stopped = async move {
                 let _ = rx.wait_for(|s| *s).await;
-            });
+            };
+            let hooks = &self.webhooks;
+            let worker = hooks.service.clone().run(hooks.sender.clone(), stopped);
             AbortOnDrop(Some(tokio::spawn(worker)))
         };
         // Certificate reloads (SIGHUP, file changes) until the signal; registered before serving

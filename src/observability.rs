@@ -22,7 +22,11 @@
 //!
 //! **`tokengate_tokens` is per process, adjusted on transitions** (no store scan per scrape):
 //! each instance adds one when it writes a token into a status and subtracts one when it
-//! writes a token out of it (`tokengate_token_transitions_total` counts the same writes). So it
+//! writes a token out of it (`tokengate_token_transitions_total` counts the same writes). The
+//! writes are reported by [`token_transition`], called after every successful token write that
+//! can change a status: in `domain::service` (create, D1's answer, suspend/resume/delete,
+//! removal of a failed reservation) and `domain::lifecycle::Lifecycle::on_token_changed`
+//! (D1 notifications and reconciliation repairs). So it
 //! is the *net change this process made since it started*, which can be negative on an instance
 //! that mostly deletes. Summed over every instance it equals the number of tokens per status
 //! only if the instances have run since the store was empty; after a restart the gauge starts
@@ -226,7 +230,11 @@ pub fn record_d1_refused(operation: &'static str, reason: &'static str) {
 /// One store operation. `Conflict` and `NotFound` are normal answers (optimistic concurrency,
 /// idempotent removes) and only appear as outcomes; `Unavailable` and `Corrupt` also count as
 /// errors.
-pub fn record_store_op(operation: &'static str, result: Result<(), &StoreError>, elapsed: Duration) {
+pub fn record_store_op(
+    operation: &'static str,
+    result: Result<(), &StoreError>,
+    elapsed: Duration,
+) {
     let outcome = match result {
         Ok(()) => "ok",
         Err(StoreError::Conflict) => "conflict",
@@ -314,9 +322,6 @@ mod tests {
             text.contains("tokengate_token_transitions_total{from=\"PENDING\",to=\"ACTIVE\"}"),
             "{text}"
         );
-        assert!(
-            !text.contains("from=\"ACTIVE\",to=\"ACTIVE\""),
-            "{text}"
-        );
+        assert!(!text.contains("from=\"ACTIVE\",to=\"ACTIVE\""), "{text}");
     }
 }

@@ -54,7 +54,11 @@ fn roots(extra_ca_pem: Option<&str>) -> Result<RootCertStore, TlsError> {
     if roots.is_empty() {
         tracing::warn!("no trusted CA certificates found: https webhook deliveries will fail");
     } else {
-        tracing::debug!(system_roots = added, total = roots.len(), "webhook trust roots loaded");
+        tracing::debug!(
+            system_roots = added,
+            total = roots.len(),
+            "webhook trust roots loaded"
+        );
     }
     Ok(roots)
 }

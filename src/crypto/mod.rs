@@ -257,7 +257,12 @@ impl Keyring {
     /// Encrypts a secret that is not a PAN (a webhook signing secret, ...) under the active key,
     /// bound to `purpose` and to the record it belongs to (`binding`, e.g. merchant and endpoint
     /// id): it opens only with the same ones. Returns the key id and `nonce || ciphertext || tag`.
-    pub fn seal_secret(&self, purpose: &str, binding: &[&str], plaintext: &[u8]) -> (String, Vec<u8>) {
+    pub fn seal_secret(
+        &self,
+        purpose: &str,
+        binding: &[&str],
+        plaintext: &[u8],
+    ) -> (String, Vec<u8>) {
         let key_id = &self.active;
         let cipher = &self.keys[key_id];
         let mut nonce = [0u8; NONCE_LEN];

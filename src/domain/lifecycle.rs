@@ -95,7 +95,9 @@ pub struct TokenEvent {
 /// redeliver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventOutcome {
-    Applied { token: TokenId },
+    Applied {
+        token: TokenId,
+    },
     /// Already processed (redelivery or a concurrent duplicate).
     Duplicate,
     /// Older than what the token already reflects.
@@ -233,14 +235,18 @@ impl Lifecycle {
         if let EventKind::Other(kind) = &ev.kind {
             tracing::warn!(event_id = %ev.event_id, event_type = %kind,
                 "notification of an unknown event type; recorded and acknowledged");
-            return self.record(&merchant, ev, EventOutcome::Ignored("unknown event type")).await;
+            return self
+                .record(&merchant, ev, EventOutcome::Ignored("unknown event type"))
+                .await;
         }
         let status = match ev.kind {
             // A creation without a status means the token exists: ACTIVE.
             EventKind::TokenCreated => Some(ev.status.clone().unwrap_or(TokenStatus::Active)),
             EventKind::StatusUpdate if ev.status.is_none() => {
                 tracing::warn!(event_id = %ev.event_id, "status update without a status; recorded and acknowledged");
-                return self.record(&merchant, ev, EventOutcome::Ignored("no status")).await;
+                return self
+                    .record(&merchant, ev, EventOutcome::Ignored("no status"))
+                    .await;
             }
             _ => ev.status.clone(),
         };
@@ -276,7 +282,11 @@ impl Lifecycle {
             self.refresh_fingerprints(&rec, &mut next);
             next.version = rec.version + 1;
             next.updated_at = OffsetDateTime::now_utc();
-            match self.store.apply_event(&next, &ev.event_id, self.event_ttl).await {
+            match self
+                .store
+                .apply_event(&next, &ev.event_id, self.event_ttl)
+                .await
+            {
                 Ok(EventWrite::Applied) => {
                     tracing::info!(event_id = %ev.event_id, event_type = ev.kind.as_str(),
                         token_id = %next.id, status = next.status.as_str(), "token event applied");
@@ -304,7 +314,10 @@ impl Lifecycle {
         ev: &TokenEvent,
     ) -> Result<Option<TokenRecord>, DomainError> {
         let store = &self.services.store;
-        if let Some(rec) = store.find_by_d1_token(&merchant.id, &ev.d1_token_id).await? {
+        if let Some(rec) = store
+            .find_by_d1_token(&merchant.id, &ev.d1_token_id)
+            .await?
+        {
             return Ok(Some(rec));
         }
         match ev.request_id.as_deref().and_then(TokenId::parse) {
@@ -341,7 +354,8 @@ impl Lifecycle {
         let keyring = &self.services.keyring;
         match keyring.open(&before.sealed_pan, &before.merchant_id, &before.id) {
             Ok(pan) => {
-                next.fingerprints = keyring.fingerprints(&next.merchant_id, &pan, &next.card.expiry);
+                next.fingerprints =
+                    keyring.fingerprints(&next.merchant_id, &pan, &next.card.expiry);
             }
             Err(e) => {
                 tracing::warn!(token_id = %before.id, error = %e,
@@ -417,8 +431,10 @@ impl Lifecycle {
 
     /// Called once per visible change of a token caused by D1 (an applied event or a
     /// reconciliation repair), after it is durably stored. This is where merchant webhooks
-    /// are enqueued (issue 4 part 4); it logs the transition (ids and statuses only).
+    /// are enqueued; it also logs the transition (ids and statuses only).
     pub async fn on_token_changed(&self, before: &TokenRecord, after: &TokenRecord) {
+        // Status gauges and transition counters (src/observability.rs); same status: no-op.
+        crate::observability::token_transition(Some(&before.status), Some(&after.status));
         tracing::info!(
             token_id = %after.id,
             merchant_id = %after.merchant_id,
@@ -427,6 +443,8 @@ impl Lifecycle {
             version = after.version,
             "token changed"
         );
+        // Merchant webhooks: recorded in the durable outbox (best-effort, logged on failure).
+        self.services.note_webhook(before, after).await;
     }
 }
 
@@ -502,7 +520,10 @@ mod tests {
         let s = applied(decide(&r, &change(Some(TokenStatus::Suspended), t0)));
         assert_eq!(s.status, TokenStatus::Suspended);
         assert_eq!(s.last_event_at, Some(t0));
-        let a = applied(decide(&s, &change(Some(TokenStatus::Active), t0 + Duration::from_secs(1))));
+        let a = applied(decide(
+            &s,
+            &change(Some(TokenStatus::Active), t0 + Duration::from_secs(1)),
+        ));
         assert_eq!(a.status, TokenStatus::Active);
     }
 
@@ -550,8 +571,18 @@ mod tests {
         let nt = n.network_token.clone().unwrap();
         assert_eq!(nt.last4.as_deref(), Some("9876"));
         assert_eq!(nt.expiry, Expiry::trusted(9, 2031));
-        assert_eq!(nt.par.as_deref(), Some("PAR1"), "absent fields keep their value");
-        assert_eq!(n.card.expiry, Expiry { month: 9, year: 2031 });
+        assert_eq!(
+            nt.par.as_deref(),
+            Some("PAR1"),
+            "absent fields keep their value"
+        );
+        assert_eq!(
+            n.card.expiry,
+            Expiry {
+                month: 9,
+                year: 2031
+            }
+        );
         assert!(visible_change(&r, &n));
     }
 

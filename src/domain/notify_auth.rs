@@ -208,8 +208,7 @@ impl NotifyAuth {
         else {
             return Err(BearerError::Invalid);
         };
-        if version != TOKEN_VERSION || exp.is_empty() || !exp.bytes().all(|b| b.is_ascii_digit())
-        {
+        if version != TOKEN_VERSION || exp.is_empty() || !exp.bytes().all(|b| b.is_ascii_digit()) {
             return Err(BearerError::Invalid);
         }
         let expires_at: i64 = exp.parse().map_err(|_| BearerError::Invalid)?;

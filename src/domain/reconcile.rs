@@ -25,6 +25,15 @@
 //! Tokens created while reconciliation was off (or before it existed) are not on the schedule.
 //! Reconciliation is a safety net behind D1's redelivery, not the primary path.
 //!
+//! Clocks: a repair is stamped (`last_event_at`) with our clock, read before asking D1; events
+//! carry D1's. If D1's clock runs behind ours by `s`, an event D1 stamps within `s` after a
+//! repair looks older and is ignored, until the next check of that token repairs it again. Keep
+//! both sides NTP-synchronised; the window is the skew, not the interval.
+//!
+//! Capacity: at most `batch` D1 reads per `interval`, i.e. 1.7 million a day with the defaults
+//! (100 per 5 s). Size them so that covers the live tokens once per `stale_after`; when it does
+//! not, the earliest-due tokens still go first and the rest wait, D1 is never flooded.
+//!
 //! # One instance at a time
 //!
 //! A tick runs under a lease in the store (`reconcile`, `reconcile.lease_ms`), extended by the
@@ -192,8 +201,11 @@ impl Reconciler {
     /// lease. A tick in progress is abandoned at once: each of its steps is a single atomic
     /// store write or a read from D1, so stopping between any two is safe.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        tracing::info!(interval_ms = self.settings.interval.as_millis() as u64,
-            batch = self.settings.batch, "reconciliation started");
+        tracing::info!(
+            interval_ms = self.settings.interval.as_millis() as u64,
+            batch = self.settings.batch,
+            "reconciliation started"
+        );
         loop {
             tokio::select! {
                 () = tokio::time::sleep(self.settings.interval) => {}

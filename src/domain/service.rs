@@ -103,7 +103,7 @@ impl Services {
 
     /// Best-effort: the change is stored; a failure to record its event is logged, never fails
     /// the request (retrying it would find the token already changed, and emit nothing).
-    async fn note_webhook(&self, before: &TokenRecord, after: &TokenRecord) {
+    pub(crate) async fn note_webhook(&self, before: &TokenRecord, after: &TokenRecord) {
         if let Some(w) = &self.webhooks
             && let Err(e) = w.token_changed(before, after).await
         {
@@ -299,7 +299,10 @@ impl Services {
         match self.store.update_token(&rec).await {
             Ok(()) => {
                 // The CAS replaced the version we reserved (or re-drove): a PENDING record.
-                crate::observability::token_transition(Some(&TokenStatus::Pending), Some(&rec.status));
+                crate::observability::token_transition(
+                    Some(&TokenStatus::Pending),
+                    Some(&rec.status),
+                );
                 Ok(rec)
             }
             Err(StoreError::Conflict) => self

@@ -121,7 +121,9 @@ impl EventId {
     pub fn parse(s: &str) -> Option<EventId> {
         let ok = s.len() == Self::LEN
             && s.starts_with(Self::PREFIX)
-            && s[4..16].bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            && s[4..16]
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             && is_b64url(&s[16..]);
         ok.then(|| EventId(s.to_owned()))
     }
@@ -453,7 +455,8 @@ pub fn verify_signature(
         return false;
     }
     let expected = sign(secret, t, body);
-    sigs.iter().any(|s| bool::from(s.as_slice().ct_eq(&expected)))
+    sigs.iter()
+        .any(|s| bool::from(s.as_slice().ct_eq(&expected)))
 }
 
 // --- URL validation ----------------------------------------------------------------------------
@@ -489,12 +492,9 @@ pub fn validate_url(url: &str, allow_http: bool) -> Result<(), WebhookError> {
             "url must not contain whitespace, control characters or a fragment",
         ));
     }
-    let uri: http::Uri = url.parse().map_err(|_| {
-        invalid(
-            "invalid_webhook_url",
-            "url must be an absolute http(s) URL",
-        )
-    })?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| invalid("invalid_webhook_url", "url must be an absolute http(s) URL"))?;
     let scheme = uri.scheme_str().map(str::to_ascii_lowercase);
     let Some(host) = url_host(&uri) else {
         return Err(invalid(
@@ -520,6 +520,16 @@ pub fn validate_url(url: &str, allow_http: bool) -> Result<(), WebhookError> {
             "url must be an absolute http(s) URL",
         )),
     }
+}
+
+/// Delay before attempt `n + 1` after `n` failed ones: `base * 2^(n-1)`, capped at `max`,
+/// jittered down to between half and all of it so retries of many events spread out.
+pub fn backoff(base: Duration, max: Duration, failed_attempts: u32) -> Duration {
+    let base = u64::try_from(base.as_millis()).unwrap_or(u64::MAX);
+    let cap = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    let exp = failed_attempts.saturating_sub(1).min(40);
+    let ms = base.saturating_mul(1u64 << exp).min(cap).max(1);
+    Duration::from_millis(rand::random_range(ms.div_ceil(2)..=ms))
 }
 
 // --- outbound HTTP -----------------------------------------------------------------------------
@@ -733,7 +743,11 @@ impl WebhookService {
 
     /// Removes an endpoint. Queued deliveries to it are dead-lettered (`endpoint_deleted`) when
     /// their turn comes.
-    pub async fn delete_endpoint(&self, merchant: &MerchantId, id: &str) -> Result<(), WebhookError> {
+    pub async fn delete_endpoint(
+        &self,
+        merchant: &MerchantId,
+        id: &str,
+    ) -> Result<(), WebhookError> {
         let id = EndpointId::parse(id).ok_or(WebhookError::EndpointNotFound)?;
         if self.outbox.delete_endpoint(merchant, &id).await? {
             Ok(())
@@ -922,14 +936,13 @@ impl WebhookService {
         }
     }
 
-    /// Delay before attempt `n + 1` after `n` failed ones: exponential from `backoff_base`,
-    /// capped at `backoff_max`, jittered down to half so retries of many events spread out.
+    /// Delay before the next attempt after `failed_attempts` failed ones (see [`backoff`]).
     pub fn backoff(&self, failed_attempts: u32) -> Duration {
-        let base = u64::try_from(self.settings.backoff_base.as_millis()).unwrap_or(u64::MAX);
-        let cap = u64::try_from(self.settings.backoff_max.as_millis()).unwrap_or(u64::MAX);
-        let exp = failed_attempts.saturating_sub(1).min(40);
-        let ms = base.saturating_mul(1u64 << exp).min(cap).max(1);
-        Duration::from_millis(rand::random_range(ms.div_ceil(2)..=ms))
+        backoff(
+            self.settings.backoff_base,
+            self.settings.backoff_max,
+            failed_attempts,
+        )
     }
 
     async fn process(&self, sender: &dyn WebhookSender, job: OutboxJob) {
@@ -998,7 +1011,11 @@ impl WebhookService {
                 },
             )
         };
-        let Some(ep) = self.outbox.get_endpoint(&job.merchant, &job.endpoint).await? else {
+        let Some(ep) = self
+            .outbox
+            .get_endpoint(&job.merchant, &job.endpoint)
+            .await?
+        else {
             return Ok(Some(dead(state, "endpoint_deleted")));
         };
         let secret = match self.endpoint_secret(&ep) {
@@ -1036,12 +1053,12 @@ impl WebhookService {
                 state.next_attempt_at = None;
                 state.last_error = None;
                 state.last_status = Some(status);
-                tracing::debug!(event_id = %rec.event.id, endpoint_id = %ep.id, attempt = attempt_no, status, "webhook delivered");
+                tracing::debug!(event_id = %rec.event.id, endpoint_id = %ep.id, consumer = %self.consumer, attempt = attempt_no, status, "webhook delivered");
                 JobNext::Done
             }
             Err((code, status)) => {
                 state.last_status = status;
-                tracing::info!(event_id = %rec.event.id, endpoint_id = %ep.id, attempt = attempt_no, error = %code, "webhook attempt failed");
+                tracing::info!(event_id = %rec.event.id, endpoint_id = %ep.id, consumer = %self.consumer, attempt = attempt_no, error = %code, "webhook attempt failed");
                 if attempt_no >= self.settings.max_attempts {
                     let (s, next) = dead(state, &code);
                     state = s;
@@ -1129,21 +1146,33 @@ mod tests {
         for (from, to, want) in cases {
             let before = token(from.clone());
             let after = with(&before, |r| r.status = to.clone());
-            assert_eq!(EventType::of_change(&before, &after), want, "{from:?} -> {to:?}");
+            assert_eq!(
+                EventType::of_change(&before, &after),
+                want,
+                "{from:?} -> {to:?}"
+            );
         }
     }
 
     #[test]
     fn metadata_changes_are_updates_and_bookkeeping_is_not() {
         let before = token(TokenStatus::Active);
-        let after = with(&before, |r| r.card.expiry = Expiry::trusted(1, 2033).unwrap());
-        assert_eq!(EventType::of_change(&before, &after), Some(EventType::Updated));
+        let after = with(&before, |r| {
+            r.card.expiry = Expiry::trusted(1, 2033).unwrap()
+        });
+        assert_eq!(
+            EventType::of_change(&before, &after),
+            Some(EventType::Updated)
+        );
         let after = with(&before, |r| {
             if let Some(nt) = r.network_token.as_mut() {
                 nt.last4 = Some("0000".into());
             }
         });
-        assert_eq!(EventType::of_change(&before, &after), Some(EventType::Updated));
+        assert_eq!(
+            EventType::of_change(&before, &after),
+            Some(EventType::Updated)
+        );
         let after = with(&before, |r| {
             r.version += 1;
             r.updated_at = now() + Duration::from_secs(5);
@@ -1192,9 +1221,18 @@ mod tests {
         assert_eq!(h.len(), "t=1700000000,v1=".len() + 64);
         let w = REPLAY_WINDOW;
         assert!(verify_signature(secret, &h, body, 1_700_000_100, w));
-        assert!(!verify_signature(secret, &h, b"{\"id\":\"evt_2\"}", 1_700_000_100, w));
+        assert!(!verify_signature(
+            secret,
+            &h,
+            b"{\"id\":\"evt_2\"}",
+            1_700_000_100,
+            w
+        ));
         assert!(!verify_signature(b"other", &h, body, 1_700_000_100, w));
-        assert!(!verify_signature(secret, &h, body, 1_700_000_301, w), "replay");
+        assert!(
+            !verify_signature(secret, &h, body, 1_700_000_301, w),
+            "replay"
+        );
         assert!(!verify_signature(secret, "v1=00", body, 1_700_000_000, w));
         // Several v1 values (secret rotation on the receiver side): one match is enough.
         let both = format!("{h},v1={}", "00".repeat(32));
@@ -1204,6 +1242,94 @@ mod tests {
         mac.update(b"1700000000.");
         mac.update(body);
         assert!(h.ends_with(&hex::encode(mac.finalize().into_bytes())));
+    }
+
+    /// The vector in docs/webhooks.md (also checked there with openssl, Python and Node), and the
+    /// Rust receiver snippet from that page, verbatim.
+    #[test]
+    fn documented_vector_and_rust_snippet() {
+        const VECTOR: &str =
+            "t=1700000000,v1=c89214b5b5da833daed6f0b8c5bb6bd58cea9022bd80ccc78230f3942d632925";
+        let body = br#"{"id":"evt_1"}"#;
+        assert_eq!(signature_header(b"whsec_test", 1_700_000_000, body), VECTOR);
+
+        pub fn verify(secret: &str, header: &str, body: &[u8], now_unix: i64) -> bool {
+            let (mut t, mut sigs) = (None, Vec::new());
+            for part in header.split(',') {
+                match part.trim().split_once('=') {
+                    Some(("t", v)) => t = v.parse::<i64>().ok(),
+                    Some(("v1", v)) => sigs.extend(hex::decode(v).ok()),
+                    _ => {}
+                }
+            }
+            let Some(t) = t else { return false };
+            if (now_unix - t).abs() > 300 {
+                return false;
+            }
+            sigs.iter().any(|sig| {
+                let Ok(mut mac) = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+                else {
+                    return false;
+                };
+                mac.update(format!("{t}.").as_bytes());
+                mac.update(body);
+                mac.verify_slice(sig).is_ok()
+            })
+        }
+        assert!(verify("whsec_test", VECTOR, body, 1_700_000_100));
+        assert!(!verify("whsec_test", VECTOR, b"{}", 1_700_000_100));
+        assert!(!verify("whsec_test", VECTOR, body, 1_700_000_301));
+    }
+
+    #[test]
+    fn backoff_doubles_jitters_and_caps() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_millis(1000));
+        for _ in 0..50 {
+            let d1 = backoff(base, max, 1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= base, "{d1:?}");
+            let d3 = backoff(base, max, 3);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+            let d9 = backoff(base, max, 9);
+            assert!(d9 >= max / 2 && d9 <= max, "{d9:?}");
+            assert!(backoff(base, max, u32::MAX) <= max);
+        }
+    }
+
+    #[test]
+    fn sealed_secrets_open_only_for_their_endpoint() {
+        let ring = Keyring::new(&crate::crypto::dev::material()).unwrap();
+        let (m, e) = (MerchantId::generate(), EndpointId::generate());
+        let binding = [m.as_str(), e.as_str()];
+        let (key_id, blob) = ring.seal_secret(SECRET_PURPOSE, &binding, b"whsec_abc");
+        let (_, again) = ring.seal_secret(SECRET_PURPOSE, &binding, b"whsec_abc");
+        assert_ne!(blob, again, "equal secrets encrypt differently");
+        assert!(!blob.windows(9).any(|w| w == b"whsec_abc"));
+        let opened = ring
+            .open_secret(SECRET_PURPOSE, &binding, &key_id, &blob)
+            .unwrap();
+        assert_eq!(&opened[..], b"whsec_abc");
+        let other = EndpointId::generate();
+        for (purpose, binding) in [
+            (SECRET_PURPOSE, [m.as_str(), other.as_str()]),
+            ("pan", [m.as_str(), e.as_str()]),
+            (SECRET_PURPOSE, [e.as_str(), m.as_str()]),
+        ] {
+            assert!(ring.open_secret(purpose, &binding, &key_id, &blob).is_err());
+        }
+        // Moving a part between purpose and binding does not produce the same AAD either.
+        let shifted = ring.open_secret(
+            "webhook-secretmer",
+            &[&m.as_str()[3..], e.as_str()],
+            &key_id,
+            &blob,
+        );
+        assert!(shifted.is_err());
+        let mut tampered = blob.clone();
+        tampered[13] ^= 1;
+        assert!(
+            ring.open_secret(SECRET_PURPOSE, &binding, &key_id, &tampered)
+                .is_err()
+        );
     }
 
     #[test]

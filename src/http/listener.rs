@@ -77,11 +77,12 @@ struct Material {
 impl Material {
     fn read(files: &ServerTlsConfig) -> Result<Material, TlsLoadError> {
         let read = |key: &'static str, path: &Path| -> Result<Zeroizing<String>, TlsLoadError> {
-            let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| TlsLoadError::Read {
-                key,
-                path: path.to_owned(),
-                source,
-            })?);
+            let bytes =
+                Zeroizing::new(std::fs::read(path).map_err(|source| TlsLoadError::Read {
+                    key,
+                    path: path.to_owned(),
+                    source,
+                })?);
             match std::str::from_utf8(&bytes) {
                 Ok(s) => Ok(Zeroizing::new(s.to_owned())),
                 Err(_) => Err(TlsLoadError::NotPem {
@@ -152,7 +153,10 @@ impl ReloadableTls {
         let m = Material::read(&self.files)?;
         let digest = m.digest();
         {
-            let mut seen = self.last_seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut seen = self
+                .last_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if !force && *seen == digest {
                 return Ok(false);
             }
@@ -282,8 +286,7 @@ where
         // Taken before the handshake, so shutdown also waits for connections still handshaking.
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");

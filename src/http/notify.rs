@@ -24,7 +24,9 @@ use zeroize::Zeroizing;
 
 use super::AppState;
 use super::extract::{Body, parse_json};
-use super::problem::{ApiError, OAuthError, notification_error, notify_unauthorized};
+use super::problem::{
+    ApiError, OAuthError, OAuthErrorBody, ProblemBody, notification_error, notify_unauthorized,
+};
 use crate::domain::card::Expiry;
 use crate::domain::lifecycle::{EventKind, Lifecycle, TokenEvent};
 use crate::domain::notify_auth::NotifyAuth;
@@ -104,6 +106,45 @@ fn is_form(headers: &HeaderMap) -> bool {
         })
 }
 
+/// `POST /oauth2/token` form body (RFC 6749 section 4.4). A schema only (OpenAPI).
+#[derive(utoipa::ToSchema)]
+#[schema(as = OAuthTokenRequest)]
+#[allow(dead_code, reason = "a schema only; the form is parsed by parse_form")]
+struct TokenRequestSchema {
+    /// Only `client_credentials`.
+    #[schema(example = "client_credentials")]
+    grant_type: String,
+    /// Accepted and ignored (there is one scope).
+    scope: Option<String>,
+}
+
+/// `200` of `POST /oauth2/token`. A schema only (OpenAPI): the handler writes it with `json!`.
+#[derive(utoipa::ToSchema)]
+#[schema(as = OAuthTokenResponse)]
+#[allow(dead_code, reason = "a schema only; never constructed")]
+struct TokenResponseSchema {
+    access_token: String,
+    #[schema(example = "Bearer")]
+    token_type: String,
+    /// Seconds.
+    expires_in: u64,
+    /// Unix seconds.
+    expires_at: i64,
+    scope: String,
+}
+
+/// OAuth 2.0 client credentials for D1 (HTTP Basic): the access token `notify-update` needs.
+/// Errors are in OAuth's own format, not problem+json.
+#[utoipa::path(post, path = "/oauth2/token", tag = "d1",
+    security(("d1ClientBasic" = [])),
+    request_body(content = TokenRequestSchema, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "An access token (`Cache-Control: no-store`)", body = TokenResponseSchema),
+        (status = 400, description = "`invalid_request`, `unsupported_grant_type`", body = OAuthErrorBody, content_type = "application/json"),
+        (status = 401, description = "`invalid_client`", body = OAuthErrorBody, content_type = "application/json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 /// `POST /oauth2/token`.
 pub async fn oauth_token(
     State(state): State<AppState>,
@@ -123,10 +164,8 @@ pub async fn oauth_token(
         return OAuthError::InvalidRequest("the request body could not be read").into_response();
     };
     if !is_form(&headers) {
-        return OAuthError::InvalidRequest(
-            "send the body as application/x-www-form-urlencoded",
-        )
-        .into_response();
+        return OAuthError::InvalidRequest("send the body as application/x-www-form-urlencoded")
+            .into_response();
     }
     let params = match parse_form(&body) {
         Ok(p) => p,
@@ -189,8 +228,9 @@ impl FromRequestParts<AppState> for D1Caller {
 
 /// The notification body (docs/d1-protocol.md, "Notifications"). Unknown fields are ignored, as
 /// D1's compatibility rules require.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = TokenNotification)]
 struct NotifyBody {
     event_id: String,
     event_type: String,
@@ -240,8 +280,7 @@ fn status(s: Option<String>) -> Result<Option<TokenStatus>, ApiError> {
         Some(v) if v.is_empty() => Ok(None),
         Some(v)
             if v.len() <= 32
-                && v
-                    .bytes()
+                && v.bytes()
                     .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') =>
         {
             Ok(Some(TokenStatus::parse(&v)))
@@ -298,6 +337,27 @@ fn to_event(
 }
 
 /// `POST /merchant-gateways/{mgid}/merchants/{merchantId}/tokens/{tokenId}/notify-update`.
+/// D1's token lifecycle notification; applied before answering `204`.
+#[utoipa::path(post,
+    path = "/merchant-gateways/{merchant_gateway_id}/merchants/{merchant_id}/tokens/{token_id}/notify-update",
+    tag = "d1",
+    security(("d1AccessToken" = [])),
+    params(
+        ("merchant_gateway_id" = String, Path, description = "Our merchant gateway id at D1"),
+        ("merchant_id" = String, Path, description = "D1's merchant id"),
+        ("token_id" = String, Path, description = "D1's token id"),
+    ),
+    request_body = NotifyBody,
+    responses(
+        (status = 204, description = "Applied (or recognised as a redelivery)"),
+        (status = 400, description = "`malformed_json`, `body_missing`, `invalid_field`, `missing_field`, `invalid_path`, `token_id_mismatch`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing or invalid access token (with `WWW-Authenticate`)", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`merchant_gateway_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`notification_not_applied` (redeliver), `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn notify_update(
     State(state): State<AppState>,
     _caller: D1Caller,
@@ -400,7 +460,14 @@ mod tests {
         assert_eq!(ev.card_last4.as_deref(), Some("4321"));
         assert_eq!(ev.card_expiry, Expiry::trusted(9, 2031));
         assert!(to_event("m".into(), "t".into(), body("yesterday", "evt_1")).is_err());
-        assert!(to_event("m".into(), "t".into(), body("2026-11-23T12:00:00Z", "evt 1")).is_err());
+        assert!(
+            to_event(
+                "m".into(),
+                "t".into(),
+                body("2026-11-23T12:00:00Z", "evt 1")
+            )
+            .is_err()
+        );
         let mut other = body("2026-11-23T12:00:00Z", "evt_2");
         other.token_id = Some("other".into());
         assert!(to_event("m".into(), "t".into(), other).is_err());

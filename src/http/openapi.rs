@@ -21,7 +21,7 @@ use serde::Serialize;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{Required, RefOr};
+use utoipa::openapi::{RefOr, Required};
 use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::domain::card::Brand;
@@ -32,6 +32,10 @@ use crate::domain::token::Usage;
 pub const MERCHANT_API_KEY: &str = "merchantApiKey";
 /// Security scheme of the admin routes: `Authorization: Bearer <admin token>`.
 pub const ADMIN_TOKEN: &str = "adminToken";
+/// D1's client credentials at `POST /oauth2/token` (HTTP Basic).
+pub const D1_CLIENT_BASIC: &str = "d1ClientBasic";
+/// The access token D1 sends to `notify-update`.
+pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
 
 /// The document. Operations are listed here once; their content lives on the handlers.
 #[derive(OpenApi)]
@@ -56,12 +60,23 @@ pub const ADMIN_TOKEN: &str = "adminToken";
         super::routes::create_cryptogram,
         super::routes::suspend_token,
         super::routes::resume_token,
+        super::webhooks::create_endpoint,
+        super::webhooks::list_endpoints,
+        super::webhooks::get_endpoint,
+        super::webhooks::delete_endpoint,
+        super::webhooks::list_events,
+        super::webhooks::get_event,
+        super::webhooks::redeliver_event,
+        super::notify::oauth_token,
+        super::notify::notify_update,
     ),
     components(schemas(super::problem::ProblemBody)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; cryptograms"),
         (name = "merchants", description = "Merchant onboarding (admin)"),
+        (name = "webhooks", description = "Merchant webhook endpoints and the event log"),
+        (name = "d1", description = "Called by Thales D1: OAuth client credentials and token lifecycle notifications"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
     )
 )]
@@ -85,7 +100,7 @@ pub async fn openapi_json() -> Response {
     resp
 }
 
-/// Adds the two bearer schemes (the derive has no syntax for them).
+/// Adds the security schemes (the derive has no syntax for them).
 struct SecuritySchemes;
 
 impl Modify for SecuritySchemes {
@@ -111,6 +126,26 @@ impl Modify for SecuritySchemes {
                     .description(Some(
                         "The admin token (`admin.token`, `TOKENGATE_ADMIN_TOKEN`).",
                     ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            D1_CLIENT_BASIC,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Basic)
+                    .description(Some(
+                        "D1's client id and secret (`notify.client_id`, `notify.client_secret`).",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            D1_ACCESS_TOKEN,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An access token from `POST /oauth2/token`."))
                     .build(),
             ),
         );
@@ -141,6 +176,23 @@ impl IntoParams for IdempotencyKeyHeader {
                         .min_length(Some(1))
                         .max_length(Some(255)),
                 ))
+                .build(),
+        ]
+    }
+}
+
+/// The `{id}` of other resources (`/v1/webhook-endpoints/{id}`, `/v1/events/{id}`).
+pub struct PathId;
+
+impl IntoParams for PathId {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some("The resource id."))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
                 .build(),
         ]
     }
@@ -222,10 +274,7 @@ fn all_transaction_types() -> [TransactionType; 2] {
 
 impl PartialSchema for Usage {
     fn schema() -> RefOr<Schema> {
-        string_enum(
-            "What the merchant will use the token for.",
-            &all_usages(),
-        )
+        string_enum("What the merchant will use the token for.", &all_usages())
     }
 }
 
@@ -313,7 +362,10 @@ mod tests {
             s["Usage"]["enum"],
             serde_json::json!(["CARD_ON_FILE", "ONE_OFF", "RECURRING"])
         );
-        assert_eq!(s["TransactionType"]["enum"], serde_json::json!(["CIT", "MIT"]));
+        assert_eq!(
+            s["TransactionType"]["enum"],
+            serde_json::json!(["CIT", "MIT"])
+        );
         assert_eq!(s["Brand"]["enum"].as_array().unwrap().len(), 8);
         assert!(
             s["Brand"]["enum"]

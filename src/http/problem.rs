@@ -284,8 +284,10 @@ pub fn notify_unauthorized(e: crate::domain::notify_auth::BearerError) -> Respon
         ),
     };
     let mut resp = ApiError::unauthorized(detail).into_response();
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
     resp
 }
 
@@ -302,8 +304,11 @@ pub enum OAuthError {
     UnsupportedGrantType,
 }
 
-#[derive(Serialize)]
-struct OAuthErrorBody<'a> {
+/// The body of an [`OAuthError`]; its OpenAPI schema is `OAuthErrorResponse`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = OAuthErrorResponse)]
+pub(crate) struct OAuthErrorBody<'a> {
+    #[schema(example = "invalid_client")]
     error: &'a str,
     error_description: &'a str,
 }

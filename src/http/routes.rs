@@ -8,8 +8,8 @@ use zeroize::Zeroize;
 
 use super::AppState;
 use super::dto::{
-    CreateCryptogramRequest, CreateMerchantRequest, CreateTokenRequest, CryptogramView,
-    HealthView, MerchantCreated, TokenView,
+    CreateCryptogramRequest, CreateMerchantRequest, CreateTokenRequest, CryptogramView, HealthView,
+    MerchantCreated, TokenView,
 };
 use super::extract::{AdminAuth, Body, MerchantAuth, parse_json};
 use super::idempotency::{Reply, key_from, run_idempotent};

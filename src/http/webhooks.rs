@@ -19,7 +19,8 @@ use super::AppState;
 use super::dto::rfc3339;
 use super::extract::{Body, MerchantAuth, parse_json};
 use super::idempotency::{Reply, key_from, run_idempotent};
-use super::problem::ApiError;
+use super::openapi::{IdempotencyKeyHeader, PathId};
+use super::problem::{ApiError, ProblemBody};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{DeliveryState, EventRecord, WebhookEndpoint, WebhookService};
 
@@ -38,15 +39,16 @@ fn service(state: &AppState) -> Result<Arc<WebhookService>, ApiError> {
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateEndpointRequest {
     url: String,
     events: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = WebhookEndpoint)]
 struct EndpointView<'a> {
     id: &'a str,
     url: &'a str,
@@ -65,8 +67,9 @@ impl<'a> From<&'a WebhookEndpoint> for EndpointView<'a> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = WebhookDelivery)]
 struct DeliveryView<'a> {
     endpoint_id: &'a str,
     status: &'static str,
@@ -95,8 +98,9 @@ impl<'a> From<&'a DeliveryState> for DeliveryView<'a> {
 
 /// An event with its delivery status: the summary (`status`, `attempts`, `lastError`) covers
 /// all endpoints, `deliveries` has one entry per endpoint.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
+#[schema(as = WebhookEvent)]
 struct EventView<'a> {
     id: &'a str,
     #[serde(rename = "type")]
@@ -130,7 +134,7 @@ impl<'a> From<&'a EventRecord> for EventView<'a> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 struct Page<T> {
     data: Vec<T>,
@@ -143,6 +147,23 @@ fn json(status: StatusCode, v: &impl Serialize) -> Response {
 
 // --- endpoints ---------------------------------------------------------------------------------
 
+/// Registers an endpoint for the merchant's webhook events; the `201` shows its signing secret,
+/// once.
+#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(IdempotencyKeyHeader),
+    request_body = CreateEndpointRequest,
+    responses(
+        (status = 201, description = "The endpoint, with its signing secret (shown once)", body = EndpointCreatedSchema),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`too_many_webhook_endpoints`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_webhook_url`, `insecure_webhook_url`, `invalid_event_types`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn create_endpoint(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -181,6 +202,23 @@ pub async fn create_endpoint(
         return resp;
     }
     add_secret(&hooks, &merchant.id, resp, fresh).await
+}
+
+/// The `201` body of `POST /v1/webhook-endpoints`: [`EndpointView`] plus the signing secret.
+/// A schema only (OpenAPI): the body is built by [`add_secret`]; tests/it/openapi.rs holds it
+/// against a real answer.
+#[derive(utoipa::ToSchema)]
+#[schema(as = WebhookEndpointCreated, rename_all = "camelCase")]
+#[allow(dead_code, reason = "a schema only; never constructed")]
+struct EndpointCreatedSchema {
+    #[schema(example = "we_...")]
+    id: String,
+    url: String,
+    events: Vec<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    /// The HMAC signing secret of this endpoint's deliveries. Shown here once.
+    secret: String,
 }
 
 /// Puts `secret` into a `201` endpoint body: the one just generated, or for a replay the
@@ -224,6 +262,15 @@ async fn add_secret(
     Response::from_parts(parts, axum::body::Body::from(out.as_bytes().to_vec()))
 }
 
+/// The merchant's webhook endpoints (one page holds them all).
+#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    responses(
+        (status = 200, description = "Every endpoint of the merchant", body = Page<EndpointView>),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn list_endpoints(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -244,13 +291,27 @@ pub async fn list_endpoints(
     }
 }
 
+/// One webhook endpoint (without its secret).
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 200, description = "The endpoint", body = EndpointView),
+        (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn get_endpoint(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
     Path(id): Path<String>,
 ) -> Response {
     let result = match service(&state) {
-        Ok(h) => h.get_endpoint(&merchant.id, &id).await.map_err(ApiError::from),
+        Ok(h) => h
+            .get_endpoint(&merchant.id, &id)
+            .await
+            .map_err(ApiError::from),
         Err(e) => Err(e),
     };
     match result {
@@ -259,13 +320,27 @@ pub async fn get_endpoint(
     }
 }
 
+/// Deletes a webhook endpoint; its queued deliveries are dropped.
+#[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn delete_endpoint(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
     Path(id): Path<String>,
 ) -> Response {
     let result = match service(&state) {
-        Ok(h) => h.delete_endpoint(&merchant.id, &id).await.map_err(ApiError::from),
+        Ok(h) => h
+            .delete_endpoint(&merchant.id, &id)
+            .await
+            .map_err(ApiError::from),
         Err(e) => Err(e),
     };
     match result {
@@ -306,6 +381,21 @@ fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError> {
     Ok((limit, cursor))
 }
 
+/// The merchant's webhook events, newest first, with their delivery status.
+#[utoipa::path(get, path = "/v1/events", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (default 20)", minimum = 1, maximum = 100),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of events", body = Page<EventView>),
+        (status = 400, description = "`invalid_query`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_cursor`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn list_events(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -334,6 +424,17 @@ pub async fn list_events(
     }
 }
 
+/// One webhook event with its delivery status per endpoint.
+#[utoipa::path(get, path = "/v1/events/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 200, description = "The event", body = EventView),
+        (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn get_event(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
@@ -349,6 +450,20 @@ pub async fn get_event(
     }
 }
 
+/// Queues a dead-lettered (or delivered) event again for its endpoints.
+#[utoipa::path(post, path = "/v1/events/{id}/redeliver", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId, IdempotencyKeyHeader),
+    responses(
+        (status = 202, description = "Queued again", body = EventView),
+        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`event_not_redeliverable`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
 pub async fn redeliver_event(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,

@@ -7,12 +7,17 @@
 //! - `lc_leases` name -> (holder, expires at ms).
 //!
 //! The tables are created by the first write that needs them; reads treat a missing table as
-//! empty, so a file written before this module existed opens unchanged.
+//! empty, so a file written before this module existed opens unchanged. Event markers commit
+//! durably (with the token they belong to); schedule and lease writes do not wait for the disk,
+//! since both are best-effort by contract and run on every tokenization and every tick.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableError, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError,
+    WriteTransaction,
+};
 
 use super::StoreError;
 use super::embedded::{EmbeddedStore, begin_write, update_token_in};
@@ -40,6 +45,16 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// A write transaction whose commit does not wait for the disk: for the schedule and leases,
+/// which are best-effort by contract (a crash may lose the latest ones; the next durable commit
+/// of any write persists them). Token writes and event markers stay durable.
+fn begin_relaxed(db: &Database) -> Result<WriteTransaction, StoreError> {
+    let mut txn = begin_write(db)?;
+    // Refused only when persistent savepoints were touched (never here): then stay durable.
+    let _ = txn.set_durability(Durability::None);
+    Ok(txn)
 }
 
 /// A table that does not exist yet reads as empty (`Ok(None)`).
@@ -182,7 +197,7 @@ impl LifecycleStore for EmbeddedStore {
         let merchant = merchant.as_str().to_owned();
         let token = token.as_str().to_owned();
         self.run(move |db| {
-            let txn = begin_write(db)?;
+            let txn = begin_relaxed(db)?;
             {
                 let mut by_token = txn.open_table(SCHEDULE_BY_TOKEN)?;
                 let mut schedule = txn.open_table(SCHEDULE)?;
@@ -208,7 +223,7 @@ impl LifecycleStore for EmbeddedStore {
         let merchant = merchant.as_str().to_owned();
         let token = token.as_str().to_owned();
         self.run(move |db| {
-            let txn = begin_write(db)?;
+            let txn = begin_relaxed(db)?;
             {
                 let mut by_token = txn.open_table(SCHEDULE_BY_TOKEN)?;
                 let old = by_token
@@ -252,7 +267,7 @@ impl LifecycleStore for EmbeddedStore {
             drop(txn);
             if !junk.is_empty() {
                 // Never returned, never retried: without removal they would fill every batch.
-                let txn = begin_write(db)?;
+                let txn = begin_relaxed(db)?;
                 {
                     let mut schedule = txn.open_table(SCHEDULE)?;
                     let mut by_token = txn.open_table(SCHEDULE_BY_TOKEN)?;
@@ -278,7 +293,7 @@ impl LifecycleStore for EmbeddedStore {
         let holder = holder.to_owned();
         self.run(move |db| {
             let now = now_ms();
-            let txn = begin_write(db)?;
+            let txn = begin_relaxed(db)?;
             {
                 let mut leases = txn.open_table(LEASES)?;
                 let taken_by_other = leases.get(name.as_str())?.is_some_and(|g| {
@@ -303,7 +318,7 @@ impl LifecycleStore for EmbeddedStore {
         let name = name.to_owned();
         let holder = holder.to_owned();
         self.run(move |db| {
-            let txn = begin_write(db)?;
+            let txn = begin_relaxed(db)?;
             {
                 let mut leases = txn.open_table(LEASES)?;
                 let ours = leases

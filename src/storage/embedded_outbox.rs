@@ -12,8 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redb::{
     Database, Key, ReadOnlyTable, ReadTransaction, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata,
-    TableDefinition, TableError, Value, WriteTransaction,
+    ReadableTableMetadata, TableDefinition, TableError, Value, WriteTransaction,
 };
 use time::OffsetDateTime;
 
@@ -133,7 +132,10 @@ fn queue_pending(
     let mut deliveries = txn.open_table(DELIVERIES)?;
     let mut queue = txn.open_table(QUEUE)?;
     for ep in endpoints {
-        let state = encode("webhook delivery state", &DeliveryState::pending(ep.clone()))?;
+        let state = encode(
+            "webhook delivery state",
+            &DeliveryState::pending(ep.clone()),
+        )?;
         deliveries.insert(
             (merchant.as_str(), event.as_str(), ep.as_str()),
             state.as_slice(),
@@ -162,7 +164,9 @@ fn purge_events(txn: &WriteTransaction, cutoff_ms: u64) -> Result<(), StoreError
         times.remove((at, m.as_str(), e.as_str()))?;
         events.remove((m.as_str(), e.as_str()))?;
         let mut keys = Vec::new();
-        for entry in deliveries.range((m.as_str(), e.as_str(), "")..(m.as_str(), e.as_str(), ID_MAX))? {
+        for entry in
+            deliveries.range((m.as_str(), e.as_str(), "")..(m.as_str(), e.as_str(), ID_MAX))?
+        {
             let (k, _) = entry?;
             keys.push(k.value().2.to_owned());
         }
@@ -286,7 +290,8 @@ impl OutboxStore for EmbeddedStore {
     ) -> Result<Option<EventRecord>, StoreError> {
         let m = merchant.as_str().to_owned();
         let e = id.as_str().to_owned();
-        self.run(move |db| event_in(&db.begin_read()?, &m, &e)).await
+        self.run(move |db| event_in(&db.begin_read()?, &m, &e))
+            .await
     }
 
     async fn list_events(

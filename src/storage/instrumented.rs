@@ -142,7 +142,11 @@ impl TokenStore for InstrumentedStore {
     }
 
     async fn idempotency_abort(&self, scope: &str, key: &str) -> Result<(), StoreError> {
-        timed("idempotency_abort", self.inner.idempotency_abort(scope, key)).await
+        timed(
+            "idempotency_abort",
+            self.inner.idempotency_abort(scope, key),
+        )
+        .await
     }
 }
 

@@ -68,8 +68,11 @@ pub trait LifecycleStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Takes the token off the schedule. Idempotent.
-    async fn unschedule_check(&self, merchant: &MerchantId, token: &TokenId)
-    -> Result<(), StoreError>;
+    async fn unschedule_check(
+        &self,
+        merchant: &MerchantId,
+        token: &TokenId,
+    ) -> Result<(), StoreError>;
 
     /// Up to `limit` scheduled tokens due at or before `now_ms`, earliest first. They stay on the
     /// schedule until rescheduled or unscheduled, so a check that fails is retried next time.

@@ -24,7 +24,9 @@ use async_trait::async_trait;
 
 use super::StoreError;
 use crate::domain::token::MerchantId;
-use crate::domain::webhooks::{DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent};
+use crate::domain::webhooks::{
+    DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent,
+};
 
 /// Dead-lettered jobs kept for operators (the oldest are dropped beyond this). The delivery
 /// state of the event says `dead` regardless.
@@ -63,8 +65,10 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn insert_endpoint(&self, ep: &WebhookEndpoint, max: usize) -> Result<bool, StoreError>;
 
     /// The merchant's endpoints, in no particular order.
-    async fn list_endpoints(&self, merchant: &MerchantId)
-    -> Result<Vec<WebhookEndpoint>, StoreError>;
+    async fn list_endpoints(
+        &self,
+        merchant: &MerchantId,
+    ) -> Result<Vec<WebhookEndpoint>, StoreError>;
 
     async fn get_endpoint(
         &self,
@@ -73,8 +77,11 @@ pub trait OutboxStore: Send + Sync + 'static {
     ) -> Result<Option<WebhookEndpoint>, StoreError>;
 
     /// Removes an endpoint; `Ok(false)` when the merchant has no such endpoint.
-    async fn delete_endpoint(&self, merchant: &MerchantId, id: &EndpointId)
-    -> Result<bool, StoreError>;
+    async fn delete_endpoint(
+        &self,
+        merchant: &MerchantId,
+        id: &EndpointId,
+    ) -> Result<bool, StoreError>;
 
     // --- events -----------------------------------------------------------------------------
 
@@ -191,7 +198,15 @@ mod tests {
         let w = EndpointId::generate();
         let s = encode_job(&m, &e, &w, 3);
         let j = decode_job(&s, "h".into()).unwrap();
-        assert_eq!((j.merchant.clone(), j.event.clone(), j.endpoint.clone(), j.attempts), (m, e, w, 3));
+        assert_eq!(
+            (
+                j.merchant.clone(),
+                j.event.clone(),
+                j.endpoint.clone(),
+                j.attempts
+            ),
+            (m, e, w, 3)
+        );
         assert!(next_attempt(&j).ends_with(" 4"));
         assert!(decode_job(&format!("{s} x"), String::new()).is_none());
         assert!(decode_job("mer_x evt_y whe_z 1", String::new()).is_none());

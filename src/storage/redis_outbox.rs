@@ -258,31 +258,45 @@ impl RedisStore {
     async fn xadd_jobs(&self, jobs: &[String]) -> Result<(), StoreError> {
         for job in jobs {
             let mut c = redis::cmd("XADD");
-            c.arg(self.outbox_keys().outbox()).arg("*").arg("j").arg(job);
+            c.arg(self.outbox_keys().outbox())
+                .arg("*")
+                .arg("j")
+                .arg(job);
             self.query::<String>(c).await?;
         }
         Ok(())
     }
 }
 
-/// Delivery fields, states and jobs (0 attempts) of `event` for `endpoints`, as script arguments.
-fn pending_args(
-    merchant: &MerchantId,
-    event: &EventId,
-    endpoints: &[EndpointId],
-) -> Result<(Vec<String>, Vec<String>, Vec<String>), StoreError> {
-    let mut fields = Vec::with_capacity(endpoints.len());
-    let mut states = Vec::with_capacity(endpoints.len());
-    let mut jobs = Vec::with_capacity(endpoints.len());
-    for ep in endpoints {
-        fields.push(delivery_field(ep));
-        states.push(encode(
-            "webhook delivery state",
-            &DeliveryState::pending(ep.clone()),
-        )?);
-        jobs.push(encode_job(merchant, event, ep, 0));
+/// Script arguments for pending deliveries of one event: per endpoint, the hash field, the
+/// `pending` state and a job with 0 attempts (same order in all three).
+struct PendingArgs {
+    fields: Vec<String>,
+    states: Vec<String>,
+    jobs: Vec<String>,
+}
+
+impl PendingArgs {
+    fn new(
+        merchant: &MerchantId,
+        event: &EventId,
+        endpoints: &[EndpointId],
+    ) -> Result<PendingArgs, StoreError> {
+        let mut a = PendingArgs {
+            fields: Vec::with_capacity(endpoints.len()),
+            states: Vec::with_capacity(endpoints.len()),
+            jobs: Vec::with_capacity(endpoints.len()),
+        };
+        for ep in endpoints {
+            a.fields.push(delivery_field(ep));
+            a.states.push(encode(
+                "webhook delivery state",
+                &DeliveryState::pending(ep.clone()),
+            )?);
+            a.jobs.push(encode_job(merchant, event, ep, 0));
+        }
+        Ok(a)
     }
-    Ok((fields, states, jobs))
 }
 
 #[async_trait]
@@ -303,9 +317,7 @@ impl OutboxStore for RedisStore {
         let mut c = redis::cmd("HVALS");
         c.arg(self.outbox_keys().endpoints(merchant));
         let vals: Vec<String> = self.query(c).await?;
-        vals.iter()
-            .map(|v| decode("webhook endpoint", v))
-            .collect()
+        vals.iter().map(|v| decode("webhook endpoint", v)).collect()
     }
 
     async fn get_endpoint(
@@ -314,7 +326,8 @@ impl OutboxStore for RedisStore {
         id: &EndpointId,
     ) -> Result<Option<WebhookEndpoint>, StoreError> {
         let mut c = redis::cmd("HGET");
-        c.arg(self.outbox_keys().endpoints(merchant)).arg(id.as_str());
+        c.arg(self.outbox_keys().endpoints(merchant))
+            .arg(id.as_str());
         let v: Option<String> = self.query(c).await?;
         v.map(|v| decode("webhook endpoint", &v)).transpose()
     }
@@ -325,7 +338,8 @@ impl OutboxStore for RedisStore {
         id: &EndpointId,
     ) -> Result<bool, StoreError> {
         let mut c = redis::cmd("HDEL");
-        c.arg(self.outbox_keys().endpoints(merchant)).arg(id.as_str());
+        c.arg(self.outbox_keys().endpoints(merchant))
+            .arg(id.as_str());
         Ok(self.query::<i64>(c).await? == 1)
     }
 
@@ -337,7 +351,11 @@ impl OutboxStore for RedisStore {
     ) -> Result<(), StoreError> {
         let k = self.outbox_keys();
         let m = &event.merchant_id;
-        let (fields, states, jobs) = pending_args(m, &event.id, endpoints)?;
+        let PendingArgs {
+            fields,
+            states,
+            jobs,
+        } = PendingArgs::new(m, &event.id, endpoints)?;
         // Ids sort by creation time: everything below the bound is past retention.
         let cutoff = EventId::lower_bound(OffsetDateTime::now_utc() - retention);
         let mut inv = SCRIPTS.enqueue.key(k.event(m, &event.id));
@@ -427,13 +445,20 @@ impl OutboxStore for RedisStore {
             return Ok(());
         }
         let k = self.outbox_keys();
-        let (fields, states, jobs) = pending_args(merchant, event, endpoints)?;
+        let PendingArgs {
+            fields,
+            states,
+            jobs,
+        } = PendingArgs::new(merchant, event, endpoints)?;
         let mut inv = SCRIPTS.redeliver.key(k.event(merchant, event));
         let cluster = self.is_cluster();
         if !cluster {
             inv.key(k.outbox());
         }
-        inv.arg(endpoints.len()).arg(&fields).arg(&states).arg(&jobs);
+        inv.arg(endpoints.len())
+            .arg(&fields)
+            .arg(&states)
+            .arg(&jobs);
         let existed = self.invoke::<i64>(inv).await? == 1;
         if cluster && existed {
             self.xadd_jobs(&jobs).await?;
@@ -453,7 +478,7 @@ impl OutboxStore for RedisStore {
             .arg(GROUP)
             .arg(consumer)
             .arg(now_ms())
-            .arg(1)
+            .arg(ms(lease))
             .arg(max.max(1));
         let flat: Vec<String> = self.invoke(inv).await?;
         let mut jobs = Vec::with_capacity(flat.len() / 2);

@@ -4,7 +4,6 @@
 //! bring, two gateway instances on one Redis. Plus the `LifecycleStore` contract on every backend.
 #![expect(
     clippy::unwrap_used,
-    clippy::expect_used,
     clippy::panic,
     reason = "a test that fails must fail loudly"
 )]
@@ -160,7 +159,13 @@ fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 /// A notification body as D1 sends it.
-fn event(event_id: &str, event_type: &str, at: OffsetDateTime, d1_token: &str, status: &str) -> Value {
+fn event(
+    event_id: &str,
+    event_type: &str,
+    at: OffsetDateTime,
+    d1_token: &str,
+    status: &str,
+) -> Value {
     json!({
         "eventId": event_id,
         "eventType": event_type,
@@ -238,7 +243,10 @@ async fn oauth_token_endpoint_issues_tokens_and_answers_oauth_errors() {
         "grant_type=client_credentials",
     )
     .await;
-    assert_eq!(wrong.headers()["www-authenticate"], "Basic realm=\"tokengate\"");
+    assert_eq!(
+        wrong.headers()["www-authenticate"],
+        "Basic realm=\"tokengate\""
+    );
     oauth_error(wrong, 401, "invalid_client").await;
     let r = token_request(
         &app,
@@ -249,7 +257,12 @@ async fn oauth_token_endpoint_issues_tokens_and_answers_oauth_errors() {
     oauth_error(r, 401, "invalid_client").await;
     let r = token_request(&app, None, "grant_type=client_credentials").await;
     oauth_error(r, 401, "invalid_client").await;
-    let r = token_request(&app, Some((CLIENT_ID, CLIENT_SECRET)), "grant_type=password").await;
+    let r = token_request(
+        &app,
+        Some((CLIENT_ID, CLIENT_SECRET)),
+        "grant_type=password",
+    )
+    .await;
     oauth_error(r, 400, "unsupported_grant_type").await;
     let r = token_request(&app, Some((CLIENT_ID, CLIENT_SECRET)), "scope=notify").await;
     oauth_error(r, 400, "invalid_request").await;
@@ -288,7 +301,13 @@ async fn access_tokens_expire() {
     let t = tokenize(&app, &m.key, VISA).await;
     let bearer = access_token(&app).await;
     let path = notify_path(MGID, &m.d1, &d1_id(&t));
-    let body = event("evt_exp_1", "STATUS_UPDATE", OffsetDateTime::now_utc(), &d1_id(&t), "SUSPENDED");
+    let body = event(
+        "evt_exp_1",
+        "STATUS_UPDATE",
+        OffsetDateTime::now_utc(),
+        &d1_id(&t),
+        "SUSPENDED",
+    );
     // Expiry has whole-second resolution: wait past the next second boundary.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let r = notify(&app, Some(&bearer), &path, &body).await;
@@ -300,7 +319,10 @@ async fn access_tokens_expire() {
     assert_eq!(get(&app, &m.key, &id(&t)).await["status"], "ACTIVE");
     // A fresh token works.
     let bearer = access_token(&app).await;
-    assert_eq!(notify(&app, Some(&bearer), &path, &body).await.status(), 204);
+    assert_eq!(
+        notify(&app, Some(&bearer), &path, &body).await.status(),
+        204
+    );
     assert_eq!(get(&app, &m.key, &id(&t)).await["status"], "SUSPENDED");
 }
 
@@ -327,7 +349,13 @@ async fn suspend_resume_delete(backend: Backend) {
 
     // DELETED is terminal: a later RESUME (newer timestamp) is acknowledged and ignored.
     let bearer = access_token(&app).await;
-    let body = event("evt_late_resume", "STATUS_UPDATE", OffsetDateTime::now_utc(), &d1, "ACTIVE");
+    let body = event(
+        "evt_late_resume",
+        "STATUS_UPDATE",
+        OffsetDateTime::now_utc(),
+        &d1,
+        "ACTIVE",
+    );
     let r = notify(&app, Some(&bearer), &notify_path(MGID, &m.d1, &d1), &body).await;
     assert_eq!(r.status(), 204);
     let after = get(&app, &m.key, &id).await;
@@ -403,7 +431,8 @@ async fn duplicated_notifications_apply_once() {
     let (id, d1) = (id(&t), d1_id(&t));
     let v0 = redis_version(&url, &m.id, &id).await;
 
-    app.sim_faults(json!({"duplicateNotifications": true})).await;
+    app.sim_faults(json!({"duplicateNotifications": true}))
+        .await;
     assert_eq!(app.sim_event(&d1, json!({"type": "SUSPEND"})).await, 200);
     wait_status(&app, &m.key, &id, "SUSPENDED", Duration::from_secs(1)).await;
     // Both copies were delivered (and acknowledged), one was applied.
@@ -423,9 +452,18 @@ async fn replayed_notification_applies_once(backend: Backend) {
     let (id, d1) = (id(&t), d1_id(&t));
     let bearer = access_token(&app).await;
     let path = notify_path(MGID, &m.d1, &d1);
-    let body = event("evt_replay_1", "STATUS_UPDATE", OffsetDateTime::now_utc(), &d1, "SUSPENDED");
+    let body = event(
+        "evt_replay_1",
+        "STATUS_UPDATE",
+        OffsetDateTime::now_utc(),
+        &d1,
+        "SUSPENDED",
+    );
 
-    assert_eq!(notify(&app, Some(&bearer), &path, &body).await.status(), 204);
+    assert_eq!(
+        notify(&app, Some(&bearer), &path, &body).await.status(),
+        204
+    );
     let first = get(&app, &m.key, &id).await;
     assert_eq!(first["status"], "SUSPENDED");
     let v1 = match &app.redis {
@@ -433,7 +471,10 @@ async fn replayed_notification_applies_once(backend: Backend) {
         None => None,
     };
     for _ in 0..3 {
-        assert_eq!(notify(&app, Some(&bearer), &path, &body).await.status(), 204);
+        assert_eq!(
+            notify(&app, Some(&bearer), &path, &body).await.status(),
+            204
+        );
     }
     let after = get(&app, &m.key, &id).await;
     assert_eq!(after, first, "a replay changes nothing, not even updatedAt");
@@ -466,10 +507,16 @@ async fn out_of_order_notifications_keep_the_newest_state() {
     // The newer SUSPEND arrives first, the older RESUME afterwards: the older is ignored.
     let newer = event("evt_ooo_2", "STATUS_UPDATE", t2, &d1, "SUSPENDED");
     let older = event("evt_ooo_1", "STATUS_UPDATE", t1, &d1, "ACTIVE");
-    assert_eq!(notify(&app, Some(&bearer), &path, &newer).await.status(), 204);
+    assert_eq!(
+        notify(&app, Some(&bearer), &path, &newer).await.status(),
+        204
+    );
     let suspended = get(&app, &m.key, &id).await;
     assert_eq!(suspended["status"], "SUSPENDED");
-    assert_eq!(notify(&app, Some(&bearer), &path, &older).await.status(), 204);
+    assert_eq!(
+        notify(&app, Some(&bearer), &path, &older).await.status(),
+        204
+    );
     assert_eq!(get(&app, &m.key, &id).await, suspended);
 
     // The simulator reordering its own deliveries: RESUME is delivered before SUSPEND.
@@ -498,7 +545,10 @@ async fn forged_and_malformed_notifications_change_nothing() {
 
     // No bearer token.
     let r = notify(&app, None, &path, &body).await;
-    assert_eq!(r.headers()["www-authenticate"], "Bearer realm=\"tokengate\"");
+    assert_eq!(
+        r.headers()["www-authenticate"],
+        "Bearer realm=\"tokengate\""
+    );
     expect_problem(r, 401, "unauthorized").await;
     // A made-up token, a well-formed one signed with another secret, a merchant API key.
     let other = TestApp::builder(Backend::Embedded)
@@ -522,8 +572,18 @@ async fn forged_and_malformed_notifications_change_nothing() {
             .unwrap()
             .to_owned()
     };
-    for bad in ["garbage", "tgn1.99999999999.AAAA", foreign.as_str(), m.key.as_str()] {
-        expect_problem(notify(&app, Some(bad), &path, &body).await, 401, "unauthorized").await;
+    for bad in [
+        "garbage",
+        "tgn1.99999999999.AAAA",
+        foreign.as_str(),
+        m.key.as_str(),
+    ] {
+        expect_problem(
+            notify(&app, Some(bad), &path, &body).await,
+            401,
+            "unauthorized",
+        )
+        .await;
     }
     let bearer = access_token(&app).await;
     // Someone else's merchant gateway id.
@@ -536,10 +596,22 @@ async fn forged_and_malformed_notifications_change_nothing() {
     .await;
     // Malformed bodies: 400 problem+json.
     for (bad, code) in [
-        (json!({"eventType": "STATUS_UPDATE", "timestamp": rfc3339(now)}), "missing_field"),
-        (json!({"eventId": "e1", "eventType": "STATUS_UPDATE", "timestamp": "yesterday"}), "invalid_field"),
-        (json!({"eventId": "e 1", "eventType": "STATUS_UPDATE", "timestamp": rfc3339(now)}), "invalid_field"),
-        (json!({"eventId": "e2", "eventType": "STATUS_UPDATE", "timestamp": rfc3339(now), "tokenId": "other"}), "token_id_mismatch"),
+        (
+            json!({"eventType": "STATUS_UPDATE", "timestamp": rfc3339(now)}),
+            "missing_field",
+        ),
+        (
+            json!({"eventId": "e1", "eventType": "STATUS_UPDATE", "timestamp": "yesterday"}),
+            "invalid_field",
+        ),
+        (
+            json!({"eventId": "e 1", "eventType": "STATUS_UPDATE", "timestamp": rfc3339(now)}),
+            "invalid_field",
+        ),
+        (
+            json!({"eventId": "e2", "eventType": "STATUS_UPDATE", "timestamp": rfc3339(now), "tokenId": "other"}),
+            "token_id_mismatch",
+        ),
         (json!([1, 2]), "invalid_field"),
     ] {
         expect_problem(notify(&app, Some(&bearer), &path, &bad).await, 400, code).await;
@@ -560,10 +632,26 @@ async fn forged_and_malformed_notifications_change_nothing() {
 
     // Unknown merchant or token: acknowledged (D1 must not retry for ever), nothing changes.
     let unknown_merchant = notify_path(MGID, "NO-SUCH-MERCHANT", &d1);
-    assert_eq!(notify(&app, Some(&bearer), &unknown_merchant, &body).await.status(), 204);
+    assert_eq!(
+        notify(&app, Some(&bearer), &unknown_merchant, &body)
+            .await
+            .status(),
+        204
+    );
     let unknown_token = notify_path(MGID, &m.d1, "NO-SUCH-TOKEN");
-    let b = event("evt_unknown_tok", "STATUS_UPDATE", now, "NO-SUCH-TOKEN", "SUSPENDED");
-    assert_eq!(notify(&app, Some(&bearer), &unknown_token, &b).await.status(), 204);
+    let b = event(
+        "evt_unknown_tok",
+        "STATUS_UPDATE",
+        now,
+        "NO-SUCH-TOKEN",
+        "SUSPENDED",
+    );
+    assert_eq!(
+        notify(&app, Some(&bearer), &unknown_token, &b)
+            .await
+            .status(),
+        204
+    );
     // An unknown event type: acknowledged, recorded, no change.
     let b = event("evt_new_kind", "TOKEN_TELEPORTED", now, &d1, "SUSPENDED");
     assert_eq!(notify(&app, Some(&bearer), &path, &b).await.status(), 204);
@@ -575,7 +663,13 @@ async fn forged_and_malformed_notifications_change_nothing() {
     assert_eq!(notify(&app, Some(&bearer), &path, &b).await.status(), 204);
     assert_eq!(get(&app, &m.key, &id).await["status"], "FROZEN");
     // And a known status again afterwards.
-    let b = event("evt_unfrozen", "STATUS_UPDATE", now + Duration::from_millis(1), &d1, "ACTIVE");
+    let b = event(
+        "evt_unfrozen",
+        "STATUS_UPDATE",
+        now + Duration::from_millis(1),
+        &d1,
+        "ACTIVE",
+    );
     assert_eq!(notify(&app, Some(&bearer), &path, &b).await.status(), 204);
     assert_eq!(get(&app, &m.key, &id).await["status"], "ACTIVE");
 }
@@ -590,9 +684,20 @@ async fn notify_without_credentials_when_auth_is_not_required() {
     let t = tokenize(&app, &m.key, VISA).await;
     let d1 = d1_id(&t);
     let path = notify_path(MGID, &m.d1, &d1);
-    let body = event("evt_open_1", "STATUS_UPDATE", OffsetDateTime::now_utc(), &d1, "SUSPENDED");
+    let body = event(
+        "evt_open_1",
+        "STATUS_UPDATE",
+        OffsetDateTime::now_utc(),
+        &d1,
+        "SUSPENDED",
+    );
     // A token that is sent is still checked (and none can be valid: no credentials exist).
-    expect_problem(notify(&app, Some("garbage"), &path, &body).await, 401, "unauthorized").await;
+    expect_problem(
+        notify(&app, Some("garbage"), &path, &body).await,
+        401,
+        "unauthorized",
+    )
+    .await;
     let r = token_request(&app, Some(("x", "y")), "grant_type=client_credentials").await;
     assert_eq!(r.status(), 401);
     assert_eq!(notify(&app, None, &path, &body).await.status(), 204);
@@ -664,12 +769,24 @@ async fn token_created_is_matched_by_request_id_when_we_never_learnt_the_d1_id()
 
     // TOKEN_CREATED names a D1 token we never stored: matched through requestId (our id).
     let bearer = access_token(&app).await;
-    let mut body = event("evt_created_1", "TOKEN_CREATED", OffsetDateTime::now_utc(), "D1-LATE", "ACTIVE");
+    let mut body = event(
+        "evt_created_1",
+        "TOKEN_CREATED",
+        OffsetDateTime::now_utc(),
+        "D1-LATE",
+        "ACTIVE",
+    );
     body["requestId"] = json!(id);
     body["tokenLastDigits"] = json!("1234");
     body["tokenExpiryDate"] = json!("1230");
     body["par"] = json!("PARLATE1");
-    let r = notify(&app, Some(&bearer), &notify_path(MGID, &m.d1, "D1-LATE"), &body).await;
+    let r = notify(
+        &app,
+        Some(&bearer),
+        &notify_path(MGID, &m.d1, "D1-LATE"),
+        &body,
+    )
+    .await;
     assert_eq!(r.status(), 204);
     let done = get(&app, &m.key, &id).await;
     assert_eq!(done["status"], "ACTIVE", "{done}");
@@ -680,9 +797,21 @@ async fn token_created_is_matched_by_request_id_when_we_never_learnt_the_d1_id()
     assert_eq!(done["networkToken"]["par"], "PARLATE1");
 
     // Once bound, another D1 token claiming the same request id is refused (recorded, 204).
-    let mut other = event("evt_created_2", "TOKEN_CREATED", OffsetDateTime::now_utc(), "D1-OTHER", "ACTIVE");
+    let mut other = event(
+        "evt_created_2",
+        "TOKEN_CREATED",
+        OffsetDateTime::now_utc(),
+        "D1-OTHER",
+        "ACTIVE",
+    );
     other["requestId"] = json!(id);
-    let r = notify(&app, Some(&bearer), &notify_path(MGID, &m.d1, "D1-OTHER"), &other).await;
+    let r = notify(
+        &app,
+        Some(&bearer),
+        &notify_path(MGID, &m.d1, "D1-OTHER"),
+        &other,
+    )
+    .await;
     assert_eq!(r.status(), 204);
     assert_eq!(get(&app, &m.key, &id).await, done);
 }
@@ -706,7 +835,11 @@ async fn reconciliation_repairs_what_notifications_did_not_bring() {
     assert_eq!(app.sim_event(&d1, json!({"type": "SUSPEND"})).await, 200);
     wait_status(&app, &m.key, &id, "SUSPENDED", Duration::from_secs(3)).await;
     assert!(started.elapsed() < Duration::from_secs(4));
-    assert_eq!(delivered(&app).await, d, "repaired before the notification arrived");
+    assert_eq!(
+        delivered(&app).await,
+        d,
+        "repaired before the notification arrived"
+    );
 
     // Reconciliation does not disturb ordering: RESUME releases the held SUSPEND, which comes
     // after it and is ignored as older.
@@ -724,7 +857,11 @@ async fn reconciliation_repairs_what_notifications_did_not_bring() {
     let pid = self::id(&p);
     let done = wait_status(&app, &m.key, &pid, "ACTIVE", Duration::from_secs(3)).await;
     assert_eq!(done["networkToken"]["last4"].as_str().unwrap().len(), 4);
-    assert_eq!(delivered(&app).await, d + 2, "TOKEN_CREATED is still held back");
+    assert_eq!(
+        delivered(&app).await,
+        d + 2,
+        "TOKEN_CREATED is still held back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -775,7 +912,13 @@ async fn two_instances_on_one_redis_apply_each_event_once() {
     let mut bodies = Vec::new();
     for i in 0..20u64 {
         let status = if i % 2 == 0 { "SUSPENDED" } else { "ACTIVE" };
-        let body = event(&format!("evt_twin_{i}"), "STATUS_UPDATE", base + Duration::from_millis(i), &d1, status);
+        let body = event(
+            &format!("evt_twin_{i}"),
+            "STATUS_UPDATE",
+            base + Duration::from_millis(i),
+            &d1,
+            status,
+        );
         let (ra, rb) = tokio::join!(
             notify(&a, Some(&bearer), &path, &body),
             notify(&b, Some(&bearer), &path, &body)
@@ -800,7 +943,13 @@ async fn two_instances_on_one_redis_apply_each_event_once() {
         } else {
             ("SUSPENDED", "ACTIVE")
         };
-        let older = event(&format!("evt_race_old_{round}"), "STATUS_UPDATE", t0, &d1, old_s);
+        let older = event(
+            &format!("evt_race_old_{round}"),
+            "STATUS_UPDATE",
+            t0,
+            &d1,
+            old_s,
+        );
         let newer = event(
             &format!("evt_race_new_{round}"),
             "STATUS_UPDATE",
@@ -962,7 +1111,10 @@ mod store {
         );
         assert!(s.event_seen(m, "evt-1").await.unwrap());
         assert_eq!(s.get_token(m, &r.id).await.unwrap(), Some(n.clone()));
-        assert_eq!(s.find_by_d1_token(m, "D1-moved").await.unwrap(), Some(n.clone()));
+        assert_eq!(
+            s.find_by_d1_token(m, "D1-moved").await.unwrap(),
+            Some(n.clone())
+        );
         let old_d1 = &r.network_token.as_ref().unwrap().d1_token_id;
         assert_eq!(s.find_by_d1_token(m, old_d1).await.unwrap(), None);
         // The same event again, even with a version that would fit: nothing written.
@@ -997,7 +1149,10 @@ mod store {
             s.apply_event(&stale, "evt-c", HOUR).await,
             Err(StoreError::Conflict)
         ));
-        assert!(!s.event_seen(m, "evt-c").await.unwrap(), "no marker on conflict");
+        assert!(
+            !s.event_seen(m, "evt-c").await.unwrap(),
+            "no marker on conflict"
+        );
         // The retry with the right version applies.
         assert_eq!(
             s.apply_event(&next(&r, TokenStatus::Suspended), "evt-c", HOUR)
@@ -1044,7 +1199,11 @@ mod store {
         assert!(!s.mark_event(&m1, "evt-x", HOUR).await.unwrap());
         assert!(!s.event_seen(&m2, "evt-x").await.unwrap());
         assert!(s.mark_event(&m2, "evt-x", HOUR).await.unwrap());
-        assert!(s.mark_event(&m1, "evt-short", Duration::from_millis(50)).await.unwrap());
+        assert!(
+            s.mark_event(&m1, "evt-short", Duration::from_millis(50))
+                .await
+                .unwrap()
+        );
         assert!(s.event_seen(&m1, "evt-short").await.unwrap());
         tokio::time::sleep(Duration::from_millis(120)).await;
         assert!(!s.event_seen(&m1, "evt-short").await.unwrap());
@@ -1056,24 +1215,37 @@ mod store {
         let far = u64::MAX / 4;
         assert!(s.due_checks(1_000, 10).await.unwrap().is_empty());
         let m = MerchantId::generate();
-        let (a, b, c) = (TokenId::generate(), TokenId::generate(), TokenId::generate());
+        let (a, b, c) = (
+            TokenId::generate(),
+            TokenId::generate(),
+            TokenId::generate(),
+        );
         s.schedule_check(&m, &a, 300).await.unwrap();
         s.schedule_check(&m, &b, 100).await.unwrap();
         s.schedule_check(&m, &c, far).await.unwrap();
         let due = s.due_checks(1_000, 10).await.unwrap();
         assert_eq!(due, vec![(m.clone(), b.clone()), (m.clone(), a.clone())]);
-        assert_eq!(s.due_checks(1_000, 1).await.unwrap(), vec![(m.clone(), b.clone())]);
+        assert_eq!(
+            s.due_checks(1_000, 1).await.unwrap(),
+            vec![(m.clone(), b.clone())]
+        );
         assert!(s.due_checks(99, 10).await.unwrap().is_empty());
         // Rescheduling moves the one entry, it does not add a second.
         s.schedule_check(&m, &b, 200_000).await.unwrap();
-        assert_eq!(s.due_checks(1_000, 10).await.unwrap(), vec![(m.clone(), a.clone())]);
+        assert_eq!(
+            s.due_checks(1_000, 10).await.unwrap(),
+            vec![(m.clone(), a.clone())]
+        );
         assert_eq!(
             s.due_checks(300_000, 10).await.unwrap(),
             vec![(m.clone(), a.clone()), (m.clone(), b.clone())]
         );
         s.unschedule_check(&m, &a).await.unwrap();
         s.unschedule_check(&m, &a).await.unwrap();
-        assert_eq!(s.due_checks(300_000, 10).await.unwrap(), vec![(m.clone(), b.clone())]);
+        assert_eq!(
+            s.due_checks(300_000, 10).await.unwrap(),
+            vec![(m.clone(), b.clone())]
+        );
         assert_eq!(s.due_checks(far, 10).await.unwrap().len(), 2);
     }
 
@@ -1083,13 +1255,26 @@ mod store {
         let ttl = Duration::from_secs(30);
         assert!(s.acquire_lease("job", "a", ttl).await.unwrap());
         assert!(!s.acquire_lease("job", "b", ttl).await.unwrap());
-        assert!(s.acquire_lease("job", "a", ttl).await.unwrap(), "the holder extends");
+        assert!(
+            s.acquire_lease("job", "a", ttl).await.unwrap(),
+            "the holder extends"
+        );
         assert!(s.acquire_lease("other-job", "b", ttl).await.unwrap());
         s.release_lease("job", "b").await.unwrap();
-        assert!(!s.acquire_lease("job", "b", ttl).await.unwrap(), "not b's to release");
+        assert!(
+            !s.acquire_lease("job", "b", ttl).await.unwrap(),
+            "not b's to release"
+        );
         s.release_lease("job", "a").await.unwrap();
-        assert!(s.acquire_lease("job", "b", Duration::from_millis(50)).await.unwrap());
+        assert!(
+            s.acquire_lease("job", "b", Duration::from_millis(50))
+                .await
+                .unwrap()
+        );
         tokio::time::sleep(Duration::from_millis(120)).await;
-        assert!(s.acquire_lease("job", "a", ttl).await.unwrap(), "expired: free again");
+        assert!(
+            s.acquire_lease("job", "a", ttl).await.unwrap(),
+            "expired: free again"
+        );
     }
 }

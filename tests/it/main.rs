@@ -14,4 +14,5 @@ mod metrics;
 mod openapi;
 mod sim;
 mod store_contract;
+mod tls;
 mod webhooks;

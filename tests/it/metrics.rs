@@ -84,7 +84,10 @@ async fn metrics_show_route_templates_and_no_identifiers() {
         ("route", "/v1/tokens/{id}"),
         ("status", "200"),
     ];
-    assert!(sample(&text, "tokengate_http_requests_total", &get_token) >= 3.0, "{text}");
+    assert!(
+        sample(&text, "tokengate_http_requests_total", &get_token) >= 3.0,
+        "{text}"
+    );
     assert!(
         sample(
             &text,
@@ -104,13 +107,23 @@ async fn metrics_show_route_templates_and_no_identifiers() {
     let not_found = [("route", "/v1/tokens/{id}"), ("status", "404")];
     assert!(sample(&text, "tokengate_http_requests_total", &not_found) >= 1.0);
     let unmatched = [("route", "unmatched"), ("status", "404")];
-    assert!(sample(&text, "tokengate_http_requests_total", &unmatched) >= 1.0, "{text}");
-    let created = [("method", "POST"), ("route", "/v1/tokens"), ("status", "201")];
+    assert!(
+        sample(&text, "tokengate_http_requests_total", &unmatched) >= 1.0,
+        "{text}"
+    );
+    let created = [
+        ("method", "POST"),
+        ("route", "/v1/tokens"),
+        ("status", "201"),
+    ];
     assert!(sample(&text, "tokengate_http_requests_total", &created) >= 1.0);
 
     // D1 calls, store operations, token transitions, build info.
     let d1_ok = [("operation", "createToken"), ("outcome", "ok")];
-    assert!(sample(&text, "tokengate_d1_calls_total", &d1_ok) >= 1.0, "{text}");
+    assert!(
+        sample(&text, "tokengate_d1_calls_total", &d1_ok) >= 1.0,
+        "{text}"
+    );
     assert!(sample(&text, "tokengate_d1_call_duration_seconds_count", &d1_ok) >= 1.0);
     let insert = [("operation", "insert_token"), ("outcome", "ok")];
     assert!(
@@ -149,7 +162,10 @@ async fn metrics_show_route_templates_and_no_identifiers() {
         assert!(!text.contains(secret), "metrics leak an identifier");
     }
     for prefix in ["tok_", "mer_", "tgk_"] {
-        assert!(!text.contains(prefix), "metrics carry a `{prefix}` identifier");
+        assert!(
+            !text.contains(prefix),
+            "metrics carry a `{prefix}` identifier"
+        );
     }
     // No long digit runs in any label (PANs, token numbers); sample values are floats and may
     // legitimately have many digits.

@@ -28,6 +28,7 @@ use tokengate::storage::redis::{RedisConfig, RedisStore};
 use tokio::sync::oneshot;
 
 use crate::support::app::{Backend, TestApp, TestAppBuilder, expect_problem};
+use crate::support::captured_logs;
 use crate::support::redis_server::{RedisCluster, RedisServer, free_port};
 
 const VISA: &str = "4111111111111111";
@@ -92,8 +93,7 @@ async fn receive(State(s): State<Arc<RecvState>>, headers: HeaderMap, body: Stri
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    if s
-        .fail_next
+    if s.fail_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
@@ -322,7 +322,10 @@ async fn suspend_delivers_a_signed_event(b: Backend) {
     let ep_id = ep["id"].as_str().unwrap().to_owned();
     let secret = ep["secret"].as_str().unwrap().to_owned();
     assert!(ep_id.starts_with("whe_"), "{ep}");
-    assert!(secret.starts_with("whsec_") && secret.len() == 6 + 43, "{ep}");
+    assert!(
+        secret.starts_with("whsec_") && secret.len() == 6 + 43,
+        "{ep}"
+    );
     assert_eq!(ep["url"], rx.url());
     assert_eq!(ep["events"], json!(["token.suspended", "token.resumed"]));
     assert!(ep["createdAt"].is_string());
@@ -343,11 +346,17 @@ async fn suspend_delivers_a_signed_event(b: Backend) {
         .json()
         .await
         .unwrap();
-    assert!(one.get("secret").is_none() && one["id"] == ep_id.as_str(), "{one}");
+    assert!(
+        one.get("secret").is_none() && one["id"] == ep_id.as_str(),
+        "{one}"
+    );
 
     let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
     assert_eq!(r.status(), 200);
-    let hit = eventually("the suspended event", || async { rx.hits().first().cloned() }).await;
+    let hit = eventually("the suspended event", || async {
+        rx.hits().first().cloned()
+    })
+    .await;
     assert_eq!(hit.header("tokengate-event-type"), "token.suspended");
     assert_eq!(hit.header("content-type"), "application/json");
     assert!(hit.header("user-agent").starts_with("tokengate-webhooks/"));
@@ -433,6 +442,9 @@ async fn suspend_delivers_a_signed_event(b: Backend) {
         !raw.windows(VISA.len()).any(|w| w == VISA.as_bytes()),
         "PAN stored in clear"
     );
+    let logs = captured_logs();
+    assert!(!logs.contains(&secret_body), "webhook secret in the logs");
+    assert!(!logs.contains(&rx.url()), "endpoint URL in the logs");
 }
 
 async fn retries_until_receivers_recover(b: Backend) {
@@ -482,7 +494,10 @@ async fn retries_until_receivers_recover(b: Backend) {
     let d = delivery(&e, &down_ep);
     assert_eq!(d["lastError"], "connect_failed", "{e}");
     assert!(d["nextAttemptAt"].is_string(), "{e}");
-    assert_eq!(e["status"], "failed", "one delivery failing makes the event failed");
+    assert_eq!(
+        e["status"], "failed",
+        "one delivery failing makes the event failed"
+    );
     assert_eq!(e["lastError"], "connect_failed");
 
     // Once it listens, a retry gets through.
@@ -492,7 +507,10 @@ async fn retries_until_receivers_recover(b: Backend) {
     })
     .await;
     assert_eq!(e["status"], "delivered");
-    assert!(delivery(&e, &down_ep)["attempts"].as_u64().unwrap() >= 3, "{e}");
+    assert!(
+        delivery(&e, &down_ep)["attempts"].as_u64().unwrap() >= 3,
+        "{e}"
+    );
     let hits = up.hits_for(&event_id);
     assert_eq!(hits.len(), 1);
     assert_signed(&down_secret, &hits[0]);
@@ -510,8 +528,10 @@ async fn dead_letter_then_redeliver(b: Backend) {
     let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
     assert_eq!(r.status(), 200);
 
-    let event_id =
-        eventually("a hit", || async { rx.hits().first().map(|h| h.event_id().to_owned()) }).await;
+    let event_id = eventually("a hit", || async {
+        rx.hits().first().map(|h| h.event_id().to_owned())
+    })
+    .await;
     let e = wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "dead").await;
     assert_eq!(e["status"], "dead");
     let d = delivery(&e, &ep);
@@ -532,7 +552,10 @@ async fn dead_letter_then_redeliver(b: Backend) {
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["id"], event_id.as_str());
-    assert!(v["status"] == "pending" || v["status"] == "delivered", "{v}");
+    assert!(
+        v["status"] == "pending" || v["status"] == "delivered",
+        "{v}"
+    );
     let e = wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "delivered").await;
     assert_eq!(delivery(&e, &ep)["attempts"], 1, "{e}");
     let hits = rx.hits_for(&event_id);
@@ -582,9 +605,17 @@ async fn stopped_mid_delivery_delivers_after_restart(b: Backend) {
         None => builder.data_dir(data_dir).start().await,
     };
     let e = wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "delivered").await;
-    assert_eq!(delivery(&e, &ep)["attempts"], 1, "the abandoned attempt left no trace: {e}");
+    assert_eq!(
+        delivery(&e, &ep)["attempts"],
+        1,
+        "the abandoned attempt left no trace: {e}"
+    );
     let hits = rx.hits_for(&event_id);
-    assert_eq!(hits.len(), 2, "at least once: the interrupted attempt, then the delivery");
+    assert_eq!(
+        hits.len(),
+        2,
+        "at least once: the interrupted attempt, then the delivery"
+    );
     assert_signed(&secret, &hits[1]);
     drop(tmp);
 }
@@ -606,12 +637,36 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
 
     // Validation.
     for (body, status, code) in [
-        (json!({"url": "ftp://example.com/", "events": ["token.suspended"]}), 422, "invalid_webhook_url"),
-        (json!({"url": "https://u:p@example.com/", "events": ["token.suspended"]}), 422, "invalid_webhook_url"),
-        (json!({"url": format!("https://example.com/{}", "a".repeat(2100)), "events": ["token.suspended"]}), 422, "invalid_webhook_url"),
-        (json!({"url": "https://example.com/", "events": []}), 422, "invalid_event_types"),
-        (json!({"url": "https://example.com/", "events": ["token.frozen"]}), 422, "invalid_event_types"),
-        (json!({"url": "https://example.com/", "events": ["token.suspended"], "x": 1}), 400, "invalid_field"),
+        (
+            json!({"url": "ftp://example.com/", "events": ["token.suspended"]}),
+            422,
+            "invalid_webhook_url",
+        ),
+        (
+            json!({"url": "https://u:p@example.com/", "events": ["token.suspended"]}),
+            422,
+            "invalid_webhook_url",
+        ),
+        (
+            json!({"url": format!("https://example.com/{}", "a".repeat(2100)), "events": ["token.suspended"]}),
+            422,
+            "invalid_webhook_url",
+        ),
+        (
+            json!({"url": "https://example.com/", "events": []}),
+            422,
+            "invalid_event_types",
+        ),
+        (
+            json!({"url": "https://example.com/", "events": ["token.frozen"]}),
+            422,
+            "invalid_event_types",
+        ),
+        (
+            json!({"url": "https://example.com/", "events": ["token.suspended"], "x": 1}),
+            400,
+            "invalid_field",
+        ),
         (json!({"events": ["token.suspended"]}), 400, "missing_field"),
     ] {
         let r = app.post("/v1/webhook-endpoints", &key, &body).await;
@@ -647,7 +702,9 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
     assert_eq!(again["id"], first["id"]);
     assert_eq!(again["secret"], first["secret"]);
     assert!(first["secret"].as_str().unwrap().starts_with("whsec_"));
-    let r = create("ep-1", "https://example.com/other".into()).await.unwrap();
+    let r = create("ep-1", "https://example.com/other".into())
+        .await
+        .unwrap();
     expect_problem(r, 422, "idempotency_key_reused").await;
     let ep_id = first["id"].as_str().unwrap().to_owned();
     let list: Value = app
@@ -656,7 +713,11 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
         .json()
         .await
         .unwrap();
-    assert_eq!(list["data"].as_array().unwrap().len(), 2, "the replay made no endpoint");
+    assert_eq!(
+        list["data"].as_array().unwrap().len(),
+        2,
+        "the replay made no endpoint"
+    );
 
     // Another merchant sees nothing of it.
     let list: Value = app
@@ -666,7 +727,9 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
         .await
         .unwrap();
     assert_eq!(list["data"], json!([]));
-    let r = app.get(&format!("/v1/webhook-endpoints/{ep_id}"), &other).await;
+    let r = app
+        .get(&format!("/v1/webhook-endpoints/{ep_id}"), &other)
+        .await;
     expect_problem(r, 404, "webhook_endpoint_not_found").await;
     let r = app
         .client
@@ -700,7 +763,12 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
     sorted.sort();
     sorted.reverse();
     assert_eq!(ids, sorted, "newest first");
-    let page: Value = app.get("/v1/events?limit=2", &key).await.json().await.unwrap();
+    let page: Value = app
+        .get("/v1/events?limit=2", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(page["data"].as_array().unwrap().len(), 2);
     let cursor = page["nextCursor"].as_str().unwrap().to_owned();
     assert_eq!(cursor, ids[1]);
@@ -775,7 +843,12 @@ async fn two_instances_on_one_redis_deliver_each_event_once() {
     rx.state.delay_ms.store(150, Ordering::SeqCst);
     let (_, key) = a.create_merchant("Acme").await;
     let (_, secret) = endpoint(&b, &key, &rx.url(), &["token.suspended", "token.resumed"]).await;
-    let pans = ["4111111111111111", "5555555555554444", "4012888888881881", "4000056655665556"];
+    let pans = [
+        "4111111111111111",
+        "5555555555554444",
+        "4012888888881881",
+        "4000056655665556",
+    ];
     let mut tokens = Vec::new();
     for pan in pans {
         let r = a.tokenize(&key, pan).await;
@@ -822,9 +895,23 @@ async fn two_instances_on_one_redis_deliver_each_event_once() {
         assert_eq!(mine.len(), 1, "{id}");
         assert_signed(&secret, &mine[0]);
     }
+    // Both instances did part of the work (the delivery log names the consumer).
+    let logs = captured_logs();
+    let mut consumers = std::collections::BTreeSet::new();
+    for line in logs.lines().filter(|l| l.contains("webhook delivered")) {
+        if all.iter().any(|e| line.contains(e["id"].as_str().unwrap()))
+            && let Some(i) = line.find("consumer=gw-")
+        {
+            consumers.insert(line[i..].split_whitespace().next().unwrap().to_owned());
+        }
+    }
+    assert_eq!(consumers.len(), 2, "deliveries by {consumers:?}");
     // Both instances joined the one consumer group.
     let server = a.redis.as_ref().unwrap();
-    let consumers = redis_cli(server, &["XINFO", "CONSUMERS", "tg:{wh}:outbox", "webhook-workers"]);
+    let consumers = redis_cli(
+        server,
+        &["XINFO", "CONSUMERS", "tg:{wh}:outbox", "webhook-workers"],
+    );
     assert_eq!(consumers.matches("gw-").count(), 2, "{consumers}");
     drop(b);
 }
@@ -904,9 +991,17 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     let e2 = sample_endpoint(&m);
     assert!(store.insert_endpoint(&e1, 2).await.unwrap());
     assert!(store.insert_endpoint(&e2, 2).await.unwrap());
-    assert!(!store.insert_endpoint(&sample_endpoint(&m), 2).await.unwrap());
+    assert!(
+        !store
+            .insert_endpoint(&sample_endpoint(&m), 2)
+            .await
+            .unwrap()
+    );
     assert_eq!(store.list_endpoints(&m).await.unwrap().len(), 2);
-    assert_eq!(store.get_endpoint(&m, &e1.id).await.unwrap(), Some(e1.clone()));
+    assert_eq!(
+        store.get_endpoint(&m, &e1.id).await.unwrap(),
+        Some(e1.clone())
+    );
     let stranger = MerchantId::generate();
     assert_eq!(store.get_endpoint(&stranger, &e1.id).await.unwrap(), None);
     assert!(!store.delete_endpoint(&stranger, &e1.id).await.unwrap());
@@ -922,21 +1017,39 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     let rec = store.get_event(&m, &ev.id).await.unwrap().unwrap();
     assert_eq!(rec.event, ev);
     assert_eq!(rec.deliveries.len(), 2);
-    assert!(rec.deliveries.iter().all(|d| d.status == DeliveryStatus::Pending));
+    assert!(
+        rec.deliveries
+            .iter()
+            .all(|d| d.status == DeliveryStatus::Pending)
+    );
     assert_eq!(store.get_event(&stranger, &ev.id).await.unwrap(), None);
 
     let jobs = store.claim_jobs("c1", 10, lease).await.unwrap();
     assert_eq!(jobs.len(), 2, "{jobs:?}");
-    assert!(jobs.iter().all(|j| j.event == ev.id && j.merchant == m && j.attempts == 0));
-    assert!(store.claim_jobs("c2", 10, lease).await.unwrap().is_empty(), "claimed jobs are held");
+    assert!(
+        jobs.iter()
+            .all(|j| j.event == ev.id && j.merchant == m && j.attempts == 0)
+    );
+    assert!(
+        store.claim_jobs("c2", 10, lease).await.unwrap().is_empty(),
+        "claimed jobs are held"
+    );
 
     // Done and retry; finishing twice finds nothing.
     let (j1, j2) = (&jobs[0], &jobs[1]);
     assert!(store.finish_job(j1, JobNext::Done).await.unwrap());
     assert!(!store.finish_job(j1, JobNext::Done).await.unwrap());
     let due = tokengate::domain::webhooks::unix_ms(time::OffsetDateTime::now_utc()) + 300;
-    assert!(store.finish_job(j2, JobNext::Retry { at_ms: due }).await.unwrap());
-    assert!(store.claim_jobs("c1", 10, lease).await.unwrap().is_empty(), "retry not due yet");
+    assert!(
+        store
+            .finish_job(j2, JobNext::Retry { at_ms: due })
+            .await
+            .unwrap()
+    );
+    assert!(
+        store.claim_jobs("c1", 10, lease).await.unwrap().is_empty(),
+        "retry not due yet"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let retried = store.claim_jobs("c1", 10, lease).await.unwrap();
     assert_eq!(retried.len(), 1);
@@ -951,19 +1064,35 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     assert_eq!(taken[0].attempts, 1);
     // The old and the new holder both finish: exactly one of them schedules the retry.
     let later = due + 60_000;
-    let old = store.finish_job(&retried[0], JobNext::Retry { at_ms: later }).await.unwrap();
-    let new = store.finish_job(&taken[0], JobNext::Retry { at_ms: later }).await.unwrap();
+    let old = store
+        .finish_job(&retried[0], JobNext::Retry { at_ms: later })
+        .await
+        .unwrap();
+    let new = store
+        .finish_job(&taken[0], JobNext::Retry { at_ms: later })
+        .await
+        .unwrap();
     assert!(old ^ new, "old {old}, new {new}");
 
     // Dead letters are not handed out; a redelivery queues a fresh job.
     let ev2 = sample_event(&m, time::OffsetDateTime::now_utc());
-    store.enqueue_event(&ev2, &[e1.id.clone()], retention).await.unwrap();
+    store
+        .enqueue_event(&ev2, std::slice::from_ref(&e1.id), retention)
+        .await
+        .unwrap();
     let jobs = store.claim_jobs("c1", 10, lease).await.unwrap();
     assert_eq!(jobs.len(), 1);
-    assert!(store
-        .finish_job(&jobs[0], JobNext::Dead { reason: "http_500".into() })
-        .await
-        .unwrap());
+    assert!(
+        store
+            .finish_job(
+                &jobs[0],
+                JobNext::Dead {
+                    reason: "http_500".into()
+                }
+            )
+            .await
+            .unwrap()
+    );
     let mut dead = DeliveryState::pending(e1.id.clone());
     dead.status = DeliveryStatus::Dead;
     dead.attempts = 1;
@@ -973,12 +1102,18 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     assert_eq!(rec.deliveries, vec![dead]);
     tokio::time::sleep(lease + Duration::from_millis(200)).await;
     assert!(store.claim_jobs("c1", 10, lease).await.unwrap().is_empty());
-    store.redeliver(&m, &ev2.id, &[e1.id.clone()]).await.unwrap();
+    store
+        .redeliver(&m, &ev2.id, std::slice::from_ref(&e1.id))
+        .await
+        .unwrap();
     let rec = store.get_event(&m, &ev2.id).await.unwrap().unwrap();
     assert_eq!(rec.deliveries[0].status, DeliveryStatus::Pending);
     let jobs = store.claim_jobs("c1", 10, lease).await.unwrap();
     assert_eq!(jobs.len(), 1);
-    assert_eq!((jobs[0].event.clone(), jobs[0].attempts), (ev2.id.clone(), 0));
+    assert_eq!(
+        (jobs[0].event.clone(), jobs[0].attempts),
+        (ev2.id.clone(), 0)
+    );
     assert!(store.finish_job(&jobs[0], JobNext::Done).await.unwrap());
 
     // Listing: newest first, paged by cursor, per merchant.
@@ -988,7 +1123,13 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     let older = store.list_events(&m, Some(&ev2.id), 10).await.unwrap();
     assert_eq!(older.len(), 1);
     assert_eq!(older[0].event.id, ev.id);
-    assert!(store.list_events(&stranger, None, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .list_events(&stranger, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // Retention: an event older than it is dropped by the next enqueue.
     let old_ev = sample_event(&m, now - Duration::from_secs(7200));
@@ -997,7 +1138,12 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     store.enqueue_event(&ev3, &[], retention).await.unwrap();
     assert_eq!(store.get_event(&m, &old_ev.id).await.unwrap(), None);
     let page = store.list_events(&m, None, 10).await.unwrap();
-    assert_eq!(page.len(), 3, "{:?}", page.iter().map(|r| &r.event.id).collect::<Vec<_>>());
+    assert_eq!(
+        page.len(),
+        3,
+        "{:?}",
+        page.iter().map(|r| &r.event.id).collect::<Vec<_>>()
+    );
 
     // Deleting an endpoint.
     assert!(store.delete_endpoint(&m, &e1.id).await.unwrap());

@@ -1,0 +1,539 @@
+//! The gateway's own HTTPS listener (`[server.tls]`), with real handshakes on real sockets:
+//! HTTP/2 and HTTP/1.1 over TLS, mutual TLS (required and optional), the protocol floor
+//! (a TLS 1.1 ClientHello gets a `protocol_version` alert; a TLS 1.2-only client works),
+//! certificate reload on file change and on SIGHUP, and graceful shutdown with a request in
+//! flight. Certificates come from `DevMaterial::generate` (a fresh CA per call).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, Version};
+use serde_json::{Value, json};
+use tokengate::devkeys::DevMaterial;
+use tokengate::tls;
+
+use crate::support::app::{ADMIN, Backend, TestApp, card_body};
+
+const MGID: &str = "tokengate-sandbox";
+
+/// The files of one certificate set. `cert.pem` holds the leaf then its CA (a chain).
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Files {
+        Files {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// Writes `m`'s server certificate and key; each file is replaced atomically (rename), as
+    /// certificate tooling does.
+    fn install_server(&self, m: &DevMaterial) {
+        let chain = format!("{}{}", m.gateway_server_cert_pem, m.ca_cert_pem);
+        replace(&self.path("cert.pem"), chain.as_bytes());
+        replace(&self.path("key.pem"), m.gateway_server_key_pem.as_bytes());
+    }
+    fn install_client_ca(&self, ca_pem: &str) {
+        replace(&self.path("client-ca.pem"), ca_pem.as_bytes());
+    }
+}
+
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A vault-only gateway (D1 off) serving HTTPS from `files`, plus `env`.
+async fn start(files: &Files, env: &[(&str, &str)]) -> TestApp {
+    let mut b = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__D1__ENABLED", "false")
+        .env(
+            "TOKENGATE__SERVER__TLS__CERT_FILE",
+            files.path("cert.pem").to_str().unwrap(),
+        )
+        .env(
+            "TOKENGATE__SERVER__TLS__KEY_FILE",
+            files.path("key.pem").to_str().unwrap(),
+        );
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start().await
+}
+
+fn https(addr: SocketAddr, path: &str) -> String {
+    format!("https://127.0.0.1:{}{path}", addr.port())
+}
+
+/// A client trusting `ca_pem` only, presenting `identity` if given; no connection reuse, so
+/// every request makes a fresh handshake.
+fn client(ca_pem: &str, identity: Option<(&str, &str)>, http1_only: bool) -> Client {
+    let mut cfg = tls::client_config(ca_pem, identity).unwrap();
+    if http1_only {
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
+    let mut b = Client::builder()
+        .tls_backend_preconfigured(cfg)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10));
+    if http1_only {
+        b = b.http1_only();
+    }
+    b.build().unwrap()
+}
+
+async fn healthz(c: &Client, addr: SocketAddr) -> reqwest::Result<reqwest::Response> {
+    c.get(https(addr, "/healthz")).send().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_http2_and_http11_and_no_plain_http() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    let app = start(&files, &[]).await;
+
+    let r = healthz(&client(&m.ca_cert_pem, None, false), app.addr)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), Version::HTTP_2, "ALPN h2");
+    assert!(r.headers().contains_key("x-request-id"));
+    let r = healthz(&client(&m.ca_cert_pem, None, true), app.addr)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), Version::HTTP_11);
+
+    // The whole API is behind it, middleware included.
+    let r = client(&m.ca_cert_pem, None, false)
+        .post(https(app.addr, "/v1/merchants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "Acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let plain = Client::builder()
+        .tls_backend_preconfigured(tls::client_config(&m.ca_cert_pem, None).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = plain
+        .get(format!("http://127.0.0.1:{}/healthz", app.addr.port()))
+        .send()
+        .await;
+    assert!(
+        r.is_err(),
+        "plain HTTP answered: {:?}",
+        r.map(|r| r.status())
+    );
+
+    // A client that does not trust the gateway's CA refuses it.
+    let other = DevMaterial::generate(MGID).unwrap();
+    assert!(
+        healthz(&client(&other.ca_cert_pem, None, false), app.addr)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_or_with_a_wrong_certificate() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let foreign = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    files.install_client_ca(&m.ca_cert_pem);
+    let ca = files.path("client-ca.pem");
+    let app = start(
+        &files,
+        &[
+            (
+                "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
+                ca.to_str().unwrap(),
+            ),
+            ("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"),
+        ],
+    )
+    .await;
+    let good = Some((
+        m.gateway_client_cert_pem.as_str(),
+        m.gateway_client_key_pem.as_str(),
+    ));
+    let wrong = Some((
+        foreign.gateway_client_cert_pem.as_str(),
+        foreign.gateway_client_key_pem.as_str(),
+    ));
+    for http1 in [false, true] {
+        let r = healthz(&client(&m.ca_cert_pem, good, http1), app.addr).await;
+        assert_eq!(r.unwrap().status(), 200, "a client certificate from the CA");
+        let r = healthz(&client(&m.ca_cert_pem, None, http1), app.addr).await;
+        assert!(
+            r.is_err(),
+            "no client certificate was accepted (http1: {http1})"
+        );
+        let r = healthz(&client(&m.ca_cert_pem, wrong, http1), app.addr).await;
+        assert!(
+            r.is_err(),
+            "a foreign client certificate was accepted (http1: {http1})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn optional_client_certificates_are_verified_when_presented() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let foreign = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    files.install_client_ca(&m.ca_cert_pem);
+    let ca = files.path("client-ca.pem");
+    let app = start(
+        &files,
+        &[(
+            "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
+            ca.to_str().unwrap(),
+        )],
+    )
+    .await;
+    let r = healthz(&client(&m.ca_cert_pem, None, false), app.addr).await;
+    assert_eq!(r.unwrap().status(), 200, "no certificate: served");
+    let good = Some((
+        m.gateway_client_cert_pem.as_str(),
+        m.gateway_client_key_pem.as_str(),
+    ));
+    let r = healthz(&client(&m.ca_cert_pem, good, false), app.addr).await;
+    assert_eq!(r.unwrap().status(), 200);
+    let wrong = Some((
+        foreign.gateway_client_cert_pem.as_str(),
+        foreign.gateway_client_key_pem.as_str(),
+    ));
+    let r = healthz(&client(&m.ca_cert_pem, wrong, false), app.addr).await;
+    assert!(r.is_err(), "a foreign client certificate was accepted");
+}
+
+// --- the protocol floor -----------------------------------------------------------------------
+
+fn push_u16(v: &mut Vec<u8>, n: usize) {
+    v.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+}
+
+fn extension(out: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    push_u16(out, data.len());
+    out.extend_from_slice(data);
+}
+
+/// A ClientHello record offering at most `version` (0x0302 = TLS 1.1), with no
+/// supported_versions extension, as a TLS 1.1 stack sends it. `with_sig_algs` adds the
+/// signature_algorithms extension, which a real TLS 1.1 client does not send, so that the
+/// version check is the only reason left to refuse it.
+fn client_hello(version: u16, with_sig_algs: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(&[0x5a; 32]); // random
+    body.push(0); // no session id
+    let suites: &[u16] = if version >= 0x0303 {
+        // TLS_ECDHE_{ECDSA,RSA}_WITH_AES_128_GCM_SHA256: TLS 1.2 suites rustls supports.
+        &[0xc02b, 0xc02f]
+    } else {
+        // TLS_ECDHE_{ECDSA,RSA}_WITH_AES_128_CBC_SHA, TLS_RSA_WITH_AES_{128,256}_CBC_SHA:
+        // what a TLS 1.1 client can offer.
+        &[0xc009, 0xc013, 0x002f, 0x0035]
+    };
+    push_u16(&mut body, suites.len() * 2);
+    for s in suites {
+        body.extend_from_slice(&s.to_be_bytes());
+    }
+    body.extend_from_slice(&[1, 0]); // compression: null only
+    let mut exts = Vec::new();
+    let host = b"localhost";
+    let mut sni = Vec::new();
+    push_u16(&mut sni, host.len() + 3);
+    sni.push(0); // host_name
+    push_u16(&mut sni, host.len());
+    sni.extend_from_slice(host);
+    extension(&mut exts, 0x0000, &sni);
+    extension(&mut exts, 0x000a, &[0x00, 0x04, 0x00, 0x1d, 0x00, 0x17]); // x25519, P-256
+    extension(&mut exts, 0x000b, &[0x01, 0x00]); // uncompressed points
+    if with_sig_algs {
+        // ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256, rsa_pkcs1_sha256
+        extension(
+            &mut exts,
+            0x000d,
+            &[0x00, 0x06, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01],
+        );
+    }
+    push_u16(&mut body, exts.len());
+    body.extend_from_slice(&exts);
+
+    let mut hs = vec![0x01]; // client_hello
+    hs.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01]; // handshake, record version TLS 1.0
+    push_u16(&mut record, hs.len());
+    record.extend_from_slice(&hs);
+    record
+}
+
+/// Sends `hello` over a raw socket and returns the first record the server answers with:
+/// (content type, payload).
+fn first_record(addr: SocketAddr, hello: &[u8]) -> (u8, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(hello).unwrap();
+    let mut header = [0u8; 5];
+    s.read_exact(&mut header).unwrap();
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    (header[0], payload)
+}
+
+const ALERT: u8 = 0x15;
+const FATAL: u8 = 2;
+const PROTOCOL_VERSION: u8 = 70;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls11_is_refused_and_tls12_and_tls13_work() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    let app = start(&files, &[]).await;
+    let addr = app.addr;
+
+    let (kind, payload) =
+        tokio::task::spawn_blocking(move || first_record(addr, &client_hello(0x0302, true)))
+            .await
+            .unwrap();
+    assert_eq!(
+        (kind, payload.as_slice()),
+        (ALERT, [FATAL, PROTOCOL_VERSION].as_slice()),
+        "a TLS 1.1 ClientHello must get a fatal protocol_version alert"
+    );
+    // As a real TLS 1.1 stack sends it (no signature_algorithms): refused with a fatal alert
+    // too, never a ServerHello.
+    let (kind, payload) =
+        tokio::task::spawn_blocking(move || first_record(addr, &client_hello(0x0302, false)))
+            .await
+            .unwrap();
+    assert_eq!(kind, ALERT, "answered a TLS 1.1 hello with {kind:#x}");
+    assert_eq!(payload.first(), Some(&FATAL));
+    // Control: the same hand-made hello offering TLS 1.2 is answered with a ServerHello, so the
+    // alert above is about the version and not about how the hello is built.
+    let (kind, payload) =
+        tokio::task::spawn_blocking(move || first_record(addr, &client_hello(0x0303, true)))
+            .await
+            .unwrap();
+    assert_eq!(
+        kind, 0x16,
+        "TLS 1.2 hello not answered with a handshake record: {payload:?}"
+    );
+    assert_eq!(payload.first(), Some(&0x02), "not a ServerHello");
+
+    // rustls clients pinned to one version: both handshake, and that version is used.
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(tls::root_store(&m.ca_cert_pem).unwrap())
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        assert_eq!(stream.get_ref().1.protocol_version(), Some(expected));
+    }
+}
+
+// --- reload ------------------------------------------------------------------------------------
+
+/// Polls until a fresh handshake trusting `ca_pem` succeeds, or `within` passes.
+async fn served_by(addr: SocketAddr, ca_pem: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = healthz(&client(ca_pem, None, false), addr).await
+            && r.status() == 200
+        {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_certificate_is_picked_up_without_restart() {
+    let a = DevMaterial::generate(MGID).unwrap();
+    let b = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&a);
+    let app = start(
+        &files,
+        &[("TOKENGATE__SERVER__TLS__RELOAD_INTERVAL_MS", "100")],
+    )
+    .await;
+    assert!(served_by(app.addr, &a.ca_cert_pem, Duration::ZERO).await);
+    // A connection made before the swap keeps working after it.
+    let kept = Client::builder()
+        .tls_backend_preconfigured(tls::client_config(&a.ca_cert_pem, None).unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(
+        kept.get(https(app.addr, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    files.install_server(&b);
+    assert!(
+        served_by(app.addr, &b.ca_cert_pem, Duration::from_secs(10)).await,
+        "the new certificate was not picked up"
+    );
+    assert!(
+        healthz(&client(&a.ca_cert_pem, None, false), app.addr)
+            .await
+            .is_err(),
+        "the old certificate is still served to new connections"
+    );
+    assert_eq!(
+        kept.get(https(app.addr, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "an established connection was dropped by the reload"
+    );
+
+    // A broken renewal (key of another certificate) is refused and the current one stays.
+    replace(&files.path("key.pem"), a.gateway_server_key_pem.as_bytes());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(served_by(app.addr, &b.ca_cert_pem, Duration::ZERO).await);
+    // Fixed again: picked up.
+    files.install_server(&a);
+    assert!(served_by(app.addr, &a.ca_cert_pem, Duration::from_secs(10)).await);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate() {
+    let a = DevMaterial::generate(MGID).unwrap();
+    let b = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&a);
+    // No polling: only SIGHUP can make it reload.
+    let app = start(
+        &files,
+        &[("TOKENGATE__SERVER__TLS__RELOAD_INTERVAL_MS", "0")],
+    )
+    .await;
+    // Serving proves `Gateway::run` registered its SIGHUP handler (before it serves), so the
+    // signal below cannot take the default action (terminating the test process).
+    assert!(served_by(app.addr, &a.ca_cert_pem, Duration::from_secs(5)).await);
+
+    files.install_server(&b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        served_by(app.addr, &a.ca_cert_pem, Duration::ZERO).await,
+        "reloaded without a signal although polling is off"
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        served_by(app.addr, &b.ca_cert_pem, Duration::from_secs(10)).await,
+        "SIGHUP did not reload"
+    );
+}
+
+// --- graceful shutdown ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_https_request_finish() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    // Sandbox mode with D1 (the in-process simulator), so a request can be made slow.
+    let app = TestApp::builder(Backend::Embedded)
+        .env(
+            "TOKENGATE__SERVER__TLS__CERT_FILE",
+            files.path("cert.pem").to_str().unwrap(),
+        )
+        .env(
+            "TOKENGATE__SERVER__TLS__KEY_FILE",
+            files.path("key.pem").to_str().unwrap(),
+        )
+        .start()
+        .await;
+    let c = Client::builder()
+        .tls_backend_preconfigured(tls::client_config(&m.ca_cert_pem, None).unwrap())
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let r = c
+        .post(https(app.addr, "/v1/merchants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "Acme"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let key = r.json::<Value>().await.unwrap()["apiKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    app.sim_faults(json!({"latency": {"fixedMs": 1500}, "operations": ["createToken"]}))
+        .await;
+
+    let addr = app.addr;
+    let slow = tokio::spawn({
+        let c = c.clone();
+        async move {
+            c.post(https(addr, "/v1/tokens"))
+                .bearer_auth(&key)
+                .json(&card_body("4111111111111111", 12, 2030))
+                .send()
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let started = Instant::now();
+    let stopping = tokio::spawn(app.stop());
+    let r = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request was cut off");
+    assert_eq!(r.status(), 201);
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown did not finish")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // And nothing is served any more.
+    let r = c.get(https(addr, "/healthz")).send().await;
+    assert!(r.is_err(), "still serving after shutdown");
+}
