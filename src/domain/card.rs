@@ -212,7 +212,9 @@ impl<'de> Deserialize<'de> for Pan {
                 Err(E::custom("expected the card number as a JSON string"))
             }
         }
-        deserializer.deserialize_str(PanVisitor)
+        // `deserialize_any`, not `deserialize_str`: for a non-string, serde_json's own type error
+        // would quote the number (a card number); this way our visitor answers instead.
+        deserializer.deserialize_any(PanVisitor)
     }
 }
 
