@@ -61,7 +61,10 @@ fn benches(c: &mut Criterion) {
         });
         let sealed = ring.seal(&pan, &merchant, &token);
         g.bench_function(format!("open/{len}"), |b| {
-            b.iter(|| ring.open(black_box(&sealed), &merchant, &token).map(|p| p.len()))
+            b.iter(|| {
+                ring.open(black_box(&sealed), &merchant, &token)
+                    .map(|p| p.len())
+            })
         });
 
         // Ceilings: the bare AEAD on the same bytes, with a fresh random nonce as we do.

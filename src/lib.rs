@@ -23,8 +23,8 @@
 pub mod app;
 pub mod config;
 pub mod crypto;
-pub mod devkeys;
 pub mod d1;
+pub mod devkeys;
 pub mod domain;
 pub mod http;
 pub mod observability;

@@ -13,7 +13,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::AppState;
 use super::dto::rfc3339;
@@ -211,7 +211,7 @@ pub async fn create_endpoint(
 #[schema(as = WebhookEndpointCreated, rename_all = "camelCase")]
 #[allow(dead_code, reason = "a schema only; never constructed")]
 struct EndpointCreatedSchema {
-    #[schema(example = "we_...")]
+    #[schema(example = "whe_...")]
     id: String,
     url: String,
     events: Vec<String>,
@@ -254,6 +254,12 @@ async fn add_secret(
         obj.insert("secret".into(), serde_json::Value::String(s.to_string()));
     }
     let out = Zeroizing::new(serde_json::to_string(&v).unwrap_or_default());
+    // The copy inside the JSON value is wiped too, not just dropped.
+    if let Some(serde_json::Value::String(mut s)) =
+        v.as_object_mut().and_then(|o| o.remove("secret"))
+    {
+        s.zeroize();
+    }
     parts.headers.remove(header::CONTENT_LENGTH);
     // A secret must not sit in any cache on the way.
     parts
