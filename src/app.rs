@@ -321,6 +321,7 @@ impl Gateway {
             idempotency_ttl_s: cfg.idempotency.ttl_s,
             idempotency_lock_ttl_s: cfg.idempotency.lock_ttl_s,
             notify,
+            rate_limiter: Arc::new(rate_limiter(&cfg.rate_limit)),
         };
         Ok(Gateway {
             state,
@@ -510,4 +511,18 @@ async fn d1_provider(
     let client_cfg = D1Config::from_parts(base_url, d1, material);
     let client = D1Client::new(client_cfg).map_err(|e| AppError::D1(e.to_string()))?;
     Ok((Some(Arc::new(client)), sim))
+}
+
+fn rate_limiter(c: &crate::config::RateLimitSection) -> crate::domain::ratelimit::RateLimiter {
+    use crate::domain::ratelimit::{Limit, RateLimiter};
+    RateLimiter::new(
+        Some(Limit {
+            per_second: c.per_key_per_s,
+            burst: c.per_key_burst,
+        }),
+        Some(Limit {
+            per_second: c.per_merchant_per_s,
+            burst: c.per_merchant_burst,
+        }),
+    )
 }

@@ -45,6 +45,7 @@ pub struct Config {
     pub notify: NotifySection,
     pub webhooks: WebhooksSection,
     pub reconcile: ReconcileSection,
+    pub rate_limit: RateLimitSection,
 }
 
 /// Merchant webhooks: delivery policy of the outbox worker (`docs/webhooks.md`).
@@ -168,6 +169,16 @@ pub struct VaultConfig {
     pub active_key_id: Option<String>,
     pub keys: BTreeMap<String, SecretString>,
     pub fingerprint_key: Option<SecretString>,
+}
+
+/// Per-instance request rate limits (`domain::ratelimit`); a rate of 0 disables a limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSection {
+    pub per_key_per_s: f64,
+    pub per_key_burst: u32,
+    pub per_merchant_per_s: f64,
+    pub per_merchant_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

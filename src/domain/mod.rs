@@ -8,6 +8,7 @@ pub mod lifecycle;
 pub mod merchant;
 pub mod notify_auth;
 pub mod provider;
+pub mod ratelimit;
 pub mod reconcile;
 pub mod service;
 pub mod token;

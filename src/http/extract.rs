@@ -162,10 +162,33 @@ impl FromRequestParts<AppState> for MerchantAuth {
         let key = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized("send the merchant API key as `Authorization: Bearer <key>`")
         })?;
-        match state.services.authenticate(key).await? {
-            Some(m) => Ok(MerchantAuth(m)),
-            None => Err(ApiError::unauthorized("the API key is not valid")),
+        let merchant = match state.services.authenticate(key).await? {
+            Some(m) => m,
+            None => return Err(ApiError::unauthorized("the API key is not valid")),
+        };
+        // Limits apply to authenticated callers only: an unknown key costs a hash and a
+        // (cached-miss) lookup, and must not consume a real merchant's budget.
+        let key_id = crate::domain::merchant::ApiKeyHash::of(key);
+        if let Err(e) =
+            state
+                .rate_limiter
+                .check(&key_id.0, merchant.id.as_str(), std::time::Instant::now())
+        {
+            let which = match e.scope {
+                crate::domain::ratelimit::Scope::ApiKey => "this API key",
+                crate::domain::ratelimit::Scope::Merchant => "this merchant",
+            };
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+                format!(
+                    "the request rate limit of {which} is exceeded; retry after the indicated delay"
+                ),
+            )
+            .with_retry_after(Some(e.retry_after)));
         }
+        Ok(MerchantAuth(merchant))
     }
 }
 

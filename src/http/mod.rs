@@ -36,6 +36,8 @@ pub struct AppState {
     pub idempotency_lock_ttl_s: u64,
     /// D1's calls to us: OAuth client credentials and lifecycle notifications.
     pub notify: Arc<notify::NotifyState>,
+    /// Per-key and per-merchant request limits (per instance).
+    pub rate_limiter: Arc<crate::domain::ratelimit::RateLimiter>,
 }
 
 /// Middleware settings.

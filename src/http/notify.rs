@@ -109,7 +109,7 @@ fn is_form(headers: &HeaderMap) -> bool {
 /// `POST /oauth2/token` form body (RFC 6749 section 4.4). A schema only (OpenAPI).
 #[derive(utoipa::ToSchema)]
 #[schema(as = OAuthTokenRequest)]
-#[allow(dead_code, reason = "a schema only; the form is parsed by parse_form")]
+#[expect(dead_code, reason = "a schema only; the form is parsed by parse_form")]
 struct TokenRequestSchema {
     /// Only `client_credentials`.
     #[schema(example = "client_credentials")]
@@ -121,7 +121,7 @@ struct TokenRequestSchema {
 /// `200` of `POST /oauth2/token`. A schema only (OpenAPI): the handler writes it with `json!`.
 #[derive(utoipa::ToSchema)]
 #[schema(as = OAuthTokenResponse)]
-#[allow(dead_code, reason = "a schema only; never constructed")]
+#[expect(dead_code, reason = "a schema only; never constructed")]
 struct TokenResponseSchema {
     access_token: String,
     #[schema(example = "Bearer")]

@@ -209,7 +209,7 @@ pub async fn create_endpoint(
 /// against a real answer.
 #[derive(utoipa::ToSchema)]
 #[schema(as = WebhookEndpointCreated, rename_all = "camelCase")]
-#[allow(dead_code, reason = "a schema only; never constructed")]
+#[expect(dead_code, reason = "a schema only; never constructed")]
 struct EndpointCreatedSchema {
     #[schema(example = "whe_...")]
     id: String,

@@ -449,6 +449,9 @@ impl Ctx {
             .env("TOKENGATE__SIM__LISTEN", free_addr()?.to_string())
             .env("TOKENGATE__SIM__CONTROL_LISTEN", free_addr()?.to_string())
             .env("TOKENGATE__SERVER__MAX_CONCURRENCY", "100000")
+            // One merchant key drives all the load: per-key limits would measure the limiter.
+            .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "0")
+            .env("TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S", "0")
             .env("TOKENGATE__LOG__LEVEL", "warn")
             .env("TOKENGATE__STORAGE__DATA_DIR", self.work.join("data"))
             .envs(redis.gateway_env())

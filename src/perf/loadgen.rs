@@ -26,6 +26,8 @@ use super::{BoxError, parse_duration};
 pub enum Scenario {
     /// `GET /` on the bare hyper server.
     Bare,
+    /// `GET /healthz` (no authentication, no store): the HTTP stack alone.
+    Health,
     /// `GET /v1/tokens/{id}` of a known token.
     Get,
     /// `POST /v1/tokens` with a fresh random Luhn-valid PAN: 201.
@@ -42,6 +44,7 @@ impl Scenario {
     pub fn label(self) -> &'static str {
         match self {
             Scenario::Bare => "bare hyper, small JSON",
+            Scenario::Health => "GET /healthz",
             Scenario::Get => "GET /v1/tokens/{id}",
             Scenario::TokenizeNew => "tokenize a new card (201)",
             Scenario::TokenizeNewIdem => "tokenize a new card + Idempotency-Key (201)",
@@ -52,7 +55,9 @@ impl Scenario {
 
     pub fn expected(self) -> StatusCode {
         match self {
-            Scenario::Bare | Scenario::Get | Scenario::TokenizeKnown => StatusCode::OK,
+            Scenario::Bare | Scenario::Health | Scenario::Get | Scenario::TokenizeKnown => {
+                StatusCode::OK
+            }
             Scenario::TokenizeNew | Scenario::TokenizeNewIdem | Scenario::Cryptogram => {
                 StatusCode::CREATED
             }
@@ -63,6 +68,7 @@ impl Scenario {
     pub fn wrk_script(self) -> &'static str {
         match self {
             Scenario::Bare => "bare.lua",
+            Scenario::Health => "health.lua",
             Scenario::Get => "get.lua",
             Scenario::TokenizeNew => "tokenize_new.lua",
             Scenario::TokenizeNewIdem => "tokenize_new_idem.lua",
@@ -138,6 +144,7 @@ impl Workload {
         let key = self.api_key.as_deref();
         match self.scenario {
             Scenario::Bare => client::build(Method::GET, "/", None, None),
+            Scenario::Health => client::build(Method::GET, "/healthz", None, None),
             Scenario::Get => {
                 let path = format!("/v1/tokens/{}", pick(&self.ids)?);
                 client::build(Method::GET, &path, key, None)

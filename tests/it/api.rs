@@ -447,3 +447,40 @@ async fn logs_never_contain_the_pan() {
     assert!(!logs.contains(pan), "PAN found in logs");
     assert!(!logs.contains(&key), "API key found in logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_per_key_is_429_with_retry_after() {
+    let app = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__D1__ENABLED", "false")
+        .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "1")
+        .env("TOKENGATE__RATE_LIMIT__PER_KEY_BURST", "3")
+        .start()
+        .await;
+    let (_, key) = app.create_merchant("Acme").await;
+    let (_, other) = app.create_merchant("Other").await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(app.get("/v1/tokens/tok_AAAAAAAAAAAAAAAAAAAAAA", &key).await);
+    }
+    // The burst of 3 passes (404: no such token), then the limit answers.
+    for r in statuses.drain(..3) {
+        assert_eq!(r.status(), 404);
+    }
+    let limited = statuses.remove(0);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    expect_problem(limited, 429, "rate_limited").await;
+    // Another merchant's key is unaffected.
+    let r = app
+        .get("/v1/tokens/tok_AAAAAAAAAAAAAAAAAAAAAA", &other)
+        .await;
+    assert_eq!(r.status(), 404);
+    // After the interval the key may send again.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = app.get("/v1/tokens/tok_AAAAAAAAAAAAAAAAAAAAAA", &key).await;
+    assert_eq!(r.status(), 404);
+}
