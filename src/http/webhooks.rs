@@ -161,6 +161,7 @@ fn json(status: StatusCode, v: &impl Serialize) -> Response {
         (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_webhook_url`, `insecure_webhook_url`, `invalid_event_types`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -274,6 +275,7 @@ async fn add_secret(
     responses(
         (status = 200, description = "Every endpoint of the merchant", body = Page<EndpointView>),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -305,6 +307,7 @@ pub async fn list_endpoints(
         (status = 200, description = "The endpoint", body = EndpointView),
         (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -334,6 +337,7 @@ pub async fn get_endpoint(
         (status = 204, description = "Deleted"),
         (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -399,6 +403,7 @@ fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError> {
         (status = 400, description = "`invalid_query`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_cursor`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -438,6 +443,7 @@ pub async fn list_events(
         (status = 200, description = "The event", body = EventView),
         (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]
@@ -467,6 +473,7 @@ pub async fn get_event(
         (status = 409, description = "`event_not_redeliverable`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
         (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
     ))]

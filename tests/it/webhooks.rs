@@ -132,6 +132,50 @@ impl Receiver {
         }
     }
 
+    /// The same receiver behind TLS (rustls) with `tls`'s certificate.
+    async fn tls(tls: rustls::ServerConfig) -> Receiver {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use hyper_util::service::TowerToHyperService;
+
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind receiver");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(RecvState::default());
+        state.status.store(200, Ordering::SeqCst);
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(state.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let (tx, mut rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = &mut rx => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(_) => return,
+                    },
+                };
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    // A client that refuses our certificate just ends the handshake.
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                        .await;
+                });
+            }
+        });
+        Receiver {
+            port,
+            state,
+            _stop: tx,
+        }
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
     }
@@ -825,6 +869,61 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
         )
         .await;
     expect_problem(r, 409, "too_many_webhook_endpoints").await;
+}
+
+// --- https --------------------------------------------------------------------------------------
+
+/// HTTPS receivers: one whose certificate chains to the CA in `webhooks.ca_file` gets the event;
+/// one with a certificate from another CA is refused (the delivery fails, nothing is sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_receivers_are_verified_against_trusted_roots() {
+    let trusted = tokengate::devkeys::DevMaterial::generate("mgid-webhooks").unwrap();
+    let stranger = tokengate::devkeys::DevMaterial::generate("mgid-webhooks").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("webhooks-ca.pem");
+    std::fs::write(&ca_file, &trusted.ca_cert_pem).unwrap();
+    let app = fast(TestApp::builder(Backend::Embedded))
+        .env("TOKENGATE__WEBHOOKS__CA_FILE", ca_file.to_str().unwrap())
+        .start()
+        .await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let server = |m: &tokengate::devkeys::DevMaterial| {
+        tokengate::tls::server_config(
+            &m.gateway_server_cert_pem,
+            &m.gateway_server_key_pem,
+            None,
+            false,
+        )
+        .unwrap()
+    };
+    let good = Receiver::tls(server(&trusted)).await;
+    let bad = Receiver::tls(server(&stranger)).await;
+    let good_url = format!("https://localhost:{}/hook", good.port);
+    let bad_url = format!("https://localhost:{}/hook", bad.port);
+    let (good_ep, secret) = endpoint(&app, &key, &good_url, &["token.suspended"]).await;
+    let (bad_ep, _) = endpoint(&app, &key, &bad_url, &["token.suspended"]).await;
+
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
+    assert_eq!(r.status(), 200);
+    let hit = eventually("the https delivery", || async {
+        good.hits().first().cloned()
+    })
+    .await;
+    assert_signed(&secret, &hit);
+    let event_id = hit.event_id().to_owned();
+    wait_delivery(&app, &key, &event_id, &good_ep, |d| {
+        d["status"] == "delivered"
+    })
+    .await;
+    let e = wait_delivery(&app, &key, &event_id, &bad_ep, |d| {
+        d["status"] == "failed" && d["attempts"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    assert_eq!(delivery(&e, &bad_ep)["lastError"], "connect_failed", "{e}");
+    assert!(
+        bad.hits().is_empty(),
+        "a request reached an untrusted server"
+    );
 }
 
 // --- two gateways, one Redis -------------------------------------------------------------------
