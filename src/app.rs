@@ -12,16 +12,20 @@ use tokio::net::TcpListener;
 
 use crate::config::{Config, Mode, SANDBOX_ADMIN_TOKEN};
 use crate::crypto::{KeyMaterial, Keyring};
+use crate::domain::audit::AuditLog;
 use crate::domain::lifecycle::Lifecycle;
 use crate::domain::notify_auth::{ClientCredentials, NotifyAuth};
 use crate::domain::provider::NetworkTokenProvider;
 use crate::domain::reconcile::{ReconcileSettings, Reconciler, Schedule};
+use crate::domain::rekey::{RekeySettings, Rekeyer};
 use crate::domain::service::Services;
 use crate::domain::token::TokenRecord;
 use crate::domain::webhooks::{TokenRenderer, WebhookSender, WebhookService, WebhookSettings};
 use crate::http::notify::NotifyState;
 use crate::http::{AppState, HttpSettings};
 use crate::storage::TokenStore;
+use crate::storage::apikeys::ApiKeyStore;
+use crate::storage::audit::AuditStore;
 use crate::storage::embedded::EmbeddedStore;
 use crate::storage::lifecycle::LifecycleStore;
 use crate::storage::outbox::OutboxStore;
@@ -54,6 +58,8 @@ pub struct Gateway {
     pub grace: Duration,
     /// Background reconciliation with D1 (`None` without D1 or with `reconcile.enabled = false`).
     pub reconciler: Option<Reconciler>,
+    /// Background re-encryption of records under older data keys (`[rekey]`).
+    pub rekeyer: Option<Rekeyer>,
     /// Merchant webhook delivery, run in the background by [`Gateway::run`].
     pub webhooks: WebhookWorker,
     /// The listener's TLS (`[server.tls]`), reloaded by [`Gateway::run`]; `None`: plain HTTP.
@@ -166,8 +172,8 @@ pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
     Ok(open_stores(cfg).await?.0)
 }
 
-/// The token store, the lifecycle store and the webhook outbox: one backend (one connection or
-/// file) behind all three.
+/// The token store, the lifecycle store, the webhook outbox and the audit trail: one backend
+/// (one connection or file) behind all four.
 pub async fn open_stores(
     cfg: &Config,
 ) -> Result<
@@ -175,6 +181,8 @@ pub async fn open_stores(
         Arc<dyn TokenStore>,
         Arc<dyn LifecycleStore>,
         Arc<dyn OutboxStore>,
+        Arc<dyn AuditStore>,
+        Arc<dyn ApiKeyStore>,
     ),
     AppError,
 > {
@@ -188,11 +196,23 @@ pub async fn open_stores(
             response_timeout: Duration::from_millis(s.response_timeout_ms),
         };
         let store = Arc::new(RedisStore::connect(&rc).await?);
-        Ok((store.clone(), store.clone(), store))
+        Ok((
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store,
+        ))
     } else {
         let dir: PathBuf = s.data_dir.clone();
         let store = Arc::new(EmbeddedStore::open(&dir)?);
-        Ok((store.clone(), store.clone(), store))
+        Ok((
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store.clone(),
+            store,
+        ))
     }
 }
 
@@ -233,7 +253,8 @@ impl Gateway {
         // Certificates first: a bad file should stop start-up before anything is opened.
         let tls = listener_tls(cfg)?;
         let keyring = Arc::new(Keyring::new(&key_material(cfg))?);
-        let (store, lifecycle_store, outbox_store) = open_stores(cfg).await?;
+        let (store, lifecycle_store, outbox_store, audit_store, key_store) =
+            open_stores(cfg).await?;
         // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
         let store: Arc<dyn TokenStore> =
             Arc::new(crate::storage::instrumented::InstrumentedStore::new(store));
@@ -272,6 +293,11 @@ impl Gateway {
         // Before anything clones the services: every token change they make emits webhooks.
         let webhooks = webhook_worker(cfg, outbox_store, keyring.clone())?;
         services = services.with_webhooks(webhooks.service.clone());
+        services = services.with_audit(Arc::new(AuditLog::new(
+            audit_store,
+            cfg.audit.retention_days,
+        )));
+        services = services.with_keys(key_store);
         // Reconciliation needs D1 to ask; without it there is no schedule to keep either.
         let rc = &cfg.reconcile;
         let schedule = (rc.enabled && provider.is_some()).then(|| {
@@ -290,6 +316,20 @@ impl Gateway {
             schedule.clone(),
             Duration::from_secs(cfg.notify.event_ttl_s),
         );
+        // Data-key rotation: re-seal records under older keys (not on Cluster yet: the scan
+        // walks one node).
+        let rk = &cfg.rekey;
+        let rekeyer = (rk.enabled && cfg.storage.redis_cluster_nodes.is_empty()).then(|| {
+            Rekeyer::new(
+                services.clone(),
+                lifecycle_store.clone(),
+                RekeySettings {
+                    interval: Duration::from_millis(rk.interval_ms),
+                    batch: rk.batch,
+                    lease: Duration::from_millis(rk.lease_ms),
+                },
+            )
+        });
         let reconciler = match (schedule, provider) {
             (Some(schedule), Some(provider)) => Some(Reconciler::new(
                 lifecycle.clone(),
@@ -329,6 +369,7 @@ impl Gateway {
             sandbox,
             grace: Duration::from_millis(cfg.server.shutdown_grace_ms),
             reconciler,
+            rekeyer,
             webhooks,
             tls,
         })
@@ -358,6 +399,9 @@ impl Gateway {
         // Reconciliation stops on the same signal; the guard also stops it if serving fails.
         let mut reconciling = self
             .reconciler
+            .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
+        let _rekeying = self
+            .rekeyer
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
         // Webhook delivery stops on the signal too, abandoning attempts in flight (their jobs
         // are claimed again after `webhooks.claim_idle_ms`, by this or another instance).

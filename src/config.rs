@@ -46,6 +46,27 @@ pub struct Config {
     pub webhooks: WebhooksSection,
     pub reconcile: ReconcileSection,
     pub rate_limit: RateLimitSection,
+    pub rekey: RekeySection,
+    /// Optional in a config file: the defaults apply when the section is absent.
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// The audit trail (`docs/security.md`, "Audit trail").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditSection {
+    /// Events older than this are trimmed as new events are appended (so a merchant with no
+    /// new activity keeps older events until its next audited action).
+    pub retention_days: u64,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            retention_days: 365,
+        }
+    }
 }
 
 /// Merchant webhooks: delivery policy of the outbox worker (`docs/webhooks.md`).
@@ -169,6 +190,16 @@ pub struct VaultConfig {
     pub active_key_id: Option<String>,
     pub keys: BTreeMap<String, SecretString>,
     pub fingerprint_key: Option<SecretString>,
+}
+
+/// Background re-encryption under the active data key (`domain::rekey`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RekeySection {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub batch: usize,
+    pub lease_ms: u64,
 }
 
 /// Per-instance request rate limits (`domain::ratelimit`); a rate of 0 disables a limit.
@@ -481,6 +512,9 @@ impl Config {
         }
         if w.retention_hours == 0 {
             return Err(invalid("webhooks.retention_hours", "must be at least 1"));
+        }
+        if self.audit.retention_days == 0 {
+            return Err(invalid("audit.retention_days", "must be at least 1"));
         }
         Ok(())
     }

@@ -2,6 +2,8 @@
 //!
 //! Nothing here knows hyper, axum or Redis; storage and the network-token provider are traits.
 
+pub mod apikeys;
+pub mod audit;
 pub mod card;
 pub mod error;
 pub mod lifecycle;
@@ -9,7 +11,9 @@ pub mod merchant;
 pub mod notify_auth;
 pub mod provider;
 pub mod ratelimit;
+pub mod rekey;
 pub mod reconcile;
+pub mod reveal;
 pub mod service;
 pub mod token;
 pub mod webhooks;

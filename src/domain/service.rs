@@ -18,6 +18,7 @@ use time::OffsetDateTime;
 
 use super::card::{Expiry, Pan};
 use super::error::{DomainError, ProviderError};
+use super::apikeys::{ApiKeyRecord, Caller, Scopes, key_id};
 use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
 use super::provider::{
     Amount, Cryptogram, LifecycleAction, NetworkTokenProvider, ProviderToken, TransactionType,
@@ -26,6 +27,7 @@ use super::token::{
     CardMeta, MerchantId, NetworkTokenMeta, TokenId, TokenRecord, TokenStatus, Usage,
 };
 use crate::crypto::Keyring;
+use crate::storage::apikeys::ApiKeyStore;
 use crate::storage::{InsertOutcome, StoreError, TokenStore};
 
 impl From<StoreError> for DomainError {
@@ -48,12 +50,19 @@ pub struct Services {
     pub store: Arc<dyn TokenStore>,
     pub keyring: Arc<Keyring>,
     pub provider: Option<Arc<dyn NetworkTokenProvider>>,
-    api_key_cache: Arc<DashMap<ApiKeyHash, (Merchant, Instant)>>,
+    api_key_cache: Arc<DashMap<ApiKeyHash, (Caller, Instant)>>,
     api_key_cache_ttl: Duration,
     /// Reconciliation schedule kept in step with token writes (`None`: reconciliation off).
     schedule: Option<super::reconcile::Schedule>,
     /// Merchant webhooks, told about every token change made here (`None`: no webhooks).
     pub webhooks: Option<Arc<super::webhooks::WebhookService>>,
+    /// The audit trail (`None` only in setups that build services without one).
+    pub audit: Option<Arc<super::audit::AuditLog>>,
+    /// API key records: names, scopes, revocation (`None`: every key has the default scopes
+    /// and keys cannot be managed).
+    pub keys: Option<Arc<dyn ApiKeyStore>>,
+    /// When each key's `lastUsedAt` was last written from this instance (`domain::apikeys`).
+    pub(crate) key_last_touch: Arc<DashMap<String, Instant>>,
 }
 
 /// A card as submitted for tokenization.
@@ -92,7 +101,27 @@ impl Services {
             api_key_cache_ttl,
             schedule: None,
             webhooks: None,
+            audit: None,
+            keys: None,
+            key_last_touch: Arc::new(DashMap::new()),
         }
+    }
+
+    /// Keeps API key records (scopes, revocation) in `keys`.
+    pub fn with_keys(mut self, keys: Arc<dyn ApiKeyStore>) -> Services {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Drops the cached authentication of the key `key_id` (it was just revoked).
+    pub(crate) fn forget_cached_key(&self, key_id: &str) {
+        self.api_key_cache.retain(|_, (c, _)| c.key_id != key_id);
+    }
+
+    /// Records audited actions in `audit`.
+    pub fn with_audit(mut self, audit: Arc<super::audit::AuditLog>) -> Services {
+        self.audit = Some(audit);
+        self
     }
 
     /// Emits merchant webhook events for the token changes made by these services.
@@ -157,32 +186,117 @@ impl Services {
         };
         let key = NewApiKey::generate();
         self.store.insert_merchant(&merchant, &key.hash).await?;
+        if let Some(keys) = &self.keys {
+            let rec = ApiKeyRecord {
+                id: key_id(&key.hash),
+                merchant_id: merchant.id.clone(),
+                name: "default".to_owned(),
+                scopes: Scopes::default_for_merchant_key(),
+                created_at: merchant.created_at,
+                revoked_at: None,
+                last_used_at: None,
+            };
+            // Without it the key still works: its record is written on first use (below).
+            if let Err(e) = keys.insert_key(&rec, &key.hash).await {
+                tracing::warn!(merchant_id = %merchant.id, error = %e, "first key record not stored");
+            }
+        }
         Ok((merchant, key))
     }
 
-    /// The merchant owning `api_key`, or `None`. Cached briefly: every request authenticates,
-    /// and a store round trip per request for an immutable mapping is waste.
-    pub async fn authenticate(&self, api_key: &str) -> Result<Option<Merchant>, DomainError> {
+    /// The caller `api_key` authenticates (merchant, key id, scopes), or `None` for an unknown
+    /// or revoked key. Cached for `auth.api_key_cache_ttl_ms`: every request authenticates, and
+    /// a store round trip per request for a mapping that rarely changes is waste (it is also
+    /// how long a revocation takes to reach other instances).
+    pub async fn authenticate(&self, api_key: &str) -> Result<Option<Caller>, DomainError> {
         let hash = ApiKeyHash::of(api_key);
         if let Some(entry) = self.api_key_cache.get(&hash)
             && entry.1.elapsed() < self.api_key_cache_ttl
         {
-            return Ok(Some(entry.0.clone()));
+            let caller = entry.0.clone();
+            drop(entry);
+            self.note_key_used(&caller);
+            return Ok(Some(caller));
         }
-        let found = self.store.merchant_by_api_key(&hash).await?;
+        let found = self.lookup_key(&hash).await?;
         match &found {
-            Some(m) => {
+            Some(c) => {
                 // Bound the cache: a flood of distinct valid keys cannot grow it without limit.
                 if self.api_key_cache.len() > 100_000 {
                     self.api_key_cache.clear();
                 }
-                self.api_key_cache.insert(hash, (m.clone(), Instant::now()));
+                self.api_key_cache
+                    .insert(hash, (c.clone(), Instant::now()));
+                self.note_key_used(c);
             }
             None => {
                 self.api_key_cache.remove(&hash);
             }
         }
         Ok(found)
+    }
+
+    /// The key's record decides (revoked: `None`); a key without one is a key issued before
+    /// records existed: it gets the default scopes, and a record so it can be listed and
+    /// revoked (best-effort, and never over a record written meanwhile).
+    async fn lookup_key(&self, hash: &ApiKeyHash) -> Result<Option<Caller>, DomainError> {
+        if let Some(keys) = &self.keys
+            && let Some(rec) = keys.key_by_hash(hash).await?
+        {
+            if rec.revoked_at.is_some() {
+                return Ok(None);
+            }
+            let Some(merchant) = self.store.get_merchant(&rec.merchant_id).await? else {
+                return Ok(None);
+            };
+            return Ok(Some(Caller {
+                merchant,
+                key_id: rec.id,
+                scopes: rec.scopes,
+            }));
+        }
+        let Some(merchant) = self.store.merchant_by_api_key(hash).await? else {
+            return Ok(None);
+        };
+        let caller = Caller {
+            key_id: key_id(hash),
+            scopes: Scopes::default_for_merchant_key(),
+            merchant,
+        };
+        if let Some(keys) = &self.keys {
+            let rec = ApiKeyRecord {
+                id: caller.key_id.clone(),
+                merchant_id: caller.merchant.id.clone(),
+                name: "default".to_owned(),
+                scopes: caller.scopes,
+                created_at: caller.merchant.created_at,
+                revoked_at: None,
+                last_used_at: None,
+            };
+            match keys.insert_key(&rec, hash).await {
+                Ok(true) => {}
+                // A record with this id exists (written meanwhile, or its hash index entry is
+                // missing): it decides.
+                Ok(false) => {
+                    let rec = keys
+                        .list_keys(&caller.merchant.id)
+                        .await?
+                        .into_iter()
+                        .find(|r| r.id == caller.key_id);
+                    return Ok(match rec {
+                        Some(r) if r.revoked_at.is_none() => Some(Caller {
+                            scopes: r.scopes,
+                            ..caller
+                        }),
+                        _ => None,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(key_id = %rec.id, error = %e, "legacy key record not stored")
+                }
+            }
+        }
+        Ok(Some(caller))
     }
 
     // --- tokens -----------------------------------------------------------------------------

@@ -162,10 +162,11 @@ impl FromRequestParts<AppState> for MerchantAuth {
         let key = bearer(parts).ok_or_else(|| {
             ApiError::unauthorized("send the merchant API key as `Authorization: Bearer <key>`")
         })?;
-        let merchant = match state.services.authenticate(key).await? {
-            Some(m) => m,
+        let caller = match state.services.authenticate(key).await? {
+            Some(c) => c,
             None => return Err(ApiError::unauthorized("the API key is not valid")),
         };
+        let merchant = &caller.merchant;
         // Limits apply to authenticated callers only: an unknown key costs a hash and a
         // (cached-miss) lookup, and must not consume a real merchant's budget.
         let key_id = crate::domain::merchant::ApiKeyHash::of(key);
@@ -188,7 +189,13 @@ impl FromRequestParts<AppState> for MerchantAuth {
             )
             .with_retry_after(Some(e.retry_after)));
         }
-        Ok(MerchantAuth(merchant))
+        // Every merchant route needs its scope (one table: src/http/scopes.rs).
+        super::scopes::check(parts, state, &caller).await?;
+        // For handlers that record who acted (src/http/audit.rs).
+        parts.extensions.insert(super::audit::AuthedKey {
+            key_id: caller.key_id.clone(),
+        });
+        Ok(MerchantAuth(caller.merchant))
     }
 }
 

@@ -3,14 +3,18 @@
 //! [`serve`] takes a bound listener and a shutdown future (tests bind `127.0.0.1:0` and drop a
 //! channel to stop it); in-flight requests finish before it returns.
 
+pub mod audit;
 pub mod dto;
 pub mod extract;
 pub mod idempotency;
+pub mod keys;
 pub mod listener;
 pub mod notify;
 pub mod openapi;
 pub mod problem;
+pub mod reveal;
 pub mod routes;
+pub mod scopes;
 pub mod stack;
 pub mod telemetry;
 pub mod webhooks;
@@ -20,7 +24,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
@@ -68,6 +72,14 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         )
         .route("/v1/tokens/{id}/suspend", post(routes::suspend_token))
         .route("/v1/tokens/{id}/resume", post(routes::resume_token))
+        // PAN fallback: the one route that answers a card number (docs/security.md).
+        .route("/v1/tokens/{id}/reveal", post(reveal::reveal_card))
+        // A merchant's API keys and their scopes (docs/api.md, "API keys").
+        .route(
+            "/v1/api-keys",
+            post(keys::create_api_key).get(keys::list_api_keys),
+        )
+        .route("/v1/api-keys/{id}", delete(keys::revoke_api_key))
         // Merchant webhooks (docs/webhooks.md).
         .route(
             "/v1/webhook-endpoints",
@@ -77,6 +89,8 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
             "/v1/webhook-endpoints/{id}",
             get(webhooks::get_endpoint).delete(webhooks::delete_endpoint),
         )
+        // The audit trail (docs/security.md, "Audit trail").
+        .route("/v1/audit-events", get(audit::list_audit_events))
         .route("/v1/events", get(webhooks::list_events))
         .route("/v1/events/{id}", get(webhooks::get_event))
         .route("/v1/events/{id}/redeliver", post(webhooks::redeliver_event))
@@ -107,7 +121,11 @@ where
     match tls {
         Some(tls) => listener::serve_tls(listener, router, tls, shutdown).await,
         None => {
-            axum::serve(listener, router)
+            // `into_make_service` hands each connection a clone of the one router (an `Arc`);
+            // passing the `Router` itself makes axum rebuild its route table per connection
+            // (`with_state(())`), about 18 KiB per idle keep-alive connection
+            // (docs/performance.md).
+            axum::serve(listener, router.into_make_service())
                 .with_graceful_shutdown(shutdown)
                 .await
         }

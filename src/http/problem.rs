@@ -81,6 +81,16 @@ impl ApiError {
         )
     }
 
+    /// 403 `insufficient_scope`: the API key is valid but lacks the scope the route needs.
+    pub fn insufficient_scope(detail: impl Into<String>) -> ApiError {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            "Insufficient scope",
+            detail,
+        )
+    }
+
     pub fn not_found(code: &'static str, detail: impl Into<String>) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, code, "Not found", detail)
     }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use zeroize::Zeroize;
 
 use super::AppState;
+use super::audit::{self, AuditCtx};
 use super::dto::{
     CreateCryptogramRequest, CreateMerchantRequest, CreateTokenRequest, CryptogramView, HealthView,
     MerchantCreated, TokenView,
@@ -15,6 +16,7 @@ use super::extract::{AdminAuth, Body, MerchantAuth, parse_json};
 use super::idempotency::{Reply, key_from, run_idempotent};
 use super::openapi::{IdempotencyKeyHeader, TokenIdPath};
 use super::problem::{ApiError, ProblemBody};
+use crate::domain::audit::{AuditAction, SUCCESS};
 use crate::domain::provider::{Amount, LifecycleAction};
 use crate::domain::service::{TokenizeCommand, Tokenized};
 use crate::domain::token::TokenId;
@@ -111,6 +113,18 @@ pub async fn create_merchant(
         };
         match state.services.create_merchant(&req.name).await {
             Ok((m, key)) => {
+                // A failed creation has no merchant whose trail could hold it: only successes
+                // are recorded (docs/security.md).
+                let ctx = AuditCtx::admin(audit::request_id(&headers));
+                audit::record_best_effort(
+                    &state,
+                    &ctx,
+                    &m.id,
+                    AuditAction::MerchantCreate,
+                    None,
+                    SUCCESS.to_owned(),
+                )
+                .await;
                 Reply::json(StatusCode::CREATED, &MerchantCreated::new(&m, &key.secret))
             }
             Err(e) => ApiError::from(e).into(),
@@ -242,6 +256,7 @@ pub async fn get_token(
 pub async fn create_cryptogram(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
+    ctx: AuditCtx,
     Path(id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -265,18 +280,29 @@ pub async fn create_cryptogram(
             value: a.value,
             currency: a.currency,
         });
-        match state
+        let result = state
             .services
             .create_cryptogram(&merchant, &id, req.transaction_type, amount)
             .await
-        {
+            .map_err(ApiError::from);
+        let id_str = id.as_str();
+        audit::record_best_effort(
+            &state,
+            &ctx,
+            &merchant.id,
+            AuditAction::CryptogramCreate,
+            Some(id_str),
+            audit::outcome(&result),
+        )
+        .await;
+        match result {
             Ok(c) => {
                 let mut reply = Reply::json(StatusCode::CREATED, &CryptogramView::from(&c));
                 // Credentials for one authorization: never persisted, not even for replay.
                 reply.sensitive = true;
                 reply
             }
-            Err(e) => ApiError::from(e).into(),
+            Err(e) => e.into(),
         }
     })
     .await
@@ -285,6 +311,7 @@ pub async fn create_cryptogram(
 async fn lifecycle(
     state: AppState,
     merchant: crate::domain::merchant::Merchant,
+    ctx: AuditCtx,
     id: String,
     headers: HeaderMap,
     action: LifecycleAction,
@@ -301,9 +328,28 @@ async fn lifecycle(
     let path = format!("/v1/tokens/{id}/{verb}");
     let parts: [&[u8]; 2] = [b"POST", path.as_bytes()];
     run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
-        match state.services.lifecycle(&merchant, &id, action).await {
+        let result = state
+            .services
+            .lifecycle(&merchant, &id, action)
+            .await
+            .map_err(ApiError::from);
+        let audited = match action {
+            LifecycleAction::Suspend => AuditAction::TokenSuspend,
+            LifecycleAction::Resume => AuditAction::TokenResume,
+            LifecycleAction::Delete => AuditAction::TokenDelete,
+        };
+        audit::record_best_effort(
+            &state,
+            &ctx,
+            &merchant.id,
+            audited,
+            Some(id.as_str()),
+            audit::outcome(&result),
+        )
+        .await;
+        match result {
             Ok(r) => Reply::json(StatusCode::OK, &TokenView::from(&r)),
-            Err(e) => ApiError::from(e).into(),
+            Err(e) => e.into(),
         }
     })
     .await
@@ -333,12 +379,14 @@ async fn lifecycle(
 pub async fn suspend_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
+    ctx: AuditCtx,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     lifecycle(
         state,
         merchant,
+        ctx,
         id,
         headers,
         LifecycleAction::Suspend,
@@ -371,12 +419,14 @@ pub async fn suspend_token(
 pub async fn resume_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
+    ctx: AuditCtx,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     lifecycle(
         state,
         merchant,
+        ctx,
         id,
         headers,
         LifecycleAction::Resume,
@@ -409,12 +459,14 @@ pub async fn resume_token(
 pub async fn delete_token(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
+    ctx: AuditCtx,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     lifecycle(
         state,
         merchant,
+        ctx,
         id,
         headers,
         LifecycleAction::Delete,

@@ -453,6 +453,10 @@ impl Ctx {
             .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "0")
             .env("TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S", "0")
             .env("TOKENGATE__LOG__LEVEL", "warn")
+            // One merchant and one key carry all the load: the per-key and per-merchant rate
+            // limits (still checked on every request) must not cap what is measured.
+            .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "0")
+            .env("TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S", "0")
             .env("TOKENGATE__STORAGE__DATA_DIR", self.work.join("data"))
             .envs(redis.gateway_env())
             .stdout(Stdio::null())

@@ -27,7 +27,7 @@ use crate::domain::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
 pub const FILE_NAME: &str = "tokengate.redb";
 
 /// (merchant id, token id) -> token record JSON.
-const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
+pub(crate) const TOKENS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("tokens");
 /// (merchant id, PAN fingerprint) -> token id of the live token.
 const FINGERPRINTS: TableDefinition<(&str, &str), &str> = TableDefinition::new("fp_index");
 /// (merchant id, D1 token id) -> token id.

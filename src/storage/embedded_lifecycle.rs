@@ -21,7 +21,7 @@ use redb::{
 
 use super::StoreError;
 use super::embedded::{EmbeddedStore, begin_write, update_token_in};
-use super::lifecycle::{EventWrite, LifecycleStore, ttl_ms};
+use super::lifecycle::{EventWrite, LifecycleStore, ScanPage, ttl_ms};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 
 /// (merchant id, event id) -> marker expiry (Unix ms).
@@ -125,6 +125,56 @@ fn purge_expired(txn: &WriteTransaction, now: u64) -> Result<(), StoreError> {
 
 #[async_trait]
 impl LifecycleStore for EmbeddedStore {
+    async fn scan_tokens(
+        &self,
+        cursor: Option<&str>,
+        count: usize,
+    ) -> Result<ScanPage, StoreError> {
+        // The cursor is the last (merchant, token) key returned, joined by a space (ids
+        // contain none); the next page starts strictly after it.
+        let after: Option<(String, String)> = match cursor {
+            None => None,
+            Some(c) => {
+                let (m, t) = c
+                    .split_once(' ')
+                    .ok_or_else(|| StoreError::Corrupt("malformed scan cursor".into()))?;
+                Some((m.to_owned(), t.to_owned()))
+            }
+        };
+        let count = count.max(1);
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let table = match txn.open_table(super::embedded::TOKENS) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ScanPage::default()),
+                Err(e) => return Err(e.into()),
+            };
+            let range = match &after {
+                Some((m, t)) => table.range((m.as_str(), t.as_str())..)?,
+                None => table.range::<(&str, &str)>(..)?,
+            };
+            let mut items = Vec::with_capacity(count);
+            let mut last: Option<String> = None;
+            for entry in range {
+                let (k, _) = entry?;
+                let (m, t) = k.value();
+                if after.as_ref().is_some_and(|(am, at)| am == m && at == t) {
+                    continue;
+                }
+                if items.len() == count {
+                    break;
+                }
+                if let (Some(mid), Some(tid)) = (MerchantId::parse(m), TokenId::parse(t)) {
+                    items.push((mid, tid));
+                }
+                last = Some(format!("{m} {t}"));
+            }
+            let next = if items.len() == count { last } else { None };
+            Ok(ScanPage { items, next })
+        })
+        .await
+    }
+
     async fn event_seen(&self, merchant: &MerchantId, event_id: &str) -> Result<bool, StoreError> {
         let merchant = merchant.as_str().to_owned();
         let event_id = event_id.to_owned();

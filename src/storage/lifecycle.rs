@@ -94,6 +94,20 @@ pub trait LifecycleStore: Send + Sync + 'static {
 
     /// Gives the lease up if `holder` still holds it (never someone else's).
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+
+    /// One page of a walk over every token of every merchant, for maintenance jobs (the data-key
+    /// re-encryption of `domain::rekey`). Start with `cursor = None`; the page's `next` is the
+    /// cursor of the following page, `None` when the walk is complete. A page may be empty
+    /// while `next` is not. Tokens written during a walk may or may not be seen.
+    async fn scan_tokens(&self, cursor: Option<&str>, count: usize)
+    -> Result<ScanPage, StoreError>;
+}
+
+/// A page of [`LifecycleStore::scan_tokens`].
+#[derive(Debug, Default)]
+pub struct ScanPage {
+    pub items: Vec<(MerchantId, TokenId)>,
+    pub next: Option<String>,
 }
 
 /// Longest event id accepted: it becomes part of a storage key.

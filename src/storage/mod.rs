@@ -12,13 +12,19 @@
 //!
 //! The key layout of both backends is documented in `docs/storage.md`.
 
+pub mod apikeys;
+pub mod audit;
 pub mod embedded;
+pub mod embedded_apikeys;
+pub mod embedded_audit;
 pub mod embedded_lifecycle;
 pub mod embedded_outbox;
 pub mod instrumented;
 pub mod lifecycle;
 pub mod outbox;
 pub mod redis;
+pub mod redis_apikeys;
+pub mod redis_audit;
 pub mod redis_lifecycle;
 pub mod redis_outbox;
 

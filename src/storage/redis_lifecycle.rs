@@ -14,7 +14,7 @@ use redis::Script;
 
 use super::StoreError;
 use super::lifecycle::{
-    EventWrite, LifecycleStore, parse_schedule_member, schedule_member, ttl_ms,
+    EventWrite, LifecycleStore, ScanPage, parse_schedule_member, schedule_member, ttl_ms,
 };
 use super::redis::{RedisStore, UPDATE_TOKEN};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
@@ -84,6 +84,40 @@ impl RedisStore {
 
 #[async_trait]
 impl LifecycleStore for RedisStore {
+    async fn scan_tokens(
+        &self,
+        cursor: Option<&str>,
+        count: usize,
+    ) -> Result<ScanPage, StoreError> {
+        if self.is_cluster() {
+            // SCAN walks one node; a cluster walk has to visit every master, which this
+            // build does not do yet (docs/security.md, key rotation).
+            return Err(StoreError::Unavailable(
+                "token scan is not supported on Redis Cluster yet".into(),
+            ));
+        }
+        let start = self.global_key("{m:");
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor.unwrap_or("0"))
+            .arg("MATCH")
+            .arg(format!("{start}*}}:tok:*"))
+            .arg("COUNT")
+            .arg(count.max(1));
+        let (next, keys): (String, Vec<String>) = self.query(cmd).await?;
+        let items = keys
+            .iter()
+            .filter_map(|k| {
+                let rest = k.strip_prefix(&start)?;
+                let (merchant, token) = rest.split_once("}:tok:")?;
+                Some((MerchantId::parse(merchant)?, TokenId::parse(token)?))
+            })
+            .collect();
+        Ok(ScanPage {
+            items,
+            next: (next != "0").then_some(next),
+        })
+    }
+
     async fn event_seen(&self, merchant: &MerchantId, event_id: &str) -> Result<bool, StoreError> {
         let mut cmd = redis::cmd("EXISTS");
         cmd.arg(self.event_key(merchant, event_id));

@@ -7,11 +7,13 @@
 mod support;
 
 mod api;
+mod audit;
 mod d1_client;
 mod gateway_d1;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod rekey;
 mod sim;
 mod store_contract;
 mod tls;

@@ -1,0 +1,334 @@
+//! API keys: several per merchant, each with a name and scopes, revocable.
+//!
+//! A key's id is derived from its hash ([`key_id`]), so keys issued before key records existed
+//! (the first key of older merchants, stored only as a hash -> merchant index) have the same id
+//! without a stored one. Such a key gets a record with [`Scopes::default_for_merchant_key`] the
+//! first time it authenticates; from then on it is listed and revocable like any other.
+//!
+//! Revocation takes effect on this instance at once and on others within
+//! `auth.api_key_cache_ttl_ms` (each instance caches a verified key that long).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::error::DomainError;
+use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
+use super::service::Services;
+use super::token::MerchantId;
+
+/// The public id of an API key, `key_` and the first 24 hex digits of its hash: stable, and it
+/// reveals nothing usable about the secret (256 random bits behind a one-way hash).
+pub fn key_id(hash: &ApiKeyHash) -> String {
+    let h = hash.0.get(..24).unwrap_or(&hash.0);
+    format!("key_{h}")
+}
+
+/// What a key may do. Every merchant route requires exactly one (`src/http/scopes.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    #[serde(rename = "tokens:write")]
+    TokensWrite,
+    #[serde(rename = "tokens:read")]
+    TokensRead,
+    #[serde(rename = "cryptograms")]
+    Cryptograms,
+    /// Reading a token's card number back: opt-in, never granted by default.
+    #[serde(rename = "card:reveal")]
+    CardReveal,
+    #[serde(rename = "webhooks")]
+    Webhooks,
+    /// Creating, listing and revoking API keys.
+    #[serde(rename = "keys")]
+    Keys,
+    #[serde(rename = "audit:read")]
+    AuditRead,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 7] = [
+        Scope::TokensWrite,
+        Scope::TokensRead,
+        Scope::Cryptograms,
+        Scope::CardReveal,
+        Scope::Webhooks,
+        Scope::Keys,
+        Scope::AuditRead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::TokensWrite => "tokens:write",
+            Scope::TokensRead => "tokens:read",
+            Scope::Cryptograms => "cryptograms",
+            Scope::CardReveal => "card:reveal",
+            Scope::Webhooks => "webhooks",
+            Scope::Keys => "keys",
+            Scope::AuditRead => "audit:read",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of scopes. Stored and served as a list of scope names.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    /// The scopes of the key issued with a merchant (and of keys stored before scopes existed):
+    /// everything except `card:reveal`, which must be granted deliberately.
+    pub fn default_for_merchant_key() -> Scopes {
+        Scope::ALL
+            .into_iter()
+            .filter(|s| *s != Scope::CardReveal)
+            .collect()
+    }
+
+    pub fn contains(self, s: Scope) -> bool {
+        self.0 & s.bit() != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Scope> {
+        Scope::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+}
+
+impl FromIterator<Scope> for Scopes {
+    fn from_iter<I: IntoIterator<Item = Scope>>(it: I) -> Scopes {
+        Scopes(it.into_iter().fold(0, |acc, s| acc | s.bit()))
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Scopes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Scopes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Scopes, D::Error> {
+        Ok(Vec::<Scope>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// A stored API key (never its secret; the hash lives in the store's hash index).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub merchant_id: MerchantId,
+    pub name: String,
+    pub scopes: Scopes,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Filled in by listings from the store's separate last-used index; not stored here.
+    #[serde(skip)]
+    pub last_used_at: Option<OffsetDateTime>,
+}
+
+/// An authenticated request's caller: the merchant, and the key that authenticated it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub merchant: Merchant,
+    pub key_id: String,
+    pub scopes: Scopes,
+}
+
+/// `lastUsedAt` is written at most this often per key and instance: a store write per request
+/// would double the cost of reads for a value that only needs to be roughly right.
+pub const LAST_USED_EVERY: Duration = Duration::from_secs(60);
+
+/// Keys per merchant, a bound on what one merchant can store.
+pub const MAX_KEYS: usize = 100;
+
+fn validate_name(name: &str) -> Result<String, DomainError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(DomainError::Validation {
+            code: "invalid_key_name",
+            detail: "name must be 1 to 100 printable characters".into(),
+        });
+    }
+    Ok(name.to_owned())
+}
+
+/// Parses scope names; unknown or no scopes are refused.
+pub fn parse_scopes(names: &[String]) -> Result<Scopes, DomainError> {
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        out.push(Scope::parse(n).ok_or_else(|| DomainError::Validation {
+            code: "invalid_scopes",
+            detail: format!(
+                "unknown scope; valid scopes are {}",
+                Scope::ALL.map(Scope::as_str).join(", ")
+            ),
+        })?);
+    }
+    let scopes: Scopes = out.into_iter().collect();
+    if scopes.is_empty() {
+        return Err(DomainError::Validation {
+            code: "invalid_scopes",
+            detail: "give at least one scope".into(),
+        });
+    }
+    Ok(scopes)
+}
+
+impl Services {
+    /// Issues a key for `merchant`; the secret is in the returned [`NewApiKey`], shown once.
+    pub async fn create_api_key(
+        &self,
+        merchant: &MerchantId,
+        name: &str,
+        scopes: Scopes,
+    ) -> Result<(ApiKeyRecord, NewApiKey), DomainError> {
+        let keys = self.key_store()?;
+        let name = validate_name(name)?;
+        if keys.list_keys(merchant).await?.len() >= MAX_KEYS {
+            return Err(DomainError::Validation {
+                code: "too_many_api_keys",
+                detail: format!("a merchant holds at most {MAX_KEYS} keys; revoke one first"),
+            });
+        }
+        let key = NewApiKey::generate();
+        let rec = ApiKeyRecord {
+            id: key_id(&key.hash),
+            merchant_id: merchant.clone(),
+            name,
+            scopes,
+            created_at: OffsetDateTime::now_utc(),
+            revoked_at: None,
+            last_used_at: None,
+        };
+        keys.insert_key(&rec, &key.hash).await?;
+        Ok((rec, key))
+    }
+
+    /// The merchant's keys (revoked ones included, marked), oldest first.
+    pub async fn list_api_keys(
+        &self,
+        merchant: &MerchantId,
+    ) -> Result<Vec<ApiKeyRecord>, DomainError> {
+        let mut v = self.key_store()?.list_keys(merchant).await?;
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(v)
+    }
+
+    /// Revokes a key of the merchant; `Ok(None)` when it has no such key. Revoking a revoked key
+    /// answers it unchanged. The caller may revoke the key it authenticated with, even its last
+    /// `keys`-scoped one (then only the admin can help: docs/api.md).
+    pub async fn revoke_api_key(
+        &self,
+        merchant: &MerchantId,
+        id: &str,
+    ) -> Result<Option<ApiKeyRecord>, DomainError> {
+        let rec = self
+            .key_store()?
+            .revoke_key(merchant, id, OffsetDateTime::now_utc())
+            .await?;
+        if rec.is_some() {
+            // Effective on this instance at once; elsewhere within the cache TTL.
+            self.forget_cached_key(id);
+        }
+        Ok(rec)
+    }
+
+    fn key_store(&self) -> Result<&std::sync::Arc<dyn crate::storage::apikeys::ApiKeyStore>, DomainError> {
+        self.keys
+            .as_ref()
+            .ok_or_else(|| DomainError::Internal("no API key store configured".into()))
+    }
+
+    /// Best-effort `lastUsedAt`: at most one store write per key and [`LAST_USED_EVERY`] on
+    /// this instance, off the request path.
+    pub(crate) fn note_key_used(&self, caller: &Caller) {
+        let Some(keys) = &self.keys else { return };
+        let now = Instant::now();
+        let due = match self.key_last_touch.get(&caller.key_id) {
+            Some(t) => now.duration_since(*t) >= LAST_USED_EVERY,
+            None => true,
+        };
+        if !due {
+            return;
+        }
+        if self.key_last_touch.len() > 100_000 {
+            self.key_last_touch.clear();
+        }
+        self.key_last_touch.insert(caller.key_id.clone(), now);
+        let keys = keys.clone();
+        let merchant = caller.merchant.id.clone();
+        let id = caller.key_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = keys.touch_key(&merchant, &id, OffsetDateTime::now_utc()).await {
+                tracing::debug!(key_id = %id, error = %e, "lastUsedAt not recorded");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a failing test should stop loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_scopes_exclude_card_reveal() {
+        let d = Scopes::default_for_merchant_key();
+        assert!(!d.contains(Scope::CardReveal));
+        for s in Scope::ALL.into_iter().filter(|s| *s != Scope::CardReveal) {
+            assert!(d.contains(s), "{s}");
+        }
+    }
+
+    #[test]
+    fn scopes_round_trip_as_names() {
+        let s: Scopes = [Scope::Cryptograms, Scope::CardReveal].into_iter().collect();
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(j, r#"["cryptograms","card:reveal"]"#);
+        assert_eq!(serde_json::from_str::<Scopes>(&j).unwrap(), s);
+        for sc in Scope::ALL {
+            assert_eq!(Scope::parse(sc.as_str()), Some(sc));
+        }
+    }
+
+    #[test]
+    fn parse_scopes_refuses_unknown_and_empty() {
+        assert!(parse_scopes(&["tokens:read".into()]).is_ok());
+        assert!(parse_scopes(&["tokens:admin".into()]).is_err());
+        assert!(parse_scopes(&[]).is_err());
+    }
+
+    #[test]
+    fn key_ids_are_stable_and_short() {
+        let h = ApiKeyHash::of("tgk_x");
+        assert_eq!(key_id(&h), key_id(&h));
+        assert_eq!(key_id(&h).len(), 28);
+    }
+}

@@ -1,0 +1,198 @@
+//! Data-key rotation: a background job that re-seals every PAN written under an older vault key
+//! with the active key, in bounded batches, so an old key can be retired.
+//!
+//! Rotation, end to end (docs/security.md): add the new key to `vault.keys`, make it
+//! `vault.active_key_id`, roll the instances (every key in the ring still opens); this job then
+//! walks all tokens, `rekey.batch` per tick, under a store lease so only one instance works at a
+//! time. Each re-seal is a versioned compare-and-set, so it never overwrites a concurrent change
+//! (it re-reads and retries). A record whose key is no longer in the ring is **reported** (an
+//! error log line with its token id and key id, and the `tokengate_rekey_unreadable_total`
+//! counter), never silently skipped or made unreadable. When a full pass finds no record under
+//! an old key (`tokengate_rekey_old_key_records` = 0), the old key can be removed from config.
+//!
+//! The walk's cursor is kept in memory: a restarted instance starts a new pass, which costs a
+//! read per token but re-seals nothing twice (records already under the active key are skipped).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::error::DomainError;
+use super::service::Services;
+use super::token::{MerchantId, TokenId};
+use crate::crypto::CryptoError;
+use crate::storage::StoreError;
+use crate::storage::lifecycle::LifecycleStore;
+
+/// How the job runs (`[rekey]` in the config).
+#[derive(Debug, Clone)]
+pub struct RekeySettings {
+    pub interval: Duration,
+    pub batch: usize,
+    pub lease: Duration,
+}
+
+/// Outcome of one token.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Current,
+    Resealed,
+    Unreadable,
+    Gone,
+}
+
+/// Counts of one pass over the vault.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassStats {
+    pub scanned: u64,
+    pub resealed: u64,
+    pub unreadable: u64,
+}
+
+pub struct Rekeyer {
+    services: Services,
+    store: Arc<dyn LifecycleStore>,
+    settings: RekeySettings,
+    holder: String,
+}
+
+const LEASE: &str = "rekey";
+
+impl Rekeyer {
+    pub fn new(
+        services: Services,
+        store: Arc<dyn LifecycleStore>,
+        settings: RekeySettings,
+    ) -> Rekeyer {
+        let mut id = [0u8; 8];
+        rand::fill(&mut id);
+        Rekeyer {
+            services,
+            store,
+            settings,
+            holder: hex::encode(id),
+        }
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut cursor: Option<String> = None;
+        let mut pass = PassStats::default();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.settings.interval) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            match self
+                .store
+                .acquire_lease(LEASE, &self.holder, self.settings.lease)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue, // another instance is working
+                Err(e) => {
+                    tracing::warn!(error = %e, "rekey: lease unavailable");
+                    continue;
+                }
+            }
+            match self.tick(cursor.as_deref(), &mut pass).await {
+                Ok(next) => {
+                    cursor = next;
+                    if cursor.is_none() {
+                        metrics::gauge!("tokengate_rekey_old_key_records")
+                            .set((pass.resealed + pass.unreadable) as f64);
+                        if pass.resealed > 0 || pass.unreadable > 0 {
+                            tracing::info!(
+                                scanned = pass.scanned,
+                                resealed = pass.resealed,
+                                unreadable = pass.unreadable,
+                                active_key = self.services.keyring.active_key_id(),
+                                "rekey: pass over the vault complete"
+                            );
+                        }
+                        pass = PassStats::default();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "rekey: batch failed; will retry"),
+            }
+        }
+    }
+
+    /// Processes one page of the walk; returns the cursor of the next page.
+    pub async fn tick(
+        &self,
+        cursor: Option<&str>,
+        pass: &mut PassStats,
+    ) -> Result<Option<String>, DomainError> {
+        let page = self.store.scan_tokens(cursor, self.settings.batch).await?;
+        for (merchant, token) in &page.items {
+            pass.scanned += 1;
+            metrics::counter!("tokengate_rekey_scanned_total").increment(1);
+            match self.reseal(merchant, token).await? {
+                Outcome::Resealed => {
+                    pass.resealed += 1;
+                    metrics::counter!("tokengate_rekey_resealed_total").increment(1);
+                }
+                Outcome::Unreadable => {
+                    pass.unreadable += 1;
+                    metrics::counter!("tokengate_rekey_unreadable_total").increment(1);
+                }
+                Outcome::Current | Outcome::Gone => {}
+            }
+        }
+        Ok(page.next)
+    }
+
+    /// Runs whole passes until one completes; for tests and the CLI.
+    pub async fn run_one_pass(&self) -> Result<PassStats, DomainError> {
+        let mut pass = PassStats::default();
+        let mut cursor: Option<String> = None;
+        loop {
+            cursor = self.tick(cursor.as_deref(), &mut pass).await?;
+            if cursor.is_none() {
+                return Ok(pass);
+            }
+        }
+    }
+
+    /// Re-seals one record under the active key. Keeps `updated_at`: nothing a merchant can
+    /// see changed. A version conflict means a concurrent write: re-read and try again.
+    async fn reseal(&self, merchant: &MerchantId, token: &TokenId) -> Result<Outcome, DomainError> {
+        let keyring = &self.services.keyring;
+        for _ in 0..5 {
+            let Some(mut rec) = self.services.store.get_token(merchant, token).await? else {
+                // Removed between the scan and the read (a failed reservation): nothing to do.
+                return Ok(Outcome::Gone);
+            };
+            if rec.sealed_pan.key_id == keyring.active_key_id() {
+                return Ok(Outcome::Current);
+            }
+            let pan = match keyring.open(&rec.sealed_pan, &rec.merchant_id, &rec.id) {
+                Ok(pan) => pan,
+                Err(e) => {
+                    let why = match e {
+                        CryptoError::UnknownKey(_) => "key retired (not in the keyring)",
+                        _ => "ciphertext does not open",
+                    };
+                    tracing::error!(
+                        token_id = %rec.id,
+                        key_id = %rec.sealed_pan.key_id,
+                        reason = why,
+                        "rekey: record cannot be re-sealed"
+                    );
+                    return Ok(Outcome::Unreadable);
+                }
+            };
+            rec.sealed_pan = keyring.seal(&pan, &rec.merchant_id, &rec.id);
+            rec.version += 1;
+            match self.services.store.update_token(&rec).await {
+                Ok(()) => return Ok(Outcome::Resealed),
+                Err(StoreError::Conflict) => continue,
+                Err(StoreError::NotFound) => return Ok(Outcome::Gone),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(DomainError::Conflict)
+    }
+}
