@@ -75,6 +75,16 @@ enum Command {
 enum KeysCommand {
     /// Print a new random 256-bit key, base64 (for vault.keys and vault.fingerprint_key).
     New,
+    /// Write a development key set (test CA, D1 server and gateway client certificates, ES256
+    /// and JWE key pairs) for the D1 simulator and a gateway pointed at it. NOT for production.
+    GenerateDev {
+        /// Directory to write (created; private keys get mode 0600).
+        #[arg(long, default_value = "sim-keys")]
+        out: PathBuf,
+        /// Merchant gateway id the client certificate is issued to.
+        #[arg(long, default_value = "tokengate-sandbox")]
+        merchant_gateway_id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -143,6 +153,21 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 merchant_gateway_id,
             })
             .await?;
+            Ok(())
+        }
+        Command::Keys {
+            command:
+                KeysCommand::GenerateDev {
+                    out,
+                    merchant_gateway_id,
+                },
+        } => {
+            let m = tokengate::devkeys::DevMaterial::generate(&merchant_gateway_id)?;
+            m.write_to(&out)?;
+            println!(
+                "development key set (NOT for production) written to {}",
+                out.display()
+            );
             Ok(())
         }
         Command::Keys {

@@ -1249,3 +1249,70 @@ async fn outbox_contract(store: &dyn OutboxStore) {
     assert!(!store.delete_endpoint(&m, &e1.id).await.unwrap());
     assert_eq!(store.get_endpoint(&m, &e1.id).await.unwrap(), None);
 }
+
+/// Issue 4's acceptance: a SUSPEND triggered at D1 (the simulator) shows in
+/// `GET /v1/tokens/{id}` within a second and reaches the merchant as a signed `token.suspended`;
+/// a RENEW reaches it as `token.updated` with the new expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d1_suspend_reaches_the_merchant_as_a_signed_webhook() {
+    let app = sandbox(Backend::Redis).await;
+    let rx = Receiver::start().await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let (_, secret) = endpoint(&app, &key, &rx.url(), &["token.suspended", "token.updated"]).await;
+    let t: Value = app
+        .get(&format!("/v1/tokens/{token}"), &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let d1_id = t["networkToken"]["id"].as_str().unwrap().to_owned();
+
+    let started = Instant::now();
+    assert!(
+        app.sim_event(&d1_id, json!({"type": "SUSPEND"}))
+            .await
+            .is_success()
+    );
+    eventually("SUSPENDED through the API", || async {
+        let v: Value = app
+            .get(&format!("/v1/tokens/{token}"), &key)
+            .await
+            .json()
+            .await
+            .unwrap();
+        (v["status"] == "SUSPENDED").then_some(())
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    let hit = eventually("the suspended webhook", || async {
+        rx.hits()
+            .into_iter()
+            .find(|h| h.header("tokengate-event-type") == "token.suspended")
+    })
+    .await;
+    assert_signed(&secret, &hit);
+    let body: Value = serde_json::from_str(&hit.body).unwrap();
+    assert_eq!(body["data"]["token"]["id"], token.as_str());
+    assert_eq!(body["data"]["token"]["status"], "SUSPENDED");
+
+    assert!(
+        app.sim_event(&d1_id, json!({"type": "RENEW", "expiry": "0931"}))
+            .await
+            .is_success()
+    );
+    let hit = eventually("the updated webhook", || async {
+        rx.hits()
+            .into_iter()
+            .find(|h| h.header("tokengate-event-type") == "token.updated")
+    })
+    .await;
+    assert_signed(&secret, &hit);
+    let body: Value = serde_json::from_str(&hit.body).unwrap();
+    assert_eq!(body["data"]["token"]["id"], token.as_str());
+    assert_eq!(body["data"]["token"]["networkToken"]["expiryMonth"], 9);
+    assert_eq!(body["data"]["token"]["networkToken"]["expiryYear"], 2031);
+}
