@@ -260,15 +260,18 @@ impl Services {
         Ok(rec)
     }
 
-    fn key_store(&self) -> Result<&std::sync::Arc<dyn crate::storage::apikeys::ApiKeyStore>, DomainError> {
+    fn key_store(
+        &self,
+    ) -> Result<&std::sync::Arc<dyn crate::storage::apikeys::ApiKeyStore>, DomainError> {
         self.keys
             .as_ref()
             .ok_or_else(|| DomainError::Internal("no API key store configured".into()))
     }
 
     /// Best-effort `lastUsedAt`: at most one store write per key and [`LAST_USED_EVERY`] on
-    /// this instance, off the request path.
-    pub(crate) fn note_key_used(&self, caller: &Caller) {
+    /// this instance, made by the request that finds it due (awaited rather than spawned, so no
+    /// detached task keeps the store open past shutdown); a failure is only logged.
+    pub(crate) async fn note_key_used(&self, caller: &Caller) {
         let Some(keys) = &self.keys else { return };
         let now = Instant::now();
         let due = match self.key_last_touch.get(&caller.key_id) {
@@ -282,14 +285,16 @@ impl Services {
             self.key_last_touch.clear();
         }
         self.key_last_touch.insert(caller.key_id.clone(), now);
-        let keys = keys.clone();
-        let merchant = caller.merchant.id.clone();
-        let id = caller.key_id.clone();
-        tokio::spawn(async move {
-            if let Err(e) = keys.touch_key(&merchant, &id, OffsetDateTime::now_utc()).await {
-                tracing::debug!(key_id = %id, error = %e, "lastUsedAt not recorded");
-            }
-        });
+        if let Err(e) = keys
+            .touch_key(
+                &caller.merchant.id,
+                &caller.key_id,
+                OffsetDateTime::now_utc(),
+            )
+            .await
+        {
+            tracing::debug!(key_id = %caller.key_id, error = %e, "lastUsedAt not recorded");
+        }
     }
 }
 
@@ -309,7 +314,9 @@ mod tests {
 
     #[test]
     fn scopes_round_trip_as_names() {
-        let s: Scopes = [Scope::Cryptograms, Scope::CardReveal].into_iter().collect();
+        let s: Scopes = [Scope::Cryptograms, Scope::CardReveal]
+            .into_iter()
+            .collect();
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(j, r#"["cryptograms","card:reveal"]"#);
         assert_eq!(serde_json::from_str::<Scopes>(&j).unwrap(), s);

@@ -79,7 +79,8 @@ pub struct AuditEventId {
 impl AuditEventId {
     pub fn parse(s: &str) -> Option<AuditEventId> {
         let (ms, seq) = s.strip_prefix("aud_")?.split_once('-')?;
-        let digits = |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(seq) {
             return None;
         }
@@ -124,10 +125,12 @@ impl AuditLog {
         limit: usize,
     ) -> Result<(Vec<AuditEvent>, Option<AuditEventId>), DomainError> {
         let before = match before {
-            Some(c) => Some(AuditEventId::parse(c).ok_or_else(|| DomainError::Validation {
-                code: "invalid_cursor",
-                detail: "cursor must be a `nextCursor` value from a previous page".into(),
-            })?),
+            Some(c) => Some(
+                AuditEventId::parse(c).ok_or_else(|| DomainError::Validation {
+                    code: "invalid_cursor",
+                    detail: "cursor must be a `nextCursor` value from a previous page".into(),
+                })?,
+            ),
             None => None,
         };
         let events = self.store.list(merchant, before, limit).await?;
@@ -145,11 +148,33 @@ mod tests {
 
     #[test]
     fn ids_round_trip_and_order() {
-        let a = AuditEventId { ms: 1_700_000_000_000, seq: 2 };
+        let a = AuditEventId {
+            ms: 1_700_000_000_000,
+            seq: 2,
+        };
         assert_eq!(AuditEventId::parse(&a.to_string()), Some(a));
-        assert!(a < AuditEventId { ms: 1_700_000_000_000, seq: 10 });
-        assert!(a < AuditEventId { ms: 1_700_000_000_001, seq: 0 });
-        for bad in ["", "aud_", "aud_1", "aud_1-", "aud_-1", "aud_x-1", "evt_1-2", "aud_1-2-3"] {
+        assert!(
+            a < AuditEventId {
+                ms: 1_700_000_000_000,
+                seq: 10
+            }
+        );
+        assert!(
+            a < AuditEventId {
+                ms: 1_700_000_000_001,
+                seq: 0
+            }
+        );
+        for bad in [
+            "",
+            "aud_",
+            "aud_1",
+            "aud_1-",
+            "aud_-1",
+            "aud_x-1",
+            "evt_1-2",
+            "aud_1-2-3",
+        ] {
             assert_eq!(AuditEventId::parse(bad), None, "{bad}");
         }
     }

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use time::OffsetDateTime;
 
+use super::apikeys::{ApiKeyRecord, Caller, Scopes, key_id};
 use super::card::{Expiry, Pan};
 use super::error::{DomainError, ProviderError};
-use super::apikeys::{ApiKeyRecord, Caller, Scopes, key_id};
 use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
 use super::provider::{
     Amount, Cryptogram, LifecycleAction, NetworkTokenProvider, ProviderToken, TransactionType,
@@ -215,7 +215,7 @@ impl Services {
         {
             let caller = entry.0.clone();
             drop(entry);
-            self.note_key_used(&caller);
+            self.note_key_used(&caller).await;
             return Ok(Some(caller));
         }
         let found = self.lookup_key(&hash).await?;
@@ -225,9 +225,8 @@ impl Services {
                 if self.api_key_cache.len() > 100_000 {
                     self.api_key_cache.clear();
                 }
-                self.api_key_cache
-                    .insert(hash, (c.clone(), Instant::now()));
-                self.note_key_used(c);
+                self.api_key_cache.insert(hash, (c.clone(), Instant::now()));
+                self.note_key_used(c).await;
             }
             None => {
                 self.api_key_cache.remove(&hash);

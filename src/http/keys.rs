@@ -63,11 +63,35 @@ impl From<&ApiKeyRecord> for ApiKeyView {
 #[serde(rename_all = "camelCase")]
 #[schema(as = ApiKeyCreated)]
 pub struct ApiKeyCreatedView<'a> {
-    #[serde(flatten)]
-    key: ApiKeyView,
+    id: String,
+    name: String,
+    scopes: Vec<&'static str>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    /// `null`: the key has not been used yet.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    last_used_at: Option<String>,
+    /// `null`: a new key works.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    revoked_at: Option<String>,
     /// The secret (`Authorization: Bearer <secret>`). Shown once, never stored.
     #[schema(example = "tgk_...")]
     secret: &'a str,
+}
+
+impl<'a> ApiKeyCreatedView<'a> {
+    fn new(r: &ApiKeyRecord, secret: &'a str) -> Self {
+        let v = ApiKeyView::from(r);
+        ApiKeyCreatedView {
+            id: v.id,
+            name: v.name,
+            scopes: v.scopes,
+            created_at: v.created_at,
+            last_used_at: v.last_used_at,
+            revoked_at: v.revoked_at,
+            secret,
+        }
+    }
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -132,10 +156,7 @@ pub async fn create_api_key(
             Ok((rec, new)) => {
                 let mut reply = Reply::json(
                     StatusCode::CREATED,
-                    &ApiKeyCreatedView {
-                        key: ApiKeyView::from(&rec),
-                        secret: &new.secret,
-                    },
+                    &ApiKeyCreatedView::new(&rec, &new.secret),
                 );
                 // The secret is shown once: never persisted, not even for replay.
                 reply.sensitive = true;

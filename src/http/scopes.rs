@@ -4,8 +4,8 @@
 //! key by omission.
 
 use axum::extract::MatchedPath;
-use axum::http::request::Parts;
 use axum::http::Method;
+use axum::http::request::Parts;
 
 use super::AppState;
 use super::audit::{self, AuditCtx};
@@ -81,7 +81,9 @@ pub async fn check(parts: &Parts, state: &AppState, caller: &Caller) -> Result<(
         )
         .await;
     }
-    Err(insufficient(format!("this API key lacks the `{scope}` scope")))
+    Err(insufficient(format!(
+        "this API key lacks the `{scope}` scope"
+    )))
 }
 
 #[cfg(test)]

@@ -318,6 +318,10 @@ impl Redis {
         (mem, keys)
     }
 
+    fn pids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|(p, _)| p.pid()).collect()
+    }
+
     fn label(&self) -> &'static str {
         if self.cluster {
             "Redis Cluster (3 primaries)"
@@ -341,6 +345,8 @@ struct Ctx {
     /// Notes for the report (warnings about the run itself).
     notes: Vec<String>,
     gateways_started: usize,
+    /// Whose CPU time [`Ctx::measure`] charges to the requests.
+    watch: Vec<Watched>,
 }
 
 /// A running gateway.
@@ -367,6 +373,112 @@ struct Row {
     label: String,
     wrk: Wrk,
     open: Option<OpenLoop>,
+    /// CPU per request during the `wrk` run and during the open-loop run.
+    cpu_peak: CpuUse,
+    cpu_half: Option<CpuUse>,
+}
+
+/// Processes whose CPU time is charged per request: the server, and Redis.
+struct Watched {
+    role: &'static str,
+    pids: Vec<u32>,
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU ticks a process used so far (all its threads).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 (utime) and 15 (stime) of proc(5); `rest` starts at field 3.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Busy and total ticks of the whole machine, from `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle + iowait are not busy.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+struct CpuSnapshot {
+    per_role: Vec<u64>,
+    machine: Option<(u64, u64)>,
+}
+
+/// CPU microseconds per request by role, and how busy the machine was.
+#[derive(Debug, Clone, Default)]
+struct CpuUse {
+    per_request_us: Vec<(&'static str, f64)>,
+    machine_busy: Option<f64>,
+}
+
+impl CpuSnapshot {
+    fn take(watch: &[Watched]) -> CpuSnapshot {
+        CpuSnapshot {
+            per_role: watch
+                .iter()
+                .map(|w| w.pids.iter().filter_map(|p| cpu_ticks(*p)).sum())
+                .collect(),
+            machine: machine_ticks(),
+        }
+    }
+
+    fn since(&self, watch: &[Watched], requests: u64) -> CpuUse {
+        let now = CpuSnapshot::take(watch);
+        let tck = clock_ticks();
+        let per_request_us = watch
+            .iter()
+            .zip(self.per_role.iter().zip(&now.per_role))
+            .map(|(w, (a, b))| {
+                let secs = b.saturating_sub(*a) as f64 / tck;
+                (w.role, secs * 1e6 / requests.max(1) as f64)
+            })
+            .collect();
+        let machine_busy = match (self.machine, now.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64)
+            }
+            _ => None,
+        };
+        CpuUse {
+            per_request_us,
+            machine_busy,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self
+            .per_request_us
+            .iter()
+            .map(|(role, us)| format!("{role} {us:.0} us"))
+            .collect();
+        write!(f, "{}", parts.join(" / "))?;
+        if let Some(b) = self.machine_busy {
+            write!(f, " (machine {:.0}% busy)", b * 100.0)?;
+        }
+        Ok(())
+    }
 }
 
 fn us(v: &str) -> Duration {
@@ -407,6 +519,7 @@ impl Ctx {
             api_key: String::new(),
             notes: Vec::new(),
             gateways_started: 0,
+            watch: Vec::new(),
         })
     }
 
@@ -643,7 +756,9 @@ impl Ctx {
         tag: &str,
     ) -> Result<Row, BoxError> {
         self.say(format!("{label}: wrk peak ..."));
+        let before = CpuSnapshot::take(&self.watch);
         let wrk = self.wrk(addr, scenario, tag).await?;
+        let cpu_peak = before.since(&self.watch, wrk.requests);
         self.say(format!(
             "  {:.0} req/s, p50 {} p99 {} p99.9 {} (non-2xx {}, socket errors {})",
             wrk.rps,
@@ -659,9 +774,11 @@ impl Ctx {
                 wrk.non2xx, wrk.socket_errors, wrk.requests
             ));
         }
+        let mut cpu_half = None;
         let open = if self.args.open_loop_share > 0.0 && wrk.rps > 0.0 {
             let rate = wrk.rps * self.args.open_loop_share;
             self.say(format!("{label}: open loop at {rate:.0}/s ..."));
+            let before = CpuSnapshot::take(&self.watch);
             let o = loadgen::open_loop(
                 addr,
                 self.workload(scenario)?,
@@ -670,6 +787,7 @@ impl Ctx {
                 self.args.loadgen_connections,
             )
             .await?;
+            cpu_half = Some(before.since(&self.watch, o.ok + o.unexpected));
             self.say(format!("  {o}"));
             if o.unexpected > 0 || o.failed > 0 {
                 self.notes.push(format!(
@@ -684,7 +802,14 @@ impl Ctx {
         } else {
             None
         };
-        Ok(Row { label, wrk, open })
+        self.say(format!("  CPU per request: {cpu_peak}"));
+        Ok(Row {
+            label,
+            wrk,
+            open,
+            cpu_peak,
+            cpu_half,
+        })
     }
 
     /// Opens the idle connections against `addr` and reads `proc`'s memory while they are open.
@@ -815,6 +940,24 @@ fn table_row(out: &mut String, r: &Row, baseline: f64) {
     );
 }
 
+/// CPU time per request by process, at peak and at half peak: the basis for sizing.
+fn cpu_table(out: &mut String, rows: &[&Row]) {
+    let _ = writeln!(
+        out,
+        "\nCPU time per request (microseconds of user + system CPU from /proc/<pid>/stat: server or gateway / Redis), and how busy the whole machine was (load generator included):\n"
+    );
+    let _ = writeln!(out, "| scenario | at wrk peak | at half peak (open loop) |");
+    let _ = writeln!(out, "|---|---|---|");
+    for r in rows {
+        let half = r
+            .cpu_half
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(out, "| {} | {} | {half} |", r.label, r.cpu_peak);
+    }
+}
+
 fn open_loop_details(out: &mut String, rows: &[&Row]) {
     let _ = writeln!(
         out,
@@ -912,6 +1055,10 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     // 1. The ceiling, before.
     ctx.say("bare hyper (before) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
+    ctx.watch = vec![Watched {
+        role: "server",
+        pids: vec![bare.pid()],
+    }];
     let bare_idle = bare.rss_kib();
     let bare_before = ctx
         .measure(
@@ -948,6 +1095,16 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         ctx.say(format!("gateway on {} ...", redis.label()));
         let gw = ctx.start_gateway(&redis).await?;
         ctx.say(format!("  ready in {}", ms(gw.startup)));
+        ctx.watch = vec![
+            Watched {
+                role: "gateway",
+                pids: vec![gw.proc.pid()],
+            },
+            Watched {
+                role: "Redis",
+                pids: redis.pids(),
+            },
+        ];
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = gw.proc.rss_kib();
         ctx.create_merchant(&gw).await?;
@@ -987,6 +1144,10 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     // 3. The ceiling, after.
     ctx.say("bare hyper (after) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
+    ctx.watch = vec![Watched {
+        role: "server",
+        pids: vec![bare.pid()],
+    }];
     let bare_after = ctx
         .measure(
             bare_addr,
@@ -1018,6 +1179,7 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         }
     }
     open_loop_details(&mut out, &all_rows);
+    cpu_table(&mut out, &all_rows);
     let _ = writeln!(out, "\nGateway start-up (spawn to `/readyz` 200):");
     for (label, startup, _) in &sections {
         let _ = writeln!(out, "- {label}: {}", ms(*startup));
@@ -1091,6 +1253,10 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
 
     ctx.say("bare hyper (before) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
+    ctx.watch = vec![Watched {
+        role: "server",
+        pids: vec![bare.pid()],
+    }];
     let bare_before = ctx
         .measure(
             bare_addr,
@@ -1159,6 +1325,16 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             last = Some(g);
         }
         let gw = last.ok_or("no gateway started")?;
+        ctx.watch = vec![
+            Watched {
+                role: "gateway",
+                pids: vec![gw.proc.pid()],
+            },
+            Watched {
+                role: "Redis",
+                pids: redis.pids(),
+            },
+        ];
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = gw.proc.rss_kib();
         let label = format!("GET /v1/tokens/{{id}}, {} tokens", thousands(filled as f64));
@@ -1183,6 +1359,10 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
 
     ctx.say("bare hyper (after) ...");
     let (bare, bare_addr) = ctx.start_bare()?;
+    ctx.watch = vec![Watched {
+        role: "server",
+        pids: vec![bare.pid()],
+    }];
     let bare_after = ctx
         .measure(
             bare_addr,
@@ -1217,6 +1397,7 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     }
     let rows: Vec<&Row> = steps.iter().map(|s| &s.row).collect();
     open_loop_details(&mut out, &rows);
+    cpu_table(&mut out, &rows);
     let _ = writeln!(
         out,
         "\n| tokens | start-up to /readyz (each run) | gateway RSS idle | gateway RSS after the GET runs | Redis used_memory | Redis keys | fill rate |"

@@ -68,10 +68,7 @@ impl ApiKeyStore for EmbeddedStore {
             let Some(records) = missing_ok(txn.open_table(RECORDS))? else {
                 return Ok(None);
             };
-            records
-                .get((m, id))?
-                .map(|g| decode(g.value()))
-                .transpose()
+            records.get((m, id))?.map(|g| decode(g.value())).transpose()
         })
         .await
     }

@@ -292,6 +292,87 @@ async fn real_responses_match_the_document() {
     let r = send(&app, Method::GET, &format!("/v1/tokens/{id}"), k, None).await;
     c.check("GET", "/v1/tokens/{id}", r).await;
 
+    // API keys, card reveal and the audit trail (tests/it/audit.rs tests the behaviour).
+    let r = send(
+        &app,
+        Method::POST,
+        &format!("/v1/tokens/{id}/reveal"),
+        k,
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/tokens/{id}/reveal", r).await,
+        "insufficient_scope",
+    );
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/api-keys",
+        k,
+        Some(json!({"name": "pan-fallback", "scopes": ["card:reveal"]})),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let created = c.check("POST", "/v1/api-keys", r).await;
+    let reveal_key = created["secret"].as_str().unwrap().to_owned();
+    let reveal_id = created["id"].as_str().unwrap().to_owned();
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/api-keys",
+        k,
+        Some(json!({"name": "x", "scopes": ["nope"]})),
+    )
+    .await;
+    assert_code(&c.check("POST", "/v1/api-keys", r).await, "invalid_scopes");
+    let r = send(
+        &app,
+        Method::POST,
+        &format!("/v1/tokens/{id}/reveal"),
+        Some(reveal_key.as_str()),
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        c.check("POST", "/v1/tokens/{id}/reveal", r).await["number"],
+        VISA
+    );
+    let r = send(&app, Method::GET, "/v1/api-keys", k, None).await;
+    assert_eq!(r.status(), 200);
+    c.check("GET", "/v1/api-keys", r).await;
+    let r = send(&app, Method::GET, "/v1/audit-events?limit=2", k, None).await;
+    assert_eq!(r.status(), 200);
+    assert!(c.check("GET", "/v1/audit-events", r).await["nextCursor"].is_string());
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/audit-events",
+        Some(reveal_key.as_str()),
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("GET", "/v1/audit-events", r).await,
+        "insufficient_scope",
+    );
+    let r = send(
+        &app,
+        Method::DELETE,
+        &format!("/v1/api-keys/{reveal_id}"),
+        k,
+        None,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    c.check("DELETE", "/v1/api-keys/{id}", r).await;
+    let r = send(&app, Method::DELETE, "/v1/api-keys/key_unknown", k, None).await;
+    assert_code(
+        &c.check("DELETE", "/v1/api-keys/{id}", r).await,
+        "api_key_not_found",
+    );
+
     // Token problems: 400, 401, 404, 415, 422.
     let r = app
         .client
