@@ -26,7 +26,7 @@ done
 args=()
 for a in "$@"; do
   case "$a" in
-    --quick) args+=(--duration 2s --idle-connections 500 --setup-tokens 200 --startups 1) ;;
+    --quick) args+=(--duration 2s --repeats 1 --idle-connections 500 --setup-tokens 200 --startups 1) ;;
     *) args+=("$a") ;;
   esac
 done

@@ -169,12 +169,13 @@ impl FromRequestParts<AppState> for MerchantAuth {
         let merchant = &caller.merchant;
         // Limits apply to authenticated callers only: an unknown key costs a hash and a
         // (cached-miss) lookup, and must not consume a real merchant's budget.
-        let key_id = crate::domain::merchant::ApiKeyHash::of(key);
-        if let Err(e) =
-            state
-                .rate_limiter
-                .check(&key_id.0, merchant.id.as_str(), std::time::Instant::now())
-        {
+        // The caller's key id (derived from the key's hash by `authenticate`) names the key:
+        // hashing the key a second time here cost a SHA-256 per request (docs/performance.md).
+        if let Err(e) = state.rate_limiter.check(
+            &caller.key_id,
+            merchant.id.as_str(),
+            std::time::Instant::now(),
+        ) {
             let which = match e.scope {
                 crate::domain::ratelimit::Scope::ApiKey => "this API key",
                 crate::domain::ratelimit::Scope::Merchant => "this merchant",

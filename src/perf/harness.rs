@@ -44,6 +44,10 @@ pub struct Args {
     /// Connections of the open-loop generator.
     #[arg(long, default_value_t = 32)]
     loadgen_connections: usize,
+    /// `wrk` runs per scenario; the median (by throughput) is reported, with the spread. On a
+    /// machine shared with other work, more runs make the figure steadier.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Share of the `wrk` peak the open-loop run is scheduled at.
     #[arg(long, default_value_t = 0.5)]
     open_loop_share: f64,
@@ -60,6 +64,10 @@ pub struct Args {
     /// Also run the gateway scenarios against a three-primary Redis Cluster.
     #[arg(long)]
     cluster: bool,
+    /// Also run them with the D1 simulator in a process of its own (`tokengate d1-sim`), so the
+    /// gateway's CPU per request is measured without the simulator's share.
+    #[arg(long)]
+    external_sim: bool,
     /// Run the vault-size step (GET, memory and start-up at each of `--scale-sizes`) instead.
     #[arg(long)]
     scale: bool,
@@ -349,6 +357,13 @@ struct Ctx {
     watch: Vec<Watched>,
 }
 
+/// The D1 simulator in a process of its own.
+struct ExternalSim {
+    proc: Proc,
+    base_url: String,
+    keys_dir: PathBuf,
+}
+
 /// A running gateway.
 struct Gateway {
     proc: Proc,
@@ -371,7 +386,9 @@ struct Wrk {
 /// One line of the table.
 struct Row {
     label: String,
+    /// The median `wrk` run, and the lowest and highest throughput of all runs.
     wrk: Wrk,
+    spread: Option<(f64, f64)>,
     open: Option<OpenLoop>,
     /// CPU per request during the `wrk` run and during the open-loop run.
     cpu_peak: CpuUse,
@@ -549,6 +566,46 @@ impl Ctx {
     /// Starts the gateway against `redis` and waits for `/readyz` 200; the start-up time runs
     /// from the spawn to that answer.
     async fn start_gateway(&mut self, redis: &Redis) -> Result<Gateway, BoxError> {
+        self.start_gateway_with(redis, None).await
+    }
+
+    /// Starts `tokengate d1-sim` on free ports; its development keys are written to
+    /// `<work>/sim/sim-keys`, where the gateway reads its half (`d1.keys_dir`).
+    fn start_external_sim(&self) -> Result<ExternalSim, BoxError> {
+        let dir = self.work.join("sim");
+        std::fs::create_dir_all(&dir)?;
+        let api = free_addr()?;
+        let log = std::fs::File::create(self.work.join("d1-sim.log"))?;
+        let child = Command::new(&self.exe)
+            .arg("d1-sim")
+            .arg("--listen")
+            .arg(api.to_string())
+            .arg("--control-listen")
+            .arg(free_addr()?.to_string())
+            .current_dir(&dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let mut proc = Proc {
+            name: "tokengate d1-sim".into(),
+            child,
+        };
+        if !wait_port(api.port(), Duration::from_secs(30)) || !proc.alive() {
+            return Err("the D1 simulator did not start; see d1-sim.log".into());
+        }
+        Ok(ExternalSim {
+            proc,
+            base_url: format!("https://{api}/authz/v1"),
+            keys_dir: dir.join("sim-keys"),
+        })
+    }
+
+    async fn start_gateway_with(
+        &mut self,
+        redis: &Redis,
+        sim: Option<&ExternalSim>,
+    ) -> Result<Gateway, BoxError> {
         let addr = free_addr()?;
         self.gateways_started += 1;
         let log = std::fs::File::create(
@@ -566,14 +623,14 @@ impl Ctx {
             .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "0")
             .env("TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S", "0")
             .env("TOKENGATE__LOG__LEVEL", "warn")
-            // One merchant and one key carry all the load: the per-key and per-merchant rate
-            // limits (still checked on every request) must not cap what is measured.
-            .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "0")
-            .env("TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S", "0")
             .env("TOKENGATE__STORAGE__DATA_DIR", self.work.join("data"))
             .envs(redis.gateway_env())
             .stdout(Stdio::null())
             .stderr(log);
+        if let Some(sim) = sim {
+            cmd.env("TOKENGATE__D1__BASE_URL", &sim.base_url)
+                .env("TOKENGATE__D1__KEYS_DIR", &sim.keys_dir);
+        }
         let started = Instant::now();
         let child = cmd.spawn()?;
         let mut proc = Proc {
@@ -756,9 +813,22 @@ impl Ctx {
         tag: &str,
     ) -> Result<Row, BoxError> {
         self.say(format!("{label}: wrk peak ..."));
-        let before = CpuSnapshot::take(&self.watch);
-        let wrk = self.wrk(addr, scenario, tag).await?;
-        let cpu_peak = before.since(&self.watch, wrk.requests);
+        let mut runs = Vec::new();
+        for i in 0..self.args.repeats.max(1) {
+            let before = CpuSnapshot::take(&self.watch);
+            let w = self.wrk(addr, scenario, &format!("{tag}-{i}")).await?;
+            let cpu = before.since(&self.watch, w.requests);
+            if self.args.repeats > 1 {
+                self.say(format!("  run {}: {:.0} req/s", i + 1, w.rps));
+            }
+            runs.push((w, cpu));
+        }
+        runs.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
+        let spread = match (runs.first(), runs.last()) {
+            (Some(lo), Some(hi)) if runs.len() > 1 => Some((lo.0.rps, hi.0.rps)),
+            _ => None,
+        };
+        let (wrk, cpu_peak) = runs.swap_remove(runs.len() / 2);
         self.say(format!(
             "  {:.0} req/s, p50 {} p99 {} p99.9 {} (non-2xx {}, socket errors {})",
             wrk.rps,
@@ -778,7 +848,21 @@ impl Ctx {
         let open = if self.args.open_loop_share > 0.0 && wrk.rps > 0.0 {
             let rate = wrk.rps * self.args.open_loop_share;
             self.say(format!("{label}: open loop at {rate:.0}/s ..."));
-            let before = CpuSnapshot::take(&self.watch);
+            // The generator runs in this process: its share of the cores shows next to the
+            // server's.
+            let watch: Vec<Watched> = self
+                .watch
+                .iter()
+                .map(|w| Watched {
+                    role: w.role,
+                    pids: w.pids.clone(),
+                })
+                .chain(std::iter::once(Watched {
+                    role: "generator",
+                    pids: vec![std::process::id()],
+                }))
+                .collect();
+            let before = CpuSnapshot::take(&watch);
             let o = loadgen::open_loop(
                 addr,
                 self.workload(scenario)?,
@@ -787,7 +871,7 @@ impl Ctx {
                 self.args.loadgen_connections,
             )
             .await?;
-            cpu_half = Some(before.since(&self.watch, o.ok + o.unexpected));
+            cpu_half = Some(before.since(&watch, o.ok + o.unexpected));
             self.say(format!("  {o}"));
             if o.unexpected > 0 || o.failed > 0 {
                 self.notes.push(format!(
@@ -806,6 +890,7 @@ impl Ctx {
         Ok(Row {
             label,
             wrk,
+            spread,
             open,
             cpu_peak,
             cpu_half,
@@ -913,7 +998,7 @@ fn thousands(v: f64) -> String {
 fn table_header(out: &mut String) {
     let _ = writeln!(
         out,
-        "| scenario | req/s (wrk) | x bare hyper | p50 | p99 | p99.9 | p99 at half peak (rate) |"
+        "| scenario | req/s (wrk; median, min-max of runs) | x bare hyper | p50 | p99 | p99.9 | p99 at half peak (rate) |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
 }
@@ -929,11 +1014,19 @@ fn table_row(out: &mut String, r: &Row, baseline: f64) {
     } else {
         "-".into()
     };
+    let rps = match r.spread {
+        Some((lo, hi)) => format!(
+            "{} ({}-{})",
+            thousands(r.wrk.rps),
+            thousands(lo),
+            thousands(hi)
+        ),
+        None => thousands(r.wrk.rps),
+    };
     let _ = writeln!(
         out,
-        "| {} | {} | {ratio} | {} | {} | {} | {half} |",
+        "| {} | {rps} | {ratio} | {} | {} | {} | {half} |",
         r.label,
-        thousands(r.wrk.rps),
         ms(r.wrk.p50),
         ms(r.wrk.p99),
         ms(r.wrk.p999),
@@ -1028,10 +1121,11 @@ fn preamble(ctx: &Ctx, load_start: &str, title: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "- peak: `wrk -t{} -c{} -d{}s` (closed loop; its p50/p99/p99.9 are latencies at saturation); half peak: open loop, {} connections, {:.0}% of that scenario's wrk peak for {}s, latency from the scheduled send time",
+        "- peak: `wrk -t{} -c{} -d{}s`, {} run(s) per scenario, the median reported (closed loop; its p50/p99/p99.9 are latencies at saturation); half peak: open loop, {} connections, {:.0}% of that scenario's median wrk peak for {}s, latency from the scheduled send time",
         a.wrk_threads,
         a.wrk_connections,
         a.duration.as_secs(),
+        a.repeats.max(1),
         a.loadgen_connections,
         a.open_loop_share * 100.0,
         a.duration.as_secs()
@@ -1081,19 +1175,32 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     drop(bare);
 
     // 2. The gateway, per storage shape.
-    let mut shapes = vec![false];
+    // (cluster, simulator in its own process)
+    let mut shapes = vec![(false, false)];
     if ctx.args.cluster {
-        shapes.push(true);
+        shapes.push((true, false));
+    }
+    if ctx.args.external_sim {
+        shapes.push((false, true));
     }
     let mut sections: Vec<(String, Duration, Vec<Row>)> = Vec::new();
-    for cluster in shapes {
+    for (cluster, external) in shapes {
         let redis = if cluster {
             Redis::cluster(&ctx.work)?
         } else {
             Redis::standalone(&ctx.work)?
         };
-        ctx.say(format!("gateway on {} ...", redis.label()));
-        let gw = ctx.start_gateway(&redis).await?;
+        let sim = if external {
+            Some(ctx.start_external_sim()?)
+        } else {
+            None
+        };
+        let section = match &sim {
+            Some(_) => format!("{}, D1 simulator in its own process", redis.label()),
+            None => redis.label().to_owned(),
+        };
+        ctx.say(format!("gateway on {section} ..."));
+        let gw = ctx.start_gateway_with(&redis, sim.as_ref()).await?;
         ctx.say(format!("  ready in {}", ms(gw.startup)));
         ctx.watch = vec![
             Watched {
@@ -1105,6 +1212,12 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
                 pids: redis.pids(),
             },
         ];
+        if let Some(sim) = &sim {
+            ctx.watch.push(Watched {
+                role: "D1 sim",
+                pids: vec![sim.proc.pid()],
+            });
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let idle = gw.proc.rss_kib();
         ctx.create_merchant(&gw).await?;
@@ -1118,26 +1231,31 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         let conns = ctx
             .rss_with_idle_connections(&gw.proc, gw.addr, Scenario::Get)
             .await?;
-        let tag = if cluster { "cluster" } else { "standalone" };
+        let tag = match (cluster, external) {
+            (true, _) => "cluster",
+            (false, true) => "external-sim",
+            (false, false) => "standalone",
+        };
         let mut rows = Vec::new();
         for &s in &scenarios {
-            let label = if cluster {
-                format!("{} [cluster]", s.label())
-            } else {
-                s.label().to_owned()
+            let label = match (cluster, external) {
+                (true, _) => format!("{} [cluster]", s.label()),
+                (false, true) => format!("{} [sim in own process]", s.label()),
+                (false, false) => s.label().to_owned(),
             };
             rows.push(ctx.measure(gw.addr, s, label, tag).await?);
         }
         let after_load = gw.proc.rss_kib();
         memory.push(memory_row(
-            &format!("gateway ({})", redis.label()),
+            &format!("gateway ({section})"),
             idle,
             after_setup,
             conns,
             after_load,
         ));
-        sections.push((redis.label().to_owned(), gw.startup, rows));
+        sections.push((section, gw.startup, rows));
         drop(gw);
+        drop(sim);
         drop(redis);
     }
 
