@@ -102,6 +102,47 @@ fn benches(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // The bare AEADs on longer messages (16 to 64 bytes is the range of vault payloads), to
+    // compare the two libraries beyond PAN sizes.
+    let mut g = c.benchmark_group("bare_seal");
+    let key = [7u8; 32];
+    let aad = [0u8; 60];
+    let rc = Aes256Gcm::new_from_slice(&key).expect("key");
+    let rk = ring::aead::LessSafeKey::new(
+        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key).expect("key"),
+    );
+    for len in [32usize, 64] {
+        let msg = vec![0x42u8; len];
+        g.throughput(Throughput::Bytes(len as u64));
+        g.bench_function(format!("rustcrypto/{len}"), |b| {
+            b.iter(|| {
+                let mut nonce = [0u8; 12];
+                rand::fill(&mut nonce);
+                let mut buf = black_box(&msg).clone();
+                let tag = rc
+                    .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut buf[..]).into())
+                    .expect("seal");
+                (buf, tag)
+            })
+        });
+        g.bench_function(format!("ring/{len}"), |b| {
+            b.iter(|| {
+                let mut nonce = [0u8; 12];
+                rand::fill(&mut nonce);
+                let mut buf = black_box(&msg).clone();
+                let tag = rk
+                    .seal_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key(nonce),
+                        ring::aead::Aad::from(&aad[..]),
+                        &mut buf,
+                    )
+                    .expect("seal");
+                (buf, tag)
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(crypto, benches);

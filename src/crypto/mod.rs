@@ -14,9 +14,6 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use aes_gcm::aead::Tag;
-use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, KeyInit as HmacKeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
@@ -44,7 +41,7 @@ pub enum CryptoError {
 /// Data-encryption keys by id, plus the active one used for new writes.
 pub struct Keyring {
     active: String,
-    keys: HashMap<String, Aes256Gcm>,
+    keys: HashMap<String, DataKey>,
     /// Pre-keyed HMAC; cloning it per use skips the key schedule (see PERF-NOTES).
     fingerprint: Hmac<Sha256>,
     /// Separate key for digests of idempotent requests, so they cannot be matched with
@@ -60,6 +57,59 @@ impl fmt::Debug for Keyring {
             .field("active", &self.active)
             .field("key_ids", &ids)
             .finish_non_exhaustive()
+    }
+}
+
+/// One AES-256-GCM data key, on ring's implementation.
+///
+/// ring was chosen over RustCrypto's `aes-gcm` after the criterion run in `benches/crypto.rs`
+/// (group `bare_seal`): for the 16-64-byte messages the vault seals, ring's AES-NI/CLMUL code is
+/// faster (docs/performance.md has the figures). The byte format is plain AES-256-GCM, so data
+/// sealed by either implementation opens with the other.
+struct DataKey(ring::aead::LessSafeKey);
+
+impl DataKey {
+    fn new(bytes: &[u8]) -> Option<DataKey> {
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, bytes).ok()?;
+        Some(DataKey(ring::aead::LessSafeKey::new(key)))
+    }
+
+    /// Encrypts `buf` in place and returns the tag. `LessSafeKey` only because the nonce comes
+    /// from our CSPRNG per message (module docs), not from a counter ring would manage.
+    fn seal(&self, nonce: [u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        let mut out = [0u8; TAG_LEN];
+        // AES-GCM only fails for messages over 64 GiB; a failure leaves a zero tag, which can
+        // never open, rather than a panic.
+        if let Ok(tag) = self.0.seal_in_place_separate_tag(
+            ring::aead::Nonce::assume_unique_for_key(nonce),
+            ring::aead::Aad::from(aad),
+            buf,
+        ) {
+            out.copy_from_slice(tag.as_ref());
+        }
+        out
+    }
+
+    /// Opens `nonce || ciphertext || tag`; the plaintext is zeroized when dropped.
+    fn open(&self, blob: &[u8], aad: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        if blob.len() < NONCE_LEN + TAG_LEN {
+            return Err(CryptoError::Authentication);
+        }
+        let (nonce, rest) = blob.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Authentication)?;
+        let mut buf = Zeroizing::new(rest.to_vec());
+        let len = self
+            .0
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(aad),
+                &mut buf[..],
+            )
+            .map_err(|_| CryptoError::Authentication)?
+            .len();
+        // Truncate drops the tag bytes; they are public, and the Vec is zeroized on drop anyway.
+        buf.truncate(len);
+        Ok(buf)
     }
 }
 
@@ -105,8 +155,8 @@ impl Keyring {
                 ));
             }
             let bytes = decode_key(id, b64)?;
-            let cipher = Aes256Gcm::new_from_slice(&bytes)
-                .map_err(|_| CryptoError::BadKey(id.clone(), "bad length"))?;
+            let cipher = DataKey::new(&bytes)
+                .ok_or_else(|| CryptoError::BadKey(id.clone(), "bad length"))?;
             keys.insert(id.clone(), cipher);
         }
         if !keys.contains_key(&material.active_key_id) {
@@ -158,10 +208,7 @@ impl Keyring {
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(pan.as_bytes());
         let aad = Self::aad(key_id, merchant, token);
-        let tag = cipher
-            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut blob[NONCE_LEN..]).into())
-            // AES-GCM only fails for messages over 64 GiB.
-            .unwrap_or_default();
+        let tag = cipher.seal(nonce, &aad, &mut blob[NONCE_LEN..]);
         blob.extend_from_slice(&tag);
         SealedPan {
             key_id: key_id.clone(),
@@ -183,20 +230,8 @@ impl Keyring {
         if sealed.blob.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Authentication);
         }
-        let (nonce, rest) = sealed.blob.split_at(NONCE_LEN);
-        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut buf = Zeroizing::new(ct.to_vec());
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Authentication)?;
-        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Authentication)?;
         let aad = Self::aad(&sealed.key_id, merchant, token);
-        cipher
-            .decrypt_inout_detached(
-                &Nonce::from(nonce),
-                &aad,
-                (&mut buf[..]).into(),
-                &Tag::<Aes256Gcm>::from(tag),
-            )
-            .map_err(|_| CryptoError::Authentication)?;
+        let buf = cipher.open(&sealed.blob, &aad)?;
         let s = std::str::from_utf8(&buf).map_err(|_| CryptoError::BadPlaintext)?;
         s.parse::<Pan>().map_err(|_| CryptoError::BadPlaintext)
     }
@@ -212,8 +247,8 @@ impl Keyring {
         m.update(&[0, expiry.month, (expiry.year >> 8) as u8, expiry.year as u8]);
         let with_expiry = m.finalize().into_bytes();
         Fingerprints {
-            pan: hex::encode(&pan_only[..]),
-            pan_expiry: hex::encode(&with_expiry[..]),
+            pan: hex_lower(&pan_only[..]),
+            pan_expiry: hex_lower(&with_expiry[..]),
         }
     }
 
@@ -223,7 +258,7 @@ impl Keyring {
         m.update(merchant.as_str().as_bytes());
         m.update(&[0]);
         m.update(pan.as_bytes());
-        hex::encode(&m.finalize().into_bytes()[..])
+        hex_lower(&m.finalize().into_bytes()[..])
     }
 
     /// Keyed digest of a request, for idempotency comparisons. Keyed because request bodies
@@ -234,8 +269,21 @@ impl Keyring {
             m.update(&(p.len() as u64).to_be_bytes());
             m.update(p);
         }
-        hex::encode(&m.finalize().into_bytes()[..])
+        hex_lower(&m.finalize().into_bytes()[..])
     }
+}
+
+/// Lowercase hex, as `hex::encode` writes it. `hex::encode` builds its string one `char` at a
+/// time through an iterator, which took more time than the HMAC it encodes (docs/performance.md);
+/// this writes into a string of the right capacity.
+pub fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
 }
 
 /// First part of the AAD of sealed secrets other than PANs (see [`Keyring::seal_secret`]).
@@ -271,10 +319,7 @@ impl Keyring {
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(plaintext);
         let aad = Self::secret_aad(purpose, key_id, binding);
-        let tag = cipher
-            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut blob[NONCE_LEN..]).into())
-            // AES-GCM only fails for messages over 64 GiB.
-            .unwrap_or_default();
+        let tag = cipher.seal(nonce, &aad, &mut blob[NONCE_LEN..]);
         blob.extend_from_slice(&tag);
         (key_id.clone(), blob)
     }
@@ -294,21 +339,8 @@ impl Keyring {
         if blob.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Authentication);
         }
-        let (nonce, rest) = blob.split_at(NONCE_LEN);
-        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut buf = Zeroizing::new(ct.to_vec());
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Authentication)?;
-        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| CryptoError::Authentication)?;
         let aad = Self::secret_aad(purpose, key_id, binding);
-        cipher
-            .decrypt_inout_detached(
-                &Nonce::from(nonce),
-                &aad,
-                (&mut buf[..]).into(),
-                &Tag::<Aes256Gcm>::from(tag),
-            )
-            .map_err(|_| CryptoError::Authentication)?;
-        Ok(buf)
+        cipher.open(blob, &aad)
     }
 }
 
@@ -348,6 +380,54 @@ mod tests {
     }
 
     const PAN: &str = "4111111111111111";
+
+    /// Records sealed before the switch to ring (RustCrypto `aes-gcm`) must still open, and the
+    /// other way round: the stored format is plain AES-256-GCM either way.
+    #[test]
+    fn ring_and_rustcrypto_blobs_are_interchangeable() {
+        use aes_gcm::aead::{AeadInOut, KeyInit, Tag};
+        use aes_gcm::{Aes256Gcm, Nonce};
+        use base64::Engine;
+        let k = ring();
+        let (m, t) = ids();
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(dev::DEV_DATA_KEY_B64)
+            .unwrap();
+        let rc = Aes256Gcm::new_from_slice(&key).unwrap();
+        let aad = Keyring::aad(k.active_key_id(), &m, &t);
+
+        // RustCrypto seals, the keyring (ring) opens.
+        let nonce = [9u8; NONCE_LEN];
+        let mut buf = PAN.as_bytes().to_vec();
+        let tag = rc
+            .encrypt_inout_detached(&Nonce::from(nonce), &aad, (&mut buf[..]).into())
+            .unwrap();
+        let mut blob = nonce.to_vec();
+        blob.extend_from_slice(&buf);
+        blob.extend_from_slice(&tag);
+        let sealed = SealedPan {
+            key_id: k.active_key_id().to_owned(),
+            blob,
+        };
+        assert_eq!(k.open(&sealed, &m, &t).unwrap().as_bytes(), PAN.as_bytes());
+
+        // The keyring seals, RustCrypto opens.
+        let pan: Pan = PAN.parse().unwrap();
+        let sealed = k.seal(&pan, &m, &t);
+        let (n, rest) = sealed.blob.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut buf = ct.to_vec();
+        let n: [u8; NONCE_LEN] = n.try_into().unwrap();
+        let tag: [u8; TAG_LEN] = tag.try_into().unwrap();
+        rc.decrypt_inout_detached(
+            &Nonce::from(n),
+            &aad,
+            (&mut buf[..]).into(),
+            &Tag::<Aes256Gcm>::from(tag),
+        )
+        .unwrap();
+        assert_eq!(buf, PAN.as_bytes());
+    }
 
     #[test]
     fn seal_open_round_trip_and_randomised() {
@@ -409,6 +489,18 @@ mod tests {
             old.open(&sealed_new, &m, &t),
             Err(CryptoError::UnknownKey(_))
         ));
+    }
+
+    #[test]
+    fn hex_lower_matches_hex_encode() {
+        assert_eq!(hex_lower(&[]), "");
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(hex_lower(&all), hex::encode(&all));
+        for _ in 0..100 {
+            let mut b = [0u8; 32];
+            rand::fill(&mut b[..]);
+            assert_eq!(hex_lower(&b), hex::encode(b));
+        }
     }
 
     #[test]
