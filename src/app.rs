@@ -60,6 +60,8 @@ pub struct Gateway {
     pub reconciler: Option<Reconciler>,
     /// Background re-encryption of records under older data keys (`[rekey]`).
     pub rekeyer: Option<Rekeyer>,
+    /// The `tokengate_tokens` gauge from the store's counts, and their one-time backfill.
+    pub token_counts: crate::domain::token_counts::TokenCountReporter,
     /// Merchant webhook delivery, run in the background by [`Gateway::run`].
     pub webhooks: WebhookWorker,
     /// The listener's TLS (`[server.tls]`), reloaded by [`Gateway::run`]; `None`: plain HTTP.
@@ -183,6 +185,8 @@ pub async fn open_stores(
         Arc<dyn OutboxStore>,
         Arc<dyn AuditStore>,
         Arc<dyn ApiKeyStore>,
+        Arc<dyn crate::storage::client_certs::ClientCertStore>,
+        Arc<dyn crate::storage::counts::TokenCountStore>,
     ),
     AppError,
 > {
@@ -201,12 +205,16 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
+            store.clone(),
+            store.clone(),
             store,
         ))
     } else {
         let dir: PathBuf = s.data_dir.clone();
         let store = Arc::new(EmbeddedStore::open(&dir)?);
         Ok((
+            store.clone(),
+            store.clone(),
             store.clone(),
             store.clone(),
             store.clone(),
@@ -253,7 +261,7 @@ impl Gateway {
         // Certificates first: a bad file should stop start-up before anything is opened.
         let tls = listener_tls(cfg)?;
         let keyring = Arc::new(Keyring::new(&key_material(cfg))?);
-        let (store, lifecycle_store, outbox_store, audit_store, key_store) =
+        let (store, lifecycle_store, outbox_store, audit_store, key_store, cert_store, count_store) =
             open_stores(cfg).await?;
         // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
         let store: Arc<dyn TokenStore> =
@@ -316,10 +324,10 @@ impl Gateway {
             schedule.clone(),
             Duration::from_secs(cfg.notify.event_ttl_s),
         );
-        // Data-key rotation: re-seal records under older keys (not on Cluster yet: the scan
-        // walks one node).
+        // Data-key rotation: re-seal records under older keys (every backend; on Cluster the
+        // walk visits every primary).
         let rk = &cfg.rekey;
-        let rekeyer = (rk.enabled && cfg.storage.redis_cluster_nodes.is_empty()).then(|| {
+        let rekeyer = rk.enabled.then(|| {
             Rekeyer::new(
                 services.clone(),
                 lifecycle_store.clone(),
@@ -330,6 +338,11 @@ impl Gateway {
                 },
             )
         });
+        let token_counts = crate::domain::token_counts::TokenCountReporter::new(
+            count_store,
+            lifecycle_store.clone(),
+            Duration::from_millis(cfg.metrics.token_counts_interval_ms),
+        );
         let reconciler = match (schedule, provider) {
             (Some(schedule), Some(provider)) => Some(Reconciler::new(
                 lifecycle.clone(),
@@ -354,7 +367,13 @@ impl Gateway {
             max_concurrency: cfg.server.max_concurrency,
             body_limit: cfg.server.body_limit_bytes,
         };
-        let state = AppState {
+        // Cached as long as API keys are (docs/security.md, "Client certificates").
+        let client_certs = Arc::new(crate::domain::client_certs::ClientCerts::new(
+            cert_store,
+            services.store.clone(),
+            Duration::from_millis(cfg.auth.api_key_cache_ttl_ms),
+        ));
+        let state = AppState::new(crate::http::AppStateInner {
             services,
             admin_token: Arc::new(admin_token),
             body_limit: cfg.server.body_limit_bytes,
@@ -362,7 +381,8 @@ impl Gateway {
             idempotency_lock_ttl_s: cfg.idempotency.lock_ttl_s,
             notify,
             rate_limiter: Arc::new(rate_limiter(&cfg.rate_limit)),
-        };
+            client_certs,
+        });
         Ok(Gateway {
             state,
             settings,
@@ -370,6 +390,7 @@ impl Gateway {
             grace: Duration::from_millis(cfg.server.shutdown_grace_ms),
             reconciler,
             rekeyer,
+            token_counts,
             webhooks,
             tls,
         })
@@ -400,9 +421,10 @@ impl Gateway {
         let mut reconciling = self
             .reconciler
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
-        let _rekeying = self
+        let mut rekeying = self
             .rekeyer
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
+        let mut counting = AbortOnDrop(Some(tokio::spawn(self.token_counts.run(stop_rx.clone()))));
         // Webhook delivery stops on the signal too, abandoning attempts in flight (their jobs
         // are claimed again after `webhooks.claim_idle_ms`, by this or another instance).
         let mut delivering = {
@@ -444,6 +466,15 @@ impl Gateway {
         }
         // Waiting releases the worker's hold on the store (the embedded file) before returning.
         if let Some(handle) = delivering.0.take() {
+            let _ = handle.await;
+        }
+        if let Some(handle) = counting.0.take() {
+            let _ = handle.await;
+        }
+        // The same for re-encryption: an aborted task is dropped later, on the runtime's
+        // schedule, and until then it holds the store (a test reopening the embedded file
+        // right after shutdown saw "already open").
+        if let Some(handle) = rekeying.as_mut().and_then(|g| g.0.take()) {
             let _ = handle.await;
         }
         if let Some(sim) = self.sandbox {

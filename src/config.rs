@@ -50,6 +50,9 @@ pub struct Config {
     /// Optional in a config file: the defaults apply when the section is absent.
     #[serde(default)]
     pub audit: AuditSection,
+    /// Optional in a config file: the defaults apply when the section is absent.
+    #[serde(default)]
+    pub metrics: MetricsSection,
 }
 
 /// The audit trail (`docs/security.md`, "Audit trail").
@@ -65,6 +68,23 @@ impl Default for AuditSection {
     fn default() -> Self {
         AuditSection {
             retention_days: 365,
+        }
+    }
+}
+
+/// Metrics (`src/observability.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// How often the `tokengate_tokens` gauge is refreshed from the store's token counts (one
+    /// small read per merchant per refresh; scrapes never read the store).
+    pub token_counts_interval_ms: u64,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            token_counts_interval_ms: 15_000,
         }
     }
 }
@@ -355,6 +375,12 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be positive"));
+        }
+        if self.metrics.token_counts_interval_ms < 100 {
+            return Err(invalid(
+                "metrics.token_counts_interval_ms",
+                "must be at least 100",
+            ));
         }
         if let Some(t) = &self.server.tls
             && t.require_client_cert

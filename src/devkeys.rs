@@ -153,7 +153,33 @@ fn leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// The development CA's parameters. Deterministic apart from validity, so an issuer rebuilt
+/// from them and the CA key ([`DevMaterial::issue_client_cert`]) names the same CA.
+fn ca_params() -> Result<CertificateParams, DevKeysError> {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        "tokengate development CA - NOT FOR PRODUCTION",
+    );
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca_params);
+    Ok(ca_params)
+}
+
 impl DevMaterial {
+    /// Another client certificate (PEM chain of the leaf alone, PEM key) for `cn`, signed by
+    /// this set's CA: several PSP clients for mutual TLS, e.g. one per merchant.
+    pub fn issue_client_cert(&self, cn: &str) -> Result<(String, String), DevKeysError> {
+        let ca_key = KeyPair::from_pem(&self.ca_key_pem).map_err(gen_err)?;
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        leaf(cn, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth, &issuer)
+    }
+
     /// Generates a fresh CA, server and client certificates, and the ES256/JWE key pairs.
     pub fn generate(merchant_gateway_id: &str) -> Result<DevMaterial, DevKeysError> {
         if merchant_gateway_id.is_empty() {
@@ -162,18 +188,7 @@ impl DevMaterial {
             ));
         }
         let ca_key = new_key()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(
-            DnType::CommonName,
-            "tokengate development CA - NOT FOR PRODUCTION",
-        );
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        validity(&mut ca_params);
+        let ca_params = ca_params()?;
         let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
         let ca_cert_pem = ca_cert.pem();
         let ca_key_pem = ca_key.serialize_pem();

@@ -13,6 +13,7 @@
 //! | `tokengate_store_errors_total` | counter | `operation`, `kind` (`unavailable`, `corrupt`) |
 //! | `tokengate_token_transitions_total` | counter | `from`, `to` (`NONE` for created/removed) |
 //! | `tokengate_tokens` | gauge | `status` |
+//! | `tokengate_token_counts_complete` | gauge (0 or 1) | none |
 //! | `tokengate_build_info` | gauge (always 1) | `version` |
 //!
 //! **Labels never carry a PAN, a token number, a token id, a merchant id or a key**: `route` is
@@ -20,18 +21,18 @@
 //! `method` is one of the standard methods or `OTHER`, and statuses outside the known set are
 //! reported as `OTHER` (a status string D1 invents must not grow the label set without bound).
 //!
-//! **`tokengate_tokens` is per process, adjusted on transitions** (no store scan per scrape):
-//! each instance adds one when it writes a token into a status and subtracts one when it
-//! writes a token out of it (`tokengate_token_transitions_total` counts the same writes). The
-//! writes are reported by [`token_transition`], called after every successful token write that
-//! can change a status: in `domain::service` (create, D1's answer, suspend/resume/delete,
-//! removal of a failed reservation) and `domain::lifecycle::Lifecycle::on_token_changed`
-//! (D1 notifications and reconciliation repairs). So it
-//! is the *net change this process made since it started*, which can be negative on an instance
-//! that mostly deletes. Summed over every instance it equals the number of tokens per status
-//! only if the instances have run since the store was empty; after a restart the gauge starts
-//! from 0 again. For rates and alerting use the counter; absolute counts per status would need
-//! counters kept by the store itself (not done).
+//! **`tokengate_tokens` is the absolute number of tokens per status in the store** (every
+//! merchant, `DELETED` tombstones included; statuses outside the known set as `OTHER`). The
+//! store keeps per-merchant counts in the same atomic step as every token write
+//! (`storage::counts`, `docs/storage.md` "Token counts"), whichever instance or code path
+//! writes; `domain::token_counts` reads their sum every `metrics.token_counts_interval_ms`
+//! (15 s by default) and sets the gauge. A scrape reads the gauge only: no store access, no
+//! scan. So the value is up to one interval old, survives restarts (it is read back at start-up),
+//! and is the same on every instance: aggregate instances with `max`, not `sum`.
+//! Records written before the counts existed are counted by a one-time backfill;
+//! `tokengate_token_counts_complete` is 0 until it has finished (the gauge is then too low).
+//! `tokengate_token_transitions_total` counts the status changes this process wrote
+//! ([`token_transition`]), for rates and alerting.
 //!
 //! # One recorder per process
 //!
@@ -50,6 +51,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::domain::error::ProviderError;
 use crate::domain::token::TokenStatus;
 use crate::storage::StoreError;
+use crate::storage::counts::TokenCounts;
 
 pub const HTTP_REQUESTS: &str = "tokengate_http_requests_total";
 pub const HTTP_DURATION: &str = "tokengate_http_request_duration_seconds";
@@ -59,6 +61,7 @@ pub const STORE_DURATION: &str = "tokengate_store_operation_duration_seconds";
 pub const STORE_ERRORS: &str = "tokengate_store_errors_total";
 pub const TOKEN_TRANSITIONS: &str = "tokengate_token_transitions_total";
 pub const TOKENS: &str = "tokengate_tokens";
+pub const TOKEN_COUNTS_COMPLETE: &str = "tokengate_token_counts_complete";
 pub const BUILD_INFO: &str = "tokengate_build_info";
 
 /// Histogram buckets (seconds) for every latency: 1 ms to 10 s, the range between an embedded
@@ -137,7 +140,11 @@ fn describe() {
     );
     describe_gauge!(
         TOKENS,
-        "Net change in tokens per status made by this process since it started (see docs)"
+        "Tokens in the store per status, from the store's counts (refreshed periodically)"
+    );
+    describe_gauge!(
+        TOKEN_COUNTS_COMPLETE,
+        "1 once the token counts include records written before they existed, else 0"
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build");
 }
@@ -265,7 +272,8 @@ pub fn token_status_label(s: &TokenStatus) -> &'static str {
 }
 
 /// A token write that succeeded: `None` before means created, `None` after means removed.
-/// A write that keeps the status is not a transition and records nothing.
+/// A write that keeps the status is not a transition and records nothing. (The
+/// `tokengate_tokens` gauge comes from the store's counts instead: [`set_token_counts`].)
 pub fn token_transition(before: Option<&TokenStatus>, after: Option<&TokenStatus>) {
     let from = before.map_or("NONE", token_status_label);
     let to = after.map_or("NONE", token_status_label);
@@ -273,12 +281,15 @@ pub fn token_transition(before: Option<&TokenStatus>, after: Option<&TokenStatus
         return;
     }
     counter!(TOKEN_TRANSITIONS, "from" => from, "to" => to).increment(1);
-    if before.is_some() {
-        gauge!(TOKENS, "status" => from).decrement(1.0);
+}
+
+/// Sets `tokengate_tokens` (every label, zeros included, so a status that emptied reads 0 rather
+/// than its last value) and `tokengate_token_counts_complete` from the store's counts.
+pub fn set_token_counts(counts: &TokenCounts) {
+    for (label, n) in &counts.by_status {
+        gauge!(TOKENS, "status" => *label).set(*n as f64);
     }
-    if after.is_some() {
-        gauge!(TOKENS, "status" => to).increment(1.0);
-    }
+    gauge!(TOKEN_COUNTS_COMPLETE).set(if counts.complete { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]
@@ -323,5 +334,24 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("from=\"ACTIVE\",to=\"ACTIVE\""), "{text}");
+    }
+
+    #[test]
+    fn labels_match_the_store_count_labels() {
+        for s in [
+            "PENDING",
+            "ACTIVE",
+            "SUSPENDED",
+            "INACTIVE",
+            "EXPIRED",
+            "DELETED",
+            "X",
+        ] {
+            let status = TokenStatus::parse(s);
+            assert_eq!(
+                token_status_label(&status),
+                crate::storage::counts::count_label(status.as_str())
+            );
+        }
     }
 }

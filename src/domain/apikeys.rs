@@ -26,6 +26,16 @@ pub fn key_id(hash: &ApiKeyHash) -> String {
     format!("key_{h}")
 }
 
+/// Whether `s` has the shape of a key id (`key_` and 24 lowercase hex digits): what a path
+/// segment must look like to be recorded in the audit trail as the key an action concerns.
+pub fn is_key_id(s: &str) -> bool {
+    s.strip_prefix("key_").is_some_and(|h| {
+        h.len() == 24
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// What a key may do. Every merchant route requires exactly one (`src/http/scopes.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Scope {
@@ -231,6 +241,23 @@ impl Services {
         Ok((rec, key))
     }
 
+    /// Issues a key for an existing merchant on the admin's behalf: how a merchant that revoked
+    /// its last `keys`-scoped key gets one again. [`DomainError::MerchantNotFound`] for an
+    /// unknown merchant, checked before the scopes and name: an unknown merchant answers 404
+    /// whatever the body, and only refusals for a merchant that exists reach its audit trail.
+    pub async fn create_api_key_for_merchant(
+        &self,
+        merchant: &MerchantId,
+        name: &str,
+        scopes: &[String],
+    ) -> Result<(ApiKeyRecord, NewApiKey), DomainError> {
+        if self.store.get_merchant(merchant).await?.is_none() {
+            return Err(DomainError::MerchantNotFound);
+        }
+        let scopes = parse_scopes(scopes)?;
+        self.create_api_key(merchant, name, scopes).await
+    }
+
     /// The merchant's keys (revoked ones included, marked), oldest first.
     pub async fn list_api_keys(
         &self,
@@ -337,5 +364,19 @@ mod tests {
         let h = ApiKeyHash::of("tgk_x");
         assert_eq!(key_id(&h), key_id(&h));
         assert_eq!(key_id(&h).len(), 28);
+        assert!(is_key_id(&key_id(&h)));
+        assert!(is_key_id(&key_id(&NewApiKey::generate().hash)));
+        for bad in [
+            "",
+            "key_",
+            "key_unknown",
+            "key_0123456789abcdef0123456",
+            "key_0123456789abcdef012345678",
+            "key_0123456789ABCDEF01234567",
+            "tok_0123456789abcdef01234567",
+            "key_0123456789abcdef0123456g",
+        ] {
+            assert!(!is_key_id(bad), "{bad}");
+        }
     }
 }

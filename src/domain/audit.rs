@@ -1,9 +1,10 @@
 //! The audit trail: an append-only record of who did what to which merchant's data, kept for
 //! `audit.retention_days` (older events are trimmed as new ones are appended).
 //!
-//! Recorded: cryptograms, suspend/resume/delete, card reveals, API key creation and revocation,
-//! merchant creation (admin). Each event names the actor (the API key id, or `admin`), the
-//! `x-request-id` of the request and its outcome (`success` or the problem code answered), so
+//! Recorded: cryptograms, suspend/resume/delete, card reveals, API key creation and revocation
+//! (by the merchant, or by the admin for an existing merchant), merchant creation (admin). Each
+//! event names the actor (the API key id, or `admin`), what it acted on (a token, or an API key),
+//! the `x-request-id` of the request and its outcome (`success` or the problem code answered), so
 //! refusals are on record as well as successes. Storage: [`crate::storage::audit::AuditStore`].
 
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use super::error::DomainError;
 use super::token::MerchantId;
 use crate::storage::audit::AuditStore;
 
-/// The actor of admin actions (merchant creation).
+/// The actor of admin actions (merchant creation, a key issued for an existing merchant).
 pub const ADMIN_ACTOR: &str = "admin";
 /// The outcome of an action that succeeded; failures carry their problem code instead.
 pub const SUCCESS: &str = "success";
@@ -40,6 +41,9 @@ pub enum AuditAction {
     ApiKeyCreate,
     #[serde(rename = "api_key.revoke")]
     ApiKeyRevoke,
+    /// The admin set the merchant's client certificates (src/http/client_cert.rs).
+    #[serde(rename = "client_certs.update")]
+    ClientCertsUpdate,
 }
 
 /// One event as appended (the store assigns the id).
@@ -52,8 +56,14 @@ pub struct NewAuditEvent {
     pub actor: String,
     pub merchant_id: MerchantId,
     pub action: AuditAction,
+    /// The token the action concerns (token actions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_id: Option<String>,
+    /// The API key the action concerns (`api_key.*`): the key created or revoked, which is not
+    /// the actor (a key may create or revoke another). Absent from events stored before it
+    /// existed, which therefore still decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
     /// The request's `x-request-id`; `None` only if the request had none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -177,6 +187,29 @@ mod tests {
         ] {
             assert_eq!(AuditEventId::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn events_stored_without_key_id_still_decode_and_absent_fields_are_not_written() {
+        // The shape of events stored before `keyId` existed.
+        let old = r#"{"at":"2026-01-02T03:04:05Z","actor":"key_0123456789abcdef01234567","merchantId":"mer_x","action":"api_key.revoke","requestId":"rid-1","outcome":"success"}"#;
+        let e: NewAuditEvent = serde_json::from_str(old).unwrap();
+        assert_eq!((e.token_id.as_deref(), e.key_id.as_deref()), (None, None));
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            old,
+            "no null fields written"
+        );
+        let with = NewAuditEvent {
+            key_id: Some("key_aaaaaaaaaaaaaaaaaaaaaaaa".into()),
+            ..e
+        };
+        let j = serde_json::to_string(&with).unwrap();
+        assert!(
+            j.contains(r#""keyId":"key_aaaaaaaaaaaaaaaaaaaaaaaa""#),
+            "{j}"
+        );
+        assert_eq!(serde_json::from_str::<NewAuditEvent>(&j).unwrap(), with);
     }
 
     #[test]

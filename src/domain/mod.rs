@@ -5,6 +5,7 @@
 pub mod apikeys;
 pub mod audit;
 pub mod card;
+pub mod client_certs;
 pub mod error;
 pub mod lifecycle;
 pub mod merchant;
@@ -16,6 +17,7 @@ pub mod rekey;
 pub mod reveal;
 pub mod service;
 pub mod token;
+pub mod token_counts;
 pub mod webhooks;
 
 pub use error::{DomainError, ProviderError};

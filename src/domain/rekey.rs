@@ -10,8 +10,12 @@
 //! counter), never silently skipped or made unreadable. When a full pass finds no record under
 //! an old key (`tokengate_rekey_old_key_records` = 0), the old key can be removed from config.
 //!
-//! The walk's cursor is kept in memory: a restarted instance starts a new pass, which costs a
-//! read per token but re-seals nothing twice (records already under the active key are skipped).
+//! The walk's progress (the store's scan cursor and the pass's counts so far) is saved in the
+//! store after every batch (`LifecycleStore::save_job_state`), under the lease: when the holder
+//! dies or stops, whichever instance takes the lease next continues the pass where it stopped.
+//! The cursor is valid on every instance and, on Redis Cluster, walks every primary
+//! (`LifecycleStore::scan_tokens`). A batch that fails is retried from the last saved cursor; a
+//! batch done twice re-seals nothing twice (records already under the active key are skipped).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +47,7 @@ enum Outcome {
 }
 
 /// Counts of one pass over the vault.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PassStats {
     pub scanned: u64,
     pub resealed: u64,
@@ -57,7 +61,16 @@ pub struct Rekeyer {
     holder: String,
 }
 
+/// Name of the lease and of the saved progress.
 const LEASE: &str = "rekey";
+
+/// Saved progress of a pass: where the walk continues, and what it found so far (so the
+/// instance that completes the pass reports the whole pass).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    cursor: Option<String>,
+    pass: PassStats,
+}
 
 impl Rekeyer {
     pub fn new(
@@ -77,8 +90,6 @@ impl Rekeyer {
 
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut cursor: Option<String> = None;
-        let mut pass = PassStats::default();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.interval) => {}
@@ -96,10 +107,34 @@ impl Rekeyer {
                     continue;
                 }
             }
+            // Where the last batch, on any instance, stopped.
+            let saved = match self.store.load_job_state(LEASE).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rekey: progress unavailable");
+                    continue;
+                }
+            };
+            // Unreadable progress (only by tampering or a format change) starts a new pass.
+            let Progress { cursor, mut pass } = saved
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
             match self.tick(cursor.as_deref(), &mut pass).await {
                 Ok(next) => {
-                    cursor = next;
-                    if cursor.is_none() {
+                    let progress = Progress {
+                        cursor: next,
+                        pass: pass.clone(),
+                    };
+                    let save = if progress.cursor.is_some() {
+                        serde_json::to_string(&progress).ok()
+                    } else {
+                        None
+                    };
+                    if let Err(e) = self.store.save_job_state(LEASE, save.as_deref()).await {
+                        // The batch is done again next time: harmless, only slower.
+                        tracing::warn!(error = %e, "rekey: progress not saved");
+                    }
+                    if progress.cursor.is_none() {
                         metrics::gauge!("tokengate_rekey_old_key_records")
                             .set((pass.resealed + pass.unreadable) as f64);
                         if pass.resealed > 0 || pass.unreadable > 0 {
@@ -111,7 +146,6 @@ impl Rekeyer {
                                 "rekey: pass over the vault complete"
                             );
                         }
-                        pass = PassStats::default();
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "rekey: batch failed; will retry"),

@@ -11,6 +11,7 @@ use super::AppState;
 use super::extract::MerchantAuth;
 use super::idempotency::Reply;
 use super::problem::{ApiError, ProblemBody};
+use crate::domain::apikeys::is_key_id;
 use crate::domain::audit::{AuditAction, AuditEvent, NewAuditEvent, SUCCESS};
 use crate::domain::token::MerchantId;
 
@@ -72,6 +73,30 @@ pub fn outcome<T>(r: &Result<T, ApiError>) -> String {
     }
 }
 
+/// What an audited action concerns, besides the merchant: recorded as the event's `tokenId` or
+/// `keyId`.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    /// Nothing more (merchant creation, or a refusal before any target was known).
+    None,
+    /// A token id (`tok_...`).
+    Token(&'a str),
+    /// The API key created or revoked (`key_...`), not the key that acted.
+    ApiKey(&'a str),
+}
+
+impl<'a> Subject<'a> {
+    /// The key a request path names: a path segment may hold anything, and only a well-formed
+    /// key id is worth keeping in the trail.
+    pub fn requested_key(id: &'a str) -> Subject<'a> {
+        if is_key_id(id) {
+            Subject::ApiKey(id)
+        } else {
+            Subject::None
+        }
+    }
+}
+
 /// Appends an event to the merchant's trail. `Err` only when the store failed, so callers
 /// decide whether that fails the request (a card reveal) or is logged (an action already done).
 pub async fn record(
@@ -79,18 +104,24 @@ pub async fn record(
     ctx: &AuditCtx,
     merchant: &MerchantId,
     action: AuditAction,
-    token_id: Option<&str>,
+    subject: Subject<'_>,
     outcome: String,
 ) -> Result<(), ApiError> {
     let Some(log) = &state.services.audit else {
         return Ok(());
+    };
+    let (token_id, key_id) = match subject {
+        Subject::None => (None, None),
+        Subject::Token(t) => (Some(t.to_owned()), None),
+        Subject::ApiKey(k) => (None, Some(k.to_owned())),
     };
     let event = NewAuditEvent {
         at: time::OffsetDateTime::now_utc(),
         actor: ctx.actor.clone(),
         merchant_id: merchant.clone(),
         action,
-        token_id: token_id.map(str::to_owned),
+        token_id,
+        key_id,
         request_id: ctx.request_id.clone(),
         outcome,
     };
@@ -103,10 +134,10 @@ pub async fn record_best_effort(
     ctx: &AuditCtx,
     merchant: &MerchantId,
     action: AuditAction,
-    token_id: Option<&str>,
+    subject: Subject<'_>,
     outcome: String,
 ) {
-    if let Err(e) = record(state, ctx, merchant, action, token_id, outcome).await {
+    if let Err(e) = record(state, ctx, merchant, action, subject, outcome).await {
         tracing::warn!(merchant_id = %merchant, code = e.code, "audit event not recorded");
     }
 }
@@ -119,13 +150,21 @@ pub struct AuditEventView {
     id: String,
     /// RFC 3339.
     at: String,
-    /// The API key id (`key_...`) that acted, or `admin`.
+    /// The API key id (`key_...`) that acted, the client certificate (`cert_...`) for a request
+    /// it authenticated alone, or `admin`.
     actor: String,
     merchant_id: String,
     /// `merchant.create`, `cryptogram.create`, `token.suspend`, `token.resume`, `token.delete`,
-    /// `card.reveal`, `api_key.create`, `api_key.revoke`.
+    /// `card.reveal`, `api_key.create`, `api_key.revoke`, `client_certs.update`.
     action: String,
+    /// The token the action concerns (token actions).
     token_id: Option<String>,
+    /// The API key the action concerns (`api_key.create`: the key created; `api_key.revoke`: the
+    /// key revoked), which is not the `actor`. Present only on those events, and on a refused
+    /// revocation only when the requested id has the shape of a key id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "key_3f1c0a9d2b7e4c5a8f6d1e2b")]
+    key_id: Option<String>,
     /// The `x-request-id` of the request.
     request_id: Option<String>,
     /// `success` or the problem code answered (`token_suspended`, `insufficient_scope`, ...).
@@ -148,6 +187,7 @@ impl From<&AuditEvent> for AuditEventView {
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),
             token_id: ev.token_id.clone(),
+            key_id: ev.key_id.clone(),
             request_id: ev.request_id.clone(),
             outcome: ev.outcome.clone(),
         }

@@ -159,13 +159,22 @@ pub struct MerchantAuth(pub Merchant);
 impl FromRequestParts<AppState> for MerchantAuth {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized("send the merchant API key as `Authorization: Bearer <key>`")
-        })?;
-        let caller = match state.services.authenticate(key).await? {
-            Some(c) => c,
-            None => return Err(ApiError::unauthorized("the API key is not valid")),
+        // --- client certificates (mutual TLS), src/http/client_cert.rs -------------------------
+        // No key: only a certificate bound to a merchant in `CERT` mode authenticates (else
+        // 401). With a key: the connection's certificate must not belong to another merchant,
+        // and must be one of the key's merchant's when that merchant requires it (else 403).
+        let caller = match bearer(parts) {
+            None => super::client_cert::authenticate_without_key(parts, state).await?,
+            Some(key) => {
+                let caller = match state.services.authenticate(key).await? {
+                    Some(c) => c,
+                    None => return Err(ApiError::unauthorized("the API key is not valid")),
+                };
+                super::client_cert::check_with_key(parts, state, &caller).await?;
+                caller
+            }
         };
+        // --- end of client certificates --------------------------------------------------------
         let merchant = &caller.merchant;
         // Limits apply to authenticated callers only: an unknown key costs a hash and a
         // (cached-miss) lookup, and must not consume a real merchant's budget.

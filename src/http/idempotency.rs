@@ -24,6 +24,9 @@ pub struct Reply {
     pub content_type: &'static str,
     /// Never stored for replay (e.g. cryptograms: credentials must not persist).
     pub sensitive: bool,
+    /// Carries a secret shown once (a new API key): kept for replay only sealed by the vault,
+    /// so the store never holds the secret in clear (see [`seal_body`]).
+    pub sealed: bool,
     /// Carried from an [`ApiError`] so 429/503 answers keep their `Retry-After`.
     pub retry_after: Option<std::time::Duration>,
 }
@@ -35,9 +38,52 @@ impl Reply {
             body: serde_json::to_string(v).unwrap_or_default(),
             content_type: "application/json",
             sensitive: false,
+            sealed: false,
             retry_after: None,
         }
     }
+
+    /// Marks the reply as carrying a secret: stored for replay sealed, never in clear.
+    pub fn sealed(mut self) -> Reply {
+        self.sealed = true;
+        self
+    }
+}
+
+/// Stored bodies of sealed replies start with this, then `<key id>:<base64 of the blob>`.
+const SEALED_PREFIX: &str = "sealed:v1:";
+/// Seal purpose: the AAD binds the blob to replay bodies of this scope and idempotency key.
+const SEAL_PURPOSE: &str = "idempotent-reply";
+
+/// Seals a reply body for the idempotency store, bound to its scope and key.
+fn seal_body(state: &AppState, scope: &str, key: &str, body: &str) -> String {
+    use base64::Engine;
+    let (key_id, blob) =
+        state
+            .services
+            .keyring
+            .seal_secret(SEAL_PURPOSE, &[scope, key], body.as_bytes());
+    format!(
+        "{SEALED_PREFIX}{key_id}:{}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
+/// Opens a stored body written by [`seal_body`]; other bodies are returned as they are. `None`
+/// when a sealed body does not open (retired key, tampering).
+fn open_body(state: &AppState, scope: &str, key: &str, stored: String) -> Option<String> {
+    use base64::Engine;
+    let Some(rest) = stored.strip_prefix(SEALED_PREFIX) else {
+        return Some(stored);
+    };
+    let (key_id, b64) = rest.split_once(':')?;
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let plain = state
+        .services
+        .keyring
+        .open_secret(SEAL_PURPOSE, &[scope, key], key_id, &blob)
+        .ok()?;
+    String::from_utf8(plain.to_vec()).ok()
 }
 
 impl From<ApiError> for Reply {
@@ -47,6 +93,7 @@ impl From<ApiError> for Reply {
             body: e.body(),
             content_type: PROBLEM_JSON,
             sensitive: false,
+            sealed: false,
             retry_after: e.retry_after,
         }
     }
@@ -126,11 +173,21 @@ where
             } else {
                 PROBLEM_JSON
             };
+            let Some(body) = open_body(state, scope, &key, stored.body) else {
+                // The work was done, but its answer (a secret) cannot be shown again.
+                tracing::error!("a sealed idempotent reply did not open; its key may be retired");
+                return ApiError::conflict(
+                    "idempotency_reply_unavailable",
+                    "this request was already processed, but its answer can no longer be replayed; do not retry with this Idempotency-Key",
+                )
+                .into_response();
+            };
             let mut r = Reply {
                 status,
-                body: stored.body,
+                body,
                 content_type: ct,
                 sensitive: false,
+                sealed: false,
                 retry_after: None,
             }
             .into_response();
@@ -146,7 +203,11 @@ where
         let stored = StoredResponse {
             request_digest: digest,
             status: reply.status.as_u16(),
-            body: reply.body.clone(),
+            body: if reply.sealed {
+                seal_body(state, scope, &key, &reply.body)
+            } else {
+                reply.body.clone()
+            },
         };
         store
             .idempotency_complete(

@@ -1,5 +1,7 @@
-//! `/v1/api-keys`: a merchant's API keys, each with a name and scopes (docs/api.md, "API keys").
-//! Creating and revoking keys is audited.
+//! `/v1/api-keys`: a merchant's API keys, each with a name and scopes (docs/api.md, "API keys");
+//! and the admin's `POST /v1/merchants/{id}/api-keys`, which issues a key for an existing
+//! merchant (the way back for a merchant that revoked its last `keys`-scoped key). Creating and
+//! revoking keys is audited, naming the key created or revoked.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -7,14 +9,17 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::audit::{self, AuditCtx};
+use super::audit::{self, AuditCtx, Subject};
 use super::dto::rfc3339;
-use super::extract::{Body, MerchantAuth, parse_json};
+use super::extract::{AdminAuth, Body, MerchantAuth, parse_json};
 use super::idempotency::{Reply, key_from, run_idempotent};
-use super::openapi::{IdempotencyKeyHeader, PathId};
+use super::openapi::{IdempotencyKeyHeader, MerchantIdPath, PathId};
 use super::problem::{ApiError, ProblemBody};
+use crate::domain::DomainError;
 use crate::domain::apikeys::{ApiKeyRecord, parse_scopes};
 use crate::domain::audit::AuditAction;
+use crate::domain::merchant::NewApiKey;
+use crate::domain::token::MerchantId;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -143,25 +148,99 @@ pub async fn create_api_key(
                 .map_err(ApiError::from),
             Err(e) => Err(ApiError::from(e)),
         };
+        let created = result.as_ref().ok().map(|(rec, _)| rec.id.as_str());
         audit::record_best_effort(
             &state,
             &ctx,
             &merchant.id,
             AuditAction::ApiKeyCreate,
-            None,
+            created.map_or(Subject::None, Subject::ApiKey),
             audit::outcome(&result),
         )
         .await;
         match result {
-            Ok((rec, new)) => {
-                let mut reply = Reply::json(
-                    StatusCode::CREATED,
-                    &ApiKeyCreatedView::new(&rec, &new.secret),
-                );
-                // The secret is shown once: never persisted, not even for replay.
-                reply.sensitive = true;
-                reply
-            }
+            Ok((rec, new)) => created_reply(&rec, &new),
+            Err(e) => e.into(),
+        }
+    })
+    .await
+}
+
+/// The `201` of a key creation: the secret is shown once, so the reply is never persisted, not
+/// even for idempotent replay.
+fn created_reply(rec: &ApiKeyRecord, new: &NewApiKey) -> Reply {
+    let mut reply = Reply::json(
+        StatusCode::CREATED,
+        &ApiKeyCreatedView::new(rec, &new.secret),
+    );
+    reply.sensitive = true;
+    reply
+}
+
+/// Issues an API key for an existing merchant (admin): the way back for a merchant that revoked
+/// its last `keys`-scoped key. Same body and answer as the merchant's own `POST /v1/api-keys`;
+/// the secret is shown once (not kept for idempotent replay either). Recorded in the merchant's
+/// audit trail as `api_key.create` by `admin`, naming the new key.
+#[utoipa::path(post, path = "/v1/merchants/{id}/api-keys", tag = "merchants",
+    security(("adminToken" = [])),
+    params(MerchantIdPath, IdempotencyKeyHeader),
+    request_body = CreateApiKeyRequest,
+    responses(
+        (status = 201, description = "The key and its secret (shown once)", body = ApiKeyCreatedView),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`merchant_not_found`: unknown or malformed merchant id", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_key_name`, `invalid_scopes`, `too_many_api_keys`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn create_api_key_for_merchant(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    // A malformed id names no merchant: the same answer as an unknown one.
+    let Some(merchant) = MerchantId::parse(&id) else {
+        return ApiError::from(DomainError::MerchantNotFound).into_response();
+    };
+    let path = format!("/v1/merchants/{merchant}/api-keys");
+    let parts: [&[u8]; 3] = [b"POST", path.as_bytes(), &body];
+    run_idempotent(&state, "admin", key, &parts, || async {
+        let req: CreateApiKeyRequest = match parse_json(&body) {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        let result = match state
+            .services
+            .create_api_key_for_merchant(&merchant, &req.name, &req.scopes)
+            .await
+        {
+            // No merchant, no trail to record the refusal in (as for merchant creation).
+            Err(e @ DomainError::MerchantNotFound) => return ApiError::from(e).into(),
+            r => r.map_err(ApiError::from),
+        };
+        let ctx = AuditCtx::admin(audit::request_id(&headers));
+        let created = result.as_ref().ok().map(|(rec, _)| rec.id.as_str());
+        audit::record_best_effort(
+            &state,
+            &ctx,
+            &merchant,
+            AuditAction::ApiKeyCreate,
+            created.map_or(Subject::None, Subject::ApiKey),
+            audit::outcome(&result),
+        )
+        .await;
+        match result {
+            Ok((rec, new)) => created_reply(&rec, &new),
             Err(e) => e.into(),
         }
     })
@@ -197,7 +276,7 @@ pub async fn list_api_keys(
 
 /// Revokes an API key: it stops working on this instance at once and on every instance within
 /// `auth.api_key_cache_ttl_ms`. The calling key may revoke itself, even the merchant's last
-/// `keys`-scoped key (then only a new merchant onboarding can issue keys: docs/api.md).
+/// `keys`-scoped key (then only the admin can issue it a key: `POST /v1/merchants/{id}/api-keys`).
 #[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "api-keys",
     security(("merchantApiKey" = [])),
     params(PathId),
@@ -229,7 +308,8 @@ pub async fn revoke_api_key(
         &ctx,
         &merchant.id,
         AuditAction::ApiKeyRevoke,
-        None,
+        // The key asked for, even when refused (unknown, or another merchant's).
+        Subject::requested_key(&id),
         audit::outcome(&result),
     )
     .await;

@@ -1,6 +1,8 @@
 //! The gateway's own HTTPS listener (`[server.tls]`): rustls (TLS 1.2 and 1.3 only, ALPN `h2`
 //! and `http/1.1`, the policy of [`crate::tls`]) over tokio-rustls, HTTP/1.1 and HTTP/2 served by
 //! hyper-util's auto builder, graceful shutdown, and certificates reloaded without a restart.
+//! A client's verified certificate goes into every request of its connection as a
+//! [`ClientCert`] extension (merchant authentication: src/http/client_cert.rs).
 //!
 //! # Reloading
 //!
@@ -36,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
+use super::client_cert::ClientCert;
 use crate::config::ServerTlsConfig;
 use crate::tls::{ClientAuth, TlsError, server_config_with_client_auth};
 
@@ -281,7 +284,7 @@ where
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.current());
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let builder = builder.clone();
         // Taken before the handshake, so shutdown also waits for connections still handshaking.
         let watcher = graceful.watcher();
@@ -297,6 +300,23 @@ where
                     return;
                 }
             };
+            // The client's verified certificate, for every request of this connection
+            // (merchant authentication by certificate: src/http/client_cert.rs).
+            let client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| ClientCert::from_der(leaf.as_ref()));
+            let service = TowerToHyperService::new(tower::util::MapRequest::new(
+                router,
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    if let Some(c) = &client_cert {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    req
+                },
+            ));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
                 .into_owned();

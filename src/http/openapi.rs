@@ -72,6 +72,9 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         super::keys::create_api_key,
         super::keys::list_api_keys,
         super::keys::revoke_api_key,
+        super::client_cert::get_client_certs,
+        super::client_cert::put_client_certs,
+        super::keys::create_api_key_for_merchant,
         super::notify::oauth_token,
         super::notify::notify_update,
     ),
@@ -79,7 +82,7 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
     modifiers(&SecuritySchemes),
     tags(
         (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; cryptograms"),
-        (name = "merchants", description = "Merchant onboarding (admin)"),
+        (name = "merchants", description = "Merchant onboarding, and API keys for an existing merchant (admin)"),
         (name = "webhooks", description = "Merchant webhook endpoints and the event log"),
         (name = "audit", description = "The merchant's audit trail"),
         (name = "api-keys", description = "A merchant's API keys and their scopes"),
@@ -220,6 +223,26 @@ impl IntoParams for TokenIdPath {
                 ))
                 .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
                 .example(Some(serde_json::json!("tok_d7XXXyQu2WZRKlyWvsMJRA")))
+                .build(),
+        ]
+    }
+}
+
+/// The `{id}` of `/v1/merchants/{id}/...`.
+pub struct MerchantIdPath;
+
+impl IntoParams for MerchantIdPath {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        vec![
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some(
+                    "The merchant id (`mer_...`). A malformed id answers 404 like an unknown one.",
+                ))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .example(Some(serde_json::json!("mer_Xf2kQ9LmA0bC3dE4")))
                 .build(),
         ]
     }

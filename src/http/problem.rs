@@ -390,3 +390,40 @@ impl From<crate::domain::webhooks::WebhookError> for ApiError {
         }
     }
 }
+
+// --- client certificates (src/http/client_cert.rs) ---------------------------------------------
+
+impl From<crate::domain::client_certs::CertRefusal> for ApiError {
+    fn from(r: crate::domain::client_certs::CertRefusal) -> Self {
+        use crate::domain::client_certs::CertRefusal;
+        // Never says which merchant a certificate belongs to.
+        match r {
+            CertRefusal::Mismatch => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "client_cert_mismatch",
+                "Forbidden",
+                "the client certificate of this connection is bound to another merchant than the API key",
+            ),
+            CertRefusal::Required => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "client_cert_required",
+                "Forbidden",
+                "this merchant requires one of its client certificates (mutual TLS) on every request",
+            ),
+        }
+    }
+}
+
+impl From<crate::domain::client_certs::ClientCertError> for ApiError {
+    fn from(e: crate::domain::client_certs::ClientCertError) -> Self {
+        use crate::domain::client_certs::ClientCertError;
+        match e {
+            ClientCertError::Validation { code, detail } => ApiError::unprocessable(code, detail),
+            ClientCertError::InUse(fp) => ApiError::conflict(
+                "client_cert_in_use",
+                format!("certificate {fp} is bound to another merchant; unbind it there first"),
+            ),
+            ClientCertError::Domain(d) => d.into(),
+        }
+    }
+}

@@ -111,7 +111,7 @@ pub async fn reveal_card(
         &ctx,
         &merchant.id,
         AuditAction::CardReveal,
-        Some(id.as_str()),
+        audit::Subject::Token(id.as_str()),
         audit::outcome(&result),
     )
     .await

@@ -121,11 +121,13 @@ pub async fn create_merchant(
                     &ctx,
                     &m.id,
                     AuditAction::MerchantCreate,
-                    None,
+                    audit::Subject::None,
                     SUCCESS.to_owned(),
                 )
                 .await;
-                Reply::json(StatusCode::CREATED, &MerchantCreated::new(&m, &key.secret))
+                // The first API key is in the body: a replay copy is kept only sealed, so a
+                // retried creation gets the same merchant and key without the store holding it.
+                Reply::json(StatusCode::CREATED, &MerchantCreated::new(&m, &key.secret)).sealed()
             }
             Err(e) => ApiError::from(e).into(),
         }
@@ -291,7 +293,7 @@ pub async fn create_cryptogram(
             &ctx,
             &merchant.id,
             AuditAction::CryptogramCreate,
-            Some(id_str),
+            audit::Subject::Token(id_str),
             audit::outcome(&result),
         )
         .await;
@@ -343,7 +345,7 @@ async fn lifecycle(
             &ctx,
             &merchant.id,
             audited,
-            Some(id.as_str()),
+            audit::Subject::Token(id.as_str()),
             audit::outcome(&result),
         )
         .await;

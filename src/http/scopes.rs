@@ -8,10 +8,11 @@ use axum::http::Method;
 use axum::http::request::Parts;
 
 use super::AppState;
-use super::audit::{self, AuditCtx};
+use super::audit::{self, AuditCtx, Subject};
 use super::problem::ApiError;
 use crate::domain::apikeys::{Caller, Scope};
 use crate::domain::audit::AuditAction;
+use crate::domain::token::TokenId;
 
 /// The scope `method` on the route `path` (its pattern, e.g. `/v1/tokens/{id}`) needs, and the
 /// audited action it is, if any (a refusal is audited too).
@@ -40,6 +41,21 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
     })
 }
 
+/// What a refused audited action was aimed at: the id segment of `/v1/tokens/{id}/...` or
+/// `/v1/api-keys/{id}`, when it is well-formed (a malformed id names nothing, and is not worth
+/// keeping in the trail).
+fn subject(path: &str) -> Subject<'_> {
+    let id = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|rest| rest.split('/').next())
+    };
+    if let Some(t) = id("/v1/tokens/").filter(|t| TokenId::parse(t).is_some()) {
+        Subject::Token(t)
+    } else {
+        id("/v1/api-keys/").map_or(Subject::None, Subject::requested_key)
+    }
+}
+
 fn insufficient(detail: String) -> ApiError {
     ApiError::insufficient_scope(detail)
 }
@@ -64,19 +80,12 @@ pub async fn check(parts: &Parts, state: &AppState, caller: &Caller) -> Result<(
             actor: caller.key_id.clone(),
             request_id: audit::request_id(&parts.headers),
         };
-        // `/v1/tokens/{id}/...` and `/v1/api-keys/{id}`: the third segment is the id.
-        let target = parts
-            .uri
-            .path()
-            .strip_prefix("/v1/tokens/")
-            .and_then(|rest| rest.split('/').next())
-            .filter(|id| crate::domain::token::TokenId::parse(id).is_some());
         audit::record_best_effort(
             state,
             &ctx,
             &caller.merchant.id,
             action,
-            target,
+            subject(parts.uri.path()),
             "insufficient_scope".to_owned(),
         )
         .await;
@@ -121,5 +130,24 @@ mod tests {
             required(&Method::POST, "/v1/tokens/{id}/reveal").map(|r| r.0),
             Some(Scope::CardReveal)
         );
+    }
+
+    #[test]
+    fn refusals_name_a_well_formed_target_only() {
+        let tok = "tok_d7XXXyQu2WZRKlyWvsMJRA";
+        let key = "key_3f1c0a9d2b7e4c5a8f6d1e2b";
+        assert!(
+            matches!(subject(&format!("/v1/tokens/{tok}/reveal")), Subject::Token(t) if t == tok)
+        );
+        assert!(matches!(subject(&format!("/v1/tokens/{tok}")), Subject::Token(t) if t == tok));
+        assert!(matches!(subject(&format!("/v1/api-keys/{key}")), Subject::ApiKey(k) if k == key));
+        for path in [
+            "/v1/api-keys",
+            "/v1/api-keys/key_unknown",
+            "/v1/tokens/nope",
+            "/v1/tokens",
+        ] {
+            assert!(matches!(subject(path), Subject::None), "{path}");
+        }
     }
 }

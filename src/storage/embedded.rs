@@ -19,6 +19,7 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::embedded_counts::moved;
 use super::{IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore};
 use crate::domain::merchant::{ApiKeyHash, Merchant};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
@@ -265,6 +266,7 @@ impl EmbeddedStore {
         txn.open_table(D1_MERCHANTS)?;
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(IDEMPOTENCY_EXPIRY)?;
+        super::embedded_counts::init_counts(&txn)?;
         txn.commit()?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -353,6 +355,14 @@ pub(crate) fn update_token_in(txn: &WriteTransaction, rec: &TokenRecord) -> Resu
     if rec.version.checked_sub(1) != Some(old.version) {
         return Err(StoreError::Conflict);
     }
+    // The token counts move in the same transaction (src/storage/embedded_counts.rs).
+    moved(
+        txn,
+        m,
+        id,
+        Some(old.status.as_str()),
+        Some(rec.status.as_str()),
+    )?;
     let mut d1s = txn.open_table(D1_TOKENS)?;
     let new_d1 = d1_id(rec);
     if let Some(old_d1) = d1_id(&old)
@@ -458,11 +468,22 @@ impl TokenStore for EmbeddedStore {
                         return Ok(InsertOutcome::Existing(Box::new(ex)));
                     }
                 }
-                tokens.insert((m, id), json.as_slice())?;
+                let replaced = tokens
+                    .insert((m, id), json.as_slice())?
+                    .map(|g| decode::<TokenRecord>("token record", g.value()))
+                    .transpose()?;
                 fps.insert((m, fp), id)?;
                 if let Some(d1) = d1_id(&rec) {
                     txn.open_table(D1_TOKENS)?.insert((m, d1), id)?;
                 }
+                // Same transaction: the counts never disagree with the records.
+                moved(
+                    &txn,
+                    m,
+                    id,
+                    replaced.as_ref().map(|r| r.status.as_str()),
+                    Some(rec.status.as_str()),
+                )?;
             }
             txn.commit()?;
             Ok(InsertOutcome::Inserted)
@@ -525,6 +546,7 @@ impl TokenStore for EmbeddedStore {
                         d1s.remove((m, d1))?;
                     }
                 }
+                moved(&txn, m, id, Some(old.status.as_str()), None)?;
             }
             txn.commit()?;
             Ok(())

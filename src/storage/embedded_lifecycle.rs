@@ -4,7 +4,8 @@
 //!   (expires at, merchant id, event id) -> () to purge expired markers without a scan;
 //! - `lc_schedule` (due at ms, merchant id, token id) -> (), with `lc_schedule_by_token`
 //!   (merchant id, token id) -> due at, so rescheduling finds the old entry;
-//! - `lc_leases` name -> (holder, expires at ms).
+//! - `lc_leases` name -> (holder, expires at ms);
+//! - `lc_jobs` name -> a maintenance job's saved progress.
 //!
 //! The tables are created by the first write that needs them; reads treat a missing table as
 //! empty, so a file written before this module existed opens unchanged. Event markers commit
@@ -36,6 +37,8 @@ const SCHEDULE_BY_TOKEN: TableDefinition<(&str, &str), u64> =
     TableDefinition::new("lc_schedule_by_token");
 /// lease name -> (holder, expires at ms).
 const LEASES: TableDefinition<&str, (&str, u64)> = TableDefinition::new("lc_leases");
+/// job name -> saved progress (a scan cursor and counts).
+const JOBS: TableDefinition<&str, &str> = TableDefinition::new("lc_jobs");
 
 /// Expired markers removed per write: cleanup cost per event stays bounded.
 const PURGE_BATCH: usize = 32;
@@ -155,21 +158,25 @@ impl LifecycleStore for EmbeddedStore {
             };
             let mut items = Vec::with_capacity(count);
             let mut last: Option<String> = None;
+            // Rows, not items: a row whose ids do not parse (only by tampering) still uses up a
+            // place in the page, so it cannot end the walk early.
+            let mut rows = 0;
             for entry in range {
                 let (k, _) = entry?;
                 let (m, t) = k.value();
                 if after.as_ref().is_some_and(|(am, at)| am == m && at == t) {
                     continue;
                 }
-                if items.len() == count {
+                if rows == count {
                     break;
                 }
+                rows += 1;
                 if let (Some(mid), Some(tid)) = (MerchantId::parse(m), TokenId::parse(t)) {
                     items.push((mid, tid));
                 }
                 last = Some(format!("{m} {t}"));
             }
-            let next = if items.len() == count { last } else { None };
+            let next = if rows == count { last } else { None };
             Ok(ScanPage { items, next })
         })
         .await
@@ -378,6 +385,42 @@ impl LifecycleStore for EmbeddedStore {
                     return Ok(());
                 }
                 leases.remove(name.as_str())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn load_job_state(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_owned();
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let Some(jobs) = missing_is_empty(txn.open_table(JOBS))? else {
+                return Ok(None);
+            };
+            let state = jobs.get(name.as_str())?.map(|g| g.value().to_owned());
+            Ok(state)
+        })
+        .await
+    }
+
+    async fn save_job_state(&self, name: &str, state: Option<&str>) -> Result<(), StoreError> {
+        let name = name.to_owned();
+        let state = state.map(str::to_owned);
+        self.run(move |db| {
+            // Progress only: losing the latest one to a crash repeats a batch, harmlessly.
+            let txn = begin_relaxed(db)?;
+            {
+                let mut jobs = txn.open_table(JOBS)?;
+                match &state {
+                    Some(v) => {
+                        jobs.insert(name.as_str(), v.as_str())?;
+                    }
+                    None => {
+                        jobs.remove(name.as_str())?;
+                    }
+                }
             }
             txn.commit()?;
             Ok(())

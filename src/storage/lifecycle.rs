@@ -1,5 +1,6 @@
 //! Storage operations of the token lifecycle: processed-event markers (so each D1 notification
-//! is applied once), the reconciliation schedule, and leases for singleton background jobs.
+//! is applied once), the reconciliation schedule, leases for singleton background jobs and their
+//! saved progress, and the walk over every token those jobs use.
 //!
 //! A separate trait from [`super::TokenStore`] because these are a different concern with their
 //! own keys, but implemented by the same two stores on the same connection or file
@@ -99,8 +100,22 @@ pub trait LifecycleStore: Send + Sync + 'static {
     /// re-encryption of `domain::rekey`). Start with `cursor = None`; the page's `next` is the
     /// cursor of the following page, `None` when the walk is complete. A page may be empty
     /// while `next` is not. Tokens written during a walk may or may not be seen.
+    ///
+    /// The cursor is valid on every instance sharing the store (a walk one instance started,
+    /// another can continue). On Redis Cluster the walk visits every primary in turn; a cursor
+    /// that names a node no longer in the cluster restarts the walk from the beginning (tokens
+    /// may then be seen twice; never skipped).
     async fn scan_tokens(&self, cursor: Option<&str>, count: usize)
     -> Result<ScanPage, StoreError>;
+
+    /// The saved progress of the maintenance job `name` (e.g. a [`Self::scan_tokens`] cursor),
+    /// `None` if none is saved. Saved under the job's lease, so a holder that dies is continued
+    /// by the next one rather than restarted.
+    async fn load_job_state(&self, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Saves (`Some`) or clears (`None`) the progress of job `name`. Last write wins: callers
+    /// hold the job's lease.
+    async fn save_job_state(&self, name: &str, state: Option<&str>) -> Result<(), StoreError>;
 }
 
 /// A page of [`LifecycleStore::scan_tokens`].

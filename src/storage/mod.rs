@@ -14,9 +14,13 @@
 
 pub mod apikeys;
 pub mod audit;
+pub mod client_certs;
+pub mod counts;
 pub mod embedded;
 pub mod embedded_apikeys;
 pub mod embedded_audit;
+pub mod embedded_client_certs;
+pub mod embedded_counts;
 pub mod embedded_lifecycle;
 pub mod embedded_outbox;
 pub mod instrumented;
@@ -25,6 +29,8 @@ pub mod outbox;
 pub mod redis;
 pub mod redis_apikeys;
 pub mod redis_audit;
+pub mod redis_client_certs;
+pub mod redis_counts;
 pub mod redis_lifecycle;
 pub mod redis_outbox;
 

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
@@ -214,13 +215,42 @@ impl Keys {
     fn d1_merchant(&self, d1_id: &str) -> String {
         format!("{}:d1m:{{{d1_id}}}", self.prefix)
     }
+    /// The merchant's token counts by status (in the merchant's slot, so every token script
+    /// adjusts them in its own atomic step).
+    fn token_counts(&self, m: &MerchantId) -> String {
+        format!("{}stats", self.merchant_scope(m.as_str()))
+    }
+    /// Every merchant id, for summing the per-merchant counts (its own slot on Cluster).
+    fn merchant_set(&self) -> String {
+        format!("{}:{{merchants}}:ids", self.prefix)
+    }
 }
 
 // --- scripts -----------------------------------------------------------------------------------
 
+/// Shared by the token scripts: the per-merchant counts by status (`P:{m:M}:stats`, see
+/// `docs/storage.md`). A token hash carries `c = '1'` once it is included in the counts; a
+/// record written before counting existed has no `c` and is ignored until the one-time backfill
+/// (`COUNT_TOKEN`) or its next update counts it. Statuses outside the known set are counted as
+/// `OTHER`, so a status D1 invents cannot grow the hash without bound (same labels as
+/// `observability::token_status_label`).
+pub(crate) const COUNT_FUNCTIONS: &str = r#"
+local KNOWN = {PENDING = true, ACTIVE = true, SUSPENDED = true, INACTIVE = true, EXPIRED = true, DELETED = true}
+local function count_label(s)
+  if KNOWN[s] then return s end
+  return 'OTHER'
+end
+local function bump(key, status, n)
+  local field = count_label(status)
+  if redis.call('HINCRBY', key, field, n) == 0 then
+    redis.call('HDEL', key, field)
+  end
+end
+"#;
+
 /// Inserts a token unless a live token holds the fingerprint; returns the winner's JSON or nil.
 /// KEYS: token, fingerprint index[, d1 index]. ARGV: id, version, status, fingerprint, d1 id or
-/// '', record JSON, token key prefix.
+/// '', record JSON, token key prefix, counts key. Follows [`COUNT_FUNCTIONS`].
 const INSERT_TOKEN: &str = r#"
 local cur = redis.call('GET', KEYS[2])
 if cur then
@@ -229,7 +259,12 @@ if cur then
     return ex[2]
   end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6])
+local prev = redis.call('HMGET', KEYS[1], 's', 'c')
+if prev[1] and prev[2] == '1' then
+  bump(ARGV[8], prev[1], -1)
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1')
+bump(ARGV[8], ARGV[3], 1)
 redis.call('SET', KEYS[2], ARGV[1])
 if KEYS[3] then
   redis.call('SET', KEYS[3], ARGV[1])
@@ -239,10 +274,11 @@ return false
 
 /// Compare-and-set on the version. Returns 0 written, 1 missing, 2 version conflict.
 /// KEYS: token, fingerprint index[, new d1 index]. ARGV: expected version, new version, status,
-/// fingerprint, d1 id or '', record JSON, token id, d1 key prefix.
+/// fingerprint, d1 id or '', record JSON, token id, d1 key prefix, counts key.
+/// Needs [`COUNT_FUNCTIONS`] before it.
 /// (`redis_lifecycle` wraps this script so an event marker is written in the same step.)
 pub(crate) const UPDATE_TOKEN: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'v', 'n')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'n', 's', 'c')
 if not cur[1] then
   return 1
 end
@@ -262,14 +298,25 @@ end
 if ARGV[3] == 'DELETED' and redis.call('GET', KEYS[2]) == ARGV[7] then
   redis.call('DEL', KEYS[2])
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6])
+if cur[4] == '1' then
+  if cur[3] ~= ARGV[3] then
+    bump(ARGV[9], cur[3], -1)
+    bump(ARGV[9], ARGV[3], 1)
+  end
+else
+  bump(ARGV[9], ARGV[3], 1)
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1')
 return 0
 "#;
 
 /// Deletes a token and the index entries that still point at it. KEYS: token.
-/// ARGV: token id, fingerprint key prefix, d1 key prefix.
+/// ARGV: token id, fingerprint key prefix, d1 key prefix, counts key.
 const REMOVE_TOKEN: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'f', 'n')
+local cur = redis.call('HMGET', KEYS[1], 'f', 'n', 's', 'c')
+if cur[3] and cur[4] == '1' then
+  bump(ARGV[4], cur[3], -1)
+end
 if cur[1] and cur[1] ~= '' then
   local k = ARGV[2] .. cur[1]
   if redis.call('GET', k) == ARGV[1] then
@@ -283,6 +330,18 @@ if cur[2] and cur[2] ~= '' then
   end
 end
 redis.call('DEL', KEYS[1])
+return 0
+"#;
+
+/// The backfill of the counts for one token written before they existed: counts it (once) at
+/// its current status. KEYS: token. ARGV: counts key. Returns 1 when it counted the token.
+pub(crate) const COUNT_TOKEN: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 's', 'c')
+if cur[1] and cur[2] ~= '1' then
+  bump(ARGV[1], cur[1], 1)
+  redis.call('HSET', KEYS[1], 'c', '1')
+  return 1
+end
 return 0
 "#;
 
@@ -349,9 +408,9 @@ struct Scripts {
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
-            insert_token: Script::new(INSERT_TOKEN),
-            update_token: Script::new(UPDATE_TOKEN),
-            remove_token: Script::new(REMOVE_TOKEN),
+            insert_token: Script::new(&format!("{COUNT_FUNCTIONS}{INSERT_TOKEN}")),
+            update_token: Script::new(&format!("{COUNT_FUNCTIONS}{UPDATE_TOKEN}")),
+            remove_token: Script::new(&format!("{COUNT_FUNCTIONS}{REMOVE_TOKEN}")),
             find_token: Script::new(FIND_TOKEN),
             idem_begin: Script::new(IDEM_BEGIN),
             idem_abort: Script::new(IDEM_ABORT),
@@ -545,6 +604,67 @@ impl RedisStore {
         format!("{}:{rest}", self.keys().prefix)
     }
 
+    /// The counts key of `merchant` (`P:{m:M}:stats`).
+    pub(crate) fn counts_key(&self, merchant: &MerchantId) -> String {
+        self.keys().token_counts(merchant)
+    }
+
+    /// The record key of a token.
+    pub(crate) fn token_key(&self, merchant: &MerchantId, id: &TokenId) -> String {
+        self.keys().token(merchant, id)
+    }
+
+    /// The set of every merchant id (`P:{merchants}:ids`).
+    pub(crate) fn merchant_set_key(&self) -> String {
+        self.keys().merchant_set()
+    }
+
+    /// Start of a merchant record key (`P:merchant:{`); the id and `}` follow.
+    pub(crate) fn merchant_key_open(&self) -> String {
+        self.keys().merchant_open()
+    }
+
+    /// The primaries of the Cluster as `(lowest slot served, host, port)`, ordered by slot, so
+    /// every instance lists them in the same order (from `CLUSTER SLOTS`, the same source the
+    /// client builds its routing table from, so the addresses match its connections).
+    pub(crate) async fn cluster_primaries(&self) -> Result<Vec<(u16, String, u16)>, StoreError> {
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return Err(StoreError::Unavailable("not a redis cluster".into()));
+        };
+        let reply = self
+            .run(async move {
+                conn.route_command(
+                    redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                )
+                .await
+            })
+            .await?;
+        parse_cluster_slots(reply)
+    }
+
+    /// Runs one command on the node at `host:port` (which must be a node the client knows),
+    /// under the response deadline.
+    pub(crate) async fn query_node<T: redis::FromRedisValue>(
+        &self,
+        cmd: Cmd,
+        host: &str,
+        port: u16,
+    ) -> Result<T, StoreError> {
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return Err(StoreError::Unavailable("not a redis cluster".into()));
+        };
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+            host: host.to_owned(),
+            port,
+        });
+        let reply = self
+            .run(async move { conn.route_command(cmd, routing).await })
+            .await?;
+        redis::from_redis_value(reply)
+            .map_err(|_| StoreError::Corrupt("unexpected reply from redis (node command)".into()))
+    }
+
     /// Runs one command under the response deadline.
     pub(crate) async fn query<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
         let mut conn = self.conn();
@@ -590,7 +710,8 @@ impl RedisStore {
             .arg(d1)
             .arg(&json)
             .arg(rec.id.as_str())
-            .arg(k.d1_prefix(m));
+            .arg(k.d1_prefix(m))
+            .arg(k.token_counts(m));
         Ok(inv)
     }
 
@@ -647,6 +768,44 @@ impl RedisStore {
     }
 }
 
+/// `CLUSTER SLOTS` reply -> primaries as `(lowest slot, host, port)`, ordered by slot. Each
+/// entry is `[start, end, [host, port, id, ...], replicas...]`; the first node is the primary.
+fn parse_cluster_slots(reply: Value) -> Result<Vec<(u16, String, u16)>, StoreError> {
+    let bad = || StoreError::Corrupt("unexpected CLUSTER SLOTS reply".into());
+    let Value::Array(ranges) = reply else {
+        return Err(bad());
+    };
+    let mut primaries: Vec<(u16, String, u16)> = Vec::new();
+    for range in ranges {
+        let Value::Array(items) = range else {
+            return Err(bad());
+        };
+        let (Some(Value::Int(start)), Some(Value::Array(node))) = (items.first(), items.get(2))
+        else {
+            return Err(bad());
+        };
+        let (Some(host), Some(Value::Int(port))) = (node.first(), node.get(1)) else {
+            return Err(bad());
+        };
+        let host = match host {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            Value::SimpleString(s) => s.clone(),
+            _ => return Err(bad()),
+        };
+        let start = u16::try_from(*start).map_err(|_| bad())?;
+        let port = u16::try_from(*port).map_err(|_| bad())?;
+        match primaries
+            .iter_mut()
+            .find(|(_, h, p)| *h == host && *p == port)
+        {
+            Some(entry) => entry.0 = entry.0.min(start),
+            None => primaries.push((start, host, port)),
+        }
+    }
+    primaries.sort();
+    Ok(primaries)
+}
+
 fn d1_id(rec: &TokenRecord) -> &str {
     rec.network_token
         .as_ref()
@@ -676,18 +835,24 @@ impl TokenStore for RedisStore {
             writes.push((k.d1_merchant(d1), m.id.as_str().to_owned()));
         }
         writes.push((k.api_key(key), m.id.as_str().to_owned()));
+        let set = k.merchant_set();
         if self.inner.cluster {
-            // Each key has its own slot, so no transaction can span them: write in order.
-            for (key, value) in writes {
-                let mut conn = self.conn();
-                self.run(async move {
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&value)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
-                .await?;
+            // Each key has its own slot, so no transaction can span them: write in order. The
+            // merchant set (for the token counts) right after the record, before the API key,
+            // so a merchant that can tokenize is always summed.
+            let mut cmds = Vec::with_capacity(writes.len() + 1);
+            for (i, (key, value)) in writes.iter().enumerate() {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key).arg(value);
+                cmds.push(cmd);
+                if i == 0 {
+                    let mut sadd = redis::cmd("SADD");
+                    sadd.arg(&set).arg(m.id.as_str());
+                    cmds.push(sadd);
+                }
+            }
+            for cmd in cmds {
+                self.query::<redis::Value>(cmd).await?;
             }
         } else {
             let mut pipe = redis::pipe();
@@ -695,6 +860,7 @@ impl TokenStore for RedisStore {
             for (key, value) in &writes {
                 pipe.cmd("SET").arg(key).arg(value).ignore();
             }
+            pipe.cmd("SADD").arg(&set).arg(m.id.as_str()).ignore();
             let mut conn = self.conn();
             self.run(async move { pipe.query_async::<()>(&mut conn).await })
                 .await?;
@@ -737,7 +903,8 @@ impl TokenStore for RedisStore {
             .arg(&rec.fingerprints.pan)
             .arg(d1)
             .arg(&json)
-            .arg(k.token_prefix(m));
+            .arg(k.token_prefix(m))
+            .arg(k.token_counts(m));
         let mut conn = self.conn();
         let existing: Option<String> = self
             .run(async move { inv.invoke_async(&mut conn).await })
@@ -791,7 +958,8 @@ impl TokenStore for RedisStore {
         let mut inv = self.inner.scripts.remove_token.key(k.token(merchant, id));
         inv.arg(id.as_str())
             .arg(k.fp_prefix(merchant))
-            .arg(k.d1_prefix(merchant));
+            .arg(k.d1_prefix(merchant))
+            .arg(k.token_counts(merchant));
         let mut conn = self.conn();
         self.run(async move { inv.invoke_async::<i64>(&mut conn).await })
             .await?;
@@ -941,6 +1109,44 @@ mod tests {
         assert_eq!(format!("{}mer_x}}", k.merchant_open()), k.merchant("mer_x"));
         assert_eq!(hash_tag(&k.api_key(&ApiKeyHash("abc".into()))), "abc");
         assert_eq!(hash_tag(&k.d1_merchant("D1M")), "D1M");
+    }
+
+    #[test]
+    fn cluster_slots_give_primaries_by_lowest_slot() {
+        let node = |host: &str, port: i64| {
+            Value::Array(vec![
+                Value::BulkString(host.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"node-id".to_vec()),
+            ])
+        };
+        let range = |start: i64, end: i64, primary: Value, replica: Option<Value>| {
+            let mut v = vec![Value::Int(start), Value::Int(end), primary];
+            v.extend(replica);
+            Value::Array(v)
+        };
+        let reply = Value::Array(vec![
+            range(10923, 16383, node("10.0.0.3", 7002), None),
+            range(
+                0,
+                5460,
+                node("10.0.0.1", 7000),
+                Some(node("10.0.0.9", 7009)),
+            ),
+            range(5461, 10922, node("10.0.0.2", 7001), None),
+            // A second range of the first primary: still one entry, at its lowest slot.
+            range(16000, 16001, node("10.0.0.1", 7000), None),
+        ]);
+        let primaries = parse_cluster_slots(reply).unwrap_or_default();
+        assert_eq!(
+            primaries,
+            vec![
+                (0, "10.0.0.1".to_owned(), 7000),
+                (5461, "10.0.0.2".to_owned(), 7001),
+                (10923, "10.0.0.3".to_owned(), 7002),
+            ]
+        );
+        assert!(parse_cluster_slots(Value::Int(1)).is_err());
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! The audit trail on Redis: one stream per merchant, `P:{m:M}:audit`, under the merchant's
-//! hash tag. An append is one `XADD ... MINID ~ <cutoff> *`: the entry id (server time in ms
-//! and a sequence) becomes the event id, and entries older than retention are trimmed by the
-//! same command (`~`: in whole macro-nodes, so a few entries past the cutoff can linger until
-//! a later append). Reading is `XREVRANGE` from the cursor (exclusive) downwards.
+//! hash tag. An append is one `XADD ... MINID <cutoff> *`: the entry id (server time in ms and a
+//! sequence) becomes the event id, and the merchant's entries older than retention are removed
+//! by the same command. Reading is `XREVRANGE` from the cursor (exclusive) downwards.
+//!
+//! Trimming is exact, not `MINID ~`: the approximate form only drops whole stream nodes (100
+//! entries each by default) and never the node holding the newest entry, so a merchant with
+//! fewer events than a node kept all of them past retention. Exact trimming costs in proportion
+//! to the entries it removes, which is about one per append once a trail is at its steady size.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,7 +49,6 @@ impl AuditStore for RedisStore {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(stream_key(self, &event.merchant_id))
             .arg("MINID")
-            .arg("~")
             .arg(cutoff_ms(now_ms(), retention))
             .arg("*")
             .arg(FIELD)
@@ -61,6 +64,9 @@ impl AuditStore for RedisStore {
         limit: usize,
     ) -> Result<Vec<AuditEvent>, StoreError> {
         let end = match before {
+            // Nothing precedes the smallest id (and Redis refuses `(0-0` as an end: an error,
+            // not an empty page, for a cursor a client can send).
+            Some(AuditEventId { ms: 0, seq: 0 }) => return Ok(Vec::new()),
             Some(b) => format!("({}-{}", b.ms, b.seq),
             None => "+".to_owned(),
         };

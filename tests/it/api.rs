@@ -35,6 +35,7 @@ both_backends!(
     dedup_and_reissue,
     tenant_isolation,
     idempotency,
+    merchant_creation_replays_its_key_sealed,
     bad_input_is_4xx_problem,
     health_and_ready,
 );
@@ -155,6 +156,53 @@ async fn tenant_isolation(b: Backend) {
     assert_eq!(r.status(), 201);
     let b_tok: Value = r.json().await.unwrap();
     assert_ne!(b_tok["id"], a["id"]);
+}
+
+/// A retried merchant creation (same `Idempotency-Key`) gets the same merchant and API key, and
+/// the stored replay copy holds the key only sealed: the raw store never contains it.
+async fn merchant_creation_replays_its_key_sealed(b: Backend) {
+    let app = app(b).await;
+    let create = || async {
+        app.client
+            .post(app.url("/v1/merchants"))
+            .bearer_auth(ADMIN)
+            .header("Idempotency-Key", "onboard-acme-1")
+            .json(&json!({"name": "Acme"}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let r1 = create().await;
+    assert_eq!(r1.status(), 201);
+    let v1: Value = r1.json().await.unwrap();
+    let r2 = create().await;
+    assert_eq!(r2.status(), 201);
+    assert_eq!(r2.headers()["idempotent-replayed"], "true");
+    let v2: Value = r2.json().await.unwrap();
+    assert_eq!(v1["id"], v2["id"]);
+    assert_eq!(v1["apiKey"], v2["apiKey"]);
+    let key = v1["apiKey"].as_str().unwrap().to_owned();
+    assert_eq!(app.tokenize(&key, VISA).await.status(), 201);
+
+    let raw = match &app.redis {
+        Some(r) => crate::store_contract::dump_node(&r.url()).await,
+        None => {
+            let mut all = Vec::new();
+            for e in std::fs::read_dir(&app.data_dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_file() {
+                    all.extend(std::fs::read(p).unwrap());
+                }
+            }
+            all
+        }
+    };
+    assert!(!raw.is_empty());
+    let needle = key.as_bytes();
+    assert!(
+        !raw.windows(needle.len()).any(|w| w == needle),
+        "the API key is in the raw store"
+    );
 }
 
 async fn idempotency(b: Backend) {

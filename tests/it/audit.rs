@@ -7,7 +7,7 @@ use std::process::Command;
 use reqwest::Response;
 use serde_json::{Value, json};
 
-use crate::support::app::{Backend, TestApp, expect_problem};
+use crate::support::app::{ADMIN, Backend, TestApp, expect_problem};
 use crate::support::captured_logs;
 use crate::support::redis_server::RedisServer;
 
@@ -280,11 +280,28 @@ async fn scopes_reveal_and_audit(b: Backend) {
         find(&events, "token.delete", "rid-delete")["actor"],
         first_id.as_str()
     );
-    let creates = events
+    // Key creations name the key created (`keyId`), apart from the key that acted (`actor`).
+    let mut created: Vec<&str> = events
         .iter()
         .filter(|e| e["action"] == "api_key.create")
-        .count();
-    assert_eq!(creates, 2);
+        .map(|e| {
+            assert_eq!(e["actor"], first_id.as_str(), "{e}");
+            assert_eq!(e["outcome"], "success", "{e}");
+            assert!(e.get("tokenId").is_none_or(Value::is_null), "{e}");
+            e["keyId"].as_str().unwrap()
+        })
+        .collect();
+    created.sort_unstable();
+    let mut expected = vec![billing_id.as_str(), reveal_id.as_str()];
+    expected.sort_unstable();
+    assert_eq!(created, expected);
+    // Events about tokens carry no `keyId`.
+    assert!(
+        find(&events, "card.reveal", "rid-reveal-1")
+            .get("keyId")
+            .is_none(),
+        "keyId only on API key events"
+    );
     let m = events
         .iter()
         .find(|e| e["action"] == "merchant.create")
@@ -401,6 +418,9 @@ async fn audit_pages_with_a_cursor(b: Backend) {
     let ids: std::collections::HashSet<&str> =
         seen.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), 6, "no event twice across pages");
+    // The oldest possible cursor: an empty last page (Redis refuses `(0-0` as a range end).
+    let page = audit_page(&app, &key, "?cursor=aud_0-0").await;
+    assert_eq!(page, json!({"data": [], "nextCursor": null}));
     expect_problem(
         app.get("/v1/audit-events?cursor=nonsense", &key).await,
         422,
@@ -458,11 +478,10 @@ async fn revoked_keys_stop_working_and_tenants_are_isolated(b: Backend) {
         "A's key creation is not in B's trail"
     );
     assert!(a_events.iter().any(|e| e["action"] == "api_key.create"));
-    // B's refused revocation is in B's trail, not A's.
-    assert_eq!(
-        find(&b_events, "api_key.revoke", "rid-b-revoke")["outcome"],
-        "api_key_not_found"
-    );
+    // B's refused revocation is in B's trail, not A's, naming the key B asked for.
+    let e = find(&b_events, "api_key.revoke", "rid-b-revoke");
+    assert_eq!(e["outcome"], "api_key_not_found");
+    assert_eq!(e["keyId"], a_reader_id.as_str());
 
     // A revokes the reader: it stops working (cache TTL 0 here).
     let r = send(
@@ -484,9 +503,42 @@ async fn revoked_keys_stop_working_and_tenants_are_isolated(b: Backend) {
     )
     .await;
     let a_events = all_audit(&app, &a_key).await;
+    let e = find(&a_events, "api_key.revoke", "rid-a-revoke");
+    assert_eq!(e["outcome"], "success");
     assert_eq!(
-        find(&a_events, "api_key.revoke", "rid-a-revoke")["outcome"],
-        "success"
+        e["keyId"],
+        a_reader_id.as_str(),
+        "the revoked key, not the actor"
+    );
+    assert_ne!(e["actor"], a_reader_id.as_str());
+    // A key without the `keys` scope is refused, and the refusal names the key it aimed at.
+    let (_, a_reader2) = new_key(&app, &a_key, "reader-2", &["tokens:read"]).await;
+    let r = send(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/v1/api-keys/{a_reader_id}"),
+        &a_reader2,
+        "rid-scope-revoke",
+    )
+    .await;
+    expect_problem(r, 403, "insufficient_scope").await;
+    let r = send(
+        &app,
+        reqwest::Method::DELETE,
+        "/v1/api-keys/not-a-key-id",
+        &a_key,
+        "rid-junk-revoke",
+    )
+    .await;
+    expect_problem(r, 404, "api_key_not_found").await;
+    let a_events = all_audit(&app, &a_key).await;
+    let e = find(&a_events, "api_key.revoke", "rid-scope-revoke");
+    assert_eq!(e["outcome"], "insufficient_scope");
+    assert_eq!(e["keyId"], a_reader_id.as_str());
+    let e = find(&a_events, "api_key.revoke", "rid-junk-revoke");
+    assert!(
+        e.get("keyId").is_none(),
+        "only well-formed key ids are recorded: {e}"
     );
 
     // Revoking the merchant's own (first) key works too, and it stops working.
@@ -541,6 +593,156 @@ async fn bad_key_requests_are_refused(b: Backend) {
     .await;
 }
 
+async fn admin_issues_a_key_to_a_merchant_locked_out_of_key_management(b: Backend) {
+    let app = app(b).await;
+    let (merchant_id, key) = app.create_merchant("Locked").await;
+    let (_, other_key) = app.create_merchant("Other").await;
+    let keys: Value = app.get("/v1/api-keys", &key).await.json().await.unwrap();
+    let only = keys["data"][0]["id"].as_str().unwrap().to_owned();
+    // The merchant revokes its only key: it can no longer manage keys (or do anything).
+    let r = send(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/v1/api-keys/{only}"),
+        &key,
+        "rid-lockout",
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    expect_problem(app.get("/v1/api-keys", &key).await, 401, "unauthorized").await;
+
+    let path = format!("/v1/merchants/{merchant_id}/api-keys");
+    let body = json!({"name": "recovery", "scopes": ["keys", "audit:read"]});
+    // Only the admin: not a merchant key (not even another merchant's), not a wrong token.
+    expect_problem(
+        app.post(&path, &other_key, &body).await,
+        401,
+        "unauthorized",
+    )
+    .await;
+    expect_problem(app.post(&path, "wrong", &body).await, 401, "unauthorized").await;
+    // Unknown or malformed merchant: 404, nothing recorded anywhere.
+    for unknown in [
+        "/v1/merchants/mer_AAAAAAAAAAAAAAAA/api-keys",
+        "/v1/merchants/nope/api-keys",
+    ] {
+        expect_problem(
+            app.post(unknown, ADMIN, &body).await,
+            404,
+            "merchant_not_found",
+        )
+        .await;
+    }
+    // Bad values for a merchant that exists: refused, and the refusal is in its trail.
+    expect_problem(
+        app.client
+            .post(app.url(&path))
+            .bearer_auth(ADMIN)
+            .header("x-request-id", "rid-admin-bad")
+            .json(&json!({"name": "x", "scopes": ["tokens:admin"]}))
+            .send()
+            .await
+            .unwrap(),
+        422,
+        "invalid_scopes",
+    )
+    .await;
+    expect_problem(
+        app.post(&path, ADMIN, &json!({"scopes": ["keys"]})).await,
+        400,
+        "missing_field",
+    )
+    .await;
+
+    let r = app
+        .client
+        .post(app.url(&path))
+        .bearer_auth(ADMIN)
+        .header("x-request-id", "rid-admin-issue")
+        .header("idempotency-key", "issue-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["name"], "recovery");
+    assert_eq!(v["scopes"], json!(["keys", "audit:read"]));
+    assert_eq!(v["revokedAt"], Value::Null);
+    let new_id = v["id"].as_str().unwrap().to_owned();
+    let secret = v["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("tgk_"));
+
+    // The merchant manages its keys again with it, and its scopes are enforced.
+    let keys: Value = app.get("/v1/api-keys", &secret).await.json().await.unwrap();
+    let listed: Vec<&str> = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [only.as_str(), new_id.as_str()], "oldest first");
+    expect_problem(app.tokenize(&secret, PAN).await, 403, "insufficient_scope").await;
+    let (_, tokens_key) = new_key(&app, &secret, "tokens", &["tokens:write"]).await;
+    assert_eq!(app.tokenize(&tokens_key, PAN).await.status(), 201);
+    // The other merchant is untouched.
+    let other: Value = app
+        .get("/v1/api-keys", &other_key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(!other.to_string().contains(&new_id));
+
+    // The secret is shown once: the same Idempotency-Key issues no copy of it.
+    let r = app
+        .client
+        .post(app.url(&path))
+        .bearer_auth(ADMIN)
+        .header("idempotency-key", "issue-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(
+        r.headers().get("idempotent-replayed").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let again: Value = r.json().await.unwrap();
+    assert_ne!(
+        again["secret"],
+        secret.as_str(),
+        "a secret is never replayed"
+    );
+
+    // The admin's actions are in the merchant's trail: actor `admin`, the merchant, the key.
+    let events = all_audit(&app, &secret).await;
+    let e = find(&events, "api_key.create", "rid-admin-issue");
+    assert_eq!(e["actor"], "admin");
+    assert_eq!(e["merchantId"], merchant_id.as_str());
+    assert_eq!(e["keyId"], new_id.as_str());
+    assert_eq!(e["outcome"], "success");
+    let e = find(&events, "api_key.create", "rid-admin-bad");
+    assert_eq!(
+        (e["actor"].as_str(), e["outcome"].as_str()),
+        (Some("admin"), Some("invalid_scopes"))
+    );
+    assert!(e.get("keyId").is_none(), "no key was created: {e}");
+    assert_eq!(
+        find(&events, "api_key.revoke", "rid-lockout")["keyId"],
+        only.as_str()
+    );
+    let other_events = all_audit(&app, &other_key).await;
+    assert!(
+        !other_events
+            .iter()
+            .any(|e| e["actor"] == "admin" && e["action"] == "api_key.create"),
+        "{other_events:?}"
+    );
+    let logs = captured_logs();
+    assert!(!logs.contains(&secret), "API key secret found in logs");
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -559,4 +761,5 @@ both_backends!(
     audit_pages_with_a_cursor,
     revoked_keys_stop_working_and_tenants_are_isolated,
     bad_key_requests_are_refused,
+    admin_issues_a_key_to_a_merchant_locked_out_of_key_management,
 );

@@ -8,8 +8,10 @@ mod support;
 
 mod api;
 mod audit;
+mod client_certs_store;
 mod d1_client;
 mod gateway_d1;
+mod keys_audit_store;
 mod lifecycle;
 mod metrics;
 mod openapi;
@@ -17,4 +19,5 @@ mod rekey;
 mod sim;
 mod store_contract;
 mod tls;
+mod token_counts;
 mod webhooks;

@@ -181,3 +181,82 @@ async fn metrics_show_route_templates_and_no_identifiers() {
         }
     }
 }
+
+/// `tokengate_tokens{status}` is the absolute number of tokens per status in the store (from
+/// the store's counts), so a freshly restarted gateway reports the tokens an earlier process
+/// wrote. The recorder is shared by every gateway of the test process, so the test polls until
+/// this gateway's refresh (every 100 ms here, 15 s for the others) is the one shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_gauge_shows_absolute_counts_after_a_restart() {
+    let interval = ("TOKENGATE__METRICS__TOKEN_COUNTS_INTERVAL_MS", "100");
+    let app = TestApp::builder(Backend::Embedded)
+        .env(interval.0, interval.1)
+        .start()
+        .await;
+    let dir = app.data_dir.clone();
+    let (_, key) = app.create_merchant("Gauge Co").await;
+    let mut ids = Vec::new();
+    for pan in [
+        "4111111111111111",
+        "5555555555554444",
+        "4012888888881881",
+        "4000056655665556",
+    ] {
+        let r = app.tokenize(&key, pan).await;
+        assert_eq!(r.status(), 201);
+        let t: Value = r.json().await.unwrap();
+        ids.push(t["id"].as_str().unwrap().to_owned());
+    }
+    let r = app
+        .post(
+            &format!("/v1/tokens/{}/suspend", ids[0]),
+            &key,
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/tokens/{}", ids[1])))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (tmp, _) = app.stop().await;
+
+    // A new process would start with an empty recorder; this one shares it, so what proves
+    // the point is that the restarted gateway reports counts it did not write itself.
+    let app = TestApp::builder(Backend::Embedded)
+        .data_dir(dir)
+        .env(interval.0, interval.1)
+        .start()
+        .await;
+    let want = [
+        ("ACTIVE", 2.0),
+        ("SUSPENDED", 1.0),
+        ("DELETED", 1.0),
+        ("PENDING", 0.0),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut text;
+    loop {
+        let r = app.client.get(app.url("/metrics")).send().await.unwrap();
+        text = r.text().await.unwrap();
+        let ours = want
+            .iter()
+            .all(|(s, n)| sample(&text, "tokengate_tokens", &[("status", s)]) == *n)
+            && sample(&text, "tokengate_token_counts_complete", &[]) == 1.0;
+        if ours {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gauge never showed the stored counts: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(text.contains("# TYPE tokengate_tokens gauge"), "{text}");
+    app.stop().await;
+    drop(tmp);
+}

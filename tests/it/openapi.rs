@@ -249,6 +249,58 @@ async fn real_responses_match_the_document() {
         "invalid_merchant_name",
     );
 
+    // Client certificates bound to the merchant (admin).
+    let certs_template = "/v1/merchants/{id}/client-certs";
+    let certs_path = format!("/v1/merchants/{}/client-certs", m["id"].as_str().unwrap());
+    let r = send(&app, Method::GET, &certs_path, Some(ADMIN), None).await;
+    assert_eq!(
+        c.check("GET", certs_template, r).await["authMode"],
+        "API_KEY"
+    );
+    let binding = json!({"authMode": "API_KEY",
+        "certificates": [{"sha256": "ab".repeat(32), "name": "drift", "scopes": ["tokens:read"]}]});
+    let r = send(&app, Method::PUT, &certs_path, Some(ADMIN), Some(binding)).await;
+    assert_eq!(
+        c.check("PUT", certs_template, r).await["certificates"][0]["name"],
+        "drift"
+    );
+    let r = send(&app, Method::GET, &certs_path, Some(ADMIN), None).await;
+    assert!(c.check("GET", certs_template, r).await["updatedAt"].is_string());
+    let r = send(
+        &app,
+        Method::PUT,
+        &certs_path,
+        Some(ADMIN),
+        Some(json!({"authMode": "CERT", "certificates": []})),
+    )
+    .await;
+    assert_code(
+        &c.check("PUT", certs_template, r).await,
+        "client_cert_needed",
+    );
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/merchants/mer_AAAAAAAAAAAAAAAA/client-certs",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("GET", certs_template, r).await,
+        "merchant_not_found",
+    );
+    // Unbound again: the merchant's key below works without a certificate either way.
+    let r = send(
+        &app,
+        Method::PUT,
+        &certs_path,
+        Some(ADMIN),
+        Some(json!({"authMode": "API_KEY", "certificates": []})),
+    )
+    .await;
+    c.check("PUT", certs_template, r).await;
+
     // Tokens: 201, then 200 for the same card.
     let k = Some(key.as_str());
     let r = send(
@@ -371,6 +423,53 @@ async fn real_responses_match_the_document() {
     assert_code(
         &c.check("DELETE", "/v1/api-keys/{id}", r).await,
         "api_key_not_found",
+    );
+    // The admin's key for an existing merchant; the trail's key events carry `keyId`.
+    let admin_keys = format!("/v1/merchants/{}/api-keys", m["id"].as_str().unwrap());
+    let r = send(
+        &app,
+        Method::POST,
+        &admin_keys,
+        Some(ADMIN),
+        Some(json!({"name": "recovery", "scopes": ["keys"]})),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let issued = c.check("POST", "/v1/merchants/{id}/api-keys", r).await;
+    assert!(issued["secret"].as_str().unwrap().starts_with("tgk_"));
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/merchants/mer_AAAAAAAAAAAAAAAA/api-keys",
+        Some(ADMIN),
+        Some(json!({"name": "recovery", "scopes": ["keys"]})),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/merchants/{id}/api-keys", r).await,
+        "merchant_not_found",
+    );
+    let r = send(
+        &app,
+        Method::POST,
+        &admin_keys,
+        Some(ADMIN),
+        Some(json!({"name": "recovery", "scopes": []})),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/merchants/{id}/api-keys", r).await,
+        "invalid_scopes",
+    );
+    let r = send(&app, Method::GET, "/v1/audit-events?limit=5", k, None).await;
+    let page = c.check("GET", "/v1/audit-events", r).await;
+    assert!(
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["keyId"] == issued["id"]),
+        "{page}"
     );
 
     // Token problems: 400, 401, 404, 415, 422.

@@ -15,7 +15,7 @@ use tokengate::storage::redis::{RedisConfig, RedisStore};
 
 use crate::support::app::{Backend, TestApp};
 use crate::support::captured_logs;
-use crate::support::redis_server::RedisServer;
+use crate::support::redis_server::{RedisCluster, RedisServer};
 
 const K1: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const K2: &str = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXowMTIzNDU=";
@@ -158,6 +158,83 @@ async fn rotation_reseals_old_records_redis() {
         .unwrap(),
     );
     check_resealed(store, &mid, &ids).await;
+    app.stop().await;
+}
+
+/// The same rotation on a three-primary Redis Cluster, with two instances running the job: the
+/// walk visits every primary, so the records of merchants on every node are re-sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_reseals_old_records_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let nodes: Vec<String> = cluster.addrs().iter().map(|a| format!("\"{a}\"")).collect();
+    let nodes = format!("[{}]", nodes.join(","));
+    let app = with_keys(
+        TestApp::builder(Backend::Embedded).env("TOKENGATE__STORAGE__REDIS_CLUSTER_NODES", &nodes),
+        &format!("{{ k1 = \"{K1}\" }}"),
+        "k1",
+        false,
+    )
+    .start()
+    .await;
+    // Several merchants: each merchant's keys share a slot, so this spreads them over nodes.
+    let mut seeded = Vec::new();
+    for _ in 0..4 {
+        seeded.push(seed(&app).await);
+    }
+    app.stop().await;
+    // Two instances with the job on: they share the walk through the lease and its saved
+    // progress.
+    let start = || {
+        with_keys(
+            TestApp::builder(Backend::Embedded)
+                .env("TOKENGATE__STORAGE__REDIS_CLUSTER_NODES", &nodes),
+            &format!("{{ k1 = \"{K1}\", k2 = \"{K2}\" }}"),
+            "k2",
+            true,
+        )
+        .start()
+    };
+    let app = start().await;
+    let other = start().await;
+    assert_eq!(app.tokenize(&seeded[0].1, PANS[2]).await.status(), 200);
+    let store: Arc<dyn TokenStore> = Arc::new(
+        RedisStore::connect(&RedisConfig {
+            url: String::new(),
+            cluster_nodes: cluster.addrs(),
+            ..RedisConfig::default()
+        })
+        .await
+        .unwrap(),
+    );
+    // Wait until every record is under k2 (a pass takes a few ticks of 2 keys per node).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    'wait: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not re-sealed in time"
+        );
+        for (mid, _, ids) in &seeded {
+            let merchant = MerchantId::parse(mid).unwrap();
+            for id in ids {
+                let rec = store
+                    .get_token(&merchant, &TokenId::parse(id).unwrap())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if rec.sealed_pan.key_id != "k2" {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'wait;
+                }
+            }
+        }
+        break;
+    }
+    for (mid, _, ids) in &seeded {
+        check_resealed(store.clone(), mid, ids).await;
+    }
+    other.stop().await;
     app.stop().await;
 }
 

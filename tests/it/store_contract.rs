@@ -124,12 +124,12 @@ fn redis_config(url: String, nodes: Vec<String>, response_timeout: Duration) -> 
     }
 }
 
-async fn redis_store(server: &RedisServer) -> RedisStore {
+pub(crate) async fn redis_store(server: &RedisServer) -> RedisStore {
     let cfg = redis_config(server.url(), Vec::new(), Duration::from_secs(2));
     RedisStore::connect(&cfg).await.expect("connect to redis")
 }
 
-async fn cluster_store(cluster: &RedisCluster) -> RedisStore {
+pub(crate) async fn cluster_store(cluster: &RedisCluster) -> RedisStore {
     let cfg = redis_config(String::new(), cluster.addrs(), Duration::from_secs(2));
     let store = RedisStore::connect(&cfg).await.expect("connect to cluster");
     assert!(store.is_cluster());
@@ -838,14 +838,21 @@ async fn redis_index_keys_are_deleted_not_left_dangling() {
     let token_key = format!("tgtest:{{m:{m}}}:tok:{}", r.id);
     let fp_key = format!("tgtest:{{m:{m}}}:fp:{fp}");
     let d1_key = format!("tgtest:{{m:{m}}}:d1:{d1}");
-    let mut all = vec![token_key.clone(), fp_key.clone(), d1_key.clone()];
+    // The merchant's token counts live beside its tokens (emptied, and so gone, at the end).
+    let counts_key = format!("tgtest:{{m:{m}}}:stats");
+    let mut all = vec![
+        token_key.clone(),
+        fp_key.clone(),
+        d1_key.clone(),
+        counts_key.clone(),
+    ];
     all.sort();
     assert_eq!(keys_of_merchant(&mut con, &m).await, all);
 
     let mut tomb = next(&r);
     tomb.status = TokenStatus::Deleted;
     store.update_token(&tomb).await.unwrap();
-    let mut left = vec![token_key, d1_key];
+    let mut left = vec![token_key, d1_key, counts_key];
     left.sort();
     assert_eq!(
         keys_of_merchant(&mut con, &m).await,
@@ -970,7 +977,7 @@ async fn insert_sealed_cards(s: &dyn TokenStore) -> Vec<TokenRecord> {
     out
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+pub(crate) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
@@ -1001,8 +1008,9 @@ fn base64_of(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-/// Every value of every key on one Redis node, in its plain form (GET/HGETALL) and as `DUMP`.
-async fn dump_node(url: &str) -> Vec<u8> {
+/// Every value of every key on one Redis node, in its plain form (GET/HGETALL/XRANGE) and as
+/// `DUMP`.
+pub(crate) async fn dump_node(url: &str) -> Vec<u8> {
     let client = redis::Client::open(url).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -1034,6 +1042,27 @@ async fn dump_node(url: &str) -> Vec<u8> {
                     .await
                     .unwrap();
                 v.iter().for_each(|f| out.extend_from_slice(f));
+            }
+            "set" => {
+                let v: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+                    .arg(&key)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                v.iter().for_each(|f| out.extend_from_slice(f));
+            }
+            "stream" => {
+                let v: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                for (id, fields) in v {
+                    out.extend_from_slice(id.as_bytes());
+                    fields.iter().for_each(|f| out.extend_from_slice(f));
+                }
             }
             other => panic!("unexpected Redis type {other} at {key}"),
         }

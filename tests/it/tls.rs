@@ -537,3 +537,383 @@ async fn shutdown_lets_an_in_flight_https_request_finish() {
     let r = c.get(https(addr, "/healthz")).send().await;
     assert!(r.is_err(), "still serving after shutdown");
 }
+
+// --- client certificates mapped to merchants -----------------------------------------------------
+
+/// SHA-256 of the certificate's DER, as the admin API takes it.
+fn fingerprint(cert_pem: &str) -> String {
+    use sha2::Digest;
+    let der = tls::certs_from_pem(cert_pem, "test certificate")
+        .unwrap()
+        .remove(0);
+    hex::encode(sha2::Sha256::digest(der.as_ref()))
+}
+
+/// `AB:CD:...`, as `openssl x509 -fingerprint -sha256` prints it.
+fn openssl_form(fp: &str) -> String {
+    fp.to_ascii_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Onboards a merchant over `c`; (id, API key).
+async fn merchant(c: &Client, base: &str, name: &str) -> (String, String) {
+    let r = c
+        .post(format!("{base}/v1/merchants"))
+        .bearer_auth(ADMIN)
+        .json(&json!({ "name": name }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let m: Value = r.json().await.unwrap();
+    (
+        m["id"].as_str().unwrap().to_owned(),
+        m["apiKey"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn put_certs(c: &Client, base: &str, merchant: &str, body: Value) -> (u16, Value) {
+    let r = c
+        .put(format!("{base}/v1/merchants/{merchant}/client-certs"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// `GET /v1/api-keys` (any default-scoped key or a certificate with `keys`): the status, the
+/// problem code if any, and the key ids listed (which tell whose keys they are).
+async fn list_keys(c: &Client, base: &str, key: Option<&str>) -> (u16, Value) {
+    let mut rb = c.get(format!("{base}/v1/api-keys"));
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn key_ids(v: &Value) -> Vec<String> {
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_map_to_merchants_and_never_act_for_another() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    files.install_client_ca(&m.ca_cert_pem);
+    let ca = files.path("client-ca.pem");
+    // Optional client certificates: clients without one are served too.
+    let app = start(
+        &files,
+        &[(
+            "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
+            ca.to_str().unwrap(),
+        )],
+    )
+    .await;
+    let base = https(app.addr, "");
+    let (cert_a, key_pem_a) = m.issue_client_cert("psp-client-a").unwrap();
+    let (cert_b, key_pem_b) = m.issue_client_cert("psp-client-b").unwrap();
+    let (cert_u, key_pem_u) = m.issue_client_cert("psp-client-unmapped").unwrap();
+    let with_a = client(&m.ca_cert_pem, Some((&cert_a, &key_pem_a)), false);
+    let with_b = client(&m.ca_cert_pem, Some((&cert_b, &key_pem_b)), true);
+    let with_u = client(&m.ca_cert_pem, Some((&cert_u, &key_pem_u)), false);
+    let without = client(&m.ca_cert_pem, None, false);
+
+    let (a, key_a) = merchant(&without, &base, "Merchant A").await;
+    let (b, key_b) = merchant(&without, &base, "Merchant B").await;
+    let (_, own_a) = list_keys(&without, &base, Some(&key_a)).await;
+    let ids_a = key_ids(&own_a);
+
+    // Nothing bound yet: API keys work with and without certificates, as before.
+    assert_eq!(list_keys(&with_a, &base, Some(&key_a)).await.0, 200);
+    assert_eq!(list_keys(&with_a, &base, Some(&key_b)).await.0, 200);
+    assert_eq!(list_keys(&with_a, &base, None).await.0, 401);
+
+    // Bind A's certificate to A (the openssl form of the fingerprint is accepted), with both a
+    // key and the certificate required.
+    let fp_a = fingerprint(&cert_a);
+    let (status, body) = put_certs(
+        &without,
+        &base,
+        &a,
+        json!({"authMode": "API_KEY_AND_CERT",
+               "certificates": [{"sha256": openssl_form(&fp_a), "name": "a-host"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["certificates"][0]["sha256"], fp_a.as_str());
+    assert_eq!(body["authMode"], "API_KEY_AND_CERT");
+
+    // A's certificate and A's key: served (HTTP/2).
+    let (status, listed) = list_keys(&with_a, &base, Some(&key_a)).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(key_ids(&listed), ids_a);
+    // A's certificate and B's key: refused, whatever B's mode.
+    let (status, p) = list_keys(&with_a, &base, Some(&key_b)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_mismatch"))
+    );
+    assert!(
+        !p.to_string().contains(&a),
+        "the refusal names a merchant: {p}"
+    );
+    // A's key without a certificate, or with one bound to nobody: A requires its certificate.
+    let (status, p) = list_keys(&without, &base, Some(&key_a)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_required"))
+    );
+    let (status, p) = list_keys(&with_u, &base, Some(&key_a)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_required"))
+    );
+    // B (API_KEY mode) is unaffected: with an unbound certificate (HTTP/1.1) or none.
+    assert_eq!(list_keys(&with_b, &base, Some(&key_b)).await.0, 200);
+    assert_eq!(list_keys(&without, &base, Some(&key_b)).await.0, 200);
+    // The certificate alone does not authenticate in this mode.
+    let (status, p) = list_keys(&with_a, &base, None).await;
+    assert_eq!((status, p["code"].as_str()), (401, Some("unauthorized")));
+
+    // CERT mode: A's certificate alone authenticates as A, with the binding's scopes.
+    let (status, body) = put_certs(
+        &without,
+        &base,
+        &a,
+        json!({"authMode": "CERT",
+               "certificates": [{"sha256": fp_a, "scopes": ["keys", "tokens:read"]}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, listed) = list_keys(&with_a, &base, None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        key_ids(&listed),
+        ids_a,
+        "the certificate acted as another merchant"
+    );
+    let r = with_a
+        .get(format!("{base}/v1/audit-events"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a scope the binding does not grant");
+    // A malformed Authorization header is a failed key, not a fallback to the certificate.
+    let r = with_a
+        .get(format!("{base}/v1/api-keys"))
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Still never for B, and A's key alone is refused.
+    assert_eq!(list_keys(&with_a, &base, Some(&key_b)).await.0, 403);
+    assert_eq!(list_keys(&without, &base, Some(&key_a)).await.0, 403);
+    assert_eq!(list_keys(&with_a, &base, Some(&key_a)).await.0, 200);
+    // Certificates bound to nobody, or no certificate: no key, no entry.
+    assert_eq!(list_keys(&with_u, &base, None).await.0, 401);
+    assert_eq!(list_keys(&without, &base, None).await.0, 401);
+
+    // A certificate binds to one merchant only.
+    let (status, p) = put_certs(
+        &without,
+        &base,
+        &b,
+        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_a}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("client_cert_in_use"))
+    );
+    // Once A lets it go, B can take it: from then on it acts for B, never for A.
+    let (status, _) = put_certs(
+        &without,
+        &base,
+        &a,
+        json!({"authMode": "API_KEY", "certificates": []}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = put_certs(
+        &without,
+        &base,
+        &b,
+        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_a}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(list_keys(&with_a, &base, Some(&key_a)).await.0, 403);
+    assert_eq!(list_keys(&with_a, &base, Some(&key_b)).await.0, 200);
+    assert_eq!(list_keys(&without, &base, Some(&key_a)).await.0, 200);
+
+    // Reading back, and the admin API's refusals.
+    let r = without
+        .get(format!("{base}/v1/merchants/{b}/client-certs"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["certificates"][0]["sha256"], fp_a.as_str());
+    assert_eq!(v["merchantId"], b.as_str());
+    // The change is in B's audit trail, made by the admin.
+    let r = without
+        .get(format!("{base}/v1/audit-events"))
+        .bearer_auth(&key_b)
+        .send()
+        .await
+        .unwrap();
+    let trail: Value = r.json().await.unwrap();
+    let newest = &trail["data"][0];
+    assert_eq!(newest["action"], "client_certs.update", "{trail}");
+    assert_eq!(newest["actor"], "admin");
+    let (status, p) = put_certs(
+        &without,
+        &base,
+        &a,
+        json!({"authMode": "CERT", "certificates": []}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("client_cert_needed"))
+    );
+    let (status, p) = put_certs(
+        &without,
+        &base,
+        &a,
+        json!({"authMode": "API_KEY", "certificates": [{"sha256": "abc"}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_client_cert_fingerprint"))
+    );
+    let (status, p) = put_certs(
+        &without,
+        &base,
+        "mer_AAAAAAAAAAAAAAAA",
+        json!({"authMode": "API_KEY", "certificates": []}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (404, Some("merchant_not_found"))
+    );
+    let r = without
+        .get(format!("{base}/v1/merchants/{a}/client-certs"))
+        .bearer_auth(&key_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a merchant key is not the admin token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_mutual_tls_with_unmapped_and_mapped_certificates() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let files = Files::new();
+    files.install_server(&m);
+    files.install_client_ca(&m.ca_cert_pem);
+    let ca = files.path("client-ca.pem");
+    let app = start(
+        &files,
+        &[
+            (
+                "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
+                ca.to_str().unwrap(),
+            ),
+            ("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"),
+        ],
+    )
+    .await;
+    let base = https(app.addr, "");
+    let (cert_a, key_pem_a) = m.issue_client_cert("psp-client-a").unwrap();
+    let with_a = client(&m.ca_cert_pem, Some((&cert_a, &key_pem_a)), false);
+    // The set's own client certificate, bound to nobody, is the admin's connection.
+    let unmapped = client(
+        &m.ca_cert_pem,
+        Some((&m.gateway_client_cert_pem, &m.gateway_client_key_pem)),
+        true,
+    );
+    let (a, key_a) = merchant(&unmapped, &base, "Merchant A").await;
+    let (status, body) = put_certs(
+        &unmapped,
+        &base,
+        &a,
+        json!({"authMode": "CERT", "certificates": [{"sha256": fingerprint(&cert_a)}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // An unmapped certificate: no key -> 401; A's key -> 403 (A wants its own certificate).
+    let (status, p) = list_keys(&unmapped, &base, None).await;
+    assert_eq!((status, p["code"].as_str()), (401, Some("unauthorized")));
+    let (status, p) = list_keys(&unmapped, &base, Some(&key_a)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_required"))
+    );
+    // A's certificate: alone, and with A's key.
+    assert_eq!(list_keys(&with_a, &base, None).await.0, 200);
+    assert_eq!(list_keys(&with_a, &base, Some(&key_a)).await.0, 200);
+    // One HTTP/2 connection, many requests: the certificate holds for each of them.
+    let kept = Client::builder()
+        .tls_backend_preconfigured(
+            tls::client_config(&m.ca_cert_pem, Some((&cert_a, &key_pem_a))).unwrap(),
+        )
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let (status, _) = list_keys(&kept, &base, None).await;
+        assert_eq!(status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_is_unchanged_and_a_merchant_requiring_a_certificate_fails_closed() {
+    let app = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__D1__ENABLED", "false")
+        .start()
+        .await;
+    let c = &app.client;
+    let (a, key_a) = merchant(c, &app.base, "Merchant A").await;
+    let (_, key_b) = merchant(c, &app.base, "Merchant B").await;
+    assert_eq!(list_keys(c, &app.base, Some(&key_a)).await.0, 200);
+    assert_eq!(list_keys(c, &app.base, None).await.0, 401);
+    // A requires a certificate, which plain HTTP cannot carry: A is refused, B is not.
+    let m = DevMaterial::generate(MGID).unwrap();
+    let (status, _) = put_certs(
+        c,
+        &app.base,
+        &a,
+        json!({"authMode": "API_KEY_AND_CERT",
+               "certificates": [{"sha256": fingerprint(&m.gateway_client_cert_pem)}]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, p) = list_keys(c, &app.base, Some(&key_a)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_required"))
+    );
+    assert_eq!(list_keys(c, &app.base, Some(&key_b)).await.0, 200);
+}
