@@ -9,11 +9,11 @@ use clap::{Parser, Subcommand};
 use tokengate::app::{Gateway, shutdown_signal};
 use tokengate::config::{Config, Overrides};
 
-/// mimalloc instead of glibc malloc: allocation was about 15% of the gateway's CPU per request in
-/// the GET profile, and per-connection memory counts toward the 10k-connection target
-/// (docs/performance.md has the before/after figures).
+/// jemalloc instead of glibc malloc: allocation was about 15% of the gateway's CPU per request in
+/// the GET profile. mimalloc was measured too: as fast, but more memory per idle connection
+/// (docs/performance.md has the figures).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Hidden load-testing commands (`scripts/loadtest.sh`, `docs/performance.md`).
 mod perf;

@@ -168,12 +168,57 @@ pub fn method_label(m: &http::Method) -> &'static str {
 
 /// One answered HTTP request. `route` is a route template or `unmatched`, never a raw path.
 pub fn record_http(method: &'static str, route: &str, status: u16, elapsed: Duration) {
-    let route = route.to_owned();
     let status = status_label(status);
-    counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)
-        .increment(1);
-    histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status)
-        .record(elapsed.as_secs_f64());
+    // Before the recorder is installed `counter!` hands out no-op handles: never cache those.
+    if HANDLE.get().is_none() {
+        let route = route.to_owned();
+        counter!(HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status)
+            .increment(1);
+        histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status)
+            .record(elapsed.as_secs_f64());
+        return;
+    }
+    let (requests, duration) = http_handles(method, route, status);
+    requests.increment(1);
+    duration.record(elapsed.as_secs_f64());
+}
+
+/// Label sets of the request metrics, with their handles. Routes are templates from the router
+/// (a closed set), interned once, so a request costs a lookup with no allocation instead of two
+/// label allocations and two registry lookups (about 5% of a GET's CPU in a profile).
+type HttpKey = (&'static str, &'static str, &'static str);
+static HTTP_HANDLES: std::sync::LazyLock<
+    dashmap::DashMap<HttpKey, (metrics::Counter, metrics::Histogram)>,
+> = std::sync::LazyLock::new(dashmap::DashMap::new);
+static ROUTES: std::sync::LazyLock<dashmap::DashMap<String, &'static str>> =
+    std::sync::LazyLock::new(dashmap::DashMap::new);
+
+fn http_handles(
+    method: &'static str,
+    route: &str,
+    status: &'static str,
+) -> (metrics::Counter, metrics::Histogram) {
+    let route: &'static str = match ROUTES.get(route) {
+        Some(r) => *r,
+        // Leaked once per distinct route template; callers pass router templates or
+        // `unmatched`, never raw paths, so the set is bounded by the routes in src/http.
+        None => *ROUTES
+            .entry(route.to_owned())
+            .or_insert_with(|| Box::leak(route.to_owned().into_boxed_str())),
+    };
+    let key = (method, route, status);
+    if let Some(h) = HTTP_HANDLES.get(&key) {
+        return h.clone();
+    }
+    HTTP_HANDLES
+        .entry(key)
+        .or_insert_with(|| {
+            (
+                counter!(HTTP_REQUESTS, "method" => method, "route" => route, "status" => status),
+                histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status),
+            )
+        })
+        .clone()
 }
 
 /// Status codes are a small closed set; `&'static str` avoids an allocation per request.

@@ -332,6 +332,89 @@ where
 
 /// As axum's own loop: per-connection errors are ignored; anything else (e.g. out of file
 /// descriptors) is logged and accepting pauses for a second.
+/// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4), for plain-text HTTP/2.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plain-text connection speaks HTTP/2 (prior knowledge) or HTTP/1, from its first
+/// bytes, peeked (left in the socket for hyper). `None`: the client closed or sent nothing in
+/// time. HTTP/1 methods never start with `PRI `, so a few bytes decide.
+async fn sniff_h2(tcp: &tokio::net::TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 4];
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == buf.len() {
+            return Some(true);
+        }
+        // A prefix of the preface split across packets (rare): `peek` returns at once while
+        // those bytes wait, so pause briefly instead of spinning.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves `router` over plain HTTP until `shutdown` resolves, then lets in-flight requests
+/// finish, like [`serve_tls`].
+///
+/// Each connection is served by hyper's HTTP/1 or HTTP/2 connection alone, chosen from its first
+/// bytes, and boxed. hyper-util's automatic connection (what `axum::serve` uses) is one future
+/// sized for its largest variant, the HTTP/2 state, on every HTTP/1 connection too: about 10 KiB
+/// more per idle keep-alive connection in the 10,000-connection measurement
+/// (docs/performance.md).
+pub async fn serve_plain<F>(listener: TcpListener, router: Router, shutdown: F) -> io::Result<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    // A timer lets hyper enforce its HTTP/1 header-read timeout on slow clients.
+    h1.timer(TokioTimer::new());
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    handle_accept_error(e).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        let (h1, h2) = (h1.clone(), h2.clone());
+        tokio::spawn(async move {
+            let Some(is_h2) = sniff_h2(&tcp).await else {
+                return;
+            };
+            let io = TokioIo::new(tcp);
+            let result = if is_h2 {
+                Box::pin(watcher.watch(h2.serve_connection(io, service))).await
+            } else {
+                Box::pin(watcher.watch(h1.serve_connection(io, service))).await
+            };
+            if let Err(e) = result {
+                tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
 async fn handle_accept_error(e: io::Error) {
     if matches!(
         e.kind(),

@@ -151,14 +151,6 @@ where
 {
     match tls {
         Some(tls) => listener::serve_tls(listener, router, tls, shutdown).await,
-        None => {
-            // `into_make_service` hands each connection a clone of the one router (an `Arc`);
-            // passing the `Router` itself makes axum rebuild its route table per connection
-            // (`with_state(())`), about 18 KiB per idle keep-alive connection
-            // (docs/performance.md).
-            axum::serve(listener, router.into_make_service())
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
+        None => listener::serve_plain(listener, router, shutdown).await,
     }
 }

@@ -83,7 +83,7 @@ fn wipe(body: Bytes) {
             body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "`unauthorized`: missing or wrong admin token",
             body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_in_flight`, `d1_rejected`",
+        (status = 409, description = "`idempotency_in_flight`, `idempotency_reply_unavailable`, `d1_rejected`",
             body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),

@@ -16,14 +16,12 @@ use crate::observability;
 pub async fn track(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = observability::method_label(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    // A clone of the matched path is a reference count, not a copy of the string.
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let resp = next.run(req).await;
     observability::record_http(
         method,
-        route.as_deref().unwrap_or("unmatched"),
+        route.as_ref().map_or("unmatched", MatchedPath::as_str),
         resp.status().as_u16(),
         started.elapsed(),
     );
