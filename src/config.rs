@@ -3,6 +3,8 @@
 //!
 //! Errors name the offending key's path. Secrets are `SecretString`: they never print.
 
+pub mod rotate;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

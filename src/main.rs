@@ -81,6 +81,17 @@ enum Command {
 enum KeysCommand {
     /// Print a new random 256-bit key, base64 (for vault.keys and vault.fingerprint_key).
     New,
+    /// Add a new random data-encryption key to a config file's [vault] keys and make it
+    /// vault.active_key_id (comments kept). Then roll the instances: new records are sealed
+    /// with it, and the re-encryption job re-seals older ones (docs/security.md).
+    Rotate {
+        /// The TOML config file holding [vault] keys and active_key_id (rewritten in place).
+        #[arg(long)]
+        config: PathBuf,
+        /// Id of the new key (default: k<N+1> after the highest k<N>).
+        #[arg(long)]
+        key_id: Option<String>,
+    },
     /// Write a development key set (test CA, D1 server and gateway client certificates, ES256
     /// and JWE key pairs) for the D1 simulator and a gateway pointed at it. NOT for production.
     GenerateDev {
@@ -177,19 +188,45 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Keys {
+            command: KeysCommand::Rotate { config, key_id },
+        } => {
+            let text = std::fs::read_to_string(&config)
+                .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+            let key = new_key_b64();
+            let rotated =
+                tokengate::config::rotate::rotate_data_key(&text, key_id.as_deref(), &key)
+                    .map_err(|e| format!("{}: {e}", config.display()))?;
+            // Written next to the file and renamed over it: a crash leaves the old or the new
+            // file, never half of one. The copy keeps the original's permissions (keys inside).
+            let tmp = config.with_extension("rotate.tmp");
+            std::fs::copy(&config, &tmp)
+                .and_then(|_| std::fs::write(&tmp, rotated.text.as_bytes()))
+                .and_then(|_| std::fs::rename(&tmp, &config))
+                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+            println!(
+                "{}: added data key `{}` and made it vault.active_key_id. Roll the gateway instances; \
+                 keep the older keys until tokengate_rekey_old_key_records reads 0.",
+                config.display(),
+                rotated.key_id
+            );
+            Ok(())
+        }
+        Command::Keys {
             command: KeysCommand::New,
         } => {
-            use base64::Engine;
-            let mut k = zeroize::Zeroizing::new([0u8; 32]);
-            rand::fill(&mut k[..]);
-            println!(
-                "{}",
-                base64::engine::general_purpose::STANDARD.encode(&k[..])
-            );
+            println!("{}", new_key_b64().as_str());
             Ok(())
         }
         Command::Perf(cmd) => perf::run(cmd)
             .await
             .map_err(|e| e as Box<dyn std::error::Error>),
     }
+}
+
+/// A new random 256-bit key, base64 (vault data keys and the fingerprint key).
+fn new_key_b64() -> zeroize::Zeroizing<String> {
+    use base64::Engine;
+    let mut k = zeroize::Zeroizing::new([0u8; 32]);
+    rand::fill(&mut k[..]);
+    zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&k[..]))
 }

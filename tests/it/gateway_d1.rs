@@ -38,6 +38,11 @@ async fn full_lifecycle_through_d1_on_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_lifecycle_through_d1_on_redis_cluster() {
+    full_lifecycle(Backend::RedisCluster).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_lifecycle_through_d1_embedded() {
     full_lifecycle(Backend::Embedded).await
 }

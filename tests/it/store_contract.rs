@@ -1064,6 +1064,16 @@ pub(crate) async fn dump_node(url: &str) -> Vec<u8> {
                     fields.iter().for_each(|f| out.extend_from_slice(f));
                 }
             }
+            "zset" => {
+                let v: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut con)
+                    .await
+                    .unwrap();
+                v.iter().for_each(|f| out.extend_from_slice(f));
+            }
             other => panic!("unexpected Redis type {other} at {key}"),
         }
         let dump: Vec<u8> = redis::cmd("DUMP")

@@ -346,6 +346,12 @@ both_backends!(
     endpoints_validation_idempotency_and_isolation,
 );
 
+// The outbox (a Redis Stream and ZSETs under the merchant's hash tag) on a real Cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_delivers_a_signed_event_on_redis_cluster() {
+    suspend_delivers_a_signed_event(Backend::RedisCluster).await
+}
+
 // --- end to end --------------------------------------------------------------------------------
 
 async fn suspend_delivers_a_signed_event(b: Backend) {
@@ -466,6 +472,9 @@ async fn suspend_delivers_a_signed_event(b: Backend) {
     // The secret is stored only sealed: it appears nowhere in the raw store.
     let secret_body = secret.trim_start_matches("whsec_").to_owned();
     let data_dir = app.data_dir.clone();
+    // The cluster outlives the gateway for the dump below.
+    let mut app = app;
+    let cluster = app.cluster.take();
     let (_tmp, redis) = app.stop().await;
     let raw = match b {
         Backend::Embedded => std::fs::read(data_dir.join("tokengate.redb")).unwrap(),
@@ -475,6 +484,13 @@ async fn suspend_delivers_a_signed_event(b: Backend) {
             redis_cli(&server, &["CONFIG", "SET", "rdbcompression", "no"]);
             assert_eq!(redis_cli(&server, &["SAVE"]), "OK");
             std::fs::read(server.dir().join("dump.rdb")).unwrap()
+        }
+        Backend::RedisCluster => {
+            let mut all = Vec::new();
+            for addr in cluster.expect("cluster").addrs() {
+                all.extend(crate::store_contract::dump_node(&format!("redis://{addr}/")).await);
+            }
+            all
         }
     };
     assert!(raw.len() > 1000, "store dump is suspiciously small");

@@ -11,7 +11,7 @@ use tokengate::config::Config;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::redis_server::RedisServer;
+use super::redis_server::{RedisCluster, RedisServer};
 
 pub const ADMIN: &str = "test-admin-token";
 
@@ -19,6 +19,8 @@ pub const ADMIN: &str = "test-admin-token";
 pub enum Backend {
     Embedded,
     Redis,
+    /// A three-primary Redis Cluster started for the test (kept until the `TestApp` drops).
+    RedisCluster,
 }
 
 pub struct TestAppBuilder {
@@ -34,6 +36,8 @@ pub struct TestApp {
     pub client: Client,
     pub data_dir: PathBuf,
     pub redis: Option<RedisServer>,
+    /// The Redis Cluster of [`Backend::RedisCluster`].
+    pub cluster: Option<RedisCluster>,
     /// Control API of the in-process D1 simulator (sandbox mode), e.g. `http://127.0.0.1:p`.
     pub sim_control: Option<String>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -96,6 +100,19 @@ impl TestAppBuilder {
         if let Some(r) = &redis {
             env.push(("TOKENGATE__STORAGE__REDIS_URL".into(), r.url()));
         }
+        let cluster = if self.backend == Backend::RedisCluster {
+            let c = tokio::task::spawn_blocking(RedisCluster::start)
+                .await
+                .expect("cluster start");
+            let list: Vec<String> = c.addrs().iter().map(|a| format!("\"{a}\"")).collect();
+            env.push((
+                "TOKENGATE__STORAGE__REDIS_CLUSTER_NODES".into(),
+                format!("[{}]", list.join(",")),
+            ));
+            Some(c)
+        } else {
+            None
+        };
         env.extend(self.env);
         let cfg = Config::load_with_env(None, &env).expect("config");
         let listener = tokio::net::TcpListener::bind(cfg.server.listen)
@@ -118,6 +135,7 @@ impl TestAppBuilder {
             client: client(),
             data_dir,
             redis,
+            cluster,
             sim_control,
             shutdown: Some(tx),
             handle: Some(handle),
