@@ -269,6 +269,10 @@ where
     // A timer lets hyper enforce its HTTP/1 header-read timeout on slow clients.
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new());
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -285,7 +289,7 @@ where
         let _ = tcp.set_nodelay(true);
         let acceptor = TlsAcceptor::from(tls.current());
         let router = router.clone();
-        let builder = builder.clone();
+        let (builder, h1, h2) = (builder.clone(), h1.clone(), h2.clone());
         // Taken before the handshake, so shutdown also waits for connections still handshaking.
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -317,10 +321,28 @@ where
                     req
                 },
             ));
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            // The protocol ALPN settled on picks hyper's HTTP/1 or HTTP/2 connection alone,
+            // boxed (as for plain HTTP, see `serve_plain`: hyper-util's automatic connection is
+            // a future sized for HTTP/2 on every connection). Without ALPN the automatic
+            // connection still tells the two apart from the first bytes.
+            let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            let io = TokioIo::new(stream);
+            type ConnError = Box<dyn std::error::Error + Send + Sync>;
+            let result: Result<(), ConnError> = match alpn.as_deref() {
+                Some(b"h2") => Box::pin(watcher.watch(h2.serve_connection(io, service)))
+                    .await
+                    .map_err(Into::into),
+                Some(b"http/1.1") => Box::pin(watcher.watch(h1.serve_connection(io, service)))
+                    .await
+                    .map_err(Into::into),
+                _ => {
+                    let conn = builder
+                        .serve_connection_with_upgrades(io, service)
+                        .into_owned();
+                    Box::pin(watcher.watch(conn)).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         });
