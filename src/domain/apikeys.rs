@@ -175,8 +175,11 @@ pub struct Caller {
 /// would double the cost of reads for a value that only needs to be roughly right.
 pub const LAST_USED_EVERY: Duration = Duration::from_secs(60);
 
-/// Keys per merchant, a bound on what one merchant can store.
+/// Active (unrevoked) keys per merchant.
 pub const MAX_KEYS: usize = 100;
+/// Key records per merchant, revoked ones included: revoked records are kept (they name the
+/// keys in the audit trail), so this bounds what one merchant can store by issuing and revoking.
+pub const MAX_KEY_RECORDS: usize = 1000;
 
 fn validate_name(name: &str) -> Result<String, DomainError> {
     let name = name.trim();
@@ -221,10 +224,24 @@ impl Services {
     ) -> Result<(ApiKeyRecord, NewApiKey), DomainError> {
         let keys = self.key_store()?;
         let name = validate_name(name)?;
-        if keys.list_keys(merchant).await?.len() >= MAX_KEYS {
+        // Revoked keys do not count against the active limit: revoking is how a merchant (or
+        // the admin, for a merchant locked out) makes room.
+        let existing = keys.list_keys(merchant).await?;
+        let active = existing.iter().filter(|k| k.revoked_at.is_none()).count();
+        if active >= MAX_KEYS {
             return Err(DomainError::Validation {
                 code: "too_many_api_keys",
-                detail: format!("a merchant holds at most {MAX_KEYS} keys; revoke one first"),
+                detail: format!(
+                    "a merchant holds at most {MAX_KEYS} active keys; revoke one first"
+                ),
+            });
+        }
+        if existing.len() >= MAX_KEY_RECORDS {
+            return Err(DomainError::Validation {
+                code: "too_many_api_keys",
+                detail: format!(
+                    "a merchant has at most {MAX_KEY_RECORDS} key records, revoked ones included (they are kept for the audit trail)"
+                ),
             });
         }
         let key = NewApiKey::generate();

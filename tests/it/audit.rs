@@ -763,4 +763,37 @@ both_backends!(
     revoked_keys_stop_working_and_tenants_are_isolated,
     bad_key_requests_are_refused,
     admin_issues_a_key_to_a_merchant_locked_out_of_key_management,
+    revoking_a_key_makes_room_under_the_active_key_limit,
 );
+
+/// At most 100 active keys; revoked keys are kept (they name keys in the trail) but do not count,
+/// so revoking one makes room for another.
+async fn revoking_a_key_makes_room_under_the_active_key_limit(b: Backend) {
+    let app = app(b).await;
+    let (_, key) = app.create_merchant("Busy").await;
+    let listed: Value = app.get("/v1/api-keys", &key).await.json().await.unwrap();
+    let already = listed["data"].as_array().expect("data").len();
+    let mut ids = Vec::new();
+    for i in already..100 {
+        let (id, _) = new_key(&app, &key, &format!("k{i}"), &["tokens:read"]).await;
+        ids.push(id);
+    }
+    let over = app
+        .post(
+            "/v1/api-keys",
+            &key,
+            &json!({"name": "one too many", "scopes": ["tokens:read"]}),
+        )
+        .await;
+    expect_problem(over, 422, "too_many_api_keys").await;
+    let r = send(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("/v1/api-keys/{}", ids[0]),
+        &key,
+        "rid-make-room",
+    )
+    .await;
+    assert!(r.status().is_success(), "revoke: {}", r.status());
+    new_key(&app, &key, "after revoking", &["tokens:read"]).await;
+}
