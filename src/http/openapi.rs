@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{RefOr, Required};
 use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 
@@ -30,6 +30,8 @@ use crate::domain::token::Usage;
 
 /// Security scheme of the merchant routes: `Authorization: Bearer <merchant API key>`.
 pub const MERCHANT_API_KEY: &str = "merchantApiKey";
+/// Security scheme: a TLS client certificate bound to the merchant (src/http/client_cert.rs).
+pub const CLIENT_CERTIFICATE: &str = "clientCertificate";
 /// Security scheme of the admin routes: `Authorization: Bearer <admin token>`.
 pub const ADMIN_TOKEN: &str = "adminToken";
 /// D1's client credentials at `POST /oauth2/token` (HTTP Basic).
@@ -150,6 +152,51 @@ impl Modify for SecuritySchemes {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            CLIENT_CERTIFICATE,
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "A TLS client certificate bound to the merchant (`PUT /v1/merchants/{id}/client-certs`). \
+                     Per merchant: `API_KEY` (the key alone), `API_KEY_AND_CERT` (both, and they must name the \
+                     same merchant) or `CERT` (the certificate alone, with the scopes bound to it). \
+                     See docs/security.md, \"Client certificates\"."
+                        .to_owned(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        );
+        // Every merchant operation also accepts the certificate (alone, in `CERT` mode): the
+        // alternative is added here rather than on each handler's annotation.
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let Some(security) = op.security.as_mut() else {
+                    continue;
+                };
+                let merchant = security.iter().any(|r| {
+                    serde_json::to_value(r)
+                        .ok()
+                        .and_then(|v| v.get(MERCHANT_API_KEY).cloned())
+                        .is_some()
+                });
+                if merchant {
+                    security.push(SecurityRequirement::new(
+                        CLIENT_CERTIFICATE,
+                        Vec::<String>::new(),
+                    ));
+                }
+            }
+        }
+        let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             D1_ACCESS_TOKEN,
             SecurityScheme::Http(
@@ -435,5 +482,21 @@ mod tests {
         let op = &d["paths"]["/v1/merchants"]["post"];
         assert_eq!(op["security"][0][ADMIN_TOKEN], serde_json::json!([]));
         assert!(d["paths"]["/healthz"]["get"]["security"].is_null());
+    }
+
+    #[test]
+    fn merchant_operations_also_accept_a_client_certificate_admin_ones_do_not() {
+        let d = doc();
+        assert_eq!(
+            d["components"]["securitySchemes"][CLIENT_CERTIFICATE]["type"],
+            "mutualTLS"
+        );
+        for (path, method) in [("/v1/tokens", "post"), ("/v1/tokens/{id}", "get")] {
+            let sec = &d["paths"][path][method]["security"];
+            assert_eq!(sec[0][MERCHANT_API_KEY], serde_json::json!([]), "{path}");
+            assert_eq!(sec[1][CLIENT_CERTIFICATE], serde_json::json!([]), "{path}");
+        }
+        let admin = d["paths"]["/v1/merchants"]["post"]["security"].to_string();
+        assert!(!admin.contains(CLIENT_CERTIFICATE), "{admin}");
     }
 }
