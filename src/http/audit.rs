@@ -15,9 +15,6 @@ use crate::domain::apikeys::is_key_id;
 use crate::domain::audit::{AuditAction, AuditEvent, NewAuditEvent, SUCCESS};
 use crate::domain::token::MerchantId;
 
-const DEFAULT_LIMIT: usize = 20;
-const MAX_LIMIT: usize = 100;
-
 /// Put in the request's extensions by [`MerchantAuth`]: the id of the API key that
 /// authenticated the request.
 #[derive(Debug, Clone)]
@@ -203,35 +200,6 @@ pub struct AuditEventPage {
     next_cursor: Option<String>,
 }
 
-fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError> {
-    let mut limit = DEFAULT_LIMIT;
-    let mut cursor = None;
-    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("limit", v)) => {
-                limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_query",
-                            format!("limit must be an integer from 1 to {MAX_LIMIT}"),
-                        )
-                    })?;
-            }
-            Some(("cursor", v)) if !v.is_empty() => cursor = Some(v.to_owned()),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    "the query parameters are `limit` and `cursor`",
-                ));
-            }
-        }
-    }
-    Ok((limit, cursor))
-}
-
 /// The merchant's audit trail, newest first.
 #[utoipa::path(get, path = "/v1/audit-events", tag = "audit",
     security(("merchantApiKey" = [])),
@@ -254,7 +222,7 @@ pub async fn list_audit_events(
     MerchantAuth(merchant): MerchantAuth,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let (limit, cursor) = match page_query(query.as_deref()) {
+    let (limit, cursor) = match super::extract::page_query(query.as_deref()) {
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };

@@ -144,6 +144,41 @@ pub fn redact(msg: &str) -> String {
     out
 }
 
+/// Page size of the paginated lists when `limit` is absent, and its maximum.
+pub const DEFAULT_LIMIT: usize = 20;
+pub const MAX_LIMIT: usize = 100;
+
+/// `?limit=&cursor=` of the paginated lists (`/v1/events`, `/v1/audit-events`); anything else
+/// is refused, so a typo does not silently return page one.
+pub fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError> {
+    let mut limit = DEFAULT_LIMIT;
+    let mut cursor = None;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_query",
+                            format!("limit must be an integer from 1 to {MAX_LIMIT}"),
+                        )
+                    })?;
+            }
+            Some(("cursor", v)) if !v.is_empty() => cursor = Some(v.to_owned()),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "the query parameters are `limit` and `cursor`",
+                ));
+            }
+        }
+    }
+    Ok((limit, cursor))
+}
+
 fn bearer(parts: &Parts) -> Option<&str> {
     let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
@@ -230,6 +265,20 @@ impl FromRequestParts<AppState> for AdminAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_query_accepts_limit_and_cursor_only() {
+        assert_eq!(page_query(None).unwrap(), (DEFAULT_LIMIT, None));
+        assert_eq!(page_query(Some("")).unwrap(), (DEFAULT_LIMIT, None));
+        assert_eq!(
+            page_query(Some("limit=5&cursor=evt_x")).unwrap(),
+            (5, Some("evt_x".into()))
+        );
+        for bad in ["limit=0", "limit=101", "limit=x", "page=2", "limit"] {
+            let e = page_query(Some(bad)).unwrap_err();
+            assert_eq!(e.code, "invalid_query", "{bad}");
+        }
+    }
 
     #[test]
     fn redact_removes_values() {

@@ -24,9 +24,6 @@ use super::problem::{ApiError, ProblemBody};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{DeliveryState, EventRecord, WebhookEndpoint, WebhookService};
 
-/// Default and largest page size of `GET /v1/events`.
-const DEFAULT_LIMIT: usize = 20;
-const MAX_LIMIT: usize = 100;
 /// Largest response body re-read to add the secret (it is a small JSON object).
 const MAX_CREATED_BODY: usize = 64 * 1024;
 
@@ -361,36 +358,6 @@ pub async fn delete_endpoint(
 
 // --- events ------------------------------------------------------------------------------------
 
-/// `?limit=&cursor=`; anything else is refused, so a typo does not silently return page one.
-fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError> {
-    let mut limit = DEFAULT_LIMIT;
-    let mut cursor = None;
-    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("limit", v)) => {
-                limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_query",
-                            format!("limit must be an integer from 1 to {MAX_LIMIT}"),
-                        )
-                    })?;
-            }
-            Some(("cursor", v)) if !v.is_empty() => cursor = Some(v.to_owned()),
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    "the query parameters are `limit` and `cursor`",
-                ));
-            }
-        }
-    }
-    Ok((limit, cursor))
-}
-
 /// The merchant's webhook events, newest first, with their delivery status.
 #[utoipa::path(get, path = "/v1/events", tag = "webhooks",
     security(("merchantApiKey" = [])),
@@ -416,7 +383,7 @@ pub async fn list_events(
         Ok(h) => h,
         Err(e) => return e.into_response(),
     };
-    let (limit, cursor) = match page_query(query.as_deref()) {
+    let (limit, cursor) = match super::extract::page_query(query.as_deref()) {
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };
@@ -500,24 +467,4 @@ pub async fn redeliver_event(
         }
     })
     .await
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, reason = "a failing test should stop loudly")]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn page_query_accepts_limit_and_cursor_only() {
-        assert_eq!(page_query(None).unwrap(), (DEFAULT_LIMIT, None));
-        assert_eq!(page_query(Some("")).unwrap(), (DEFAULT_LIMIT, None));
-        assert_eq!(
-            page_query(Some("limit=5&cursor=evt_x")).unwrap(),
-            (5, Some("evt_x".into()))
-        );
-        for bad in ["limit=0", "limit=101", "limit=x", "page=2", "limit"] {
-            let e = page_query(Some(bad)).unwrap_err();
-            assert_eq!(e.code, "invalid_query", "{bad}");
-        }
-    }
 }

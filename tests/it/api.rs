@@ -192,13 +192,7 @@ async fn merchant_creation_replays_its_key_sealed(b: Backend) {
 
     let raw = match (&app.redis, &app.cluster) {
         (Some(r), _) => crate::store_contract::dump_node(&r.url()).await,
-        (None, Some(c)) => {
-            let mut all = Vec::new();
-            for addr in c.addrs() {
-                all.extend(crate::store_contract::dump_node(&format!("redis://{addr}/")).await);
-            }
-            all
-        }
+        (None, Some(c)) => crate::store_contract::dump_cluster(c).await,
         (None, None) => {
             let mut all = Vec::new();
             for e in std::fs::read_dir(&app.data_dir).unwrap() {

@@ -629,10 +629,7 @@ async fn redis_cluster_raw_values_hold_no_api_key_secret() {
         .unwrap();
     let store = cluster_store(&cluster).await;
     let issued = issue_use_and_revoke(&store).await;
-    let mut bytes = Vec::new();
-    for addr in cluster.addrs() {
-        bytes.extend(dump_node(&format!("redis://{addr}/")).await);
-    }
+    let bytes = crate::store_contract::dump_cluster(&cluster).await;
     assert_no_secret(&bytes, &issued, "redis cluster dump");
 }
 

@@ -1008,6 +1008,15 @@ fn base64_of(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
+/// [`dump_node`] of every node of a cluster, concatenated.
+pub(crate) async fn dump_cluster(cluster: &RedisCluster) -> Vec<u8> {
+    let mut out = Vec::new();
+    for addr in cluster.addrs() {
+        out.extend(dump_node(&format!("redis://{addr}/")).await);
+    }
+    out
+}
+
 /// Every value of every key on one Redis node, in its plain form (GET/HGETALL/XRANGE) and as
 /// `DUMP`.
 pub(crate) async fn dump_node(url: &str) -> Vec<u8> {
@@ -1102,10 +1111,7 @@ async fn redis_cluster_raw_values_never_hold_a_pan() {
         .unwrap();
     let store = cluster_store(&cluster).await;
     let records = insert_sealed_cards(&store).await;
-    let mut bytes = Vec::new();
-    for addr in cluster.addrs() {
-        bytes.extend(dump_node(&format!("redis://{addr}/")).await);
-    }
+    let bytes = dump_cluster(&cluster).await;
     assert_no_pan(&bytes, &records, "redis cluster dump");
 }
 

@@ -486,11 +486,7 @@ async fn suspend_delivers_a_signed_event(b: Backend) {
             std::fs::read(server.dir().join("dump.rdb")).unwrap()
         }
         Backend::RedisCluster => {
-            let mut all = Vec::new();
-            for addr in cluster.expect("cluster").addrs() {
-                all.extend(crate::store_contract::dump_node(&format!("redis://{addr}/")).await);
-            }
-            all
+            crate::store_contract::dump_cluster(&cluster.expect("cluster")).await
         }
     };
     assert!(raw.len() > 1000, "store dump is suspiciously small");
