@@ -269,24 +269,10 @@ where
     // A timer lets hyper enforce its HTTP/1 header-read timeout on slow clients.
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    h1.timer(TokioTimer::new());
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new());
+    let (h1, h2) = protocol_builders();
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    handle_accept_error(e).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, peer)) = next_connection(&listener, shutdown.as_mut()).await {
         let acceptor = TlsAcceptor::from(tls.current());
         let router = router.clone();
         let (builder, h1, h2) = (builder.clone(), h1.clone(), h2.clone());
@@ -354,6 +340,39 @@ where
 
 /// As axum's own loop: per-connection errors are ignored; anything else (e.g. out of file
 /// descriptors) is logged and accepting pauses for a second.
+/// hyper's HTTP/1 and HTTP/2 connection builders as both listeners use them. The timer lets
+/// hyper enforce its HTTP/1 header-read timeout on slow clients.
+fn protocol_builders() -> (
+    hyper::server::conn::http1::Builder,
+    hyper::server::conn::http2::Builder<TokioExecutor>,
+) {
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new());
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    (h1, h2)
+}
+
+/// The next accepted connection (with `TCP_NODELAY`), or `None` once `shutdown` resolves.
+/// Accept errors are handled (`handle_accept_error`) and the loop goes on.
+async fn next_connection<F: Future<Output = ()>>(
+    listener: &TcpListener,
+    mut shutdown: std::pin::Pin<&mut F>,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((tcp, peer));
+                }
+                Err(e) => handle_accept_error(e).await,
+            },
+            _ = &mut shutdown => return None,
+        }
+    }
+}
+
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4), for plain-text HTTP/2.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -395,25 +414,10 @@ pub async fn serve_plain<F>(listener: TcpListener, router: Router, shutdown: F) 
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut h1 = hyper::server::conn::http1::Builder::new();
-    // A timer lets hyper enforce its HTTP/1 header-read timeout on slow clients.
-    h1.timer(TokioTimer::new());
-    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new());
+    let (h1, h2) = protocol_builders();
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    handle_accept_error(e).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => break,
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, peer)) = next_connection(&listener, shutdown.as_mut()).await {
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
         let (h1, h2) = (h1.clone(), h2.clone());
