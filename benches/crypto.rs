@@ -14,8 +14,8 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokengate::crypto::{Keyring, dev};
-use tokengate::domain::card::{Expiry, Pan};
 use tokengate::domain::token::{MerchantId, TokenId};
+use tokengate_cards::{Expiry, Pan};
 
 const PANS: [(&str, &str); 2] = [("16", "4111111111111111"), ("19", "6011000990139424000")];
 

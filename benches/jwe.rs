@@ -17,7 +17,7 @@ use p256::elliptic_curve::Generate;
 use p256::elliptic_curve::sec1::ToSec1Point;
 use p256::{PublicKey, SecretKey};
 use ring::agreement;
-use tokengate::d1::jose::{jwe_decrypt, jwe_encrypt};
+use tokengate_d1_protocol::jose::{jwe_decrypt, jwe_encrypt};
 
 /// The card payload D1 receives: a small JSON object.
 const CARD: &[u8] = br#"{"pan":"4111111111111111","exp":"1230","name":"A Cardholder","cvv":null}"#;

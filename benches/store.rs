@@ -15,13 +15,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use time::macros::datetime;
-use tokengate::domain::card::{Brand, Expiry};
+use tokengate::domain::ports::TokenStore;
 use tokengate::domain::token::{
     CardMeta, Fingerprints, MerchantId, SealedPan, TokenId, TokenRecord, TokenStatus, Usage,
 };
-use tokengate::storage::TokenStore;
 use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
+use tokengate_cards::{Brand, Expiry};
 
 /// A throwaway `redis-server` without persistence; killed on drop.
 struct RedisServer {

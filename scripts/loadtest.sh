@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The load test of docs/performance.md in one command. Builds the release binary, raises the
 # descriptor limit (10,000 idle connections need as many descriptors on each side), then runs
-# `tokengate loadtest`, which starts its own redis-server(s) on free ports, the bare hyper
+# `tokengate-loadtest loadtest`, which starts its own redis-server(s) on free ports, the bare hyper
 # ceiling and the gateway, drives them with wrk and its open-loop generator, and prints the
 # Markdown report (also written under target/loadtest/).
 #
@@ -10,7 +10,7 @@
 #   bash scripts/loadtest.sh --scale         # vault-size step: 10,000 then 1,000,000 tokens
 #   bash scripts/loadtest.sh --quick         # a short smoke run (2 s per step, 500 connections)
 #
-# Other flags go to `tokengate loadtest` (see `target/release/tokengate loadtest --help`), e.g.
+# Other flags go to `tokengate-loadtest loadtest` (see `target/release/tokengate-loadtest loadtest --help`), e.g.
 # `--duration 20s`, `--scenarios get,tokenize-new`, `--scale-sizes 10000,300000`.
 # Needs: wrk, redis-server, redis-cli (apt-get install wrk redis-server). Not part of CI.
 set -euo pipefail
@@ -32,7 +32,7 @@ for a in "$@"; do
 done
 
 echo "== cargo build --release" >&2
-cargo build --release --bin tokengate >&2
+cargo build --release -p tokengate -p tokengate-loadtest >&2
 
 # 10,000 connections: the gateway and the generator each hold one descriptor per connection.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -41,4 +41,4 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 10500 ]; then
 fi
 
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg) (other builds running skew the figures)" >&2
-exec target/release/tokengate loadtest ${args[@]+"${args[@]}"}
+exec target/release/tokengate-loadtest loadtest ${args[@]+"${args[@]}"}

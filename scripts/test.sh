@@ -17,7 +17,7 @@ if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --all -- --test-threads="${TEST_THREADS:-4}"
+cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
 echo "== all tests passed"

@@ -15,20 +15,21 @@ use crate::crypto::{KeyMaterial, Keyring};
 use crate::domain::audit::AuditLog;
 use crate::domain::lifecycle::Lifecycle;
 use crate::domain::notify_auth::{ClientCredentials, NotifyAuth};
+use crate::domain::ports::TokenStore;
+use crate::domain::ports::apikeys::ApiKeyStore;
+use crate::domain::ports::audit::AuditStore;
+use crate::domain::ports::lifecycle::LifecycleStore;
+use crate::domain::ports::outbox::OutboxStore;
 use crate::domain::provider::NetworkTokenProvider;
-use crate::domain::reconcile::{ReconcileSettings, Reconciler, Schedule};
+use crate::domain::reconcile::{ReconcileSettings, Reconciler};
 use crate::domain::rekey::{RekeySettings, Rekeyer};
+use crate::domain::schedule::Schedule;
 use crate::domain::service::Services;
 use crate::domain::token::TokenRecord;
 use crate::domain::webhooks::{TokenRenderer, WebhookSender, WebhookService, WebhookSettings};
-use crate::http::notify::NotifyState;
+use crate::http::NotifyState;
 use crate::http::{AppState, HttpSettings};
-use crate::storage::TokenStore;
-use crate::storage::apikeys::ApiKeyStore;
-use crate::storage::audit::AuditStore;
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::lifecycle::LifecycleStore;
-use crate::storage::outbox::OutboxStore;
 use crate::storage::redis::{RedisConfig, RedisStore};
 use crate::webhook_sender::HyperWebhookSender;
 
@@ -39,7 +40,7 @@ pub enum AppError {
     #[error("vault keys: {0}")]
     Keys(#[from] crate::crypto::CryptoError),
     #[error("store: {0}")]
-    Store(#[from] crate::storage::StoreError),
+    Store(#[from] crate::domain::ports::StoreError),
     #[error("D1: {0}")]
     D1(String),
     #[error("io: {0}")]
@@ -53,7 +54,7 @@ pub struct Gateway {
     pub state: AppState,
     pub settings: HttpSettings,
     /// Keeps the in-process simulator (sandbox mode) alive as long as the gateway.
-    pub sandbox: Option<crate::sim::SimHandle>,
+    pub sandbox: Option<tokengate_d1_sim::SimHandle>,
     /// How long in-flight requests may run after the shutdown signal.
     pub grace: Duration,
     /// Background reconciliation with D1 (`None` without D1 or with `reconcile.enabled = false`).
@@ -185,8 +186,8 @@ pub async fn open_stores(
         Arc<dyn OutboxStore>,
         Arc<dyn AuditStore>,
         Arc<dyn ApiKeyStore>,
-        Arc<dyn crate::storage::client_certs::ClientCertStore>,
-        Arc<dyn crate::storage::counts::TokenCountStore>,
+        Arc<dyn crate::domain::ports::client_certs::ClientCertStore>,
+        Arc<dyn crate::domain::ports::counts::TokenCountStore>,
     ),
     AppError,
 > {
@@ -520,7 +521,7 @@ pub async fn shutdown_signal() {
 
 type ProviderSetup = (
     Option<Arc<dyn NetworkTokenProvider>>,
-    Option<crate::sim::SimHandle>,
+    Option<tokengate_d1_sim::SimHandle>,
 );
 
 /// Builds the D1 provider: the real D1 when `d1.base_url` is set; in sandbox mode without it,
@@ -533,8 +534,8 @@ async fn d1_provider(
     notify: Option<&ClientCredentials>,
 ) -> Result<ProviderSetup, AppError> {
     use crate::d1::{D1Client, D1Config};
-    use crate::devkeys::DevMaterial;
-    use crate::sim::{NotifyTarget, SimConfig, Simulator};
+    use tokengate_d1_protocol::devkeys::DevMaterial;
+    use tokengate_d1_sim::{NotifyTarget, SimConfig, Simulator};
 
     if !cfg.d1.enabled {
         return Ok((None, None));

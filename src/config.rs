@@ -264,7 +264,7 @@ pub struct D1Section {
     pub breaker_open_ms: u64,
     /// Path templates of the D1 API (`[d1.paths]`); defaults in docs/d1-protocol.md.
     #[serde(default)]
-    pub paths: crate::d1::D1Paths,
+    pub paths: tokengate_d1_protocol::paths::D1Paths,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -623,6 +623,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn dev_kids_match_the_default_configuration() {
+        let d1 = Config::load_with_env(None, &[]).unwrap().d1;
+        assert_eq!(d1.es256_kid, tokengate_d1_protocol::devkeys::DEV_ES256_KID);
+        assert_eq!(
+            d1.d1_jwe_kid,
+            tokengate_d1_protocol::devkeys::DEV_D1_JWE_KID
+        );
+        assert_eq!(
+            d1.gateway_jwe_kid,
+            tokengate_d1_protocol::devkeys::DEV_GATEWAY_JWE_KID
+        );
     }
 
     #[test]

@@ -15,9 +15,6 @@ use tokengate::config::{Config, Overrides};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Hidden load-testing commands (`scripts/loadtest.sh`, `docs/performance.md`).
-mod perf;
-
 #[derive(Parser)]
 #[command(
     name = "tokengate",
@@ -73,8 +70,6 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    #[command(flatten)]
-    Perf(perf::PerfCommand),
 }
 
 #[derive(Subcommand)]
@@ -162,7 +157,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 format: tokengate::config::LogFormat::Text,
                 level: "info".into(),
             });
-            tokengate::sim::run_cli(tokengate::sim::SimCliArgs {
+            tokengate_d1_sim::run_cli(tokengate_d1_sim::SimCliArgs {
                 listen,
                 control_listen,
                 keys_dir,
@@ -179,7 +174,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     merchant_gateway_id,
                 },
         } => {
-            let m = tokengate::devkeys::DevMaterial::generate(&merchant_gateway_id)?;
+            let m = tokengate_d1_protocol::devkeys::DevMaterial::generate(&merchant_gateway_id)?;
             m.write_to(&out)?;
             println!(
                 "development key set (NOT for production) written to {}",
@@ -217,9 +212,6 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", new_key_b64().as_str());
             Ok(())
         }
-        Command::Perf(cmd) => perf::run(cmd)
-            .await
-            .map_err(|e| e as Box<dyn std::error::Error>),
     }
 }
 

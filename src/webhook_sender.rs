@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::domain::webhooks::{OutboundRequest, SendError, WebhookSender};
-use crate::tls::{self, TlsError};
+use tokengate_d1_protocol::tls::{self, TlsError};
 
 /// Idle pooled connections to receivers are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(30);

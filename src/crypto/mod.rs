@@ -19,12 +19,42 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use crate::domain::card::{Expiry, Pan};
-use crate::domain::token::{Fingerprints, MerchantId, SealedPan, TokenId};
+use serde::{Deserialize, Serialize};
+use tokengate_cards::{Expiry, Pan};
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 const AAD_LABEL: &[u8] = b"tokengate/pan/v1";
+
+/// A PAN encrypted by the vault. Opaque outside this module: only a [`Keyring`] can open it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedPan {
+    /// Id of the data-encryption key that sealed it (keys rotate).
+    pub key_id: String,
+    /// `nonce (12) || ciphertext || tag (16)`, see docs/security.md.
+    #[serde(with = "b64")]
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for SealedPan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SealedPan(key_id={}, {} bytes)",
+            self.key_id,
+            self.blob.len()
+        )
+    }
+}
+
+/// Keyed fingerprints of the card, used only for deduplication (never reversible without the key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprints {
+    /// HMAC of merchant + PAN: the same card even after reissue with a new expiry.
+    pub pan: String,
+    /// HMAC of merchant + PAN + expiry: exactly this card instance.
+    pub pan_expiry: String,
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CryptoError {
@@ -188,10 +218,10 @@ impl Keyring {
         self.keys.keys().map(String::as_str)
     }
 
-    fn aad(key_id: &str, merchant: &MerchantId, token: &TokenId) -> Vec<u8> {
+    fn aad(key_id: &str, merchant: &str, token: &str) -> Vec<u8> {
         let mut aad = Vec::with_capacity(AAD_LABEL.len() + key_id.len() + 48);
         aad.extend_from_slice(AAD_LABEL);
-        for part in [key_id, merchant.as_str(), token.as_str()] {
+        for part in [key_id, merchant, token] {
             aad.push(0);
             aad.extend_from_slice(part.as_bytes());
         }
@@ -199,7 +229,14 @@ impl Keyring {
     }
 
     /// Encrypts a PAN under the active key, bound to its token and merchant.
-    pub fn seal(&self, pan: &Pan, merchant: &MerchantId, token: &TokenId) -> SealedPan {
+    ///
+    /// `merchant` and `token` are the record's ids (the domain's `MerchantId` and `TokenId`).
+    pub fn seal(
+        &self,
+        pan: &Pan,
+        merchant: &impl AsRef<str>,
+        token: &impl AsRef<str>,
+    ) -> SealedPan {
         let key_id = &self.active;
         let cipher = &self.keys[key_id];
         let mut nonce = [0u8; NONCE_LEN];
@@ -207,7 +244,7 @@ impl Keyring {
         let mut blob = Vec::with_capacity(NONCE_LEN + pan.len() + TAG_LEN);
         blob.extend_from_slice(&nonce);
         blob.extend_from_slice(pan.as_bytes());
-        let aad = Self::aad(key_id, merchant, token);
+        let aad = Self::aad(key_id, merchant.as_ref(), token.as_ref());
         let tag = cipher.seal(nonce, &aad, &mut blob[NONCE_LEN..]);
         blob.extend_from_slice(&tag);
         SealedPan {
@@ -220,8 +257,8 @@ impl Keyring {
     pub fn open(
         &self,
         sealed: &SealedPan,
-        merchant: &MerchantId,
-        token: &TokenId,
+        merchant: &impl AsRef<str>,
+        token: &impl AsRef<str>,
     ) -> Result<Pan, CryptoError> {
         let cipher = self
             .keys
@@ -230,7 +267,7 @@ impl Keyring {
         if sealed.blob.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Authentication);
         }
-        let aad = Self::aad(&sealed.key_id, merchant, token);
+        let aad = Self::aad(&sealed.key_id, merchant.as_ref(), token.as_ref());
         let buf = cipher.open(&sealed.blob, &aad)?;
         let s = std::str::from_utf8(&buf).map_err(|_| CryptoError::BadPlaintext)?;
         s.parse::<Pan>().map_err(|_| CryptoError::BadPlaintext)
@@ -238,9 +275,14 @@ impl Keyring {
 
     /// Keyed fingerprints of a card for one merchant. Including the merchant id means the same
     /// card at two merchants has unrelated fingerprints, so the store cannot link tenants.
-    pub fn fingerprints(&self, merchant: &MerchantId, pan: &Pan, expiry: &Expiry) -> Fingerprints {
+    pub fn fingerprints(
+        &self,
+        merchant: &impl AsRef<str>,
+        pan: &Pan,
+        expiry: &Expiry,
+    ) -> Fingerprints {
         let mut m = self.fingerprint.clone();
-        m.update(merchant.as_str().as_bytes());
+        m.update(merchant.as_ref().as_bytes());
         m.update(&[0]);
         m.update(pan.as_bytes());
         let pan_only = m.clone().finalize().into_bytes();
@@ -253,9 +295,9 @@ impl Keyring {
     }
 
     /// PAN-only fingerprint (what dedup looks up).
-    pub fn pan_fingerprint(&self, merchant: &MerchantId, pan: &Pan) -> String {
+    pub fn pan_fingerprint(&self, merchant: &impl AsRef<str>, pan: &Pan) -> String {
         let mut m = self.fingerprint.clone();
-        m.update(merchant.as_str().as_bytes());
+        m.update(merchant.as_ref().as_bytes());
         m.update(&[0]);
         m.update(pan.as_bytes());
         hex_lower(&m.finalize().into_bytes()[..])
@@ -344,6 +386,20 @@ impl Keyring {
     }
 }
 
+mod b64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A key set for tests and sandbox mode only. Loudly marked; production mode refuses it.
 pub mod dev {
     use secrecy::SecretString;
@@ -375,8 +431,13 @@ mod tests {
         Keyring::new(&dev::material()).unwrap()
     }
 
-    fn ids() -> (MerchantId, TokenId) {
-        (MerchantId::generate(), TokenId::generate())
+    /// A fresh random id: the vault binds to ids as opaque strings.
+    fn id(prefix: &str) -> String {
+        format!("{prefix}{:032x}", rand::random::<u128>())
+    }
+
+    fn ids() -> (String, String) {
+        (id("mer_"), id("tok_"))
     }
 
     const PAN: &str = "4111111111111111";
@@ -449,11 +510,11 @@ mod tests {
         let pan: Pan = PAN.parse().unwrap();
         let s = k.seal(&pan, &m, &t);
         assert_eq!(
-            k.open(&s, &MerchantId::generate(), &t),
+            k.open(&s, &id("mer_"), &t),
             Err(CryptoError::Authentication)
         );
         assert_eq!(
-            k.open(&s, &m, &TokenId::generate()),
+            k.open(&s, &m, &id("tok_")),
             Err(CryptoError::Authentication)
         );
         let mut tampered = s.clone();
@@ -506,7 +567,7 @@ mod tests {
     #[test]
     fn fingerprints_are_keyed_per_merchant_and_expiry() {
         let k = ring();
-        let m = MerchantId::generate();
+        let m = id("mer_");
         let pan: Pan = PAN.parse().unwrap();
         let e1 = Expiry::trusted(1, 2030).unwrap();
         let e2 = Expiry::trusted(2, 2031).unwrap();
@@ -518,7 +579,7 @@ mod tests {
         );
         assert_ne!(f1.pan_expiry, f2.pan_expiry);
         assert_eq!(f1.pan, k.pan_fingerprint(&m, &pan));
-        let other = k.fingerprints(&MerchantId::generate(), &pan, &e1);
+        let other = k.fingerprints(&id("mer_"), &pan, &e1);
         assert_ne!(other.pan, f1.pan);
     }
 

@@ -48,21 +48,22 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
-use super::jose::{self, Es256Signer, JoseError};
-use super::model::{
-    AmountDto, CardPlaintext, CreateTokenRequest, CryptogramPlaintext, ErrorBody, JWT_BEARER_GRANT,
-    LifecycleRequest, OAuthTokenRequest, OAuthTokenResponse, OnboardMerchantRequest,
-    OnboardMerchantResponse, TokenObject, TransactionRequest, TransactionResponse,
-};
 use super::resilience::{Breaker, backoff, parse_retry_after};
-use crate::devkeys::DevMaterial;
-use crate::domain::card::{Expiry, Pan};
 use crate::domain::error::ProviderError;
 use crate::domain::provider::{
     Amount, Cryptogram, LifecycleAction, NetworkTokenProvider, ProviderToken, TransactionType,
 };
-use crate::domain::token::Usage;
-use crate::tls::{self, TlsError};
+use crate::domain::token::{TokenStatus, Usage};
+use tokengate_cards::{Expiry, Pan};
+use tokengate_d1_protocol::devkeys::DevMaterial;
+use tokengate_d1_protocol::jose::{self, Es256Signer, JoseError};
+use tokengate_d1_protocol::model::{
+    AmountDto, CardPlaintext, CreateTokenRequest, CryptogramPlaintext, ErrorBody, JWT_BEARER_GRANT,
+    LifecycleRequest, OAuthTokenRequest, OAuthTokenResponse, OnboardMerchantRequest,
+    OnboardMerchantResponse, TokenObject, TransactionRequest, TransactionResponse,
+};
+use tokengate_d1_protocol::paths::D1Paths;
+use tokengate_d1_protocol::tls::{self, TlsError};
 
 /// Lifetime of our client assertions. D1 accepts up to 15 minutes; each assertion is used once,
 /// right away, so a short one limits the damage if one leaks.
@@ -76,67 +77,30 @@ const MAX_BODY: usize = 1 << 20;
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
-/// Path templates under the base URL, with `{mgid}`, `{merchantId}` and `{tokenId}`
-/// placeholders. Defaults follow docs/d1-protocol.md; they are configuration so the eCom token
-/// paths (not public, our inference) can be corrected without code changes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct D1Paths {
-    pub oauth_token: String,
-    pub merchants: String,
-    /// Create (POST) and find by `?requestId=` (GET).
-    pub tokens: String,
-    /// Get (GET) and delete (DELETE).
-    pub token: String,
-    pub suspend: String,
-    pub resume: String,
-    pub transactions: String,
-}
-
-impl Default for D1Paths {
-    fn default() -> Self {
-        let token = "/merchant-gateways/{mgid}/merchants/{merchantId}/tokens/{tokenId}";
-        D1Paths {
-            oauth_token: "/oauth2/token".into(),
-            merchants: "/merchant-gateways/{mgid}/merchants".into(),
-            tokens: "/merchant-gateways/{mgid}/merchants/{merchantId}/tokens".into(),
-            token: token.into(),
-            suspend: format!("{token}/suspend"),
-            resume: format!("{token}/resume"),
-            transactions: format!("{token}/transactions"),
-        }
+/// The `outcome` label of a D1 call.
+fn provider_outcome(result: Result<(), &ProviderError>) -> &'static str {
+    match result {
+        Ok(()) => "ok",
+        Err(ProviderError::Unavailable { .. }) => "unavailable",
+        Err(ProviderError::Timeout) => "timeout",
+        Err(ProviderError::Rejected { .. }) => "rejected",
+        Err(ProviderError::NotFound) => "not_found",
+        Err(ProviderError::BadResponse(_)) => "bad_response",
+        Err(ProviderError::NotConfigured) => "not_configured",
     }
 }
 
-impl D1Paths {
-    fn all(&self) -> [(&'static str, &str); 7] {
-        [
-            ("oauth_token", &self.oauth_token),
-            ("merchants", &self.merchants),
-            ("tokens", &self.tokens),
-            ("token", &self.token),
-            ("suspend", &self.suspend),
-            ("resume", &self.resume),
-            ("transactions", &self.transactions),
-        ]
-    }
-
-    fn validate(&self) -> Result<(), D1Error> {
-        for (name, t) in self.all() {
-            if !t.starts_with('/') {
-                return Err(D1Error::Config(format!("paths.{name} must start with '/'")));
-            }
-            let rest = t
-                .replace("{mgid}", "")
-                .replace("{merchantId}", "")
-                .replace("{tokenId}", "");
-            if rest.contains('{') || rest.contains('}') || rest.contains('?') {
-                return Err(D1Error::Config(format!(
-                    "paths.{name} has an unknown placeholder or a query string"
-                )));
-            }
+/// D1's token object as the domain sees it.
+impl From<TokenObject> for ProviderToken {
+    fn from(t: TokenObject) -> Self {
+        ProviderToken {
+            d1_token_id: t.token_id,
+            status: TokenStatus::parse(&t.status),
+            last4: t.token_last_digits,
+            // A malformed expiry is metadata we cannot use, not a reason to fail the call.
+            expiry: t.token_expiry_date.as_deref().and_then(Expiry::from_mmyy),
+            par: t.par,
         }
-        Ok(())
     }
 }
 
@@ -399,7 +363,7 @@ impl D1Client {
         if cfg.call_timeout.is_zero() {
             return Err(D1Error::Config("call_timeout must be positive".into()));
         }
-        cfg.paths.validate()?;
+        cfg.paths.validate().map_err(D1Error::Config)?;
 
         let signer =
             Es256Signer::from_pkcs8_pem(cfg.es256_key_pem.expose_secret(), &cfg.es256_kid)?;
@@ -508,9 +472,7 @@ impl D1Client {
         // The one place a call completes: its metrics (src/observability.rs).
         crate::observability::record_d1_call(
             spec.op,
-            crate::observability::provider_outcome(
-                outcome.as_ref().map(|_| ()).map_err(|f| &f.error),
-            ),
+            provider_outcome(outcome.as_ref().map(|_| ()).map_err(|f| &f.error)),
             started.elapsed(),
         );
         match &outcome {
@@ -963,7 +925,7 @@ impl NetworkTokenProvider for D1Client {
         let body = encode_json(
             OP,
             &TransactionRequest {
-                transaction_type,
+                transaction_type: transaction_type.as_str(),
                 amount: amount.map(|a| AmountDto {
                     value: a.value,
                     currency: &a.currency,
@@ -1130,5 +1092,34 @@ mod tests {
         // Debug never shows key material.
         let dbg = format!("{:?}", D1Config::sandbox("https://x", &dev));
         assert!(!dbg.contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn token_object_maps_to_provider_token_keeping_unknown_status() {
+        let json = r#"{"tokenId":"t1","requestId":"tok_x","status":"FROZEN_BY_ISSUER",
+            "tokenLastDigits":"4321","tokenExpiryDate":"0329","par":"V001","newField":{"a":[1]},
+            "cardBin":"411111"}"#;
+        let t: super::TokenObject = serde_json::from_str(json).unwrap();
+        let p = ProviderToken::from(t);
+        assert_eq!(p.status, TokenStatus::Unknown("FROZEN_BY_ISSUER".into()));
+        assert_eq!(p.d1_token_id, "t1");
+        assert_eq!(p.last4.as_deref(), Some("4321"));
+        assert_eq!(p.expiry, Expiry::trusted(3, 2029));
+        assert_eq!(p.par.as_deref(), Some("V001"));
+    }
+
+    #[test]
+    fn pending_token_has_only_id_and_status() {
+        let t: super::TokenObject =
+            serde_json::from_str(r#"{"tokenId":"t2","status":"PENDING"}"#).unwrap();
+        let p = ProviderToken::from(t);
+        assert_eq!(p.status, TokenStatus::Pending);
+        assert_eq!(p.last4, None);
+        assert_eq!(p.expiry, None);
+        // A malformed expiry does not fail decoding.
+        let t: super::TokenObject =
+            serde_json::from_str(r#"{"tokenId":"t3","status":"ACTIVE","tokenExpiryDate":"13/29"}"#)
+                .unwrap();
+        assert_eq!(ProviderToken::from(t).expiry, None);
     }
 }

@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::client::D1Config;
 use crate::config::{ConfigError, D1Section};
-use crate::devkeys::DevMaterial;
+use tokengate_d1_protocol::devkeys::DevMaterial;
 
 /// Key material of the D1 client. Private keys are `SecretString`; `Debug` shows only kids.
 #[derive(Clone)]
@@ -103,7 +103,7 @@ impl D1KeyMaterial {
     /// Parses every item, reporting the first bad one as (file name, reason).
     fn check(&self) -> Result<(), (&'static str, String)> {
         use super::jose;
-        use crate::tls;
+        use tokengate_d1_protocol::tls;
         tls::certs_from_pem(&self.ca_pem, "CA bundle").map_err(|e| ("ca.pem", e.to_string()))?;
         tls::certs_from_pem(&self.client_cert_pem, "client certificate")
             .map_err(|e| ("gateway-client.pem", e.to_string()))?;

@@ -9,14 +9,13 @@
 //! `auth.api_key_cache_ttl_ms` (each instance caches a verified key that long).
 
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::error::DomainError;
-use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
-use super::service::Services;
+use super::merchant::{ApiKeyHash, Merchant};
 use super::token::MerchantId;
 
 /// The public id of an API key, `key_` and the first 24 hex digits of its hash: stable, and it
@@ -36,7 +35,7 @@ pub fn is_key_id(s: &str) -> bool {
     })
 }
 
-/// What a key may do. Every merchant route requires exactly one (`src/http/scopes.rs`).
+/// What a key may do. Every merchant route requires exactly one (`src/http/auth/scopes.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Scope {
     #[serde(rename = "tokens:write")]
@@ -181,7 +180,7 @@ pub const MAX_KEYS: usize = 100;
 /// keys in the audit trail), so this bounds what one merchant can store by issuing and revoking.
 pub const MAX_KEY_RECORDS: usize = 1000;
 
-fn validate_name(name: &str) -> Result<String, DomainError> {
+pub(crate) fn validate_name(name: &str) -> Result<String, DomainError> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
         return Err(DomainError::Validation {
@@ -214,138 +213,11 @@ pub fn parse_scopes(names: &[String]) -> Result<Scopes, DomainError> {
     Ok(scopes)
 }
 
-impl Services {
-    /// Issues a key for `merchant`; the secret is in the returned [`NewApiKey`], shown once.
-    pub async fn create_api_key(
-        &self,
-        merchant: &MerchantId,
-        name: &str,
-        scopes: Scopes,
-    ) -> Result<(ApiKeyRecord, NewApiKey), DomainError> {
-        let keys = self.key_store()?;
-        let name = validate_name(name)?;
-        // Revoked keys do not count against the active limit: revoking is how a merchant (or
-        // the admin, for a merchant locked out) makes room.
-        let existing = keys.list_keys(merchant).await?;
-        let active = existing.iter().filter(|k| k.revoked_at.is_none()).count();
-        if active >= MAX_KEYS {
-            return Err(DomainError::Validation {
-                code: "too_many_api_keys",
-                detail: format!(
-                    "a merchant holds at most {MAX_KEYS} active keys; revoke one first"
-                ),
-            });
-        }
-        if existing.len() >= MAX_KEY_RECORDS {
-            return Err(DomainError::Validation {
-                code: "too_many_api_keys",
-                detail: format!(
-                    "a merchant has at most {MAX_KEY_RECORDS} key records, revoked ones included (they are kept for the audit trail)"
-                ),
-            });
-        }
-        let key = NewApiKey::generate();
-        let rec = ApiKeyRecord {
-            id: key_id(&key.hash),
-            merchant_id: merchant.clone(),
-            name,
-            scopes,
-            created_at: OffsetDateTime::now_utc(),
-            revoked_at: None,
-            last_used_at: None,
-        };
-        keys.insert_key(&rec, &key.hash).await?;
-        Ok((rec, key))
-    }
-
-    /// Issues a key for an existing merchant on the admin's behalf: how a merchant that revoked
-    /// its last `keys`-scoped key gets one again. [`DomainError::MerchantNotFound`] for an
-    /// unknown merchant, checked before the scopes and name: an unknown merchant answers 404
-    /// whatever the body, and only refusals for a merchant that exists reach its audit trail.
-    pub async fn create_api_key_for_merchant(
-        &self,
-        merchant: &MerchantId,
-        name: &str,
-        scopes: &[String],
-    ) -> Result<(ApiKeyRecord, NewApiKey), DomainError> {
-        if self.store.get_merchant(merchant).await?.is_none() {
-            return Err(DomainError::MerchantNotFound);
-        }
-        let scopes = parse_scopes(scopes)?;
-        self.create_api_key(merchant, name, scopes).await
-    }
-
-    /// The merchant's keys (revoked ones included, marked), oldest first.
-    pub async fn list_api_keys(
-        &self,
-        merchant: &MerchantId,
-    ) -> Result<Vec<ApiKeyRecord>, DomainError> {
-        let mut v = self.key_store()?.list_keys(merchant).await?;
-        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-        Ok(v)
-    }
-
-    /// Revokes a key of the merchant; `Ok(None)` when it has no such key. Revoking a revoked key
-    /// answers it unchanged. The caller may revoke the key it authenticated with, even its last
-    /// `keys`-scoped one (then only the admin can help: docs/api.md).
-    pub async fn revoke_api_key(
-        &self,
-        merchant: &MerchantId,
-        id: &str,
-    ) -> Result<Option<ApiKeyRecord>, DomainError> {
-        let rec = self
-            .key_store()?
-            .revoke_key(merchant, id, OffsetDateTime::now_utc())
-            .await?;
-        if rec.is_some() {
-            // Effective on this instance at once; elsewhere within the cache TTL.
-            self.forget_cached_key(id);
-        }
-        Ok(rec)
-    }
-
-    fn key_store(
-        &self,
-    ) -> Result<&std::sync::Arc<dyn crate::storage::apikeys::ApiKeyStore>, DomainError> {
-        self.keys
-            .as_ref()
-            .ok_or_else(|| DomainError::Internal("no API key store configured".into()))
-    }
-
-    /// Best-effort `lastUsedAt`: at most one store write per key and [`LAST_USED_EVERY`] on
-    /// this instance, made by the request that finds it due (awaited rather than spawned, so no
-    /// detached task keeps the store open past shutdown); a failure is only logged.
-    pub(crate) async fn note_key_used(&self, caller: &Caller) {
-        let Some(keys) = &self.keys else { return };
-        let now = Instant::now();
-        let due = match self.key_last_touch.get(&caller.key_id) {
-            Some(t) => now.duration_since(*t) >= LAST_USED_EVERY,
-            None => true,
-        };
-        if !due {
-            return;
-        }
-        if self.key_last_touch.len() > 100_000 {
-            self.key_last_touch.clear();
-        }
-        self.key_last_touch.insert(caller.key_id.clone(), now);
-        if let Err(e) = keys
-            .touch_key(
-                &caller.merchant.id,
-                &caller.key_id,
-                OffsetDateTime::now_utc(),
-            )
-            .await
-        {
-            tracing::debug!(key_id = %caller.key_id, error = %e, "lastUsedAt not recorded");
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a failing test should stop loudly")]
 mod tests {
     use super::*;
+    use crate::domain::merchant::NewApiKey;
 
     #[test]
     fn default_scopes_exclude_card_reveal() {

@@ -5,7 +5,7 @@
 //! (by the merchant, or by the admin for an existing merchant), merchant creation (admin). Each
 //! event names the actor (the API key id, or `admin`), what it acted on (a token, or an API key),
 //! the `x-request-id` of the request and its outcome (`success` or the problem code answered), so
-//! refusals are on record as well as successes. Storage: [`crate::storage::audit::AuditStore`].
+//! refusals are on record as well as successes. Storage: [`crate::domain::ports::audit::AuditStore`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use super::error::DomainError;
 use super::token::MerchantId;
-use crate::storage::audit::AuditStore;
+use crate::domain::ports::audit::AuditStore;
 
 /// The actor of admin actions (merchant creation, a key issued for an existing merchant).
 pub const ADMIN_ACTOR: &str = "admin";
@@ -41,7 +41,7 @@ pub enum AuditAction {
     ApiKeyCreate,
     #[serde(rename = "api_key.revoke")]
     ApiKeyRevoke,
-    /// The admin set the merchant's client certificates (src/http/client_cert.rs).
+    /// The admin set the merchant's client certificates (src/http/auth/client_cert.rs).
     #[serde(rename = "client_certs.update")]
     ClientCertsUpdate,
 }

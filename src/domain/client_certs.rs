@@ -35,8 +35,8 @@ use super::apikeys::{Caller, Scopes};
 use super::error::DomainError;
 use super::merchant::Merchant;
 use super::token::MerchantId;
-use crate::storage::TokenStore;
-use crate::storage::client_certs::{ClientCertStore, PutPolicy};
+use crate::domain::ports::TokenStore;
+use crate::domain::ports::client_certs::{ClientCertStore, PutPolicy};
 
 /// Certificates one merchant can bind: enough for an overlap during rotation on several hosts.
 pub const MAX_CERTS_PER_MERCHANT: usize = 20;

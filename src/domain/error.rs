@@ -1,11 +1,11 @@
 //! Domain errors: what can go wrong in a use case, independent of HTTP and of the store.
 //!
-//! `crate::http::problem` is the one place that turns these into HTTP responses.
+//! the HTTP layer's problem mapping is the one place that turns these into HTTP responses.
 
 use std::time::Duration;
 
-use super::card::CardError;
 use super::token::TokenStatus;
+use tokengate_cards::CardError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DomainError {

@@ -28,15 +28,15 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::card::Expiry;
 use super::error::DomainError;
 use super::merchant::Merchant;
 use super::provider::ProviderToken;
-use super::reconcile::Schedule;
+use super::schedule::Schedule;
 use super::service::Services;
 use super::token::{MerchantId, NetworkTokenMeta, TokenId, TokenRecord, TokenStatus};
-use crate::storage::StoreError;
-use crate::storage::lifecycle::{EventWrite, LifecycleStore};
+use crate::domain::ports::StoreError;
+use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
+use tokengate_cards::Expiry;
 
 /// Version conflicts retried before answering "try again" (D1 then redelivers).
 const CAS_ATTEMPTS: usize = 5;
@@ -434,7 +434,10 @@ impl Lifecycle {
     /// are enqueued; it also logs the transition (ids and statuses only).
     pub async fn on_token_changed(&self, before: &TokenRecord, after: &TokenRecord) {
         // Status gauges and transition counters (src/observability.rs); same status: no-op.
-        crate::observability::token_transition(Some(&before.status), Some(&after.status));
+        crate::observability::token_transition(
+            Some(before.status.label()),
+            Some(after.status.label()),
+        );
         tracing::info!(
             token_id = %after.id,
             merchant_id = %after.merchant_id,
@@ -451,8 +454,8 @@ impl Lifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::card::Brand;
     use crate::domain::token::{CardMeta, Fingerprints, SealedPan, Usage};
+    use tokengate_cards::Brand;
 
     fn rec(status: TokenStatus) -> TokenRecord {
         let now = OffsetDateTime::now_utc();

@@ -4,17 +4,18 @@
 
 pub mod apikeys;
 pub mod audit;
-pub mod card;
 pub mod client_certs;
 pub mod error;
 pub mod lifecycle;
 pub mod merchant;
 pub mod notify_auth;
+pub mod ports;
 pub mod provider;
 pub mod ratelimit;
 pub mod reconcile;
 pub mod rekey;
 pub mod reveal;
+pub mod schedule;
 pub mod service;
 pub mod token;
 pub mod token_counts;

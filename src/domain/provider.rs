@@ -6,9 +6,9 @@
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-use super::card::{Expiry, Pan};
 use super::error::ProviderError;
 use super::token::{TokenStatus, Usage};
+use tokengate_cards::{Expiry, Pan};
 
 /// A network token as the provider describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,16 @@ pub enum TransactionType {
     Cit,
     #[serde(rename = "MIT")]
     Mit,
+}
+
+impl TransactionType {
+    /// The wire value (`CIT` / `MIT`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionType::Cit => "CIT",
+            TransactionType::Mit => "MIT",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

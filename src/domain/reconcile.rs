@@ -42,7 +42,7 @@
 //! after half the lease time, so it never outlives its lease.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -50,87 +50,14 @@ use tokio::sync::watch;
 use super::error::{DomainError, ProviderError};
 use super::lifecycle::{Lifecycle, Observed};
 use super::provider::NetworkTokenProvider;
-use super::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
-use crate::storage::lifecycle::LifecycleStore;
+use super::schedule::{Schedule, unix_ms};
+use super::token::{MerchantId, TokenId, TokenStatus};
+use crate::domain::ports::lifecycle::LifecycleStore;
 
 /// Name of the lease a tick runs under.
 pub const LEASE_NAME: &str = "reconcile";
 /// Longest wait before retrying a token whose check failed.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-fn due_in(after: Duration) -> u64 {
-    unix_ms(SystemTime::now() + after)
-}
-
-/// Keeps tokens on the reconciliation schedule. Cheap to clone.
-#[derive(Clone)]
-pub struct Schedule {
-    store: Arc<dyn LifecycleStore>,
-    pending_grace: Duration,
-    stale_after: Duration,
-}
-
-impl Schedule {
-    pub fn new(
-        store: Arc<dyn LifecycleStore>,
-        pending_grace: Duration,
-        stale_after: Duration,
-    ) -> Schedule {
-        Schedule {
-            store,
-            pending_grace,
-            stale_after,
-        }
-    }
-
-    /// When `rec` should next be checked; `None` when never (terminal).
-    fn next_check(&self, rec: &TokenRecord) -> Option<Duration> {
-        match rec.status {
-            TokenStatus::Deleted => None,
-            TokenStatus::Pending => Some(self.pending_grace),
-            _ => Some(self.stale_after),
-        }
-    }
-
-    /// Puts `rec` on the schedule for its next check (or takes it off). Best-effort: a failure is
-    /// logged, never returned, because the caller's own write already succeeded and the schedule
-    /// only drives the safety net (see the module docs).
-    pub async fn note(&self, rec: &TokenRecord) {
-        let res = match self.next_check(rec) {
-            Some(after) => {
-                self.store
-                    .schedule_check(&rec.merchant_id, &rec.id, due_in(after))
-                    .await
-            }
-            None => self.store.unschedule_check(&rec.merchant_id, &rec.id).await,
-        };
-        if let Err(e) = res {
-            tracing::warn!(token_id = %rec.id, error = %e, "could not update the reconciliation schedule");
-        }
-    }
-
-    async fn retry_in(&self, merchant: &MerchantId, token: &TokenId, after: Duration) {
-        if let Err(e) = self
-            .store
-            .schedule_check(merchant, token, due_in(after))
-            .await
-        {
-            tracing::warn!(token_id = %token, error = %e, "could not reschedule a reconciliation check");
-        }
-    }
-
-    async fn forget(&self, merchant: &MerchantId, token: &TokenId) {
-        if let Err(e) = self.store.unschedule_check(merchant, token).await {
-            tracing::warn!(token_id = %token, error = %e, "could not unschedule a reconciliation check");
-        }
-    }
-}
 
 /// How often and how much.
 #[derive(Debug, Clone)]

@@ -26,8 +26,8 @@ use super::error::DomainError;
 use super::service::Services;
 use super::token::{MerchantId, TokenId};
 use crate::crypto::CryptoError;
-use crate::storage::StoreError;
-use crate::storage::lifecycle::LifecycleStore;
+use crate::domain::ports::StoreError;
+use crate::domain::ports::lifecycle::LifecycleStore;
 
 /// How the job runs (`[rekey]` in the config).
 #[derive(Debug, Clone)]

@@ -2,10 +2,10 @@
 //! be used. Only for keys with the `card:reveal` scope (checked at the HTTP edge), audited,
 //! never cached or stored (docs/security.md).
 
-use super::card::{Expiry, Pan};
 use super::error::DomainError;
 use super::service::Services;
 use super::token::{MerchantId, TokenId, TokenStatus};
+use tokengate_cards::{Expiry, Pan};
 
 impl Services {
     /// The card behind a token of `merchant`. A `DELETED` token's card is not revealed (the

@@ -7,7 +7,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 
-use super::card::{Brand, Expiry};
+use tokengate_cards::{Brand, Expiry};
+
+/// The vault's output types live with the vault; records hold them.
+pub use crate::crypto::{Fingerprints, SealedPan};
 
 /// Random identifier with a type prefix: `tok_` + 128 random bits, base64url (22 characters).
 fn random_id(prefix: &str, bytes: usize) -> String {
@@ -43,6 +46,13 @@ macro_rules! id_type {
                 valid_id(s, $prefix, $chars).then(|| $name(s.to_owned()))
             }
             pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        /// The vault binds ciphertexts to ids as strings (it knows no domain types).
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
                 &self.0
             }
         }
@@ -97,6 +107,12 @@ pub enum TokenStatus {
 }
 
 impl TokenStatus {
+    /// The bounded label metrics and store counts use: the known statuses, `OTHER` for whatever
+    /// else D1 sends (so a new upstream status cannot grow a label set without bound).
+    pub fn label(&self) -> &'static str {
+        crate::domain::ports::counts::count_label(self.as_str())
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             TokenStatus::Pending => "PENDING",
@@ -160,36 +176,6 @@ pub struct NetworkTokenMeta {
     pub par: Option<String>,
 }
 
-/// A PAN encrypted by the vault. Opaque to the domain: only [`crate::crypto`] can open it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SealedPan {
-    /// Id of the data-encryption key that sealed it (keys rotate).
-    pub key_id: String,
-    /// `nonce (12) || ciphertext || tag (16)`, see docs/security.md.
-    #[serde(with = "b64")]
-    pub blob: Vec<u8>,
-}
-
-impl fmt::Debug for SealedPan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "SealedPan(key_id={}, {} bytes)",
-            self.key_id,
-            self.blob.len()
-        )
-    }
-}
-
-/// Keyed fingerprints of the card, used only for deduplication (never reversible without the key).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprints {
-    /// HMAC of merchant + PAN: the same card even after reissue with a new expiry.
-    pub pan: String,
-    /// HMAC of merchant + PAN + expiry: exactly this card instance.
-    pub pan_expiry: String,
-}
-
 /// One tokenized card.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -213,23 +199,15 @@ pub struct TokenRecord {
     pub version: u64,
 }
 
-mod b64 {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(v))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        STANDARD.decode(s).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_are_bounded() {
+        assert_eq!(TokenStatus::Active.label(), "ACTIVE");
+        assert_eq!(TokenStatus::Unknown("tok_secret".into()).label(), "OTHER");
+    }
 
     #[test]
     fn ids_have_128_bits_and_parse() {

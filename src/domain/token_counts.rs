@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::storage::counts::{BACKFILL_JOB, TokenCountStore};
-use crate::storage::lifecycle::LifecycleStore;
+use crate::domain::ports::counts::{BACKFILL_JOB, TokenCountStore};
+use crate::domain::ports::lifecycle::LifecycleStore;
 
 /// Records counted per backfill step: one bounded store round per step (a scan page plus one
 /// script per record on Redis, one write transaction on redb).
@@ -83,7 +83,7 @@ impl TokenCountReporter {
     async fn report(&self) -> Option<bool> {
         match self.counts.token_counts().await {
             Ok(c) => {
-                crate::observability::set_token_counts(&c);
+                crate::observability::set_token_counts(&c.by_status, c.complete);
                 Some(c.complete)
             }
             Err(e) => {

@@ -1,6 +1,6 @@
 //! Merchant webhooks: endpoints, the events a token change produces, their signatures, and the
 //! worker that delivers them at least once through the durable outbox
-//! ([`crate::storage::outbox::OutboxStore`]).
+//! ([`crate::domain::ports::outbox::OutboxStore`]).
 //!
 //! # How an event travels
 //!
@@ -38,8 +38,8 @@ use zeroize::Zeroizing;
 use super::error::DomainError;
 use super::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
 use crate::crypto::Keyring;
-use crate::storage::StoreError;
-use crate::storage::outbox::{JobNext, OutboxJob, OutboxStore};
+use crate::domain::ports::StoreError;
+use crate::domain::ports::outbox::{JobNext, OutboxJob, OutboxStore};
 
 /// Endpoints one merchant may register: each token change fans out to all of them.
 pub const MAX_ENDPOINTS_PER_MERCHANT: usize = 16;
@@ -381,7 +381,7 @@ mod b64 {
 
 // --- errors ------------------------------------------------------------------------------------
 
-/// What the webhook use cases fail with; `crate::http::problem` maps it to responses.
+/// What the webhook use cases fail with; the HTTP layer turns it into responses.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error("{detail}")]
@@ -1085,8 +1085,8 @@ impl WebhookService {
 )]
 mod tests {
     use super::*;
-    use crate::domain::card::{Brand, Expiry};
     use crate::domain::token::{CardMeta, Fingerprints, NetworkTokenMeta, SealedPan, Usage};
+    use tokengate_cards::{Brand, Expiry};
 
     fn token(status: TokenStatus) -> TokenRecord {
         let t = now();

@@ -11,10 +11,10 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use utoipa::ToSchema;
 
-use crate::domain::card::{Brand, Pan};
 use crate::domain::merchant::Merchant;
 use crate::domain::provider::{Cryptogram, TransactionType};
 use crate::domain::token::{TokenRecord, Usage};
+use tokengate_cards::{Brand, Pan};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +101,7 @@ pub struct CreateTokenRequest {
 #[serde(rename_all = "camelCase")]
 #[schema(as = Card)]
 pub struct CardView<'a> {
+    #[schema(value_type = crate::http::schemas::BrandSchema)]
     pub brand: Brand,
     #[schema(example = "411111")]
     pub bin: &'a str,

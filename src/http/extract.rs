@@ -1,18 +1,14 @@
 //! Request extraction: JSON bodies with errors that never echo input, and bearer authentication
 //! for merchants and the admin.
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, Request};
 use axum::http::header;
-use axum::http::request::Parts;
 use bytes::Bytes;
-use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
-use subtle::ConstantTimeEq;
 
-use super::AppState;
 use super::problem::ApiError;
-use crate::domain::card::CardError;
-use crate::domain::merchant::Merchant;
+use super::state::AppState;
+use tokengate_cards::CardError;
 
 /// The raw body, with size-limit and read failures mapped to problem responses.
 pub struct Body(pub Bytes);
@@ -177,89 +173,6 @@ pub fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError
         }
     }
     Ok((limit, cursor))
-}
-
-fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then_some(token.trim())
-        .filter(|t| !t.is_empty())
-}
-
-/// A request authenticated with a merchant API key.
-pub struct MerchantAuth(pub Merchant);
-
-impl FromRequestParts<AppState> for MerchantAuth {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // --- client certificates (mutual TLS), src/http/client_cert.rs -------------------------
-        // No key: only a certificate bound to a merchant in `CERT` mode authenticates (else
-        // 401). With a key: the connection's certificate must not belong to another merchant,
-        // and must be one of the key's merchant's when that merchant requires it (else 403).
-        let caller = match bearer(parts) {
-            None => super::client_cert::authenticate_without_key(parts, state).await?,
-            Some(key) => {
-                let caller = match state.services.authenticate(key).await? {
-                    Some(c) => c,
-                    None => return Err(ApiError::unauthorized("the API key is not valid")),
-                };
-                super::client_cert::check_with_key(parts, state, &caller).await?;
-                caller
-            }
-        };
-        // --- end of client certificates --------------------------------------------------------
-        let merchant = &caller.merchant;
-        // Limits apply to authenticated callers only: an unknown key costs a hash and a
-        // (cached-miss) lookup, and must not consume a real merchant's budget.
-        // The caller's key id (derived from the key's hash by `authenticate`) names the key:
-        // hashing the key a second time here cost a SHA-256 per request (docs/performance.md).
-        if let Err(e) = state.rate_limiter.check(
-            &caller.key_id,
-            merchant.id.as_str(),
-            std::time::Instant::now(),
-        ) {
-            let which = match e.scope {
-                crate::domain::ratelimit::Scope::ApiKey => "this API key",
-                crate::domain::ratelimit::Scope::Merchant => "this merchant",
-            };
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "Too many requests",
-                format!(
-                    "the request rate limit of {which} is exceeded; retry after the indicated delay"
-                ),
-            )
-            .with_retry_after(Some(e.retry_after)));
-        }
-        // Every merchant route needs its scope (one table: src/http/scopes.rs).
-        super::scopes::check(parts, state, &caller).await?;
-        // For handlers that record who acted (src/http/audit.rs).
-        parts.extensions.insert(super::audit::AuthedKey {
-            key_id: caller.key_id.clone(),
-        });
-        Ok(MerchantAuth(caller.merchant))
-    }
-}
-
-/// A request authenticated with the admin token.
-pub struct AdminAuth;
-
-impl FromRequestParts<AppState> for AdminAuth {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized("send the admin token as `Authorization: Bearer <token>`")
-        })?;
-        let expected = state.admin_token.expose_secret().as_bytes();
-        if bool::from(token.as_bytes().ct_eq(expected)) {
-            Ok(AdminAuth)
-        } else {
-            Err(ApiError::unauthorized("the admin token is not valid"))
-        }
-    }
 }
 
 #[cfg(test)]

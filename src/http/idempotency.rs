@@ -9,9 +9,9 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use super::problem::{ApiError, PROBLEM_JSON};
-use crate::storage::{IdempotencyBegin, StoredResponse};
+use super::state::AppState;
+use crate::domain::ports::{IdempotencyBegin, StoredResponse};
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on replayed responses so clients and logs can tell.

@@ -1,8 +1,8 @@
 //! The gateway's own HTTPS listener (`[server.tls]`): rustls (TLS 1.2 and 1.3 only, ALPN `h2`
-//! and `http/1.1`, the policy of [`crate::tls`]) over tokio-rustls, HTTP/1.1 and HTTP/2 served by
+//! and `http/1.1`, the policy of [`tokengate_d1_protocol::tls`]) over tokio-rustls, HTTP/1.1 and HTTP/2 served by
 //! hyper-util's auto builder, graceful shutdown, and certificates reloaded without a restart.
 //! A client's verified certificate goes into every request of its connection as a
-//! [`ClientCert`] extension (merchant authentication: src/http/client_cert.rs).
+//! [`ClientCert`] extension (merchant authentication: src/http/auth/client_cert.rs).
 //!
 //! # Reloading
 //!
@@ -38,9 +38,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use zeroize::Zeroizing;
 
-use super::client_cert::ClientCert;
+use super::auth::client_cert::ClientCert;
 use crate::config::ServerTlsConfig;
-use crate::tls::{ClientAuth, TlsError, server_config_with_client_auth};
+use tokengate_d1_protocol::tls::{ClientAuth, TlsError, server_config_with_client_auth};
 
 /// A TLS handshake must finish within this; a client that connects and stalls holds no task
 /// longer.
@@ -291,7 +291,7 @@ where
                 }
             };
             // The client's verified certificate, for every request of this connection
-            // (merchant authentication by certificate: src/http/client_cert.rs).
+            // (merchant authentication by certificate: src/http/auth/client_cert.rs).
             let client_cert = stream
                 .get_ref()
                 .1

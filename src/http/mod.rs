@@ -4,21 +4,21 @@
 //! channel to stop it); in-flight requests finish before it returns.
 
 pub mod audit;
-pub mod client_cert;
+pub mod auth;
 pub mod dto;
 pub mod extract;
+pub mod handlers;
 pub mod idempotency;
-pub mod keys;
 pub mod listener;
-pub mod notify;
 pub mod openapi;
+pub mod params;
 pub mod problem;
-pub mod reveal;
-pub mod routes;
-pub mod scopes;
+pub mod schemas;
 pub mod stack;
+pub mod state;
 pub mod telemetry;
-pub mod webhooks;
+
+pub use state::{AppState, AppStateInner, HttpSettings, NotifyState};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,83 +26,40 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post};
-use secrecy::SecretString;
 use tokio::net::TcpListener;
 
-use crate::domain::service::Services;
-
-/// What every handler can reach, behind one `Arc`: axum clones the state for every request
-/// (and for each extractor that takes it), and a profile of `GET /v1/tokens/{id}` showed the
-/// clone and drop of the whole struct (a dozen reference counts) at about 2% of gateway CPU.
-#[derive(Clone)]
-pub struct AppState(Arc<AppStateInner>);
-
-impl AppState {
-    pub fn new(inner: AppStateInner) -> AppState {
-        AppState(Arc::new(inner))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = AppStateInner;
-    fn deref(&self) -> &AppStateInner {
-        &self.0
-    }
-}
-
-/// The handles and settings of [`AppState`].
-pub struct AppStateInner {
-    pub services: Services,
-    pub admin_token: Arc<SecretString>,
-    pub body_limit: usize,
-    pub idempotency_ttl_s: u64,
-    pub idempotency_lock_ttl_s: u64,
-    /// D1's calls to us: OAuth client credentials and lifecycle notifications.
-    pub notify: Arc<notify::NotifyState>,
-    /// Per-key and per-merchant request limits (per instance).
-    pub rate_limiter: Arc<crate::domain::ratelimit::RateLimiter>,
-    /// Client certificates bound to merchants (mutual TLS; src/http/client_cert.rs).
-    pub client_certs: Arc<crate::domain::client_certs::ClientCerts>,
-}
-
-/// Middleware settings.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    pub request_timeout: std::time::Duration,
-    pub max_concurrency: usize,
-    pub body_limit: usize,
-}
+use handlers::{audit_events, client_certs, keys, notify, reveal, tokens, webhooks};
 
 /// The API routes with the middleware stack applied.
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
     let api = Router::new()
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
+        .route("/healthz", get(tokens::healthz))
+        .route("/readyz", get(tokens::readyz))
         // Generated from the handlers (src/http/openapi.rs); Prometheus text (observability.rs).
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/metrics", get(telemetry::metrics))
-        .route("/v1/merchants", post(routes::create_merchant))
+        .route("/v1/merchants", post(tokens::create_merchant))
         // Client certificates bound to a merchant (admin; docs/api.md, "Client certificates").
         .route(
             "/v1/merchants/{id}/client-certs",
-            get(client_cert::get_client_certs).put(client_cert::put_client_certs),
+            get(client_certs::get_client_certs).put(client_certs::put_client_certs),
         )
         // Admin: a key for an existing merchant, e.g. one that revoked its last `keys` key.
         .route(
             "/v1/merchants/{id}/api-keys",
             post(keys::create_api_key_for_merchant),
         )
-        .route("/v1/tokens", post(routes::create_token))
+        .route("/v1/tokens", post(tokens::create_token))
         .route(
             "/v1/tokens/{id}",
-            get(routes::get_token).delete(routes::delete_token),
+            get(tokens::get_token).delete(tokens::delete_token),
         )
         .route(
             "/v1/tokens/{id}/cryptograms",
-            post(routes::create_cryptogram),
+            post(tokens::create_cryptogram),
         )
-        .route("/v1/tokens/{id}/suspend", post(routes::suspend_token))
-        .route("/v1/tokens/{id}/resume", post(routes::resume_token))
+        .route("/v1/tokens/{id}/suspend", post(tokens::suspend_token))
+        .route("/v1/tokens/{id}/resume", post(tokens::resume_token))
         // PAN fallback: the one route that answers a card number (docs/security.md).
         .route("/v1/tokens/{id}/reveal", post(reveal::reveal_card))
         // A merchant's API keys and their scopes (docs/api.md, "API keys").
@@ -121,7 +78,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
             get(webhooks::get_endpoint).delete(webhooks::delete_endpoint),
         )
         // The audit trail (docs/security.md, "Audit trail").
-        .route("/v1/audit-events", get(audit::list_audit_events))
+        .route("/v1/audit-events", get(audit_events::list_audit_events))
         .route("/v1/events", get(webhooks::list_events))
         .route("/v1/events/{id}", get(webhooks::get_event))
         .route("/v1/events/{id}/redeliver", post(webhooks::redeliver_event))
@@ -131,8 +88,8 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
             "/merchant-gateways/{merchant_gateway_id}/merchants/{merchant_id}/tokens/{token_id}/notify-update",
             post(notify::notify_update),
         )
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
+        .fallback(tokens::not_found)
+        .method_not_allowed_fallback(tokens::method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.body_limit))
         .with_state(state);
     stack::apply(api, settings)

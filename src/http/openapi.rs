@@ -8,29 +8,20 @@
 //! cannot prove (that a handler really answers what its annotation says, that every routed
 //! handler is annotated) is checked by tests/it/openapi.rs against a running gateway.
 //!
-//! This module also holds the OpenAPI-only pieces that have no place in the domain: the schemas
-//! of the domain enums used on the wire (`Usage`, `Brand`, `TransactionType`; implemented here so
-//! the domain knows nothing of OpenAPI), the shared parameters, and the security schemes.
+//! This module also holds the security schemes. The other OpenAPI-only pieces sit below the
+//! handlers that use them: the shared parameters (`params.rs`) and the schemas of the enums used
+//! on the wire (`schemas.rs`, so the domain knows nothing of OpenAPI).
 
-use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
-use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
-use utoipa::openapi::{RefOr, Required};
-use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
-
-use crate::domain::card::Brand;
-use crate::domain::provider::TransactionType;
-use crate::domain::token::Usage;
+use utoipa::{Modify, OpenApi};
 
 /// Security scheme of the merchant routes: `Authorization: Bearer <merchant API key>`.
 pub const MERCHANT_API_KEY: &str = "merchantApiKey";
-/// Security scheme: a TLS client certificate bound to the merchant (src/http/client_cert.rs).
+/// Security scheme: a TLS client certificate bound to the merchant (src/http/auth/client_cert.rs).
 pub const CLIENT_CERTIFICATE: &str = "clientCertificate";
 /// Security scheme of the admin routes: `Authorization: Bearer <admin token>`.
 pub const ADMIN_TOKEN: &str = "adminToken";
@@ -51,34 +42,34 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     paths(
-        super::routes::healthz,
-        super::routes::readyz,
+        super::handlers::tokens::healthz,
+        super::handlers::tokens::readyz,
         openapi_json,
         super::telemetry::metrics,
-        super::routes::create_merchant,
-        super::routes::create_token,
-        super::routes::get_token,
-        super::routes::delete_token,
-        super::routes::create_cryptogram,
-        super::routes::suspend_token,
-        super::routes::resume_token,
-        super::webhooks::create_endpoint,
-        super::webhooks::list_endpoints,
-        super::webhooks::get_endpoint,
-        super::webhooks::delete_endpoint,
-        super::webhooks::list_events,
-        super::webhooks::get_event,
-        super::webhooks::redeliver_event,
-        super::audit::list_audit_events,
-        super::reveal::reveal_card,
-        super::keys::create_api_key,
-        super::keys::list_api_keys,
-        super::keys::revoke_api_key,
-        super::client_cert::get_client_certs,
-        super::client_cert::put_client_certs,
-        super::keys::create_api_key_for_merchant,
-        super::notify::oauth_token,
-        super::notify::notify_update,
+        super::handlers::tokens::create_merchant,
+        super::handlers::tokens::create_token,
+        super::handlers::tokens::get_token,
+        super::handlers::tokens::delete_token,
+        super::handlers::tokens::create_cryptogram,
+        super::handlers::tokens::suspend_token,
+        super::handlers::tokens::resume_token,
+        super::handlers::webhooks::create_endpoint,
+        super::handlers::webhooks::list_endpoints,
+        super::handlers::webhooks::get_endpoint,
+        super::handlers::webhooks::delete_endpoint,
+        super::handlers::webhooks::list_events,
+        super::handlers::webhooks::get_event,
+        super::handlers::webhooks::redeliver_event,
+        super::handlers::audit_events::list_audit_events,
+        super::handlers::reveal::reveal_card,
+        super::handlers::keys::create_api_key,
+        super::handlers::keys::list_api_keys,
+        super::handlers::keys::revoke_api_key,
+        super::handlers::client_certs::get_client_certs,
+        super::handlers::client_certs::put_client_certs,
+        super::handlers::keys::create_api_key_for_merchant,
+        super::handlers::notify::oauth_token,
+        super::handlers::notify::notify_update,
     ),
     components(schemas(super::problem::ProblemBody)),
     modifiers(&SecuritySchemes),
@@ -206,185 +197,6 @@ impl Modify for SecuritySchemes {
                     .build(),
             ),
         );
-    }
-}
-
-// --- parameters shared by several operations -----------------------------------------------
-
-/// The `Idempotency-Key` request header (src/http/idempotency.rs).
-pub struct IdempotencyKeyHeader;
-
-impl IntoParams for IdempotencyKeyHeader {
-    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
-        vec![
-            ParameterBuilder::new()
-                .name("Idempotency-Key")
-                .parameter_in(ParameterIn::Header)
-                .required(Required::False)
-                .description(Some(
-                    "1-255 printable ASCII characters, scoped per merchant: the same key with \
-                     the same request replays the stored response (`idempotent-replayed: \
-                     true`); with a different request it is refused (422 \
-                     `idempotency_key_reused`).",
-                ))
-                .schema(Some(
-                    ObjectBuilder::new()
-                        .schema_type(Type::String)
-                        .min_length(Some(1))
-                        .max_length(Some(255)),
-                ))
-                .build(),
-        ]
-    }
-}
-
-/// The `{id}` of other resources (`/v1/webhook-endpoints/{id}`, `/v1/events/{id}`).
-pub struct PathId;
-
-impl IntoParams for PathId {
-    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
-        vec![
-            ParameterBuilder::new()
-                .name("id")
-                .parameter_in(ParameterIn::Path)
-                .required(Required::True)
-                .description(Some("The resource id."))
-                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
-                .build(),
-        ]
-    }
-}
-
-/// The `{id}` of `/v1/tokens/{id}...`.
-pub struct TokenIdPath;
-
-impl IntoParams for TokenIdPath {
-    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
-        vec![
-            ParameterBuilder::new()
-                .name("id")
-                .parameter_in(ParameterIn::Path)
-                .required(Required::True)
-                .description(Some(
-                    "The token id (`tok_...`). A malformed id answers 404 like an unknown one.",
-                ))
-                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
-                .example(Some(serde_json::json!("tok_d7XXXyQu2WZRKlyWvsMJRA")))
-                .build(),
-        ]
-    }
-}
-
-/// The `{id}` of `/v1/merchants/{id}/...`.
-pub struct MerchantIdPath;
-
-impl IntoParams for MerchantIdPath {
-    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
-        vec![
-            ParameterBuilder::new()
-                .name("id")
-                .parameter_in(ParameterIn::Path)
-                .required(Required::True)
-                .description(Some(
-                    "The merchant id (`mer_...`). A malformed id answers 404 like an unknown one.",
-                ))
-                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
-                .example(Some(serde_json::json!("mer_Xf2kQ9LmA0bC3dE4")))
-                .build(),
-        ]
-    }
-}
-
-// --- schemas of domain enums used on the wire ---------------------------------------------
-
-/// A string enum whose values are the domain type's own serde names, so the schema cannot
-/// disagree with what is serialized.
-fn string_enum<T: Serialize>(description: &str, values: &[T]) -> RefOr<Schema> {
-    let names: Vec<serde_json::Value> = values
-        .iter()
-        .filter_map(|v| serde_json::to_value(v).ok())
-        .collect();
-    ObjectBuilder::new()
-        .schema_type(SchemaType::Type(Type::String))
-        .description(Some(description))
-        .enum_values(Some(names))
-        .into()
-}
-
-/// Every `Usage`; the `match` stops compiling when a variant is added, so the list cannot lag.
-fn all_usages() -> [Usage; 3] {
-    let _exhaustive = |u: Usage| match u {
-        Usage::CardOnFile | Usage::OneOff | Usage::Recurring => (),
-    };
-    [Usage::CardOnFile, Usage::OneOff, Usage::Recurring]
-}
-
-fn all_brands() -> [Brand; 8] {
-    let _exhaustive = |b: Brand| match b {
-        Brand::Visa
-        | Brand::Mastercard
-        | Brand::Amex
-        | Brand::Discover
-        | Brand::Jcb
-        | Brand::Unionpay
-        | Brand::Diners
-        | Brand::Unknown => (),
-    };
-    [
-        Brand::Visa,
-        Brand::Mastercard,
-        Brand::Amex,
-        Brand::Discover,
-        Brand::Jcb,
-        Brand::Unionpay,
-        Brand::Diners,
-        Brand::Unknown,
-    ]
-}
-
-fn all_transaction_types() -> [TransactionType; 2] {
-    let _exhaustive = |t: TransactionType| match t {
-        TransactionType::Cit | TransactionType::Mit => (),
-    };
-    [TransactionType::Cit, TransactionType::Mit]
-}
-
-impl PartialSchema for Usage {
-    fn schema() -> RefOr<Schema> {
-        string_enum("What the merchant will use the token for.", &all_usages())
-    }
-}
-
-impl ToSchema for Usage {
-    fn name() -> Cow<'static, str> {
-        Cow::Borrowed("Usage")
-    }
-}
-
-impl PartialSchema for Brand {
-    fn schema() -> RefOr<Schema> {
-        string_enum("Card scheme, derived from the BIN.", &all_brands())
-    }
-}
-
-impl ToSchema for Brand {
-    fn name() -> Cow<'static, str> {
-        Cow::Borrowed("Brand")
-    }
-}
-
-impl PartialSchema for TransactionType {
-    fn schema() -> RefOr<Schema> {
-        string_enum(
-            "Customer-initiated (`CIT`) or merchant-initiated (`MIT`) transaction.",
-            &all_transaction_types(),
-        )
-    }
-}
-
-impl ToSchema for TransactionType {
-    fn name() -> Cow<'static, str> {
-        Cow::Borrowed("TransactionType")
     }
 }
 

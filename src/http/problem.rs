@@ -8,9 +8,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::domain::card::CardError;
 use crate::domain::error::{DomainError, ProviderError};
 use crate::domain::token::TokenStatus;
+use tokengate_cards::CardError;
 
 /// An error as the API reports it.
 #[derive(Debug, Clone)]
@@ -258,7 +258,7 @@ impl From<ProviderError> for ApiError {
     }
 }
 
-// --- D1's calls to us (src/http/notify.rs) ----------------------------------------------------
+// --- D1's calls to us (src/http/handlers/notify.rs) ----------------------------------------------------
 
 /// A failure while applying a D1 notification. D1 redelivers on any answer but 2xx and treats
 /// 503 as retryable, so everything a later attempt may fix (store down, a version conflict that
@@ -362,7 +362,7 @@ impl IntoResponse for OAuthError {
     }
 }
 
-// --- merchant webhooks (src/http/webhooks.rs) --------------------------------------------------
+// --- merchant webhooks (src/http/handlers/webhooks.rs) --------------------------------------------------
 
 impl From<crate::domain::webhooks::WebhookError> for ApiError {
     fn from(e: crate::domain::webhooks::WebhookError) -> Self {
@@ -391,7 +391,7 @@ impl From<crate::domain::webhooks::WebhookError> for ApiError {
     }
 }
 
-// --- client certificates (src/http/client_cert.rs) ---------------------------------------------
+// --- client certificates (src/http/auth/client_cert.rs) ---------------------------------------------
 
 impl From<crate::domain::client_certs::CertRefusal> for ApiError {
     fn from(r: crate::domain::client_certs::CertRefusal) -> Self {

@@ -14,8 +14,8 @@ use tower_http::request_id::{
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-use super::HttpSettings;
 use super::problem::ApiError;
+use super::state::HttpSettings;
 
 pub const REQUEST_ID: &str = "x-request-id";
 

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore};
 use crate::domain::merchant::{ApiKeyHash, Merchant};
+use crate::domain::ports::{
+    IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
+};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::observability::record_store_op;
 
@@ -35,7 +37,7 @@ async fn timed<T>(
     let started = Instant::now();
     let result = fut.await;
     let elapsed: Duration = started.elapsed();
-    record_store_op(op, result.as_ref().map(|_| ()), elapsed);
+    record_store_op(op, outcome_label(result.as_ref().err()), elapsed);
     result
 }
 
@@ -147,6 +149,18 @@ impl TokenStore for InstrumentedStore {
             self.inner.idempotency_abort(scope, key),
         )
         .await
+    }
+}
+
+/// The `outcome` label of a store call. `Conflict` and `NotFound` are normal answers
+/// (optimistic concurrency, idempotent removes) and only appear as outcomes.
+fn outcome_label(err: Option<&StoreError>) -> &'static str {
+    match err {
+        None => "ok",
+        Some(StoreError::Conflict) => "conflict",
+        Some(StoreError::NotFound) => "not_found",
+        Some(StoreError::Unavailable(_)) => "unavailable",
+        Some(StoreError::Corrupt(_)) => "corrupt",
     }
 }
 

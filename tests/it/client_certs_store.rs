@@ -9,8 +9,8 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokengate::domain::apikeys::Scopes;
 use tokengate::domain::client_certs::{BoundCert, CertAuthMode, CertFingerprint, ClientCertPolicy};
+use tokengate::domain::ports::client_certs::{ClientCertStore, PutPolicy};
 use tokengate::domain::token::MerchantId;
-use tokengate::storage::client_certs::{ClientCertStore, PutPolicy};
 use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
 

@@ -14,11 +14,12 @@ use tokengate::domain::audit::{
     AuditAction, AuditEvent, AuditEventId, AuditLog, NewAuditEvent, SUCCESS,
 };
 use tokengate::domain::merchant::{Merchant, NewApiKey};
+use tokengate::domain::ports::TokenStore;
+use tokengate::domain::ports::apikeys::ApiKeyStore;
+use tokengate::domain::ports::audit::AuditStore;
 use tokengate::domain::service::Services;
 use tokengate::domain::token::MerchantId;
-use tokengate::storage::TokenStore;
-use tokengate::storage::apikeys::ApiKeyStore;
-use tokengate::storage::audit::{AuditStore, TRIM_BATCH};
+use tokengate::storage::codec::audit::TRIM_BATCH;
 use tokengate::storage::embedded::EmbeddedStore;
 
 use crate::store_contract::{cluster_store, contains, dump_node, redis_store};

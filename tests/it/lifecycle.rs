@@ -974,14 +974,14 @@ mod store {
     use std::time::Duration;
 
     use time::OffsetDateTime;
-    use tokengate::domain::card::{Brand, Expiry};
+    use tokengate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
+    use tokengate::domain::ports::{InsertOutcome, StoreError, TokenStore};
     use tokengate::domain::token::{
         CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
         TokenStatus, Usage,
     };
-    use tokengate::storage::lifecycle::{EventWrite, LifecycleStore};
     use tokengate::storage::redis::{RedisConfig, RedisStore};
-    use tokengate::storage::{InsertOutcome, StoreError, TokenStore};
+    use tokengate_cards::{Brand, Expiry};
 
     use crate::support::redis_server::{RedisCluster, RedisServer};
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde_json::Value;
 use tokengate::crypto::{KeyMaterial, Keyring, dev};
+use tokengate::domain::ports::TokenStore;
 use tokengate::domain::token::{MerchantId, TokenId};
-use tokengate::storage::TokenStore;
 use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
 

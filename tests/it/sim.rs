@@ -14,11 +14,11 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use tokengate::d1::jose::{self, AssertionClaims, Es256Signer};
-use tokengate::devkeys::DevMaterial;
-use tokengate::domain::card::luhn_valid;
-use tokengate::sim::{NotifyTarget, SimConfig, SimHandle, Simulator};
-use tokengate::tls;
+use tokengate_cards::luhn_valid;
+use tokengate_d1_protocol::devkeys::DevMaterial;
+use tokengate_d1_protocol::jose::{self, AssertionClaims, Es256Signer};
+use tokengate_d1_protocol::tls;
+use tokengate_d1_sim::{NotifyTarget, SimConfig, SimHandle, Simulator};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 

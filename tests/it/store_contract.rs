@@ -14,15 +14,17 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use time::macros::datetime;
 use tokengate::crypto::Keyring;
-use tokengate::domain::card::{Brand, Expiry, Pan};
 use tokengate::domain::merchant::{ApiKeyHash, Merchant, NewApiKey};
+use tokengate::domain::ports::{
+    IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
+};
 use tokengate::domain::token::{
     CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
     TokenStatus, Usage,
 };
 use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
-use tokengate::storage::{IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore};
+use tokengate_cards::{Brand, Expiry, Pan};
 
 use crate::support::redis_server::{RedisCluster, RedisServer};
 

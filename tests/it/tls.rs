@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Client, Version};
 use serde_json::{Value, json};
-use tokengate::devkeys::DevMaterial;
-use tokengate::tls;
+use tokengate_d1_protocol::devkeys::DevMaterial;
+use tokengate_d1_protocol::tls;
 
 use crate::support::app::{ADMIN, Backend, TestApp, card_body};
 

@@ -7,17 +7,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use time::macros::datetime;
-use tokengate::domain::card::{Brand, Expiry};
 use tokengate::domain::merchant::{ApiKeyHash, Merchant};
+use tokengate::domain::ports::counts::{TokenCountStore, count_label};
+use tokengate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
+use tokengate::domain::ports::{InsertOutcome, StoreError, TokenStore};
 use tokengate::domain::token::{
     CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
     TokenStatus, Usage,
 };
-use tokengate::storage::counts::{TokenCountStore, count_label};
 use tokengate::storage::embedded::EmbeddedStore;
-use tokengate::storage::lifecycle::{EventWrite, LifecycleStore};
 use tokengate::storage::redis::{RedisConfig, RedisStore};
-use tokengate::storage::{InsertOutcome, StoreError, TokenStore};
+use tokengate_cards::{Brand, Expiry};
 
 use crate::support::redis_server::{RedisCluster, RedisServer};
 

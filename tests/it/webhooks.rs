@@ -17,13 +17,13 @@ use axum::routing::post;
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
+use tokengate::domain::ports::outbox::{JobNext, OutboxStore};
 use tokengate::domain::token::MerchantId;
 use tokengate::domain::webhooks::{
     DeliveryState, DeliveryStatus, EndpointId, EventId, EventType, SealedSecret, WebhookEndpoint,
     WebhookEvent,
 };
 use tokengate::storage::embedded::EmbeddedStore;
-use tokengate::storage::outbox::{JobNext, OutboxStore};
 use tokengate::storage::redis::{RedisConfig, RedisStore};
 use tokio::sync::oneshot;
 
@@ -889,8 +889,8 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
 /// one with a certificate from another CA is refused (the delivery fails, nothing is sent).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_receivers_are_verified_against_trusted_roots() {
-    let trusted = tokengate::devkeys::DevMaterial::generate("mgid-webhooks").unwrap();
-    let stranger = tokengate::devkeys::DevMaterial::generate("mgid-webhooks").unwrap();
+    let trusted = tokengate_d1_protocol::devkeys::DevMaterial::generate("mgid-webhooks").unwrap();
+    let stranger = tokengate_d1_protocol::devkeys::DevMaterial::generate("mgid-webhooks").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("webhooks-ca.pem");
     std::fs::write(&ca_file, &trusted.ca_cert_pem).unwrap();
@@ -899,8 +899,8 @@ async fn https_receivers_are_verified_against_trusted_roots() {
         .start()
         .await;
     let (key, token) = merchant_with_token(&app, "Acme").await;
-    let server = |m: &tokengate::devkeys::DevMaterial| {
-        tokengate::tls::server_config(
+    let server = |m: &tokengate_d1_protocol::devkeys::DevMaterial| {
+        tokengate_d1_protocol::tls::server_config(
             &m.gateway_server_cert_pem,
             &m.gateway_server_key_pem,
             None,

@@ -1,0 +1,115 @@
+//! The token store: merchants, tokens with their dedup index, and idempotency records.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::StoreError;
+use crate::domain::merchant::{ApiKeyHash, Merchant};
+use crate::domain::token::{MerchantId, TokenId, TokenRecord};
+
+/// Result of [`TokenStore::insert_token`].
+#[derive(Debug)]
+pub enum InsertOutcome {
+    Inserted,
+    /// A live token already exists for this merchant and PAN fingerprint; nothing was written.
+    Existing(Box<TokenRecord>),
+}
+
+/// Result of [`TokenStore::idempotency_begin`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// No record: the caller owns the key and must complete or abort it.
+    Started,
+    /// Another request with this key is being processed.
+    InFlight { same_request: bool },
+    /// A request with this key completed; its response is stored.
+    Completed(StoredResponse),
+}
+
+/// A response kept for idempotent replay. Bodies never contain card numbers.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredResponse {
+    /// Keyed digest of the request (method, path, body) that produced it.
+    pub request_digest: String,
+    pub status: u16,
+    pub body: String,
+}
+
+/// The persistence contract of the gateway.
+#[async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Checks the backend answers (readiness probe).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    // --- merchants --------------------------------------------------------------------------
+
+    /// Stores a merchant and its first API key hash. Ids are random, so there is no duplicate case.
+    async fn insert_merchant(&self, m: &Merchant, key: &ApiKeyHash) -> Result<(), StoreError>;
+    async fn get_merchant(&self, id: &MerchantId) -> Result<Option<Merchant>, StoreError>;
+    /// The merchant an API key belongs to, `None` for an unknown key.
+    async fn merchant_by_api_key(&self, key: &ApiKeyHash) -> Result<Option<Merchant>, StoreError>;
+    /// The merchant onboarded at D1 under `d1_merchant_id`.
+    async fn merchant_by_d1_id(&self, d1_merchant_id: &str)
+    -> Result<Option<Merchant>, StoreError>;
+
+    // --- tokens -----------------------------------------------------------------------------
+
+    /// Inserts a token and indexes its PAN fingerprint, unless the merchant already has a live
+    /// token with that fingerprint (then returns it and writes nothing). Atomic.
+    async fn insert_token(&self, rec: &TokenRecord) -> Result<InsertOutcome, StoreError>;
+
+    async fn get_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Replaces a token if its stored version is `rec.version - 1`. Keeps the D1 token index in
+    /// step with `rec.network_token`, and drops the fingerprint index when the status becomes
+    /// `DELETED` (a deleted token is a tombstone: readable, but not a dedup target).
+    async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError>;
+
+    /// Removes a token and its index entries entirely. Used to undo a reservation when the
+    /// upstream tokenization failed, so a failed call leaves nothing behind. Idempotent.
+    async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError>;
+
+    /// The live token for a PAN fingerprint, if any.
+    async fn find_by_fingerprint(
+        &self,
+        merchant: &MerchantId,
+        pan_fingerprint: &str,
+    ) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// The token that D1 knows as `d1_token_id`.
+    async fn find_by_d1_token(
+        &self,
+        merchant: &MerchantId,
+        d1_token_id: &str,
+    ) -> Result<Option<TokenRecord>, StoreError>;
+
+    // --- idempotency ------------------------------------------------------------------------
+
+    /// Claims `key` in `scope` for a request, or reports what is already there.
+    /// The in-flight claim expires after `lock_ttl` so a crashed request frees its key.
+    async fn idempotency_begin(
+        &self,
+        scope: &str,
+        key: &str,
+        request_digest: &str,
+        lock_ttl: Duration,
+    ) -> Result<IdempotencyBegin, StoreError>;
+
+    /// Stores the final response for `key`, kept for `ttl`.
+    async fn idempotency_complete(
+        &self,
+        scope: &str,
+        key: &str,
+        response: &StoredResponse,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Releases an in-flight claim without storing a response (the request failed in a way a
+    /// retry may fix).
+    async fn idempotency_abort(&self, scope: &str, key: &str) -> Result<(), StoreError>;
+}

@@ -1,0 +1,651 @@
+//! Use cases: onboard merchants, authenticate API keys, tokenize cards, read tokens, create
+//! cryptograms and drive the token lifecycle. Sequences the vault, the store and D1.
+//!
+//! Failure rules that keep the store truthful:
+//! - A token is reserved (`PENDING`, with its dedup index) before D1 is called, so two
+//!   concurrent requests for the same card produce one D1 call and one token.
+//! - If D1 definitely did not create a token (4xx, 429/503, circuit open), the reservation is
+//!   removed: nothing half-written remains.
+//! - If the outcome is unknown (timeout, 5xx), the `PENDING` reservation stays. A retry of the same
+//!   card finds it and re-drives D1 with the **same** request id, which D1 treats as the same
+//!   tokenization, so a retry never yields a second network token.
+
+mod keys;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use time::OffsetDateTime;
+
+use super::apikeys::{ApiKeyRecord, Caller, Scopes, key_id};
+use super::error::{DomainError, ProviderError};
+use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
+use super::provider::{
+    Amount, Cryptogram, LifecycleAction, NetworkTokenProvider, ProviderToken, TransactionType,
+};
+use super::token::{
+    CardMeta, MerchantId, NetworkTokenMeta, TokenId, TokenRecord, TokenStatus, Usage,
+};
+use crate::crypto::Keyring;
+use crate::domain::ports::apikeys::ApiKeyStore;
+use crate::domain::ports::{InsertOutcome, StoreError, TokenStore};
+use tokengate_cards::{Expiry, Pan};
+
+impl From<StoreError> for DomainError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "store unavailable");
+                DomainError::StoreUnavailable
+            }
+            StoreError::Conflict => DomainError::Conflict,
+            StoreError::NotFound => DomainError::TokenNotFound,
+            StoreError::Corrupt(msg) => DomainError::Internal(format!("corrupt record: {msg}")),
+        }
+    }
+}
+
+/// Shared handles the use cases need.
+#[derive(Clone)]
+pub struct Services {
+    pub store: Arc<dyn TokenStore>,
+    pub keyring: Arc<Keyring>,
+    pub provider: Option<Arc<dyn NetworkTokenProvider>>,
+    api_key_cache: Arc<DashMap<ApiKeyHash, (Caller, Instant)>>,
+    api_key_cache_ttl: Duration,
+    /// Reconciliation schedule kept in step with token writes (`None`: reconciliation off).
+    schedule: Option<super::schedule::Schedule>,
+    /// Merchant webhooks, told about every token change made here (`None`: no webhooks).
+    pub webhooks: Option<Arc<super::webhooks::WebhookService>>,
+    /// The audit trail (`None` only in setups that build services without one).
+    pub audit: Option<Arc<super::audit::AuditLog>>,
+    /// API key records: names, scopes, revocation (`None`: every key has the default scopes
+    /// and keys cannot be managed).
+    pub keys: Option<Arc<dyn ApiKeyStore>>,
+    /// When each key's `lastUsedAt` was last written from this instance (`domain::apikeys`).
+    pub(crate) key_last_touch: Arc<DashMap<String, Instant>>,
+}
+
+/// A card as submitted for tokenization.
+pub struct TokenizeCommand {
+    pub pan: Pan,
+    pub expiry_month: u8,
+    pub expiry_year: u16,
+    pub usage: Usage,
+    pub customer_reference: Option<String>,
+}
+
+/// Whether tokenization created a token or found the merchant's existing one for this card.
+#[derive(Debug)]
+pub enum Tokenized {
+    Created(TokenRecord),
+    Existing(TokenRecord),
+}
+
+/// How many times a read-modify-write is retried on a version conflict before giving up.
+const CAS_ATTEMPTS: usize = 5;
+/// A `PENDING` token with no D1 answer younger than this is assumed to be in flight elsewhere.
+const REDRIVE_AFTER: Duration = Duration::from_secs(2);
+
+impl Services {
+    pub fn new(
+        store: Arc<dyn TokenStore>,
+        keyring: Arc<Keyring>,
+        provider: Option<Arc<dyn NetworkTokenProvider>>,
+        api_key_cache_ttl: Duration,
+    ) -> Services {
+        Services {
+            store,
+            keyring,
+            provider,
+            api_key_cache: Arc::new(DashMap::new()),
+            api_key_cache_ttl,
+            schedule: None,
+            webhooks: None,
+            audit: None,
+            keys: None,
+            key_last_touch: Arc::new(DashMap::new()),
+        }
+    }
+
+    /// Keeps API key records (scopes, revocation) in `keys`.
+    pub fn with_keys(mut self, keys: Arc<dyn ApiKeyStore>) -> Services {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Drops the cached authentication of the key `key_id` (it was just revoked).
+    pub(crate) fn forget_cached_key(&self, key_id: &str) {
+        self.api_key_cache.retain(|_, (c, _)| c.key_id != key_id);
+    }
+
+    /// Records audited actions in `audit`.
+    pub fn with_audit(mut self, audit: Arc<super::audit::AuditLog>) -> Services {
+        self.audit = Some(audit);
+        self
+    }
+
+    /// Emits merchant webhook events for the token changes made by these services.
+    pub fn with_webhooks(mut self, webhooks: Arc<super::webhooks::WebhookService>) -> Services {
+        self.webhooks = Some(webhooks);
+        self
+    }
+
+    /// Best-effort: the change is stored; a failure to record its event is logged, never fails
+    /// the request (retrying it would find the token already changed, and emit nothing).
+    pub(crate) async fn note_webhook(&self, before: &TokenRecord, after: &TokenRecord) {
+        if let Some(w) = &self.webhooks
+            && let Err(e) = w.token_changed(before, after).await
+        {
+            tracing::warn!(token_id = %after.id, error = %e, "webhook event not recorded");
+        }
+    }
+
+    /// Keeps `schedule` (reconciliation, `domain::reconcile`) in step with token writes.
+    pub fn with_schedule(mut self, schedule: super::schedule::Schedule) -> Services {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// Best-effort: a failed schedule write is logged by the schedule, never fails the request.
+    async fn note_schedule(&self, rec: &TokenRecord) {
+        if let Some(s) = &self.schedule {
+            s.note(rec).await;
+        }
+    }
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+
+    fn provider(&self) -> Result<&Arc<dyn NetworkTokenProvider>, DomainError> {
+        self.provider
+            .as_ref()
+            .ok_or(DomainError::Upstream(ProviderError::NotConfigured))
+    }
+
+    // --- merchants ------------------------------------------------------------------------
+
+    /// Onboards a merchant (at D1 too, when configured) and issues its first API key.
+    pub async fn create_merchant(&self, name: &str) -> Result<(Merchant, NewApiKey), DomainError> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+            return Err(DomainError::Validation {
+                code: "invalid_merchant_name",
+                detail: "name must be 1 to 200 printable characters".into(),
+            });
+        }
+        let d1_merchant_id = match &self.provider {
+            Some(p) => Some(p.onboard_merchant(name).await?),
+            None => None,
+        };
+        let merchant = Merchant {
+            id: MerchantId::generate(),
+            name: name.to_owned(),
+            d1_merchant_id,
+            created_at: Self::now(),
+        };
+        let key = NewApiKey::generate();
+        self.store.insert_merchant(&merchant, &key.hash).await?;
+        if let Some(keys) = &self.keys {
+            let rec = ApiKeyRecord {
+                id: key_id(&key.hash),
+                merchant_id: merchant.id.clone(),
+                name: "default".to_owned(),
+                scopes: Scopes::default_for_merchant_key(),
+                created_at: merchant.created_at,
+                revoked_at: None,
+                last_used_at: None,
+            };
+            // Without it the key still works: its record is written on first use (below).
+            if let Err(e) = keys.insert_key(&rec, &key.hash).await {
+                tracing::warn!(merchant_id = %merchant.id, error = %e, "first key record not stored");
+            }
+        }
+        Ok((merchant, key))
+    }
+
+    /// The caller `api_key` authenticates (merchant, key id, scopes), or `None` for an unknown
+    /// or revoked key. Cached for `auth.api_key_cache_ttl_ms`: every request authenticates, and
+    /// a store round trip per request for a mapping that rarely changes is waste (it is also
+    /// how long a revocation takes to reach other instances).
+    pub async fn authenticate(&self, api_key: &str) -> Result<Option<Caller>, DomainError> {
+        let hash = ApiKeyHash::of(api_key);
+        if let Some(entry) = self.api_key_cache.get(&hash)
+            && entry.1.elapsed() < self.api_key_cache_ttl
+        {
+            let caller = entry.0.clone();
+            drop(entry);
+            self.note_key_used(&caller).await;
+            return Ok(Some(caller));
+        }
+        let found = self.lookup_key(&hash).await?;
+        match &found {
+            Some(c) => {
+                // Bound the cache: a flood of distinct valid keys cannot grow it without limit.
+                if self.api_key_cache.len() > 100_000 {
+                    self.api_key_cache.clear();
+                }
+                self.api_key_cache.insert(hash, (c.clone(), Instant::now()));
+                self.note_key_used(c).await;
+            }
+            None => {
+                self.api_key_cache.remove(&hash);
+            }
+        }
+        Ok(found)
+    }
+
+    /// The key's record decides (revoked: `None`); a key without one is a key issued before
+    /// records existed: it gets the default scopes, and a record so it can be listed and
+    /// revoked (best-effort, and never over a record written meanwhile).
+    async fn lookup_key(&self, hash: &ApiKeyHash) -> Result<Option<Caller>, DomainError> {
+        if let Some(keys) = &self.keys
+            && let Some(rec) = keys.key_by_hash(hash).await?
+        {
+            if rec.revoked_at.is_some() {
+                return Ok(None);
+            }
+            let Some(merchant) = self.store.get_merchant(&rec.merchant_id).await? else {
+                return Ok(None);
+            };
+            return Ok(Some(Caller {
+                merchant,
+                key_id: rec.id,
+                scopes: rec.scopes,
+            }));
+        }
+        let Some(merchant) = self.store.merchant_by_api_key(hash).await? else {
+            return Ok(None);
+        };
+        let caller = Caller {
+            key_id: key_id(hash),
+            scopes: Scopes::default_for_merchant_key(),
+            merchant,
+        };
+        if let Some(keys) = &self.keys {
+            let rec = ApiKeyRecord {
+                id: caller.key_id.clone(),
+                merchant_id: caller.merchant.id.clone(),
+                name: "default".to_owned(),
+                scopes: caller.scopes,
+                created_at: caller.merchant.created_at,
+                revoked_at: None,
+                last_used_at: None,
+            };
+            match keys.insert_key(&rec, hash).await {
+                Ok(true) => {}
+                // A record with this id exists (written meanwhile, or its hash index entry is
+                // missing): it decides.
+                Ok(false) => {
+                    let rec = keys
+                        .list_keys(&caller.merchant.id)
+                        .await?
+                        .into_iter()
+                        .find(|r| r.id == caller.key_id);
+                    return Ok(match rec {
+                        Some(r) if r.revoked_at.is_none() => Some(Caller {
+                            scopes: r.scopes,
+                            ..caller
+                        }),
+                        _ => None,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(key_id = %rec.id, error = %e, "legacy key record not stored")
+                }
+            }
+        }
+        Ok(Some(caller))
+    }
+
+    // --- tokens -----------------------------------------------------------------------------
+
+    pub async fn tokenize(
+        &self,
+        merchant: &Merchant,
+        cmd: TokenizeCommand,
+    ) -> Result<Tokenized, DomainError> {
+        let now = Self::now();
+        let expiry = Expiry::new(cmd.expiry_month, cmd.expiry_year, now)?;
+        if let Some(r) = &cmd.customer_reference
+            && (r.is_empty() || r.len() > 128 || r.chars().any(char::is_control))
+        {
+            return Err(DomainError::Validation {
+                code: "invalid_customer_reference",
+                detail: "customerReference must be 1 to 128 printable characters".into(),
+            });
+        }
+        let fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
+
+        // Dedup hit: the common case for returning customers, one store read.
+        if let Some(existing) = self
+            .store
+            .find_by_fingerprint(&merchant.id, &fps.pan)
+            .await?
+        {
+            return self.on_existing(merchant, existing, &cmd.pan, expiry).await;
+        }
+
+        let id = TokenId::generate();
+        let mut rec = TokenRecord {
+            sealed_pan: self.keyring.seal(&cmd.pan, &merchant.id, &id),
+            id,
+            merchant_id: merchant.id.clone(),
+            usage: cmd.usage,
+            status: TokenStatus::Pending,
+            card: CardMeta {
+                brand: cmd.pan.brand(),
+                bin: cmd.pan.bin().to_owned(),
+                last4: cmd.pan.last4().to_owned(),
+                expiry,
+            },
+            network_token: None,
+            customer_reference: cmd.customer_reference,
+            fingerprints: fps,
+            created_at: now,
+            updated_at: now,
+            last_event_at: None,
+            version: 1,
+        };
+        if let InsertOutcome::Existing(existing) = self.store.insert_token(&rec).await? {
+            // Lost a race with a concurrent request for the same card.
+            return self
+                .on_existing(merchant, *existing, &cmd.pan, expiry)
+                .await;
+        }
+        crate::observability::token_transition(None, Some(rec.status.label()));
+        if self.provider.is_none() {
+            return Ok(Tokenized::Created(rec));
+        }
+        // Scheduled before D1 is called: if we die mid-call, reconciliation finds the
+        // reservation and asks D1 what became of it.
+        self.note_schedule(&rec).await;
+        match self.drive_create(merchant, &rec, &cmd.pan, &expiry).await {
+            Ok(pt) => {
+                apply_provider_token(&mut rec, &pt, Self::now());
+                let rec = self.save_after_create(rec).await?;
+                self.note_schedule(&rec).await;
+                Ok(Tokenized::Created(rec))
+            }
+            Err(e) => {
+                if definitely_not_created(&e) {
+                    match self.store.remove_token(&merchant.id, &rec.id).await {
+                        Ok(()) => {
+                            crate::observability::token_transition(Some(rec.status.label()), None)
+                        }
+                        Err(se) => {
+                            tracing::warn!(token_id = %rec.id, error = %se, "could not remove failed reservation")
+                        }
+                    }
+                } else {
+                    tracing::warn!(token_id = %rec.id, error = %e, "D1 outcome unknown; token left PENDING for retry or reconciliation");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn drive_create(
+        &self,
+        merchant: &Merchant,
+        rec: &TokenRecord,
+        pan: &Pan,
+        expiry: &Expiry,
+    ) -> Result<ProviderToken, ProviderError> {
+        let provider = self.provider.as_ref().ok_or(ProviderError::NotConfigured)?;
+        let d1_merchant =
+            merchant
+                .d1_merchant_id
+                .as_deref()
+                .ok_or_else(|| ProviderError::Rejected {
+                    status: 409,
+                    code: "MERCHANT_NOT_ONBOARDED".into(),
+                })?;
+        // Our token id is the D1 request id: stable across every retry of this tokenization.
+        provider
+            .create_token(d1_merchant, pan, expiry, rec.usage, rec.id.as_str())
+            .await
+    }
+
+    /// Writes the D1 result onto the reserved record; if a notification got there first
+    /// (version conflict), merges onto the newer record instead of overwriting it.
+    async fn save_after_create(&self, mut rec: TokenRecord) -> Result<TokenRecord, DomainError> {
+        rec.version += 1;
+        match self.store.update_token(&rec).await {
+            Ok(()) => {
+                // The CAS replaced the version we reserved (or re-drove): a PENDING record.
+                crate::observability::token_transition(
+                    Some(TokenStatus::Pending.label()),
+                    Some(rec.status.label()),
+                );
+                Ok(rec)
+            }
+            Err(StoreError::Conflict) => self
+                .get_token(&rec.merchant_id, &rec.id)
+                .await
+                .and_then(|r| r.ok_or(DomainError::TokenNotFound)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn on_existing(
+        &self,
+        merchant: &Merchant,
+        mut existing: TokenRecord,
+        pan: &Pan,
+        expiry: Expiry,
+    ) -> Result<Tokenized, DomainError> {
+        // A reissued card (same PAN, new expiry) is the same card: keep the token, refresh expiry.
+        if existing.card.expiry != expiry && !existing.status.is_terminal() {
+            let fps = self.keyring.fingerprints(&merchant.id, pan, &expiry);
+            existing.card.expiry = expiry;
+            existing.fingerprints = fps;
+            existing.updated_at = Self::now();
+            existing.version += 1;
+            match self.store.update_token(&existing).await {
+                Ok(()) => {}
+                Err(StoreError::Conflict) => {
+                    existing = self
+                        .store
+                        .get_token(&merchant.id, &existing.id)
+                        .await?
+                        .ok_or(DomainError::TokenNotFound)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // A reservation whose D1 call ended in an unknown outcome: re-drive it with the same
+        // request id (D1 answers with the token it already made, or makes the one it didn't).
+        let stale_pending = existing.status == TokenStatus::Pending
+            && existing.network_token.is_none()
+            && (Self::now() - existing.created_at) > REDRIVE_AFTER;
+        if stale_pending && self.provider.is_some() {
+            let pt = self.drive_create(merchant, &existing, pan, &expiry).await?;
+            apply_provider_token(&mut existing, &pt, Self::now());
+            existing = self.save_after_create(existing).await?;
+            self.note_schedule(&existing).await;
+        }
+        Ok(Tokenized::Existing(existing))
+    }
+
+    pub async fn get_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<TokenRecord>, DomainError> {
+        Ok(self.store.get_token(merchant, id).await?)
+    }
+
+    async fn require_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<TokenRecord, DomainError> {
+        self.get_token(merchant, id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)
+    }
+
+    /// Token credentials and a fresh cryptogram for one card-not-present authorization.
+    pub async fn create_cryptogram(
+        &self,
+        merchant: &Merchant,
+        id: &TokenId,
+        transaction_type: TransactionType,
+        amount: Option<Amount>,
+    ) -> Result<Cryptogram, DomainError> {
+        if let Some(a) = &amount
+            && (a.currency.len() != 3 || !a.currency.bytes().all(|b| b.is_ascii_uppercase()))
+        {
+            return Err(DomainError::Validation {
+                code: "invalid_amount",
+                detail: "amount.currency must be an ISO 4217 code such as EUR".into(),
+            });
+        }
+        let rec = self.require_token(&merchant.id, id).await?;
+        if rec.status != TokenStatus::Active {
+            return Err(DomainError::TokenState(rec.status));
+        }
+        let nt = rec
+            .network_token
+            .as_ref()
+            .ok_or_else(|| DomainError::TokenState(rec.status.clone()))?;
+        let d1_merchant = merchant
+            .d1_merchant_id
+            .as_deref()
+            .ok_or_else(|| DomainError::Internal("merchant has no D1 id".into()))?;
+        Ok(self
+            .provider()?
+            .create_cryptogram(
+                d1_merchant,
+                &nt.d1_token_id,
+                transaction_type,
+                amount.as_ref(),
+            )
+            .await?)
+    }
+
+    /// Suspends, resumes or deletes a token at D1, then records the new status.
+    pub async fn lifecycle(
+        &self,
+        merchant: &Merchant,
+        id: &TokenId,
+        action: LifecycleAction,
+    ) -> Result<TokenRecord, DomainError> {
+        let rec = self.require_token(&merchant.id, id).await?;
+        let target = match action {
+            LifecycleAction::Suspend => TokenStatus::Suspended,
+            LifecycleAction::Resume => TokenStatus::Active,
+            LifecycleAction::Delete => TokenStatus::Deleted,
+        };
+        if rec.status == target {
+            return Ok(rec); // already there: idempotent
+        }
+        if rec.status.is_terminal() {
+            return Err(DomainError::TokenState(rec.status));
+        }
+        let allowed = match action {
+            LifecycleAction::Suspend => rec.status == TokenStatus::Active,
+            LifecycleAction::Resume => rec.status == TokenStatus::Suspended,
+            LifecycleAction::Delete => true,
+        };
+        if !allowed {
+            return Err(DomainError::TokenState(rec.status));
+        }
+        let upstream = match (&rec.network_token, &merchant.d1_merchant_id, &self.provider) {
+            (Some(nt), Some(d1m), Some(p)) => Some(p.lifecycle(d1m, &nt.d1_token_id, action).await),
+            _ => None,
+        };
+        let pt = match upstream {
+            Some(Ok(pt)) => Some(pt),
+            // D1 no longer knows the token: for a delete that is the goal reached.
+            Some(Err(ProviderError::NotFound)) if action == LifecycleAction::Delete => None,
+            Some(Err(e)) => return Err(e.into()),
+            None if action == LifecycleAction::Delete => None,
+            None => return Err(DomainError::TokenState(rec.status)),
+        };
+        // The record as it was right before the write that won (the CAS may re-read it).
+        let mut before: Option<TokenRecord> = None;
+        let rec = self
+            .update_token(&merchant.id, id, |r| {
+                before = Some(r.clone());
+                match &pt {
+                    Some(pt) => apply_provider_token(r, pt, Self::now()),
+                    None => r.status = target.clone(),
+                }
+                true
+            })
+            .await?;
+        self.note_schedule(&rec).await;
+        if let Some(before) = &before {
+            self.note_webhook(before, &rec).await;
+        }
+        Ok(rec)
+    }
+
+    /// Read-modify-write with optimistic concurrency; `f` returns false to skip writing.
+    pub async fn update_token<F>(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+        mut f: F,
+    ) -> Result<TokenRecord, DomainError>
+    where
+        F: FnMut(&mut TokenRecord) -> bool + Send,
+    {
+        for _ in 0..CAS_ATTEMPTS {
+            let mut rec = self.require_token(merchant, id).await?;
+            let before = rec.status.clone();
+            if !f(&mut rec) {
+                return Ok(rec);
+            }
+            rec.version += 1;
+            rec.updated_at = Self::now();
+            match self.store.update_token(&rec).await {
+                Ok(()) => {
+                    crate::observability::token_transition(
+                        Some(before.label()),
+                        Some(rec.status.label()),
+                    );
+                    return Ok(rec);
+                }
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(DomainError::Conflict)
+    }
+}
+
+/// True when D1 certainly did not create a token, so the reservation can be dropped.
+fn definitely_not_created(e: &ProviderError) -> bool {
+    matches!(
+        e,
+        ProviderError::Rejected { .. }
+            | ProviderError::Unavailable { .. }
+            | ProviderError::NotConfigured
+            | ProviderError::NotFound
+    )
+}
+
+/// Copies what D1 says about a token onto our record. `DELETED` stays terminal.
+pub fn apply_provider_token(rec: &mut TokenRecord, pt: &ProviderToken, now: OffsetDateTime) {
+    if !rec.status.is_terminal() {
+        rec.status = pt.status.clone();
+    }
+    let prev = rec.network_token.take();
+    rec.network_token = Some(NetworkTokenMeta {
+        d1_token_id: pt.d1_token_id.clone(),
+        last4: pt
+            .last4
+            .clone()
+            .or_else(|| prev.as_ref().and_then(|p| p.last4.clone())),
+        expiry: pt.expiry.or_else(|| prev.as_ref().and_then(|p| p.expiry)),
+        par: pt
+            .par
+            .clone()
+            .or_else(|| prev.as_ref().and_then(|p| p.par.clone())),
+    });
+    rec.updated_at = now;
+}

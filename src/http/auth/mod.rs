@@ -1,0 +1,102 @@
+//! Authentication of every request: merchant API keys (with their client certificates, rate
+//! limits and scopes) and the admin token. Below the handlers: they take [`MerchantAuth`] or
+//! [`AdminAuth`] as an extractor.
+//!
+//! - [`client_cert`]: mutual-TLS client certificates bound to merchants;
+//! - [`scopes`]: the one table of which scope each merchant route needs.
+
+pub mod client_cert;
+pub mod scopes;
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+use secrecy::ExposeSecret;
+use subtle::ConstantTimeEq;
+
+use crate::domain::merchant::Merchant;
+use crate::http::problem::ApiError;
+use crate::http::state::AppState;
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// A request authenticated with a merchant API key.
+pub struct MerchantAuth(pub Merchant);
+
+impl FromRequestParts<AppState> for MerchantAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // --- client certificates (mutual TLS), src/http/auth/client_cert.rs -------------------------
+        // No key: only a certificate bound to a merchant in `CERT` mode authenticates (else
+        // 401). With a key: the connection's certificate must not belong to another merchant,
+        // and must be one of the key's merchant's when that merchant requires it (else 403).
+        let caller = match bearer(parts) {
+            None => client_cert::authenticate_without_key(parts, state).await?,
+            Some(key) => {
+                let caller = match state.services.authenticate(key).await? {
+                    Some(c) => c,
+                    None => return Err(ApiError::unauthorized("the API key is not valid")),
+                };
+                client_cert::check_with_key(parts, state, &caller).await?;
+                caller
+            }
+        };
+        // --- end of client certificates --------------------------------------------------------
+        let merchant = &caller.merchant;
+        // Limits apply to authenticated callers only: an unknown key costs a hash and a
+        // (cached-miss) lookup, and must not consume a real merchant's budget.
+        // The caller's key id (derived from the key's hash by `authenticate`) names the key:
+        // hashing the key a second time here cost a SHA-256 per request (docs/performance.md).
+        if let Err(e) = state.rate_limiter.check(
+            &caller.key_id,
+            merchant.id.as_str(),
+            std::time::Instant::now(),
+        ) {
+            let which = match e.scope {
+                crate::domain::ratelimit::Scope::ApiKey => "this API key",
+                crate::domain::ratelimit::Scope::Merchant => "this merchant",
+            };
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "Too many requests",
+                format!(
+                    "the request rate limit of {which} is exceeded; retry after the indicated delay"
+                ),
+            )
+            .with_retry_after(Some(e.retry_after)));
+        }
+        // Every merchant route needs its scope (one table: src/http/auth/scopes.rs).
+        scopes::check(parts, state, &caller).await?;
+        // For handlers that record who acted (src/http/audit.rs).
+        parts.extensions.insert(crate::http::audit::AuthedKey {
+            key_id: caller.key_id.clone(),
+        });
+        Ok(MerchantAuth(caller.merchant))
+    }
+}
+
+/// A request authenticated with the admin token.
+pub struct AdminAuth;
+
+impl FromRequestParts<AppState> for AdminAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized("send the admin token as `Authorization: Bearer <token>`")
+        })?;
+        let expected = state.admin_token.expose_secret().as_bytes();
+        if bool::from(token.as_bytes().ct_eq(expected)) {
+            Ok(AdminAuth)
+        } else {
+            Err(ApiError::unauthorized("the admin token is not valid"))
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The admin routes that bind client certificates to merchants: `GET` and
+//! `PUT /v1/merchants/{id}/client-certs` (docs/api.md, "Client certificates"; the rules are in
+//! `domain::client_certs`).
+
+use crate::domain::apikeys::{Scopes, parse_scopes};
+use crate::domain::audit::{AuditAction, SUCCESS};
+use crate::domain::client_certs::{
+    BoundCert, CertAuthMode, CertFingerprint, ClientCertError, ClientCertPolicy,
+};
+use crate::domain::token::MerchantId;
+use crate::http::audit::{self, AuditCtx};
+use crate::http::auth::AdminAuth;
+use crate::http::dto::rfc3339;
+use crate::http::extract::{Body, parse_json};
+use crate::http::idempotency::Reply;
+use crate::http::params::PathId;
+use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::state::AppState;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// How the merchant's requests authenticate.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[schema(as = ClientCertAuthMode)]
+pub enum AuthModeDto {
+    /// The API key authenticates; no certificate needed (the default).
+    ApiKey,
+    /// An API key of the merchant and one of its certificates, on every request.
+    ApiKeyAndCert,
+    /// The certificate alone (no `Authorization` header), with its binding's scopes; with an API
+    /// key too, the key must be the merchant's. A key alone is refused.
+    Cert,
+}
+
+impl From<AuthModeDto> for CertAuthMode {
+    fn from(m: AuthModeDto) -> Self {
+        match m {
+            AuthModeDto::ApiKey => CertAuthMode::ApiKey,
+            AuthModeDto::ApiKeyAndCert => CertAuthMode::ApiKeyAndCert,
+            AuthModeDto::Cert => CertAuthMode::Cert,
+        }
+    }
+}
+
+impl From<CertAuthMode> for AuthModeDto {
+    fn from(m: CertAuthMode) -> Self {
+        match m {
+            CertAuthMode::ApiKey => AuthModeDto::ApiKey,
+            CertAuthMode::ApiKeyAndCert => AuthModeDto::ApiKeyAndCert,
+            CertAuthMode::Cert => AuthModeDto::Cert,
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientCertInput {
+    /// SHA-256 of the certificate's DER: 64 hex digits, `:` separators allowed (the output of
+    /// `openssl x509 -noout -fingerprint -sha256`).
+    #[schema(
+        example = "3F:1C:0A:9D:2B:7E:4C:5A:8F:6D:1E:2B:3F:1C:0A:9D:2B:7E:4C:5A:8F:6D:1E:2B:3F:1C:0A:9D:2B:7E:4C:5A"
+    )]
+    sha256: String,
+    /// For people, e.g. the host that holds it; up to 100 characters.
+    #[serde(default)]
+    name: Option<String>,
+    /// What a request authenticated by this certificate alone (`CERT` mode) may do. Default: the
+    /// scopes of a merchant's first API key (all but `card:reveal`).
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+}
+
+/// The whole binding of a merchant, replacing the previous one.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PutClientCertsRequest {
+    auth_mode: AuthModeDto,
+    /// Up to 20; empty unbinds every certificate (then `authMode` must be `API_KEY`).
+    certificates: Vec<ClientCertInput>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = ClientCert)]
+pub struct ClientCertView {
+    /// 64 lowercase hex digits.
+    sha256: String,
+    name: String,
+    scopes: Vec<&'static str>,
+}
+
+/// A merchant's client certificates and authentication mode.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = ClientCertPolicy)]
+pub struct ClientCertPolicyView {
+    merchant_id: String,
+    auth_mode: AuthModeDto,
+    certificates: Vec<ClientCertView>,
+    /// `null`: never set (API keys only).
+    #[schema(value_type = Option<String>, format = DateTime)]
+    updated_at: Option<String>,
+}
+
+impl From<&ClientCertPolicy> for ClientCertPolicyView {
+    fn from(p: &ClientCertPolicy) -> Self {
+        ClientCertPolicyView {
+            merchant_id: p.merchant_id.as_str().to_owned(),
+            auth_mode: p.mode.into(),
+            certificates: p
+                .certificates
+                .iter()
+                .map(|c| ClientCertView {
+                    sha256: c.sha256.as_str().to_owned(),
+                    name: c.name.clone(),
+                    scopes: c.scopes.iter().map(|s| s.as_str()).collect(),
+                })
+                .collect(),
+            updated_at: (p.updated_at != OffsetDateTime::UNIX_EPOCH).then(|| rfc3339(p.updated_at)),
+        }
+    }
+}
+
+fn merchant_id(id: &str) -> Result<MerchantId, ApiError> {
+    MerchantId::parse(id)
+        .ok_or_else(|| ApiError::not_found("merchant_not_found", "no such merchant"))
+}
+
+fn to_policy(m: MerchantId, req: PutClientCertsRequest) -> Result<ClientCertPolicy, ApiError> {
+    let mut certificates = Vec::with_capacity(req.certificates.len());
+    for (i, c) in req.certificates.into_iter().enumerate() {
+        let sha256 = CertFingerprint::parse(&c.sha256).ok_or_else(|| {
+            ApiError::unprocessable(
+                "invalid_client_cert_fingerprint",
+                format!("`certificates[{i}].sha256`: give the SHA-256 of the certificate's DER as 64 hex digits"),
+            )
+        })?;
+        let scopes = match &c.scopes {
+            Some(names) => parse_scopes(names).map_err(ApiError::from)?,
+            None => Scopes::default_for_merchant_key(),
+        };
+        certificates.push(BoundCert {
+            sha256,
+            name: c.name.as_deref().unwrap_or("").trim().to_owned(),
+            scopes,
+        });
+    }
+    Ok(ClientCertPolicy {
+        merchant_id: m,
+        mode: req.auth_mode.into(),
+        certificates,
+        updated_at: OffsetDateTime::now_utc(),
+    })
+}
+
+/// A merchant's client certificates and authentication mode (`API_KEY` with no certificate
+/// when none was ever set).
+#[utoipa::path(get, path = "/v1/merchants/{id}/client-certs", tag = "merchants",
+    security(("adminToken" = [])),
+    params(PathId),
+    responses(
+        (status = 200, description = "The merchant's binding", body = ClientCertPolicyView),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`merchant_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn get_client_certs(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let m = match merchant_id(&id) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    match state.client_certs.get(&m).await {
+        Ok(p) => Reply::json(StatusCode::OK, &ClientCertPolicyView::from(&p)).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Replaces a merchant's client certificates and authentication mode. Applies on this instance
+/// at once, on others within `auth.api_key_cache_ttl_ms`. Idempotent.
+#[utoipa::path(put, path = "/v1/merchants/{id}/client-certs", tag = "merchants",
+    security(("adminToken" = [])),
+    params(PathId),
+    request_body = PutClientCertsRequest,
+    responses(
+        (status = 200, description = "The merchant's binding as stored", body = ClientCertPolicyView),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`merchant_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`client_cert_in_use`: a certificate is bound to another merchant", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_client_cert_fingerprint`, `duplicate_client_cert`, `invalid_client_cert_name`, `invalid_scopes`, `too_many_client_certs`, `client_cert_needed`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn put_client_certs(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Response {
+    let result: Result<ClientCertPolicy, ApiError> = async {
+        let m = merchant_id(&id)?;
+        let req: PutClientCertsRequest = parse_json(&body)?;
+        let policy = to_policy(m, req)?;
+        state
+            .client_certs
+            .put(policy)
+            .await
+            .map_err(|e: ClientCertError| ApiError::from(e))
+    }
+    .await;
+    match result {
+        Ok(p) => {
+            // Recorded when it applied, as merchant creation is (docs/security.md).
+            let ctx = AuditCtx::admin(audit::request_id(&headers));
+            audit::record_best_effort(
+                &state,
+                &ctx,
+                &p.merchant_id,
+                AuditAction::ClientCertsUpdate,
+                audit::Subject::None,
+                SUCCESS.to_owned(),
+            )
+            .await;
+            tracing::info!(merchant_id = %p.merchant_id, auth_mode = p.mode.as_str(),
+                certificates = p.certificates.len(), "client certificates of a merchant set");
+            Reply::json(StatusCode::OK, &ClientCertPolicyView::from(&p)).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}

@@ -1,0 +1,11 @@
+//! Route handlers: thin adapters from HTTP to the domain services, one file per resource. They
+//! sit above extraction and authentication (`extract`, `auth`, `idempotency`) and below the
+//! router and the OpenAPI document, which list them.
+
+pub mod audit_events;
+pub mod client_certs;
+pub mod keys;
+pub mod notify;
+pub mod reveal;
+pub mod tokens;
+pub mod webhooks;

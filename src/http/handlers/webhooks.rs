@@ -1,0 +1,471 @@
+//! Merchant webhook routes: endpoints (`/v1/webhook-endpoints`) and the event log with delivery
+//! status (`/v1/events`). Thin adapters over [`crate::domain::webhooks::WebhookService`].
+//!
+//! The signing secret is in the body of the `201` that creates an endpoint and nowhere else.
+//! For `Idempotency-Key` replays the stored response is kept *without* it: the secret is put
+//! into the body on the way out, from the request that just created it or, for a replay, from
+//! the endpoint's sealed copy. So the idempotency store never holds a secret in clear.
+
+use std::sync::Arc;
+
+use axum::body::to_bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::domain::token::MerchantId;
+use crate::domain::webhooks::{DeliveryState, EventRecord, WebhookEndpoint, WebhookService};
+use crate::http::auth::MerchantAuth;
+use crate::http::dto::rfc3339;
+use crate::http::extract::{Body, parse_json};
+use crate::http::idempotency::{Reply, key_from, run_idempotent};
+use crate::http::params::{IdempotencyKeyHeader, PathId};
+use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::state::AppState;
+
+/// Largest response body re-read to add the secret (it is a small JSON object).
+const MAX_CREATED_BODY: usize = 64 * 1024;
+
+fn service(state: &AppState) -> Result<Arc<WebhookService>, ApiError> {
+    state.services.webhooks.clone().ok_or_else(|| {
+        ApiError::unavailable(
+            "webhooks_unavailable",
+            "webhooks are not configured in this deployment",
+        )
+    })
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct CreateEndpointRequest {
+    url: String,
+    events: Vec<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = WebhookEndpoint)]
+struct EndpointView<'a> {
+    id: &'a str,
+    url: &'a str,
+    events: Vec<&'static str>,
+    created_at: String,
+}
+
+impl<'a> From<&'a WebhookEndpoint> for EndpointView<'a> {
+    fn from(ep: &'a WebhookEndpoint) -> Self {
+        EndpointView {
+            id: ep.id.as_str(),
+            url: &ep.url,
+            events: ep.events.iter().map(|e| e.as_str()).collect(),
+            created_at: rfc3339(ep.created_at),
+        }
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = WebhookDelivery)]
+struct DeliveryView<'a> {
+    endpoint_id: &'a str,
+    status: &'static str,
+    attempts: u32,
+    last_attempt_at: Option<String>,
+    next_attempt_at: Option<String>,
+    delivered_at: Option<String>,
+    last_error: Option<&'a str>,
+    last_response_status: Option<u16>,
+}
+
+impl<'a> From<&'a DeliveryState> for DeliveryView<'a> {
+    fn from(d: &'a DeliveryState) -> Self {
+        DeliveryView {
+            endpoint_id: d.endpoint_id.as_str(),
+            status: d.status.as_str(),
+            attempts: d.attempts,
+            last_attempt_at: d.last_attempt_at.map(rfc3339),
+            next_attempt_at: d.next_attempt_at.map(rfc3339),
+            delivered_at: d.delivered_at.map(rfc3339),
+            last_error: d.last_error.as_deref(),
+            last_response_status: d.last_status,
+        }
+    }
+}
+
+/// An event with its delivery status: the summary (`status`, `attempts`, `lastError`) covers
+/// all endpoints, `deliveries` has one entry per endpoint.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = WebhookEvent)]
+struct EventView<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'static str,
+    token_id: &'a str,
+    created_at: String,
+    status: &'static str,
+    attempts: u32,
+    last_error: Option<&'a str>,
+    deliveries: Vec<DeliveryView<'a>>,
+}
+
+impl<'a> From<&'a EventRecord> for EventView<'a> {
+    fn from(r: &'a EventRecord) -> Self {
+        let last_error = r
+            .deliveries
+            .iter()
+            .filter(|d| d.last_error.is_some())
+            .max_by_key(|d| d.last_attempt_at)
+            .and_then(|d| d.last_error.as_deref());
+        EventView {
+            id: r.event.id.as_str(),
+            event_type: r.event.event_type.as_str(),
+            token_id: r.event.token_id.as_str(),
+            created_at: rfc3339(r.event.created_at),
+            status: r.status().as_str(),
+            attempts: r.deliveries.iter().map(|d| d.attempts).sum(),
+            last_error,
+            deliveries: r.deliveries.iter().map(DeliveryView::from).collect(),
+        }
+    }
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+struct Page<T> {
+    data: Vec<T>,
+    next_cursor: Option<String>,
+}
+
+fn json(status: StatusCode, v: &impl Serialize) -> Response {
+    Reply::json(status, v).into_response()
+}
+
+// --- endpoints ---------------------------------------------------------------------------------
+
+/// Registers an endpoint for the merchant's webhook events; the `201` shows its signing secret,
+/// once.
+#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(IdempotencyKeyHeader),
+    request_body = CreateEndpointRequest,
+    responses(
+        (status = 201, description = "The endpoint, with its signing secret (shown once)", body = EndpointCreatedSchema),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`too_many_webhook_endpoints`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_webhook_url`, `insecure_webhook_url`, `invalid_event_types`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn create_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let parts: [&[u8]; 3] = [b"POST", b"/v1/webhook-endpoints", &body];
+    let mut fresh: Option<Zeroizing<String>> = None;
+    let resp = run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+        let req: CreateEndpointRequest = match parse_json(&body) {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        match hooks
+            .create_endpoint(&merchant.id, &req.url, &req.events)
+            .await
+        {
+            Ok((ep, secret)) => {
+                fresh = Some(secret);
+                // Stored for replay as is: without the secret.
+                Reply::json(StatusCode::CREATED, &EndpointView::from(&ep))
+            }
+            Err(e) => ApiError::from(e).into(),
+        }
+    })
+    .await;
+    if resp.status() != StatusCode::CREATED {
+        return resp;
+    }
+    add_secret(&hooks, &merchant.id, resp, fresh).await
+}
+
+/// The `201` body of `POST /v1/webhook-endpoints`: [`EndpointView`] plus the signing secret.
+/// A schema only (OpenAPI): the body is built by [`add_secret`]; tests/it/openapi.rs holds it
+/// against a real answer.
+#[derive(utoipa::ToSchema)]
+#[schema(as = WebhookEndpointCreated, rename_all = "camelCase")]
+#[expect(dead_code, reason = "a schema only; never constructed")]
+struct EndpointCreatedSchema {
+    #[schema(example = "whe_...")]
+    id: String,
+    url: String,
+    events: Vec<String>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    /// The HMAC signing secret of this endpoint's deliveries. Shown here once.
+    secret: String,
+}
+
+/// Puts `secret` into a `201` endpoint body: the one just generated, or for a replay the
+/// endpoint's own (opened from its sealed copy). A replay for an endpoint deleted since has no
+/// secret to show, and is answered as stored.
+async fn add_secret(
+    hooks: &WebhookService,
+    merchant: &MerchantId,
+    resp: Response,
+    fresh: Option<Zeroizing<String>>,
+) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let Ok(bytes) = to_bytes(body, MAX_CREATED_BODY).await else {
+        return ApiError::internal().into_response();
+    };
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return ApiError::internal().into_response();
+    };
+    let secret = match fresh {
+        Some(s) => Some(s),
+        None => {
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            match hooks.get_endpoint(merchant, &id).await {
+                Ok(ep) => match hooks.endpoint_secret(&ep) {
+                    Ok(s) => Some(s),
+                    Err(e) => return ApiError::from(e).into_response(),
+                },
+                Err(_) => None,
+            }
+        }
+    };
+    if let (Some(s), Some(obj)) = (&secret, v.as_object_mut()) {
+        obj.insert("secret".into(), serde_json::Value::String(s.to_string()));
+    }
+    let out = Zeroizing::new(serde_json::to_string(&v).unwrap_or_default());
+    // The copy inside the JSON value is wiped too, not just dropped.
+    if let Some(serde_json::Value::String(mut s)) =
+        v.as_object_mut().and_then(|o| o.remove("secret"))
+    {
+        s.zeroize();
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    // A secret must not sit in any cache on the way.
+    parts
+        .headers
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Response::from_parts(parts, axum::body::Body::from(out.as_bytes().to_vec()))
+}
+
+/// The merchant's webhook endpoints (one page holds them all).
+#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    responses(
+        (status = 200, description = "Every endpoint of the merchant", body = Page<EndpointView>),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn list_endpoints(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h.list_endpoints(&merchant.id).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(eps) => json(
+            StatusCode::OK,
+            &Page {
+                data: eps.iter().map(EndpointView::from).collect(),
+                next_cursor: None,
+            },
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One webhook endpoint (without its secret).
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 200, description = "The endpoint", body = EndpointView),
+        (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn get_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h
+            .get_endpoint(&merchant.id, &id)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(ep) => json(StatusCode::OK, &EndpointView::from(&ep)),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Deletes a webhook endpoint; its queued deliveries are dropped.
+#[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h
+            .delete_endpoint(&merchant.id, &id)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+// --- events ------------------------------------------------------------------------------------
+
+/// The merchant's webhook events, newest first, with their delivery status.
+#[utoipa::path(get, path = "/v1/events", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (default 20)", minimum = 1, maximum = 100),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of events", body = Page<EventView>),
+        (status = 400, description = "`invalid_query`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_cursor`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn list_events(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let (limit, cursor) = match crate::http::extract::page_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    match hooks
+        .list_events(&merchant.id, cursor.as_deref(), limit)
+        .await
+    {
+        Ok((events, next)) => json(
+            StatusCode::OK,
+            &Page {
+                data: events.iter().map(EventView::from).collect(),
+                next_cursor: next.map(|n| n.as_str().to_owned()),
+            },
+        ),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// One webhook event with its delivery status per endpoint.
+#[utoipa::path(get, path = "/v1/events/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 200, description = "The event", body = EventView),
+        (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn get_event(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match service(&state) {
+        Ok(h) => h.get_event(&merchant.id, &id).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(r) => json(StatusCode::OK, &EventView::from(&r)),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Queues a dead-lettered (or delivered) event again for its endpoints.
+#[utoipa::path(post, path = "/v1/events/{id}/redeliver", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId, IdempotencyKeyHeader),
+    responses(
+        (status = 202, description = "Queued again", body = EventView),
+        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 409, description = "`event_not_redeliverable`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+    ))]
+pub async fn redeliver_event(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let path = format!("/v1/events/{id}/redeliver");
+    let parts: [&[u8]; 2] = [b"POST", path.as_bytes()];
+    run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+        match hooks.redeliver(&merchant.id, &id).await {
+            Ok(r) => Reply::json(StatusCode::ACCEPTED, &EventView::from(&r)),
+            Err(e) => ApiError::from(e).into(),
+        }
+    })
+    .await
+}

@@ -1,0 +1,552 @@
+//! The webhook outbox on Redis: endpoint and event records under the merchant's hash tag, and
+//! the shared job queue as a stream with a consumer group (every gateway instance is one
+//! consumer), a sorted set of due retries and a capped dead-letter stream, all under the tag
+//! `{wh}` so the queue scripts touch one Cluster slot. Layout in `docs/storage.md`.
+//!
+//! The queue, in Redis terms:
+//! - **enqueue**: `XADD outbox * j <job>`.
+//! - **claim** (one script): move due retries from the sorted set into the stream, `XAUTOCLAIM`
+//!   entries idle longer than the lease (their consumer died or stopped mid-attempt), then
+//!   `XREADGROUP ... >` for new entries. Nothing blocks: the connection is shared with API
+//!   traffic, so workers poll (and are woken locally when their own instance enqueues).
+//! - **finish** (one script): `XACK` + `XDEL`, and if the ack found the entry pending, `ZADD`
+//!   the retry or `XADD` the dead letter. An ack that finds nothing (another consumer took the
+//!   entry over) schedules nothing, so a job never forks into two retry chains.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redis::Script;
+use time::OffsetDateTime;
+
+use super::RedisStore;
+use crate::domain::ports::StoreError;
+use crate::domain::ports::outbox::{DEAD_LETTER_MAX, JobNext, OutboxJob, OutboxStore};
+use crate::domain::token::MerchantId;
+use crate::domain::webhooks::{
+    DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
+};
+use crate::storage::codec::outbox::{decode_job, encode_job, next_attempt};
+
+/// The consumer group every gateway instance joins.
+pub const GROUP: &str = "webhook-workers";
+
+/// Inserts an endpoint unless the merchant has `max` already.
+/// KEYS: endpoints hash. ARGV: endpoint id, JSON, max.
+const INSERT_ENDPOINT: &str = r#"
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0
+   and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+/// Writes a delivery state only while the event exists, so a late write never resurrects an
+/// expired event as a hash without TTL.
+/// KEYS: event hash. ARGV: field, JSON.
+const PUT_DELIVERY: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Stores an event, its pending deliveries and (when the stream key is given) its jobs; trims
+/// the merchant's index past retention. The event expires `retention` after its creation; the
+/// index, `retention` after the merchant's newest event.
+/// KEYS: event hash, events index[, outbox stream]. ARGV: event id, event JSON, event expiry
+/// (Unix ms), index expiry (Unix ms), retention cutoff id, n, then n delivery fields, n delivery
+/// states, n jobs.
+const ENQUEUE: &str = r#"
+local n = tonumber(ARGV[6])
+redis.call('HSET', KEYS[1], 'd', ARGV[2])
+for i = 1, n do
+  redis.call('HSET', KEYS[1], ARGV[6 + i], ARGV[6 + n + i])
+end
+redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], 0, ARGV[1])
+redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[5])
+redis.call('PEXPIREAT', KEYS[2], ARGV[4])
+if KEYS[3] then
+  for i = 1, n do
+    redis.call('XADD', KEYS[3], '*', 'j', ARGV[6 + 2 * n + i])
+  end
+end
+return 1
+"#;
+
+/// Resets deliveries to pending and (when the stream key is given) queues their jobs, if the
+/// event still exists. KEYS: event hash[, outbox stream]. ARGV: n, then n delivery fields, n
+/// delivery states, n jobs.
+const REDELIVER: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  redis.call('HSET', KEYS[1], ARGV[1 + i], ARGV[1 + n + i])
+end
+if KEYS[2] then
+  for i = 1, n do
+    redis.call('XADD', KEYS[2], '*', 'j', ARGV[1 + 2 * n + i])
+  end
+end
+return 1
+"#;
+
+/// Returns `[entry id, job, entry id, job, ...]` claimed for the consumer.
+/// KEYS: outbox stream, retry zset. ARGV: group, consumer, now ms, lease ms, count.
+const CLAIM: &str = r#"
+redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, 256)
+for _, job in ipairs(due) do
+  redis.call('XADD', KEYS[1], '*', 'j', job)
+  redis.call('ZREM', KEYS[2], job)
+end
+local out = {}
+local function take(entries)
+  for _, e in ipairs(entries) do
+    if type(e) == 'table' and type(e[2]) == 'table' then
+      local job = ''
+      for i = 1, #e[2], 2 do
+        if e[2][i] == 'j' then job = e[2][i + 1] end
+      end
+      table.insert(out, e[1])
+      table.insert(out, job)
+    end
+  end
+end
+local n = tonumber(ARGV[5])
+local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[4], '0-0', 'COUNT', n)
+take(claimed[2])
+local left = n - #out / 2
+if left > 0 then
+  local fresh = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left,
+    'STREAMS', KEYS[1], '>')
+  if fresh then take(fresh[1][2]) end
+end
+return out
+"#;
+
+/// Ends a claim. KEYS: outbox stream, retry zset, dead stream.
+/// ARGV: group, entry id, 'done' | 'retry' | 'dead', job, retry due ms | dead reason, dead cap.
+const FINISH: &str = r#"
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if acked == 0 then return 0 end
+if ARGV[3] == 'retry' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+elseif ARGV[3] == 'dead' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'j', ARGV[4], 'r', ARGV[5])
+end
+return 1
+"#;
+
+struct Scripts {
+    enqueue: Script,
+    redeliver: Script,
+    insert_endpoint: Script,
+    put_delivery: Script,
+    claim: Script,
+    finish: Script,
+}
+
+/// Script objects only hold the source and its SHA1; `invoke_async` loads them on `NOSCRIPT`.
+static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    enqueue: Script::new(ENQUEUE),
+    redeliver: Script::new(REDELIVER),
+    insert_endpoint: Script::new(INSERT_ENDPOINT),
+    put_delivery: Script::new(PUT_DELIVERY),
+    claim: Script::new(CLAIM),
+    finish: Script::new(FINISH),
+});
+
+/// The outbox's keys (mirrored in `docs/storage.md`), built on the store's own layout: records
+/// under the merchant's `P:{m:M}:` start, the queue under `P:{wh}:`.
+struct Keys<'a> {
+    store: &'a RedisStore,
+}
+
+impl Keys<'_> {
+    fn endpoints(&self, m: &MerchantId) -> String {
+        format!("{}whe", self.store.merchant_key_start(m))
+    }
+    fn event(&self, m: &MerchantId, e: &EventId) -> String {
+        format!("{}evt:{e}", self.store.merchant_key_start(m))
+    }
+    fn events(&self, m: &MerchantId) -> String {
+        format!("{}evts", self.store.merchant_key_start(m))
+    }
+    fn outbox(&self) -> String {
+        self.store.global_key("{wh}:outbox")
+    }
+    fn retry(&self) -> String {
+        self.store.global_key("{wh}:retry")
+    }
+    fn dead(&self) -> String {
+        self.store.global_key("{wh}:dead")
+    }
+}
+
+/// Field of an event hash holding the delivery state for one endpoint.
+fn delivery_field(e: &EndpointId) -> String {
+    format!("s:{e}")
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// serde_json messages can quote values; keep only the kind and position.
+fn corrupt(what: &str, e: &serde_json::Error) -> StoreError {
+    StoreError::Corrupt(format!(
+        "{what} is not valid JSON ({:?} error at line {}, column {})",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
+}
+
+fn encode<T: serde::Serialize>(what: &str, v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| corrupt(what, &e))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| corrupt(what, &e))
+}
+
+/// Builds an event record from its hash (`d` and `s:<endpoint>` fields); `None` for a missing
+/// (expired) hash.
+fn event_from_hash(h: HashMap<String, String>) -> Result<Option<EventRecord>, StoreError> {
+    let Some(d) = h.get("d") else {
+        return Ok(None);
+    };
+    let event: WebhookEvent = decode("webhook event", d)?;
+    let mut deliveries = Vec::new();
+    for (k, v) in &h {
+        if k.starts_with("s:") {
+            deliveries.push(decode::<DeliveryState>("webhook delivery state", v)?);
+        }
+    }
+    deliveries.sort_by(|a, b| a.endpoint_id.cmp(&b.endpoint_id));
+    Ok(Some(EventRecord { event, deliveries }))
+}
+
+impl RedisStore {
+    fn outbox_keys(&self) -> Keys<'_> {
+        Keys { store: self }
+    }
+
+    async fn hgetall(&self, key: String) -> Result<HashMap<String, String>, StoreError> {
+        let mut c = redis::cmd("HGETALL");
+        c.arg(key);
+        self.query(c).await
+    }
+
+    /// On Cluster the stream lives in another slot than the event, so scripts on the event
+    /// cannot queue its jobs: they are added after, one `XADD` each.
+    async fn xadd_jobs(&self, jobs: &[String]) -> Result<(), StoreError> {
+        for job in jobs {
+            let mut c = redis::cmd("XADD");
+            c.arg(self.outbox_keys().outbox())
+                .arg("*")
+                .arg("j")
+                .arg(job);
+            self.query::<String>(c).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Script arguments for pending deliveries of one event: per endpoint, the hash field, the
+/// `pending` state and a job with 0 attempts (same order in all three).
+struct PendingArgs {
+    fields: Vec<String>,
+    states: Vec<String>,
+    jobs: Vec<String>,
+}
+
+impl PendingArgs {
+    fn new(
+        merchant: &MerchantId,
+        event: &EventId,
+        endpoints: &[EndpointId],
+    ) -> Result<PendingArgs, StoreError> {
+        let mut a = PendingArgs {
+            fields: Vec::with_capacity(endpoints.len()),
+            states: Vec::with_capacity(endpoints.len()),
+            jobs: Vec::with_capacity(endpoints.len()),
+        };
+        for ep in endpoints {
+            a.fields.push(delivery_field(ep));
+            a.states.push(encode(
+                "webhook delivery state",
+                &DeliveryState::pending(ep.clone()),
+            )?);
+            a.jobs.push(encode_job(merchant, event, ep, 0));
+        }
+        Ok(a)
+    }
+}
+
+#[async_trait]
+impl OutboxStore for RedisStore {
+    async fn insert_endpoint(&self, ep: &WebhookEndpoint, max: usize) -> Result<bool, StoreError> {
+        let json = encode("webhook endpoint", ep)?;
+        let mut inv = SCRIPTS
+            .insert_endpoint
+            .key(self.outbox_keys().endpoints(&ep.merchant_id));
+        inv.arg(ep.id.as_str()).arg(json).arg(max);
+        Ok(self.invoke::<i64>(inv).await? == 1)
+    }
+
+    async fn list_endpoints(
+        &self,
+        merchant: &MerchantId,
+    ) -> Result<Vec<WebhookEndpoint>, StoreError> {
+        let mut c = redis::cmd("HVALS");
+        c.arg(self.outbox_keys().endpoints(merchant));
+        let vals: Vec<String> = self.query(c).await?;
+        vals.iter().map(|v| decode("webhook endpoint", v)).collect()
+    }
+
+    async fn get_endpoint(
+        &self,
+        merchant: &MerchantId,
+        id: &EndpointId,
+    ) -> Result<Option<WebhookEndpoint>, StoreError> {
+        let mut c = redis::cmd("HGET");
+        c.arg(self.outbox_keys().endpoints(merchant))
+            .arg(id.as_str());
+        let v: Option<String> = self.query(c).await?;
+        v.map(|v| decode("webhook endpoint", &v)).transpose()
+    }
+
+    async fn delete_endpoint(
+        &self,
+        merchant: &MerchantId,
+        id: &EndpointId,
+    ) -> Result<bool, StoreError> {
+        let mut c = redis::cmd("HDEL");
+        c.arg(self.outbox_keys().endpoints(merchant))
+            .arg(id.as_str());
+        Ok(self.query::<i64>(c).await? == 1)
+    }
+
+    async fn enqueue_event(
+        &self,
+        event: &WebhookEvent,
+        endpoints: &[EndpointId],
+        retention: Duration,
+    ) -> Result<(), StoreError> {
+        let k = self.outbox_keys();
+        let m = &event.merchant_id;
+        let PendingArgs {
+            fields,
+            states,
+            jobs,
+        } = PendingArgs::new(m, &event.id, endpoints)?;
+        // Ids sort by creation time: everything below the bound is past retention.
+        let cutoff = EventId::lower_bound(OffsetDateTime::now_utc() - retention);
+        let mut inv = SCRIPTS.enqueue.key(k.event(m, &event.id));
+        inv.key(k.events(m));
+        let cluster = self.is_cluster();
+        if !cluster {
+            inv.key(k.outbox());
+        }
+        let keep = ms(retention);
+        inv.arg(event.id.as_str())
+            .arg(encode("webhook event", event)?)
+            .arg(unix_ms(event.created_at).saturating_add(keep))
+            .arg(now_ms().saturating_add(keep))
+            .arg(cutoff)
+            .arg(endpoints.len())
+            .arg(&fields)
+            .arg(&states)
+            .arg(&jobs);
+        self.invoke::<i64>(inv).await?;
+        if cluster {
+            // After the event: a job never names a missing event.
+            self.xadd_jobs(&jobs).await?;
+        }
+        Ok(())
+    }
+
+    async fn get_event(
+        &self,
+        merchant: &MerchantId,
+        id: &EventId,
+    ) -> Result<Option<EventRecord>, StoreError> {
+        let h = self.hgetall(self.outbox_keys().event(merchant, id)).await?;
+        event_from_hash(h)
+    }
+
+    async fn list_events(
+        &self,
+        merchant: &MerchantId,
+        before: Option<&EventId>,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let k = self.outbox_keys();
+        let max = before.map_or_else(|| "+".to_owned(), |b| format!("({b}"));
+        let mut c = redis::cmd("ZREVRANGEBYLEX");
+        c.arg(k.events(merchant))
+            .arg(max)
+            .arg("-")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+        let ids: Vec<String> = self.query(c).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(id) = EventId::parse(&id) else {
+                continue;
+            };
+            // An index entry whose event expired is skipped; the next enqueue trims it.
+            if let Some(rec) = event_from_hash(self.hgetall(k.event(merchant, &id)).await?)? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_delivery(
+        &self,
+        merchant: &MerchantId,
+        event: &EventId,
+        state: &DeliveryState,
+    ) -> Result<(), StoreError> {
+        let mut inv = SCRIPTS
+            .put_delivery
+            .key(self.outbox_keys().event(merchant, event));
+        inv.arg(delivery_field(&state.endpoint_id))
+            .arg(encode("webhook delivery state", state)?);
+        self.invoke::<i64>(inv).await?;
+        Ok(())
+    }
+
+    async fn redeliver(
+        &self,
+        merchant: &MerchantId,
+        event: &EventId,
+        endpoints: &[EndpointId],
+    ) -> Result<(), StoreError> {
+        if endpoints.is_empty() {
+            return Ok(());
+        }
+        let k = self.outbox_keys();
+        let PendingArgs {
+            fields,
+            states,
+            jobs,
+        } = PendingArgs::new(merchant, event, endpoints)?;
+        let mut inv = SCRIPTS.redeliver.key(k.event(merchant, event));
+        let cluster = self.is_cluster();
+        if !cluster {
+            inv.key(k.outbox());
+        }
+        inv.arg(endpoints.len())
+            .arg(&fields)
+            .arg(&states)
+            .arg(&jobs);
+        let existed = self.invoke::<i64>(inv).await? == 1;
+        if cluster && existed {
+            self.xadd_jobs(&jobs).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_jobs(
+        &self,
+        consumer: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<OutboxJob>, StoreError> {
+        let k = self.outbox_keys();
+        let mut inv = SCRIPTS.claim.key(k.outbox());
+        inv.key(k.retry())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(now_ms())
+            .arg(ms(lease))
+            .arg(max.max(1));
+        let flat: Vec<String> = self.invoke(inv).await?;
+        let mut jobs = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks(2) {
+            let [entry, job] = pair else { continue };
+            match decode_job(job, entry.clone()) {
+                Some(j) => jobs.push(j),
+                None => {
+                    // Not ours to interpret: drop it rather than claim it forever.
+                    tracing::warn!(entry = %entry, "webhook outbox: dropping an unreadable job");
+                    self.finish_entry(entry, "done", String::new(), String::new())
+                        .await?;
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    async fn finish_job(&self, job: &OutboxJob, next: JobNext) -> Result<bool, StoreError> {
+        match next {
+            JobNext::Done => {
+                self.finish_entry(&job.handle, "done", String::new(), String::new())
+                    .await
+            }
+            JobNext::Retry { at_ms } => {
+                self.finish_entry(&job.handle, "retry", next_attempt(job), at_ms.to_string())
+                    .await
+            }
+            JobNext::Dead { reason } => {
+                self.finish_entry(&job.handle, "dead", next_attempt(job), reason)
+                    .await
+            }
+        }
+    }
+}
+
+impl RedisStore {
+    /// Runs the finish script on one stream entry: `action` with the job string to schedule and
+    /// the retry due time or dead-letter reason.
+    async fn finish_entry(
+        &self,
+        entry: &str,
+        action: &str,
+        job: String,
+        arg: String,
+    ) -> Result<bool, StoreError> {
+        let k = self.outbox_keys();
+        let mut inv = SCRIPTS.finish.key(k.outbox());
+        inv.key(k.retry())
+            .key(k.dead())
+            .arg(GROUP)
+            .arg(entry)
+            .arg(action)
+            .arg(job)
+            .arg(arg)
+            .arg(DEAD_LETTER_MAX);
+        Ok(self.invoke::<i64>(inv).await? == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_event_hash_is_corrupt_and_missing_is_none() {
+        assert!(matches!(event_from_hash(HashMap::new()), Ok(None)));
+        let mut h = HashMap::new();
+        h.insert("d".to_owned(), "{not json".to_owned());
+        assert!(matches!(event_from_hash(h), Err(StoreError::Corrupt(_))));
+    }
+}
