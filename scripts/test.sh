@@ -20,4 +20,6 @@ echo "== cargo clippy"
 cargo clippy --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --all -- --test-threads="${TEST_THREADS:-4}"
+echo "== openapi contract (independent validator)"
+bash scripts/check-openapi.sh
 echo "== all tests passed"
