@@ -20,4 +20,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
+echo "== openapi contract (independent validator)"
+bash scripts/check-openapi.sh
 echo "== all tests passed"

@@ -1,5 +1,5 @@
 //! The `tokengate` binary: `serve` runs the gateway, `d1-sim` the D1 simulator, `keys` manages
-//! key material.
+//! key material, `openapi` prints the OpenAPI document.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,6 +65,9 @@ enum Command {
         #[arg(long)]
         merchant_gateway_id: Option<String>,
     },
+    /// Print the OpenAPI 3.1 document (the one served at `GET /openapi.json`) to stdout, so it
+    /// can be checked and used without a running gateway (scripts/check-openapi.sh).
+    Openapi,
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -210,6 +213,10 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             command: KeysCommand::New,
         } => {
             println!("{}", new_key_b64().as_str());
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", tokengate::http::openapi::document());
             Ok(())
         }
     }

@@ -89,6 +89,11 @@ pub struct ApiDoc;
 static DOCUMENT: LazyLock<String> =
     LazyLock::new(|| ApiDoc::openapi().to_json().unwrap_or_default());
 
+/// The serialized document: what `GET /openapi.json` answers and `tokengate openapi` prints.
+pub fn document() -> &'static str {
+    DOCUMENT.as_str()
+}
+
 /// The OpenAPI 3.1 document of this API.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses(
     (status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json",

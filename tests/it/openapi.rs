@@ -894,3 +894,108 @@ async fn every_route_is_documented_and_every_documented_route_exists() {
         );
     }
 }
+
+/// What OpenAPI tooling refuses or skips, checked on the document itself (no server needed):
+/// validators reject an operation that repeats a parameter, and client generators drop it
+/// (issue 14: 14 of 28 operations were dropped for a doubled `{id}`, which the drift test above
+/// read past). scripts/check-openapi.sh asks the third-party tools themselves.
+#[test]
+fn parameters_and_operation_ids_are_what_generators_need() {
+    let doc: Value = serde_json::from_str(tokengate::http::openapi::document()).unwrap();
+    let resolve = |v: &Value| -> Value {
+        match v["$ref"].as_str() {
+            Some(r) => doc
+                .pointer(r.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("unresolved {r}"))
+                .clone(),
+            None => v.clone(),
+        }
+    };
+    let mut problems = Vec::new();
+    let mut ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut count = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        let shared: Vec<Value> = item["parameters"]
+            .as_array()
+            .map(|a| a.iter().map(&resolve).collect())
+            .unwrap_or_default();
+        for (method, op) in item.as_object().unwrap() {
+            if ![
+                "get", "put", "post", "delete", "patch", "head", "options", "trace",
+            ]
+            .contains(&method.as_str())
+            {
+                continue;
+            }
+            count += 1;
+            let name = format!("{} {path}", method.to_ascii_uppercase());
+            match op["operationId"].as_str() {
+                None | Some("") => problems.push(format!("{name}: no operationId")),
+                Some(id) => {
+                    if let Some(other) = ids.insert(id.to_owned(), name.clone()) {
+                        problems.push(format!("{name}: operationId {id} also on {other}"));
+                    }
+                }
+            }
+            let own: Vec<Value> = op["parameters"]
+                .as_array()
+                .map(|a| a.iter().map(&resolve).collect())
+                .unwrap_or_default();
+            // A repeat within either list is invalid; the operation's own parameters override
+            // the path item's with the same (name, in), so the merged set is what a client sees.
+            let mut merged: BTreeMap<(String, String), Value> = BTreeMap::new();
+            for list in [&shared, &own] {
+                let mut seen = BTreeSet::new();
+                for p in list {
+                    let key = (
+                        p["name"].as_str().unwrap_or("").to_owned(),
+                        p["in"].as_str().unwrap_or("").to_owned(),
+                    );
+                    if !seen.insert(key.clone()) {
+                        problems.push(format!("{name}: parameter {key:?} repeated"));
+                    }
+                    merged.insert(key, p.clone());
+                }
+            }
+            let mut names = BTreeSet::new();
+            for ((pname, pin), p) in &merged {
+                if !names.insert(pname) {
+                    problems.push(format!("{name}: parameter `{pname}` in two places"));
+                }
+                if pin == "path" && p["required"] != true {
+                    problems.push(format!("{name}: path parameter `{pname}` not required"));
+                }
+                if !p["schema"].is_object() {
+                    problems.push(format!("{name}: parameter `{pname}` has no schema"));
+                }
+                if p["description"].as_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{name}: parameter `{pname}` has no description"));
+                }
+            }
+            // Path parameters declared are exactly the template's.
+            let template: BTreeSet<&str> = path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            let declared: BTreeSet<&str> = merged
+                .keys()
+                .filter(|(_, pin)| pin == "path")
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if template != declared {
+                problems.push(format!(
+                    "{name}: path parameters {declared:?}, template has {template:?}"
+                ));
+            }
+            for (status, resp) in op["responses"].as_object().into_iter().flatten() {
+                for (media, spec) in resolve(resp)["content"].as_object().into_iter().flatten() {
+                    if !spec["schema"].is_object() {
+                        problems.push(format!("{name} {status} {media}: no schema"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(count >= 28, "only {count} operations in the document");
+    assert!(problems.is_empty(), "{problems:#?}");
+}
