@@ -27,6 +27,7 @@ use crate::domain::schedule::Schedule;
 use crate::domain::service::Services;
 use crate::domain::token::TokenRecord;
 use crate::domain::webhooks::{TokenRenderer, WebhookSender, WebhookService, WebhookSettings};
+use crate::egress::{Egress, EgressPolicy, Resolve, SystemResolver};
 use crate::http::NotifyState;
 use crate::http::{AppState, HttpSettings};
 use crate::storage::embedded::EmbeddedStore;
@@ -75,11 +76,28 @@ pub struct WebhookWorker {
     pub sender: Arc<dyn WebhookSender>,
 }
 
-/// Builds the webhook service (on the store's outbox) and its outbound client.
+/// The SSRF guard of webhook URLs: the configured allow-list, loopback open in sandbox mode
+/// (receivers next to a developer's gateway), and the gateway's own listeners (`own`) refused.
+fn webhook_egress(
+    cfg: &Config,
+    own: Vec<SocketAddr>,
+    resolver: Arc<dyn Resolve>,
+) -> Result<Arc<Egress>, AppError> {
+    let allow = cfg.webhooks.allowed_networks()?;
+    if !allow.is_empty() {
+        tracing::info!(networks = ?allow, "webhook receivers allowed in webhooks.allow_private_networks");
+    }
+    let policy = EgressPolicy::new(allow, cfg.mode == Mode::Sandbox).with_own_listeners(own);
+    Ok(Arc::new(Egress::new(policy, resolver)))
+}
+
+/// Builds the webhook service (on the store's outbox) and its outbound client, both behind
+/// the same SSRF guard.
 fn webhook_worker(
     cfg: &Config,
     outbox: Arc<dyn OutboxStore>,
     keyring: Arc<Keyring>,
+    egress: Arc<Egress>,
 ) -> Result<WebhookWorker, AppError> {
     let w = &cfg.webhooks;
     let bad_ca = |msg: String| {
@@ -96,8 +114,8 @@ fn webhook_worker(
         None => None,
     };
     let timeout = Duration::from_millis(w.timeout_ms);
-    let sender =
-        HyperWebhookSender::new(timeout, ca_pem.as_deref()).map_err(|e| bad_ca(e.to_string()))?;
+    let sender = HyperWebhookSender::new(timeout, ca_pem.as_deref(), egress.clone())
+        .map_err(|e| bad_ca(e.to_string()))?;
     // Webhook payloads carry the token exactly as `GET /v1/tokens/{id}` shows it.
     let render: TokenRenderer = Arc::new(|r: &TokenRecord| {
         serde_json::to_value(crate::http::dto::TokenView::from(r))
@@ -114,7 +132,9 @@ fn webhook_worker(
         allow_plain_http: cfg.mode == Mode::Sandbox,
     };
     Ok(WebhookWorker {
-        service: Arc::new(WebhookService::new(outbox, keyring, render, settings)),
+        service: Arc::new(WebhookService::new(
+            outbox, keyring, render, settings, egress,
+        )),
         sender: Arc::new(sender),
     })
 }
@@ -256,6 +276,16 @@ impl Gateway {
     /// Builds the gateway. `public_addr` is where it will listen (for the sandbox simulator's
     /// notifications).
     pub async fn build(cfg: &Config, public_addr: SocketAddr) -> Result<Gateway, AppError> {
+        Self::build_with_resolver(cfg, public_addr, Arc::new(SystemResolver)).await
+    }
+
+    /// [`Gateway::build`] with the name resolver webhook URLs are checked and delivered
+    /// through (tests make names resolve to private addresses, or change their answer).
+    pub async fn build_with_resolver(
+        cfg: &Config,
+        public_addr: SocketAddr,
+        resolver: Arc<dyn Resolve>,
+    ) -> Result<Gateway, AppError> {
         cfg.validate()?;
         // Before anything records a metric (once per process; see src/observability.rs).
         crate::observability::init();
@@ -300,7 +330,12 @@ impl Gateway {
             Duration::from_millis(cfg.auth.api_key_cache_ttl_ms),
         );
         // Before anything clones the services: every token change they make emits webhooks.
-        let webhooks = webhook_worker(cfg, outbox_store, keyring.clone())?;
+        let mut own = vec![public_addr];
+        if let Some(sim) = &sandbox {
+            own.extend([sim.api_addr, sim.control_addr]);
+        }
+        let egress = webhook_egress(cfg, own, resolver)?;
+        let webhooks = webhook_worker(cfg, outbox_store, keyring.clone(), egress)?;
         services = services.with_webhooks(webhooks.service.clone());
         services = services.with_audit(Arc::new(AuditLog::new(
             audit_store,

@@ -111,6 +111,42 @@ pub struct WebhooksSection {
     pub retention_hours: u64,
     /// Extra CA certificates (PEM) trusted for https receivers, besides the system roots.
     pub ca_file: Option<PathBuf>,
+    /// CIDR networks webhook receivers may be in although the SSRF guard refuses them by
+    /// default (private, loopback, CGNAT...; `src/egress.rs`), for deployments with internal
+    /// receivers. Parsed by [`WebhooksSection::allowed_networks`].
+    #[serde(default)]
+    pub allow_private_networks: Vec<String>,
+}
+
+impl WebhooksSection {
+    /// `allow_private_networks` as networks. Strict on purpose: a bare address, bits set after
+    /// the prefix (`10.20.1.0/16`, likely a typo) and `/0` (which would switch the guard off)
+    /// are errors naming the key, not silently widened or narrowed.
+    pub fn allowed_networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        const KEY: &str = "webhooks.allow_private_networks";
+        let invalid = |msg: String| ConfigError::Invalid { key: KEY, msg };
+        let mut nets = Vec::with_capacity(self.allow_private_networks.len());
+        for (i, entry) in self.allow_private_networks.iter().enumerate() {
+            let net: ipnet::IpNet = entry.trim().parse().map_err(|_| {
+                invalid(format!(
+                    "entry {i} (`{entry}`) is not a CIDR network such as 10.20.0.0/16 or fd00:1::/48 (a single address is 10.20.0.5/32)"
+                ))
+            })?;
+            if net.trunc() != net {
+                return Err(invalid(format!(
+                    "entry {i} (`{entry}`) has bits set after the prefix length; the network is {}",
+                    net.trunc()
+                )));
+            }
+            if net.prefix_len() == 0 {
+                return Err(invalid(format!(
+                    "entry {i} (`{entry}`) allows every address and would switch the SSRF guard off; list the internal networks instead"
+                )));
+            }
+            nets.push(net);
+        }
+        Ok(nets)
+    }
 }
 
 /// D1's calls to us (`notify-update`) and the OAuth client credentials that protect them.
@@ -541,6 +577,7 @@ impl Config {
         if w.retention_hours == 0 {
             return Err(invalid("webhooks.retention_hours", "must be at least 1"));
         }
+        w.allowed_networks()?;
         if self.audit.retention_days == 0 {
             return Err(invalid("audit.retention_days", "must be at least 1"));
         }
@@ -723,6 +760,44 @@ mod tests {
         let c = Config::load_with_env(None, &env(&[("TOKENGATE__MODE", "production")])).unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("vault"), "{e}");
+    }
+
+    #[test]
+    fn webhook_allow_list_is_validated_naming_the_key() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert!(c.webhooks.allowed_networks().unwrap().is_empty());
+        let c = Config::load_with_env(
+            None,
+            &env(&[(
+                "TOKENGATE__WEBHOOKS__ALLOW_PRIVATE_NETWORKS",
+                r#"["10.20.0.0/16", "fd00:1::/48", "127.0.0.1/32"]"#,
+            )]),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let nets = c.webhooks.allowed_networks().unwrap();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[0].contains(&"10.20.9.9".parse::<std::net::IpAddr>().unwrap()));
+        for (bad, hint) in [
+            ("10.20.0.0", "not a CIDR"),
+            ("10.20.0.0/33", "not a CIDR"),
+            ("intranet", "not a CIDR"),
+            ("10.20.1.0/16", "10.20.0.0/16"),
+            ("0.0.0.0/0", "switch the SSRF guard off"),
+            ("::/0", "switch the SSRF guard off"),
+        ] {
+            let c = Config::load_with_env(
+                None,
+                &env(&[(
+                    "TOKENGATE__WEBHOOKS__ALLOW_PRIVATE_NETWORKS",
+                    &format!(r#"["192.168.0.0/24", "{bad}"]"#),
+                )]),
+            )
+            .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("webhooks.allow_private_networks"), "{bad}: {e}");
+            assert!(e.contains("entry 1") && e.contains(hint), "{bad}: {e}");
+        }
     }
 
     #[test]

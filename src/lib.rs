@@ -15,6 +15,7 @@
 //! - [`d1`]: the client for Thales D1 eCom Enablement (OAuth2 with ES256 assertions, mTLS, JWE).
 //! - [`sim`]: the D1 simulator used by tests, benchmarks and sandbox mode.
 //! - [`webhook_sender`]: outbound HTTP(S) for merchant webhooks (the domain's `WebhookSender`).
+//! - [`egress`]: the SSRF guard: which addresses webhook URLs may reach, and name resolution.
 //! - [`config`]: layered configuration (embedded defaults, optional file, environment).
 //! - [`app`]: wiring, used by the binary and by the integration tests.
 //! - [`observability`]: Prometheus metrics (`GET /metrics`), with labels that never carry card
@@ -25,6 +26,7 @@ pub mod config;
 pub mod crypto;
 pub mod d1;
 pub mod domain;
+pub mod egress;
 pub mod http;
 pub mod observability;
 pub mod storage;

@@ -40,6 +40,7 @@ use super::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
 use crate::crypto::Keyring;
 use crate::domain::ports::StoreError;
 use crate::domain::ports::outbox::{JobNext, OutboxJob, OutboxStore};
+use crate::egress::{AddrClass, Egress, EgressError};
 
 /// Endpoints one merchant may register: each token change fans out to all of them.
 pub const MAX_ENDPOINTS_PER_MERCHANT: usize = 16;
@@ -57,6 +58,8 @@ pub const REPLAY_WINDOW: Duration = Duration::from_secs(300);
 const SECRET_PURPOSE: &str = "webhook-secret";
 /// Jobs claimed per worker round, and deliveries in flight at once per instance.
 const BATCH: usize = 16;
+/// Bound on resolving an endpoint's host at registration (the request waits for it).
+const REGISTRATION_RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 // --- identifiers -------------------------------------------------------------------------------
 
@@ -386,6 +389,10 @@ mod b64 {
 pub enum WebhookError {
     #[error("{detail}")]
     Validation { code: &'static str, detail: String },
+    /// The URL's host is, or resolves to, an address the SSRF guard refuses
+    /// ([`crate::egress`]). Only the class is kept: the address may describe internal networks.
+    #[error("webhook url refused: the host is or resolves to {}", .0.describe())]
+    Forbidden(AddrClass),
     #[error("webhook endpoint not found")]
     EndpointNotFound,
     #[error("event not found")]
@@ -550,6 +557,10 @@ pub enum SendError {
     Request,
     #[error("invalid url")]
     InvalidUrl,
+    /// The SSRF guard refused every way to the host (at delivery, on freshly resolved
+    /// addresses): nothing was sent.
+    #[error("destination refused: {}", .0.describe())]
+    Forbidden(AddrClass),
 }
 
 impl SendError {
@@ -558,12 +569,26 @@ impl SendError {
             SendError::Connect => "connect_failed",
             SendError::Request => "request_failed",
             SendError::InvalidUrl => "invalid_url",
+            SendError::Forbidden(class) => match class {
+                AddrClass::Loopback => "forbidden_address_loopback",
+                AddrClass::Private => "forbidden_address_private",
+                AddrClass::LinkLocal => "forbidden_address_link_local",
+                AddrClass::SharedCgnat => "forbidden_address_shared_cgnat",
+                AddrClass::UniqueLocal => "forbidden_address_unique_local",
+                AddrClass::Multicast => "forbidden_address_multicast",
+                AddrClass::Broadcast => "forbidden_address_broadcast",
+                AddrClass::Unspecified => "forbidden_address_unspecified",
+                AddrClass::Documentation => "forbidden_address_documentation",
+                AddrClass::Reserved => "forbidden_address_reserved",
+                AddrClass::OwnListener => "forbidden_address_own_listener",
+            },
         }
     }
 }
 
 /// Sends one webhook request and reports the HTTP status. The worker bounds each call with
-/// `timeout`; implementations must not follow redirects.
+/// `timeout`; implementations must not follow redirects, and must check the addresses they
+/// connect to with the SSRF guard ([`crate::egress::Egress::resolve_checked`]).
 #[async_trait]
 pub trait WebhookSender: Send + Sync + 'static {
     async fn send(&self, req: OutboundRequest<'_>) -> Result<u16, SendError>;
@@ -589,7 +614,8 @@ pub struct WebhookSettings {
     pub claim_idle: Duration,
     /// Events older than this are dropped from listing and storage.
     pub retention: Duration,
-    /// Plain `http://` endpoints anywhere (sandbox mode); otherwise only on loopback hosts.
+    /// Plain `http://` endpoints anywhere (sandbox mode); otherwise only on loopback hosts
+    /// (which the SSRF guard then refuses unless `webhooks.allow_private_networks` opens them).
     pub allow_plain_http: bool,
 }
 
@@ -599,6 +625,8 @@ pub struct WebhookService {
     keyring: Arc<Keyring>,
     render: TokenRenderer,
     settings: WebhookSettings,
+    /// The SSRF guard, for registration (the sender holds the same one for deliveries).
+    egress: Arc<Egress>,
     /// Wakes this instance's worker when it queued something, so delivery does not wait a poll.
     wake: Notify,
     /// This instance's name among the workers sharing the outbox (Redis consumer name).
@@ -624,12 +652,14 @@ impl WebhookService {
         keyring: Arc<Keyring>,
         render: TokenRenderer,
         settings: WebhookSettings,
+        egress: Arc<Egress>,
     ) -> WebhookService {
         WebhookService {
             outbox,
             keyring,
             render,
             settings,
+            egress,
             wake: Notify::new(),
             consumer: format!("gw-{}", random_b64(9)),
         }
@@ -654,6 +684,7 @@ impl WebhookService {
         events: &[String],
     ) -> Result<(WebhookEndpoint, Zeroizing<String>), WebhookError> {
         validate_url(url, self.settings.allow_plain_http)?;
+        self.check_destination(url).await?;
         if events.is_empty() || events.len() > EventType::ALL.len() * 4 {
             return Err(invalid(
                 "invalid_event_types",
@@ -696,6 +727,44 @@ impl WebhookService {
             return Err(WebhookError::TooManyEndpoints);
         }
         Ok((ep, secret))
+    }
+
+    /// The SSRF guard at registration: refuses a URL whose host is, or now resolves to, a
+    /// refused address, so the merchant hears about it at once. A host that does not resolve
+    /// now (not in DNS yet, resolver trouble, slow) is accepted: the check that protects is the
+    /// one every delivery makes on the addresses it connects to.
+    async fn check_destination(&self, url: &str) -> Result<(), WebhookError> {
+        // validate_url has accepted the URL, so these cannot fail; if they did, there would be
+        // no host to reach and nothing to guard.
+        let Ok(uri) = url.parse::<http::Uri>() else {
+            return Ok(());
+        };
+        let Some(host) = uri.host() else {
+            return Ok(());
+        };
+        let https = uri
+            .scheme_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let checked = tokio::time::timeout(
+            REGISTRATION_RESOLVE_TIMEOUT,
+            self.egress.resolve_checked(host, port),
+        )
+        .await;
+        match checked {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(EgressError::Forbidden(class))) => Err(WebhookError::Forbidden(class)),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "webhook url host not resolvable at registration; checked at delivery");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::debug!(
+                    "webhook url host resolution timed out at registration; checked at delivery"
+                );
+                Ok(())
+            }
+        }
     }
 
     /// The endpoint's signing secret, opened from its sealed form.
@@ -1040,6 +1109,12 @@ impl WebhookService {
         };
         let outcome = match tokio::time::timeout(self.settings.timeout, sender.send(req)).await {
             Err(_) => Err(("timeout".to_owned(), None)),
+            Ok(Err(e @ SendError::Forbidden(_))) => {
+                // Registered fine, refused now: the name changed its answer (or the policy
+                // did). Worth an operator's look; the merchant sees the code on the event.
+                tracing::warn!(event_id = %rec.event.id, endpoint_id = %ep.id, error = e.code(), "webhook delivery refused by the SSRF guard");
+                Err((e.code().to_owned(), None))
+            }
             Ok(Err(e)) => Err((e.code().to_owned(), None)),
             Ok(Ok(status)) if (200..300).contains(&status) => Ok(status),
             Ok(Ok(status)) => Err((format!("http_{status}"), Some(status))),

@@ -369,6 +369,16 @@ impl From<crate::domain::webhooks::WebhookError> for ApiError {
         use crate::domain::webhooks::{MAX_ENDPOINTS_PER_MERCHANT, WebhookError};
         match e {
             WebhookError::Validation { code, detail } => ApiError::unprocessable(code, detail),
+            // 400, not 422: the URL is well formed, but the gateway will not call it. The detail
+            // names the class only, never the address a name resolved to (internal DNS).
+            WebhookError::Forbidden(class) => ApiError::bad_request(
+                "webhook_url_forbidden",
+                format!(
+                    "the url's host is or resolves to {} ({}); webhook receivers must be reachable on the public internet",
+                    class.describe(),
+                    class.as_str()
+                ),
+            ),
             WebhookError::EndpointNotFound => ApiError::not_found(
                 "webhook_endpoint_not_found",
                 "no such webhook endpoint for this merchant",

@@ -2,9 +2,11 @@
 //! become ACTIVE through the in-process D1 simulator); a real axum receiver on a free port gets
 //! the deliveries and the tests check their signatures with an independent HMAC. Also: retries,
 //! dead letters and redelivery, a gateway stopped mid-delivery, two gateways on one Redis, and
-//! the outbox store contract on the embedded store, Redis and Redis Cluster.
+//! the outbox store contract on the embedded store, Redis and Redis Cluster; and the SSRF guard
+//! (registration refusals, a DNS-rebinding name refused at delivery, the allow-list).
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::process::Command;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,7 @@ use tokengate::domain::webhooks::{
     DeliveryState, DeliveryStatus, EndpointId, EventId, EventType, SealedSecret, WebhookEndpoint,
     WebhookEvent,
 };
+use tokengate::egress::testing::StaticResolver;
 use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
 use tokio::sync::oneshot;
@@ -936,6 +939,251 @@ async fn https_receivers_are_verified_against_trusted_roots() {
         bad.hits().is_empty(),
         "a request reached an untrusted server"
     );
+}
+
+// --- the SSRF guard (src/egress.rs) -------------------------------------------------------------
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// A refusal names the class and nothing of the host or what it resolved to.
+async fn expect_forbidden(app: &TestApp, key: &str, url: &str, class: &str, hidden: &[&str]) {
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            key,
+            &json!({"url": url, "events": ["token.suspended"]}),
+        )
+        .await;
+    let p = expect_problem(r, 400, "webhook_url_forbidden").await;
+    let detail = p["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("({class})")), "{url}: {detail}");
+    for h in hidden {
+        assert!(!detail.contains(h), "{url}: the detail shows {h}: {detail}");
+    }
+}
+
+/// Registration refuses hosts that are, or resolve to, internal addresses of every class, in
+/// sandbox mode too (it only keeps loopback open), and the gateway's own listeners. The
+/// allow-list opens its networks; a name that does not resolve yet is left to delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_urls_are_refused_at_registration() {
+    let dns = Arc::new(StaticResolver::new());
+    dns.set("metadata.merchant.test", &ips(&["169.254.169.254"]));
+    dns.set("intranet.merchant.test", &ips(&["10.1.2.3"]));
+    dns.set(
+        "mixed.merchant.test",
+        &ips(&["93.184.215.14", "192.168.0.10"]),
+    );
+    dns.set("ula.merchant.test", &ips(&["fd00:abcd::1"]));
+    dns.set(
+        "public.merchant.test",
+        &ips(&["93.184.215.14", "2606:4700::1111"]),
+    );
+    dns.set("listed.merchant.test", &ips(&["10.20.0.7"]));
+    let app = fast(TestApp::builder(Backend::Embedded))
+        .resolver(dns.clone())
+        .env(
+            "TOKENGATE__WEBHOOKS__ALLOW_PRIVATE_NETWORKS",
+            r#"["10.20.0.0/16"]"#,
+        )
+        .start()
+        .await;
+    let (_, key) = app.create_merchant("Acme").await;
+    let own = app.addr.port();
+    let control = app.sim_control.clone().unwrap();
+    let refused: Vec<(String, &str, &str)> = vec![
+        (
+            "https://169.254.169.254/latest/meta-data/".into(),
+            "link_local",
+            "169.254",
+        ),
+        (
+            "https://metadata.merchant.test/hook".into(),
+            "link_local",
+            "merchant.test",
+        ),
+        ("https://10.0.0.1/hook".into(), "private", "10.0.0.1"),
+        (
+            "https://intranet.merchant.test/hook".into(),
+            "private",
+            "10.1.2.3",
+        ),
+        (
+            "https://mixed.merchant.test/hook".into(),
+            "private",
+            "192.168",
+        ),
+        ("https://172.16.5.4:8443/hook".into(), "private", "172.16"),
+        ("https://192.168.1.1/hook".into(), "private", "192.168"),
+        ("https://100.64.1.1/hook".into(), "shared_cgnat", "100.64"),
+        (
+            "https://ula.merchant.test/hook".into(),
+            "unique_local",
+            "fd00",
+        ),
+        ("https://[fd12::1]/hook".into(), "unique_local", "fd12"),
+        ("https://[fe80::1]/hook".into(), "link_local", "fe80"),
+        ("https://[::ffff:10.0.0.1]/hook".into(), "private", "ffff"),
+        (
+            "https://[::ffff:169.254.169.254]/hook".into(),
+            "link_local",
+            "ffff",
+        ),
+        (
+            "https://[64:ff9b::a9fe:a9fe]/hook".into(),
+            "link_local",
+            "ff9b",
+        ),
+        ("https://0.0.0.0/hook".into(), "unspecified", "0.0.0.0"),
+        ("https://[::]/hook".into(), "unspecified", "[::]"),
+        ("https://224.0.0.1/hook".into(), "multicast", "224"),
+        ("https://255.255.255.255/hook".into(), "broadcast", "255"),
+        ("https://192.0.2.10/hook".into(), "documentation", "192.0.2"),
+        ("https://240.0.0.1/hook".into(), "reserved", "240"),
+        (
+            format!("http://127.0.0.1:{own}/v1/merchants"),
+            "own_listener",
+            "127.0.0.1",
+        ),
+        (
+            format!("http://localhost:{own}/v1/merchants"),
+            "own_listener",
+            "localhost",
+        ),
+        (format!("{control}/sim/faults"), "own_listener", "127.0.0.1"),
+    ];
+    for (url, class, hidden) in &refused {
+        expect_forbidden(&app, &key, url, class, &[hidden]).await;
+    }
+
+    let rx = Receiver::start().await;
+    for url in [
+        "https://public.merchant.test/hook".to_owned(),
+        // Opened by webhooks.allow_private_networks, by name and as a literal.
+        "https://listed.merchant.test/hook".to_owned(),
+        "https://10.20.99.1/hook".to_owned(),
+        // Sandbox mode keeps loopback open for local receivers.
+        rx.url(),
+        format!("http://[::ffff:127.0.0.1]:{}/hook", rx.port),
+        // Not resolvable now: accepted, and checked again at every delivery.
+        "https://not-yet-in-dns.merchant.test/hook".to_owned(),
+    ] {
+        let r = app
+            .post(
+                "/v1/webhook-endpoints",
+                &key,
+                &json!({"url": url, "events": ["token.suspended"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{url}");
+    }
+}
+
+/// DNS rebinding: a name that was public at registration resolves to cloud metadata when the
+/// event is delivered. The attempt fails with a clear code (nothing is sent, the worker goes
+/// on); once the name answers an allowed address again, a retry delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebinding_is_refused_at_delivery() {
+    let dns = Arc::new(StaticResolver::new());
+    const NAME: &str = "hooks.merchant.test";
+    dns.set(NAME, &ips(&["93.184.215.14"]));
+    let app = fast(TestApp::builder(Backend::Embedded))
+        .resolver(dns.clone())
+        // Enough attempts that the retries outlast the switch back below.
+        .env("TOKENGATE__WEBHOOKS__MAX_ATTEMPTS", "100")
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let url = format!("http://{NAME}:{}/hook", rx.port);
+    let (ep, secret) = endpoint(&app, &key, &url, &["token.suspended"]).await;
+
+    dns.set(NAME, &ips(&["169.254.169.254"]));
+    let r = post_empty(&app, &format!("/v1/tokens/{token}/suspend"), &key).await;
+    assert_eq!(r.status(), 200);
+    let event_id = eventually("the suspension event", || async {
+        events(&app, &key)
+            .await
+            .first()
+            .map(|e| e["id"].as_str().unwrap().to_owned())
+    })
+    .await;
+    let e = wait_delivery(&app, &key, &event_id, &ep, |d| {
+        d["status"] == "failed" && d["attempts"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    assert_eq!(
+        delivery(&e, &ep)["lastError"],
+        "forbidden_address_link_local",
+        "{e}"
+    );
+    assert!(
+        rx.hits().is_empty(),
+        "a refused delivery reached a receiver"
+    );
+
+    // The worker carries on: the same name on the receiver's (sandbox-allowed) loopback address.
+    dns.set(NAME, &ips(&["127.0.0.1"]));
+    wait_delivery(&app, &key, &event_id, &ep, |d| d["status"] == "delivered").await;
+    let hits = rx.hits_for(&event_id);
+    assert_eq!(hits.len(), 1);
+    assert_signed(&secret, &hits[0]);
+    // The request went to the checked address under the URL's own host name.
+    assert_eq!(hits[0].header("host"), format!("{NAME}:{}", rx.port));
+}
+
+/// Production mode (no D1, no simulator): loopback is no longer a free pass for plain http;
+/// the allow-list opens internal networks, over https.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_refuses_loopback_and_opens_only_listed_networks() {
+    let app = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__MODE", "production")
+        .env("TOKENGATE__VAULT__ACTIVE_KEY_ID", "k1")
+        .env(
+            "TOKENGATE__VAULT__KEYS__K1",
+            "c3NyZi10ZXN0LWRhdGEta2V5LTAxMjM0NTY3ODlhYmM=",
+        )
+        .env(
+            "TOKENGATE__VAULT__FINGERPRINT_KEY",
+            "c3NyZi10ZXN0LWZpbmdlcnByaW50LWtleS0wMTIzNCE=",
+        )
+        .env("TOKENGATE__D1__ENABLED", "false")
+        .env("TOKENGATE__NOTIFY__REQUIRE_AUTH", "false")
+        .env(
+            "TOKENGATE__WEBHOOKS__ALLOW_PRIVATE_NETWORKS",
+            r#"["10.20.0.0/16"]"#,
+        )
+        .start()
+        .await;
+    let (_, key) = app.create_merchant("Acme").await;
+    for (url, class, hidden) in [
+        ("http://127.0.0.1:9000/hook", "loopback", "127.0.0.1"),
+        ("http://localhost:9000/hook", "loopback", "localhost"),
+        ("http://[::1]:9000/hook", "loopback", "::1"),
+        ("https://[::ffff:127.0.0.1]/hook", "loopback", "ffff"),
+        ("https://10.30.0.1/hook", "private", "10.30"),
+    ] {
+        expect_forbidden(&app, &key, url, class, &[hidden]).await;
+    }
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            &key,
+            &json!({"url": "https://10.20.0.8:8443/hook", "events": ["token.suspended"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    // Listed, but plain http is still only for loopback hosts outside sandbox mode.
+    let r = app
+        .post(
+            "/v1/webhook-endpoints",
+            &key,
+            &json!({"url": "http://10.20.0.8/hook", "events": ["token.suspended"]}),
+        )
+        .await;
+    expect_problem(r, 422, "insecure_webhook_url").await;
 }
 
 // --- two gateways, one Redis -------------------------------------------------------------------

@@ -153,7 +153,7 @@ fn json(status: StatusCode, v: &impl Serialize) -> Response {
     request_body = CreateEndpointRequest,
     responses(
         (status = 201, description = "The endpoint, with its signing secret (shown once)", body = EndpointCreatedSchema),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`, `webhook_url_forbidden` (the SSRF guard: the host is or resolves to a loopback, private, link-local... address; `detail` names the class)", body = ProblemBody, content_type = "application/problem+json"),
         (status = 409, description = "`too_many_webhook_endpoints`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),

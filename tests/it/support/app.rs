@@ -3,11 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use reqwest::{Client, Response};
 use serde_json::{Value, json};
 use tokengate::app::Gateway;
 use tokengate::config::Config;
+use tokengate::egress::Resolve;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -28,6 +30,8 @@ pub struct TestAppBuilder {
     env: Vec<(String, String)>,
     data_dir: Option<PathBuf>,
     redis: Option<RedisServer>,
+    /// Resolver of webhook URL hosts; the system's when unset.
+    resolver: Option<Arc<dyn Resolve>>,
 }
 
 pub struct TestApp {
@@ -60,6 +64,11 @@ impl TestAppBuilder {
     }
     pub fn data_dir(mut self, d: PathBuf) -> Self {
         self.data_dir = Some(d);
+        self
+    }
+    /// Webhook URL hosts resolve through `r` (the SSRF guard's tests).
+    pub fn resolver(mut self, r: Arc<dyn Resolve>) -> Self {
+        self.resolver = Some(r);
         self
     }
     pub fn redis_server(mut self, r: RedisServer) -> Self {
@@ -119,7 +128,11 @@ impl TestAppBuilder {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let gw = Gateway::build(&cfg, addr).await.expect("gateway builds");
+        let gw = match self.resolver {
+            Some(r) => Gateway::build_with_resolver(&cfg, addr, r).await,
+            None => Gateway::build(&cfg, addr).await,
+        }
+        .expect("gateway builds");
         let sim_control = gw.sandbox.as_ref().map(|s| s.control_url());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -151,6 +164,7 @@ impl TestApp {
             env: Vec::new(),
             data_dir: None,
             redis: None,
+            resolver: None,
         }
     }
 
