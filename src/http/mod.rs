@@ -71,6 +71,8 @@ pub struct HttpSettings {
     pub request_timeout: std::time::Duration,
     pub max_concurrency: usize,
     pub body_limit: usize,
+    /// `log.access`, `log.access_sample` (src/http/telemetry.rs).
+    pub access_log: telemetry::AccessLog,
 }
 
 /// The API routes with the middleware stack applied.
