@@ -402,6 +402,10 @@ impl Gateway {
             request_timeout: cfg.request_timeout(),
             max_concurrency: cfg.server.max_concurrency,
             body_limit: cfg.server.body_limit_bytes,
+            access_log: crate::http::telemetry::AccessLog {
+                enabled: cfg.log.access,
+                sample: cfg.log.access_sample,
+            },
         };
         // Cached as long as API keys are (docs/security.md, "Client certificates").
         let client_certs = Arc::new(crate::domain::client_certs::ClientCerts::new(

@@ -310,18 +310,41 @@ pub struct SimSection {
     pub control_listen: SocketAddr,
 }
 
+/// `log.format`. `auto` picks per process from where stdout goes (`telemetry::resolve_format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human text on a terminal, JSON lines otherwise (a file, a pipe, a log collector).
+    Auto,
     Text,
     Json,
 }
 
+/// `[log]` (src/telemetry.rs, and the access log in src/http/telemetry.rs).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// tracing-subscriber `EnvFilter` directives; `RUST_LOG` wins when set.
     pub level: String,
+    /// One access-log line per answered request (method, route template, status, latency,
+    /// request id).
+    pub access: bool,
+    /// Fraction (0 to 1) of requests answered below 400 that get an access-log line; 4xx and
+    /// 5xx are always logged while `access` is on.
+    pub access_sample: f64,
+}
+
+impl LogConfig {
+    /// Defaults for commands that have no config file (`tokengate d1-sim`).
+    pub fn standalone() -> LogConfig {
+        LogConfig {
+            format: LogFormat::Auto,
+            level: "info".into(),
+            access: true,
+            access_sample: 1.0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -581,6 +604,21 @@ impl Config {
         if self.audit.retention_days == 0 {
             return Err(invalid("audit.retention_days", "must be at least 1"));
         }
+        // Checked here rather than at logging setup, where a typo used to fall back to `info`
+        // silently.
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::Invalid {
+                key: "log.level",
+                msg: format!("not a valid filter ({e})"),
+            });
+        }
+        // `!(0..=1).contains` is also true for NaN.
+        if !(0.0..=1.0).contains(&self.log.access_sample) {
+            return Err(invalid(
+                "log.access_sample",
+                "must be a fraction from 0.0 to 1.0",
+            ));
+        }
         Ok(())
     }
 
@@ -798,6 +836,52 @@ mod tests {
             assert!(e.contains("webhooks.allow_private_networks"), "{bad}: {e}");
             assert!(e.contains("entry 1") && e.contains(hint), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn log_keys_defaults_env_and_rules() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c.log.format, LogFormat::Auto);
+        assert!(c.log.access);
+        assert!((c.log.access_sample - 1.0).abs() < f64::EPSILON);
+        let c = Config::load_with_env(
+            None,
+            &env(&[
+                ("TOKENGATE__LOG__FORMAT", "json"),
+                ("TOKENGATE__LOG__ACCESS", "false"),
+                ("TOKENGATE__LOG__ACCESS_SAMPLE", "0.25"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(!c.log.access);
+        assert!((c.log.access_sample - 0.25).abs() < f64::EPSILON);
+        c.validate().unwrap();
+        // An integer is a fraction too (`TOKENGATE__LOG__ACCESS_SAMPLE=0`).
+        let c =
+            Config::load_with_env(None, &env(&[("TOKENGATE__LOG__ACCESS_SAMPLE", "0")])).unwrap();
+        c.validate().unwrap();
+        for bad in ["1.5", "-0.1", "nan"] {
+            let c = Config::load_with_env(None, &env(&[("TOKENGATE__LOG__ACCESS_SAMPLE", bad)]))
+                .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("log.access_sample"), "{bad}: {e}");
+        }
+        let e = Config::load_with_env(None, &env(&[("TOKENGATE__LOG__FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.format"), "{e}");
+        let e = Config::load_with_env(None, &env(&[("TOKENGATE__LOG__ACCESS", "yes")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.access"), "{e}");
+        let c = Config::load_with_env(
+            None,
+            &env(&[("TOKENGATE__LOG__LEVEL", "info,tokengate=loud")]),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("log.level"), "{e}");
     }
 
     #[test]

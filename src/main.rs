@@ -140,7 +140,8 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 data_dir,
                 sim_listen,
             });
-            tokengate::telemetry::init(&cfg.log);
+            // Held to the end of `serve`: dropping it writes out the buffered log lines.
+            let _log = tokengate::telemetry::init(&cfg.log);
             let listener = tokio::net::TcpListener::bind(cfg.server.listen).await?;
             let addr = listener.local_addr()?;
             let gw = Gateway::build(&cfg, addr).await?;
@@ -156,10 +157,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             notify_url,
             merchant_gateway_id,
         } => {
-            tokengate::telemetry::init(&tokengate::config::LogConfig {
-                format: tokengate::config::LogFormat::Text,
-                level: "info".into(),
-            });
+            let _log = tokengate::telemetry::init(&tokengate::config::LogConfig::standalone());
             tokengate_d1_sim::run_cli(tokengate_d1_sim::SimCliArgs {
                 listen,
                 control_listen,

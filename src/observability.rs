@@ -15,6 +15,7 @@
 //! | `tokengate_tokens` | gauge | `status` |
 //! | `tokengate_token_counts_complete` | gauge (0 or 1) | none |
 //! | `tokengate_build_info` | gauge (always 1) | `version` |
+//! | `tokengate_log_dropped_lines_total` | counter | none (log lines dropped because the log writer thread was too far behind; src/telemetry.rs) |
 //!
 //! **Labels never carry a PAN, a token number, a token id, a merchant id or a key**: `route` is
 //! the route *template* (`/v1/tokens/{id}`, from axum's `MatchedPath`; `unmatched` for 404s),
@@ -58,6 +59,7 @@ pub const TOKEN_TRANSITIONS: &str = "tokengate_token_transitions_total";
 pub const TOKENS: &str = "tokengate_tokens";
 pub const TOKEN_COUNTS_COMPLETE: &str = "tokengate_token_counts_complete";
 pub const BUILD_INFO: &str = "tokengate_build_info";
+pub const LOG_DROPPED: &str = "tokengate_log_dropped_lines_total";
 
 /// Histogram buckets (seconds) for every latency: 1 ms to 10 s, the range between an embedded
 /// store read and a D1 call at its time budget.
@@ -142,6 +144,16 @@ fn describe() {
         "1 once the token counts include records written before they existed, else 0"
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build");
+    describe_counter!(
+        LOG_DROPPED,
+        "Log lines dropped because the log writer thread was too far behind (stdout stalled)"
+    );
+}
+
+/// The log writer's own count (src/telemetry.rs), copied in at each scrape: the writer cannot
+/// record metrics itself.
+pub fn set_log_dropped_lines(n: u64) {
+    counter!(LOG_DROPPED).absolute(n);
 }
 
 // --- HTTP ------------------------------------------------------------------------------------

@@ -1,20 +1,197 @@
-//! Logging setup: text or JSON lines, filtered by `log.level` (or `RUST_LOG`).
+//! Logging setup: text or JSON lines (`log.format`, `auto` by default), filtered by `log.level`
+//! (or `RUST_LOG`), written to stdout by a background thread.
 //!
-//! Log lines carry the request id from the request span. Card data never reaches a log line:
-//! PANs are a masked type, and bodies and headers are never logged.
+//! Log lines inside a request carry its request id (the `request` span of
+//! src/http/telemetry.rs, which also writes the access log). Card data never reaches a log line:
+//! PANs are a masked type, paths are logged as route templates, and bodies and headers are never
+//! logged.
 
+use std::io::{BufWriter, IsTerminal};
+use std::sync::OnceLock;
+
+use tracing::Dispatch;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. Safe to call more than once (later calls are ignored).
-pub fn init(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
+/// Lines the writer thread may be behind before new lines are dropped (tracing-appender's
+/// default): at ~250 bytes a line, ~30 MiB at worst, and several seconds of the heaviest load
+/// measured (docs/performance.md), so only a stalled stdout (a blocked pipe, a stopped log
+/// shipper) fills it.
+const BUFFERED_LINES: usize = 128_000;
+
+/// Lines dropped so far because the buffer was full, for `tokengate_log_dropped_lines_total`.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// What `log.format` resolves to for one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    Text,
+    Json,
+}
+
+/// `auto` is text for a person at a terminal and JSON lines for everything else (files, pipes,
+/// container log collectors), where lines are parsed rather than read.
+pub fn resolve_format(format: LogFormat, terminal: bool) -> Resolved {
+    match format {
+        LogFormat::Text => Resolved::Text,
+        LogFormat::Json => Resolved::Json,
+        LogFormat::Auto if terminal => Resolved::Text,
+        LogFormat::Auto => Resolved::Json,
+    }
+}
+
+/// Colour codes only for a terminal: in a file they are noise that breaks grep and parsers.
+/// `NO_COLOR` (no-color.org), when set and not empty, turns them off on a terminal too.
+pub fn use_ansi(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Keeps the background writer alive; dropping it writes out the lines still buffered (waiting
+/// at most about a second). Hold it until the process is about to exit.
+#[must_use = "dropping the guard stops the log writer thread"]
+pub struct LogGuard {
+    _worker: WorkerGuard,
+}
+
+/// Installs the global subscriber writing to stdout through a background thread. Safe to call
+/// more than once (later calls do not replace the first subscriber).
+pub fn init(cfg: &LogConfig) -> LogGuard {
+    let stdout = std::io::stdout();
+    let terminal = stdout.is_terminal();
+    // Lossy: when the writer thread is 128k lines behind, a new line is dropped (and counted)
+    // instead of blocking. Blocking would park a tokio worker thread inside a request whenever
+    // stdout stalls (a full pipe, a paused log shipper), turning a logging problem into an
+    // outage of the payment API; losing access-log lines under that condition is the lesser
+    // harm, and the loss is visible as tokengate_log_dropped_lines_total.
+    //
+    // BufWriter: the worker drains every queued line into it and flushes once per batch, so a
+    // busy gateway writes many lines per system call instead of one (stdout alone is
+    // line-buffered), and an idle one still writes each line at once.
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("tokengate-log")
+        .finish(BufWriter::with_capacity(64 * 1024, stdout));
+    let _ = DROPPED.set(writer.error_counter());
+    let no_color = std::env::var_os("NO_COLOR");
+    let _ = dispatch(
+        cfg,
+        writer,
+        terminal,
+        use_ansi(terminal, no_color.as_deref()),
+    )
+    .try_init();
+    LogGuard { _worker: guard }
+}
+
+/// The subscriber [`init`] installs, writing to `writer`: the injection point for tests, which
+/// capture into a buffer and install it with `tracing::dispatcher::set_default`.
+pub fn dispatch<W>(cfg: &LogConfig, writer: W, terminal: bool, ansi: bool) -> Dispatch
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter(cfg))
+        .with_writer(writer);
+    match resolve_format(cfg.format, terminal) {
+        // The event's fields at the top level; of the spans only the innermost (the request
+        // span and its request id), not the list of all of them.
+        Resolved::Json => Dispatch::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+        Resolved::Text => Dispatch::new(builder.with_ansi(ansi).finish()),
+    }
+}
+
+/// `RUST_LOG` when set and valid, else `log.level` (checked by `Config::validate`).
+fn filter(cfg: &LogConfig) -> EnvFilter {
+    EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Log lines dropped because the writer thread was too far behind (0 before [`init`]).
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    #[test]
+    fn auto_is_text_on_a_terminal_and_json_elsewhere() {
+        assert_eq!(resolve_format(LogFormat::Auto, true), Resolved::Text);
+        assert_eq!(resolve_format(LogFormat::Auto, false), Resolved::Json);
+        for terminal in [true, false] {
+            assert_eq!(resolve_format(LogFormat::Text, terminal), Resolved::Text);
+            assert_eq!(resolve_format(LogFormat::Json, terminal), Resolved::Json);
+        }
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_ansi(true, None));
+        assert!(!use_ansi(false, None));
+        assert!(!use_ansi(true, Some(OsStr::new("1"))));
+        assert!(use_ansi(true, Some(OsStr::new(""))));
+    }
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture(format: LogFormat, terminal: bool) -> String {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let cfg = LogConfig {
+            format,
+            ..LogConfig::standalone()
+        };
+        let d = dispatch(&cfg, move || w.clone(), terminal, use_ansi(terminal, None));
+        tracing::dispatcher::with_default(&d, || {
+            tracing::info!(target: "tokengate::access", status = 200u64, "request");
+        });
+        let out = buf.0.lock().unwrap().clone();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn auto_writes_json_lines_off_a_terminal_and_plain_text_on_one() {
+        let json = capture(LogFormat::Auto, false);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["target"], "tokengate::access");
+        assert!(!json.contains('\x1b'));
+        let text = capture(LogFormat::Text, false);
+        assert!(
+            text.contains("status=200") && !text.contains('\x1b'),
+            "{text}"
+        );
+        let colour = capture(LogFormat::Auto, true);
+        assert!(colour.contains('\x1b'), "{colour}");
+    }
 }

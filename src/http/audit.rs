@@ -37,7 +37,7 @@ impl AuditCtx {
 /// The request id set by the middleware stack (`src/http/stack.rs`) before handlers run.
 pub fn request_id(headers: &axum::http::HeaderMap) -> Option<String> {
     headers
-        .get(super::stack::REQUEST_ID)
+        .get(super::telemetry::REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
 }

@@ -18,7 +18,8 @@ pub mod stack;
 pub mod state;
 pub mod telemetry;
 
-pub use state::{AppState, AppStateInner, HttpSettings, NotifyState};
+pub use stack::HttpSettings;
+pub use state::{AppState, AppStateInner, NotifyState};
 
 use std::future::Future;
 use std::sync::Arc;

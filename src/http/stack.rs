@@ -11,13 +11,18 @@ use tower::{BoxError, ServiceBuilder};
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
 
 use super::problem::ApiError;
-use super::state::HttpSettings;
 
-pub const REQUEST_ID: &str = "x-request-id";
+/// Middleware settings.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub request_timeout: std::time::Duration,
+    pub max_concurrency: usize,
+    pub body_limit: usize,
+    /// `log.access`, `log.access_sample` (src/http/telemetry.rs).
+    pub access_log: super::telemetry::AccessLog,
+}
 
 pub fn apply(router: Router, s: &HttpSettings) -> Router {
     router.layer(
@@ -27,20 +32,15 @@ pub fn apply(router: Router, s: &HttpSettings) -> Router {
             .layer(SetRequestIdLayer::x_request_id(FastRequestUuid))
             // Echo it on the response so a client can quote it in a support ticket.
             .layer(PropagateRequestIdLayer::x_request_id())
-            // One span per request with method, path and request id; never bodies or headers
-            // (they carry card data and credentials).
-            .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let rid = req
-                    .headers()
-                    .get(REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %rid)
-            })
-            // One access-log line per response (status, latency) at info.
-            .on_response(DefaultOnResponse::new().level(Level::INFO)))
-            // Metrics by route template, outside shedding and timeouts so their 503s count too.
-            .layer(axum::middleware::from_fn(super::telemetry::track))
+            // The request span (request id only), metrics by route template and the access
+            // log (src/http/telemetry.rs): one cheap middleware instead of tower-http's
+            // TraceLayer, whose span logged the raw path (token ids) and whose per-response
+            // event formatted the whole span. Outside shedding and timeouts so their 503s are
+            // counted and logged too. Never bodies or headers (card data, credentials).
+            .layer(axum::middleware::from_fn_with_state(
+                s.access_log,
+                super::telemetry::track,
+            ))
             // Turns shedding and timeouts below into problem responses.
             .layer(HandleErrorLayer::new(handle_stack_error))
             // Shed outside the limit: when all permits are taken, answer 503 at once instead

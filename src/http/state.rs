@@ -42,14 +42,6 @@ pub struct AppStateInner {
     pub client_certs: Arc<crate::domain::client_certs::ClientCerts>,
 }
 
-/// Middleware settings.
-#[derive(Debug, Clone)]
-pub struct HttpSettings {
-    pub request_timeout: std::time::Duration,
-    pub max_concurrency: usize,
-    pub body_limit: usize,
-}
-
 /// What D1's calls to us (`handlers::notify`) need. Built once by `app.rs`.
 pub struct NotifyState {
     pub auth: NotifyAuth,

@@ -1,30 +1,101 @@
-//! HTTP side of the metrics (src/observability.rs): the middleware that counts and times every
-//! request by route template, and `GET /metrics`.
+//! HTTP side of the metrics and logs: the middleware that opens the request span, counts and
+//! times every request by route template and writes the access log, and `GET /metrics`.
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use crate::observability;
 
-/// Counts and times one request. The route label is axum's `MatchedPath` (the template, e.g.
-/// `/v1/tokens/{id}`), never the raw path: token ids in paths must not become label values.
-/// Requests no route matched (404 fallback) are `unmatched`.
-pub async fn track(req: Request, next: Next) -> Response {
+/// Target of the access-log events, so a filter can single them out
+/// (`log.level = "info,tokengate::access=off"`).
+pub const ACCESS_TARGET: &str = "tokengate::access";
+
+/// The request id header: taken from the client when it sends one, else generated (stack.rs).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// `log.access` and `log.access_sample`.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLog {
+    pub enabled: bool,
+    /// Fraction (0 to 1) of requests answered below 400 that are logged.
+    pub sample: f64,
+}
+
+impl AccessLog {
+    /// Whether a response with `status` gets an access-log line. Every 4xx and 5xx is logged:
+    /// they are what an operator searches the log for (failed requests, refused credentials,
+    /// rate limiting), normally rare, and a sample would hide the one being looked for. Sampling
+    /// is for the high-volume successes. `draw` (uniform in 0..1) is only called when the
+    /// decision depends on it, so the default (1.0) never touches the random generator.
+    pub fn should_log(self, status: u16, draw: impl FnOnce() -> f64) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        if status >= 400 || self.sample >= 1.0 {
+            return true;
+        }
+        self.sample > 0.0 && draw() < self.sample
+    }
+}
+
+/// The request id as logged: the one `SetRequestIdLayer` set or the client sent. A client id
+/// that is not visible ASCII, is longer than 64 bytes, or holds a run of 13 or more digits (a
+/// card number pasted into a header) is logged as `-`: log lines are bounded, and a PAN never
+/// reaches one. Generated ids (UUIDs: at most 12 digits in a row) always pass.
+fn loggable_request_id(v: Option<&HeaderValue>) -> &str {
+    let Some(s) = v.and_then(|v| v.to_str().ok()) else {
+        return "-";
+    };
+    if s.is_empty() || s.len() > 64 {
+        return "-";
+    }
+    let mut run = 0;
+    for b in s.bytes() {
+        run = if b.is_ascii_digit() { run + 1 } else { 0 };
+        if run >= 13 {
+            return "-";
+        }
+    }
+    s
+}
+
+/// One request: its span, its metrics and its access-log line.
+///
+/// The route is axum's `MatchedPath` (the template, e.g. `/v1/tokens/{id}`), never the raw
+/// path: token ids in paths must not become label values or reach a log line. Requests no route
+/// matched (404 fallback) are `unmatched`.
+///
+/// The `request` span (info, with the request id only) wraps the inner layers and the handler,
+/// so their log lines carry the request id. The access-log line is one event emitted after the
+/// response, outside that span, with every field explicit: method, route, status, latency_ms,
+/// request_id. 5xx lines are at warn, so they still show with `log.level = "warn"`.
+pub async fn track(State(access): State<AccessLog>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = observability::method_label(req.method());
-    // A clone of the matched path is a reference count, not a copy of the string.
+    // Clones of the matched path and the header value are reference counts, not string copies.
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let resp = next.run(req).await;
-    observability::record_http(
-        method,
-        route.as_ref().map_or("unmatched", MatchedPath::as_str),
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
+    let rid = req.headers().get(REQUEST_ID).cloned();
+    let request_id = loggable_request_id(rid.as_ref());
+    let span = tracing::info_span!("request", request_id);
+    let resp = next.run(req).instrument(span).await;
+    let elapsed = started.elapsed();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let status = resp.status().as_u16();
+    observability::record_http(method, route, status, elapsed);
+    if access.should_log(status, rand::random::<f64>) {
+        // Milliseconds with microsecond resolution, as a number (JSON) rather than a string.
+        let latency_ms = elapsed.as_micros() as f64 / 1000.0;
+        if status >= 500 {
+            tracing::warn!(target: ACCESS_TARGET, method, route, status, latency_ms, request_id, "request");
+        } else {
+            tracing::info!(target: ACCESS_TARGET, method, route, status, latency_ms, request_id, "request");
+        }
+    }
     resp
 }
 
@@ -35,6 +106,7 @@ pub async fn track(req: Request, next: Next) -> Response {
         content_type = "text/plain; version=0.0.4", body = String),
 ))]
 pub async fn metrics() -> Response {
+    observability::set_log_dropped_lines(crate::telemetry::dropped_lines());
     let body = observability::handle().render();
     let mut resp = (StatusCode::OK, body).into_response();
     resp.headers_mut().insert(
@@ -42,4 +114,72 @@ pub async fn metrics() -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never() -> f64 {
+        panic!("the decision did not need a draw")
+    }
+
+    #[test]
+    fn sampling_applies_to_successes_only() {
+        let all = AccessLog {
+            enabled: true,
+            sample: 1.0,
+        };
+        let none = AccessLog {
+            enabled: true,
+            sample: 0.0,
+        };
+        let tenth = AccessLog {
+            enabled: true,
+            sample: 0.1,
+        };
+        let off = AccessLog {
+            enabled: false,
+            sample: 1.0,
+        };
+        for status in [200, 201, 204, 304] {
+            assert!(all.should_log(status, never));
+            assert!(!none.should_log(status, never));
+            assert!(!off.should_log(status, never));
+            assert!(tenth.should_log(status, || 0.05));
+            assert!(!tenth.should_log(status, || 0.1));
+            assert!(!tenth.should_log(status, || 0.9));
+        }
+        for status in [400, 401, 404, 429, 500, 503] {
+            assert!(none.should_log(status, never), "{status}");
+            assert!(tenth.should_log(status, never), "{status}");
+            assert!(!off.should_log(status, never), "{status}");
+        }
+    }
+
+    #[test]
+    fn sampled_share_is_close_to_the_fraction() {
+        let quarter = AccessLog {
+            enabled: true,
+            sample: 0.25,
+        };
+        let logged = (0..20_000)
+            .filter(|_| quarter.should_log(200, rand::random::<f64>))
+            .count();
+        assert!((4_000..6_000).contains(&logged), "{logged}");
+    }
+
+    #[test]
+    fn request_ids_are_logged_only_when_harmless() {
+        let hv = |s: &str| HeaderValue::from_str(s).unwrap();
+        let uuid = "0b7d3f1e-9c4a-4e2b-8f6d-123456789012";
+        assert_eq!(loggable_request_id(Some(&hv(uuid))), uuid);
+        assert_eq!(loggable_request_id(Some(&hv("client-42"))), "client-42");
+        assert_eq!(loggable_request_id(None), "-");
+        assert_eq!(loggable_request_id(Some(&hv("4111111111111111"))), "-");
+        assert_eq!(loggable_request_id(Some(&hv("id-4111111111111-x"))), "-");
+        assert_eq!(loggable_request_id(Some(&hv(&"a".repeat(65)))), "-");
+        let not_ascii = HeaderValue::from_bytes("é".as_bytes()).unwrap();
+        assert_eq!(loggable_request_id(Some(&not_ascii)), "-");
+    }
 }

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod access_log;
 mod api;
 mod audit;
 mod client_certs_store;
