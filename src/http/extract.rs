@@ -6,7 +6,7 @@ use axum::http::header;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use super::problem::ApiError;
+use super::problem::{ApiError, codes};
 use super::state::AppState;
 use tokengate_cards::CardError;
 
@@ -27,21 +27,20 @@ impl FromRequest<AppState> for Body {
             });
         let bytes = Bytes::from_request(req, state).await.map_err(|rej| {
             if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "Payload too large",
+                ApiError::of(
+                    &codes::BODY_TOO_LARGE,
                     format!("request body exceeds {} bytes", state.body_limit),
                 )
             } else {
-                ApiError::bad_request("body_unreadable", "the request body could not be read")
+                ApiError::of(
+                    &codes::BODY_UNREADABLE,
+                    "the request body could not be read",
+                )
             }
         })?;
         if !bytes.is_empty() && is_json == Some(false) {
-            return Err(ApiError::new(
-                axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Unsupported media type",
+            return Err(ApiError::of(
+                &codes::UNSUPPORTED_MEDIA_TYPE,
                 "send the body as application/json",
             ));
         }
@@ -53,8 +52,8 @@ impl FromRequest<AppState> for Body {
 /// offending value (which may be a card number), so quoted text and long digit runs are removed.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.is_empty() {
-        return Err(ApiError::bad_request(
-            "body_missing",
+        return Err(ApiError::of(
+            &codes::BODY_MISSING,
             "a JSON request body is required",
         ));
     }
@@ -65,8 +64,8 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let msg = redact(&inner.to_string());
         use serde_json::error::Category;
         match inner.classify() {
-            Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
-                "malformed_json",
+            Category::Syntax | Category::Eof | Category::Io => ApiError::of(
+                &codes::MALFORMED_JSON,
                 format!("the body is not valid JSON: {msg}"),
             ),
             Category::Data => {
@@ -92,9 +91,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                     format!("`{path}`: {msg}")
                 };
                 if card_code.is_some() {
-                    ApiError::unprocessable(code, detail)
+                    ApiError::validation(code, detail)
                 } else {
-                    ApiError::bad_request(code, detail)
+                    ApiError::coded(axum::http::StatusCode::BAD_REQUEST, code, detail)
                 }
             }
         }
@@ -157,16 +156,16 @@ pub fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError
                     .ok()
                     .filter(|n| (1..=MAX_LIMIT).contains(n))
                     .ok_or_else(|| {
-                        ApiError::bad_request(
-                            "invalid_query",
+                        ApiError::of(
+                            &codes::INVALID_QUERY,
                             format!("limit must be an integer from 1 to {MAX_LIMIT}"),
                         )
                     })?;
             }
             Some(("cursor", v)) if !v.is_empty() => cursor = Some(v.to_owned()),
             _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
+                return Err(ApiError::of(
+                    &codes::INVALID_QUERY,
                     "the query parameters are `limit` and `cursor`",
                 ));
             }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::problem::{ApiError, PROBLEM_JSON};
+use super::problem::{ApiError, PROBLEM_JSON, codes};
 use super::state::AppState;
 use crate::domain::ports::{IdempotencyBegin, StoredResponse};
 
@@ -119,11 +119,14 @@ pub fn key_from(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         return Ok(None);
     };
     let s = v.to_str().map_err(|_| {
-        ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be ASCII")
+        ApiError::of(
+            &codes::INVALID_IDEMPOTENCY_KEY,
+            "Idempotency-Key must be ASCII",
+        )
     })?;
     if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-        return Err(ApiError::bad_request(
-            "invalid_idempotency_key",
+        return Err(ApiError::of(
+            &codes::INVALID_IDEMPOTENCY_KEY,
             "Idempotency-Key must be 1 to 255 printable ASCII characters without spaces",
         ));
     }
@@ -154,8 +157,8 @@ where
     {
         Err(e) => return ApiError::from(crate::domain::DomainError::from(e)).into_response(),
         Ok(IdempotencyBegin::InFlight { same_request: true }) => {
-            return ApiError::conflict(
-                "idempotency_in_flight",
+            return ApiError::of(
+                &codes::IDEMPOTENCY_IN_FLIGHT,
                 "a request with this Idempotency-Key is still being processed",
             )
             .into_response();
@@ -176,9 +179,7 @@ where
             let Some(body) = open_body(state, scope, &key, stored.body) else {
                 // The work was done, but its answer (a secret) cannot be shown again.
                 tracing::error!("a sealed idempotent reply did not open; its key may be retired");
-                return ApiError::conflict(
-                    "idempotency_reply_unavailable",
-                    "this request was already processed, but its answer can no longer be replayed; do not retry with this Idempotency-Key",
+                return ApiError::of(&codes::IDEMPOTENCY_REPLY_UNAVAILABLE, "this request was already processed, but its answer can no longer be replayed; do not retry with this Idempotency-Key",
                 )
                 .into_response();
             };
@@ -228,8 +229,8 @@ where
 }
 
 fn mismatch() -> ApiError {
-    ApiError::unprocessable(
-        "idempotency_key_reused",
+    ApiError::of(
+        &codes::IDEMPOTENCY_KEY_REUSED,
         "this Idempotency-Key was used with a different request",
     )
 }

@@ -12,7 +12,7 @@ use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 
-use super::problem::ApiError;
+use super::problem::{ApiError, codes};
 
 /// Middleware settings.
 #[derive(Debug, Clone)]
@@ -73,15 +73,15 @@ impl MakeRequestId for FastRequestUuid {
 
 async fn handle_stack_error(err: BoxError) -> axum::response::Response {
     if err.is::<tower::load_shed::error::Overloaded>() {
-        ApiError::unavailable(
-            "overloaded",
+        ApiError::of(
+            &codes::OVERLOADED,
             "the gateway is at its concurrency limit; retry shortly",
         )
         .with_retry_after(Some(Duration::from_secs(1)))
         .into_response()
     } else if err.is::<tower::timeout::error::Elapsed>() {
-        ApiError::unavailable(
-            "request_timeout",
+        ApiError::of(
+            &codes::REQUEST_TIMEOUT,
             "the request did not complete within the gateway's time budget",
         )
         .with_retry_after(Some(Duration::from_secs(1)))

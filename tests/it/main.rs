@@ -8,6 +8,7 @@ mod support;
 
 mod access_log;
 mod api;
+mod architecture;
 mod audit;
 mod client_certs_store;
 mod d1_client;

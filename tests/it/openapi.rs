@@ -120,6 +120,16 @@ impl Contract {
             errors.is_empty(),
             "{method} {template} {status}: body does not match the document: {errors:#?}\nbody: {body}"
         );
+        // A problem's code must be one its route documents for that status (the catalogue's
+        // `x-problem-codes`, src/http/problem/codes.rs), not merely a well-formed problem.
+        if media == PROBLEM_JSON {
+            let codes = &documented["x-problem-codes"];
+            assert!(
+                codes.as_array().is_some_and(|c| c.contains(&body["code"])),
+                "{method} {template} {status}: code {} is not documented for this route ({codes})",
+                body["code"]
+            );
+        }
         self.seen
             .insert((method.to_owned(), template.to_owned(), status));
         body

@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 
 use crate::domain::apikeys::Caller;
 use crate::domain::client_certs::CertFingerprint;
-use crate::http::problem::ApiError;
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
 /// The verified leaf certificate of the request's TLS connection (same for every request on it).
@@ -53,8 +53,12 @@ pub async fn check_with_key(
 /// A request without an `Authorization` header: the caller its client certificate
 /// authenticates alone (merchant in `CERT` mode), else 401.
 pub async fn authenticate_without_key(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
-    let missing =
-        || ApiError::unauthorized("send the merchant API key as `Authorization: Bearer <key>`");
+    let missing = || {
+        ApiError::of(
+            &codes::UNAUTHORIZED,
+            "send the merchant API key as `Authorization: Bearer <key>`",
+        )
+    };
     // A malformed `Authorization` header is a failed key, never a fallback to the certificate.
     if parts.headers.contains_key(header::AUTHORIZATION) {
         return Err(missing());
@@ -64,7 +68,8 @@ pub async fn authenticate_without_key(parts: &Parts, state: &AppState) -> Result
     };
     match state.client_certs.caller_for(fp).await? {
         Some(c) => Ok(c),
-        None => Err(ApiError::unauthorized(
+        None => Err(ApiError::of(
+            &codes::UNAUTHORIZED,
             "send the merchant API key as `Authorization: Bearer <key>`; this client certificate does not authenticate alone",
         )),
     }

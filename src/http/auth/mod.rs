@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
 use crate::domain::merchant::Merchant;
-use crate::http::problem::ApiError;
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -42,7 +42,12 @@ impl FromRequestParts<AppState> for MerchantAuth {
             Some(key) => {
                 let caller = match state.services.authenticate(key).await? {
                     Some(c) => c,
-                    None => return Err(ApiError::unauthorized("the API key is not valid")),
+                    None => {
+                        return Err(ApiError::of(
+                            &codes::UNAUTHORIZED,
+                            "the API key is not valid",
+                        ));
+                    }
                 };
                 client_cert::check_with_key(parts, state, &caller).await?;
                 caller
@@ -63,10 +68,8 @@ impl FromRequestParts<AppState> for MerchantAuth {
                 crate::domain::ratelimit::Scope::ApiKey => "this API key",
                 crate::domain::ratelimit::Scope::Merchant => "this merchant",
             };
-            return Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "Too many requests",
+            return Err(ApiError::of(
+                &codes::RATE_LIMITED,
                 format!(
                     "the request rate limit of {which} is exceeded; retry after the indicated delay"
                 ),
@@ -90,13 +93,19 @@ impl FromRequestParts<AppState> for AdminAuth {
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized("send the admin token as `Authorization: Bearer <token>`")
+            ApiError::of(
+                &codes::UNAUTHORIZED,
+                "send the admin token as `Authorization: Bearer <token>`",
+            )
         })?;
         let expected = state.admin_token.expose_secret().as_bytes();
         if bool::from(token.as_bytes().ct_eq(expected)) {
             Ok(AdminAuth)
         } else {
-            Err(ApiError::unauthorized("the admin token is not valid"))
+            Err(ApiError::of(
+                &codes::UNAUTHORIZED,
+                "the admin token is not valid",
+            ))
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::domain::apikeys::{Caller, Scope};
 use crate::domain::audit::AuditAction;
 use crate::domain::token::TokenId;
 use crate::http::audit::{self, AuditCtx, Subject};
-use crate::http::problem::ApiError;
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
 /// The scope `method` on the route `path` (its pattern, e.g. `/v1/tokens/{id}`) needs, and the
@@ -57,7 +57,7 @@ fn subject(path: &str) -> Subject<'_> {
 }
 
 fn insufficient(detail: String) -> ApiError {
-    ApiError::insufficient_scope(detail)
+    ApiError::of(&codes::INSUFFICIENT_SCOPE, detail)
 }
 
 /// Refuses (403 `insufficient_scope`) a caller whose key lacks the route's scope, recording the

@@ -3,7 +3,7 @@
 use crate::domain::audit::AuditEvent;
 use crate::http::auth::MerchantAuth;
 use crate::http::idempotency::Reply;
-use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -80,13 +80,7 @@ pub struct AuditEventPage {
     ),
     responses(
         (status = 200, description = "One page of audit events", body = AuditEventPage),
-        (status = 400, description = "`invalid_query`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "`insufficient_scope`: the API key lacks `audit:read`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_cursor`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::AuditListProblems,
     ))]
 pub async fn list_audit_events(
     State(state): State<AppState>,

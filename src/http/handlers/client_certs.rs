@@ -14,7 +14,7 @@ use crate::http::dto::rfc3339;
 use crate::http::extract::{Body, parse_json};
 use crate::http::idempotency::Reply;
 use crate::http::params::PathId;
-use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -127,16 +127,14 @@ impl From<&ClientCertPolicy> for ClientCertPolicyView {
 
 fn merchant_id(id: &str) -> Result<MerchantId, ApiError> {
     MerchantId::parse(id)
-        .ok_or_else(|| ApiError::not_found("merchant_not_found", "no such merchant"))
+        .ok_or_else(|| ApiError::of(&codes::MERCHANT_NOT_FOUND, "no such merchant"))
 }
 
 fn to_policy(m: MerchantId, req: PutClientCertsRequest) -> Result<ClientCertPolicy, ApiError> {
     let mut certificates = Vec::with_capacity(req.certificates.len());
     for (i, c) in req.certificates.into_iter().enumerate() {
         let sha256 = CertFingerprint::parse(&c.sha256).ok_or_else(|| {
-            ApiError::unprocessable(
-                "invalid_client_cert_fingerprint",
-                format!("`certificates[{i}].sha256`: give the SHA-256 of the certificate's DER as 64 hex digits"),
+            ApiError::of(&codes::INVALID_CLIENT_CERT_FINGERPRINT, format!("`certificates[{i}].sha256`: give the SHA-256 of the certificate's DER as 64 hex digits"),
             )
         })?;
         let scopes = match &c.scopes {
@@ -164,10 +162,7 @@ fn to_policy(m: MerchantId, req: PutClientCertsRequest) -> Result<ClientCertPoli
     params(PathId),
     responses(
         (status = 200, description = "The merchant's binding", body = ClientCertPolicyView),
-        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`merchant_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+        codes::ClientCertProblems,
     ))]
 pub async fn get_client_certs(
     State(state): State<AppState>,
@@ -192,15 +187,7 @@ pub async fn get_client_certs(
     request_body = PutClientCertsRequest,
     responses(
         (status = 200, description = "The merchant's binding as stored", body = ClientCertPolicyView),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`merchant_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`client_cert_in_use`: a certificate is bound to another merchant", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_client_cert_fingerprint`, `duplicate_client_cert`, `invalid_client_cert_name`, `invalid_scopes`, `too_many_client_certs`, `client_cert_needed`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+        codes::ClientCertProblems,
     ))]
 pub async fn put_client_certs(
     State(state): State<AppState>,

@@ -19,7 +19,7 @@ use crate::http::dto::rfc3339;
 use crate::http::extract::{Body, parse_json};
 use crate::http::idempotency::{Reply, key_from, run_idempotent};
 use crate::http::params::{IdempotencyKeyHeader, MerchantIdPath, PathId};
-use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -113,16 +113,7 @@ pub struct ApiKeyList {
     request_body = CreateApiKeyRequest,
     responses(
         (status = 201, description = "The key and its secret (shown once)", body = ApiKeyCreatedView),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "`insufficient_scope`: the API key lacks `keys`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_key_name`, `invalid_scopes`, `too_many_api_keys`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+        codes::CreateApiKeyProblems,
     ))]
 pub async fn create_api_key(
     State(state): State<AppState>,
@@ -188,15 +179,7 @@ fn created_reply(rec: &ApiKeyRecord, new: &NewApiKey) -> Reply {
     request_body = CreateApiKeyRequest,
     responses(
         (status = 201, description = "The key and its secret (shown once)", body = ApiKeyCreatedView),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing or wrong admin token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`merchant_not_found`: unknown or malformed merchant id", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_key_name`, `invalid_scopes`, `too_many_api_keys`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+        codes::AdminCreateApiKeyProblems,
     ))]
 pub async fn create_api_key_for_merchant(
     State(state): State<AppState>,
@@ -253,11 +236,7 @@ pub async fn create_api_key_for_merchant(
     security(("merchantApiKey" = [])),
     responses(
         (status = 200, description = "The keys", body = ApiKeyList),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "`insufficient_scope`: the API key lacks `keys`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+        codes::ListApiKeysProblems,
     ))]
 pub async fn list_api_keys(
     State(state): State<AppState>,
@@ -283,12 +262,7 @@ pub async fn list_api_keys(
     params(PathId),
     responses(
         (status = 200, description = "The revoked key (revoking again is a no-op 200)", body = ApiKeyView),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "`insufficient_scope`: the API key lacks `keys`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`api_key_not_found`: unknown, or another merchant's key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)", body = ProblemBody, content_type = "application/problem+json"),
+        codes::RevokeApiKeyProblems,
     ))]
 pub async fn revoke_api_key(
     State(state): State<AppState>,
@@ -298,8 +272,8 @@ pub async fn revoke_api_key(
 ) -> Response {
     let result = match state.services.revoke_api_key(&merchant.id, &id).await {
         Ok(Some(rec)) => Ok(rec),
-        Ok(None) => Err(ApiError::not_found(
-            "api_key_not_found",
+        Ok(None) => Err(ApiError::of(
+            &codes::API_KEY_NOT_FOUND,
             "no such API key for this merchant",
         )),
         Err(e) => Err(ApiError::from(e)),

@@ -27,7 +27,8 @@ use crate::domain::ports::lifecycle::MAX_EVENT_ID_LEN;
 use crate::domain::token::TokenStatus;
 use crate::http::extract::{Body, parse_json};
 use crate::http::problem::{
-    ApiError, OAuthError, OAuthErrorBody, ProblemBody, notification_error, notify_unauthorized,
+    ApiError, OAuthError, OAuthErrorBody, ProblemBody, codes, notification_error,
+    notify_unauthorized,
 };
 use crate::http::state::AppState;
 use tokengate_cards::Expiry;
@@ -276,8 +277,8 @@ fn status(s: Option<String>) -> Result<Option<TokenStatus>, ApiError> {
         {
             Ok(Some(TokenStatus::parse(&v)))
         }
-        Some(_) => Err(ApiError::bad_request(
-            "invalid_field",
+        Some(_) => Err(ApiError::of(
+            &codes::INVALID_FIELD,
             "`status` must be an upper-case word such as ACTIVE",
         )),
     }
@@ -289,25 +290,28 @@ fn to_event(
     b: NotifyBody,
 ) -> Result<TokenEvent, ApiError> {
     if !valid_event_id(&b.event_id) {
-        return Err(ApiError::bad_request(
-            "invalid_field",
+        return Err(ApiError::of(
+            &codes::INVALID_FIELD,
             format!("`eventId` must be 1 to {MAX_EVENT_ID_LEN} characters of [A-Za-z0-9._:-]"),
         ));
     }
     if b.event_type.is_empty() || b.event_type.len() > 64 {
-        return Err(ApiError::bad_request(
-            "invalid_field",
+        return Err(ApiError::of(
+            &codes::INVALID_FIELD,
             "`eventType` must be 1 to 64 characters",
         ));
     }
     let timestamp = OffsetDateTime::parse(&b.timestamp, &Rfc3339).map_err(|_| {
-        ApiError::bad_request("invalid_field", "`timestamp` must be an RFC 3339 date-time")
+        ApiError::of(
+            &codes::INVALID_FIELD,
+            "`timestamp` must be an RFC 3339 date-time",
+        )
     })?;
     if let Some(t) = &b.token_id
         && *t != d1_token_id
     {
-        return Err(ApiError::bad_request(
-            "token_id_mismatch",
+        return Err(ApiError::of(
+            &codes::TOKEN_ID_MISMATCH,
             "`tokenId` in the body differs from the one in the path",
         ));
     }
@@ -341,13 +345,7 @@ fn to_event(
     request_body = NotifyBody,
     responses(
         (status = 204, description = "Applied (or recognised as a redelivery)"),
-        (status = 400, description = "`malformed_json`, `body_missing`, `invalid_field`, `missing_field`, `invalid_path`, `token_id_mismatch`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing or invalid access token (with `WWW-Authenticate`)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`merchant_gateway_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`notification_not_applied` (redeliver), `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::NotifyProblems,
     ))]
 pub async fn notify_update(
     State(state): State<AppState>,
@@ -357,15 +355,15 @@ pub async fn notify_update(
 ) -> Response {
     let notify = &state.notify;
     if mgid != notify.merchant_gateway_id {
-        return ApiError::not_found(
-            "merchant_gateway_not_found",
+        return ApiError::of(
+            &codes::MERCHANT_GATEWAY_NOT_FOUND,
             "this gateway does not serve that merchantGatewayId",
         )
         .into_response();
     }
     if !valid_d1_id(&d1_merchant_id) || !valid_d1_id(&d1_token_id) {
-        return ApiError::bad_request(
-            "invalid_path",
+        return ApiError::of(
+            &codes::INVALID_PATH,
             "merchantId and tokenId must be 1 to 128 printable characters",
         )
         .into_response();

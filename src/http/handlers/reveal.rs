@@ -18,7 +18,7 @@ use crate::http::audit::{self, AuditCtx};
 use crate::http::auth::MerchantAuth;
 use crate::http::idempotency::key_from;
 use crate::http::params::{IdempotencyKeyHeader, TokenIdPath};
-use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 use tokengate_cards::{Expiry, Pan};
 
@@ -66,7 +66,7 @@ fn card_json(pan: &Pan, expiry: Expiry) -> Zeroizing<String> {
 
 fn parse_token_id(s: &str) -> Result<TokenId, ApiError> {
     TokenId::parse(s)
-        .ok_or_else(|| ApiError::not_found("token_not_found", "no such token for this merchant"))
+        .ok_or_else(|| ApiError::of(&codes::TOKEN_NOT_FOUND, "no such token for this merchant"))
 }
 
 /// The card number behind a token, for PAN-fallback authorization. Needs the `card:reveal`
@@ -77,14 +77,7 @@ fn parse_token_id(s: &str) -> Result<TokenId, ApiError> {
     params(TokenIdPath, IdempotencyKeyHeader),
     responses(
         (status = 200, description = "The card (`Cache-Control: no-store`)", body = RevealedCardView),
-        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 403, description = "`insufficient_scope`: the API key lacks `card:reveal`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`token_deleted`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`): also when the reveal could not be audited", body = ProblemBody, content_type = "application/problem+json"),
+        codes::RevealProblems,
     ))]
 pub async fn reveal_card(
     State(state): State<AppState>,

@@ -19,7 +19,7 @@ use crate::http::dto::{
 use crate::http::extract::{Body, parse_json};
 use crate::http::idempotency::{Reply, key_from, run_idempotent};
 use crate::http::params::{IdempotencyKeyHeader, TokenIdPath};
-use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
 /// Liveness: 200 while the process runs.
@@ -33,29 +33,29 @@ pub async fn healthz() -> Response {
 /// Readiness: 200 when the token store answers.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "The store answers", body = HealthView),
-    (status = 503, description = "`store_unavailable`: the token store is not reachable",
-        body = ProblemBody, content_type = "application/problem+json"),
-))]
+        codes::ReadyProblems,
+    ))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
     match state.services.store.ping().await {
         Ok(()) => (StatusCode::OK, axum::Json(HealthView { status: "ready" })).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            ApiError::unavailable("store_unavailable", "the token store is not reachable")
-                .into_response()
+            ApiError::of(
+                &codes::STORE_UNAVAILABLE,
+                "the token store is not reachable",
+            )
+            .into_response()
         }
     }
 }
 
 pub async fn not_found() -> ApiError {
-    ApiError::not_found("route_not_found", "no such route")
+    ApiError::of(&codes::ROUTE_NOT_FOUND, "no such route")
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "Method not allowed",
+    ApiError::of(
+        &codes::METHOD_NOT_ALLOWED,
         "this route does not support this HTTP method",
     )
 }
@@ -63,7 +63,7 @@ pub async fn method_not_allowed() -> ApiError {
 fn parse_token_id(s: &str) -> Result<TokenId, ApiError> {
     // A malformed id cannot name any token: same answer as an unknown one.
     TokenId::parse(s)
-        .ok_or_else(|| ApiError::not_found("token_not_found", "no such token for this merchant"))
+        .ok_or_else(|| ApiError::of(&codes::TOKEN_NOT_FOUND, "no such token for this merchant"))
 }
 
 /// Wipes a request body that held card data, when this handler holds the only reference.
@@ -80,21 +80,7 @@ fn wipe(body: Bytes) {
     request_body = CreateMerchantRequest,
     responses(
         (status = 201, description = "The merchant and its API key", body = MerchantCreated),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing or wrong admin token",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_in_flight`, `idempotency_reply_unavailable`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_merchant_name`, `idempotency_key_reused`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 502, description = "`d1_bad_response`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::CreateMerchantProblems,
     ))]
 pub async fn create_merchant(
     State(state): State<AppState>,
@@ -144,23 +130,7 @@ pub async fn create_merchant(
     responses(
         (status = 200, description = "The merchant already tokenized this card: its existing token", body = TokenView),
         (status = 201, description = "A new token", body = TokenView),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_in_flight`, `concurrent_update`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_card_number`, `invalid_card_number_luhn`, `invalid_expiry`, `card_expired`, `invalid_customer_reference`, `idempotency_key_reused`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 504, description = "`d1_timeout`: D1 did not answer in time; retrying is safe",
-            body = ProblemBody, content_type = "application/problem+json"),
+        codes::CreateTokenProblems,
     ))]
 pub async fn create_token(
     State(state): State<AppState>,
@@ -203,14 +173,7 @@ pub async fn create_token(
     params(TokenIdPath),
     responses(
         (status = 200, description = "The token", body = TokenView),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
+        codes::GetTokenProblems,
     ))]
 pub async fn get_token(
     State(state): State<AppState>,
@@ -223,8 +186,9 @@ pub async fn get_token(
     };
     match state.services.get_token(&merchant.id, &id).await {
         Ok(Some(r)) => Reply::json(StatusCode::OK, &TokenView::from(&r)).into_response(),
-        Ok(None) => ApiError::not_found("token_not_found", "no such token for this merchant")
-            .into_response(),
+        Ok(None) => {
+            ApiError::of(&codes::TOKEN_NOT_FOUND, "no such token for this merchant").into_response()
+        }
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -237,24 +201,7 @@ pub async fn get_token(
     request_body = CreateCryptogramRequest,
     responses(
         (status = 201, description = "Credentials for one authorization", body = CryptogramView),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`token_suspended`, `token_deleted`, `token_pending`, `token_not_active`, `idempotency_in_flight`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_amount`, `idempotency_key_reused`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::CryptogramProblems,
     ))]
 pub async fn create_cryptogram(
     State(state): State<AppState>,
@@ -364,20 +311,7 @@ async fn lifecycle(
     params(TokenIdPath, IdempotencyKeyHeader),
     responses(
         (status = 200, description = "The token in its new status (repeating the current status is a no-op 200)", body = TokenView),
-        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`token_deleted`, `token_suspended`, `token_pending`, `token_not_active`, `concurrent_update`, `idempotency_in_flight`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`idempotency_key_reused`, `d1_rejected`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::TokenLifecycleProblems,
     ))]
 pub async fn suspend_token(
     State(state): State<AppState>,
@@ -404,20 +338,7 @@ pub async fn suspend_token(
     params(TokenIdPath, IdempotencyKeyHeader),
     responses(
         (status = 200, description = "The token in its new status (repeating the current status is a no-op 200)", body = TokenView),
-        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`token_deleted`, `token_suspended`, `token_pending`, `token_not_active`, `concurrent_update`, `idempotency_in_flight`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`idempotency_key_reused`, `d1_rejected`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::TokenLifecycleProblems,
     ))]
 pub async fn resume_token(
     State(state): State<AppState>,
@@ -444,20 +365,7 @@ pub async fn resume_token(
     params(TokenIdPath, IdempotencyKeyHeader),
     responses(
         (status = 200, description = "The token in its new status (repeating the current status is a no-op 200)", body = TokenView),
-        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`token_not_found`: unknown, malformed, or another merchant's token",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`token_deleted`, `token_suspended`, `token_pending`, `token_not_active`, `concurrent_update`, `idempotency_in_flight`, `d1_rejected`",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`idempotency_key_reused`, `d1_rejected`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 502, description = "`d1_bad_response`, `d1_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`overloaded`, `request_timeout`, `store_unavailable`, `d1_unavailable`, `d1_not_configured` (with `Retry-After`)",
-            body = ProblemBody, content_type = "application/problem+json"),
-        (status = 504, description = "`d1_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::TokenLifecycleProblems,
     ))]
 pub async fn delete_token(
     State(state): State<AppState>,

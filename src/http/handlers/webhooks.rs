@@ -22,7 +22,7 @@ use crate::http::dto::rfc3339;
 use crate::http::extract::{Body, parse_json};
 use crate::http::idempotency::{Reply, key_from, run_idempotent};
 use crate::http::params::{IdempotencyKeyHeader, PathId};
-use crate::http::problem::{ApiError, ProblemBody};
+use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
 /// Largest response body re-read to add the secret (it is a small JSON object).
@@ -30,8 +30,8 @@ const MAX_CREATED_BODY: usize = 64 * 1024;
 
 fn service(state: &AppState) -> Result<Arc<WebhookService>, ApiError> {
     state.services.webhooks.clone().ok_or_else(|| {
-        ApiError::unavailable(
-            "webhooks_unavailable",
+        ApiError::of(
+            &codes::WEBHOOKS_UNAVAILABLE,
             "webhooks are not configured in this deployment",
         )
     })
@@ -153,15 +153,7 @@ fn json(status: StatusCode, v: &impl Serialize) -> Response {
     request_body = CreateEndpointRequest,
     responses(
         (status = 201, description = "The endpoint, with its signing secret (shown once)", body = EndpointCreatedSchema),
-        (status = 400, description = "`malformed_json`, `body_missing`, `body_unreadable`, `invalid_field`, `missing_field`, `invalid_idempotency_key`, `webhook_url_forbidden` (the SSRF guard: the host is or resolves to a loopback, private, link-local... address; `detail` names the class)", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`too_many_webhook_endpoints`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 413, description = "`body_too_large`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 415, description = "`unsupported_media_type`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_webhook_url`, `insecure_webhook_url`, `invalid_event_types`, `idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::CreateEndpointProblems,
     ))]
 pub async fn create_endpoint(
     State(state): State<AppState>,
@@ -272,10 +264,7 @@ async fn add_secret(
     security(("merchantApiKey" = [])),
     responses(
         (status = 200, description = "Every endpoint of the merchant", body = Page<EndpointView>),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::ListProblems,
     ))]
 pub async fn list_endpoints(
     State(state): State<AppState>,
@@ -303,11 +292,7 @@ pub async fn list_endpoints(
     params(PathId),
     responses(
         (status = 200, description = "The endpoint", body = EndpointView),
-        (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::EndpointProblems,
     ))]
 pub async fn get_endpoint(
     State(state): State<AppState>,
@@ -333,11 +318,7 @@ pub async fn get_endpoint(
     params(PathId),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 404, description = "`webhook_endpoint_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::EndpointProblems,
     ))]
 pub async fn delete_endpoint(
     State(state): State<AppState>,
@@ -368,12 +349,7 @@ pub async fn delete_endpoint(
     ),
     responses(
         (status = 200, description = "One page of events", body = Page<EventView>),
-        (status = 400, description = "`invalid_query`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_cursor`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::ListProblems,
     ))]
 pub async fn list_events(
     State(state): State<AppState>,
@@ -409,11 +385,7 @@ pub async fn list_events(
     params(PathId),
     responses(
         (status = 200, description = "The event", body = EventView),
-        (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::EventProblems,
     ))]
 pub async fn get_event(
     State(state): State<AppState>,
@@ -436,14 +408,7 @@ pub async fn get_event(
     params(PathId, IdempotencyKeyHeader),
     responses(
         (status = 202, description = "Queued again", body = EventView),
-        (status = 400, description = "`invalid_idempotency_key`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 404, description = "`event_not_found`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 409, description = "`event_not_redeliverable`, `idempotency_in_flight`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 422, description = "`idempotency_key_reused`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 401, description = "`unauthorized`: missing, malformed or unknown API key", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 429, description = "`rate_limited` (with `Retry-After`): the API key's or the merchant's request rate limit", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 500, description = "`internal_error`", body = ProblemBody, content_type = "application/problem+json"),
-        (status = 503, description = "`webhooks_unavailable`, `store_unavailable`, `overloaded`, `request_timeout`", body = ProblemBody, content_type = "application/problem+json"),
+        codes::RedeliverProblems,
     ))]
 pub async fn redeliver_event(
     State(state): State<AppState>,

@@ -295,6 +295,7 @@ pub fn card_body(pan: &str, month: u8, year: u16) -> Value {
 /// Asserts a problem response and returns its body.
 pub async fn expect_problem(r: Response, status: u16, code: &str) -> Value {
     assert_eq!(r.status().as_u16(), status, "status for {code}");
+    let url = r.url().clone();
     let ct = r
         .headers()
         .get("content-type")
@@ -306,5 +307,41 @@ pub async fn expect_problem(r: Response, status: u16, code: &str) -> Value {
     assert_eq!(v["code"], code, "problem {v}");
     assert_eq!(v["status"], status);
     assert!(v["type"].is_string() && v["title"].is_string() && v["detail"].is_string());
+    assert_documented(url.path(), status, code);
     v
+}
+
+/// Asserts that the route serving `path` documents `code` for `status` (the `x-problem-codes`
+/// the catalogue derives, src/http/problem/codes.rs): every problem a test provokes through
+/// [`expect_problem`] is also a check of the OpenAPI document. The router's own fallbacks
+/// (`route_not_found`, `method_not_allowed`) belong to no route.
+pub fn assert_documented(path: &str, status: u16, code: &str) {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    if matches!(code, "route_not_found" | "method_not_allowed") {
+        return;
+    }
+    let doc = DOC.get_or_init(|| {
+        serde_json::from_str(tokengate::http::openapi::document()).expect("openapi document")
+    });
+    let matches = |template: &str| {
+        let (t, p): (Vec<&str>, Vec<&str>) =
+            (template.split('/').collect(), path.split('/').collect());
+        t.len() == p.len()
+            && t.iter()
+                .zip(&p)
+                .all(|(t, p)| t == p || (t.starts_with('{') && t.ends_with('}')))
+    };
+    let paths = doc["paths"].as_object().expect("paths");
+    let Some((template, item)) = paths.iter().find(|(t, _)| matches(t)) else {
+        panic!("{path}: no documented route answers {status} {code}");
+    };
+    let documented = item.as_object().expect("path item").values().any(|op| {
+        op["responses"][status.to_string()]["x-problem-codes"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|x| x == code))
+    });
+    assert!(
+        documented,
+        "{template}: {status} {code} is answered but not documented for this route"
+    );
 }
