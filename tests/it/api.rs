@@ -16,27 +16,7 @@ async fn app(backend: Backend) -> TestApp {
         .await
 }
 
-/// Runs an async test case against both backends.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Embedded).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Redis).await })*
-        }
-        // The whole API contract on a three-primary Redis Cluster too (issue 5: the integration
-        // suite runs against Cluster, not only the store contracts).
-        mod redis_cluster {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::RedisCluster).await })*
-        }
-    };
-}
-
-both_backends!(
+crate::backend_tests!(all:
     tokenize_and_fetch,
     dedup_and_reissue,
     tenant_isolation,

@@ -744,20 +744,7 @@ async fn admin_issues_a_key_to_a_merchant_locked_out_of_key_management(b: Backen
     assert!(!logs.contains(&secret), "API key secret found in logs");
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Embedded).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Redis).await })*
-        }
-    };
-}
-
-both_backends!(
+crate::backend_tests!(standalone:
     scopes_reveal_and_audit,
     audit_pages_with_a_cursor,
     revoked_keys_stop_working_and_tenants_are_isolated,

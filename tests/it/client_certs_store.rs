@@ -4,16 +4,15 @@
 //! its merchant's policy no longer lists (an interrupted change) binds nothing and can be taken
 //! over.
 
-use std::time::Duration;
-
 use time::OffsetDateTime;
 use tokengate::domain::apikeys::Scopes;
 use tokengate::domain::client_certs::{BoundCert, CertAuthMode, CertFingerprint, ClientCertPolicy};
 use tokengate::domain::ports::client_certs::{ClientCertStore, PutPolicy};
 use tokengate::domain::token::MerchantId;
 use tokengate::storage::embedded::EmbeddedStore;
-use tokengate::storage::redis::{RedisConfig, RedisStore};
+use tokengate::storage::redis::RedisStore;
 
+use crate::support::cases::redis_config;
 use crate::support::redis_server::{RedisCluster, RedisServer};
 
 fn cert(seed: &str) -> BoundCert {
@@ -98,16 +97,6 @@ async fn contract(s: &dyn ClientCertStore) {
     assert_eq!(s.merchant_by_client_cert(&c1.sha256).await.unwrap(), None);
     assert_eq!(s.merchant_by_client_cert(&c3.sha256).await.unwrap(), None);
     assert_eq!(s.client_cert_policy(&a).await.unwrap(), Some(empty));
-}
-
-fn redis_config(url: String, nodes: Vec<String>) -> RedisConfig {
-    RedisConfig {
-        url,
-        cluster_nodes: nodes,
-        key_prefix: "tgtest".into(),
-        connect_timeout: Duration::from_secs(5),
-        response_timeout: Duration::from_secs(2),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,8 @@ use tokengate::domain::token::MerchantId;
 use tokengate::storage::codec::audit::TRIM_BATCH;
 use tokengate::storage::embedded::EmbeddedStore;
 
-use crate::store_contract::{cluster_store, contains, dump_node, redis_store};
+use crate::store_contract::{contains, dump_node};
+use crate::support::cases::{cluster_store, redis_store};
 use crate::support::redis_server::{RedisCluster, RedisServer};
 
 /// What every backend implements: the three stores on one handle, clones sharing it.
@@ -114,48 +115,7 @@ fn services<S: Backend>(s: &S) -> Services {
         .with_keys(Arc::new(s.clone()))
 }
 
-/// Runs each named case against all three backends, one `#[tokio::test]` per pair.
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod redis_standalone {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let server = crate::support::redis_server::RedisServer::start();
-                    let store = crate::store_contract::redis_store(&server).await;
-                    super::$case(&store).await;
-                }
-            )*
-        }
-        mod redis_cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let cluster = tokio::task::spawn_blocking(
-                        crate::support::redis_server::RedisCluster::start,
-                    )
-                    .await
-                    .expect("cluster start");
-                    let store = crate::store_contract::cluster_store(&cluster).await;
-                    super::$case(&store).await;
-                }
-            )*
-        }
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let dir = tempfile::tempdir().expect("tempdir");
-                    let store = tokengate::storage::embedded::EmbeddedStore::open(dir.path())
-                        .expect("open embedded store");
-                    super::$case(&store).await;
-                }
-            )*
-        }
-    };
-}
-
-contract!(
+crate::store_tests!(by_ref:
     api_keys_insert_find_and_list,
     api_key_revocation_is_kept_and_scoped_to_its_merchant,
     api_key_last_use_is_recorded_apart_from_the_record,

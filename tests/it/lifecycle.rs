@@ -980,10 +980,8 @@ mod store {
         CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
         TokenStatus, Usage,
     };
-    use tokengate::storage::redis::{RedisConfig, RedisStore};
-    use tokengate_cards::{Brand, Expiry};
 
-    use crate::support::redis_server::{RedisCluster, RedisServer};
+    use tokengate_cards::{Brand, Expiry};
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -1038,58 +1036,7 @@ mod store {
         r
     }
 
-    fn redis_config(url: String, nodes: Vec<String>) -> RedisConfig {
-        RedisConfig {
-            url,
-            cluster_nodes: nodes,
-            key_prefix: "tglc".into(),
-            connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(2),
-        }
-    }
-
-    macro_rules! contract {
-        ($($case:ident),* $(,)?) => {
-            mod redis_standalone {
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $case() {
-                        let server = super::RedisServer::start();
-                        let cfg = super::redis_config(server.url(), Vec::new());
-                        let store = super::RedisStore::connect(&cfg).await.expect("connect");
-                        super::$case(super::Arc::new(store)).await;
-                    }
-                )*
-            }
-            mod redis_cluster {
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $case() {
-                        let cluster = tokio::task::spawn_blocking(super::RedisCluster::start)
-                            .await
-                            .expect("cluster start");
-                        let cfg = super::redis_config(String::new(), cluster.addrs());
-                        let store = super::RedisStore::connect(&cfg).await.expect("connect");
-                        assert!(store.is_cluster());
-                        super::$case(super::Arc::new(store)).await;
-                    }
-                )*
-            }
-            mod embedded {
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    async fn $case() {
-                        let dir = tempfile::tempdir().expect("tempdir");
-                        let store = tokengate::storage::embedded::EmbeddedStore::open(dir.path())
-                            .expect("open");
-                        super::$case(super::Arc::new(store)).await;
-                    }
-                )*
-            }
-        };
-    }
-
-    contract!(
+    crate::store_tests!(by_arc:
         apply_event_writes_token_and_marker_once,
         apply_event_conflict_and_missing_write_no_marker,
         concurrent_deliveries_of_one_event_apply_once,

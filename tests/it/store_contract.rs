@@ -26,6 +26,7 @@ use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
 use tokengate_cards::{Brand, Expiry, Pan};
 
+use crate::support::cases::{cluster_store, redis_config, redis_store};
 use crate::support::redis_server::{RedisCluster, RedisServer};
 
 // --- fixtures ----------------------------------------------------------------------------------
@@ -116,70 +117,7 @@ fn response(digest: &str) -> StoredResponse {
 
 // --- backends ----------------------------------------------------------------------------------
 
-fn redis_config(url: String, nodes: Vec<String>, response_timeout: Duration) -> RedisConfig {
-    RedisConfig {
-        url,
-        cluster_nodes: nodes,
-        key_prefix: "tgtest".into(),
-        connect_timeout: Duration::from_secs(5),
-        response_timeout,
-    }
-}
-
-pub(crate) async fn redis_store(server: &RedisServer) -> RedisStore {
-    let cfg = redis_config(server.url(), Vec::new(), Duration::from_secs(2));
-    RedisStore::connect(&cfg).await.expect("connect to redis")
-}
-
-pub(crate) async fn cluster_store(cluster: &RedisCluster) -> RedisStore {
-    let cfg = redis_config(String::new(), cluster.addrs(), Duration::from_secs(2));
-    let store = RedisStore::connect(&cfg).await.expect("connect to cluster");
-    assert!(store.is_cluster());
-    store
-}
-
-/// Runs each named case against all three backends, one `#[tokio::test]` per pair.
-macro_rules! contract {
-    ($($case:ident),* $(,)?) => {
-        mod redis_standalone {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let server = crate::support::redis_server::RedisServer::start();
-                    let store = super::redis_store(&server).await;
-                    super::$case(&store).await;
-                }
-            )*
-        }
-        mod redis_cluster {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let cluster = tokio::task::spawn_blocking(
-                        crate::support::redis_server::RedisCluster::start,
-                    )
-                    .await
-                    .expect("cluster start");
-                    let store = super::cluster_store(&cluster).await;
-                    super::$case(&store).await;
-                }
-            )*
-        }
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let dir = tempfile::tempdir().expect("tempdir");
-                    let store = tokengate::storage::embedded::EmbeddedStore::open(dir.path())
-                        .expect("open embedded store");
-                    super::$case(&store).await;
-                }
-            )*
-        }
-    };
-}
-
-contract!(
+crate::store_tests!(by_ref:
     ping_answers,
     merchants_by_id_api_key_and_d1_id,
     token_insert_and_get,
@@ -679,9 +617,12 @@ async fn timed<T>(
 async fn redis_outage_is_unavailable_promptly_and_recovers() {
     let mut server = RedisServer::start();
     let timeout = Duration::from_millis(500);
-    let store = RedisStore::connect(&redis_config(server.url(), Vec::new(), timeout))
-        .await
-        .unwrap();
+    let store = RedisStore::connect(&RedisConfig {
+        response_timeout: timeout,
+        ..redis_config(server.url(), Vec::new())
+    })
+    .await
+    .unwrap();
     let m = MerchantId::generate();
     let r = record(&m, &random_hex());
     assert_inserted(store.insert_token(&r).await.unwrap());
@@ -714,9 +655,12 @@ async fn redis_outage_is_unavailable_promptly_and_recovers() {
 async fn redis_stall_is_unavailable_within_the_response_timeout() {
     let server = RedisServer::start();
     let timeout = Duration::from_millis(500);
-    let store = RedisStore::connect(&redis_config(server.url(), Vec::new(), timeout))
-        .await
-        .unwrap();
+    let store = RedisStore::connect(&RedisConfig {
+        response_timeout: timeout,
+        ..redis_config(server.url(), Vec::new())
+    })
+    .await
+    .unwrap();
     let m = MerchantId::generate();
     let r = record(&m, &random_hex());
     assert_inserted(store.insert_token(&r).await.unwrap());
@@ -739,9 +683,12 @@ async fn redis_cluster_outage_is_unavailable_promptly() {
         .await
         .unwrap();
     let timeout = Duration::from_millis(500);
-    let store = RedisStore::connect(&redis_config(String::new(), cluster.addrs(), timeout))
-        .await
-        .unwrap();
+    let store = RedisStore::connect(&RedisConfig {
+        response_timeout: timeout,
+        ..redis_config(String::new(), cluster.addrs())
+    })
+    .await
+    .unwrap();
     store.ping().await.unwrap();
     cluster.stop();
     assert_unavailable_promptly(&store, timeout).await;
@@ -752,11 +699,8 @@ async fn redis_connect_to_nothing_is_unavailable() {
     let port = crate::support::redis_server::free_port();
     let cfg = RedisConfig {
         connect_timeout: Duration::from_millis(500),
-        ..redis_config(
-            format!("redis://127.0.0.1:{port}/"),
-            Vec::new(),
-            Duration::from_millis(500),
-        )
+        response_timeout: Duration::from_millis(500),
+        ..redis_config(format!("redis://127.0.0.1:{port}/"), Vec::new())
     };
     let started = Instant::now();
     let res = RedisStore::connect(&cfg).await;

@@ -69,6 +69,31 @@ async fn start(files: &Files, env: &[(&str, &str)]) -> TestApp {
     b.start().await
 }
 
+/// How a gateway started by [`start_mtls`] treats client certificates.
+#[derive(Clone, Copy, PartialEq)]
+enum ClientCerts {
+    /// Verified against the CA when presented; clients without one are served too.
+    Optional,
+    /// Required on every connection.
+    Required,
+}
+
+/// A vault-only gateway serving HTTPS with `m`'s server certificate and verifying client
+/// certificates against `m`'s CA. The files live as long as the returned [`Files`].
+async fn start_mtls(m: &DevMaterial, mode: ClientCerts) -> (Files, TestApp) {
+    let files = Files::new();
+    files.install_server(m);
+    files.install_client_ca(&m.ca_cert_pem);
+    let ca = files.path("client-ca.pem");
+    let ca = ca.to_str().unwrap();
+    let mut env = vec![("TOKENGATE__SERVER__TLS__CLIENT_CA_FILE", ca)];
+    if mode == ClientCerts::Required {
+        env.push(("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"));
+    }
+    let app = start(&files, &env).await;
+    (files, app)
+}
+
 fn https(addr: SocketAddr, path: &str) -> String {
     format!("https://127.0.0.1:{}{path}", addr.port())
 }
@@ -152,21 +177,7 @@ async fn https_serves_http2_and_http11_and_no_plain_http() {
 async fn mutual_tls_refuses_clients_without_or_with_a_wrong_certificate() {
     let m = DevMaterial::generate(MGID).unwrap();
     let foreign = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&m);
-    files.install_client_ca(&m.ca_cert_pem);
-    let ca = files.path("client-ca.pem");
-    let app = start(
-        &files,
-        &[
-            (
-                "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
-                ca.to_str().unwrap(),
-            ),
-            ("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"),
-        ],
-    )
-    .await;
+    let (_files, app) = start_mtls(&m, ClientCerts::Required).await;
     let good = Some((
         m.gateway_client_cert_pem.as_str(),
         m.gateway_client_key_pem.as_str(),
@@ -195,18 +206,7 @@ async fn mutual_tls_refuses_clients_without_or_with_a_wrong_certificate() {
 async fn optional_client_certificates_are_verified_when_presented() {
     let m = DevMaterial::generate(MGID).unwrap();
     let foreign = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&m);
-    files.install_client_ca(&m.ca_cert_pem);
-    let ca = files.path("client-ca.pem");
-    let app = start(
-        &files,
-        &[(
-            "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
-            ca.to_str().unwrap(),
-        )],
-    )
-    .await;
+    let (_files, app) = start_mtls(&m, ClientCerts::Optional).await;
     let r = healthz(&client(&m.ca_cert_pem, None, false), app.addr).await;
     assert_eq!(r.unwrap().status(), 200, "no certificate: served");
     let good = Some((
@@ -612,19 +612,8 @@ fn key_ids(v: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_map_to_merchants_and_never_act_for_another() {
     let m = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&m);
-    files.install_client_ca(&m.ca_cert_pem);
-    let ca = files.path("client-ca.pem");
     // Optional client certificates: clients without one are served too.
-    let app = start(
-        &files,
-        &[(
-            "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
-            ca.to_str().unwrap(),
-        )],
-    )
-    .await;
+    let (_files, app) = start_mtls(&m, ClientCerts::Optional).await;
     let base = https(app.addr, "");
     let (cert_a, key_pem_a) = m.issue_client_cert("psp-client-a").unwrap();
     let (cert_b, key_pem_b) = m.issue_client_cert("psp-client-b").unwrap();
@@ -830,21 +819,7 @@ async fn client_certificates_map_to_merchants_and_never_act_for_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_mutual_tls_with_unmapped_and_mapped_certificates() {
     let m = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&m);
-    files.install_client_ca(&m.ca_cert_pem);
-    let ca = files.path("client-ca.pem");
-    let app = start(
-        &files,
-        &[
-            (
-                "TOKENGATE__SERVER__TLS__CLIENT_CA_FILE",
-                ca.to_str().unwrap(),
-            ),
-            ("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"),
-        ],
-    )
-    .await;
+    let (_files, app) = start_mtls(&m, ClientCerts::Required).await;
     let base = https(app.addr, "");
     let (cert_a, key_pem_a) = m.issue_client_cert("psp-client-a").unwrap();
     let with_a = client(&m.ca_cert_pem, Some((&cert_a, &key_pem_a)), false);

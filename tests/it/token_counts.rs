@@ -16,9 +16,10 @@ use tokengate::domain::token::{
     TokenStatus, Usage,
 };
 use tokengate::storage::embedded::EmbeddedStore;
-use tokengate::storage::redis::{RedisConfig, RedisStore};
+use tokengate::storage::redis::RedisStore;
 use tokengate_cards::{Brand, Expiry};
 
+use crate::support::cases::redis_config;
 use crate::support::redis_server::{RedisCluster, RedisServer};
 
 trait Store: TokenStore + LifecycleStore + TokenCountStore {}
@@ -72,16 +73,6 @@ fn next(rec: &TokenRecord, status: TokenStatus) -> TokenRecord {
     r.status = status;
     r.version += 1;
     r
-}
-
-fn redis_config(url: String, nodes: Vec<String>) -> RedisConfig {
-    RedisConfig {
-        url,
-        cluster_nodes: nodes,
-        key_prefix: "tgcount".into(),
-        connect_timeout: Duration::from_secs(5),
-        response_timeout: Duration::from_secs(2),
-    }
 }
 
 async fn start_cluster() -> RedisCluster {
@@ -271,7 +262,7 @@ fn write_legacy_redis(conn: &mut dyn redis::ConnectionLike, n: usize) -> Vec<Tok
     let m = merchant();
     let mid = m.id.as_str().to_owned();
     redis::cmd("SET")
-        .arg(format!("tgcount:merchant:{{{mid}}}"))
+        .arg(format!("tgtest:merchant:{{{mid}}}"))
         .arg(serde_json::to_string(&m).unwrap())
         .exec(conn)
         .unwrap();
@@ -284,7 +275,7 @@ fn write_legacy_redis(conn: &mut dyn redis::ConnectionLike, n: usize) -> Vec<Tok
         .map(|i| {
             let r = record(&m.id, statuses[i % statuses.len()].clone());
             redis::cmd("HSET")
-                .arg(format!("tgcount:{{m:{mid}}}:tok:{}", r.id))
+                .arg(format!("tgtest:{{m:{mid}}}:tok:{}", r.id))
                 .arg("v")
                 .arg(r.version)
                 .arg("s")
@@ -418,7 +409,7 @@ async fn cluster_walk_visits_every_primary_and_resumes_on_another_instance() {
     for addr in cluster.addrs() {
         let port = addr.rsplit_once(':').unwrap().1;
         let out = std::process::Command::new("redis-cli")
-            .args(["-p", port, "--scan", "--pattern", "tgcount:{m:*}:tok:*"])
+            .args(["-p", port, "--scan", "--pattern", "tgtest:{m:*}:tok:*"])
             .output()
             .unwrap();
         per_node.push(String::from_utf8_lossy(&out.stdout).lines().count());

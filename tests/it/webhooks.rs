@@ -27,11 +27,12 @@ use tokengate::domain::webhooks::{
 };
 use tokengate::egress::testing::StaticResolver;
 use tokengate::storage::embedded::EmbeddedStore;
-use tokengate::storage::redis::{RedisConfig, RedisStore};
+use tokengate::storage::redis::RedisStore;
 use tokio::sync::oneshot;
 
 use crate::support::app::{Backend, TestApp, TestAppBuilder, expect_problem};
 use crate::support::captured_logs;
+use crate::support::cases::redis_config;
 use crate::support::redis_server::{RedisCluster, RedisServer, free_port};
 
 const VISA: &str = "4111111111111111";
@@ -328,20 +329,7 @@ fn redis_cli(server: &RedisServer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Embedded).await })*
-        }
-        mod redis {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::Backend::Redis).await })*
-        }
-    };
-}
-
-both_backends!(
+crate::backend_tests!(standalone:
     suspend_delivers_a_signed_event,
     retries_until_receivers_recover,
     dead_letter_then_redeliver,
@@ -1276,16 +1264,6 @@ async fn two_instances_on_one_redis_deliver_each_event_once() {
 }
 
 // --- the outbox store contract -----------------------------------------------------------------
-
-fn redis_config(url: String, nodes: Vec<String>) -> RedisConfig {
-    RedisConfig {
-        url,
-        cluster_nodes: nodes,
-        key_prefix: "tgtest".into(),
-        connect_timeout: Duration::from_secs(5),
-        response_timeout: Duration::from_secs(2),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_contract_embedded() {

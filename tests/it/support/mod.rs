@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod cases;
 pub mod redis_server;
 
 use std::io::Write;
