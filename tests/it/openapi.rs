@@ -1009,3 +1009,19 @@ fn parameters_and_operation_ids_are_what_generators_need() {
     assert!(count >= 28, "only {count} operations in the document");
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+/// The human list of problem codes (docs/api.md, "Errors") is the whole catalogue.
+#[test]
+fn every_problem_code_is_in_the_api_docs() {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/api.md")).unwrap();
+    let missing: Vec<&str> = tokengate::http::problem::codes::ALL
+        .iter()
+        .map(|p| p.code)
+        .filter(|c| !docs.contains(&format!("`{c}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "codes missing from docs/api.md: {missing:?}"
+    );
+}
