@@ -11,7 +11,7 @@ use crate::domain::apikeys::is_key_id;
 use crate::domain::audit::{AuditAction, NewAuditEvent, SUCCESS};
 use crate::domain::token::MerchantId;
 
-/// Put in the request's extensions by [`MerchantAuth`]: the id of the API key that
+/// Put in the request's extensions by [`crate::http::auth::MerchantAuth`]: the id of the API key that
 /// authenticated the request.
 #[derive(Debug, Clone)]
 pub struct AuthedKey {
@@ -44,7 +44,7 @@ pub fn request_id(headers: &axum::http::HeaderMap) -> Option<String> {
 
 impl FromRequestParts<AppState> for AuditCtx {
     type Rejection = ApiError;
-    /// Needs [`MerchantAuth`] to have run first (an earlier handler argument); without it the
+    /// Needs [`crate::http::auth::MerchantAuth`] to have run first (an earlier handler argument); without it the
     /// handler is mis-wired, which is a bug, answered 500.
     async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, ApiError> {
         let key = parts.extensions.get::<AuthedKey>().ok_or_else(|| {

@@ -1,5 +1,5 @@
 //! Which scope each merchant route needs, decided in one table and enforced by
-//! [`crate::http::extract::MerchantAuth`] for every handler that authenticates a merchant. A route
+//! [`crate::http::auth::MerchantAuth`] for every handler that authenticates a merchant. A route
 //! missing from the table is refused (fail closed), so a new route cannot be reachable by every
 //! key by omission.
 
