@@ -20,11 +20,11 @@ pub struct OAuthTokenRequest<'a> {
     pub assertion: &'a str,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct OAuthTokenResponse {
     pub access_token: String,
     pub expires_in: u64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_type: Option<String>,
 }
 
@@ -45,12 +45,15 @@ impl Drop for OAuthTokenResponse {
 
 /// Error body on every 4xx/5xx. Only `errorCode` is acted on: D1 asks clients never to parse
 /// messages.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorBody {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error_code: Option<String>,
-    #[serde(default)]
+    /// For humans; never acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retryable: Option<bool>,
 }
 
@@ -60,7 +63,7 @@ pub struct OnboardMerchantRequest<'a> {
     pub merchant_name: &'a str,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OnboardMerchantResponse {
     pub merchant_id: String,
@@ -99,26 +102,27 @@ impl fmt::Debug for CardPlaintext<'_> {
     }
 }
 
-/// The token object D1 returns from every token endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// The token object D1 returns from every token endpoint. While a tokenization is `PENDING` only
+/// `tokenId` and `status` are known; absent fields are left out when it is written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenObject {
     pub token_id: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// Kept verbatim: new values must not fail decoding (the client maps it to its own status).
     pub status: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub card_bin: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub card_last_digits: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub card_expiry_date: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_last_digits: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_expiry_date: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub par: Option<String>,
 }
 
@@ -146,18 +150,18 @@ pub struct TransactionRequest<'a> {
     pub amount: Option<AmountDto<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TransactionResponse {
     /// Compact JWE of [`CryptogramPlaintext`] to the gateway's key.
     pub encrypted_data: String,
     pub eci: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cryptogram_expiry_date: Option<String>,
 }
 
 /// Decrypted cryptogram payload. Wiped on drop; `Debug` is redacted.
-#[derive(Deserialize)]
+#[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CryptogramPlaintext {
     pub token_number: String,
@@ -166,6 +170,17 @@ pub struct CryptogramPlaintext {
 }
 
 impl CryptogramPlaintext {
+    /// Serializes into a wiping buffer allocated once at its final size (the token number and
+    /// the cryptogram must not be left behind in freed memory by a reallocation).
+    pub fn to_zeroizing_json(&self) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
+        let fixed = r#"{"tokenNumber":"","tokenExpiryDate":"","cryptogram":""}"#.len();
+        let mut buf = Zeroizing::new(Vec::with_capacity(
+            fixed + self.token_number.len() + self.token_expiry_date.len() + self.cryptogram.len(),
+        ));
+        serde_json::to_writer(&mut *buf, self)?;
+        Ok(buf)
+    }
+
     /// Moves the secrets out into wiping containers (a move, not a copy of the heap data).
     pub fn into_parts(mut self) -> (Zeroizing<String>, String, Zeroizing<String>) {
         (

@@ -29,7 +29,7 @@ use super::faults::{Injected, Op, TIMEOUT_HOLD};
 use super::notify::EventType;
 use super::state::{ACCESS_TOKEN_TTL, Action, CardInput, Created, StateError};
 use tokengate_cards::{Expiry, Pan};
-use tokengate_d1_protocol::jose;
+use tokengate_d1_protocol::{jose, model};
 
 /// Path prefix of the API, as in the real D1 base URL.
 pub const BASE_PATH: &str = "/authz/v1";
@@ -109,11 +109,11 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, retryable, retry_after) = self.parts();
-        let body = json!({
-            "errorCode": code,
-            "errorMessage": self.to_string(),
-            "retryable": retryable,
-        });
+        let body = model::ErrorBody {
+            error_code: Some(code.to_owned()),
+            error_message: Some(self.to_string()),
+            retryable: Some(retryable),
+        };
         let mut resp = (status, axum::Json(body)).into_response();
         if let Some(secs) = retry_after {
             resp.headers_mut()
@@ -348,14 +348,15 @@ async fn oauth_token(State(shared): State<Arc<Shared>>, body: Bytes) -> ApiResul
     }
     let token = shared.store.issue_access_token();
     Stats::bump(&shared.stats.oauth_tokens_issued);
-    let mut resp = json_response(
+    let mut resp = (
         StatusCode::OK,
-        json!({
-            "access_token": token,
-            "expires_in": ACCESS_TOKEN_TTL.as_secs(),
-            "token_type": "Bearer",
+        axum::Json(model::OAuthTokenResponse {
+            access_token: token,
+            expires_in: ACCESS_TOKEN_TTL.as_secs(),
+            token_type: Some("Bearer".into()),
         }),
-    );
+    )
+        .into_response();
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
@@ -386,10 +387,11 @@ async fn onboard_merchant(
     }
     let id = shared.store.add_merchant(name);
     tracing::info!(merchant_id = %id, "merchant onboarded");
-    Ok(json_response(
+    Ok((
         StatusCode::CREATED,
-        json!({ "merchantId": id }),
-    ))
+        axum::Json(model::OnboardMerchantResponse { merchant_id: id }),
+    )
+        .into_response())
 }
 
 /// The decrypted card data of `encryptedData`. `Pan` parses (length, digits, Luhn) and wipes
@@ -594,39 +596,36 @@ async fn create_transaction(
     if let Some(amount) = map.get("amount") {
         check_amount(amount)?;
     }
-    let (number, expiry) = shared.store.credentials(&merchant_id, &token_id)?;
+    let (mut number, expiry) = shared.store.credentials(&merchant_id, &token_id)?;
     let mut cryptogram = Zeroizing::new([0u8; 20]);
     rand::fill(&mut cryptogram[..]);
-    let plaintext = Zeroizing::new(
-        json!({
-            "tokenNumber": number.as_str(),
-            "tokenExpiryDate": expiry,
-            "cryptogram": STANDARD.encode(&cryptogram[..]),
-        })
-        .to_string(),
-    );
+    let plaintext = model::CryptogramPlaintext {
+        // Moved, not copied: the plaintext struct wipes it when dropped.
+        token_number: std::mem::take(&mut *number),
+        token_expiry_date: expiry,
+        cryptogram: STANDARD.encode(&cryptogram[..]),
+    }
+    .to_zeroizing_json()
+    .map_err(|_| ApiError::Internal)?;
     let keys = &shared.keys;
-    let encrypted = jose::jwe_encrypt(
-        plaintext.as_bytes(),
-        &keys.gateway_jwe,
-        &keys.gateway_jwe_kid,
-    )
-    .map_err(|e| {
-        tracing::error!(error = %e, "cryptogram encryption failed");
-        ApiError::Internal
-    })?;
+    let encrypted = jose::jwe_encrypt(&plaintext, &keys.gateway_jwe, &keys.gateway_jwe_kid)
+        .map_err(|e| {
+            tracing::error!(error = %e, "cryptogram encryption failed");
+            ApiError::Internal
+        })?;
     let expires = (OffsetDateTime::now_utc() + CRYPTOGRAM_VALIDITY)
         .format(&Rfc3339)
         .map_err(|_| ApiError::Internal)?;
     tracing::info!(token_id = %token_id, eci, "cryptogram issued");
-    Ok(json_response(
+    Ok((
         StatusCode::CREATED,
-        json!({
-            "encryptedData": encrypted,
-            "eci": eci,
-            "cryptogramExpiryDate": expires,
+        axum::Json(model::TransactionResponse {
+            encrypted_data: encrypted,
+            eci: eci.to_owned(),
+            cryptogram_expiry_date: Some(expires),
         }),
-    ))
+    )
+        .into_response())
 }
 
 /// `{"value": <minor units>, "currency": "EUR"}`.
@@ -681,5 +680,20 @@ mod tests {
         );
         let resp = ApiError::TooManyRequests { retry_after: 2 }.into_response();
         assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+    }
+
+    /// The card plaintext the client writes (the shared `model::CardPlaintext`) is what the
+    /// simulator reads: the two sides cannot disagree on its field names.
+    #[test]
+    fn the_clients_card_plaintext_decodes_here() {
+        let json = model::CardPlaintext {
+            pan: "4111111111111111",
+            exp: "1230",
+        }
+        .to_zeroizing_json()
+        .expect("serializes");
+        let card: CardPlaintext = serde_json::from_slice(&json).expect("decodes");
+        assert_eq!(card.exp, "1230");
+        assert_eq!(card.pan.last4(), "1111");
     }
 }

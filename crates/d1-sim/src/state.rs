@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::Sha256;
 use time::OffsetDateTime;
+use tokengate_d1_protocol::model;
 use zeroize::Zeroizing;
 
 use tokengate_cards::{Expiry, Pan, luhn_valid};
@@ -62,10 +63,34 @@ impl TokenInfo {
     /// The token object of the protocol. While `PENDING` only `tokenId` and `status` are given,
     /// as a real asynchronous tokenization would not know the rest yet.
     pub fn to_json(&self) -> Value {
+        serde_json::to_value(self.to_object()).unwrap_or_else(|_| json!({"tokenId": self.token_id}))
+    }
+
+    /// The shared wire type (`tokengate-d1-protocol`), so the simulator writes exactly what the
+    /// client reads.
+    pub fn to_object(&self) -> model::TokenObject {
+        let status = serde_json::to_value(self.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         if self.status == Status::Pending {
-            return json!({"tokenId": self.token_id, "status": self.status});
+            return model::TokenObject {
+                token_id: self.token_id.clone(),
+                status,
+                ..Default::default()
+            };
         }
-        serde_json::to_value(self).unwrap_or_else(|_| json!({"tokenId": self.token_id}))
+        model::TokenObject {
+            token_id: self.token_id.clone(),
+            request_id: Some(self.request_id.clone()),
+            status,
+            card_bin: Some(self.card_bin.clone()),
+            card_last_digits: Some(self.card_last_digits.clone()),
+            card_expiry_date: Some(self.card_expiry_date.clone()),
+            token_last_digits: Some(self.token_last_digits.clone()),
+            token_expiry_date: Some(self.token_expiry_date.clone()),
+            par: Some(self.par.clone()),
+        }
     }
 }
 
