@@ -195,6 +195,10 @@ pub struct TokenRecord {
     /// Time of the newest upstream (D1) event applied, to ignore stale ones.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_event_at: Option<OffsetDateTime>,
+    /// The recurring agreement recorded for merchant-initiated payments (`domain::recurring`).
+    /// `default`: records written before agreements existed decode without one.
+    #[serde(default)]
+    pub recurring_agreement: Option<crate::domain::recurring::RecurringAgreement>,
     /// Incremented on every update; storage refuses an update made against an older version.
     pub version: u64,
 }

@@ -71,6 +71,7 @@ fn record(m: &MerchantId, fingerprint: &str) -> TokenRecord {
         created_at: T0,
         updated_at: T0,
         last_event_at: None,
+        recurring_agreement: None,
         version: 1,
     }
 }
