@@ -228,6 +228,22 @@ mod tests {
     }
 
     #[test]
+    fn records_written_before_recurring_agreements_still_decode() {
+        // A record as stored before the field existed (no `recurring_agreement` key).
+        let old = r#"{"id":"tok_d7XXXyQu2WZRKlyWvsMJRA","merchant_id":"mer_NJayePY2ypiUCAIv",
+            "usage":"RECURRING","status":"ACTIVE",
+            "card":{"brand":"VISA","bin":"411111","last4":"1111","expiry":{"month":12,"year":2030}},
+            "network_token":null,"customer_reference":null,
+            "sealed_pan":{"key_id":"k1","blob":"AQID"},
+            "fingerprints":{"pan":"fp","pan_expiry":"fpe"},
+            "created_at":"2026-01-02T03:04:05Z","updated_at":"2026-01-02T03:04:05Z",
+            "version":2}"#;
+        let rec: TokenRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.recurring_agreement, None);
+        assert_eq!(rec.version, 2);
+    }
+
+    #[test]
     fn unknown_status_round_trips() {
         let s: TokenStatus = serde_json::from_str("\"FROZEN\"").unwrap();
         assert_eq!(s, TokenStatus::Unknown("FROZEN".into()));
