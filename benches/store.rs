@@ -94,6 +94,7 @@ fn record(m: &MerchantId) -> TokenRecord {
         created_at: t,
         updated_at: t,
         last_event_at: None,
+        recurring_agreement: None,
         version: 1,
     }
 }

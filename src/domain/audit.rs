@@ -1,8 +1,9 @@
 //! The audit trail: an append-only record of who did what to which merchant's data, kept for
 //! `audit.retention_days` (older events are trimmed as new ones are appended).
 //!
-//! Recorded: cryptograms, suspend/resume/delete, card reveals, API key creation and revocation
-//! (by the merchant, or by the admin for an existing merchant), merchant creation (admin). Each
+//! Recorded: cryptograms, suspend/resume/delete, recurring agreements recorded and ended, card
+//! reveals, API key creation and revocation (by the merchant, or by the admin for an existing
+//! merchant), merchant creation (admin). Each
 //! event names the actor (the API key id, or `admin`), what it acted on (a token, or an API key),
 //! the `x-request-id` of the request and its outcome (`success` or the problem code answered), so
 //! refusals are on record as well as successes. Storage: [`crate::domain::ports::audit::AuditStore`].
@@ -44,6 +45,12 @@ pub enum AuditAction {
     /// The admin set the merchant's client certificates (src/http/auth/client_cert.rs).
     #[serde(rename = "client_certs.update")]
     ClientCertsUpdate,
+    /// A recurring agreement recorded (or replaced) on a token (`domain::recurring`).
+    #[serde(rename = "recurring_agreement.record")]
+    RecurringAgreementRecord,
+    /// A token's recurring agreement ended.
+    #[serde(rename = "recurring_agreement.end")]
+    RecurringAgreementEnd,
 }
 
 /// One event as appended (the store assigns the id).

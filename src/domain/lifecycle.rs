@@ -157,6 +157,11 @@ fn decide(rec: &TokenRecord, change: &Change<'_>) -> Decision {
             return Decision::Ignore("PENDING is only an initial status");
         }
         next.status = status.clone();
+        // A deleted token takes its recurring agreement with it; a renewal keeps it (the
+        // network transaction id stays valid across the card's reissue).
+        if next.status.is_terminal() {
+            next.recurring_agreement = None;
+        }
     }
     let prev = rec.network_token.as_ref();
     next.network_token = Some(NetworkTokenMeta {
@@ -491,6 +496,7 @@ mod tests {
             created_at: now,
             updated_at: now,
             last_event_at: None,
+            recurring_agreement: None,
             version: 3,
         }
     }
@@ -587,6 +593,30 @@ mod tests {
             }
         );
         assert!(visible_change(&r, &n));
+    }
+
+    #[test]
+    fn renewal_keeps_the_recurring_agreement_and_deletion_drops_it() {
+        let t0 = OffsetDateTime::now_utc();
+        let mut r = rec(TokenStatus::Active);
+        r.recurring_agreement = Some(crate::domain::recurring::RecurringAgreement {
+            network_transaction_id: "MCC123ABC0115".into(),
+            agreement_reference: "sub_1".into(),
+            amount: None,
+            frequency: None,
+            initial_transaction_at: None,
+            recorded_at: t0,
+        });
+        let mut c = change(None, t0);
+        c.token_last4 = Some("9876");
+        c.token_expiry = Expiry::trusted(9, 2031);
+        let renewed = applied(decide(&r, &c));
+        assert_eq!(renewed.recurring_agreement, r.recurring_agreement);
+        let deleted = applied(decide(
+            &renewed,
+            &change(Some(TokenStatus::Deleted), t0 + Duration::from_secs(1)),
+        ));
+        assert_eq!(deleted.recurring_agreement, None);
     }
 
     #[test]

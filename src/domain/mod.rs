@@ -13,6 +13,7 @@ pub mod ports;
 pub mod provider;
 pub mod ratelimit;
 pub mod reconcile;
+pub mod recurring;
 pub mod rekey;
 pub mod reveal;
 pub mod schedule;

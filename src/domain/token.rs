@@ -195,6 +195,10 @@ pub struct TokenRecord {
     /// Time of the newest upstream (D1) event applied, to ignore stale ones.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_event_at: Option<OffsetDateTime>,
+    /// The recurring agreement recorded for merchant-initiated payments (`domain::recurring`).
+    /// `default`: records written before agreements existed decode without one.
+    #[serde(default)]
+    pub recurring_agreement: Option<crate::domain::recurring::RecurringAgreement>,
     /// Incremented on every update; storage refuses an update made against an older version.
     pub version: u64,
 }
@@ -221,6 +225,22 @@ mod tests {
         assert_eq!(TokenId::parse("tok_aaaaaaaaaaaaaaaaaa}{"), None);
         let m = MerchantId::generate();
         assert_eq!(MerchantId::parse(m.as_str()), Some(m));
+    }
+
+    #[test]
+    fn records_written_before_recurring_agreements_still_decode() {
+        // A record as stored before the field existed (no `recurring_agreement` key).
+        let old = r#"{"id":"tok_d7XXXyQu2WZRKlyWvsMJRA","merchant_id":"mer_NJayePY2ypiUCAIv",
+            "usage":"RECURRING","status":"ACTIVE",
+            "card":{"brand":"VISA","bin":"411111","last4":"1111","expiry":{"month":12,"year":2030}},
+            "network_token":null,"customer_reference":null,
+            "sealed_pan":{"key_id":"k1","blob":"AQID"},
+            "fingerprints":{"pan":"fp","pan_expiry":"fpe"},
+            "created_at":"2026-01-02T03:04:05Z","updated_at":"2026-01-02T03:04:05Z",
+            "version":2}"#;
+        let rec: TokenRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.recurring_agreement, None);
+        assert_eq!(rec.version, 2);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! Every type here derives `utoipa::ToSchema`: `GET /openapi.json` (src/http/openapi.rs) is
 //! generated from these definitions, and tests/it/openapi.rs validates real responses against
-//! it. Domain types used in fields (`Usage`, `Brand`, `TransactionType`) get their schemas in
-//! src/http/openapi.rs, so the domain itself knows nothing of OpenAPI.
+//! it. Domain types used in fields (`Usage`, `Brand`, `TransactionType`, `Frequency`) get their
+//! schemas in src/http/openapi.rs, so the domain itself knows nothing of OpenAPI.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -13,6 +13,8 @@ use utoipa::ToSchema;
 
 use crate::domain::merchant::Merchant;
 use crate::domain::provider::{Cryptogram, TransactionType};
+use crate::domain::recurring::{AgreementAmount, Frequency, RecurringAgreement};
+use crate::domain::service::IssuedCryptogram;
 use crate::domain::token::{TokenRecord, Usage};
 use tokengate_cards::{Brand, Pan};
 
@@ -140,6 +142,9 @@ pub struct TokenView<'a> {
     pub card: CardView<'a>,
     pub network_token: Option<NetworkTokenView<'a>>,
     pub customer_reference: Option<&'a str>,
+    /// The recurring agreement recorded for merchant-initiated payments, if any
+    /// (`PUT /v1/tokens/{id}/recurring-agreement`).
+    pub recurring_agreement: Option<RecurringAgreementView<'a>>,
     #[schema(format = DateTime)]
     pub created_at: String,
     #[schema(format = DateTime)]
@@ -171,6 +176,10 @@ impl<'a> From<&'a TokenRecord> for TokenView<'a> {
                 par: n.par.as_deref(),
             }),
             customer_reference: r.customer_reference.as_deref(),
+            recurring_agreement: r
+                .recurring_agreement
+                .as_ref()
+                .map(RecurringAgreementView::from),
             created_at: rfc3339(r.created_at),
             updated_at: rfc3339(r.updated_at),
         }
@@ -211,6 +220,15 @@ pub struct CryptogramView<'a> {
     /// Electronic Commerce Indicator.
     #[schema(example = "05")]
     pub eci: &'a str,
+    /// `MIT` of a token with a recurring agreement only: the network transaction id of the
+    /// initial customer-initiated authorization, to send with this authorization. Absent on
+    /// `CIT`, and on an `MIT` of a token without an agreement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "MCC123ABC0115")]
+    pub network_transaction_id: Option<&'a str>,
+    /// With `networkTransactionId`: the agreement's reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agreement_reference: Option<&'a str>,
 }
 
 /// `GET /healthz` and `GET /readyz`.
@@ -230,6 +248,101 @@ impl<'a> From<&'a Cryptogram> for CryptogramView<'a> {
             expiry_year: c.expiry.year,
             cryptogram: &c.cryptogram,
             eci: &c.eci,
+            network_transaction_id: None,
+            agreement_reference: None,
+        }
+    }
+}
+
+impl<'a> From<&'a IssuedCryptogram> for CryptogramView<'a> {
+    fn from(c: &'a IssuedCryptogram) -> Self {
+        let a = c.agreement.as_ref();
+        CryptogramView {
+            network_transaction_id: a.map(|a| a.network_transaction_id.as_str()),
+            agreement_reference: a.map(|a| a.agreement_reference.as_str()),
+            ..CryptogramView::from(&c.cryptogram)
+        }
+    }
+}
+
+/// `PUT /v1/tokens/{id}/recurring-agreement`: the outcome of the initial customer-initiated
+/// authorization of a recurring series. Values are checked by the domain (`domain::recurring`),
+/// so a wrong one is a 422 with its own code; `frequency` and `initialTransactionAt` are read
+/// as text for that reason.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PutRecurringAgreementRequest {
+    /// The scheme's id of the initial CIT (Visa transaction id, Mastercard trace id, ...):
+    /// 1 to 64 characters of `A-Z`, `a-z`, `0-9`, `.`, `_`, `:`, `-`.
+    #[schema(
+        example = "MCC123ABC0115",
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9._:-]+$"
+    )]
+    pub network_transaction_id: String,
+    /// The merchant's or PSP's reference of the agreement, 1 to 64 printable characters.
+    #[schema(example = "sub_8812", min_length = 1, max_length = 64)]
+    pub agreement_reference: String,
+    /// The fixed amount per charge, if the agreement has one (`value` at least 1).
+    #[serde(default)]
+    pub amount: Option<AmountInput>,
+    #[serde(default)]
+    #[schema(value_type = Option<Frequency>)]
+    pub frequency: Option<String>,
+    /// When the initial CIT was authorized (RFC 3339), not in the future.
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    pub initial_transaction_at: Option<String>,
+}
+
+/// An agreed amount per charge.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = AgreementAmount)]
+pub struct AgreementAmountView<'a> {
+    /// Minor units (cents).
+    #[schema(example = 1999)]
+    pub value: u64,
+    /// ISO 4217 alphabetic code.
+    #[schema(example = "EUR")]
+    pub currency: &'a str,
+}
+
+/// A token's recurring agreement: what every `MIT` cryptogram of the token carries. No card
+/// data.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[schema(as = RecurringAgreement)]
+pub struct RecurringAgreementView<'a> {
+    #[schema(example = "MCC123ABC0115")]
+    pub network_transaction_id: &'a str,
+    #[schema(example = "sub_8812")]
+    pub agreement_reference: &'a str,
+    pub amount: Option<AgreementAmountView<'a>>,
+    pub frequency: Option<Frequency>,
+    #[schema(format = DateTime)]
+    pub initial_transaction_at: Option<String>,
+    /// When these terms were first recorded (recording the same terms again keeps it).
+    #[schema(format = DateTime)]
+    pub recorded_at: String,
+}
+
+impl<'a> From<&'a RecurringAgreement> for RecurringAgreementView<'a> {
+    fn from(a: &'a RecurringAgreement) -> Self {
+        RecurringAgreementView {
+            network_transaction_id: &a.network_transaction_id,
+            agreement_reference: &a.agreement_reference,
+            amount: a
+                .amount
+                .as_ref()
+                .map(|m: &'a AgreementAmount| AgreementAmountView {
+                    value: m.value,
+                    currency: &m.currency,
+                }),
+            frequency: a.frequency,
+            initial_transaction_at: a.initial_transaction_at.map(rfc3339),
+            recorded_at: rfc3339(a.recorded_at),
         }
     }
 }

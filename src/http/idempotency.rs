@@ -43,6 +43,18 @@ impl Reply {
         }
     }
 
+    /// A reply without a body (204), stored and replayed like any other.
+    pub fn no_content() -> Reply {
+        Reply {
+            status: StatusCode::NO_CONTENT,
+            body: String::new(),
+            content_type: "application/json",
+            sensitive: false,
+            sealed: false,
+            retry_after: None,
+        }
+    }
+
     /// Marks the reply as carrying a secret: stored for replay sealed, never in clear.
     pub fn sealed(mut self) -> Reply {
         self.sealed = true;
@@ -101,11 +113,17 @@ impl From<ApiError> for Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
+        let no_content = self.status == StatusCode::NO_CONTENT;
         let mut r = (self.status, self.body).into_response();
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(self.content_type),
-        );
+        if no_content {
+            // No content, hence no content type (the `String` body would set `text/plain`).
+            r.headers_mut().remove(header::CONTENT_TYPE);
+        } else {
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(self.content_type),
+            );
+        }
         if let Some(ra) = self.retry_after {
             super::problem::set_retry_after(r.headers_mut(), ra);
         }

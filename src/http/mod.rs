@@ -26,10 +26,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 
-use handlers::{audit_events, client_certs, keys, notify, reveal, tokens, webhooks};
+use handlers::{audit_events, client_certs, keys, notify, recurring, reveal, tokens, webhooks};
 
 /// The API routes with the middleware stack applied.
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
@@ -63,6 +63,13 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .route("/v1/tokens/{id}/resume", post(tokens::resume_token))
         // PAN fallback: the one route that answers a card number (docs/security.md).
         .route("/v1/tokens/{id}/reveal", post(reveal::reveal_card))
+        // The network transaction id every later MIT cryptogram carries (docs/api.md).
+        .route(
+            "/v1/tokens/{id}/recurring-agreement",
+            put(recurring::put_agreement)
+                .get(recurring::get_agreement)
+                .delete(recurring::end_agreement),
+        )
         // A merchant's API keys and their scopes (docs/api.md, "API keys").
         .route(
             "/v1/api-keys",

@@ -53,6 +53,9 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         super::handlers::tokens::create_cryptogram,
         super::handlers::tokens::suspend_token,
         super::handlers::tokens::resume_token,
+        super::handlers::recurring::put_agreement,
+        super::handlers::recurring::get_agreement,
+        super::handlers::recurring::end_agreement,
         super::handlers::webhooks::create_endpoint,
         super::handlers::webhooks::list_endpoints,
         super::handlers::webhooks::get_endpoint,
@@ -74,7 +77,7 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
     components(schemas(super::problem::ProblemBody)),
     modifiers(&SecuritySchemes),
     tags(
-        (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; cryptograms"),
+        (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; cryptograms; recurring agreements"),
         (name = "merchants", description = "Merchant onboarding, and API keys for an existing merchant (admin)"),
         (name = "webhooks", description = "Merchant webhook endpoints and the event log"),
         (name = "audit", description = "The merchant's audit trail"),
@@ -259,6 +262,17 @@ mod tests {
         assert_eq!(
             s["TransactionType"]["enum"],
             serde_json::json!(["CIT", "MIT"])
+        );
+        assert_eq!(
+            s["Frequency"]["enum"],
+            serde_json::json!([
+                "DAILY",
+                "WEEKLY",
+                "MONTHLY",
+                "QUARTERLY",
+                "YEARLY",
+                "UNSCHEDULED"
+            ])
         );
         assert_eq!(s["Brand"]["enum"].as_array().unwrap().len(), 8);
         assert!(

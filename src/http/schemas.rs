@@ -1,6 +1,6 @@
 //! OpenAPI schemas of the enums used on the wire that are not DTOs (`Usage`, `Brand`,
-//! `TransactionType`): string enums whose values are the types' own serde names, so the schema
-//! cannot drift from what the API sends.
+//! `TransactionType`, `Frequency`): string enums whose values are the types' own serde names, so
+//! the schema cannot drift from what the API sends.
 
 use std::borrow::Cow;
 
@@ -10,6 +10,7 @@ use utoipa::openapi::schema::{ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::{PartialSchema, ToSchema};
 
 use crate::domain::provider::TransactionType;
+use crate::domain::recurring::Frequency;
 use crate::domain::token::Usage;
 use tokengate_cards::Brand;
 
@@ -105,5 +106,21 @@ impl PartialSchema for TransactionType {
 impl ToSchema for TransactionType {
     fn name() -> Cow<'static, str> {
         Cow::Borrowed("TransactionType")
+    }
+}
+
+impl PartialSchema for Frequency {
+    fn schema() -> RefOr<Schema> {
+        string_enum(
+            "How often the merchant charges under a recurring agreement; `UNSCHEDULED`: at no \
+             fixed interval (top-ups, usage-based).",
+            &Frequency::all(),
+        )
+    }
+}
+
+impl ToSchema for Frequency {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Frequency")
     }
 }

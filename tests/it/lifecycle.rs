@@ -1016,6 +1016,7 @@ mod store {
             created_at: now,
             updated_at: now,
             last_event_at: None,
+            recurring_agreement: None,
             version: 1,
         }
     }

@@ -17,6 +17,7 @@ mod keys_audit_store;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod recurring;
 mod rekey;
 mod sim;
 mod store_contract;

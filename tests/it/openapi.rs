@@ -608,6 +608,51 @@ async fn real_responses_match_the_document() {
     let r = send(&app, Method::POST, &crypto_path, k, Some(cit.clone())).await;
     assert_eq!(r.status(), 201);
     c.check("POST", "/v1/tokens/{id}/cryptograms", r).await;
+    // Recurring agreements: recorded, read (also in the token), carried by an MIT, ended.
+    let agreement_template = "/v1/tokens/{id}/recurring-agreement";
+    let agreement_path = format!("/v1/tokens/{id}/recurring-agreement");
+    let r = send(&app, Method::GET, &agreement_path, k, None).await;
+    assert_code(
+        &c.check("GET", agreement_template, r).await,
+        "recurring_agreement_not_found",
+    );
+    let agreement = json!({"networkTransactionId": "MCC123ABC0115", "agreementReference": "sub_1",
+        "amount": {"value": 1999, "currency": "EUR"}, "frequency": "MONTHLY",
+        "initialTransactionAt": "2026-01-15T10:00:00Z"});
+    let r = send(&app, Method::PUT, &agreement_path, k, Some(agreement)).await;
+    assert_eq!(r.status(), 200);
+    c.check("PUT", agreement_template, r).await;
+    let r = send(&app, Method::GET, &agreement_path, k, None).await;
+    assert_eq!(
+        c.check("GET", agreement_template, r).await["frequency"],
+        "MONTHLY"
+    );
+    let r = send(&app, Method::GET, &format!("/v1/tokens/{id}"), k, None).await;
+    assert!(c.check("GET", "/v1/tokens/{id}", r).await["recurringAgreement"].is_object());
+    let minimal = json!({"networkTransactionId": "MCC123ABC0115", "agreementReference": "sub_1"});
+    let r = send(&app, Method::PUT, &agreement_path, k, Some(minimal)).await;
+    assert!(c.check("PUT", agreement_template, r).await["amount"].is_null());
+    let r = send(
+        &app,
+        Method::POST,
+        &crypto_path,
+        k,
+        Some(json!({"transactionType": "MIT"})),
+    )
+    .await;
+    assert_eq!(
+        c.check("POST", "/v1/tokens/{id}/cryptograms", r).await["networkTransactionId"],
+        "MCC123ABC0115"
+    );
+    let bad_agreement = json!({"networkTransactionId": "a b", "agreementReference": "sub_1"});
+    let r = send(&app, Method::PUT, &agreement_path, k, Some(bad_agreement)).await;
+    assert_code(
+        &c.check("PUT", agreement_template, r).await,
+        "invalid_network_transaction_id",
+    );
+    let r = send(&app, Method::DELETE, &agreement_path, k, None).await;
+    assert_eq!(r.status(), 204);
+    c.check("DELETE", agreement_template, r).await;
     let bad_amount = json!({"transactionType": "CIT", "amount": {"value": 1, "currency": "eur"}});
     let r = send(&app, Method::POST, &crypto_path, k, Some(bad_amount)).await;
     assert_code(

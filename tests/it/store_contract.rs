@@ -18,6 +18,7 @@ use tokengate::domain::merchant::{ApiKeyHash, Merchant, NewApiKey};
 use tokengate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
+use tokengate::domain::recurring::{AgreementAmount, Frequency, RecurringAgreement};
 use tokengate::domain::token::{
     CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
     TokenStatus, Usage,
@@ -72,6 +73,7 @@ fn record(m: &MerchantId, fingerprint: &str) -> TokenRecord {
         created_at: T0,
         updated_at: T0,
         last_event_at: None,
+        recurring_agreement: None,
         version: 1,
     }
 }
@@ -131,6 +133,7 @@ crate::store_tests!(by_ref:
     idempotency_lifecycle,
     idempotency_entries_expire,
     concurrent_inserts_of_one_card_yield_one_token,
+    recurring_agreement_round_trips,
 );
 
 // --- the cases ---------------------------------------------------------------------------------
@@ -282,6 +285,53 @@ async fn versioned_update(s: &dyn TokenStore) {
         Err(StoreError::NotFound)
     ));
     assert_eq!(s.get_token(&m, &missing.id).await.unwrap(), None);
+}
+
+/// The recurring agreement rides on the token record (issue 14): every field, sub-second times
+/// included, comes back as written, through insert and versioned update, and ending it sticks.
+async fn recurring_agreement_round_trips(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let mut r1 = record(&m, &random_hex());
+    r1.network_token = network(&format!("d1-{}", random_hex()));
+    r1.recurring_agreement = Some(RecurringAgreement {
+        network_transaction_id: "MCC123ABC0115".into(),
+        agreement_reference: "sub_8812 (Ünïcode ok)".into(),
+        amount: Some(AgreementAmount {
+            value: 1999,
+            currency: "EUR".into(),
+        }),
+        frequency: Some(Frequency::Monthly),
+        initial_transaction_at: Some(T0 - Duration::from_secs(86_400)),
+        recorded_at: T0,
+    });
+    assert_inserted(s.insert_token(&r1).await.unwrap());
+    assert_eq!(s.get_token(&m, &r1.id).await.unwrap(), Some(r1.clone()));
+
+    let mut r2 = next(&r1);
+    r2.recurring_agreement = Some(RecurringAgreement {
+        network_transaction_id: "483299310332879".into(),
+        agreement_reference: "sub_8813".into(),
+        amount: None,
+        frequency: None,
+        initial_transaction_at: None,
+        recorded_at: T0 + Duration::from_secs(5),
+    });
+    s.update_token(&r2).await.unwrap();
+    assert_eq!(s.get_token(&m, &r1.id).await.unwrap(), Some(r2.clone()));
+    // Found the same way through the indexes the lifecycle uses.
+    let d1 = r2.network_token.as_ref().unwrap().d1_token_id.clone();
+    assert_eq!(s.find_by_d1_token(&m, &d1).await.unwrap(), Some(r2.clone()));
+
+    let mut r3 = next(&r2);
+    r3.recurring_agreement = None;
+    s.update_token(&r3).await.unwrap();
+    assert_eq!(
+        s.get_token(&m, &r1.id)
+            .await
+            .unwrap()
+            .and_then(|r| r.recurring_agreement),
+        None
+    );
 }
 
 async fn deleted_status_frees_the_fingerprint(s: &dyn TokenStore) {

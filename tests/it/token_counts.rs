@@ -64,6 +64,7 @@ fn record(m: &MerchantId, status: TokenStatus) -> TokenRecord {
         created_at: datetime!(2026-01-02 03:04:05 UTC),
         updated_at: datetime!(2026-01-02 03:04:05 UTC),
         last_event_at: None,
+        recurring_agreement: None,
         version: 1,
     }
 }

@@ -106,6 +106,7 @@ fn record(
         created_at: now,
         updated_at: now,
         last_event_at: None,
+        recurring_agreement: None,
         // As after create + save of the D1 answer.
         version: 2,
     })

@@ -23,6 +23,7 @@ use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
 use super::provider::{
     Amount, Cryptogram, LifecycleAction, NetworkTokenProvider, ProviderToken, TransactionType,
 };
+use super::recurring::{AgreementInput, RecurringAgreement};
 use super::token::{
     CardMeta, MerchantId, NetworkTokenMeta, TokenId, TokenRecord, TokenStatus, Usage,
 };
@@ -73,6 +74,14 @@ pub struct TokenizeCommand {
     pub expiry_year: u16,
     pub usage: Usage,
     pub customer_reference: Option<String>,
+}
+
+/// A cryptogram as issued, with the recurring agreement it is for: an `MIT` of a token with a
+/// recorded agreement carries its network transaction id (`domain::recurring`); a `CIT` never.
+#[derive(Debug)]
+pub struct IssuedCryptogram {
+    pub cryptogram: Cryptogram,
+    pub agreement: Option<RecurringAgreement>,
 }
 
 /// Whether tokenization created a token or found the merchant's existing one for this card.
@@ -346,6 +355,7 @@ impl Services {
             created_at: now,
             updated_at: now,
             last_event_at: None,
+            recurring_agreement: None,
             version: 1,
         };
         if let InsertOutcome::Existing(existing) = self.store.insert_token(&rec).await? {
@@ -494,7 +504,7 @@ impl Services {
         id: &TokenId,
         transaction_type: TransactionType,
         amount: Option<Amount>,
-    ) -> Result<Cryptogram, DomainError> {
+    ) -> Result<IssuedCryptogram, DomainError> {
         if let Some(a) = &amount
             && (a.currency.len() != 3 || !a.currency.bytes().all(|b| b.is_ascii_uppercase()))
         {
@@ -515,7 +525,7 @@ impl Services {
             .d1_merchant_id
             .as_deref()
             .ok_or_else(|| DomainError::Internal("merchant has no D1 id".into()))?;
-        Ok(self
+        let cryptogram = self
             .provider()?
             .create_cryptogram(
                 d1_merchant,
@@ -523,7 +533,75 @@ impl Services {
                 transaction_type,
                 amount.as_ref(),
             )
-            .await?)
+            .await?;
+        // The scheme wants the initial CIT's id on MITs only; a CIT starts its own chain.
+        let agreement = match transaction_type {
+            TransactionType::Mit => rec.recurring_agreement,
+            TransactionType::Cit => None,
+        };
+        Ok(IssuedCryptogram {
+            cryptogram,
+            agreement,
+        })
+    }
+
+    // --- recurring agreements (domain::recurring) -------------------------------------------
+
+    /// Records (or replaces) the token's recurring agreement. Every field is validated before
+    /// the token is read; only an `ACTIVE` token takes one. Recording the same terms again
+    /// writes nothing and answers the agreement as first recorded, so a repeated `PUT` is a
+    /// no-op with the same answer.
+    pub async fn record_agreement(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+        input: AgreementInput,
+    ) -> Result<RecurringAgreement, DomainError> {
+        let agreement = input.validate(Self::now())?;
+        let mut refused: Option<TokenStatus> = None;
+        let rec = self
+            .update_token(merchant, id, |r| {
+                if r.status != TokenStatus::Active {
+                    refused = Some(r.status.clone());
+                    return false;
+                }
+                refused = None;
+                if r.recurring_agreement
+                    .as_ref()
+                    .is_some_and(|a| a.same_terms(&agreement))
+                {
+                    return false;
+                }
+                r.recurring_agreement = Some(agreement.clone());
+                true
+            })
+            .await?;
+        if let Some(status) = refused {
+            return Err(DomainError::TokenState(status));
+        }
+        rec.recurring_agreement
+            .ok_or_else(|| DomainError::Internal("agreement missing after its write".into()))
+    }
+
+    /// The token's recurring agreement, if one is recorded (any status).
+    pub async fn get_agreement(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<RecurringAgreement>, DomainError> {
+        Ok(self.require_token(merchant, id).await?.recurring_agreement)
+    }
+
+    /// Ends the token's recurring agreement, whatever the token's status (a customer may cancel
+    /// while the card is suspended). Without one, nothing is written: ending is idempotent.
+    pub async fn end_agreement(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<(), DomainError> {
+        self.update_token(merchant, id, |r| r.recurring_agreement.take().is_some())
+            .await?;
+        Ok(())
     }
 
     /// Suspends, resumes or deletes a token at D1, then records the new status.
@@ -573,6 +651,10 @@ impl Services {
                 match &pt {
                     Some(pt) => apply_provider_token(r, pt, Self::now()),
                     None => r.status = target.clone(),
+                }
+                // The agreement goes with a deleted token: nothing can be charged on it again.
+                if r.status.is_terminal() {
+                    r.recurring_agreement = None;
                 }
                 true
             })

@@ -30,6 +30,15 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
             (Scope::Cryptograms, Some(AuditAction::CryptogramCreate))
         }
         ("POST", "/v1/tokens/{id}/reveal") => (Scope::CardReveal, Some(AuditAction::CardReveal)),
+        // Recording the agreement changes what every later MIT cryptogram says: a token write.
+        ("PUT", "/v1/tokens/{id}/recurring-agreement") => (
+            Scope::TokensWrite,
+            Some(AuditAction::RecurringAgreementRecord),
+        ),
+        ("GET", "/v1/tokens/{id}/recurring-agreement") => (Scope::TokensRead, None),
+        ("DELETE", "/v1/tokens/{id}/recurring-agreement") => {
+            (Scope::TokensWrite, Some(AuditAction::RecurringAgreementEnd))
+        }
         (_, p) if p.starts_with("/v1/webhook-endpoints") || p.starts_with("/v1/events") => {
             (Scope::Webhooks, None)
         }
@@ -109,6 +118,9 @@ mod tests {
             ("POST", "/v1/tokens/{id}/resume"),
             ("POST", "/v1/tokens/{id}/cryptograms"),
             ("POST", "/v1/tokens/{id}/reveal"),
+            ("PUT", "/v1/tokens/{id}/recurring-agreement"),
+            ("GET", "/v1/tokens/{id}/recurring-agreement"),
+            ("DELETE", "/v1/tokens/{id}/recurring-agreement"),
             ("POST", "/v1/webhook-endpoints"),
             ("GET", "/v1/webhook-endpoints"),
             ("GET", "/v1/webhook-endpoints/{id}"),

@@ -23,7 +23,8 @@ pub struct AuditEventView {
     actor: String,
     merchant_id: String,
     /// `merchant.create`, `cryptogram.create`, `token.suspend`, `token.resume`, `token.delete`,
-    /// `card.reveal`, `api_key.create`, `api_key.revoke`, `client_certs.update`.
+    /// `card.reveal`, `api_key.create`, `api_key.revoke`, `client_certs.update`,
+    /// `recurring_agreement.record`, `recurring_agreement.end`.
     action: String,
     /// The token the action concerns (token actions).
     token_id: Option<String>,

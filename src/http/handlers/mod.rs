@@ -6,6 +6,7 @@ pub mod audit_events;
 pub mod client_certs;
 pub mod keys;
 pub mod notify;
+pub mod recurring;
 pub mod reveal;
 pub mod tokens;
 pub mod webhooks;

@@ -194,7 +194,8 @@ pub async fn get_token(
 }
 
 /// Token credentials and a fresh cryptogram for one card-not-present authorization. Only for
-/// `ACTIVE` tokens; never stored, not even for idempotent replay.
+/// `ACTIVE` tokens; never stored, not even for idempotent replay. An `MIT` of a token with a
+/// recurring agreement also carries its `networkTransactionId` and `agreementReference`.
 #[utoipa::path(post, path = "/v1/tokens/{id}/cryptograms", tag = "tokens",
     security(("merchantApiKey" = [])),
     params(TokenIdPath, IdempotencyKeyHeader),

@@ -88,6 +88,7 @@ catalogue! {
     API_KEY_NOT_FOUND = NOT_FOUND "api_key_not_found" "no such API key for this merchant";
     WEBHOOK_ENDPOINT_NOT_FOUND = NOT_FOUND "webhook_endpoint_not_found" "no such webhook endpoint for this merchant";
     EVENT_NOT_FOUND = NOT_FOUND "event_not_found" "no such event for this merchant";
+    RECURRING_AGREEMENT_NOT_FOUND = NOT_FOUND "recurring_agreement_not_found" "the token has no recurring agreement recorded (never recorded, ended, or the token was deleted)";
     MERCHANT_GATEWAY_NOT_FOUND = NOT_FOUND "merchant_gateway_not_found" "this gateway does not serve that `merchantGatewayId`";
     METHOD_NOT_ALLOWED = METHOD_NOT_ALLOWED "method_not_allowed" "this route does not support this HTTP method";
     // --- state conflicts (409) ----------------------------------------------------------------
@@ -110,6 +111,10 @@ catalogue! {
     CARD_EXPIRED = UNPROCESSABLE_ENTITY "card_expired" "the card is expired";
     INVALID_CUSTOMER_REFERENCE = UNPROCESSABLE_ENTITY "invalid_customer_reference" "`customerReference` is too long or has characters outside the allowed set";
     INVALID_AMOUNT = UNPROCESSABLE_ENTITY "invalid_amount" "`amount` needs a positive `value` and an ISO 4217 `currency`";
+    INVALID_NETWORK_TRANSACTION_ID = UNPROCESSABLE_ENTITY "invalid_network_transaction_id" "`networkTransactionId` must be 1 to 64 characters of `A-Z`, `a-z`, `0-9`, `.`, `_`, `:`, `-`";
+    INVALID_AGREEMENT_REFERENCE = UNPROCESSABLE_ENTITY "invalid_agreement_reference" "`agreementReference` must be 1 to 64 printable characters";
+    INVALID_FREQUENCY = UNPROCESSABLE_ENTITY "invalid_frequency" "`frequency` is not one of `DAILY`, `WEEKLY`, `MONTHLY`, `QUARTERLY`, `YEARLY`, `UNSCHEDULED`";
+    INVALID_INITIAL_TRANSACTION_AT = UNPROCESSABLE_ENTITY "invalid_initial_transaction_at" "`initialTransactionAt` must be an RFC 3339 time from the year 2000 on, not in the future";
     INVALID_MERCHANT_NAME = UNPROCESSABLE_ENTITY "invalid_merchant_name" "the merchant name is empty or too long";
     INVALID_KEY_NAME = UNPROCESSABLE_ENTITY "invalid_key_name" "the API key name is empty or too long";
     INVALID_SCOPES = UNPROCESSABLE_ENTITY "invalid_scopes" "give at least one known scope";
@@ -284,6 +289,12 @@ route_problems! {
     TokenLifecycleProblems = [MERCHANT_AUTH, IDEMPOTENT, TOKEN_STATE, D1_CALL];
     /// `POST /v1/tokens/{id}/cryptograms`.
     CryptogramProblems = [MERCHANT_AUTH, JSON_BODY, IDEMPOTENT, TOKEN_STATE, D1_CALL, &[&INVALID_AMOUNT]];
+    /// `PUT /v1/tokens/{id}/recurring-agreement`.
+    PutAgreementProblems = [MERCHANT_AUTH, JSON_BODY, IDEMPOTENT, TOKEN_STATE, &[&INVALID_NETWORK_TRANSACTION_ID, &INVALID_AGREEMENT_REFERENCE, &INVALID_AMOUNT, &INVALID_FREQUENCY, &INVALID_INITIAL_TRANSACTION_AT]];
+    /// `GET /v1/tokens/{id}/recurring-agreement`.
+    GetAgreementProblems = [MERCHANT_AUTH, &[&TOKEN_NOT_FOUND, &RECURRING_AGREEMENT_NOT_FOUND]];
+    /// `DELETE /v1/tokens/{id}/recurring-agreement` (any token status).
+    EndAgreementProblems = [MERCHANT_AUTH, IDEMPOTENT, &[&TOKEN_NOT_FOUND, &CONCURRENT_UPDATE]];
     /// `POST /v1/tokens/{id}/reveal`.
     RevealProblems = [MERCHANT_AUTH, &[&INVALID_IDEMPOTENCY_KEY], TOKEN_STATE];
     /// `POST /v1/api-keys`.

@@ -796,6 +796,7 @@ mod tests {
             created_at: t,
             updated_at: t,
             last_event_at: None,
+            recurring_agreement: None,
             version: 1,
         }
     }
