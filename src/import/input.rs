@@ -63,7 +63,10 @@ pub enum Item {
         error: LineError,
     },
     /// A line finished by an earlier run, or a blank line: nothing to send.
-    Skipped { line: u64, earlier: bool },
+    Skipped {
+        line: u64,
+        earlier: bool,
+    },
 }
 
 /// A problem with the file as a whole (the run cannot go on).
@@ -384,7 +387,7 @@ pub fn looks_like_card_number(s: &str) -> bool {
             _ => return false,
         }
     }
-    (12..=19).contains(&digits) && sum % 10 == 0
+    (12..=19).contains(&digits) && sum.is_multiple_of(10)
 }
 
 /// Column positions, from the header row.
@@ -635,7 +638,9 @@ mod tests {
         );
         let items = collect(&content, Format::Jsonl, none());
         match &items[0] {
-            Item::Invalid { reference, error, .. } => {
+            Item::Invalid {
+                reference, error, ..
+            } => {
                 assert_eq!(reference, "1");
                 assert_eq!(error.code, "invalid_field");
             }
@@ -669,7 +674,8 @@ mod tests {
     #[test]
     fn overlong_json_line_is_one_error_and_reading_goes_on() {
         let long = "x".repeat(MAX_LINE + 10);
-        let content = format!("{long}\n{{\"number\":\"{PAN}\",\"expiryMonth\":1,\"expiryYear\":2030}}\n");
+        let content =
+            format!("{long}\n{{\"number\":\"{PAN}\",\"expiryMonth\":1,\"expiryYear\":2030}}\n");
         let items = collect(&content, Format::Jsonl, none());
         assert_eq!(items.len(), 2);
         assert_eq!(error_of(&items[0]).code, "malformed_line");
@@ -688,8 +694,10 @@ mod tests {
         );
         let items = collect(&content, Format::Csv, none());
         assert_eq!(items.len(), 5);
-        assert!(matches!(&items[0], Item::Card(c) if c.line == 2 && c.reference == "r1"
-            && c.customer_reference.as_deref() == Some("c1")));
+        assert!(
+            matches!(&items[0], Item::Card(c) if c.line == 2 && c.reference == "r1"
+            && c.customer_reference.as_deref() == Some("c1"))
+        );
         assert_eq!(error_of(&items[1]).code, "invalid_field");
         assert_eq!(error_of(&items[2]).code, "malformed_line");
         assert!(matches!(&items[3], Item::Card(c) if c.reference == "r,4"

@@ -134,10 +134,9 @@ impl fmt::Display for Summary {
             Some(Stop::Interrupted) => {
                 write!(f, "interrupted: run the same command again to resume")
             }
-            Some(Stop::Limit) => write!(
-                f,
-                "stopped at --limit: run the same command again to go on"
-            ),
+            Some(Stop::Limit) => {
+                write!(f, "stopped at --limit: run the same command again to go on")
+            }
             Some(Stop::Fatal(m)) => write!(f, "stopped: {m}"),
             Some(Stop::Unavailable(m)) => write!(
                 f,
