@@ -442,8 +442,8 @@ pub async fn run(
                     let stop = stop_rx.clone();
                     inflight.push(async move {
                         let outcome = client.tokenize(&card, &key, stop).await;
-                        // `card` (and its number, wiped) is dropped here.
-                        (card.line, card.reference.clone(), outcome)
+                        // The rest of `card`, its number (wiped on drop) included, ends here.
+                        (card.line, card.reference, outcome)
                     });
                 }
             },

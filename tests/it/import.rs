@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use secrecy::SecretString;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokengate::import::progress::ProgressMode;
 use tokengate::import::{Options, Stop, Summary};
 use tokio::sync::mpsc;
@@ -193,6 +193,11 @@ async fn import_jsonl_maps_cards_dedups_and_records_bad_lines() {
     assert_eq!(errors[&8]["ref"], "bad-luhn");
     assert!(errors.values().all(|e| e["retryable"] == false));
 
+    assert_eq!(
+        app.sim_stats().await["tokensCreated"],
+        6,
+        "one D1 token per card"
+    );
     let mut all = pans.clone();
     all.extend([bad_luhn, pan(10), pan(11), pan(12), pan(13)]);
     assert_no_pan(&out, &all, &summary.to_string());
@@ -378,4 +383,55 @@ async fn rate_limited_import_retries_after_429_and_a_bad_key_stops_the_run() {
     let state: Value =
         serde_json::from_slice(&std::fs::read(&summary.paths.state).unwrap()).unwrap();
     assert_eq!(state["checkpoint"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_gateway_stops_the_run_and_the_next_run_retries_the_failed_lines() {
+    // A high breaker threshold (every line reaches D1) and no D1 retries inside the gateway
+    // (each line fails at once).
+    let app = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__D1__BREAKER_FAILURE_THRESHOLD", "100000")
+        .env("TOKENGATE__D1__MAX_RETRIES", "0")
+        .start()
+        .await;
+    let (_, key) = app.create_merchant("Patient PSP").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (file, pans) = many_cards(dir.path(), 30);
+    app.sim_faults(
+        json!({"errorRates": {"503": 1.0}, "operations": ["createToken"], "retryAfterSeconds": 0}),
+    )
+    .await;
+
+    let mut opts = options(&app, &key, &file, &out);
+    opts.concurrency = 2;
+    opts.retry.max_retries = 1;
+    opts.retry.max_retry_after = Duration::from_millis(50);
+    let first = import(opts).await;
+    assert!(
+        matches!(&first.stopped, Some(Stop::Unavailable(m)) if m.contains("d1_unavailable")),
+        "{first}"
+    );
+    let errors = read_jsonl(&first.paths.errors);
+    assert!((10..=12).contains(&errors.len()), "{}", errors.len());
+    for e in &errors {
+        assert_eq!(e["httpStatus"], 503);
+        assert_eq!(e["code"], "d1_unavailable");
+        assert_eq!(e["retryable"], true);
+    }
+    assert!(read_jsonl(&first.paths.mapping).is_empty());
+    let state: Value = serde_json::from_slice(&std::fs::read(&first.paths.state).unwrap()).unwrap();
+    assert_eq!(
+        state["checkpoint"], 0,
+        "the checkpoint never passes a failed line"
+    );
+
+    // D1 is back: the same command resends the failed lines and goes on to the end.
+    app.sim_faults(json!({})).await;
+    let second = import(options(&app, &key, &file, &out)).await;
+    assert!(second.complete, "{second}");
+    assert_eq!(second.counts.skipped, 0);
+    assert_eq!(second.counts.created, 30, "{second}");
+    assert_eq!(app.sim_stats().await["tokensCreated"], 30);
+    assert_no_pan(&out, &pans, &second.to_string());
 }
