@@ -7,11 +7,12 @@
 #   bash scripts/import-bench.sh                      # 100,000 lines, --concurrency 32
 #   LINES=20000 CONCURRENCY=16 bash scripts/import-bench.sh
 #   KEEP_RATE_LIMITS=1 bash scripts/import-bench.sh   # with the gateway's per-key limit (500/s)
+#   STORE=redis bash scripts/import-bench.sh          # a redis-server on a free port instead
 #
 # The gateway's per-key and per-merchant rate limits are switched off unless KEEP_RATE_LIMITS is
 # set: the figure is what the importer and one gateway instance can do, not the default quota.
 # Everything runs on 127.0.0.1 and stops by itself. Not part of CI (a release build takes
-# minutes on 2 cores). Needs curl.
+# minutes on 2 cores). Needs curl (and redis-server for STORE=redis).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +28,10 @@ bin=${CARGO_TARGET_DIR:-target}/release/tokengate
 
 work=$(mktemp -d)
 gw_pid=
+redis_pid=
 cleanup() {
   if [ -n "$gw_pid" ]; then kill "$gw_pid" 2>/dev/null || true; wait "$gw_pid" 2>/dev/null || true; fi
+  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -48,15 +51,23 @@ awk -v n="$LINES" 'BEGIN {
 }' > "$work/cards.jsonl"
 
 port=$(( 20000 + RANDOM % 20000 ))
+store=(--data-dir "$work/data")
+if [ "${STORE:-embedded}" = redis ]; then
+  rport=$(( port + 1 ))
+  redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" >/dev/null 2>&1 &
+  redis_pid=$!
+  store=(--redis-url "redis://127.0.0.1:$rport/")
+  sleep 0.5
+fi
 limits=()
 if [ -z "${KEEP_RATE_LIMITS:-}" ]; then
   limits=(TOKENGATE__RATE_LIMIT__PER_KEY_PER_S=0 TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S=0)
 fi
-echo "== starting the gateway on 127.0.0.1:$port" >&2
+echo "== starting the gateway on 127.0.0.1:$port (store: ${STORE:-embedded})" >&2
 env ${limits[@]+"${limits[@]}"} \
   TOKENGATE_ADMIN_TOKEN=$ADMIN TOKENGATE__LOG__LEVEL=warn TOKENGATE__LOG__ACCESS=false \
   TOKENGATE__SIM__CONTROL_LISTEN=127.0.0.1:0 \
-  "$bin" serve --listen "127.0.0.1:$port" --data-dir "$work/data" --sim-listen 127.0.0.1:0 \
+  "$bin" serve --listen "127.0.0.1:$port" "${store[@]}" --sim-listen 127.0.0.1:0 \
   > "$work/gateway.log" 2>&1 &
 gw_pid=$!
 for _ in $(seq 1 100); do
