@@ -56,8 +56,7 @@ impl Progress {
         let bar = bar.then(|| {
             let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             let style = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} \
-                 {per_sec} ETA {eta} {msg}",
+                "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} ETA {eta} {msg}",
             )
             .unwrap_or_else(|_| ProgressStyle::default_bar());
             b.set_style(style);
@@ -103,7 +102,8 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.set_position(pos);
             b.set_message(format!(
-                "created {} existing {} errors {}",
+                "{:.0} lines/s, created {} existing {} errors {}",
+                self.rate(c),
                 c.created,
                 c.existing,
                 c.errors + c.retryable
