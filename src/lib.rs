@@ -21,6 +21,8 @@
 //! - [`egress`]: the SSRF guard: which addresses webhook URLs may reach, and name resolution.
 //! - [`config`]: layered configuration (embedded defaults, optional file, environment).
 //! - [`app`]: wiring, used by the binary and by the integration tests.
+//! - [`import`]: `tokengate import`, bulk migration of stored cards through the REST API (a
+//!   client of the gateway, not a layer of it).
 //! - [`observability`]: Prometheus metrics (`GET /metrics`), with labels that never carry card
 //!   data, ids or keys; [`telemetry`]: logging.
 
@@ -31,6 +33,7 @@ pub mod d1;
 pub mod domain;
 pub mod egress;
 pub mod http;
+pub mod import;
 pub mod observability;
 pub mod storage;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! The `tokengate` binary: `serve` runs the gateway, `d1-sim` the D1 simulator, `keys` manages
-//! key material, `openapi` prints the OpenAPI document.
+//! key material, `openapi` prints the OpenAPI document, `import` migrates stored cards through a
+//! running gateway's API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,11 +69,53 @@ enum Command {
     /// Print the OpenAPI 3.1 document (the one served at `GET /openapi.json`) to stdout, so it
     /// can be checked and used without a running gateway (scripts/check-openapi.sh).
     Openapi,
+    /// Tokenize the cards of a JSON-lines or CSV file through a running gateway's API
+    /// (`POST /v1/tokens`), resumable: re-run the same command after a stop (docs/api.md,
+    /// "Bulk import").
+    Import(Box<ImportArgs>),
     /// Key management.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Base URL of the gateway, e.g. https://tokengate.internal:8443.
+    #[arg(long)]
+    api: String,
+    /// Merchant API key with the `tokens:write` scope (better: TOKENGATE_API_KEY).
+    #[arg(long, env = "TOKENGATE_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Cards to import: JSON lines (.jsonl) or CSV with a header row (.csv).
+    #[arg(long)]
+    file: PathBuf,
+    /// File format, when the extension does not tell.
+    #[arg(long, value_enum)]
+    format: Option<tokengate::import::input::Format>,
+    /// Directory of the mapping, errors and state files (default: the input's directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Requests in flight at most.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Requests per second at most, e.g. 200 or 200/s (default: no client-side limit; the
+    /// gateway's 429s are honoured either way).
+    #[arg(long, value_parser = tokengate::import::parse_rate)]
+    rate: Option<f64>,
+    /// `usage` of the tokens.
+    #[arg(long, default_value = "CARD_ON_FILE", value_parser = ["CARD_ON_FILE", "RECURRING", "ONE_OFF"])]
+    usage: String,
+    /// Stop after this many lines in this run (a trial run; re-run to go on).
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Retries of a line on 429, 503 and other temporary failures.
+    #[arg(long, default_value_t = 8)]
+    max_retries: u32,
+    /// Progress display on stderr.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: tokengate::import::progress::ProgressMode,
 }
 
 #[derive(Subcommand)]
@@ -213,10 +256,51 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", new_key_b64().as_str());
             Ok(())
         }
+        Command::Import(args) => run_import(*args).await,
         Command::Openapi => {
             println!("{}", tokengate::http::openapi::document());
             Ok(())
         }
+    }
+}
+
+/// `tokengate import`: the summary goes to stdout, progress to stderr. Exit status: 0 when every
+/// line is finished without error (or a `--limit` run ended), 2 when some lines were refused
+/// (see the errors file), 1 when lines are left to do (stopped, or failures that may pass:
+/// re-run to resume).
+async fn run_import(args: ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use tokengate::import::{Options, Stop};
+    let mut opts = Options::new(
+        args.api,
+        secrecy::SecretString::from(args.api_key),
+        args.file,
+    );
+    opts.format = args.format;
+    opts.out_dir = args.out;
+    opts.concurrency = args.concurrency;
+    opts.rate = args.rate;
+    opts.usage = args.usage;
+    opts.limit = args.limit;
+    opts.retry.max_retries = args.max_retries;
+    opts.progress = args.progress;
+    // Every Ctrl-C (or SIGTERM) is a stop request: the first finishes what is in flight, the
+    // second abandons it.
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            shutdown_signal().await;
+            if tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    let summary = tokengate::import::run(opts, rx).await?;
+    println!("{summary}");
+    let finished = summary.complete || summary.stopped == Some(Stop::Limit);
+    match (finished, summary.counts.errors) {
+        (true, 0) => Ok(()),
+        (true, _) => std::process::exit(2),
+        (false, _) => std::process::exit(1),
     }
 }
 

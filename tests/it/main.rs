@@ -13,6 +13,7 @@ mod audit;
 mod client_certs_store;
 mod d1_client;
 mod gateway_d1;
+mod import;
 mod keys_audit_store;
 mod lifecycle;
 mod metrics;
