@@ -94,7 +94,10 @@ mod tests {
         let k = WalletKey(format!("{:015}-{a}", 1_767_225_600_000u64));
         assert_eq!(WalletKey::parse(k.as_str()), Some(k.clone()));
         assert_eq!(k.token_id(), Some(a));
-        let later = WalletKey(format!("{:015}-tok_AAAAAAAAAAAAAAAAAAAAAA", 1_767_225_600_001u64));
+        let later = WalletKey(format!(
+            "{:015}-tok_AAAAAAAAAAAAAAAAAAAAAA",
+            1_767_225_600_001u64
+        ));
         assert!(later > k);
         for bad in [
             "",

@@ -15,10 +15,10 @@ use time::OffsetDateTime;
 use time::macros::datetime;
 use tokengate::crypto::Keyring;
 use tokengate::domain::merchant::{ApiKeyHash, Merchant, NewApiKey};
+use tokengate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
 use tokengate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
-use tokengate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
 use tokengate::domain::token::{
     CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
     TokenStatus, Usage,
@@ -848,11 +848,19 @@ async fn redis_index_keys_are_deleted_not_left_dangling() {
     let d1_key = format!("tgtest:{{m:{m}}}:d1:{d1}");
     // The merchant's token counts live beside its tokens (emptied, and so gone, at the end).
     let counts_key = format!("tgtest:{{m:{m}}}:stats");
+    // The customer's wallet index: every status, and the token's status.
+    let wallet_key = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(b"customer-42");
+        format!("tgtest:{{m:{m}}}:cust:{}", hex::encode(digest))
+    };
     let mut all = vec![
         token_key.clone(),
         fp_key.clone(),
         d1_key.clone(),
         counts_key.clone(),
+        wallet_key.clone(),
+        format!("{wallet_key}:ACTIVE"),
     ];
     all.sort();
     assert_eq!(keys_of_merchant(&mut con, &m).await, all);
@@ -860,7 +868,13 @@ async fn redis_index_keys_are_deleted_not_left_dangling() {
     let mut tomb = next(&r);
     tomb.status = TokenStatus::Deleted;
     store.update_token(&tomb).await.unwrap();
-    let mut left = vec![token_key, d1_key, counts_key];
+    let mut left = vec![
+        token_key,
+        d1_key,
+        counts_key,
+        format!("{wallet_key}:DELETED"),
+        wallet_key,
+    ];
     left.sort();
     assert_eq!(
         keys_of_merchant(&mut con, &m).await,
@@ -1031,12 +1045,18 @@ async fn wallet_is_isolated_across_merchants_and_customers(s: &dyn TokenStore) {
     for r in [&a1, &b1, &ab1, &brace, &none, &a2] {
         assert_inserted(s.insert_token(r).await.unwrap());
     }
-    assert_eq!(ids(&wallet_walk(s, &m1, "cust-a", None, 10).await), [a1.id.clone()]);
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "cust-a", None, 10).await),
+        [a1.id.clone()]
+    );
     assert_eq!(
         ids(&wallet_walk(s, &m1, "cust-a", Some("ACTIVE"), 10).await),
         [a1.id.clone()]
     );
-    assert_eq!(ids(&wallet_walk(s, &m1, "cust-b", None, 10).await), [b1.id.clone()]);
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "cust-b", None, 10).await),
+        [b1.id.clone()]
+    );
     assert_eq!(
         ids(&wallet_walk(s, &m1, "cust-a:ACTIVE", None, 10).await),
         [ab1.id.clone()]
@@ -1045,7 +1065,10 @@ async fn wallet_is_isolated_across_merchants_and_customers(s: &dyn TokenStore) {
         ids(&wallet_walk(s, &m1, "{m:x} cust a", None, 10).await),
         [brace.id.clone()]
     );
-    assert_eq!(ids(&wallet_walk(s, &m2, "cust-a", None, 10).await), [a2.id.clone()]);
+    assert_eq!(
+        ids(&wallet_walk(s, &m2, "cust-a", None, 10).await),
+        [a2.id.clone()]
+    );
     // Unknown customer or merchant: empty, not an error.
     assert!(wallet_walk(s, &m1, "cust-z", None, 10).await.is_empty());
     assert!(
@@ -1053,7 +1076,11 @@ async fn wallet_is_isolated_across_merchants_and_customers(s: &dyn TokenStore) {
             .await
             .is_empty()
     );
-    assert!(wallet_walk(s, &m1, "cust-a", Some("DELETED"), 10).await.is_empty());
+    assert!(
+        wallet_walk(s, &m1, "cust-a", Some("DELETED"), 10)
+            .await
+            .is_empty()
+    );
 }
 
 async fn wallet_index_follows_status_changes_and_removals(s: &dyn TokenStore) {
@@ -1065,7 +1092,10 @@ async fn wallet_index_follows_status_changes_and_removals(s: &dyn TokenStore) {
         assert_inserted(s.insert_token(r).await.unwrap());
     }
     let by = |status| wallet_walk(s, &m, "cust-a", Some(status), 10);
-    assert_eq!(ids(&by("ACTIVE").await), [c.id.clone(), b.id.clone(), a.id.clone()]);
+    assert_eq!(
+        ids(&by("ACTIVE").await),
+        [c.id.clone(), b.id.clone(), a.id.clone()]
+    );
 
     // Suspend b: it moves from ACTIVE to SUSPENDED, and reads back in its new status.
     let mut b2 = next(&b);
@@ -1076,7 +1106,10 @@ async fn wallet_index_follows_status_changes_and_removals(s: &dyn TokenStore) {
     // A refused update (stale version) moves nothing.
     let mut stale = next(&b);
     stale.status = TokenStatus::Deleted;
-    assert!(matches!(s.update_token(&stale).await, Err(StoreError::Conflict)));
+    assert!(matches!(
+        s.update_token(&stale).await,
+        Err(StoreError::Conflict)
+    ));
     assert_eq!(by("SUSPENDED").await, [b2.clone()]);
     assert!(by("DELETED").await.is_empty());
 
@@ -1128,7 +1161,11 @@ async fn wallet_index_follows_applied_events<S: TokenStore + LifecycleStore>(s: 
     );
     let suspended = wallet_walk(s, &m, "cust-a", Some("SUSPENDED"), 10).await;
     assert_eq!(suspended, [a2.clone()]);
-    assert!(wallet_walk(s, &m, "cust-a", Some("ACTIVE"), 10).await.is_empty());
+    assert!(
+        wallet_walk(s, &m, "cust-a", Some("ACTIVE"), 10)
+            .await
+            .is_empty()
+    );
     // A duplicate event moves nothing.
     let mut a3 = next(&a2);
     a3.status = TokenStatus::Active;
@@ -1338,7 +1375,10 @@ async fn wallet_index_never_holds_a_pan() {
     assert_eq!(listed.len(), PANS.len(), "the index is there to dump");
     let bytes = dump_node(&server.url()).await;
     assert!(contains(&bytes, b":cust:"), "no wallet key in the dump");
-    assert!(contains(&bytes, WalletKey::of(&records[0]).as_str().as_bytes()));
+    assert!(contains(
+        &bytes,
+        WalletKey::of(&records[0]).as_str().as_bytes()
+    ));
     assert_no_pan(&bytes, &records, "redis dump with wallet index");
 
     let dir = tempfile::tempdir().unwrap();
@@ -1351,7 +1391,10 @@ async fn wallet_index_never_holds_a_pan() {
     );
     drop(store);
     let bytes = std::fs::read(dir.path().join("tokengate.redb")).unwrap();
-    assert!(contains(&bytes, WalletKey::of(&records[0]).as_str().as_bytes()));
+    assert!(contains(
+        &bytes,
+        WalletKey::of(&records[0]).as_str().as_bytes()
+    ));
     assert_no_pan(&bytes, &records, "tokengate.redb with wallet index");
 }
 

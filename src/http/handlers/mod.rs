@@ -8,4 +8,5 @@ pub mod keys;
 pub mod notify;
 pub mod reveal;
 pub mod tokens;
+pub mod wallets;
 pub mod webhooks;
