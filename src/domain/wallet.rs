@@ -13,9 +13,11 @@ use super::error::DomainError;
 use super::token::{TokenId, TokenRecord};
 use crate::domain::ports::counts::COUNT_LABELS;
 
-/// Decimal digits of the creation time (Unix ms) in a [`WalletKey`]: fixed width, so the
-/// byte order of keys is the order of (time, token id) until the year 33658.
-const MS_DIGITS: usize = 15;
+/// Lower-case hex digits of the creation time (Unix ms) in a [`WalletKey`]: fixed width, so the
+/// byte order of keys is the order of (time, token id) until the year 10889. Hex rather than
+/// decimal: a long run of decimal digits in an answer looks like a card number to data-loss
+/// scanners (and to the OpenAPI document's own check).
+const MS_DIGITS: usize = 12;
 
 /// The customer reference rule, shared by tokenization and the wallet routes: 1 to 128
 /// characters, no control characters.
@@ -36,7 +38,7 @@ pub fn status_label(s: &str) -> Option<&'static str> {
     COUNT_LABELS.iter().copied().find(|l| *l == s)
 }
 
-/// A token's position in its customer's wallet: `<creation Unix ms, 15 digits>-<token id>`.
+/// A token's position in its customer's wallet: `<creation Unix ms, 12 hex digits>-<token id>`.
 /// Byte order is (creation time, token id), so listing in reverse order is newest first. It is
 /// what the index stores (a Redis sorted-set member, a redb key part) and the page cursor.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,7 +48,7 @@ impl WalletKey {
     /// The position of `rec` (creation times before 1970 sort as 0).
     pub fn of(rec: &TokenRecord) -> WalletKey {
         let ms = u64::try_from(rec.created_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-        WalletKey(format!("{ms:0MS_DIGITS$}-{}", rec.id))
+        WalletKey(format!("{ms:0MS_DIGITS$x}-{}", rec.id))
     }
 
     /// Accepts only what [`WalletKey::of`] produces, so a client cursor cannot carry range
@@ -54,8 +56,8 @@ impl WalletKey {
     pub fn parse(s: &str) -> Option<WalletKey> {
         let (ms, id) = s.split_at_checked(MS_DIGITS)?;
         let id = id.strip_prefix('-')?;
-        (ms.bytes().all(|b| b.is_ascii_digit()) && TokenId::parse(id).is_some())
-            .then(|| WalletKey(s.to_owned()))
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        (ms.bytes().all(hex) && TokenId::parse(id).is_some()).then(|| WalletKey(s.to_owned()))
     }
 
     /// The token id part.
@@ -91,21 +93,25 @@ mod tests {
     #[test]
     fn keys_sort_by_time_then_id_and_round_trip() {
         let a = TokenId::generate();
-        let k = WalletKey(format!("{:015}-{a}", 1_767_225_600_000u64));
+        let k = WalletKey(format!("{:012x}-{a}", 1_767_225_600_000u64));
         assert_eq!(WalletKey::parse(k.as_str()), Some(k.clone()));
         assert_eq!(k.token_id(), Some(a));
         let later = WalletKey(format!(
-            "{:015}-tok_AAAAAAAAAAAAAAAAAAAAAA",
+            "{:012x}-tok_AAAAAAAAAAAAAAAAAAAAAA",
             1_767_225_600_001u64
         ));
         assert!(later > k);
+        // Byte order is numeric order across the digit/letter boundary of hex.
+        assert!(format!("{:012x}", 9u64) < format!("{:012x}", 10u64));
+        assert!(format!("{:012x}", 0xfu64) < format!("{:012x}", 0x10u64));
         for bad in [
             "",
-            "1767225600000-tok_x",
-            "001767225600000+tok_AAAAAAAAAAAAAAAAAAAAAA",
-            "00176722560000a-tok_AAAAAAAAAAAAAAAAAAAAAA",
-            "001767225600000-tok_AAAAAAAAAAAAAAAAAAAA}{",
-            "(001767225600000-tok_AAAAAAAAAAAAAAAAAAAAAA",
+            "19b76daa800-tok_x",
+            "019b76daa800+tok_AAAAAAAAAAAAAAAAAAAAAA",
+            "019B76DAA800-tok_AAAAAAAAAAAAAAAAAAAAAA",
+            "019b76daa80g-tok_AAAAAAAAAAAAAAAAAAAAAA",
+            "019b76daa800-tok_AAAAAAAAAAAAAAAAAAAA}{",
+            "(019b76daa800-tok_AAAAAAAAAAAAAAAAAAAAAA",
         ] {
             assert_eq!(WalletKey::parse(bad), None, "{bad}");
         }

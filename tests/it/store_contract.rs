@@ -1047,27 +1047,27 @@ async fn wallet_is_isolated_across_merchants_and_customers(s: &dyn TokenStore) {
     }
     assert_eq!(
         ids(&wallet_walk(s, &m1, "cust-a", None, 10).await),
-        [a1.id.clone()]
+        vec![a1.id.clone()]
     );
     assert_eq!(
         ids(&wallet_walk(s, &m1, "cust-a", Some("ACTIVE"), 10).await),
-        [a1.id.clone()]
+        vec![a1.id.clone()]
     );
     assert_eq!(
         ids(&wallet_walk(s, &m1, "cust-b", None, 10).await),
-        [b1.id.clone()]
+        vec![b1.id.clone()]
     );
     assert_eq!(
         ids(&wallet_walk(s, &m1, "cust-a:ACTIVE", None, 10).await),
-        [ab1.id.clone()]
+        vec![ab1.id.clone()]
     );
     assert_eq!(
         ids(&wallet_walk(s, &m1, "{m:x} cust a", None, 10).await),
-        [brace.id.clone()]
+        vec![brace.id.clone()]
     );
     assert_eq!(
         ids(&wallet_walk(s, &m2, "cust-a", None, 10).await),
-        [a2.id.clone()]
+        vec![a2.id.clone()]
     );
     // Unknown customer or merchant: empty, not an error.
     assert!(wallet_walk(s, &m1, "cust-z", None, 10).await.is_empty());

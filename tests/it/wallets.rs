@@ -242,7 +242,7 @@ async fn wallet_refuses_bad_queries(b: Backend) {
             "invalid_cursor",
         ),
         (
-            "?customerReference=cust-42&cursor=(001767323045123-tok_d7XXXyQu2WZRKlyWvsMJRA",
+            "?customerReference=cust-42&cursor=(019b7ca98d03-tok_d7XXXyQu2WZRKlyWvsMJRA",
             422,
             "invalid_cursor",
         ),
@@ -391,7 +391,7 @@ async fn wallet_delete_reports_partial_failures(b: Backend) {
     let r = delete_all(&app, &key, "cust-42", Some("forget-42")).await;
     assert_eq!(r.status(), 207);
     let v: Value = serde_json::from_str(&text_without_pan(r).await).unwrap();
-    assert_eq!(id_list(&v["deleted"]), [pending.clone()]);
+    assert_eq!(id_list(&v["deleted"]), vec![pending.clone()]);
     assert_eq!(v["failed"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["failed"][0]["id"], active.as_str());
     assert_eq!(v["failed"][0]["status"], 503);
@@ -406,7 +406,7 @@ async fn wallet_delete_reports_partial_failures(b: Backend) {
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("idempotent-replayed").is_none());
     let v: Value = r.json().await.unwrap();
-    assert_eq!(id_list(&v["deleted"]), [active.clone()]);
+    assert_eq!(id_list(&v["deleted"]), vec![active.clone()]);
     assert_eq!(v["failed"], json!([]));
     assert_eq!(status_of(&app, &key, &active).await, "DELETED");
     // Now finished: the same key replays it.

@@ -27,7 +27,7 @@ pub struct TokenPage<'a> {
     /// tokens even when more follow.
     data: Vec<TokenView<'a>>,
     /// Pass as `cursor` for the next (older) page; `null` on the last page.
-    #[schema(example = "001767323045123-tok_d7XXXyQu2WZRKlyWvsMJRA")]
+    #[schema(example = "019b7ca98d03-tok_d7XXXyQu2WZRKlyWvsMJRA")]
     next_cursor: Option<String>,
 }
 
