@@ -20,6 +20,7 @@ pub mod schedule;
 pub mod service;
 pub mod token;
 pub mod token_counts;
+pub mod wallet;
 pub mod webhooks;
 
 pub use error::{DomainError, ProviderError};

@@ -174,9 +174,136 @@ pub fn page_query(raw: Option<&str>) -> Result<(usize, Option<String>), ApiError
     Ok((limit, cursor))
 }
 
+/// Query-string decoding (`+` is a space, `%XX` a byte); `None` for a malformed escape or a
+/// result that is not UTF-8. Customer references are free text, so they arrive encoded.
+fn query_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The query of the customer wallet routes (`GET`/`DELETE /v1/tokens`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct WalletQuery {
+    /// `customerReference`, decoded; required (its own rules are the domain's).
+    pub customer: String,
+    /// `status`: a status label (`domain::wallet::status_label`).
+    pub status: Option<&'static str>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+/// Parses `?customerReference=&status=&limit=&cursor=` (`paged`: the list) or
+/// `?customerReference=` alone (the delete). Unknown, repeated or missing parameters are
+/// refused (400 `invalid_query`) rather than ignored: a typo must not widen a delete-all or
+/// silently list something else.
+pub fn wallet_query(raw: Option<&str>, paged: bool) -> Result<WalletQuery, ApiError> {
+    let bad = |detail: String| ApiError::of(&codes::INVALID_QUERY, detail);
+    let allowed = if paged {
+        "`customerReference`, `status`, `limit` and `cursor`"
+    } else {
+        "`customerReference`"
+    };
+    let mut customer = None;
+    let mut status = None;
+    let mut limit = None;
+    let mut cursor = None;
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (Some(k), Some(v)) = (query_decode(k), query_decode(v)) else {
+            return Err(bad(
+                "the query string is not valid percent-encoded UTF-8".into()
+            ));
+        };
+        let slot = match k.as_str() {
+            "customerReference" => &mut customer,
+            "status" if paged => &mut status,
+            "limit" if paged => &mut limit,
+            "cursor" if paged => &mut cursor,
+            _ => return Err(bad(format!("the query parameters are {allowed}"))),
+        };
+        if slot.replace(v).is_some() {
+            return Err(bad(format!("`{k}` is given more than once")));
+        }
+    }
+    let customer = customer.ok_or_else(|| bad("`customerReference` is required".to_owned()))?;
+    let status = match status {
+        None => None,
+        Some(s) => Some(crate::domain::wallet::status_label(&s).ok_or_else(|| {
+            bad(
+                "`status` must be one of PENDING, ACTIVE, SUSPENDED, INACTIVE, EXPIRED, \
+                 DELETED, OTHER"
+                    .to_owned(),
+            )
+        })?),
+    };
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| bad(format!("limit must be an integer from 1 to {MAX_LIMIT}")))?,
+    };
+    Ok(WalletQuery {
+        customer,
+        status,
+        limit,
+        cursor: cursor.filter(|c| !c.is_empty()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wallet_query_requires_the_customer_and_refuses_the_rest() {
+        let q = wallet_query(
+            Some("customerReference=cust+42%2Fa&status=ACTIVE&limit=5&cursor=c"),
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            q,
+            WalletQuery {
+                customer: "cust 42/a".into(),
+                status: Some("ACTIVE"),
+                limit: 5,
+                cursor: Some("c".into()),
+            }
+        );
+        let q = wallet_query(Some("customerReference=c"), false).unwrap();
+        assert_eq!((q.limit, q.status, q.cursor), (DEFAULT_LIMIT, None, None));
+        for (bad, paged) in [
+            (None, true),
+            (Some("status=ACTIVE"), true),
+            (Some("customerReference=a&customerReference=b"), true),
+            (Some("customerReference=a&status=active"), true),
+            (Some("customerReference=a&limit=0"), true),
+            (Some("customerReference=a&page=2"), true),
+            (Some("customerReference=%zz"), true),
+            (Some("customerReference=%FF"), true),
+            (Some("customerReference=a&status=ACTIVE"), false),
+            (Some("customerReference=a&limit=5"), false),
+        ] {
+            let e = wallet_query(bad, paged).unwrap_err();
+            assert_eq!(e.code, "invalid_query", "{bad:?}");
+        }
+    }
 
     #[test]
     fn page_query_accepts_limit_and_cursor_only() {

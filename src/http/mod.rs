@@ -29,7 +29,9 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 
-use handlers::{audit_events, client_certs, keys, notify, recurring, reveal, tokens, webhooks};
+use handlers::{
+    audit_events, client_certs, keys, notify, recurring, reveal, tokens, wallets, webhooks,
+};
 
 /// The API routes with the middleware stack applied.
 pub fn router(state: AppState, settings: &HttpSettings) -> Router {
@@ -50,7 +52,13 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
             "/v1/merchants/{id}/api-keys",
             post(keys::create_api_key_for_merchant),
         )
-        .route("/v1/tokens", post(tokens::create_token))
+        // A customer's wallet: list, or delete all ("forget me"; docs/api.md, "Customer wallets").
+        .route(
+            "/v1/tokens",
+            post(tokens::create_token)
+                .get(wallets::list_customer_tokens)
+                .delete(wallets::delete_customer_tokens),
+        )
         .route(
             "/v1/tokens/{id}",
             get(tokens::get_token).delete(tokens::delete_token),

@@ -49,6 +49,8 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         super::handlers::tokens::create_merchant,
         super::handlers::tokens::create_token,
         super::handlers::tokens::get_token,
+        super::handlers::wallets::list_customer_tokens,
+        super::handlers::wallets::delete_customer_tokens,
         super::handlers::tokens::delete_token,
         super::handlers::tokens::create_cryptogram,
         super::handlers::tokens::suspend_token,
@@ -77,7 +79,7 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
     components(schemas(super::problem::ProblemBody)),
     modifiers(&SecuritySchemes),
     tags(
-        (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; cryptograms; recurring agreements"),
+        (name = "tokens", description = "Tokenize cards; read, suspend, resume and delete tokens; customer wallets; cryptograms; recurring agreements"),
         (name = "merchants", description = "Merchant onboarding, and API keys for an existing merchant (admin)"),
         (name = "webhooks", description = "Merchant webhook endpoints and the event log"),
         (name = "audit", description = "The merchant's audit trail"),

@@ -16,6 +16,7 @@ use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
+use crate::domain::wallet::{WalletKey, WalletPage};
 use crate::observability::record_store_op;
 
 /// Times `inner`'s operations.
@@ -110,6 +111,22 @@ impl TokenStore for InstrumentedStore {
         timed(
             "find_by_d1_token",
             self.inner.find_by_d1_token(merchant, d1_token_id),
+        )
+        .await
+    }
+
+    async fn list_customer_tokens(
+        &self,
+        merchant: &MerchantId,
+        customer: &str,
+        status: Option<&'static str>,
+        after: Option<&WalletKey>,
+        limit: usize,
+    ) -> Result<WalletPage, StoreError> {
+        timed(
+            "list_customer_tokens",
+            self.inner
+                .list_customer_tokens(merchant, customer, status, after, limit),
         )
         .await
     }

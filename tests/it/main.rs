@@ -24,4 +24,5 @@ mod sim;
 mod store_contract;
 mod tls;
 mod token_counts;
+mod wallets;
 mod webhooks;

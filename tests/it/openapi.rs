@@ -693,6 +693,52 @@ async fn real_responses_match_the_document() {
         c.check("DELETE", "/v1/tokens/{id}", r).await["status"],
         "DELETED"
     );
+
+    // The customer's wallet (tests/it/wallets.rs tests the behaviour). The delete-all names a
+    // customer without tokens, so the tokens used below stay.
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/tokens?customerReference=cust-42&limit=1",
+        k,
+        None,
+    )
+    .await;
+    let page = c.check("GET", "/v1/tokens", r).await;
+    assert_eq!(page["data"][0]["customerReference"], "cust-42", "{page}");
+    let r = send(&app, Method::GET, "/v1/tokens?limit=1", k, None).await;
+    assert_code(&c.check("GET", "/v1/tokens", r).await, "invalid_query");
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/tokens?customerReference=cust-42&cursor=x",
+        k,
+        None,
+    )
+    .await;
+    assert_code(&c.check("GET", "/v1/tokens", r).await, "invalid_cursor");
+    let r = send(
+        &app,
+        Method::DELETE,
+        "/v1/tokens?customerReference=nobody",
+        k,
+        None,
+    )
+    .await;
+    let done = c.check("DELETE", "/v1/tokens", r).await;
+    assert_eq!(done["deleted"], json!([]), "{done}");
+    let r = send(
+        &app,
+        Method::DELETE,
+        "/v1/tokens?customerReference=",
+        k,
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("DELETE", "/v1/tokens", r).await,
+        "invalid_customer_reference",
+    );
     let r = send(
         &app,
         Method::POST,

@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 use time::macros::datetime;
 use tokengate::crypto::Keyring;
 use tokengate::domain::merchant::{ApiKeyHash, Merchant, NewApiKey};
+use tokengate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
 use tokengate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
@@ -23,6 +24,7 @@ use tokengate::domain::token::{
     CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
     TokenStatus, Usage,
 };
+use tokengate::domain::wallet::{WalletKey, WalletPage};
 use tokengate::storage::embedded::EmbeddedStore;
 use tokengate::storage::redis::{RedisConfig, RedisStore};
 use tokengate_cards::{Brand, Expiry, Pan};
@@ -134,6 +136,10 @@ crate::store_tests!(by_ref:
     idempotency_entries_expire,
     concurrent_inserts_of_one_card_yield_one_token,
     recurring_agreement_round_trips,
+    wallet_pages_cover_each_token_once_newest_first,
+    wallet_is_isolated_across_merchants_and_customers,
+    wallet_index_follows_status_changes_and_removals,
+    wallet_index_follows_applied_events,
 );
 
 // --- the cases ---------------------------------------------------------------------------------
@@ -836,11 +842,19 @@ async fn redis_index_keys_are_deleted_not_left_dangling() {
     let d1_key = format!("tgtest:{{m:{m}}}:d1:{d1}");
     // The merchant's token counts live beside its tokens (emptied, and so gone, at the end).
     let counts_key = format!("tgtest:{{m:{m}}}:stats");
+    // The customer's wallet index: every status, and the token's status.
+    let wallet_key = {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(b"customer-42");
+        format!("tgtest:{{m:{m}}}:cust:{}", hex::encode(digest))
+    };
     let mut all = vec![
         token_key.clone(),
         fp_key.clone(),
         d1_key.clone(),
         counts_key.clone(),
+        wallet_key.clone(),
+        format!("{wallet_key}:ACTIVE"),
     ];
     all.sort();
     assert_eq!(keys_of_merchant(&mut con, &m).await, all);
@@ -848,7 +862,13 @@ async fn redis_index_keys_are_deleted_not_left_dangling() {
     let mut tomb = next(&r);
     tomb.status = TokenStatus::Deleted;
     store.update_token(&tomb).await.unwrap();
-    let mut left = vec![token_key, d1_key, counts_key];
+    let mut left = vec![
+        token_key,
+        d1_key,
+        counts_key,
+        format!("{wallet_key}:DELETED"),
+        wallet_key,
+    ];
     left.sort();
     assert_eq!(
         keys_of_merchant(&mut con, &m).await,
@@ -934,6 +954,222 @@ async fn embedded_store_survives_reopen() {
         Err(StoreError::NotFound)
     ));
     store.update_token(&next(&rec)).await.unwrap();
+}
+
+// --- customer wallets --------------------------------------------------------------------------
+
+/// Every page of `customer`'s wallet (optionally one status), walked with `limit`.
+async fn wallet_walk(
+    s: &dyn TokenStore,
+    m: &MerchantId,
+    customer: &str,
+    status: Option<&'static str>,
+    limit: usize,
+) -> Vec<TokenRecord> {
+    let mut out = Vec::new();
+    let mut after: Option<WalletKey> = None;
+    for _ in 0..1000 {
+        let WalletPage { tokens, next } = s
+            .list_customer_tokens(m, customer, status, after.as_ref(), limit)
+            .await
+            .unwrap();
+        assert!(tokens.len() <= limit);
+        out.extend(tokens);
+        match next {
+            Some(n) => after = Some(n),
+            None => return out,
+        }
+    }
+    panic!("the wallet walk does not end");
+}
+
+fn ids(records: &[TokenRecord]) -> Vec<TokenId> {
+    records.iter().map(|r| r.id.clone()).collect()
+}
+
+/// A token of `customer` created `secs` after T0.
+fn customer_record(m: &MerchantId, customer: Option<&str>, secs: u64) -> TokenRecord {
+    let mut r = record(m, &random_hex());
+    r.customer_reference = customer.map(str::to_owned);
+    r.created_at = T0 + Duration::from_secs(secs);
+    r
+}
+
+async fn wallet_pages_cover_each_token_once_newest_first(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let mut mine = Vec::new();
+    // Seven tokens, two of them created in the same millisecond (ordered by id then).
+    for secs in [5, 1, 3, 3, 7, 2, 9] {
+        let r = customer_record(&m, Some("cust-a"), secs);
+        assert_inserted(s.insert_token(&r).await.unwrap());
+        mine.push(r);
+    }
+    // Newest first, ties by token id (descending): the order of the positions.
+    mine.sort_by_key(|r| std::cmp::Reverse(WalletKey::of(r)));
+    for limit in [1, 2, 3, 7, 100] {
+        let got = wallet_walk(s, &m, "cust-a", None, limit).await;
+        assert_eq!(ids(&got), ids(&mine), "limit {limit}");
+        assert_eq!(got, mine, "the records as stored");
+    }
+    // Exactly one page: no next cursor.
+    let page = s
+        .list_customer_tokens(&m, "cust-a", None, None, 7)
+        .await
+        .unwrap();
+    assert_eq!(page.tokens.len(), 7);
+    assert_eq!(page.next, None);
+    // A cursor past the oldest entry: an empty last page.
+    let oldest = WalletKey::of(&mine[6]);
+    let page = s
+        .list_customer_tokens(&m, "cust-a", None, Some(&oldest), 5)
+        .await
+        .unwrap();
+    assert_eq!(page, WalletPage::default());
+}
+
+async fn wallet_is_isolated_across_merchants_and_customers(s: &dyn TokenStore) {
+    let (m1, m2) = (MerchantId::generate(), MerchantId::generate());
+    let a1 = customer_record(&m1, Some("cust-a"), 1);
+    let b1 = customer_record(&m1, Some("cust-b"), 2);
+    // A customer reference that extends another's, and one with key separators in it.
+    let ab1 = customer_record(&m1, Some("cust-a:ACTIVE"), 3);
+    let brace = customer_record(&m1, Some("{m:x} cust a"), 4);
+    let none = customer_record(&m1, None, 5);
+    let a2 = customer_record(&m2, Some("cust-a"), 6);
+    for r in [&a1, &b1, &ab1, &brace, &none, &a2] {
+        assert_inserted(s.insert_token(r).await.unwrap());
+    }
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "cust-a", None, 10).await),
+        vec![a1.id.clone()]
+    );
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "cust-a", Some("ACTIVE"), 10).await),
+        vec![a1.id.clone()]
+    );
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "cust-b", None, 10).await),
+        vec![b1.id.clone()]
+    );
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "cust-a:ACTIVE", None, 10).await),
+        vec![ab1.id.clone()]
+    );
+    assert_eq!(
+        ids(&wallet_walk(s, &m1, "{m:x} cust a", None, 10).await),
+        vec![brace.id.clone()]
+    );
+    assert_eq!(
+        ids(&wallet_walk(s, &m2, "cust-a", None, 10).await),
+        vec![a2.id.clone()]
+    );
+    // Unknown customer or merchant: empty, not an error.
+    assert!(wallet_walk(s, &m1, "cust-z", None, 10).await.is_empty());
+    assert!(
+        wallet_walk(s, &MerchantId::generate(), "cust-a", None, 10)
+            .await
+            .is_empty()
+    );
+    assert!(
+        wallet_walk(s, &m1, "cust-a", Some("DELETED"), 10)
+            .await
+            .is_empty()
+    );
+}
+
+async fn wallet_index_follows_status_changes_and_removals(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let a = customer_record(&m, Some("cust-a"), 1);
+    let b = customer_record(&m, Some("cust-a"), 2);
+    let c = customer_record(&m, Some("cust-a"), 3);
+    for r in [&a, &b, &c] {
+        assert_inserted(s.insert_token(r).await.unwrap());
+    }
+    let by = |status| wallet_walk(s, &m, "cust-a", Some(status), 10);
+    assert_eq!(
+        ids(&by("ACTIVE").await),
+        [c.id.clone(), b.id.clone(), a.id.clone()]
+    );
+
+    // Suspend b: it moves from ACTIVE to SUSPENDED, and reads back in its new status.
+    let mut b2 = next(&b);
+    b2.status = TokenStatus::Suspended;
+    s.update_token(&b2).await.unwrap();
+    assert_eq!(ids(&by("ACTIVE").await), [c.id.clone(), a.id.clone()]);
+    assert_eq!(by("SUSPENDED").await, [b2.clone()]);
+    // A refused update (stale version) moves nothing.
+    let mut stale = next(&b);
+    stale.status = TokenStatus::Deleted;
+    assert!(matches!(
+        s.update_token(&stale).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(by("SUSPENDED").await, [b2.clone()]);
+    assert!(by("DELETED").await.is_empty());
+
+    // Delete a: a tombstone stays listed, under DELETED.
+    let mut a2 = next(&a);
+    a2.status = TokenStatus::Deleted;
+    s.update_token(&a2).await.unwrap();
+    assert_eq!(by("DELETED").await, [a2.clone()]);
+    // A status D1 invented is listed under OTHER.
+    let mut c2 = next(&c);
+    c2.status = TokenStatus::Unknown("FROZEN".into());
+    s.update_token(&c2).await.unwrap();
+    assert_eq!(by("OTHER").await, [c2.clone()]);
+    assert!(by("ACTIVE").await.is_empty());
+    assert_eq!(
+        wallet_walk(s, &m, "cust-a", None, 2).await,
+        [c2.clone(), b2.clone(), a2.clone()]
+    );
+
+    // Removal takes the token out of every index; removing again is a no-op.
+    s.remove_token(&m, &b.id).await.unwrap();
+    s.remove_token(&m, &b.id).await.unwrap();
+    assert!(by("SUSPENDED").await.is_empty());
+    assert_eq!(
+        ids(&wallet_walk(s, &m, "cust-a", None, 10).await),
+        [c.id.clone(), a.id.clone()]
+    );
+    // A failed reservation removed and the card tokenized again: listed once.
+    s.remove_token(&m, &a.id).await.unwrap();
+    let again = customer_record(&m, Some("cust-a"), 4);
+    assert_inserted(s.insert_token(&again).await.unwrap());
+    assert_eq!(
+        ids(&wallet_walk(s, &m, "cust-a", None, 1).await),
+        [again.id.clone(), c.id.clone()]
+    );
+}
+
+async fn wallet_index_follows_applied_events<S: TokenStore + LifecycleStore>(s: &S) {
+    let m = MerchantId::generate();
+    let a = customer_record(&m, Some("cust-a"), 1);
+    assert_inserted(s.insert_token(&a).await.unwrap());
+    let mut a2 = next(&a);
+    a2.status = TokenStatus::Suspended;
+    assert_eq!(
+        s.apply_event(&a2, "evt-1", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        EventWrite::Applied
+    );
+    let suspended = wallet_walk(s, &m, "cust-a", Some("SUSPENDED"), 10).await;
+    assert_eq!(suspended, [a2.clone()]);
+    assert!(
+        wallet_walk(s, &m, "cust-a", Some("ACTIVE"), 10)
+            .await
+            .is_empty()
+    );
+    // A duplicate event moves nothing.
+    let mut a3 = next(&a2);
+    a3.status = TokenStatus::Active;
+    assert_eq!(
+        s.apply_event(&a3, "evt-1", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        EventWrite::Duplicate
+    );
+    assert_eq!(wallet_walk(s, &m, "cust-a", None, 10).await, [a2]);
 }
 
 // --- raw bytes hygiene -------------------------------------------------------------------------
@@ -1119,6 +1355,41 @@ async fn embedded_file_never_holds_a_pan() {
     drop(store);
     let bytes = std::fs::read(dir.path().join("tokengate.redb")).unwrap();
     assert_no_pan(&bytes, &records, "tokengate.redb");
+}
+
+/// The wallet index holds positions and token ids only: dumped with everything else, and the
+/// customer reference itself is not a key part on Redis (hashed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_index_never_holds_a_pan() {
+    let server = RedisServer::start();
+    let store = redis_store(&server).await;
+    let records = insert_sealed_cards(&store).await;
+    let m = &records[0].merchant_id;
+    let listed = wallet_walk(&store, m, "customer-42", None, 10).await;
+    assert_eq!(listed.len(), PANS.len(), "the index is there to dump");
+    let bytes = dump_node(&server.url()).await;
+    assert!(contains(&bytes, b":cust:"), "no wallet key in the dump");
+    assert!(contains(
+        &bytes,
+        WalletKey::of(&records[0]).as_str().as_bytes()
+    ));
+    assert_no_pan(&bytes, &records, "redis dump with wallet index");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let records = insert_sealed_cards(&store).await;
+    let m = &records[0].merchant_id;
+    assert_eq!(
+        wallet_walk(&store, m, "customer-42", None, 10).await.len(),
+        PANS.len()
+    );
+    drop(store);
+    let bytes = std::fs::read(dir.path().join("tokengate.redb")).unwrap();
+    assert!(contains(
+        &bytes,
+        WalletKey::of(&records[0]).as_str().as_bytes()
+    ));
+    assert_no_pan(&bytes, &records, "tokengate.redb with wallet index");
 }
 
 /// The store hands out one shared handle: clones work concurrently on the same data.

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use super::StoreError;
 use crate::domain::merchant::{ApiKeyHash, Merchant};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
+use crate::domain::wallet::{WalletKey, WalletPage};
 
 /// Result of [`TokenStore::insert_token`].
 #[derive(Debug)]
@@ -87,6 +88,26 @@ pub trait TokenStore: Send + Sync + 'static {
         merchant: &MerchantId,
         d1_token_id: &str,
     ) -> Result<Option<TokenRecord>, StoreError>;
+
+    // --- customer wallets (`domain::wallet`) -------------------------------------------------
+
+    /// One page of the merchant's tokens whose `customer_reference` is `customer`, newest first
+    /// (see [`WalletKey`]), starting after `after` (exclusive; `None`: the newest). `status` is a
+    /// status label (`TokenStatus::label`: `OTHER` matches every status D1 added) or `None` for
+    /// every status, tombstones (`DELETED`) included. Reads the wallet index, never the
+    /// merchant's other tokens. An unknown customer, or a cursor past the end, is an empty page
+    /// (`next: None`), not an error. Index entries are written by `insert_token`,
+    /// `update_token` (and `apply_event`) and removed by `remove_token` in the same atomic step,
+    /// so a listed token is always in the listed status as of that write; an entry whose record
+    /// is gone is skipped.
+    async fn list_customer_tokens(
+        &self,
+        merchant: &MerchantId,
+        customer: &str,
+        status: Option<&'static str>,
+        after: Option<&WalletKey>,
+        limit: usize,
+    ) -> Result<WalletPage, StoreError>;
 
     // --- idempotency ------------------------------------------------------------------------
 

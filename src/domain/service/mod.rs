@@ -11,8 +11,10 @@
 //!   tokenization, so a retry never yields a second network token.
 
 mod keys;
+mod wallets;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use wallets::{CustomerDeletion, MAX_DELETES_PER_CALL};
 
 use dashmap::DashMap;
 use time::OffsetDateTime;
@@ -317,13 +319,9 @@ impl Services {
     ) -> Result<Tokenized, DomainError> {
         let now = Self::now();
         let expiry = Expiry::new(cmd.expiry_month, cmd.expiry_year, now)?;
-        if let Some(r) = &cmd.customer_reference
-            && (r.is_empty() || r.len() > 128 || r.chars().any(char::is_control))
-        {
-            return Err(DomainError::Validation {
-                code: "invalid_customer_reference",
-                detail: "customerReference must be 1 to 128 printable characters".into(),
-            });
+        if let Some(r) = &cmd.customer_reference {
+            // The same rule as the wallet routes, which look tokens up by it.
+            super::wallet::check_customer_reference(r)?;
         }
         let fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
 

@@ -20,6 +20,9 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
     let m = method.as_str();
     Some(match (m, path) {
         ("POST", "/v1/tokens") => (Scope::TokensWrite, None),
+        ("GET", "/v1/tokens") => (Scope::TokensRead, None),
+        // Each token deleted is audited by the handler; a refusal, for the customer as a whole.
+        ("DELETE", "/v1/tokens") => (Scope::TokensWrite, Some(AuditAction::TokenDelete)),
         ("GET", "/v1/tokens/{id}") => (Scope::TokensRead, None),
         ("DELETE", "/v1/tokens/{id}") => (Scope::TokensWrite, Some(AuditAction::TokenDelete)),
         ("POST", "/v1/tokens/{id}/suspend") => {
@@ -112,6 +115,8 @@ mod tests {
     fn every_merchant_route_has_a_rule() {
         let routes = [
             ("POST", "/v1/tokens"),
+            ("GET", "/v1/tokens"),
+            ("DELETE", "/v1/tokens"),
             ("GET", "/v1/tokens/{id}"),
             ("DELETE", "/v1/tokens/{id}"),
             ("POST", "/v1/tokens/{id}/suspend"),

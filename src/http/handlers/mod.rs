@@ -9,4 +9,5 @@ pub mod notify;
 pub mod recurring;
 pub mod reveal;
 pub mod tokens;
+pub mod wallets;
 pub mod webhooks;

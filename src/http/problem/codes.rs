@@ -68,7 +68,7 @@ catalogue! {
     BODY_UNREADABLE = BAD_REQUEST "body_unreadable" "the request body could not be read";
     INVALID_FIELD = BAD_REQUEST "invalid_field" "a field has the wrong type or format (the detail names it, never its value)";
     MISSING_FIELD = BAD_REQUEST "missing_field" "a required field is missing (the detail names it)";
-    INVALID_QUERY = BAD_REQUEST "invalid_query" "the query parameters are wrong (`limit` 1 to 100, `cursor`)";
+    INVALID_QUERY = BAD_REQUEST "invalid_query" "the query parameters are wrong: an unknown or repeated parameter, a required one missing (`customerReference`), `limit` outside 1 to 100, an unknown `status` (the detail says which)";
     INVALID_PATH = BAD_REQUEST "invalid_path" "an id in the path is malformed";
     INVALID_IDEMPOTENCY_KEY = BAD_REQUEST "invalid_idempotency_key" "`Idempotency-Key` must be 1 to 255 printable ASCII characters without spaces";
     TOKEN_ID_MISMATCH = BAD_REQUEST "token_id_mismatch" "`tokenId` in the body differs from the one in the path";
@@ -315,6 +315,11 @@ route_problems! {
     ListProblems = [MERCHANT_AUTH, PAGINATED, &[&WEBHOOKS_UNAVAILABLE]];
     /// `GET /v1/audit-events`.
     AuditListProblems = [MERCHANT_AUTH, PAGINATED];
+    /// `GET /v1/tokens?customerReference=...` (a customer's wallet).
+    WalletListProblems = [MERCHANT_AUTH, PAGINATED, &[&INVALID_CUSTOMER_REFERENCE]];
+    /// `DELETE /v1/tokens?customerReference=...`: per-token failures are in the 207 body, not
+    /// problems; these are the call's own.
+    WalletDeleteProblems = [MERCHANT_AUTH, IDEMPOTENT, &[&INVALID_QUERY, &INVALID_CUSTOMER_REFERENCE]];
     /// `GET /v1/events/{id}`.
     EventProblems = [MERCHANT_AUTH, &[&EVENT_NOT_FOUND, &WEBHOOKS_UNAVAILABLE]];
     /// `POST /v1/events/{id}/redeliver`.

@@ -38,6 +38,7 @@ use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
+use crate::domain::wallet::{WalletKey, WalletPage};
 
 /// File name inside the configured directory.
 pub const FILE_NAME: &str = "tokengate.redb";
@@ -59,6 +60,15 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("
 /// (expires at ms, scope, key) -> (): finds expired idempotency rows without a scan.
 const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
+
+/// (merchant id, customer reference, status label or [`WALLET_ALL`], [`WalletKey`]) -> (): the
+/// customer wallet index (`docs/storage.md`, "Customer wallets"), written in the transaction of
+/// every token write.
+const WALLET: TableDefinition<(&str, &str, &str, &str), ()> = TableDefinition::new("wallet_index");
+/// The status part of the wallet rows that list every status (labels are upper-case words).
+const WALLET_ALL: &str = "*";
+/// Above every [`WalletKey`] (they are digits, `-` and id characters): the open end of a range.
+const WALLET_END: &str = "~";
 
 /// Expired idempotency rows removed per write, so cleanup cost per request stays bounded.
 const PURGE_BATCH: usize = 32;
@@ -281,6 +291,7 @@ impl EmbeddedStore {
         txn.open_table(D1_MERCHANTS)?;
         txn.open_table(IDEMPOTENCY)?;
         txn.open_table(IDEMPOTENCY_EXPIRY)?;
+        txn.open_table(WALLET)?;
         counts::init_counts(&txn)?;
         txn.commit()?;
         Ok(EmbeddedStore { db: Arc::new(db) })
@@ -352,6 +363,27 @@ fn d1_id(rec: &TokenRecord) -> Option<&str> {
     rec.network_token.as_ref().map(|n| n.d1_token_id.as_str())
 }
 
+/// Adds (`present`) or removes `rec`'s rows in the wallet index; a record without a customer
+/// has none. Every token write removes the old record's rows and adds the new one's, in its
+/// own transaction, so the index always matches the records.
+fn wallet_rows(txn: &WriteTransaction, rec: &TokenRecord, present: bool) -> Result<(), StoreError> {
+    let Some(customer) = rec.customer_reference.as_deref() else {
+        return Ok(());
+    };
+    let m = rec.merchant_id.as_str();
+    let pos = WalletKey::of(rec);
+    let mut wallet = txn.open_table(WALLET)?;
+    for status in [WALLET_ALL, rec.status.label()] {
+        let key = (m, customer, status, pos.as_str());
+        if present {
+            wallet.insert(key, ())?;
+        } else {
+            wallet.remove(key)?;
+        }
+    }
+    Ok(())
+}
+
 /// The `update_token` compare-and-set inside a caller's write transaction, so a sibling module
 /// (`embedded_lifecycle`) can commit it together with other writes. On `Err` the caller drops
 /// the transaction: nothing is written.
@@ -391,6 +423,8 @@ pub(crate) fn update_token_in(txn: &WriteTransaction, rec: &TokenRecord) -> Resu
     if let Some(d1) = new_d1 {
         d1s.insert((m, d1), id)?;
     }
+    wallet_rows(txn, &old, false)?;
+    wallet_rows(txn, rec, true)?;
     if rec.status == TokenStatus::Deleted {
         let mut fps = txn.open_table(FINGERPRINTS)?;
         let fp = rec.fingerprints.pan.as_str();
@@ -499,6 +533,10 @@ impl TokenStore for EmbeddedStore {
                     replaced.as_ref().map(|r| r.status.as_str()),
                     Some(rec.status.as_str()),
                 )?;
+                if let Some(old) = &replaced {
+                    wallet_rows(&txn, old, false)?;
+                }
+                wallet_rows(&txn, &rec, true)?;
             }
             txn.commit()?;
             Ok(InsertOutcome::Inserted)
@@ -562,6 +600,7 @@ impl TokenStore for EmbeddedStore {
                     }
                 }
                 moved(&txn, m, id, Some(old.status.as_str()), None)?;
+                wallet_rows(&txn, &old, false)?;
             }
             txn.commit()?;
             Ok(())
@@ -587,6 +626,56 @@ impl TokenStore for EmbeddedStore {
         d1_token_id: &str,
     ) -> Result<Option<TokenRecord>, StoreError> {
         self.token_via(D1_TOKENS, merchant, d1_token_id).await
+    }
+
+    async fn list_customer_tokens(
+        &self,
+        merchant: &MerchantId,
+        customer: &str,
+        status: Option<&'static str>,
+        after: Option<&WalletKey>,
+        limit: usize,
+    ) -> Result<WalletPage, StoreError> {
+        let merchant = merchant.clone();
+        let customer = customer.to_owned();
+        let after = after.cloned();
+        let limit = limit.max(1);
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let wallet = txn.open_table(WALLET)?;
+            let tokens = txn.open_table(TOKENS)?;
+            let (m, c) = (merchant.as_str(), customer.as_str());
+            let s = status.unwrap_or(WALLET_ALL);
+            let end = after.as_ref().map_or(WALLET_END, |a| a.as_str());
+            let mut page = WalletPage::default();
+            // One more than a page: whether it exists says whether a next page does.
+            let mut rows = wallet.range((m, c, s, "")..(m, c, s, end))?.rev();
+            for row in rows.by_ref().take(limit) {
+                let (k, _) = row?;
+                let pos = k.value().3.to_owned();
+                page.next = WalletKey::parse(&pos);
+                let Some(id) = page.next.as_ref().and_then(WalletKey::token_id) else {
+                    continue;
+                };
+                let Some(rec) = tokens
+                    .get((m, id.as_str()))?
+                    .map(|g| decode::<TokenRecord>("token record", g.value()))
+                    .transpose()?
+                else {
+                    continue; // the record is gone: a dangling row reads as a miss
+                };
+                if rec.customer_reference.as_deref() == Some(c)
+                    && status.is_none_or(|s| rec.status.label() == s)
+                {
+                    page.tokens.push(rec);
+                }
+            }
+            if rows.next().is_none() {
+                page.next = None;
+            }
+            Ok(page)
+        })
+        .await
     }
 
     async fn idempotency_begin(

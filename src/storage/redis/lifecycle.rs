@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Script;
 
-use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN};
+use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
@@ -26,13 +26,15 @@ use crate::storage::codec::lifecycle::{parse_schedule_member, schedule_member, t
 /// The token compare-and-set of `redis.rs`, unchanged, wrapped by a marker check before and the
 /// marker write after: the whole script runs atomically, so an event is applied at most once
 /// however many instances receive it. Returns 0 applied, 1 missing token, 2 version conflict,
-/// 3 already processed. Keys and ARGV 1-9 as `UPDATE_TOKEN` (so the token counts move in the
-/// same step); ARGV 10 marker key (same hash tag as the token), ARGV 11 marker ttl in ms.
+/// 3 already processed. Keys and ARGV 1-11 as `UPDATE_TOKEN` (so the token counts and the
+/// wallet index move in the same step); ARGV 12 marker key (same hash tag as the token), ARGV 13
+/// marker ttl in ms.
 static APPLY_EVENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
 {COUNT_FUNCTIONS}
-if redis.call('EXISTS', ARGV[10]) == 1 then
+{WALLET_FUNCTIONS}
+if redis.call('EXISTS', ARGV[12]) == 1 then
   return 3
 end
 local function cas()
@@ -40,7 +42,7 @@ local function cas()
 end
 local r = cas()
 if r == 0 then
-  redis.call('SET', ARGV[10], '1', 'PX', ARGV[11])
+  redis.call('SET', ARGV[12], '1', 'PX', ARGV[13])
 end
 return r
 "#

@@ -40,6 +40,7 @@ use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
+use crate::domain::wallet::{WalletKey, WalletPage};
 
 /// How to reach Redis.
 #[derive(Clone)]
@@ -239,6 +240,20 @@ impl Keys {
     fn merchant_set(&self) -> String {
         format!("{}:{{merchants}}:ids", self.prefix)
     }
+    /// The wallet index of one customer of `m`, every status (`P:{m:M}:cust:<sha256 hex>`); the
+    /// per-status indexes append `:<status label>`. The reference is hashed: it is free text
+    /// (`:` in it would make keys ambiguous) and has no business in key names.
+    fn wallet(&self, m: &MerchantId, customer: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = hex::encode(Sha256::digest(customer.as_bytes()));
+        format!("{}cust:{digest}", self.merchant_scope(m.as_str()))
+    }
+    /// The wallet index of `rec`'s customer, or `""` when it has none (the scripts' "no index").
+    fn wallet_of(&self, rec: &TokenRecord) -> String {
+        rec.customer_reference
+            .as_deref()
+            .map_or_else(String::new, |c| self.wallet(&rec.merchant_id, c))
+    }
 }
 
 // --- scripts -----------------------------------------------------------------------------------
@@ -263,9 +278,33 @@ local function bump(key, status, n)
 end
 "#;
 
+/// Shared by the token scripts (after [`COUNT_FUNCTIONS`], whose `count_label` it uses): the
+/// customer wallet indexes (`docs/storage.md`, "Customer wallets"). A token hash records its
+/// wallet index key in `w` (`''`: no customer) and its position in `o` (`WalletKey`), so a
+/// later write or removal finds the entries to move without parsing the record. Sorted sets
+/// with every score 0, ordered by member: `w` holds every status, `w .. ':' .. label` one.
+/// A hash without `w` was written before the index existed: nothing to remove.
+pub(crate) const WALLET_FUNCTIONS: &str = r#"
+local function wallet_drop(base, status, pos)
+  if base and base ~= '' and pos and pos ~= '' then
+    redis.call('ZREM', base, pos)
+    if status then
+      redis.call('ZREM', base .. ':' .. count_label(status), pos)
+    end
+  end
+end
+local function wallet_add(base, status, pos)
+  if base ~= '' then
+    redis.call('ZADD', base, 0, pos)
+    redis.call('ZADD', base .. ':' .. count_label(status), 0, pos)
+  end
+end
+"#;
+
 /// Inserts a token unless a live token holds the fingerprint; returns the winner's JSON or nil.
 /// KEYS: token, fingerprint index[, d1 index]. ARGV: id, version, status, fingerprint, d1 id or
-/// '', record JSON, token key prefix, counts key. Follows [`COUNT_FUNCTIONS`].
+/// '', record JSON, token key prefix, counts key, wallet index or '', wallet position. Follows
+/// [`COUNT_FUNCTIONS`] and [`WALLET_FUNCTIONS`].
 const INSERT_TOKEN: &str = r#"
 local cur = redis.call('GET', KEYS[2])
 if cur then
@@ -274,12 +313,14 @@ if cur then
     return ex[2]
   end
 end
-local prev = redis.call('HMGET', KEYS[1], 's', 'c')
+local prev = redis.call('HMGET', KEYS[1], 's', 'c', 'w', 'o')
 if prev[1] and prev[2] == '1' then
   bump(ARGV[8], prev[1], -1)
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1')
+wallet_drop(prev[3], prev[1], prev[4])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1', 'w', ARGV[9], 'o', ARGV[10])
 bump(ARGV[8], ARGV[3], 1)
+wallet_add(ARGV[9], ARGV[3], ARGV[10])
 redis.call('SET', KEYS[2], ARGV[1])
 if KEYS[3] then
   redis.call('SET', KEYS[3], ARGV[1])
@@ -289,11 +330,11 @@ return false
 
 /// Compare-and-set on the version. Returns 0 written, 1 missing, 2 version conflict.
 /// KEYS: token, fingerprint index[, new d1 index]. ARGV: expected version, new version, status,
-/// fingerprint, d1 id or '', record JSON, token id, d1 key prefix, counts key.
-/// Needs [`COUNT_FUNCTIONS`] before it.
+/// fingerprint, d1 id or '', record JSON, token id, d1 key prefix, counts key, wallet index or
+/// '', wallet position. Needs [`COUNT_FUNCTIONS`] and [`WALLET_FUNCTIONS`] before it.
 /// (`redis_lifecycle` wraps this script so an event marker is written in the same step.)
 pub(crate) const UPDATE_TOKEN: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'v', 'n', 's', 'c')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'n', 's', 'c', 'w', 'o')
 if not cur[1] then
   return 1
 end
@@ -321,17 +362,20 @@ if cur[4] == '1' then
 else
   bump(ARGV[9], ARGV[3], 1)
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1')
+wallet_drop(cur[5], cur[3], cur[6])
+wallet_add(ARGV[10], ARGV[3], ARGV[11])
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1', 'w', ARGV[10], 'o', ARGV[11])
 return 0
 "#;
 
-/// Deletes a token and the index entries that still point at it. KEYS: token.
-/// ARGV: token id, fingerprint key prefix, d1 key prefix, counts key.
+/// Deletes a token and the index entries that still point at it (wallet entries included).
+/// KEYS: token. ARGV: token id, fingerprint key prefix, d1 key prefix, counts key.
 const REMOVE_TOKEN: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'f', 'n', 's', 'c')
+local cur = redis.call('HMGET', KEYS[1], 'f', 'n', 's', 'c', 'w', 'o')
 if cur[3] and cur[4] == '1' then
   bump(ARGV[4], cur[3], -1)
 end
+wallet_drop(cur[5], cur[3], cur[6])
 if cur[1] and cur[1] ~= '' then
   local k = ARGV[2] .. cur[1]
   if redis.call('GET', k) == ARGV[1] then
@@ -358,6 +402,20 @@ if cur[1] and cur[2] ~= '1' then
   return 1
 end
 return 0
+"#;
+
+/// One page of a wallet index, newest first, with each entry's record (`''` if it is gone).
+/// KEYS: wallet index (every status, or one). ARGV: `+` or `(<position>` (exclusive start),
+/// entries wanted, token key prefix. Returns position, record, position, record, ...
+const WALLET_PAGE: &str = r#"
+local pos = redis.call('ZREVRANGEBYLEX', KEYS[1], ARGV[1], '-', 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, p in ipairs(pos) do
+  local id = string.sub(p, string.find(p, '-', 1, true) + 1)
+  out[#out + 1] = p
+  out[#out + 1] = redis.call('HGET', ARGV[3] .. id, 'd') or ''
+end
+return out
 "#;
 
 /// Index lookup then record read. KEYS: index. ARGV: token key prefix, '1' to skip tombstones.
@@ -418,22 +476,30 @@ struct Scripts {
     idem_begin: Script,
     idem_abort: Script,
     merchant_by_index: Script,
+    wallet_page: Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
-            insert_token: Script::new(&format!("{COUNT_FUNCTIONS}{INSERT_TOKEN}")),
-            update_token: Script::new(&format!("{COUNT_FUNCTIONS}{UPDATE_TOKEN}")),
-            remove_token: Script::new(&format!("{COUNT_FUNCTIONS}{REMOVE_TOKEN}")),
+            insert_token: Script::new(&format!(
+                "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{INSERT_TOKEN}"
+            )),
+            update_token: Script::new(&format!(
+                "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{UPDATE_TOKEN}"
+            )),
+            remove_token: Script::new(&format!(
+                "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{REMOVE_TOKEN}"
+            )),
             find_token: Script::new(FIND_TOKEN),
             idem_begin: Script::new(IDEM_BEGIN),
             idem_abort: Script::new(IDEM_ABORT),
             merchant_by_index: Script::new(MERCHANT_BY_INDEX),
+            wallet_page: Script::new(WALLET_PAGE),
         }
     }
 
-    fn all(&self) -> [&Script; 7] {
+    fn all(&self) -> [&Script; 8] {
         [
             &self.insert_token,
             &self.update_token,
@@ -442,6 +508,7 @@ impl Scripts {
             &self.idem_begin,
             &self.idem_abort,
             &self.merchant_by_index,
+            &self.wallet_page,
         ]
     }
 }
@@ -726,7 +793,9 @@ impl RedisStore {
             .arg(&json)
             .arg(rec.id.as_str())
             .arg(k.d1_prefix(m))
-            .arg(k.token_counts(m));
+            .arg(k.token_counts(m))
+            .arg(k.wallet_of(rec))
+            .arg(WalletKey::of(rec).as_str());
         Ok(inv)
     }
 
@@ -819,6 +888,19 @@ fn parse_cluster_slots(reply: Value) -> Result<Vec<(u16, String, u16)>, StoreErr
     }
     primaries.sort();
     Ok(primaries)
+}
+
+/// Belt and braces over the index: a listed record must be the merchant's, the customer's and
+/// (with a filter) in that status.
+fn wallet_matches(
+    rec: &TokenRecord,
+    merchant: &MerchantId,
+    customer: &str,
+    status: Option<&str>,
+) -> bool {
+    rec.merchant_id == *merchant
+        && rec.customer_reference.as_deref() == Some(customer)
+        && status.is_none_or(|s| rec.status.label() == s)
 }
 
 fn d1_id(rec: &TokenRecord) -> &str {
@@ -919,7 +1001,9 @@ impl TokenStore for RedisStore {
             .arg(d1)
             .arg(&json)
             .arg(k.token_prefix(m))
-            .arg(k.token_counts(m));
+            .arg(k.token_counts(m))
+            .arg(k.wallet_of(rec))
+            .arg(WalletKey::of(rec).as_str());
         let mut conn = self.conn();
         let existing: Option<String> = self
             .run(async move { inv.invoke_async(&mut conn).await })
@@ -999,6 +1083,44 @@ impl TokenStore for RedisStore {
     ) -> Result<Option<TokenRecord>, StoreError> {
         let key = self.keys().d1_token(merchant, d1_token_id);
         self.find_token(key, merchant, false).await
+    }
+
+    async fn list_customer_tokens(
+        &self,
+        merchant: &MerchantId,
+        customer: &str,
+        status: Option<&'static str>,
+        after: Option<&WalletKey>,
+        limit: usize,
+    ) -> Result<WalletPage, StoreError> {
+        let k = self.keys();
+        let mut index = k.wallet(merchant, customer);
+        if let Some(label) = status {
+            index = format!("{index}:{label}");
+        }
+        let start = after.map_or_else(|| "+".to_owned(), |a| format!("({a}"));
+        let limit = limit.max(1);
+        let mut inv = self.inner.scripts.wallet_page.key(&index);
+        // One more than a page: whether it comes back says whether a next page exists.
+        inv.arg(&start).arg(limit + 1).arg(k.token_prefix(merchant));
+        let flat: Vec<String> = self.invoke(inv).await?;
+        let mut page = WalletPage::default();
+        let mut entries = flat.chunks_exact(2);
+        for pair in entries.by_ref().take(limit) {
+            let (pos, json) = (&pair[0], &pair[1]);
+            page.next = WalletKey::parse(pos);
+            if json.is_empty() {
+                continue; // the record is gone: a dangling entry reads as a miss
+            }
+            let rec: TokenRecord = decode("token record", json)?;
+            if wallet_matches(&rec, merchant, customer, status) {
+                page.tokens.push(rec);
+            }
+        }
+        if entries.next().is_none() {
+            page.next = None;
+        }
+        Ok(page)
     }
 
     async fn idempotency_begin(
