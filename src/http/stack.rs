@@ -32,7 +32,7 @@ pub fn apply(router: Router, s: &HttpSettings) -> Router {
             .layer(SetRequestIdLayer::x_request_id(FastRequestUuid))
             // Echo it on the response so a client can quote it in a support ticket.
             .layer(PropagateRequestIdLayer::x_request_id())
-            // The request span (request id only), metrics by route template and the access
+            // The request span (request id and route template), metrics by route and the access
             // log (src/http/telemetry.rs): one cheap middleware instead of tower-http's
             // TraceLayer, whose span logged the raw path (token ids) and whose per-response
             // event formatted the whole span. Outside shedding and timeouts so their 503s are

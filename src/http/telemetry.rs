@@ -70,8 +70,9 @@ fn loggable_request_id(v: Option<&HeaderValue>) -> &str {
 /// path: token ids in paths must not become label values or reach a log line. Requests no route
 /// matched (404 fallback) are `unmatched`.
 ///
-/// The `request` span (info, with the request id only) wraps the inner layers and the handler,
-/// so their log lines carry the request id. The access-log line is one event emitted after the
+/// The `request` span (info, with the request id and the route template) wraps the inner layers
+/// and the handler,
+/// so their log lines carry both. The access-log line is one event emitted after the
 /// response, outside that span, with every field explicit: method, route, status, latency_ms,
 /// request_id. 5xx lines are at warn, so they still show with `log.level = "warn"`.
 pub async fn track(State(access): State<AccessLog>, req: Request, next: Next) -> Response {
@@ -81,10 +82,12 @@ pub async fn track(State(access): State<AccessLog>, req: Request, next: Next) ->
     let route = req.extensions().get::<MatchedPath>().cloned();
     let rid = req.headers().get(REQUEST_ID).cloned();
     let request_id = loggable_request_id(rid.as_ref());
-    let span = tracing::info_span!("request", request_id);
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    // Every line logged while handling the request carries its id and its route template (the
+    // template, never the raw path: paths hold token ids).
+    let span = tracing::info_span!("request", request_id, route);
     let resp = next.run(req).instrument(span).await;
     let elapsed = started.elapsed();
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let status = resp.status().as_u16();
     observability::record_http(method, route, status, elapsed);
     if access.should_log(status, rand::random::<f64>) {
