@@ -1469,7 +1469,10 @@ async fn wallet_backfill_leaves_an_indexed_store_as_it_was(s: &dyn TokenStore) {
     assert!(s.wallet_index_complete().await.unwrap());
     assert!(s.backfill_wallet_index(10).await.unwrap(), "stays complete");
     assert_eq!(wallet_walk(s, &m, LEGACY_CUSTOMER, None, 2).await.len(), 5);
-    assert_eq!(ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, None, 2).await), before);
+    assert_eq!(
+        ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, None, 2).await),
+        before
+    );
     let active = wallet_walk(s, &m, LEGACY_CUSTOMER, Some("ACTIVE"), 3).await;
     assert_eq!(active.len(), 5);
 }
@@ -1520,7 +1523,14 @@ fn strip_redis_wallet_index(conn: &mut dyn redis::ConnectionLike, legacy: &[Toke
                 "tgtest:{{m:{m}}}:cust:{}",
                 hex::encode(Sha256::digest(c.as_bytes()))
             );
-            for label in ["", ":PENDING", ":ACTIVE", ":SUSPENDED", ":DELETED", ":OTHER"] {
+            for label in [
+                "",
+                ":PENDING",
+                ":ACTIVE",
+                ":SUSPENDED",
+                ":DELETED",
+                ":OTHER",
+            ] {
                 redis::cmd("DEL")
                     .arg(format!("{base}{label}"))
                     .exec(conn)
@@ -1544,7 +1554,11 @@ async fn wallet_backfill_indexes_legacy_tokens(stores: &[&dyn TokenStore], legac
     for st in stores {
         assert!(!st.wallet_index_complete().await.unwrap());
     }
-    assert!(wallet_walk(s, &m, LEGACY_CUSTOMER, None, 5).await.is_empty());
+    assert!(
+        wallet_walk(s, &m, LEGACY_CUSTOMER, None, 5)
+            .await
+            .is_empty()
+    );
     // A new token before the backfill: indexed by its own insert.
     let fresh = customer_record(&m, Some(LEGACY_CUSTOMER), 100);
     assert_inserted(s.insert_token(&fresh).await.unwrap());
@@ -1560,7 +1574,10 @@ async fn wallet_backfill_indexes_legacy_tokens(stores: &[&dyn TokenStore], legac
         async move {
             match step {
                 0 => s.update_token(&updated).await.unwrap(),
-                1 => s.remove_token(&removed.merchant_id, &removed.id).await.unwrap(),
+                1 => s
+                    .remove_token(&removed.merchant_id, &removed.id)
+                    .await
+                    .unwrap(),
                 2 => assert_inserted(s.insert_token(&later).await.unwrap()),
                 _ => {}
             }
@@ -1576,7 +1593,13 @@ async fn wallet_backfill_indexes_legacy_tokens(stores: &[&dyn TokenStore], legac
     let mut expected: Vec<TokenRecord> = legacy[..8]
         .iter()
         .filter(|r| r.id != removed.id)
-        .map(|r| if r.id == updated.id { updated.clone() } else { r.clone() })
+        .map(|r| {
+            if r.id == updated.id {
+                updated.clone()
+            } else {
+                r.clone()
+            }
+        })
         .collect();
     expected.push(fresh.clone());
     expected.push(later.clone());
@@ -1599,7 +1622,10 @@ async fn wallet_backfill_indexes_legacy_tokens(stores: &[&dyn TokenStore], legac
     );
     // Complete: further steps change nothing.
     assert!(s.backfill_wallet_index(5).await.unwrap());
-    assert_eq!(wallet_walk(s, &m, LEGACY_CUSTOMER, None, 50).await.len(), want.len());
+    assert_eq!(
+        wallet_walk(s, &m, LEGACY_CUSTOMER, None, 50).await.len(),
+        want.len()
+    );
     // The legacy tokens behave as indexed ones now: a removal takes them out.
     let gone = &legacy[2];
     s.remove_token(&gone.merchant_id, &gone.id).await.unwrap();

@@ -507,7 +507,7 @@ async fn wallet_delete_waits_for_the_index_backfill() {
     let r = delete_all(&app, &key, "cust-old", Some("forget-old")).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(id_list(&v["deleted"]), [old_id.clone()]);
+    assert_eq!(id_list(&v["deleted"]), [old_id.as_str()]);
     assert_eq!(v["complete"], true);
     assert_eq!(status_of(&app, &key, &old_id).await, "DELETED");
 }
