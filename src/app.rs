@@ -64,6 +64,8 @@ pub struct Gateway {
     pub rekeyer: Option<Rekeyer>,
     /// The `tokengate_tokens` gauge from the store's counts, and their one-time backfill.
     pub token_counts: crate::domain::token_counts::TokenCountReporter,
+    /// Indexes tokens stored before customer wallets existed (ends once complete).
+    pub wallet_index: crate::domain::wallet_index::WalletIndexBackfill,
     /// Merchant webhook delivery, run in the background by [`Gateway::run`].
     pub webhooks: WebhookWorker,
     /// The listener's TLS (`[server.tls]`), reloaded by [`Gateway::run`]; `None`: plain HTTP.
@@ -379,6 +381,11 @@ impl Gateway {
             lifecycle_store.clone(),
             Duration::from_millis(cfg.metrics.token_counts_interval_ms),
         );
+        // Next to the counts backfill: same lease-and-steps pattern, its own job.
+        let wallet_index = crate::domain::wallet_index::WalletIndexBackfill::new(
+            services.store.clone(),
+            lifecycle_store.clone(),
+        );
         let reconciler = match (schedule, provider) {
             (Some(schedule), Some(provider)) => Some(Reconciler::new(
                 lifecycle.clone(),
@@ -431,6 +438,7 @@ impl Gateway {
             reconciler,
             rekeyer,
             token_counts,
+            wallet_index,
             webhooks,
             tls,
         })
@@ -465,6 +473,7 @@ impl Gateway {
             .rekeyer
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
         let mut counting = AbortOnDrop(Some(tokio::spawn(self.token_counts.run(stop_rx.clone()))));
+        let mut indexing = AbortOnDrop(Some(tokio::spawn(self.wallet_index.run(stop_rx.clone()))));
         // Webhook delivery stops on the signal too, abandoning attempts in flight (their jobs
         // are claimed again after `webhooks.claim_idle_ms`, by this or another instance).
         let mut delivering = {
@@ -509,6 +518,9 @@ impl Gateway {
             let _ = handle.await;
         }
         if let Some(handle) = counting.0.take() {
+            let _ = handle.await;
+        }
+        if let Some(handle) = indexing.0.take() {
             let _ = handle.await;
         }
         // The same for re-encryption: an aborted task is dropped later, on the runtime's

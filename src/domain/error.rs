@@ -23,6 +23,10 @@ pub enum DomainError {
     Conflict,
     #[error("the storage backend is unavailable")]
     StoreUnavailable,
+    /// The customer wallet index is still being backfilled (`domain::wallet_index`): a
+    /// delete-all now could miss a customer's older tokens, so it is refused until complete.
+    #[error("the customer wallet index is still being built")]
+    WalletIndexBuilding,
     #[error("network token service: {0}")]
     Upstream(#[from] ProviderError),
     #[error("internal error: {0}")]

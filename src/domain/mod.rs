@@ -21,6 +21,7 @@ pub mod service;
 pub mod token;
 pub mod token_counts;
 pub mod wallet;
+pub mod wallet_index;
 pub mod webhooks;
 
 pub use error::{DomainError, ProviderError};

@@ -13,6 +13,11 @@ use super::error::DomainError;
 use super::token::{TokenId, TokenRecord};
 use crate::domain::ports::counts::COUNT_LABELS;
 
+/// Name of the one-time wallet index backfill (its lease and saved progress, `LifecycleStore`
+/// job state): it indexes tokens stored before the wallet index existed
+/// (`domain::wallet_index`, `docs/storage.md`, "Customer wallets").
+pub const BACKFILL_JOB: &str = "wallet-index-backfill";
+
 /// Lower-case hex digits of the creation time (Unix ms) in a [`WalletKey`]: fixed width, so the
 /// byte order of keys is the order of (time, token id) until the year 10889. Hex rather than
 /// decimal: a long run of decimal digits in an answer looks like a card number to data-loss

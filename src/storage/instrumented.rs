@@ -131,6 +131,18 @@ impl TokenStore for InstrumentedStore {
         .await
     }
 
+    async fn wallet_index_complete(&self) -> Result<bool, StoreError> {
+        timed("wallet_index_complete", self.inner.wallet_index_complete()).await
+    }
+
+    async fn backfill_wallet_index(&self, batch: usize) -> Result<bool, StoreError> {
+        timed(
+            "backfill_wallet_index",
+            self.inner.backfill_wallet_index(batch),
+        )
+        .await
+    }
+
     async fn idempotency_begin(
         &self,
         scope: &str,

@@ -140,6 +140,7 @@ crate::store_tests!(by_ref:
     wallet_is_isolated_across_merchants_and_customers,
     wallet_index_follows_status_changes_and_removals,
     wallet_index_follows_applied_events,
+    wallet_backfill_leaves_an_indexed_store_as_it_was,
 );
 
 // --- the cases ---------------------------------------------------------------------------------
@@ -1418,4 +1419,309 @@ async fn stores_are_shareable_across_tasks() {
             assert!(store.get_token(&m, &id).await.unwrap().is_some());
         }
     }
+}
+
+// --- the wallet index backfill (tokens stored before the index existed) -------------------------
+
+/// The customer of the backfill cases.
+const LEGACY_CUSTOMER: &str = "cust legacy:{m:x}";
+
+/// Token ids, sorted (a duplicate stays visible).
+fn sorted_ids(records: &[TokenRecord]) -> Vec<String> {
+    let mut v: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// Steps the backfill with small batches, round robin over `stores` (instances sharing one
+/// backend), calling `between(step)` after each step; returns the number of steps.
+async fn backfill_wallets<F, Fut>(stores: &[&dyn TokenStore], mut between: F) -> usize
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for step in 0..2000 {
+        let done = stores[step % stores.len()]
+            .backfill_wallet_index(2)
+            .await
+            .unwrap();
+        between(step).await;
+        if done {
+            return step + 1;
+        }
+    }
+    panic!("the wallet index backfill does not complete");
+}
+
+/// On a store whose tokens were all written with the index, the backfill completes and changes
+/// nothing: each token listed once, as before.
+async fn wallet_backfill_leaves_an_indexed_store_as_it_was(s: &dyn TokenStore) {
+    let m = MerchantId::generate();
+    let mut mine = Vec::new();
+    for i in 0..5 {
+        let r = customer_record(&m, Some(LEGACY_CUSTOMER), i);
+        assert_inserted(s.insert_token(&r).await.unwrap());
+        mine.push(r);
+    }
+    s.insert_token(&customer_record(&m, None, 9)).await.unwrap();
+    let before = ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, None, 2).await);
+    backfill_wallets(&[s], |_| async {}).await;
+    assert!(s.wallet_index_complete().await.unwrap());
+    assert!(s.backfill_wallet_index(10).await.unwrap(), "stays complete");
+    assert_eq!(wallet_walk(s, &m, LEGACY_CUSTOMER, None, 2).await.len(), 5);
+    assert_eq!(
+        ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, None, 2).await),
+        before
+    );
+    let active = wallet_walk(s, &m, LEGACY_CUSTOMER, Some("ACTIVE"), 3).await;
+    assert_eq!(active.len(), 5);
+}
+
+/// Tokens as a build before the wallet index wrote them (the caller strips their index
+/// entries afterwards): eight of [`LEGACY_CUSTOMER`] in several statuses, two of another
+/// customer, two without one. Written through the store, so every other index is as usual.
+async fn write_legacy_tokens(s: &dyn TokenStore, m: &MerchantId) -> Vec<TokenRecord> {
+    let statuses = [
+        TokenStatus::Active,
+        TokenStatus::Suspended,
+        TokenStatus::Active,
+        TokenStatus::Deleted,
+        TokenStatus::Pending,
+        TokenStatus::Unknown("FROZEN".into()),
+    ];
+    let mut out = Vec::new();
+    for i in 0..12u64 {
+        let customer = match i {
+            0..8 => Some(LEGACY_CUSTOMER),
+            8..10 => Some("cust-other"),
+            _ => None,
+        };
+        let r = customer_record(m, customer, i);
+        assert_inserted(s.insert_token(&r).await.unwrap());
+        let mut u = next(&r);
+        u.status = statuses[i as usize % statuses.len()].clone();
+        s.update_token(&u).await.unwrap();
+        out.push(u);
+    }
+    out
+}
+
+/// Makes `legacy` look as a build before the wallet index left them on Redis: no `w` / `o` in
+/// the token hashes, no wallet sorted sets, no backfill progress.
+fn strip_redis_wallet_index(conn: &mut dyn redis::ConnectionLike, legacy: &[TokenRecord]) {
+    use sha2::{Digest, Sha256};
+    for r in legacy {
+        let m = r.merchant_id.as_str();
+        redis::cmd("HDEL")
+            .arg(format!("tgtest:{{m:{m}}}:tok:{}", r.id))
+            .arg("w")
+            .arg("o")
+            .exec(conn)
+            .unwrap();
+        if let Some(c) = &r.customer_reference {
+            let base = format!(
+                "tgtest:{{m:{m}}}:cust:{}",
+                hex::encode(Sha256::digest(c.as_bytes()))
+            );
+            for label in [
+                "",
+                ":PENDING",
+                ":ACTIVE",
+                ":SUSPENDED",
+                ":DELETED",
+                ":OTHER",
+            ] {
+                redis::cmd("DEL")
+                    .arg(format!("{base}{label}"))
+                    .exec(conn)
+                    .unwrap();
+            }
+        }
+    }
+    redis::cmd("DEL")
+        .arg("tgtest:job:{wallet-index-backfill}")
+        .exec(conn)
+        .unwrap();
+}
+
+/// The backfill of `legacy` (stored without index entries), on `stores` (instances of one
+/// backend, used in turn): meanwhile a legacy token is updated, one removed, new tokens
+/// inserted. Afterwards every token is listed exactly once, in its status, and the removed one
+/// nowhere.
+async fn wallet_backfill_indexes_legacy_tokens(stores: &[&dyn TokenStore], legacy: &[TokenRecord]) {
+    let s = stores[0];
+    let m = legacy[0].merchant_id.clone();
+    for st in stores {
+        assert!(!st.wallet_index_complete().await.unwrap());
+    }
+    assert!(
+        wallet_walk(s, &m, LEGACY_CUSTOMER, None, 5)
+            .await
+            .is_empty()
+    );
+    // A new token before the backfill: indexed by its own insert.
+    let fresh = customer_record(&m, Some(LEGACY_CUSTOMER), 100);
+    assert_inserted(s.insert_token(&fresh).await.unwrap());
+    let updated = {
+        let mut u = next(&legacy[0]);
+        u.status = TokenStatus::Suspended;
+        u
+    };
+    let removed = legacy[1].clone();
+    let later = customer_record(&m, Some(LEGACY_CUSTOMER), 200);
+    let steps = backfill_wallets(stores, |step| {
+        let (updated, removed, later) = (updated.clone(), removed.clone(), later.clone());
+        async move {
+            match step {
+                0 => s.update_token(&updated).await.unwrap(),
+                1 => s
+                    .remove_token(&removed.merchant_id, &removed.id)
+                    .await
+                    .unwrap(),
+                2 => assert_inserted(s.insert_token(&later).await.unwrap()),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(steps > 3, "several small steps ({steps})");
+    for st in stores {
+        assert!(st.wallet_index_complete().await.unwrap());
+    }
+
+    // Each token of the customer exactly once (a Vec: a duplicate would show), in its status.
+    let mut expected: Vec<TokenRecord> = legacy[..8]
+        .iter()
+        .filter(|r| r.id != removed.id)
+        .map(|r| {
+            if r.id == updated.id {
+                updated.clone()
+            } else {
+                r.clone()
+            }
+        })
+        .collect();
+    expected.push(fresh.clone());
+    expected.push(later.clone());
+    let want = sorted_ids(&expected);
+    let got = sorted_ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, None, 3).await);
+    assert_eq!(got, want);
+    for label in ["PENDING", "ACTIVE", "SUSPENDED", "DELETED", "OTHER"] {
+        let in_label: Vec<TokenRecord> = expected
+            .iter()
+            .filter(|r| r.status.label() == label)
+            .cloned()
+            .collect();
+        let got = sorted_ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, Some(label), 2).await);
+        assert_eq!(got, sorted_ids(&in_label), "{label}");
+    }
+    // The other customer's tokens are theirs; tokens without a customer are in no wallet.
+    assert_eq!(
+        sorted_ids(&wallet_walk(s, &m, "cust-other", None, 5).await),
+        sorted_ids(&legacy[8..10])
+    );
+    // Complete: further steps change nothing.
+    assert!(s.backfill_wallet_index(5).await.unwrap());
+    assert_eq!(
+        wallet_walk(s, &m, LEGACY_CUSTOMER, None, 50).await.len(),
+        want.len()
+    );
+    // The legacy tokens behave as indexed ones now: a removal takes them out.
+    let gone = &legacy[2];
+    s.remove_token(&gone.merchant_id, &gone.id).await.unwrap();
+    let after = ids(&wallet_walk(s, &m, LEGACY_CUSTOMER, None, 50).await);
+    assert_eq!(after.len(), want.len() - 1);
+    assert!(!after.contains(&gone.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_backfill_indexes_legacy_tokens_redis_standalone() {
+    let server = RedisServer::start();
+    let a = redis_store(&server).await;
+    let b = redis_store(&server).await;
+    let legacy = write_legacy_tokens(&a, &MerchantId::generate()).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    strip_redis_wallet_index(&mut client.get_connection().unwrap(), &legacy);
+    wallet_backfill_indexes_legacy_tokens(&[&a, &b], &legacy).await;
+}
+
+/// Two instances on a Cluster take turns: the walk over every primary continues from the
+/// progress the other saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_backfill_indexes_legacy_tokens_redis_cluster_on_two_instances() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .expect("cluster start");
+    let a = cluster_store(&cluster).await;
+    let b = cluster_store(&cluster).await;
+    // Other merchants' tokens on every node, so the walk has several primaries to visit.
+    for _ in 0..10 {
+        let m = MerchantId::generate();
+        a.insert_token(&customer_record(&m, Some("x"), 1))
+            .await
+            .unwrap();
+    }
+    let legacy = write_legacy_tokens(&a, &MerchantId::generate()).await;
+    let nodes: Vec<String> = cluster
+        .addrs()
+        .iter()
+        .map(|n| format!("redis://{n}"))
+        .collect();
+    let stripped = legacy.clone();
+    tokio::task::spawn_blocking(move || {
+        let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+        strip_redis_wallet_index(&mut client.get_connection().unwrap(), &stripped);
+    })
+    .await
+    .unwrap();
+    wallet_backfill_indexes_legacy_tokens(&[&a, &b], &legacy).await;
+}
+
+/// Deletes the wallet index rows and the backfill progress of a closed embedded file, as a
+/// build before the index left it.
+fn strip_embedded_wallet_index(dir: &std::path::Path) {
+    let db = redb::Database::create(dir.join("tokengate.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    let wallet: redb::TableDefinition<(&str, &str, &str, &str), ()> =
+        redb::TableDefinition::new("wallet_index");
+    let progress: redb::TableDefinition<&str, (bool, &str, &str)> =
+        redb::TableDefinition::new("wallet_index_progress");
+    txn.delete_table(wallet).unwrap();
+    txn.delete_table(progress).unwrap();
+    txn.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_backfill_indexes_legacy_tokens_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        write_legacy_tokens(&s, &MerchantId::generate()).await
+    };
+    strip_embedded_wallet_index(dir.path());
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    wallet_backfill_indexes_legacy_tokens(&[&s], &legacy).await;
+}
+
+/// The embedded backfill continues after a restart from its saved watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_backfill_resumes_after_a_restart_embedded() {
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        write_legacy_tokens(&s, &MerchantId::generate()).await
+    };
+    strip_embedded_wallet_index(dir.path());
+    let m = legacy[0].merchant_id.clone();
+    {
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert!(!s.backfill_wallet_index(3).await.unwrap());
+        assert!(!s.backfill_wallet_index(3).await.unwrap());
+        let partial = wallet_walk(&s, &m, LEGACY_CUSTOMER, None, 50).await.len();
+        assert!(partial < 8, "{partial}");
+    }
+    let s = EmbeddedStore::open(dir.path()).unwrap();
+    assert!(!s.wallet_index_complete().await.unwrap());
+    backfill_wallets(&[&s], |_| async {}).await;
+    assert_eq!(wallet_walk(&s, &m, LEGACY_CUSTOMER, None, 3).await.len(), 8);
 }

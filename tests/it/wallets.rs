@@ -431,3 +431,83 @@ async fn wallet_delete_reports_partial_failures(b: Backend) {
         "{trail}"
     );
 }
+
+/// A gateway upgraded over a token stored before the wallet index existed. While the index
+/// backfill has not run (another instance holds its lease), a list says `indexComplete: false`
+/// and a delete-all is refused (503 `wallet_index_building`, `Retry-After`) with nothing
+/// deleted, never a `complete: true` that leaves the old token behind. Once the lease is free,
+/// the backfill indexes the token and the delete-all deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wallet_delete_waits_for_the_index_backfill() {
+    use sha2::{Digest, Sha256};
+    let app = TestApp::start(Backend::Redis).await;
+    let (merchant, key) = app.create_merchant("Upgraded").await;
+    let old = tokenize_for(&app, &key, CARDS[0], "cust-old").await;
+    let old_id = old["id"].as_str().unwrap().to_owned();
+    let (_, redis) = app.stop().await;
+    let redis = redis.unwrap();
+
+    // What an older build left: no wallet entries, no backfill progress; and the backfill
+    // lease held by another (busy) instance.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let wallet = format!(
+        "tg:{{m:{merchant}}}:cust:{}",
+        hex::encode(Sha256::digest(b"cust-old"))
+    );
+    ::redis::cmd("HDEL")
+        .arg(format!("tg:{{m:{merchant}}}:tok:{old_id}"))
+        .arg("w")
+        .arg("o")
+        .exec(&mut conn)
+        .unwrap();
+    for k in [
+        wallet.clone(),
+        format!("{wallet}:ACTIVE"),
+        "tg:job:{wallet-index-backfill}".to_owned(),
+    ] {
+        ::redis::cmd("DEL").arg(k).exec(&mut conn).unwrap();
+    }
+    ::redis::cmd("SET")
+        .arg("tg:lease:{wallet-index-backfill}")
+        .arg("another-instance")
+        .arg("PX")
+        .arg(600_000)
+        .exec(&mut conn)
+        .unwrap();
+
+    let app = TestApp::builder(Backend::Redis)
+        .redis_server(redis)
+        .start()
+        .await;
+    let page = list(&app, &key, "customerReference=cust-old").await;
+    assert_eq!(page["indexComplete"], false, "{page}");
+    assert!(page["data"].as_array().unwrap().is_empty(), "{page}");
+    let r = delete_all(&app, &key, "cust-old", Some("forget-old")).await;
+    assert!(r.headers().get("retry-after").is_some());
+    expect_problem(r, 503, "wallet_index_building").await;
+    assert_eq!(status_of(&app, &key, &old_id).await, "ACTIVE");
+
+    // The other instance goes away: this one takes the lease over and indexes the token.
+    ::redis::cmd("DEL")
+        .arg("tg:lease:{wallet-index-backfill}")
+        .exec(&mut conn)
+        .unwrap();
+    let mut page = Value::Null;
+    for _ in 0..100 {
+        page = list(&app, &key, "customerReference=cust-old").await;
+        if page["indexComplete"] == true {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(page["indexComplete"], true, "{page}");
+    assert_eq!(page["data"][0]["id"], old_id.as_str());
+    // The same Idempotency-Key: the refusal was not kept, so the job runs now.
+    let r = delete_all(&app, &key, "cust-old", Some("forget-old")).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(id_list(&v["deleted"]), [old_id.as_str()]);
+    assert_eq!(v["complete"], true);
+    assert_eq!(status_of(&app, &key, &old_id).await, "DELETED");
+}

@@ -109,6 +109,21 @@ pub trait TokenStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<WalletPage, StoreError>;
 
+    /// Whether every token is in the wallet index: true once the one-time backfill
+    /// ([`Self::backfill_wallet_index`]) has indexed the tokens stored before the index existed
+    /// (and at once on a store that had none). While false, [`Self::list_customer_tokens`] may
+    /// miss a customer's older tokens. Once true it stays true.
+    async fn wallet_index_complete(&self) -> Result<bool, StoreError>;
+
+    /// One bounded step (at most about `batch` tokens) of the one-time backfill that indexes
+    /// tokens stored before the wallet index existed, each at its status at that moment.
+    /// `Ok(true)` once it is complete (then it does nothing). Idempotent per token (an entry is
+    /// added at most once, and a token removed meanwhile is not indexed again), so safe on
+    /// several instances at once, though callers hold the `domain::wallet::BACKFILL_JOB` lease
+    /// to avoid the wasted work; progress is kept in the store, so a step continues where the
+    /// last one, on any instance, stopped.
+    async fn backfill_wallet_index(&self, batch: usize) -> Result<bool, StoreError>;
+
     // --- idempotency ------------------------------------------------------------------------
 
     /// Claims `key` in `scope` for a request, or reports what is already there.

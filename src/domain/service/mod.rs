@@ -67,6 +67,9 @@ pub struct Services {
     pub keys: Option<Arc<dyn ApiKeyStore>>,
     /// When each key's `lastUsedAt` was last written from this instance (`domain::apikeys`).
     pub(crate) key_last_touch: Arc<DashMap<String, Instant>>,
+    /// Set once the store said its wallet index is complete (it never becomes incomplete
+    /// again), so wallet requests stop asking the store (`wallets.rs`).
+    pub(crate) wallet_index_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A card as submitted for tokenization.
@@ -116,6 +119,7 @@ impl Services {
             audit: None,
             keys: None,
             key_last_touch: Arc::new(DashMap::new()),
+            wallet_index_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 

@@ -2,6 +2,7 @@
 //! and delete all of them (a "forget me" request), each through the single-token delete path.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 
 use futures::stream::{self, StreamExt};
 
@@ -35,8 +36,22 @@ pub struct CustomerDeletion {
 }
 
 impl Services {
+    /// Whether the wallet index holds every token (its backfill, `domain::wallet_index`, has
+    /// completed). Asks the store until it says yes, then never again: completion is final.
+    pub async fn wallet_index_complete(&self) -> Result<bool, DomainError> {
+        if self.wallet_index_ready.load(Ordering::Acquire) {
+            return Ok(true);
+        }
+        let complete = self.store.wallet_index_complete().await?;
+        if complete {
+            self.wallet_index_ready.store(true, Ordering::Release);
+        }
+        Ok(complete)
+    }
+
     /// One page of `customer`'s tokens at `merchant`, newest first (`status`: a status label,
-    /// see `domain::wallet::status_label`).
+    /// see `domain::wallet::status_label`), and whether the wallet index was complete when it
+    /// was read (false: tokens stored before the index existed may be missing).
     pub async fn list_customer_tokens(
         &self,
         merchant: &MerchantId,
@@ -44,12 +59,16 @@ impl Services {
         status: Option<&'static str>,
         after: Option<&WalletKey>,
         limit: usize,
-    ) -> Result<WalletPage, DomainError> {
+    ) -> Result<(WalletPage, bool), DomainError> {
         check_customer_reference(customer)?;
-        Ok(self
+        // Before the page: a backfill that completes between the two reads then reports
+        // incomplete, never a page read before completion as complete.
+        let complete = self.wallet_index_complete().await?;
+        let page = self
             .store
             .list_customer_tokens(merchant, customer, status, after, limit)
-            .await?)
+            .await?;
+        Ok((page, complete))
     }
 
     /// Deletes every live (not yet `DELETED`) token of `customer`, up to
@@ -57,12 +76,20 @@ impl Services {
     /// the record becomes a `DELETED` tombstone, with its webhook event). Failures are reported
     /// per token, never abort the others. Idempotent: tombstones are not live, so a repeat finds
     /// only what is left (nothing, once everything is deleted).
+    ///
+    /// Refused with [`DomainError::WalletIndexBuilding`], deleting nothing, while the wallet
+    /// index is incomplete: the index may not list the customer's older tokens yet, and a
+    /// "forget me" that reported success without them would be wrong where it matters most.
+    /// The caller retries later (the backfill takes minutes), and then deletes everything.
     pub async fn delete_customer_tokens(
         &self,
         merchant: &Merchant,
         customer: &str,
     ) -> Result<CustomerDeletion, DomainError> {
         check_customer_reference(customer)?;
+        if !self.wallet_index_complete().await? {
+            return Err(DomainError::WalletIndexBuilding);
+        }
         // The live tokens, from the per-status indexes (tombstones are never read).
         let mut live: Vec<WalletKey> = Vec::new();
         let mut seen: HashSet<TokenId> = HashSet::new();

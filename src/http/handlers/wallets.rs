@@ -29,6 +29,11 @@ pub struct TokenPage<'a> {
     /// Pass as `cursor` for the next (older) page; `null` on the last page.
     #[schema(example = "019b7ca98d03-tok_d7XXXyQu2WZRKlyWvsMJRA")]
     next_cursor: Option<String>,
+    /// `false` while the gateway is still indexing tokens stored before customer wallets
+    /// existed (a one-time job after an upgrade): the list may then miss the customer's older
+    /// tokens. `true` once every token is indexed.
+    #[schema(example = true)]
+    index_complete: bool,
 }
 
 /// A token a delete-all could not delete, and why.
@@ -90,7 +95,7 @@ pub async fn list_customer_tokens(
             .into_response();
         }
     };
-    let page = match state
+    let (page, index_complete) = match state
         .services
         .list_customer_tokens(&merchant.id, &q.customer, q.status, after.as_ref(), q.limit)
         .await
@@ -103,6 +108,7 @@ pub async fn list_customer_tokens(
         &TokenPage {
             data: page.tokens.iter().map(TokenView::from).collect(),
             next_cursor: page.next.map(|k| k.to_string()),
+            index_complete,
         },
     )
     .into_response()
@@ -110,7 +116,8 @@ pub async fn list_customer_tokens(
 
 /// Deletes every token of one customer ("forget me"): each as `DELETE /v1/tokens/{id}` does
 /// (at D1, then here; audited as `token.delete`). 200 when nothing failed, 207 when some tokens
-/// could not be deleted (listed in `failed`).
+/// could not be deleted (listed in `failed`). 503 `wallet_index_building`, nothing deleted, while
+/// the wallet index is still being backfilled (it could not find every token yet).
 #[utoipa::path(delete, path = "/v1/tokens", tag = "tokens",
     security(("merchantApiKey" = [])),
     params(WalletDeleteParams, IdempotencyKeyHeader),

@@ -139,6 +139,7 @@ catalogue! {
     D1_UNAVAILABLE = SERVICE_UNAVAILABLE "d1_unavailable" "D1 is unavailable or overloaded, or the circuit breaker is open; retry later (with `Retry-After`)";
     D1_NOT_CONFIGURED = SERVICE_UNAVAILABLE "d1_not_configured" "no network token service is configured in this deployment";
     WEBHOOKS_UNAVAILABLE = SERVICE_UNAVAILABLE "webhooks_unavailable" "webhooks are not configured in this deployment";
+    WALLET_INDEX_BUILDING = SERVICE_UNAVAILABLE "wallet_index_building" "`DELETE /v1/tokens?customerReference=`: the gateway is still indexing tokens stored before customer wallets existed, so it cannot yet find all of the customer's tokens; nothing was deleted, retry later (with `Retry-After`)";
     NOTIFICATION_NOT_APPLIED = SERVICE_UNAVAILABLE "notification_not_applied" "the notification could not be applied now; redeliver it (with `Retry-After`)";
     D1_TIMEOUT = GATEWAY_TIMEOUT "d1_timeout" "D1 did not answer in time; retrying is safe";
 }
@@ -319,7 +320,7 @@ route_problems! {
     WalletListProblems = [MERCHANT_AUTH, PAGINATED, &[&INVALID_CUSTOMER_REFERENCE]];
     /// `DELETE /v1/tokens?customerReference=...`: per-token failures are in the 207 body, not
     /// problems; these are the call's own.
-    WalletDeleteProblems = [MERCHANT_AUTH, IDEMPOTENT, &[&INVALID_QUERY, &INVALID_CUSTOMER_REFERENCE]];
+    WalletDeleteProblems = [MERCHANT_AUTH, IDEMPOTENT, &[&INVALID_QUERY, &INVALID_CUSTOMER_REFERENCE, &WALLET_INDEX_BUILDING]];
     /// `GET /v1/events/{id}`.
     EventProblems = [MERCHANT_AUTH, &[&EVENT_NOT_FOUND, &WEBHOOKS_UNAVAILABLE]];
     /// `POST /v1/events/{id}/redeliver`.

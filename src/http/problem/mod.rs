@@ -154,6 +154,10 @@ fn state_problem(s: &TokenStatus) -> &'static Problem {
     }
 }
 
+/// `Retry-After` of `wallet_index_building`: the backfill indexes a few thousand tokens a second,
+/// so most deployments are done within minutes; asking sooner only adds calls that are refused.
+const WALLET_INDEX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
 impl From<DomainError> for ApiError {
     fn from(e: DomainError) -> Self {
         match e {
@@ -181,6 +185,11 @@ impl From<DomainError> for ApiError {
                 "the token store is unavailable; retry later",
             )
             .with_retry_after(Some(Duration::from_secs(1))),
+            DomainError::WalletIndexBuilding => ApiError::of(
+                &codes::WALLET_INDEX_BUILDING,
+                "the gateway is still indexing tokens stored before customer wallets existed; nothing was deleted, retry later",
+            )
+            .with_retry_after(Some(WALLET_INDEX_RETRY_AFTER)),
             DomainError::Upstream(p) => p.into(),
             DomainError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");

@@ -13,7 +13,7 @@
 //!
 //! This file holds the database, its tables and the token, merchant and idempotency operations;
 //! the other aggregates have a file each: [`apikeys`], [`audit`], [`client_certs`], [`counts`],
-//! [`lifecycle`], [`outbox`].
+//! [`lifecycle`], [`outbox`], and the wallet index backfill [`wallet_index`].
 
 mod apikeys;
 mod audit;
@@ -21,6 +21,7 @@ mod client_certs;
 mod counts;
 mod lifecycle;
 mod outbox;
+mod wallet_index;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -293,6 +294,7 @@ impl EmbeddedStore {
         txn.open_table(IDEMPOTENCY_EXPIRY)?;
         txn.open_table(WALLET)?;
         counts::init_counts(&txn)?;
+        wallet_index::init_wallet_index(&txn)?;
         txn.commit()?;
         Ok(EmbeddedStore { db: Arc::new(db) })
     }
@@ -676,6 +678,14 @@ impl TokenStore for EmbeddedStore {
             Ok(page)
         })
         .await
+    }
+
+    async fn wallet_index_complete(&self) -> Result<bool, StoreError> {
+        self.wallet_backfill_done().await
+    }
+
+    async fn backfill_wallet_index(&self, batch: usize) -> Result<bool, StoreError> {
+        self.wallet_backfill_step(batch).await
     }
 
     async fn idempotency_begin(

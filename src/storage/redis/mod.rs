@@ -14,7 +14,8 @@
 //!
 //! This file holds the connection (standalone or Cluster), the script runner and the token,
 //! merchant and idempotency operations; the other aggregates have a file each: [`apikeys`],
-//! [`audit`], [`client_certs`], [`counts`], [`lifecycle`], [`outbox`].
+//! [`audit`], [`client_certs`], [`counts`], [`lifecycle`], [`outbox`], and the wallet index
+//! backfill [`wallet_index`].
 
 mod apikeys;
 mod audit;
@@ -22,6 +23,7 @@ mod client_certs;
 mod counts;
 mod lifecycle;
 mod outbox;
+mod wallet_index;
 
 use std::fmt;
 use std::future::Future;
@@ -404,6 +406,27 @@ end
 return 0
 "#;
 
+/// The wallet index backfill for one token stored before the index existed (no `w`): adds its
+/// entries at its current status and records `w` / `o`, as `insert_token` would have. Reads the
+/// token in the same step, so a token removed meanwhile is not indexed again (no entry without
+/// a record) and one written meanwhile (it has `w`: the write indexed it) is left alone.
+/// KEYS: token. ARGV: the version the caller read the record at, wallet index or '' (no
+/// customer), wallet position. Returns 1 indexed, 0 nothing to do, 2 the record changed since
+/// it was read (an instance of an older build wrote it; read it again). Follows
+/// [`COUNT_FUNCTIONS`] and [`WALLET_FUNCTIONS`].
+pub(crate) const WALLET_INDEX_TOKEN: &str = r#"
+local cur = redis.call('HMGET', KEYS[1], 'v', 's', 'w')
+if not cur[1] or cur[3] then
+  return 0
+end
+if cur[1] ~= ARGV[1] then
+  return 2
+end
+wallet_add(ARGV[2], cur[2] or '', ARGV[3])
+redis.call('HSET', KEYS[1], 'w', ARGV[2], 'o', ARGV[3])
+return 1
+"#;
+
 /// One page of a wallet index, newest first, with each entry's record (`''` if it is gone).
 /// KEYS: wallet index (every status, or one). ARGV: `+` or `(<position>` (exclusive start),
 /// entries wanted, token key prefix. Returns position, record, position, record, ...
@@ -694,6 +717,12 @@ impl RedisStore {
     /// The record key of a token.
     pub(crate) fn token_key(&self, merchant: &MerchantId, id: &TokenId) -> String {
         self.keys().token(merchant, id)
+    }
+
+    /// The wallet index of `customer` at `merchant` (every status; `:<label>` appended per
+    /// status).
+    pub(crate) fn wallet_key(&self, merchant: &MerchantId, customer: &str) -> String {
+        self.keys().wallet(merchant, customer)
     }
 
     /// The set of every merchant id (`P:{merchants}:ids`).
@@ -1121,6 +1150,14 @@ impl TokenStore for RedisStore {
             page.next = None;
         }
         Ok(page)
+    }
+
+    async fn wallet_index_complete(&self) -> Result<bool, StoreError> {
+        self.wallet_backfill_done().await
+    }
+
+    async fn backfill_wallet_index(&self, batch: usize) -> Result<bool, StoreError> {
+        self.wallet_backfill_step(batch).await
     }
 
     async fn idempotency_begin(
