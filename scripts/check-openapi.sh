@@ -55,7 +55,11 @@ fi
 if [ -z "$doc" ]; then
   doc="$work/openapi.json"
   echo "== tokengate openapi > $doc"
-  if ! cargo run --quiet --bin tokengate -- openapi >"$doc"; then
+  # Built with the whole workspace selected, as `cargo test --workspace` builds it: the same
+  # feature set, so after the test step nothing is compiled again (a `cargo run` of the one
+  # package would rebuild the crates whose features differ).
+  bin="${CARGO_TARGET_DIR:-target}/debug/tokengate"
+  if ! cargo build --quiet --workspace --bins || ! "$bin" openapi >"$doc"; then
     echo "openapi contract: FAILED (could not build or print the document)"
     exit 1
   fi
