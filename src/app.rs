@@ -31,7 +31,7 @@ use crate::egress::{Egress, EgressPolicy, Resolve, SystemResolver};
 use crate::http::NotifyState;
 use crate::http::{AppState, HttpSettings};
 use crate::storage::embedded::EmbeddedStore;
-use crate::storage::redis::{RedisConfig, RedisStore};
+use crate::storage::redis::{Durability, RedisConfig, RedisStore};
 use crate::webhook_sender::HyperWebhookSender;
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +221,7 @@ pub async fn open_stores(
             key_prefix: s.key_prefix.clone(),
             connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             response_timeout: Duration::from_millis(s.response_timeout_ms),
+            durability: redis_durability(s),
         };
         let store = Arc::new(RedisStore::connect(&rc).await?);
         Ok((
@@ -250,6 +251,23 @@ pub async fn open_stores(
 /// Client credentials D1 uses for `notify-update`: configured ones; in sandbox mode without
 /// them (and with `notify.require_auth`), fresh random ones, handed to the in-process simulator
 /// so sandbox notifications are authenticated end to end.
+/// `storage.redis_durability*` as the store's setting (`Config::validate` checked the values).
+fn redis_durability(s: &crate::config::StorageConfig) -> Durability {
+    let timeout = Duration::from_millis(s.redis_durability_timeout_ms);
+    match s.redis_durability.as_str() {
+        "wait" => Durability::Wait {
+            replicas: s.redis_durability_replicas,
+            timeout,
+        },
+        "waitaof" => Durability::WaitAof {
+            local: s.redis_durability_local,
+            replicas: s.redis_durability_replicas,
+            timeout,
+        },
+        _ => Durability::None,
+    }
+}
+
 fn notify_credentials(cfg: &Config) -> Option<ClientCredentials> {
     let n = &cfg.notify;
     match (&n.client_id, &n.client_secret) {

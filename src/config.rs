@@ -240,6 +240,14 @@ pub struct StorageConfig {
     pub key_prefix: String,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
+    /// `none`, `wait` or `waitaof` (`docs/storage.md`, "Durable acknowledgement").
+    pub redis_durability: String,
+    /// Replicas that must confirm each write (`wait`, `waitaof`).
+    pub redis_durability_replicas: u32,
+    /// `waitaof` only: 1 = also fsynced to the primary's own AOF, 0 = not required.
+    pub redis_durability_local: u32,
+    /// How long a write may wait for its confirmation before it fails as unavailable.
+    pub redis_durability_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -460,6 +468,7 @@ impl Config {
                 "must start with redis:// or rediss://",
             ));
         }
+        self.validate_durability()?;
         let has_keys = !self.vault.keys.is_empty();
         if has_keys != self.vault.active_key_id.is_some()
             || has_keys != self.vault.fingerprint_key.is_some()
@@ -510,6 +519,52 @@ impl Config {
             ));
         }
         self.validate_notify()?;
+        Ok(())
+    }
+
+    /// Rules of the `storage.redis_durability*` keys (`app` maps valid ones onto the store's
+    /// `Durability`).
+    fn validate_durability(&self) -> Result<(), ConfigError> {
+        let invalid = |key, msg: &str| ConfigError::Invalid {
+            key,
+            msg: msg.to_owned(),
+        };
+        let s = &self.storage;
+        let mode = s.redis_durability.as_str();
+        if !matches!(mode, "none" | "wait" | "waitaof") {
+            return Err(invalid(
+                "storage.redis_durability",
+                "must be none, wait or waitaof",
+            ));
+        }
+        if mode == "none" {
+            return Ok(());
+        }
+        if s.redis_durability_timeout_ms == 0 {
+            // 0 would make WAIT block forever.
+            return Err(invalid(
+                "storage.redis_durability_timeout_ms",
+                "must be positive with storage.redis_durability = wait or waitaof",
+            ));
+        }
+        if s.redis_durability_local > 1 {
+            return Err(invalid(
+                "storage.redis_durability_local",
+                "must be 0 or 1 (the primary's own AOF)",
+            ));
+        }
+        if mode == "wait" && s.redis_durability_replicas == 0 {
+            return Err(invalid(
+                "storage.redis_durability_replicas",
+                "must be at least 1 with storage.redis_durability = wait",
+            ));
+        }
+        if mode == "waitaof" && s.redis_durability_replicas == 0 && s.redis_durability_local == 0 {
+            return Err(invalid(
+                "storage.redis_durability_replicas",
+                "waitaof needs storage.redis_durability_local = 1 or at least 1 replica",
+            ));
+        }
         Ok(())
     }
 
@@ -791,6 +846,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("key_file"), "{e}");
+    }
+
+    #[test]
+    fn redis_durability_keys_are_validated_naming_the_key() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c.storage.redis_durability, "none");
+        assert_eq!(c.storage.redis_durability_replicas, 1);
+        c.validate().unwrap();
+        let ok = [
+            vec![("TOKENGATE__STORAGE__REDIS_DURABILITY", "wait")],
+            vec![("TOKENGATE__STORAGE__REDIS_DURABILITY", "waitaof")],
+            vec![
+                ("TOKENGATE__STORAGE__REDIS_DURABILITY", "waitaof"),
+                ("TOKENGATE__STORAGE__REDIS_DURABILITY_REPLICAS", "0"),
+            ],
+            // Unused with `none`: not checked.
+            vec![("TOKENGATE__STORAGE__REDIS_DURABILITY_TIMEOUT_MS", "0")],
+        ];
+        for vars in ok {
+            let c = Config::load_with_env(None, &env(&vars)).unwrap();
+            c.validate().unwrap();
+        }
+        let bad = [
+            (
+                vec![("TOKENGATE__STORAGE__REDIS_DURABILITY", "sync")],
+                "storage.redis_durability:",
+            ),
+            (
+                vec![
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY", "wait"),
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY_REPLICAS", "0"),
+                ],
+                "storage.redis_durability_replicas",
+            ),
+            (
+                vec![
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY", "wait"),
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY_TIMEOUT_MS", "0"),
+                ],
+                "storage.redis_durability_timeout_ms",
+            ),
+            (
+                vec![
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY", "waitaof"),
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY_LOCAL", "2"),
+                ],
+                "storage.redis_durability_local",
+            ),
+            (
+                vec![
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY", "waitaof"),
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY_LOCAL", "0"),
+                    ("TOKENGATE__STORAGE__REDIS_DURABILITY_REPLICAS", "0"),
+                ],
+                "storage.redis_durability_replicas",
+            ),
+        ];
+        for (vars, key) in bad {
+            let c = Config::load_with_env(None, &env(&vars)).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{vars:?}: {e}");
+        }
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! | `tokengate_d1_call_duration_seconds` | histogram | `operation`, `outcome` (calls refused before sending are counted, not timed) |
 //! | `tokengate_store_operation_duration_seconds` | histogram | `operation`, `outcome` |
 //! | `tokengate_store_errors_total` | counter | `operation`, `kind` (`unavailable`, `corrupt`) |
+//! | `tokengate_store_durability_waits_total` | counter | `mode` (`wait`, `waitaof`), `outcome` (`confirmed`, `timeout`, `refused`, `error`) |
+//! | `tokengate_store_durability_wait_seconds` | histogram | `mode`, `outcome` (write and confirmation, one round trip) |
 //! | `tokengate_token_transitions_total` | counter | `from`, `to` (`NONE` for created/removed) |
 //! | `tokengate_tokens` | gauge | `status` |
 //! | `tokengate_token_counts_complete` | gauge (0 or 1) | none |
@@ -55,6 +57,8 @@ pub const D1_CALLS: &str = "tokengate_d1_calls_total";
 pub const D1_DURATION: &str = "tokengate_d1_call_duration_seconds";
 pub const STORE_DURATION: &str = "tokengate_store_operation_duration_seconds";
 pub const STORE_ERRORS: &str = "tokengate_store_errors_total";
+pub const DURABILITY_WAITS: &str = "tokengate_store_durability_waits_total";
+pub const DURABILITY_WAIT_DURATION: &str = "tokengate_store_durability_wait_seconds";
 pub const TOKEN_TRANSITIONS: &str = "tokengate_token_transitions_total";
 pub const TOKENS: &str = "tokengate_tokens";
 pub const TOKEN_COUNTS_COMPLETE: &str = "tokengate_token_counts_complete";
@@ -130,6 +134,15 @@ fn describe() {
     describe_counter!(
         STORE_ERRORS,
         "Token store failures (backend unavailable or corrupt record), by operation and kind"
+    );
+    describe_counter!(
+        DURABILITY_WAITS,
+        "Redis writes confirmed on replicas or AOF (storage.redis_durability), by mode and outcome"
+    );
+    describe_histogram!(
+        DURABILITY_WAIT_DURATION,
+        metrics::Unit::Seconds,
+        "Latency of a confirmed Redis write (the write and its WAIT/WAITAOF), by mode and outcome"
     );
     describe_counter!(
         TOKEN_TRANSITIONS,
@@ -282,6 +295,15 @@ pub fn record_store_op(operation: &'static str, outcome: &'static str, elapsed: 
     if matches!(outcome, "unavailable" | "corrupt") {
         counter!(STORE_ERRORS, "operation" => operation, "kind" => outcome).increment(1);
     }
+}
+
+/// One confirmed write (`storage.redis_durability`): `mode` is `wait` or `waitaof`, `outcome`
+/// `confirmed`, `timeout` (fewer acknowledgements than asked), `refused` (the server refused
+/// the command) or `error` (the connection failed). Both are fixed strings: no ids.
+pub fn record_durability_wait(mode: &'static str, outcome: &'static str, elapsed: Duration) {
+    counter!(DURABILITY_WAITS, "mode" => mode, "outcome" => outcome).increment(1);
+    histogram!(DURABILITY_WAIT_DURATION, "mode" => mode, "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
 }
 
 // --- tokens ----------------------------------------------------------------------------------

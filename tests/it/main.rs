@@ -12,6 +12,7 @@ mod architecture;
 mod audit;
 mod client_certs_store;
 mod d1_client;
+mod durability;
 mod gateway_d1;
 mod import;
 mod keys_audit_store;

@@ -54,14 +54,14 @@ impl ApiKeyStore for RedisStore {
         cmd.arg(records(self, &rec.merchant_id))
             .arg(&rec.id)
             .arg(json);
-        let added: i64 = self.query(cmd).await?;
+        let added: i64 = self.query_write(cmd).await?;
         if added == 0 {
             return Ok(false);
         }
         let mut cmd = redis::cmd("SET");
         cmd.arg(index(self, hash))
             .arg(format!("{} {}", rec.merchant_id, rec.id));
-        let _: () = self.query(cmd).await?;
+        let _: () = self.query_write(cmd).await?;
         Ok(true)
     }
 
@@ -111,7 +111,7 @@ impl ApiKeyStore for RedisStore {
         let json = encode(&revoked(decode(&cur)?, at))?;
         let mut inv = REVOKE_SCRIPT.key(&key);
         inv.arg(id).arg(json);
-        let stored: Option<Vec<u8>> = self.invoke(inv).await?;
+        let stored: Option<Vec<u8>> = self.invoke_write(inv).await?;
         stored.map(|j| decode(&j)).transpose()
     }
 

@@ -114,7 +114,7 @@ impl ClientCertStore for RedisStore {
             let key = index_key(self, &c.sha256);
             let mut inv = CLAIM_SCRIPT.key(&key);
             inv.arg(m.as_str());
-            let holder: String = match self.invoke(inv).await {
+            let holder: String = match self.invoke_write(inv).await {
                 Ok(h) => h,
                 Err(e) => {
                     self.release_all(&claimed, m).await;
@@ -137,7 +137,7 @@ impl ClientCertStore for RedisStore {
                     let taken = !live && {
                         let mut inv = TAKE_OVER_SCRIPT.key(&key);
                         inv.arg(other_m.as_str()).arg(m.as_str());
-                        let swapped: Result<i64, _> = self.invoke(inv).await;
+                        let swapped: Result<i64, _> = self.invoke_write(inv).await;
                         swapped? == 1
                     };
                     if !taken {
@@ -150,7 +150,7 @@ impl ClientCertStore for RedisStore {
         }
         let mut cmd = redis::cmd("SET");
         cmd.arg(policy_key(self, m)).arg(json);
-        if let Err(e) = self.query::<()>(cmd).await {
+        if let Err(e) = self.query_write::<()>(cmd).await {
             self.release_all(&claimed, m).await;
             return Err(e);
         }

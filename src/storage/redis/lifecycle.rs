@@ -229,7 +229,7 @@ impl LifecycleStore for RedisStore {
             .arg("PX")
             .arg(ttl_ms(ttl));
         // `SET NX` answers OK when it wrote and nil when the key existed.
-        let reply: Option<String> = self.query(cmd).await?;
+        let reply: Option<String> = self.query_write(cmd).await?;
         Ok(reply.is_some())
     }
 
@@ -242,7 +242,7 @@ impl LifecycleStore for RedisStore {
         let mut inv = self.update_invocation(&APPLY_EVENT, rec)?;
         inv.arg(self.event_key(&rec.merchant_id, event_id))
             .arg(ttl_ms(ttl));
-        let code: i64 = self.invoke(inv).await?;
+        let code: i64 = self.invoke_write(inv).await?;
         match code {
             0 => Ok(EventWrite::Applied),
             1 => Err(StoreError::NotFound),

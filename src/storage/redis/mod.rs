@@ -15,15 +15,26 @@
 //! This file holds the connection (standalone or Cluster), the script runner and the token,
 //! merchant and idempotency operations; the other aggregates have a file each: [`apikeys`],
 //! [`audit`], [`client_certs`], [`counts`], [`lifecycle`], [`outbox`], and the wallet index
-//! backfill [`wallet_index`].
+//! backfill [`wallet_index`]. [`durability`] confirms writes on replicas (`WAIT` / `WAITAOF`).
+//!
+//! # Reads and writes
+//!
+//! Writes the API acknowledges go through [`RedisStore::writer`] and [`RedisStore::run_write`]
+//! (or [`RedisStore::query_write`] / [`RedisStore::invoke_write`]), the one place where
+//! `storage.redis_durability` applies; everything else (reads, background bookkeeping such as
+//! schedules, leases, `last used` stamps and the wallet index backfill) uses the shared
+//! connection and never waits.
 
 mod apikeys;
 mod audit;
 mod client_certs;
 mod counts;
+mod durability;
 mod lifecycle;
 mod outbox;
 mod wallet_index;
+
+pub use durability::Durability;
 
 use std::fmt;
 use std::future::Future;
@@ -59,6 +70,9 @@ pub struct RedisConfig {
     /// Bound on each operation, retries included: past it the store answers `Unavailable`
     /// rather than letting API requests pile up behind a dead server.
     pub response_timeout: Duration,
+    /// What an acknowledged write must reach (`storage.redis_durability`); writes that wait get
+    /// `response_timeout` plus the durability timeout.
+    pub durability: Durability,
 }
 
 impl Default for RedisConfig {
@@ -69,6 +83,7 @@ impl Default for RedisConfig {
             key_prefix: "tg".into(),
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
+            durability: Durability::None,
         }
     }
 }
@@ -90,6 +105,7 @@ impl fmt::Debug for RedisConfig {
             .field("key_prefix", &self.key_prefix)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
+            .field("durability", &self.durability)
             .finish()
     }
 }
@@ -143,6 +159,13 @@ impl ConnectionLike for Conn {
 /// Maps a client error to the store's vocabulary. Only the error category goes into the text:
 /// server replies can echo arguments, and arguments carry records.
 fn map_err(e: &RedisError) -> StoreError {
+    if e.code() == Some(durability::NOT_DURABLE) {
+        // Our own error (`durability`): the detail holds counts only.
+        return StoreError::Unavailable(format!(
+            "write applied on the primary but not confirmed durable: {}",
+            e.detail().unwrap_or("no detail")
+        ));
+    }
     match e.kind() {
         ErrorKind::Server(ServerErrorKind::ResponseError) if e.code() == Some("WRONGTYPE") => {
             StoreError::Corrupt("a key holds a value of an unexpected Redis type".into())
@@ -491,7 +514,20 @@ end
 return redis.call('GET', ARGV[1] .. id .. '}')
 "#;
 
+/// A merchant's record and index keys, then its id into the merchant set, in one atomic step
+/// (standalone only: the keys are in different slots). KEYS: record, [d1 index,] API key index,
+/// merchant set. ARGV: one value per key, same order. A script rather than `MULTI`: a
+/// confirmed write (`durability`) cannot be a transaction.
+const INSERT_MERCHANT: &str = r#"
+for i = 1, #KEYS - 1 do
+  redis.call('SET', KEYS[i], ARGV[i])
+end
+redis.call('SADD', KEYS[#KEYS], ARGV[#KEYS])
+return 0
+"#;
+
 struct Scripts {
+    insert_merchant: Script,
     insert_token: Script,
     update_token: Script,
     remove_token: Script,
@@ -505,6 +541,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
+            insert_merchant: Script::new(INSERT_MERCHANT),
             insert_token: Script::new(&format!(
                 "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{INSERT_TOKEN}"
             )),
@@ -522,8 +559,9 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 8] {
+    fn all(&self) -> [&Script; 9] {
         [
+            &self.insert_merchant,
             &self.insert_token,
             &self.update_token,
             &self.remove_token,
@@ -553,6 +591,11 @@ fn ttl_ms(d: Duration) -> u64 {
 
 struct Inner {
     conn: Conn,
+    /// Connections of confirmed writes (empty without durability): a `WAIT` blocks its
+    /// connection on the server, and reads must not queue behind it.
+    writers: Vec<Conn>,
+    next_writer: std::sync::atomic::AtomicUsize,
+    durability: Durability,
     cluster: bool,
     keys: Keys,
     scripts: Scripts,
@@ -570,6 +613,7 @@ impl fmt::Debug for RedisStore {
         f.debug_struct("RedisStore")
             .field("cluster", &self.inner.cluster)
             .field("prefix", &self.inner.keys.prefix)
+            .field("durability", &self.inner.durability.label())
             .finish_non_exhaustive()
     }
 }
@@ -579,6 +623,50 @@ fn node_url(n: &str) -> String {
         n.to_owned()
     } else {
         format!("redis://{n}")
+    }
+}
+
+/// Opens one connection handle (standalone: a `ConnectionManager`; Cluster: a connection to
+/// every node). `response_timeout` is the client's own bound on one reply; writers that wait
+/// for confirmations get the durability timeout on top.
+async fn open(
+    cfg: &RedisConfig,
+    cluster: bool,
+    response_timeout: Duration,
+    bad_url: &impl Fn(RedisError) -> StoreError,
+) -> Result<Conn, StoreError> {
+    if cluster {
+        let nodes: Vec<String> = cfg.cluster_nodes.iter().map(|n| node_url(n)).collect();
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(cfg.connect_timeout)
+            .response_timeout(response_timeout)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(200)
+            .build()
+            .map_err(bad_url)?;
+        Ok(Conn::Cluster(
+            client
+                .get_async_connection()
+                .await
+                .map_err(|e| map_err(&e))?,
+        ))
+    } else {
+        let client = redis::Client::open(cfg.url.as_str()).map_err(bad_url)?;
+        // Few, short reconnect attempts: an operation waits on a reconnect in progress, and our
+        // per-operation deadline answers `Unavailable` meanwhile anyway.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(response_timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Conn::Single(
+            client
+                .get_connection_manager_with_config(config)
+                .await
+                .map_err(|e| map_err(&e))?,
+        ))
     }
 }
 
@@ -606,47 +694,26 @@ impl RedisStore {
             ))
         };
         let connecting = async {
-            let conn = if cluster {
-                let nodes: Vec<String> = cfg.cluster_nodes.iter().map(|n| node_url(n)).collect();
-                let client = ClusterClient::builder(nodes)
-                    .connection_timeout(cfg.connect_timeout)
-                    .response_timeout(cfg.response_timeout)
-                    .retries(2)
-                    .min_retry_wait(10)
-                    .max_retry_wait(200)
-                    .build()
-                    .map_err(bad_url)?;
-                Conn::Cluster(
-                    client
-                        .get_async_connection()
-                        .await
-                        .map_err(|e| map_err(&e))?,
-                )
-            } else {
-                let client = redis::Client::open(cfg.url.as_str()).map_err(bad_url)?;
-                // Few, short reconnect attempts: an operation waits on a reconnect in progress,
-                // and our per-operation deadline answers `Unavailable` meanwhile anyway.
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(cfg.connect_timeout))
-                    .set_response_timeout(Some(cfg.response_timeout))
-                    .set_number_of_retries(2)
-                    .set_min_delay(Duration::from_millis(20))
-                    .set_max_delay(Duration::from_millis(500));
-                Conn::Single(
-                    client
-                        .get_connection_manager_with_config(config)
-                        .await
-                        .map_err(|e| map_err(&e))?,
-                )
-            };
-            Ok::<Conn, StoreError>(conn)
+            let conn = open(cfg, cluster, cfg.response_timeout, &bad_url).await?;
+            // Each writer is a connection of its own (see `Inner::writers`).
+            let mut writers = Vec::new();
+            if cfg.durability != Durability::None {
+                for _ in 0..durability::WRITE_CONNECTIONS {
+                    let timeout = cfg.response_timeout + cfg.durability.timeout();
+                    writers.push(open(cfg, cluster, timeout, &bad_url).await?);
+                }
+            }
+            Ok::<(Conn, Vec<Conn>), StoreError>((conn, writers))
         };
-        let conn = tokio::time::timeout(cfg.connect_timeout, connecting)
+        let (conn, writers) = tokio::time::timeout(cfg.connect_timeout, connecting)
             .await
             .map_err(|_| StoreError::Unavailable("redis connection timed out".into()))??;
         let store = RedisStore {
             inner: std::sync::Arc::new(Inner {
                 conn,
+                writers,
+                next_writer: std::sync::atomic::AtomicUsize::new(0),
+                durability: cfg.durability,
                 cluster,
                 keys: Keys {
                     prefix: cfg.key_prefix.clone(),
@@ -664,7 +731,33 @@ impl RedisStore {
                 .run(async move { script.load_async(&mut conn).await })
                 .await?;
         }
+        store.probe_durability().await?;
         Ok(store)
+    }
+
+    /// Refuses to start when the server cannot confirm writes as configured (`WAITAOF` before
+    /// Redis 7.2, or `durability_local` without `appendonly yes`), rather than failing every
+    /// write later. Confirms nothing: this connection wrote nothing yet, so it returns at once.
+    async fn probe_durability(&self) -> Result<(), StoreError> {
+        let Some(cmd) = self.inner.durability.command() else {
+            return Ok(());
+        };
+        let mut conn = self
+            .inner
+            .writers
+            .first()
+            .unwrap_or(&self.inner.conn)
+            .clone();
+        self.run(async move { cmd.query_async::<Value>(&mut conn).await })
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "storage.redis_durability = {}: the server refused {} ({e}); WAITAOF needs Redis >= 7.2, and appendonly yes when storage.redis_durability_local > 0",
+                    self.inner.durability.label(),
+                    self.inner.durability.label().to_uppercase()
+                ))
+            })?;
+        Ok(())
     }
 
     /// Whether this store talks to a Redis Cluster.
@@ -691,6 +784,60 @@ impl RedisStore {
 
     fn conn(&self) -> Conn {
         self.inner.conn.clone()
+    }
+
+    /// The connection for a write the API acknowledges: with `storage.redis_durability` set,
+    /// one of the writer connections, whose every command is confirmed (`durability`). Run it
+    /// under [`RedisStore::run_write`].
+    fn writer(&self) -> durability::Acked {
+        let writers = &self.inner.writers;
+        let conn = if writers.is_empty() {
+            self.conn()
+        } else {
+            let i = self
+                .inner
+                .next_writer
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            writers[i % writers.len()].clone()
+        };
+        durability::Acked::new(conn, self.inner.durability)
+    }
+
+    /// [`RedisStore::run`] for writes on [`RedisStore::writer`]: the deadline adds the time a
+    /// confirmation may take. A write that fails here (deadline, not confirmed) may have been
+    /// applied on the primary: callers must treat it like any `Unavailable` (nothing undone).
+    pub(crate) async fn run_write<T>(
+        &self,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        let deadline = self.inner.op_timeout + self.inner.durability.timeout();
+        match tokio::time::timeout(deadline, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(map_err(&e)),
+            Err(_) => Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            )),
+        }
+    }
+
+    /// One write command, confirmed per `storage.redis_durability`.
+    pub(crate) async fn query_write<T: redis::FromRedisValue>(
+        &self,
+        cmd: Cmd,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer();
+        self.run_write(async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
+    /// One write script, confirmed per `storage.redis_durability`.
+    pub(crate) async fn invoke_write<T: redis::FromRedisValue>(
+        &self,
+        inv: redis::ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer();
+        self.run_write(async move { inv.invoke_async(&mut conn).await })
+            .await
     }
 
     fn keys(&self) -> &Keys {
@@ -978,18 +1125,15 @@ impl TokenStore for RedisStore {
                 }
             }
             for cmd in cmds {
-                self.query::<redis::Value>(cmd).await?;
+                self.query_write::<redis::Value>(cmd).await?;
             }
         } else {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
+            let mut inv = self.inner.scripts.insert_merchant.prepare_invoke();
             for (key, value) in &writes {
-                pipe.cmd("SET").arg(key).arg(value).ignore();
+                inv.key(key).arg(value);
             }
-            pipe.cmd("SADD").arg(&set).arg(m.id.as_str()).ignore();
-            let mut conn = self.conn();
-            self.run(async move { pipe.query_async::<()>(&mut conn).await })
-                .await?;
+            inv.key(&set).arg(m.id.as_str());
+            self.invoke_write::<i64>(inv).await?;
         }
         Ok(())
     }
@@ -1033,10 +1177,7 @@ impl TokenStore for RedisStore {
             .arg(k.token_counts(m))
             .arg(k.wallet_of(rec))
             .arg(WalletKey::of(rec).as_str());
-        let mut conn = self.conn();
-        let existing: Option<String> = self
-            .run(async move { inv.invoke_async(&mut conn).await })
-            .await?;
+        let existing: Option<String> = self.invoke_write(inv).await?;
         match existing {
             None => Ok(InsertOutcome::Inserted),
             Some(j) => Ok(InsertOutcome::Existing(Box::new(decode(
@@ -1067,10 +1208,7 @@ impl TokenStore for RedisStore {
 
     async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
         let inv = self.update_invocation(&self.inner.scripts.update_token, rec)?;
-        let mut conn = self.conn();
-        let code: i64 = self
-            .run(async move { inv.invoke_async(&mut conn).await })
-            .await?;
+        let code: i64 = self.invoke_write(inv).await?;
         match code {
             0 => Ok(()),
             1 => Err(StoreError::NotFound),
@@ -1088,9 +1226,7 @@ impl TokenStore for RedisStore {
             .arg(k.fp_prefix(merchant))
             .arg(k.d1_prefix(merchant))
             .arg(k.token_counts(merchant));
-        let mut conn = self.conn();
-        self.run(async move { inv.invoke_async::<i64>(&mut conn).await })
-            .await?;
+        self.invoke_write::<i64>(inv).await?;
         Ok(())
     }
 
@@ -1207,18 +1343,12 @@ impl TokenStore for RedisStore {
                 response: response.clone(),
             },
         )?;
-        let key = self.keys().idempotency(scope, key);
-        let mut conn = self.conn();
-        self.run(async move {
-            redis::cmd("SET")
-                .arg(&key)
-                .arg(&json)
-                .arg("PX")
-                .arg(ttl_ms(ttl))
-                .query_async::<()>(&mut conn)
-                .await
-        })
-        .await
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.keys().idempotency(scope, key))
+            .arg(&json)
+            .arg("PX")
+            .arg(ttl_ms(ttl));
+        self.query_write::<()>(cmd).await
     }
 
     async fn idempotency_abort(&self, scope: &str, key: &str) -> Result<(), StoreError> {

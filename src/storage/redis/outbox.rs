@@ -261,7 +261,7 @@ impl RedisStore {
                 .arg("*")
                 .arg("j")
                 .arg(job);
-            self.query::<String>(c).await?;
+            self.query_write::<String>(c).await?;
         }
         Ok(())
     }
@@ -306,7 +306,7 @@ impl OutboxStore for RedisStore {
             .insert_endpoint
             .key(self.outbox_keys().endpoints(&ep.merchant_id));
         inv.arg(ep.id.as_str()).arg(json).arg(max);
-        Ok(self.invoke::<i64>(inv).await? == 1)
+        Ok(self.invoke_write::<i64>(inv).await? == 1)
     }
 
     async fn list_endpoints(
@@ -339,7 +339,7 @@ impl OutboxStore for RedisStore {
         let mut c = redis::cmd("HDEL");
         c.arg(self.outbox_keys().endpoints(merchant))
             .arg(id.as_str());
-        Ok(self.query::<i64>(c).await? == 1)
+        Ok(self.query_write::<i64>(c).await? == 1)
     }
 
     async fn enqueue_event(
@@ -373,7 +373,7 @@ impl OutboxStore for RedisStore {
             .arg(&fields)
             .arg(&states)
             .arg(&jobs);
-        self.invoke::<i64>(inv).await?;
+        self.invoke_write::<i64>(inv).await?;
         if cluster {
             // After the event: a job never names a missing event.
             self.xadd_jobs(&jobs).await?;
@@ -458,7 +458,7 @@ impl OutboxStore for RedisStore {
             .arg(&fields)
             .arg(&states)
             .arg(&jobs);
-        let existed = self.invoke::<i64>(inv).await? == 1;
+        let existed = self.invoke_write::<i64>(inv).await? == 1;
         if cluster && existed {
             self.xadd_jobs(&jobs).await?;
         }

@@ -25,6 +25,7 @@ pub fn redis_config(url: String, nodes: Vec<String>) -> RedisConfig {
         key_prefix: "tgtest".into(),
         connect_timeout: Duration::from_secs(5),
         response_timeout: Duration::from_secs(2),
+        ..RedisConfig::default()
     }
 }
 
