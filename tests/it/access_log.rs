@@ -111,7 +111,10 @@ async fn access_log_is_json_with_request_id_and_route_template_and_no_card_data(
         .into_iter()
         .find(|v| v["message"] == "token request with wrong client credentials")
         .unwrap_or_else(|| panic!("no handler line: {}", buf.text()));
-    assert_eq!(inner["span"]["request_id"], "it-access-log-inner", "{inner}");
+    assert_eq!(
+        inner["span"]["request_id"], "it-access-log-inner",
+        "{inner}"
+    );
     assert_eq!(inner["span"]["route"], "/oauth2/token", "{inner}");
 
     let lines = buf.access_lines();
@@ -163,27 +166,7 @@ async fn sampling_drops_successes_but_never_errors() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    // A line logged while a request is handled carries its request id and route template.
-    let r = app
-        .client
-        .post(app.url("/oauth2/token"))
-        .basic_auth("not-d1", Some("wrong"))
-        .header("x-request-id", "it-access-log-inner")
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("grant_type=client_credentials")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
     app.stop().await;
-
-    let inner = buf
-        .json_lines()
-        .into_iter()
-        .find(|v| v["message"] == "token request with wrong client credentials")
-        .unwrap_or_else(|| panic!("no handler line: {}", buf.text()));
-    assert_eq!(inner["span"]["request_id"], "it-access-log-inner", "{inner}");
-    assert_eq!(inner["span"]["route"], "/oauth2/token", "{inner}");
 
     let lines = buf.access_lines();
     assert!(
