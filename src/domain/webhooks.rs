@@ -60,6 +60,14 @@ const SECRET_PURPOSE: &str = "webhook-secret";
 const BATCH: usize = 16;
 /// Bound on resolving an endpoint's host at registration (the request waits for it).
 const REGISTRATION_RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest overlap of a secret rotation: long enough to roll a receiver's configuration out,
+/// short enough that a leaked old secret does not stay valid for long.
+pub const MAX_ROTATION_OVERLAP: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Overlap of a rotation that names none.
+pub const DEFAULT_ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
+/// Read-modify-write rounds of an endpoint change before giving up on concurrent writers
+/// (each round is a compare-and-set; losing it means someone else changed the endpoint).
+const ENDPOINT_CAS_ROUNDS: usize = 5;
 
 // --- identifiers -------------------------------------------------------------------------------
 
@@ -245,6 +253,16 @@ impl fmt::Debug for SealedSecret {
     }
 }
 
+/// The secret an endpoint had before its last rotation: deliveries are signed with it too until
+/// `expires_at`, so receivers can switch secrets without dropping a request. Sealed like the
+/// current one (same purpose and binding: it is the same endpoint's secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousSecret {
+    pub secret: SealedSecret,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+}
+
 /// A merchant's registered receiver.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookEndpoint {
@@ -256,6 +274,25 @@ pub struct WebhookEndpoint {
     pub secret: SealedSecret,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// The secret before the last rotation, while its overlap lasts. An expired one is ignored
+    /// and dropped at the endpoint's next change. Absent in records from before rotation existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<PreviousSecret>,
+    /// When the secret was last rotated (`None`: never). Tells an idempotent replay whether the
+    /// secret it would show is still the one its request produced.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub secret_rotated_at: Option<OffsetDateTime>,
+}
+
+impl WebhookEndpoint {
+    /// The previous secret if its overlap has not ended at `at`.
+    pub fn live_previous_secret(&self, at: OffsetDateTime) -> Option<&PreviousSecret> {
+        self.previous_secret.as_ref().filter(|p| p.expires_at > at)
+    }
 }
 
 impl fmt::Debug for WebhookEndpoint {
@@ -266,6 +303,8 @@ impl fmt::Debug for WebhookEndpoint {
             .field("url", &"<redacted>")
             .field("events", &self.events)
             .field("secret", &self.secret)
+            .field("previous_secret", &self.previous_secret)
+            .field("secret_rotated_at", &self.secret_rotated_at)
             .finish()
     }
 }
@@ -423,7 +462,19 @@ fn invalid(code: &'static str, detail: impl Into<String>) -> WebhookError {
 
 /// The `Tokengate-Signature` value for `body` sent at Unix time `t`.
 pub fn signature_header(secret: &[u8], t: i64, body: &[u8]) -> String {
-    format!("t={t},v1={}", hex::encode(sign(secret, t, body)))
+    signature_header_multi(&[secret], t, body)
+}
+
+/// The `Tokengate-Signature` value with one `v1` per secret, in the order given: during a
+/// rotation's overlap `t=<t>,v1=<new>,v1=<old>`, so a receiver still holding the old secret
+/// and one already holding the new one both find a match.
+pub fn signature_header_multi(secrets: &[&[u8]], t: i64, body: &[u8]) -> String {
+    let mut h = format!("t={t}");
+    for secret in secrets {
+        h.push_str(",v1=");
+        h.push_str(&hex::encode(sign(secret, t, body)));
+    }
+    h
 }
 
 fn sign(secret: &[u8], t: i64, body: &[u8]) -> Vec<u8> {
@@ -526,6 +577,38 @@ pub fn validate_url(url: &str, allow_http: bool) -> Result<(), WebhookError> {
             "invalid_webhook_url",
             "url must be an absolute http(s) URL",
         )),
+    }
+}
+
+/// The subscribed types of an endpoint: at least one, each known; duplicates collapse.
+fn parse_event_types(events: &[String]) -> Result<Vec<EventType>, WebhookError> {
+    if events.is_empty() || events.len() > EventType::ALL.len() * 4 {
+        return Err(invalid(
+            "invalid_event_types",
+            "events must list at least one event type",
+        ));
+    }
+    let mut types = Vec::new();
+    for e in events {
+        let t = EventType::parse(e).ok_or_else(|| {
+            let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+            invalid(
+                "invalid_event_types",
+                format!("unknown event type; known types are {}", known.join(", ")),
+            )
+        })?;
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    Ok(types)
+}
+
+/// Forgets a previous secret whose overlap is over, so it does not stay at rest longer than
+/// needed (the worker already ignores it).
+fn drop_expired_previous(ep: &mut WebhookEndpoint, at: OffsetDateTime) {
+    if ep.live_previous_secret(at).is_none() {
+        ep.previous_secret = None;
     }
 }
 
@@ -683,41 +766,19 @@ impl WebhookService {
         url: &str,
         events: &[String],
     ) -> Result<(WebhookEndpoint, Zeroizing<String>), WebhookError> {
-        validate_url(url, self.settings.allow_plain_http)?;
-        self.check_destination(url).await?;
-        if events.is_empty() || events.len() > EventType::ALL.len() * 4 {
-            return Err(invalid(
-                "invalid_event_types",
-                "events must list at least one event type",
-            ));
-        }
-        let mut types = Vec::new();
-        for e in events {
-            let t = EventType::parse(e).ok_or_else(|| {
-                let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
-                invalid(
-                    "invalid_event_types",
-                    format!("unknown event type; known types are {}", known.join(", ")),
-                )
-            })?;
-            if !types.contains(&t) {
-                types.push(t);
-            }
-        }
+        self.check_url(url).await?;
+        let types = parse_event_types(events)?;
         let id = EndpointId::generate();
-        let secret = Zeroizing::new(format!("{SECRET_PREFIX}{}", random_b64(32)));
-        let (key_id, blob) = self.keyring.seal_secret(
-            SECRET_PURPOSE,
-            &Self::secret_binding(merchant, &id),
-            secret.as_bytes(),
-        );
+        let (secret, sealed) = self.new_secret(merchant, &id);
         let ep = WebhookEndpoint {
             id,
             merchant_id: merchant.clone(),
             url: url.to_owned(),
             events: types,
-            secret: SealedSecret { key_id, blob },
+            secret: sealed,
             created_at: now(),
+            previous_secret: None,
+            secret_rotated_at: None,
         };
         if !self
             .outbox
@@ -727,6 +788,119 @@ impl WebhookService {
             return Err(WebhookError::TooManyEndpoints);
         }
         Ok((ep, secret))
+    }
+
+    /// A fresh signing secret for the endpoint, and its sealed form (bound to merchant and
+    /// endpoint, so a sealed secret copied to another endpoint does not open).
+    fn new_secret(
+        &self,
+        merchant: &MerchantId,
+        id: &EndpointId,
+    ) -> (Zeroizing<String>, SealedSecret) {
+        let secret = Zeroizing::new(format!("{SECRET_PREFIX}{}", random_b64(32)));
+        let (key_id, blob) = self.keyring.seal_secret(
+            SECRET_PURPOSE,
+            &Self::secret_binding(merchant, id),
+            secret.as_bytes(),
+        );
+        (secret, SealedSecret { key_id, blob })
+    }
+
+    /// The URL rules and the SSRF guard, the same at registration and at every change.
+    async fn check_url(&self, url: &str) -> Result<(), WebhookError> {
+        validate_url(url, self.settings.allow_plain_http)?;
+        self.check_destination(url).await
+    }
+
+    /// Changes an endpoint's URL and/or subscribed event types (`None`: unchanged), with the
+    /// checks of registration. The secret is untouched. Deliveries already queued go to the
+    /// new URL from their next attempt on (the worker reads the endpoint per attempt).
+    pub async fn update_endpoint(
+        &self,
+        merchant: &MerchantId,
+        id: &str,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> Result<WebhookEndpoint, WebhookError> {
+        let id = EndpointId::parse(id).ok_or(WebhookError::EndpointNotFound)?;
+        // Validate before looking the endpoint up: a bad request is a bad request whether or
+        // not the endpoint exists, and the (slow) SSRF resolution is not repeated per round.
+        if let Some(url) = url {
+            self.check_url(url).await?;
+        }
+        let types = events.map(parse_event_types).transpose()?;
+        self.change_endpoint(merchant, &id, |ep, at| {
+            if let Some(url) = url {
+                ep.url = url.to_owned();
+            }
+            if let Some(types) = &types {
+                ep.events = types.clone();
+            }
+            drop_expired_previous(ep, at);
+        })
+        .await
+    }
+
+    /// Gives the endpoint a new signing secret and returns it (shown once, like at creation).
+    /// For `overlap` the replaced secret keeps signing too (both signatures in the header);
+    /// after it, only the new one. A rotation during an overlap replaces the previous secret:
+    /// the one being replaced becomes the previous one, the one before it is dropped at once,
+    /// so at most two secrets sign.
+    pub async fn rotate_secret(
+        &self,
+        merchant: &MerchantId,
+        id: &str,
+        overlap: Duration,
+    ) -> Result<(WebhookEndpoint, Zeroizing<String>), WebhookError> {
+        if overlap > MAX_ROTATION_OVERLAP {
+            return Err(invalid(
+                "invalid_rotation_overlap",
+                format!(
+                    "overlapSeconds must be 0 to {}",
+                    MAX_ROTATION_OVERLAP.as_secs()
+                ),
+            ));
+        }
+        let id = EndpointId::parse(id).ok_or(WebhookError::EndpointNotFound)?;
+        let (secret, sealed) = self.new_secret(merchant, &id);
+        let ep = self
+            .change_endpoint(merchant, &id, |ep, at| {
+                let old = std::mem::replace(&mut ep.secret, sealed.clone());
+                ep.previous_secret = (!overlap.is_zero()).then(|| PreviousSecret {
+                    secret: old,
+                    expires_at: at + overlap,
+                });
+                ep.secret_rotated_at = Some(at);
+            })
+            .await?;
+        tracing::info!(endpoint_id = %ep.id, overlap_s = overlap.as_secs(), "webhook endpoint secret rotated");
+        Ok((ep, secret))
+    }
+
+    /// Read, change, compare-and-set, until the write lands on the version it read: an update
+    /// and a rotation racing each other both take effect, neither overwrites the other.
+    async fn change_endpoint(
+        &self,
+        merchant: &MerchantId,
+        id: &EndpointId,
+        change: impl Fn(&mut WebhookEndpoint, OffsetDateTime),
+    ) -> Result<WebhookEndpoint, WebhookError> {
+        for _ in 0..ENDPOINT_CAS_ROUNDS {
+            let current = self
+                .outbox
+                .get_endpoint(merchant, id)
+                .await?
+                .ok_or(WebhookError::EndpointNotFound)?;
+            let mut next = current.clone();
+            change(&mut next, now());
+            if next == current {
+                return Ok(current);
+            }
+            if self.outbox.replace_endpoint(&current, &next).await? {
+                return Ok(next);
+            }
+        }
+        Err(WebhookError::Domain(DomainError::Conflict))
     }
 
     /// The SSRF guard at registration: refuses a URL whose host is, or now resolves to, a
@@ -769,13 +943,22 @@ impl WebhookService {
 
     /// The endpoint's signing secret, opened from its sealed form.
     pub fn endpoint_secret(&self, ep: &WebhookEndpoint) -> Result<Zeroizing<String>, WebhookError> {
+        self.open_secret(ep, &ep.secret)
+    }
+
+    /// Opens one of `ep`'s sealed secrets (the current or the previous one).
+    fn open_secret(
+        &self,
+        ep: &WebhookEndpoint,
+        sealed: &SealedSecret,
+    ) -> Result<Zeroizing<String>, WebhookError> {
         let bytes = self
             .keyring
             .open_secret(
                 SECRET_PURPOSE,
                 &Self::secret_binding(&ep.merchant_id, &ep.id),
-                &ep.secret.key_id,
-                &ep.secret.blob,
+                &sealed.key_id,
+                &sealed.blob,
             )
             .map_err(|e| {
                 WebhookError::Domain(DomainError::Internal(format!(
@@ -1094,13 +1277,27 @@ impl WebhookService {
                 return Ok(Some(dead(state, "secret_unavailable")));
             }
         };
+        // During a rotation's overlap the previous secret signs too. One that does not open
+        // only costs the receivers still on it this attempt's match; the new one still signs.
+        let previous = match ep.live_previous_secret(started) {
+            Some(p) => match self.open_secret(&ep, &p.secret) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(endpoint_id = %ep.id, error = %e, "webhook previous secret unavailable; signing with the current one only");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut secrets: Vec<&[u8]> = vec![secret.as_bytes()];
+        secrets.extend(previous.as_ref().map(|s| s.as_bytes()));
         let body = rec.event.payload.as_str();
         let req = OutboundRequest {
             url: &ep.url,
             headers: vec![
                 (
                     SIGNATURE_HEADER,
-                    signature_header(secret.as_bytes(), started.unix_timestamp(), body.as_bytes()),
+                    signature_header_multi(&secrets, started.unix_timestamp(), body.as_bytes()),
                 ),
                 (EVENT_ID_HEADER, rec.event.id.as_str().to_owned()),
                 (EVENT_TYPE_HEADER, rec.event.event_type.as_str().to_owned()),
@@ -1320,6 +1517,35 @@ mod tests {
         assert!(h.ends_with(&hex::encode(mac.finalize().into_bytes())));
     }
 
+    #[test]
+    fn during_an_overlap_both_secrets_sign_and_either_verifies() {
+        let (new, old) = (b"whsec_new".as_slice(), b"whsec_old".as_slice());
+        let body = br#"{"id":"evt_1"}"#;
+        let h = signature_header_multi(&[new, old], 1_700_000_000, body);
+        // New first, then old, each the single-secret signature.
+        let single_new = signature_header(new, 1_700_000_000, body);
+        let single_old = signature_header(old, 1_700_000_000, body);
+        assert_eq!(
+            h,
+            format!(
+                "{single_new},v1={}",
+                &single_old["t=1700000000,v1=".len()..]
+            )
+        );
+        assert_eq!(h.matches("v1=").count(), 2, "{h}");
+        let w = REPLAY_WINDOW;
+        assert!(verify_signature(new, &h, body, 1_700_000_000, w));
+        assert!(verify_signature(old, &h, body, 1_700_000_000, w));
+        assert!(!verify_signature(
+            b"whsec_other",
+            &h,
+            body,
+            1_700_000_000,
+            w
+        ));
+        assert!(!verify_signature(old, &single_new, body, 1_700_000_000, w));
+    }
+
     /// The vector in docs/webhooks.md (also checked there with openssl, Python and Node), and the
     /// Rust receiver snippet from that page, verbatim.
     #[test]
@@ -1455,6 +1681,8 @@ mod tests {
                 blob: vec![7; 60],
             },
             created_at: now(),
+            previous_secret: None,
+            secret_rotated_at: None,
         };
         let d = format!("{ep:?}");
         assert!(!d.contains("s3cret") && !d.contains("example.com"), "{d}");

@@ -91,7 +91,13 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         )
         .route(
             "/v1/webhook-endpoints/{id}",
-            get(webhooks::get_endpoint).delete(webhooks::delete_endpoint),
+            get(webhooks::get_endpoint)
+                .patch(webhooks::update_endpoint)
+                .delete(webhooks::delete_endpoint),
+        )
+        .route(
+            "/v1/webhook-endpoints/{id}/rotate-secret",
+            post(webhooks::rotate_secret),
         )
         // The audit trail (docs/security.md, "Audit trail").
         .route("/v1/audit-events", get(audit_events::list_audit_events))

@@ -62,6 +62,8 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         super::handlers::webhooks::list_endpoints,
         super::handlers::webhooks::get_endpoint,
         super::handlers::webhooks::delete_endpoint,
+        super::handlers::webhooks::update_endpoint,
+        super::handlers::webhooks::rotate_secret,
         super::handlers::webhooks::list_events,
         super::handlers::webhooks::get_event,
         super::handlers::webhooks::redeliver_event,

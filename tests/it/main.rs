@@ -26,4 +26,5 @@ mod store_contract;
 mod tls;
 mod token_counts;
 mod wallets;
+mod webhook_endpoint_store;
 mod webhooks;

@@ -601,6 +601,80 @@ async fn real_responses_match_the_document() {
     c.check("GET", "/v1/webhook-endpoints/{id}", r).await;
     let r = send(&app, Method::GET, "/v1/webhook-endpoints/we_nope", k, None).await;
     c.check("GET", "/v1/webhook-endpoints/{id}", r).await;
+    // Changing it (the URL stays the closed port, so the events below still fail), and
+    // rotating its secret: the answer shows the new one, in the creation's schema.
+    let ep_path = format!("/v1/webhook-endpoints/{ep_id}");
+    let r = send(
+        &app,
+        Method::PATCH,
+        &ep_path,
+        k,
+        Some(json!({"events": ["token.suspended", "token.resumed", "token.updated"]})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    c.check("PATCH", "/v1/webhook-endpoints/{id}", r).await;
+    let r = send(
+        &app,
+        Method::PATCH,
+        &ep_path,
+        k,
+        Some(json!({"url": "ftp://example.com/"})),
+    )
+    .await;
+    assert_code(
+        &c.check("PATCH", "/v1/webhook-endpoints/{id}", r).await,
+        "invalid_webhook_url",
+    );
+    let r = send(
+        &app,
+        Method::PATCH,
+        "/v1/webhook-endpoints/we_nope",
+        k,
+        Some(json!({"events": ["token.suspended"]})),
+    )
+    .await;
+    c.check("PATCH", "/v1/webhook-endpoints/{id}", r).await;
+    let rotate = format!("{ep_path}/rotate-secret");
+    let r = send(
+        &app,
+        Method::POST,
+        &rotate,
+        k,
+        Some(json!({"overlapSeconds": 3600})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let rotated = c
+        .check("POST", "/v1/webhook-endpoints/{id}/rotate-secret", r)
+        .await;
+    assert!(
+        rotated["secret"].is_string() && rotated["previousSecretExpiresAt"].is_string(),
+        "{rotated}"
+    );
+    let r = send(&app, Method::POST, &rotate, k, None).await;
+    assert_eq!(r.status(), 200);
+    c.check("POST", "/v1/webhook-endpoints/{id}/rotate-secret", r)
+        .await;
+    let r = send(
+        &app,
+        Method::POST,
+        &rotate,
+        k,
+        Some(json!({"overlapSeconds": 999_999})),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/webhook-endpoints/{id}/rotate-secret", r)
+            .await,
+        "invalid_rotation_overlap",
+    );
+    let r = send(&app, Method::GET, &ep_path, k, None).await;
+    let read = c.check("GET", "/v1/webhook-endpoints/{id}", r).await;
+    assert!(
+        read.get("secret").is_none() && read["secretRotatedAt"].is_string(),
+        "{read}"
+    );
 
     // Cryptograms and the lifecycle.
     let crypto_path = format!("/v1/tokens/{id}/cryptograms");

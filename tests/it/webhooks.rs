@@ -335,6 +335,8 @@ crate::backend_tests!(standalone:
     dead_letter_then_redeliver,
     stopped_mid_delivery_delivers_after_restart,
     endpoints_validation_idempotency_and_isolation,
+    update_moves_deliveries_and_keeps_the_checks,
+    rotation_signs_with_both_secrets_during_the_overlap,
 );
 
 // The outbox (a Redis Stream and ZSETs under the merchant's hash tag) on a real Cluster.
@@ -874,6 +876,385 @@ async fn endpoints_validation_idempotency_and_isolation(b: Backend) {
     expect_problem(r, 409, "too_many_webhook_endpoints").await;
 }
 
+// --- changing endpoints: update and secret rotation --------------------------------------------
+
+async fn patch(app: &TestApp, path: &str, key: &str, body: &Value) -> reqwest::Response {
+    app.client
+        .patch(app.url(path))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `t` and every `v1` of a delivery's `Tokengate-Signature`, in order.
+fn signatures(hit: &Hit) -> (i64, Vec<String>) {
+    let sig = hit.header("tokengate-signature");
+    let mut t = None;
+    let mut v1 = Vec::new();
+    for part in sig.split(',') {
+        match part.split_once('=') {
+            Some(("t", v)) => t = v.parse::<i64>().ok(),
+            Some(("v1", v)) => v1.push(v.to_owned()),
+            _ => {}
+        }
+    }
+    (t.unwrap_or_else(|| panic!("no t= in {sig:?}")), v1)
+}
+
+/// HMAC-SHA256 of `"<t>.<body>"` under `secret`, computed here (not the gateway's code).
+fn hmac_hex(secret: &str, t: i64, body: &str) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Asserts the delivery carries exactly one `v1` per secret, in this order (newest first).
+fn assert_signed_by(hit: &Hit, secrets: &[&str]) {
+    let (t, v1) = signatures(hit);
+    let want: Vec<String> = secrets.iter().map(|s| hmac_hex(s, t, &hit.body)).collect();
+    assert_eq!(v1, want, "signatures of {}", hit.event_id());
+    // The gateway's own verifier accepts each secret alone.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for s in secrets {
+        assert!(tokengate::domain::webhooks::verify_signature(
+            s.as_bytes(),
+            hit.header("tokengate-signature"),
+            hit.body.as_bytes(),
+            now,
+            tokengate::domain::webhooks::REPLAY_WINDOW,
+        ));
+    }
+}
+
+/// Suspends then resumes `token`; returns the deliveries of the two events to `rx`.
+async fn suspend_and_resume(app: &TestApp, key: &str, token: &str, rx: &Receiver) -> Vec<Hit> {
+    let before = rx.hits().len();
+    for verb in ["suspend", "resume"] {
+        let r = post_empty(app, &format!("/v1/tokens/{token}/{verb}"), key).await;
+        assert_eq!(r.status(), 200, "{verb}");
+    }
+    eventually("two deliveries", || async {
+        let hits = rx.hits();
+        (hits.len() >= before + 2).then(|| hits[before..].to_vec())
+    })
+    .await
+}
+
+/// `PATCH /v1/webhook-endpoints/{id}`: the URL and the event types change (deliveries follow),
+/// with the checks of registration; the secret stays; idempotent; other merchants get 404.
+async fn update_moves_deliveries_and_keeps_the_checks(b: Backend) {
+    let app = sandbox(b).await;
+    let (rx1, rx2) = (Receiver::start().await, Receiver::start().await);
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let (_, other) = app.create_merchant("Other").await;
+    let (ep_id, secret) = endpoint(&app, &key, &rx1.url(), &["token.suspended"]).await;
+    let path = format!("/v1/webhook-endpoints/{ep_id}");
+
+    let r = patch(
+        &app,
+        &path,
+        &key,
+        &json!({"url": rx2.url(), "events": ["token.resumed"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let ep: Value = r.json().await.unwrap();
+    assert_eq!(ep["id"], ep_id.as_str());
+    assert_eq!(ep["url"], rx2.url());
+    assert_eq!(ep["events"], json!(["token.resumed"]));
+    assert!(ep.get("secret").is_none(), "{ep}");
+    let read: Value = app.get(&path, &key).await.json().await.unwrap();
+    assert_eq!(read, ep);
+
+    // Only the resumption is subscribed now, and it goes to the new URL, signed as before.
+    for verb in ["suspend", "resume"] {
+        let r = post_empty(&app, &format!("/v1/tokens/{token}/{verb}"), &key).await;
+        assert_eq!(r.status(), 200, "{verb}");
+    }
+    let hit = eventually("the resumed event at the new URL", || async {
+        rx2.hits().first().cloned()
+    })
+    .await;
+    assert_eq!(hit.header("tokengate-event-type"), "token.resumed");
+    assert_signed(&secret, &hit);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(rx1.hits().is_empty(), "the old URL got a delivery");
+    assert_eq!(rx2.hits().len(), 1, "an unsubscribed event was delivered");
+
+    // Either field alone; the other stays.
+    let r = patch(
+        &app,
+        &path,
+        &key,
+        &json!({"events": ["token.suspended", "token.resumed", "token.suspended"]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let ep: Value = r.json().await.unwrap();
+    assert_eq!(ep["url"], rx2.url());
+    assert_eq!(ep["events"], json!(["token.suspended", "token.resumed"]));
+
+    // The checks of registration; a refused change changes nothing.
+    for (body, status, code) in [
+        (
+            json!({"url": "https://10.0.0.1/hook"}),
+            400,
+            "webhook_url_forbidden",
+        ),
+        (
+            json!({"url": "https://169.254.169.254/latest/meta-data/"}),
+            400,
+            "webhook_url_forbidden",
+        ),
+        (
+            json!({"url": "ftp://example.com/"}),
+            422,
+            "invalid_webhook_url",
+        ),
+        (
+            json!({"url": "https://u:p@example.com/"}),
+            422,
+            "invalid_webhook_url",
+        ),
+        (json!({"events": []}), 422, "invalid_event_types"),
+        (
+            json!({"events": ["token.frozen"]}),
+            422,
+            "invalid_event_types",
+        ),
+        (json!({"secret": "whsec_mine"}), 400, "invalid_field"),
+        (json!({"url": 7}), 400, "invalid_field"),
+    ] {
+        let r = patch(&app, &path, &key, &body).await;
+        expect_problem(r, status, code).await;
+    }
+    let read: Value = app.get(&path, &key).await.json().await.unwrap();
+    assert_eq!(read, ep, "a refused update changed the endpoint");
+
+    // Idempotency-Key: the replay answers the same; another body with the key is refused.
+    let send = |k: &'static str, body: Value| {
+        app.client
+            .patch(app.url(&path))
+            .bearer_auth(&key)
+            .header("idempotency-key", k)
+            .json(&body)
+            .send()
+    };
+    let body = json!({"url": rx1.url()});
+    let first = send("upd-1", body.clone()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.unwrap();
+    let again = send("upd-1", body).await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first);
+    let r = send("upd-1", json!({"url": rx2.url()})).await.unwrap();
+    expect_problem(r, 422, "idempotency_key_reused").await;
+    assert_eq!(first["url"], rx1.url());
+
+    // Another merchant's endpoint, like an unknown one, is not found; nothing changes.
+    let r = patch(&app, &path, &other, &json!({"url": rx2.url()})).await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+    let r = patch(
+        &app,
+        "/v1/webhook-endpoints/whe_nope",
+        &key,
+        &json!({"url": rx2.url()}),
+    )
+    .await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+    let read: Value = app.get(&path, &key).await.json().await.unwrap();
+    assert_eq!(read["url"], rx1.url());
+
+    // A deleted endpoint cannot be updated back into existence.
+    let r = app
+        .client
+        .delete(app.url(&path))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = patch(&app, &path, &key, &json!({"url": rx2.url()})).await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+    let list: Value = app
+        .get("/v1/webhook-endpoints", &key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"], json!([]));
+}
+
+/// `POST /v1/webhook-endpoints/{id}/rotate-secret`: the new secret is shown once; during the
+/// overlap every delivery carries the new and the old signature, after it only the new one; a
+/// rotation during an overlap drops the oldest secret; the secrets never reach the logs or a
+/// later read; other merchants get 404.
+async fn rotation_signs_with_both_secrets_during_the_overlap(b: Backend) {
+    let app = sandbox(b).await;
+    let rx = Receiver::start().await;
+    let (key, token) = merchant_with_token(&app, "Acme").await;
+    let (_, other) = app.create_merchant("Other").await;
+    let (ep_id, s1) = endpoint(&app, &key, &rx.url(), &["token.suspended", "token.resumed"]).await;
+    let path = format!("/v1/webhook-endpoints/{ep_id}/rotate-secret");
+    let rotate = |body: Option<Value>, idem: Option<&'static str>| {
+        let mut r = app.client.post(app.url(&path)).bearer_auth(&key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        if let Some(k) = idem {
+            r = r.header("idempotency-key", k);
+        }
+        r.send()
+    };
+
+    // A long overlap: both secrets sign, new first.
+    let r = rotate(Some(json!({"overlapSeconds": 600})), Some("rot-1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let rotated: Value = r.json().await.unwrap();
+    let s2 = rotated["secret"].as_str().unwrap().to_owned();
+    assert!(s2.starts_with("whsec_") && s2.len() == 6 + 43 && s2 != s1);
+    assert_eq!(rotated["id"], ep_id.as_str());
+    assert_eq!(rotated["url"], rx.url());
+    assert!(rotated["secretRotatedAt"].is_string(), "{rotated}");
+    let expires = time::OffsetDateTime::parse(
+        rotated["previousSecretExpiresAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(left > time::Duration::seconds(590) && left <= time::Duration::seconds(600));
+    // The replay shows the same secret (from its sealed copy, not the idempotency store).
+    let again = rotate(Some(json!({"overlapSeconds": 600})), Some("rot-1"))
+        .await
+        .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap()["secret"], s2.as_str());
+    // Reads never show a secret.
+    let ep_path = format!("/v1/webhook-endpoints/{ep_id}");
+    let read = app.get(&ep_path, &key).await.text().await.unwrap();
+    let list = app
+        .get("/v1/webhook-endpoints", &key)
+        .await
+        .text()
+        .await
+        .unwrap();
+    for body in [&read, &list] {
+        assert!(
+            !body.contains("whsec_") && !body.contains("\"secret\""),
+            "{body}"
+        );
+    }
+    let read: Value = serde_json::from_str(&read).unwrap();
+    assert_eq!(
+        read["previousSecretExpiresAt"],
+        rotated["previousSecretExpiresAt"]
+    );
+
+    for hit in suspend_and_resume(&app, &key, &token, &rx).await {
+        assert_signed_by(&hit, &[&s2, &s1]);
+    }
+
+    // A rotation during the overlap: the secret it replaces (s2) overlaps, s1 is dropped.
+    let r = rotate(Some(json!({"overlapSeconds": 2})), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rotated: Value = r.json().await.unwrap();
+    let s3 = rotated["secret"].as_str().unwrap().to_owned();
+    let expires = time::OffsetDateTime::parse(
+        rotated["previousSecretExpiresAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    for hit in suspend_and_resume(&app, &key, &token, &rx).await {
+        assert_signed_by(&hit, &[&s3, &s2]);
+    }
+    // The first rotation's replay no longer has its secret to show: s2 is not current.
+    let stale = rotate(Some(json!({"overlapSeconds": 600})), Some("rot-1"))
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), 200);
+    assert!(stale.json::<Value>().await.unwrap().get("secret").is_none());
+
+    // After the window: the new secret alone.
+    let wait = expires - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(200);
+    if wait.is_positive() {
+        tokio::time::sleep(wait.unsigned_abs()).await;
+    }
+    let read: Value = app.get(&ep_path, &key).await.json().await.unwrap();
+    assert_eq!(read["previousSecretExpiresAt"], Value::Null);
+    for hit in suspend_and_resume(&app, &key, &token, &rx).await {
+        assert_signed_by(&hit, &[&s3]);
+    }
+
+    // No overlap: the old secret stops at once. No body: the default overlap, 24 hours.
+    let r = rotate(Some(json!({"overlapSeconds": 0})), None)
+        .await
+        .unwrap();
+    let rotated: Value = r.json().await.unwrap();
+    let s4 = rotated["secret"].as_str().unwrap().to_owned();
+    assert_eq!(rotated["previousSecretExpiresAt"], Value::Null);
+    for hit in suspend_and_resume(&app, &key, &token, &rx).await {
+        assert_signed_by(&hit, &[&s4]);
+    }
+    let r = rotate(None, None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let rotated: Value = r.json().await.unwrap();
+    let s5 = rotated["secret"].as_str().unwrap().to_owned();
+    let expires = time::OffsetDateTime::parse(
+        rotated["previousSecretExpiresAt"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = expires - time::OffsetDateTime::now_utc();
+    assert!(left > time::Duration::hours(23) && left <= time::Duration::hours(24));
+
+    // Bounds and shape.
+    for (body, status, code) in [
+        (
+            json!({"overlapSeconds": 604_801}),
+            422,
+            "invalid_rotation_overlap",
+        ),
+        (json!({"overlapSeconds": -1}), 400, "invalid_field"),
+        (json!({"overlapSeconds": "1d"}), 400, "invalid_field"),
+        (json!({"overlap": 60}), 400, "invalid_field"),
+    ] {
+        let r = rotate(Some(body), None).await.unwrap();
+        expect_problem(r, status, code).await;
+    }
+    let r = rotate(Some(json!({"overlapSeconds": 604_800})), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let s6 = r.json::<Value>().await.unwrap()["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Another merchant's endpoint, like an unknown one, is not found.
+    let r = post_empty(&app, &path, &other).await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+    let r = post_empty(&app, "/v1/webhook-endpoints/whe_nope/rotate-secret", &key).await;
+    expect_problem(r, 404, "webhook_endpoint_not_found").await;
+
+    // No secret ever reaches the logs.
+    let logs = captured_logs();
+    for s in [&s1, &s2, &s3, &s4, &s5, &s6] {
+        assert!(
+            !logs.contains(s.trim_start_matches("whsec_")),
+            "a webhook secret in the logs"
+        );
+    }
+}
+
 // --- https --------------------------------------------------------------------------------------
 
 /// HTTPS receivers: one whose certificate chains to the CA in `webhooks.ca_file` gets the event;
@@ -1304,6 +1685,8 @@ fn sample_endpoint(m: &MerchantId) -> WebhookEndpoint {
             blob: vec![1; 60],
         },
         created_at: time::OffsetDateTime::now_utc(),
+        previous_secret: None,
+        secret_rotated_at: None,
     }
 }
 

@@ -76,6 +76,16 @@ pub trait OutboxStore: Send + Sync + 'static {
         id: &EndpointId,
     ) -> Result<Option<WebhookEndpoint>, StoreError>;
 
+    /// Replaces the stored endpoint `expected` by `new` (same merchant and id), only if the
+    /// stored one still equals `expected`: a compare-and-set, so an update and a secret
+    /// rotation racing each other cannot silently undo one another, and a deleted endpoint is
+    /// not brought back. `Ok(false)` (nothing written) when it changed or is gone.
+    async fn replace_endpoint(
+        &self,
+        expected: &WebhookEndpoint,
+        new: &WebhookEndpoint,
+    ) -> Result<bool, StoreError>;
+
     /// Removes an endpoint; `Ok(false)` when the merchant has no such endpoint.
     async fn delete_endpoint(
         &self,

@@ -42,6 +42,8 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
         ("DELETE", "/v1/tokens/{id}/recurring-agreement") => {
             (Scope::TokensWrite, Some(AuditAction::RecurringAgreementEnd))
         }
+        // Changing an endpoint or rotating its secret needs what creating it needs; like
+        // creation, not an audited action (the secret is never in the trail either way).
         (_, p) if p.starts_with("/v1/webhook-endpoints") || p.starts_with("/v1/events") => {
             (Scope::Webhooks, None)
         }
@@ -130,6 +132,8 @@ mod tests {
             ("GET", "/v1/webhook-endpoints"),
             ("GET", "/v1/webhook-endpoints/{id}"),
             ("DELETE", "/v1/webhook-endpoints/{id}"),
+            ("PATCH", "/v1/webhook-endpoints/{id}"),
+            ("POST", "/v1/webhook-endpoints/{id}/rotate-secret"),
             ("GET", "/v1/events"),
             ("GET", "/v1/events/{id}"),
             ("POST", "/v1/events/{id}/redeliver"),

@@ -1,12 +1,15 @@
 //! Merchant webhook routes: endpoints (`/v1/webhook-endpoints`) and the event log with delivery
 //! status (`/v1/events`). Thin adapters over [`crate::domain::webhooks::WebhookService`].
 //!
-//! The signing secret is in the body of the `201` that creates an endpoint and nowhere else.
-//! For `Idempotency-Key` replays the stored response is kept *without* it: the secret is put
-//! into the body on the way out, from the request that just created it or, for a replay, from
-//! the endpoint's sealed copy. So the idempotency store never holds a secret in clear.
+//! The signing secret is in the body of the `201` that creates an endpoint (and of the `200`
+//! that rotates it) and nowhere else. For `Idempotency-Key` replays the stored response is kept
+//! *without* it: the secret is put into the body on the way out, from the request that just
+//! made it or, for a replay, from the endpoint's sealed copy, if that is still the secret the
+//! request made (`secretRotatedAt` matches). So the idempotency store never holds a secret in
+//! clear, and a replay never shows a secret its request did not produce.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::to_bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -16,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::domain::token::MerchantId;
-use crate::domain::webhooks::{DeliveryState, EventRecord, WebhookEndpoint, WebhookService};
+use crate::domain::webhooks::{
+    DEFAULT_ROTATION_OVERLAP, DeliveryState, EventRecord, WebhookEndpoint, WebhookService,
+};
 use crate::http::auth::MerchantAuth;
 use crate::http::dto::rfc3339;
 use crate::http::extract::{Body, parse_json};
@@ -44,6 +49,24 @@ struct CreateEndpointRequest {
     events: Vec<String>,
 }
 
+/// `PATCH /v1/webhook-endpoints/{id}`: what is given changes, what is left out stays.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct UpdateEndpointRequest {
+    url: Option<String>,
+    events: Option<Vec<String>>,
+}
+
+/// `POST /v1/webhook-endpoints/{id}/rotate-secret`; the body may be left out.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RotateSecretRequest {
+    /// How long the replaced secret keeps signing too, 0 to 604800 seconds (7 days); default
+    /// 86400 (24 hours).
+    #[schema(minimum = 0, maximum = 604800)]
+    overlap_seconds: Option<u64>,
+}
+
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 #[schema(as = WebhookEndpoint)]
@@ -52,6 +75,11 @@ struct EndpointView<'a> {
     url: &'a str,
     events: Vec<&'static str>,
     created_at: String,
+    /// When the secret was last rotated; `null` if never.
+    secret_rotated_at: Option<String>,
+    /// While the secret replaced by the last rotation still signs (both signatures are sent):
+    /// until when. `null` otherwise.
+    previous_secret_expires_at: Option<String>,
 }
 
 impl<'a> From<&'a WebhookEndpoint> for EndpointView<'a> {
@@ -61,6 +89,10 @@ impl<'a> From<&'a WebhookEndpoint> for EndpointView<'a> {
             url: &ep.url,
             events: ep.events.iter().map(|e| e.as_str()).collect(),
             created_at: rfc3339(ep.created_at),
+            secret_rotated_at: ep.secret_rotated_at.map(rfc3339),
+            previous_secret_expires_at: ep
+                .live_previous_secret(time::OffsetDateTime::now_utc())
+                .map(|p| rfc3339(p.expires_at)),
         }
     }
 }
@@ -195,9 +227,107 @@ pub async fn create_endpoint(
     add_secret(&hooks, &merchant.id, resp, fresh).await
 }
 
-/// The `201` body of `POST /v1/webhook-endpoints`: [`EndpointView`] plus the signing secret.
-/// A schema only (OpenAPI): the body is built by [`add_secret`]; tests/it/openapi.rs holds it
-/// against a real answer.
+/// Changes an endpoint's URL and/or event types, checked as at registration; the secret stays.
+#[utoipa::path(patch, path = "/v1/webhook-endpoints/{id}", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId, IdempotencyKeyHeader),
+    request_body = UpdateEndpointRequest,
+    responses(
+        (status = 200, description = "The endpoint as changed (without its secret)", body = EndpointView),
+        codes::UpdateEndpointProblems,
+    ))]
+pub async fn update_endpoint(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let path = format!("/v1/webhook-endpoints/{id}");
+    let parts: [&[u8]; 3] = [b"PATCH", path.as_bytes(), &body];
+    run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+        let req: UpdateEndpointRequest = match parse_json(&body) {
+            Ok(r) => r,
+            Err(e) => return e.into(),
+        };
+        match hooks
+            .update_endpoint(&merchant.id, &id, req.url.as_deref(), req.events.as_deref())
+            .await
+        {
+            Ok(ep) => Reply::json(StatusCode::OK, &EndpointView::from(&ep)),
+            Err(e) => ApiError::from(e).into(),
+        }
+    })
+    .await
+}
+
+/// Gives the endpoint a new signing secret, shown once in the answer. For `overlapSeconds`
+/// deliveries carry the signatures of both the new and the replaced secret.
+#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}/rotate-secret", tag = "webhooks",
+    security(("merchantApiKey" = [])),
+    params(PathId, IdempotencyKeyHeader),
+    request_body(content = Option<RotateSecretRequest>, description = "May be left out (default overlap, 24 hours)"),
+    responses(
+        (status = 200, description = "The endpoint, with its new signing secret (shown once)", body = EndpointCreatedSchema),
+        codes::RotateSecretProblems,
+    ))]
+pub async fn rotate_secret(
+    State(state): State<AppState>,
+    MerchantAuth(merchant): MerchantAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    let hooks = match service(&state) {
+        Ok(h) => h,
+        Err(e) => return e.into_response(),
+    };
+    let key = match key_from(&headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let path = format!("/v1/webhook-endpoints/{id}/rotate-secret");
+    let parts: [&[u8]; 3] = [b"POST", path.as_bytes(), &body];
+    let mut fresh: Option<Zeroizing<String>> = None;
+    let resp = run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+        let req: RotateSecretRequest = if body.is_empty() {
+            RotateSecretRequest::default()
+        } else {
+            match parse_json(&body) {
+                Ok(r) => r,
+                Err(e) => return e.into(),
+            }
+        };
+        let overlap = req
+            .overlap_seconds
+            .map_or(DEFAULT_ROTATION_OVERLAP, Duration::from_secs);
+        match hooks.rotate_secret(&merchant.id, &id, overlap).await {
+            Ok((ep, secret)) => {
+                fresh = Some(secret);
+                // Stored for replay as is: without the secret.
+                Reply::json(StatusCode::OK, &EndpointView::from(&ep))
+            }
+            Err(e) => ApiError::from(e).into(),
+        }
+    })
+    .await;
+    if resp.status() != StatusCode::OK {
+        return resp;
+    }
+    add_secret(&hooks, &merchant.id, resp, fresh).await
+}
+
+/// The body of `POST /v1/webhook-endpoints` (`201`) and of `POST .../rotate-secret` (`200`):
+/// [`EndpointView`] plus the signing secret. A schema only (OpenAPI): the body is built by
+/// [`add_secret`]; tests/it/openapi.rs holds it against real answers.
 #[derive(utoipa::ToSchema)]
 #[schema(as = WebhookEndpointCreated, rename_all = "camelCase")]
 #[expect(dead_code, reason = "a schema only; never constructed")]
@@ -208,13 +338,18 @@ struct EndpointCreatedSchema {
     events: Vec<String>,
     #[schema(format = DateTime)]
     created_at: String,
+    #[schema(format = DateTime)]
+    secret_rotated_at: Option<String>,
+    #[schema(format = DateTime)]
+    previous_secret_expires_at: Option<String>,
     /// The HMAC signing secret of this endpoint's deliveries. Shown here once.
     secret: String,
 }
 
-/// Puts `secret` into a `201` endpoint body: the one just generated, or for a replay the
-/// endpoint's own (opened from its sealed copy). A replay for an endpoint deleted since has no
-/// secret to show, and is answered as stored.
+/// Puts `secret` into an endpoint body: the one just generated, or for a replay the endpoint's
+/// own (opened from its sealed copy) if it is still the one the replayed request produced (its
+/// `secretRotatedAt` is the stored answer's). A replay for an endpoint deleted since, or whose
+/// secret was rotated since, has no secret to show, and is answered as stored.
 async fn add_secret(
     hooks: &WebhookService,
     merchant: &MerchantId,
@@ -232,12 +367,15 @@ async fn add_secret(
         Some(s) => Some(s),
         None => {
             let id = v["id"].as_str().unwrap_or_default().to_owned();
+            let stored_rotation = v["secretRotatedAt"].as_str().map(str::to_owned);
             match hooks.get_endpoint(merchant, &id).await {
-                Ok(ep) => match hooks.endpoint_secret(&ep) {
-                    Ok(s) => Some(s),
-                    Err(e) => return ApiError::from(e).into_response(),
-                },
-                Err(_) => None,
+                Ok(ep) if ep.secret_rotated_at.map(rfc3339) == stored_rotation => {
+                    match hooks.endpoint_secret(&ep) {
+                        Ok(s) => Some(s),
+                        Err(e) => return ApiError::from(e).into_response(),
+                    }
+                }
+                _ => None,
             }
         }
     };

@@ -123,6 +123,7 @@ catalogue! {
     INVALID_WEBHOOK_URL = UNPROCESSABLE_ENTITY "invalid_webhook_url" "the webhook URL is not an absolute https URL of at most 2,048 characters";
     INSECURE_WEBHOOK_URL = UNPROCESSABLE_ENTITY "insecure_webhook_url" "the webhook URL must use https outside sandbox mode";
     INVALID_EVENT_TYPES = UNPROCESSABLE_ENTITY "invalid_event_types" "give at least one known event type";
+    INVALID_ROTATION_OVERLAP = UNPROCESSABLE_ENTITY "invalid_rotation_overlap" "`overlapSeconds` must be 0 to 604,800 (7 days)";
     INVALID_CLIENT_CERT_FINGERPRINT = UNPROCESSABLE_ENTITY "invalid_client_cert_fingerprint" "a certificate's `sha256` is not 64 hex digits";
     INVALID_CLIENT_CERT_NAME = UNPROCESSABLE_ENTITY "invalid_client_cert_name" "a certificate's name is empty or too long";
     DUPLICATE_CLIENT_CERT = UNPROCESSABLE_ENTITY "duplicate_client_cert" "the same certificate is listed twice";
@@ -310,6 +311,10 @@ route_problems! {
     ClientCertProblems = [ADMIN_AUTH, JSON_BODY, IDEMPOTENT, &[&MERCHANT_NOT_FOUND, &INVALID_CLIENT_CERT_FINGERPRINT, &INVALID_CLIENT_CERT_NAME, &DUPLICATE_CLIENT_CERT, &TOO_MANY_CLIENT_CERTS, &CLIENT_CERT_NEEDED, &CLIENT_CERT_IN_USE, &INVALID_SCOPES, &STORE_UNAVAILABLE]];
     /// `POST /v1/webhook-endpoints`.
     CreateEndpointProblems = [MERCHANT_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_WEBHOOK_URL, &INSECURE_WEBHOOK_URL, &WEBHOOK_URL_FORBIDDEN, &INVALID_EVENT_TYPES, &TOO_MANY_WEBHOOK_ENDPOINTS, &WEBHOOKS_UNAVAILABLE]];
+    /// `PATCH /v1/webhook-endpoints/{id}`.
+    UpdateEndpointProblems = [MERCHANT_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_WEBHOOK_URL, &INSECURE_WEBHOOK_URL, &WEBHOOK_URL_FORBIDDEN, &INVALID_EVENT_TYPES, &WEBHOOK_ENDPOINT_NOT_FOUND, &CONCURRENT_UPDATE, &WEBHOOKS_UNAVAILABLE]];
+    /// `POST /v1/webhook-endpoints/{id}/rotate-secret`.
+    RotateSecretProblems = [MERCHANT_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_ROTATION_OVERLAP, &WEBHOOK_ENDPOINT_NOT_FOUND, &CONCURRENT_UPDATE, &WEBHOOKS_UNAVAILABLE]];
     /// `GET`/`DELETE /v1/webhook-endpoints/{id}`.
     EndpointProblems = [MERCHANT_AUTH, &[&WEBHOOK_ENDPOINT_NOT_FOUND, &WEBHOOKS_UNAVAILABLE]];
     /// The webhook lists (endpoints, events).

@@ -379,6 +379,11 @@ impl From<crate::domain::webhooks::WebhookError> for ApiError {
                 &codes::EVENT_NOT_REDELIVERABLE,
                 "every delivery of this event is still queued or retrying, or its endpoints were deleted",
             ),
+            // The endpoint, not a token, lost its compare-and-set rounds.
+            WebhookError::Domain(DomainError::Conflict) => ApiError::of(
+                &codes::CONCURRENT_UPDATE,
+                "the webhook endpoint was changed concurrently; retry the request",
+            ),
             WebhookError::Domain(d) => d.into(),
         }
     }

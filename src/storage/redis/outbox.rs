@@ -44,6 +44,17 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 "#;
 
+/// Replaces an endpoint only if its stored JSON is still the one read (compare-and-set; a
+/// deleted endpoint is not brought back).
+/// KEYS: endpoints hash. ARGV: endpoint id, JSON read, new JSON.
+const REPLACE_ENDPOINT: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"#;
+
 /// Writes a delivery state only while the event exists, so a late write never resurrects an
 /// expired event as a hash without TTL.
 /// KEYS: event hash. ARGV: field, JSON.
@@ -148,6 +159,7 @@ struct Scripts {
     enqueue: Script,
     redeliver: Script,
     insert_endpoint: Script,
+    replace_endpoint: Script,
     put_delivery: Script,
     claim: Script,
     finish: Script,
@@ -158,6 +170,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     enqueue: Script::new(ENQUEUE),
     redeliver: Script::new(REDELIVER),
     insert_endpoint: Script::new(INSERT_ENDPOINT),
+    replace_endpoint: Script::new(REPLACE_ENDPOINT),
     put_delivery: Script::new(PUT_DELIVERY),
     claim: Script::new(CLAIM),
     finish: Script::new(FINISH),
@@ -329,6 +342,32 @@ impl OutboxStore for RedisStore {
             .arg(id.as_str());
         let v: Option<String> = self.query(c).await?;
         v.map(|v| decode("webhook endpoint", &v)).transpose()
+    }
+
+    async fn replace_endpoint(
+        &self,
+        expected: &WebhookEndpoint,
+        new: &WebhookEndpoint,
+    ) -> Result<bool, StoreError> {
+        if expected.merchant_id != new.merchant_id || expected.id != new.id {
+            return Ok(false);
+        }
+        let key = self.outbox_keys().endpoints(&expected.merchant_id);
+        // Compared decoded in Rust (a record written before a field existed encodes
+        // differently but is the same endpoint), then the exact bytes read are the script's
+        // compare-and-set condition.
+        let mut c = redis::cmd("HGET");
+        c.arg(&key).arg(expected.id.as_str());
+        let Some(raw) = self.query::<Option<String>>(c).await? else {
+            return Ok(false);
+        };
+        if decode::<WebhookEndpoint>("webhook endpoint", &raw)? != *expected {
+            return Ok(false);
+        }
+        let json = encode("webhook endpoint", new)?;
+        let mut inv = SCRIPTS.replace_endpoint.key(key);
+        inv.arg(expected.id.as_str()).arg(raw).arg(json);
+        Ok(self.invoke::<i64>(inv).await? == 1)
     }
 
     async fn delete_endpoint(
