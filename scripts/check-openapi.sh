@@ -27,17 +27,20 @@ failures=()
 # --- tools (idempotent: a stamp names the versions installed) ------------------------------------
 venv="$work/venv"
 py_stamp="openapi-spec-validator==$SPEC_VALIDATOR_VERSION openapi-python-client==$PY_CLIENT_VERSION"
+# The stamp records the venv's own path too: a venv's scripts hold absolute paths, so one that
+# was moved (a copied target directory) is rebuilt rather than half-working.
+py_stamp="$py_stamp @ $venv"
 if [ "$(cat "$venv/.stamp" 2>/dev/null)" != "$py_stamp" ]; then
-  echo "== installing $py_stamp into $venv"
+  echo "== installing ${py_stamp% @ *} into $venv"
   rm -rf "$venv"
   # shellcheck disable=SC2086 # the stamp is the requirement list
   if python3 -m venv "$venv" 2>/dev/null; then
-    "$venv/bin/pip" install --quiet --disable-pip-version-check $py_stamp
+    "$venv/bin/pip" install --quiet --disable-pip-version-check ${py_stamp% @ *}
   else
     # Debian's python3 without python3-venv has no ensurepip: a bare venv, filled by the host's pip.
     rm -rf "$venv"
     python3 -m venv --without-pip "$venv"
-    python3 -m pip --python "$venv/bin/python" install --quiet --disable-pip-version-check $py_stamp
+    python3 -m pip --python "$venv/bin/python" install --quiet --disable-pip-version-check ${py_stamp% @ *}
   fi
   echo "$py_stamp" >"$venv/.stamp"
 fi
