@@ -328,11 +328,21 @@ async fn stopped_import_resumes_without_a_second_token() {
         "stopped part-way: {done_after_two}"
     );
 
-    // Run 3: the same command goes on to the end.
-    let third = import(options(&app, &key, &file, &out)).await;
+    // Run 3: the same command goes on to the end. On a loaded machine a line can end with a
+    // retryable failure (a D1 or gateway timeout); the documented answer is to run the same
+    // command again, which must then finish it without a second token.
+    let mut third = import(options(&app, &key, &file, &out)).await;
+    assert_eq!(third.counts.skipped as usize, done_after_two);
+    for _ in 0..3 {
+        if third.complete {
+            break;
+        }
+        assert_eq!(third.counts.errors, 0, "{third}");
+        assert!(third.counts.retryable > 0, "{third}");
+        third = import(options(&app, &key, &file, &out)).await;
+    }
     assert!(third.complete, "{third}");
     assert_eq!(third.counts.errors + third.counts.retryable, 0);
-    assert_eq!(third.counts.skipped as usize, done_after_two);
 
     let records = read_jsonl(&third.paths.mapping);
     assert_eq!(records.len(), 60, "every line mapped exactly once");
@@ -347,8 +357,21 @@ async fn stopped_import_resumes_without_a_second_token() {
         .collect();
     assert_eq!(ids.len(), 60, "one token per card");
     // Lines resent after the stop were replayed or created once; never `existing`, which would
-    // mean a first request had made a token that the mapping lost.
-    assert!(records.iter().all(|r| r["status"] == "created"));
+    // mean a first request had made a token that the mapping lost. The one exception is a line
+    // whose earlier attempt ended in a retryable failure (a 503 keeps the card's reservation):
+    // its resend finds that token, which is the same token (checked below), not a second one.
+    let retried: BTreeSet<u64> = read_jsonl(&third.paths.errors)
+        .iter()
+        .filter(|e| e["retryable"] == true)
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
+    for r in &records {
+        let line = r["line"].as_u64().unwrap();
+        assert!(
+            r["status"] == "created" || (r["status"] == "existing" && retried.contains(&line)),
+            "line {line}: {r} (retried lines: {retried:?})"
+        );
+    }
     // The gateway agrees: each card already has exactly the mapped token.
     let mapped = by_line(&records);
     for (i, p) in pans.iter().enumerate().step_by(7) {
