@@ -310,7 +310,12 @@ async fn cluster_sweep_queues_jobs_left_in_a_shard() {
     assert_eq!(drain(&s).await, vec![a.event.id.clone()]);
 
     // The crash: the job is back in the shard, as the script left it, 10 s ago.
-    let client = redis::cluster::ClusterClient::new(cluster.addrs()).unwrap();
+    let nodes: Vec<String> = cluster
+        .addrs()
+        .iter()
+        .map(|a| format!("redis://{a}/"))
+        .collect();
+    let client = redis::cluster::ClusterClient::new(nodes).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
     let shard = format!("tgtest:{{m:{m}}}:whq");
     let job = format!("{m} {} {} 0", a.event.id, e1.id);
