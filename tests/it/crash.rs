@@ -347,8 +347,7 @@ async fn crash_case(store: Store) {
             .or_default()
             .insert(h.event_id.clone(), h.event_type.clone());
     }
-    let redeliveries = hits.len()
-        - per_token.values().map(BTreeMap::len).sum::<usize>();
+    let redeliveries = hits.len() - per_token.values().map(BTreeMap::len).sum::<usize>();
     for (token, expected) in &acked {
         let got: Vec<&String> = per_token
             .get(token)

@@ -135,8 +135,15 @@ where
     let active = next(&rec, TokenStatus::Active);
     let won = append(&active, EventType::Activated, &[&e1, &e2]);
     s.update_token_with(&active, Some(&won)).await.unwrap();
-    assert_eq!(s.get_token(&m, &rec.id).await.unwrap(), Some(active.clone()));
-    let stored = s.get_event(&m, &won.event.id).await.unwrap().expect("event stored");
+    assert_eq!(
+        s.get_token(&m, &rec.id).await.unwrap(),
+        Some(active.clone())
+    );
+    let stored = s
+        .get_event(&m, &won.event.id)
+        .await
+        .unwrap()
+        .expect("event stored");
     assert_eq!(stored.event, won.event);
     assert_eq!(stored.deliveries.len(), 2);
     assert!(
@@ -271,7 +278,10 @@ where
     assert_eq!(won.len(), 1, "one compare-and-set wins");
     let listed = s.list_events(&m, None, 100).await.unwrap();
     assert_eq!(
-        listed.iter().map(|r| r.event.id.clone()).collect::<Vec<_>>(),
+        listed
+            .iter()
+            .map(|r| r.event.id.clone())
+            .collect::<Vec<_>>(),
         won
     );
     assert_eq!(drain(&*s).await, won);

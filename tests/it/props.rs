@@ -155,7 +155,7 @@ proptest! {
     fn jws_verify_random_input(parts in prop::collection::vec(b64url(), 0..5), raw in "\\PC{0,80}") {
         let m = dev_material();
         let public = jose::public_key_from_pem(&m.gateway_es256_pub_pem).expect("pub");
-        let keys = |_: &str| Some(public.clone());
+        let keys = |_: &str| Some(public);
         let lifetime = std::time::Duration::from_secs(300);
         prop_assert!(jose::verify_assertion(&parts.join("."), &keys, lifetime).is_err());
         prop_assert!(jose::verify_assertion(&raw, &keys, lifetime).is_err());
@@ -191,8 +191,17 @@ fn json_scalar() -> impl Strategy<Value = Value> {
         "\\PC{0,24}".prop_map(Value::from),
         valid_pan().prop_map(Value::from),
         prop::sample::select(vec![
-            "ACTIVE", "SUSPENDED", "DELETED", "CARD_ON_FILE", "RECURRING", "CIT", "MIT",
-            "token.activated", "2030-12-01T00:00:00Z", "1230", "https://example.com/h",
+            "ACTIVE",
+            "SUSPENDED",
+            "DELETED",
+            "CARD_ON_FILE",
+            "RECURRING",
+            "CIT",
+            "MIT",
+            "token.activated",
+            "2030-12-01T00:00:00Z",
+            "1230",
+            "https://example.com/h",
         ])
         .prop_map(Value::from),
     ]
@@ -212,7 +221,10 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// near-valid bodies, not only garbage), plus random extra fields.
 fn shaped(fields: &'static [&'static str]) -> impl Strategy<Value = Value> {
     (
-        prop::collection::vec((prop::sample::select(fields), json_value()), 0..fields.len() + 2),
+        prop::collection::vec(
+            (prop::sample::select(fields), json_value()),
+            0..fields.len() + 2,
+        ),
         prop::collection::btree_map("[a-z]{1,8}", json_scalar(), 0..2),
     )
         .prop_map(|(pairs, extra)| {
@@ -330,7 +342,10 @@ async fn call(
     body: impl Into<Body>,
 ) -> (u16, Value) {
     let (status, bytes) = call_raw(router, method, path, bearer, headers, body).await;
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 async fn call_raw(
@@ -392,9 +407,14 @@ fn run(
 ) -> Result<(), TestCaseError> {
     let h = harness();
     let key = bearer.then_some(h.key.as_str());
-    let (status, answer) =
-        h.rt
-            .block_on(call_raw(&h.router, method, path, key, headers, body.clone()));
+    let (status, answer) = h.rt.block_on(call_raw(
+        &h.router,
+        method,
+        path,
+        key,
+        headers,
+        body.clone(),
+    ));
     check(status, &body, &answer)
 }
 

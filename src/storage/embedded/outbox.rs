@@ -18,9 +18,7 @@ use time::OffsetDateTime;
 
 use super::{EmbeddedStore, begin_write};
 use crate::domain::ports::StoreError;
-use crate::domain::ports::outbox::{
-    DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore,
-};
+use crate::domain::ports::outbox::{DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
     DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
@@ -151,7 +149,10 @@ fn queue_pending(
 /// events past retention: the body of [`OutboxStore::enqueue_event`], shared with the token
 /// writes that append their event in the same transaction (`update_token_with`,
 /// `apply_event_with`).
-pub(crate) fn append_event_in(txn: &WriteTransaction, append: &EventAppend) -> Result<(), StoreError> {
+pub(crate) fn append_event_in(
+    txn: &WriteTransaction,
+    append: &EventAppend,
+) -> Result<(), StoreError> {
     let event = &append.event;
     let json = encode("webhook event", event)?;
     let created = unix_ms(event.created_at);
@@ -160,7 +161,13 @@ pub(crate) fn append_event_in(txn: &WriteTransaction, append: &EventAppend) -> R
     let e = event.id.as_str();
     txn.open_table(EVENTS)?.insert((m, e), json.as_slice())?;
     txn.open_table(EVENT_TIMES)?.insert((created, m, e), ())?;
-    queue_pending(txn, &event.merchant_id, &event.id, &append.endpoints, now_ms())?;
+    queue_pending(
+        txn,
+        &event.merchant_id,
+        &event.id,
+        &append.endpoints,
+        now_ms(),
+    )?;
     purge_events(txn, cutoff)
 }
 

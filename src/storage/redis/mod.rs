@@ -48,8 +48,8 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::ports::outbox::EventAppend;
 use crate::domain::merchant::{ApiKeyHash, Merchant};
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };

@@ -23,9 +23,7 @@ use time::OffsetDateTime;
 
 use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
 use crate::domain::ports::StoreError;
-use crate::domain::ports::outbox::{
-    DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore,
-};
+use crate::domain::ports::outbox::{DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
     DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
@@ -107,9 +105,8 @@ end
 
 /// A plain enqueue. KEYS: event hash (routes the script to the merchant's slot). ARGV: as
 /// `outbox_append(1)`.
-static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!("{OUTBOX_FUNCTIONS}\noutbox_append(1)\nreturn 1\n"))
-});
+static ENQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{OUTBOX_FUNCTIONS}\noutbox_append(1)\nreturn 1\n")));
 
 /// The token compare-and-set of `redis.rs` (`UPDATE_TOKEN`, unchanged), then, only if it wrote,
 /// the outbox append of the change's event: one script, so the event exists exactly when the
