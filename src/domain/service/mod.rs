@@ -198,10 +198,15 @@ impl Services {
     /// Onboards a merchant (at D1 too, when configured) and issues its first API key.
     pub async fn create_merchant(&self, name: &str) -> Result<(Merchant, NewApiKey), DomainError> {
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        // A card number in the name would be stored in clear and shown back: refused too.
+        if name.is_empty()
+            || name.chars().count() > 200
+            || name.chars().any(char::is_control)
+            || tokengate_cards::contains_pan(name)
+        {
             return Err(DomainError::Validation {
                 code: "invalid_merchant_name",
-                detail: "name must be 1 to 200 printable characters".into(),
+                detail: "name must be 1 to 200 printable characters, without a card number".into(),
             });
         }
         let d1_merchant_id = match &self.provider {
