@@ -182,10 +182,15 @@ pub const MAX_KEY_RECORDS: usize = 1000;
 
 pub(crate) fn validate_name(name: &str) -> Result<String, DomainError> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+    // Names are listed back in clear: a card number in one is refused.
+    if name.is_empty()
+        || name.chars().count() > 100
+        || name.chars().any(char::is_control)
+        || tokengate_cards::contains_pan(name)
+    {
         return Err(DomainError::Validation {
             code: "invalid_key_name",
-            detail: "name must be 1 to 100 printable characters".into(),
+            detail: "name must be 1 to 100 printable characters, without a card number".into(),
         });
     }
     Ok(name.to_owned())

@@ -36,6 +36,7 @@ use super::service::Services;
 use super::token::{MerchantId, NetworkTokenMeta, TokenId, TokenRecord, TokenStatus};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
+use crate::domain::ports::outbox::EventAppend;
 use tokengate_cards::Expiry;
 
 /// Version conflicts retried before answering "try again" (D1 then redelivers).
@@ -287,12 +288,16 @@ impl Lifecycle {
             self.refresh_fingerprints(&rec, &mut next);
             next.version = rec.version + 1;
             next.updated_at = OffsetDateTime::now_utc();
+            // The merchant's webhook event goes into the same atomic step as the change and
+            // the marker: applied once, announced once, even across a crash.
+            let webhook = self.webhook_event(&rec, &next).await?;
             match self
                 .store
-                .apply_event(&next, &ev.event_id, self.event_ttl)
+                .apply_event_with(&next, &ev.event_id, self.event_ttl, webhook.as_ref())
                 .await
             {
                 Ok(EventWrite::Applied) => {
+                    self.services.webhook_stored(webhook.as_ref());
                     tracing::info!(event_id = %ev.event_id, event_type = ev.kind.as_str(),
                         token_id = %next.id, status = next.status.as_str(), "token event applied");
                     self.after_write(&rec, &next).await;
@@ -406,8 +411,10 @@ impl Lifecycle {
             };
             next.version = rec.version + 1;
             next.updated_at = OffsetDateTime::now_utc();
-            match store.update_token(&next).await {
+            let webhook = self.webhook_event(&rec, &next).await?;
+            match store.update_token_with(&next, webhook.as_ref()).await {
                 Ok(()) => {
+                    self.services.webhook_stored(webhook.as_ref());
                     tracing::info!(event_type = "RECONCILIATION", token_id = %next.id,
                         status = next.status.as_str(), "token repaired from D1's state");
                     self.after_write(&rec, &next).await;
@@ -419,6 +426,19 @@ impl Lifecycle {
             }
         }
         Err(DomainError::Conflict)
+    }
+
+    /// The merchant webhook event of a D1-caused change, for the write that makes it: only
+    /// for a visible change (the same rule as [`Self::on_token_changed`]).
+    async fn webhook_event(
+        &self,
+        before: &TokenRecord,
+        after: &TokenRecord,
+    ) -> Result<Option<EventAppend>, DomainError> {
+        if !visible_change(before, after) {
+            return Ok(None);
+        }
+        self.services.webhook_event(before, after).await
     }
 
     async fn after_write(&self, before: &TokenRecord, after: &TokenRecord) {
@@ -435,8 +455,8 @@ impl Lifecycle {
     }
 
     /// Called once per visible change of a token caused by D1 (an applied event or a
-    /// reconciliation repair), after it is durably stored. This is where merchant webhooks
-    /// are enqueued; it also logs the transition (ids and statuses only).
+    /// reconciliation repair), after it is durably stored (with its merchant webhook event,
+    /// in the same step). Logs the transition (ids and statuses only).
     pub async fn on_token_changed(&self, before: &TokenRecord, after: &TokenRecord) {
         // Status gauges and transition counters (src/observability.rs); same status: no-op.
         crate::observability::token_transition(
@@ -451,8 +471,6 @@ impl Lifecycle {
             version = after.version,
             "token changed"
         );
-        // Merchant webhooks: recorded in the durable outbox (best-effort, logged on failure).
-        self.services.note_webhook(before, after).await;
     }
 }
 

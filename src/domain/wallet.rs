@@ -33,6 +33,13 @@ pub fn check_customer_reference(r: &str) -> Result<(), DomainError> {
             detail: "customerReference must be 1 to 128 printable characters".into(),
         });
     }
+    // Kept in clear and shown in every answer and webhook about the token: never a card number.
+    if tokengate_cards::contains_pan(r) {
+        return Err(DomainError::Validation {
+            code: "invalid_customer_reference",
+            detail: "customerReference must not contain a card number".into(),
+        });
+    }
     Ok(())
 }
 

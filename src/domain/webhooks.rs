@@ -39,7 +39,7 @@ use super::error::DomainError;
 use super::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
 use crate::crypto::Keyring;
 use crate::domain::ports::StoreError;
-use crate::domain::ports::outbox::{JobNext, OutboxJob, OutboxStore};
+use crate::domain::ports::outbox::{EventAppend, JobNext, OutboxJob, OutboxStore};
 use crate::egress::{AddrClass, Egress, EgressError};
 
 /// Endpoints one merchant may register: each token change fans out to all of them.
@@ -1011,16 +1011,19 @@ impl WebhookService {
     // --- events ------------------------------------------------------------------------------
 
     /// The hook for every code path that changes a token: derives the event from the change
-    /// and, when an endpoint of the token's merchant subscribes to it, stores and queues it.
-    /// Returns the event id, or `None` when the change is no event or nobody listens.
+    /// and, when an endpoint of the token's merchant subscribes to it, builds it (its body
+    /// frozen now) with its deliveries. `None` when the change is no event or nobody listens.
     ///
-    /// Call it after the change is stored. It does not undo the change when it fails (the
-    /// change happened; the caller logs the error).
-    pub async fn token_changed(
+    /// Stores nothing: the caller hands the result to the token write itself
+    /// (`TokenStore::update_token_with`, `LifecycleStore::apply_event_with`), which stores the
+    /// event in the same atomic step as the change, then calls [`Self::event_stored`]. A change
+    /// that is retried after a version conflict builds its event again from the record it then
+    /// writes, so the event always describes the write that won.
+    pub async fn event_for(
         &self,
         before: &TokenRecord,
         after: &TokenRecord,
-    ) -> Result<Option<EventId>, DomainError> {
+    ) -> Result<Option<EventAppend>, DomainError> {
         let Some(event_type) = EventType::of_change(before, after) else {
             return Ok(None);
         };
@@ -1047,20 +1050,44 @@ impl WebhookService {
         });
         let payload = serde_json::to_string(&payload)
             .map_err(|_| DomainError::Internal("webhook payload does not serialize".into()))?;
-        let event = WebhookEvent {
-            id: id.clone(),
-            merchant_id: after.merchant_id.clone(),
-            event_type,
-            token_id: after.id.clone(),
-            created_at,
-            payload,
+        Ok(Some(EventAppend {
+            event: WebhookEvent {
+                id,
+                merchant_id: after.merchant_id.clone(),
+                event_type,
+                token_id: after.id.clone(),
+                created_at,
+                payload,
+            },
+            endpoints,
+            retention: self.settings.retention,
+        }))
+    }
+
+    /// Tells the service that a token write stored `append` (built by [`Self::event_for`]):
+    /// wakes this instance's worker so delivery does not wait for a poll.
+    pub fn event_stored(&self, append: &EventAppend) {
+        let event = &append.event;
+        tracing::debug!(event_id = %event.id, event_type = event.event_type.as_str(), token_id = %event.token_id, endpoints = append.endpoints.len(), "webhook event queued");
+        self.wake.notify_one();
+    }
+
+    /// Builds and stores the event of a change on its own, after the change was stored: for
+    /// callers that have no token write to attach it to (tests, tools). Token changes use
+    /// [`Self::event_for`] with the write instead, so a crash cannot separate the two.
+    pub async fn token_changed(
+        &self,
+        before: &TokenRecord,
+        after: &TokenRecord,
+    ) -> Result<Option<EventId>, DomainError> {
+        let Some(append) = self.event_for(before, after).await? else {
+            return Ok(None);
         };
         self.outbox
-            .enqueue_event(&event, &endpoints, self.settings.retention)
+            .enqueue_event(&append.event, &append.endpoints, append.retention)
             .await?;
-        tracing::debug!(event_id = %id, event_type = event_type.as_str(), token_id = %after.id, endpoints = endpoints.len(), "webhook event queued");
-        self.wake.notify_one();
-        Ok(Some(id))
+        self.event_stored(&append);
+        Ok(Some(append.event.id))
     }
 
     /// A page of the merchant's events, newest first, strictly older than `cursor` (the last
@@ -1250,6 +1277,16 @@ impl WebhookService {
             .find(|d| d.endpoint_id == job.endpoint)
             .cloned()
             .unwrap_or_else(|| DeliveryState::pending(job.endpoint.clone()));
+        // A finished delivery (a redelivery resets it to pending with its job, atomically)
+        // means this job is a stale copy: queued twice by a mover that died between its two
+        // steps (Redis Cluster), or claimed again after its outcome was recorded. Not sent.
+        if matches!(
+            state.status,
+            DeliveryStatus::Delivered | DeliveryStatus::Dead
+        ) {
+            tracing::debug!(event_id = %job.event, endpoint_id = %job.endpoint, "webhook job for a finished delivery; dropped");
+            return Ok(None);
+        }
         let attempt_no = job.attempts.saturating_add(1);
         let started = now();
         let dead = |mut state: DeliveryState, code: &str| {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use crate::domain::merchant::{ApiKeyHash, Merchant};
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
@@ -83,8 +84,12 @@ impl TokenStore for InstrumentedStore {
         timed("get_token", self.inner.get_token(merchant, id)).await
     }
 
-    async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
-        timed("update_token", self.inner.update_token(rec)).await
+    async fn update_token_with(
+        &self,
+        rec: &TokenRecord,
+        event: Option<&EventAppend>,
+    ) -> Result<(), StoreError> {
+        timed("update_token", self.inner.update_token_with(rec, event)).await
     }
 
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {

@@ -218,6 +218,35 @@ impl<'de> Deserialize<'de> for Pan {
     }
 }
 
+/// Whether free text (a merchant name, a customer reference) carries a card number: a run of
+/// 12 to 19 digits, single spaces or dashes allowed between them (as [`Pan`] parses), that
+/// passes the Luhn check. Such text must be refused, not stored: it would be kept in clear and
+/// shown back in every answer and webhook that carries the field. Longer digit runs (order
+/// numbers) are not card numbers and pass.
+pub fn contains_pan(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut digits: Zeroizing<Vec<u8>> = Zeroizing::new(Vec::with_capacity(MAX_PAN_LEN + 1));
+    let mut i = 0;
+    let mut found = false;
+    while i <= bytes.len() {
+        let b = bytes.get(i).copied();
+        match b {
+            Some(d @ b'0'..=b'9') => digits.push(d),
+            // A separator continues a run only between two digits.
+            Some(b' ' | b'-')
+                if !digits.is_empty() && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) => {}
+            _ => {
+                if (MIN_PAN_LEN..=MAX_PAN_LEN).contains(&digits.len()) && luhn_valid(&digits) {
+                    found = true;
+                }
+                digits.clear();
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
 /// The Luhn (mod 10) check over ASCII digits.
 pub fn luhn_valid(digits: &[u8]) -> bool {
     let mut sum = 0u32;
@@ -344,6 +373,24 @@ impl Expiry {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn card_numbers_in_free_text_are_found() {
+        assert!(super::contains_pan("4111111111111111"));
+        assert!(super::contains_pan("customer 4111 1111 1111 1111 paid"));
+        assert!(super::contains_pan("ref:4111-1111-1111-1111"));
+        assert!(!super::contains_pan("4111111111111112"), "Luhn fails");
+        assert!(!super::contains_pan("cust-42 order 12345"));
+        assert!(
+            !super::contains_pan("41111111111111111111111"),
+            "too long for a card"
+        );
+        assert!(
+            !super::contains_pan("4111  1111 1111 1111"),
+            "double space ends the run"
+        );
+        assert!(!super::contains_pan(""));
+    }
+
     use time::macros::datetime;
 
     use super::*;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::StoreError;
+use super::outbox::EventAppend;
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 
 /// Result of [`LifecycleStore::apply_event`].
@@ -57,6 +58,18 @@ pub trait LifecycleStore: Send + Sync + 'static {
         rec: &TokenRecord,
         event_id: &str,
         ttl: Duration,
+    ) -> Result<EventWrite, StoreError> {
+        self.apply_event_with(rec, event_id, ttl, None).await
+    }
+
+    /// [`Self::apply_event`], and when `webhook` is given, the merchant webhook event of the
+    /// change appended to the outbox in the same atomic step (written only with `Applied`).
+    async fn apply_event_with(
+        &self,
+        rec: &TokenRecord,
+        event_id: &str,
+        ttl: Duration,
+        webhook: Option<&EventAppend>,
     ) -> Result<EventWrite, StoreError>;
 
     /// Puts the token on the reconciliation schedule at `due_ms` (Unix milliseconds), replacing

@@ -44,6 +44,20 @@ pub struct OutboxJob {
     pub handle: String,
 }
 
+/// A webhook event to store **in the same atomic step** as the token change that caused it
+/// (`TokenStore::update_token_with`, `LifecycleStore::apply_event_with`): the event, a `pending`
+/// delivery per endpoint and their jobs are written only if the token write is, and always if
+/// it is, so a crash can lose neither the change's event nor produce an event for a change that
+/// did not happen. Events older than `retention` are trimmed as [`OutboxStore::enqueue_event`]
+/// does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventAppend {
+    pub event: WebhookEvent,
+    /// The endpoints subscribed to the event's type when it was created (at least one).
+    pub endpoints: Vec<EndpointId>,
+    pub retention: Duration,
+}
+
 /// What happens to a job when its attempt is over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobNext {
@@ -97,8 +111,10 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Stores `event` with a `pending` delivery per endpoint and queues one job per delivery,
     /// due now. Also drops events older than `retention` (a bounded batch per call). One
-    /// transaction on the embedded store and on standalone Redis; on Redis Cluster the event is
-    /// written before its jobs, so a job never names a missing event.
+    /// transaction on the embedded store and one script on Redis; on Redis Cluster the script
+    /// puts the jobs in the merchant's outbox shard (same slot as the event), from which they
+    /// move to the shared queue right after, or by the workers' sweep if the mover died
+    /// (`docs/storage.md`), so a job is never lost and never names a missing event.
     async fn enqueue_event(
         &self,
         event: &WebhookEvent,
@@ -141,7 +157,9 @@ pub trait OutboxStore: Send + Sync + 'static {
     // --- job queue --------------------------------------------------------------------------
 
     /// Claims up to `max` due jobs for `consumer` (due retries, jobs whose previous claim is
-    /// older than `lease`, new jobs). A claimed job is not handed out again before `lease`
+    /// older than `lease`, new jobs). On Redis Cluster it also sweeps, at most once per `lease`
+    /// per process, the merchants' outbox shards for jobs older than `lease` that were never
+    /// moved to the shared queue (their writer died in between). A claimed job is not handed out again before `lease`
     /// passes.
     async fn claim_jobs(
         &self,

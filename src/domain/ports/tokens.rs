@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::StoreError;
+use super::outbox::EventAppend;
 use crate::domain::merchant::{ApiKeyHash, Merchant};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::domain::wallet::{WalletKey, WalletPage};
@@ -69,7 +70,18 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Replaces a token if its stored version is `rec.version - 1`. Keeps the D1 token index in
     /// step with `rec.network_token`, and drops the fingerprint index when the status becomes
     /// `DELETED` (a deleted token is a tombstone: readable, but not a dedup target).
-    async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError>;
+    async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
+        self.update_token_with(rec, None).await
+    }
+
+    /// [`Self::update_token`], and when `event` is given, the webhook event of the change
+    /// appended to the outbox **in the same atomic step** (one script on Redis, in the
+    /// merchant's slot; one redb transaction): either both are stored or neither is.
+    async fn update_token_with(
+        &self,
+        rec: &TokenRecord,
+        event: Option<&EventAppend>,
+    ) -> Result<(), StoreError>;
 
     /// Removes a token and its index entries entirely. Used to undo a reservation when the
     /// upstream tokenization failed, so a failed call leaves nothing behind. Idempotent.

@@ -31,6 +31,7 @@ use super::token::{
 };
 use crate::crypto::Keyring;
 use crate::domain::ports::apikeys::ApiKeyStore;
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{InsertOutcome, StoreError, TokenStore};
 use tokengate_cards::{Expiry, Pan};
 
@@ -146,13 +147,26 @@ impl Services {
         self
     }
 
-    /// Best-effort: the change is stored; a failure to record its event is logged, never fails
-    /// the request (retrying it would find the token already changed, and emit nothing).
-    pub(crate) async fn note_webhook(&self, before: &TokenRecord, after: &TokenRecord) {
-        if let Some(w) = &self.webhooks
-            && let Err(e) = w.token_changed(before, after).await
-        {
-            tracing::warn!(token_id = %after.id, error = %e, "webhook event not recorded");
+    /// The merchant webhook event of a change from `before` to `after`, to be stored by the
+    /// write of `after` itself (`update_token_with` / `apply_event_with`), so the change and
+    /// its event are one atomic step. `None`: no webhooks configured, no event for this change,
+    /// or no endpoint listens. An error (the endpoints could not be read) fails the change
+    /// before anything is written: the caller answers 503 and a retry does it all again.
+    pub(crate) async fn webhook_event(
+        &self,
+        before: &TokenRecord,
+        after: &TokenRecord,
+    ) -> Result<Option<EventAppend>, DomainError> {
+        match &self.webhooks {
+            Some(w) => w.event_for(before, after).await,
+            None => Ok(None),
+        }
+    }
+
+    /// After a write stored `event`: wakes the delivery worker.
+    pub(crate) fn webhook_stored(&self, event: Option<&EventAppend>) {
+        if let (Some(w), Some(e)) = (&self.webhooks, event) {
+            w.event_stored(e);
         }
     }
 
@@ -184,10 +198,15 @@ impl Services {
     /// Onboards a merchant (at D1 too, when configured) and issues its first API key.
     pub async fn create_merchant(&self, name: &str) -> Result<(Merchant, NewApiKey), DomainError> {
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        // A card number in the name would be stored in clear and shown back: refused too.
+        if name.is_empty()
+            || name.chars().count() > 200
+            || name.chars().any(char::is_control)
+            || tokengate_cards::contains_pan(name)
+        {
             return Err(DomainError::Validation {
                 code: "invalid_merchant_name",
-                detail: "name must be 1 to 200 printable characters".into(),
+                detail: "name must be 1 to 200 printable characters, without a card number".into(),
             });
         }
         let d1_merchant_id = match &self.provider {
@@ -375,8 +394,9 @@ impl Services {
         self.note_schedule(&rec).await;
         match self.drive_create(merchant, &rec, &cmd.pan, &expiry).await {
             Ok(pt) => {
+                let reserved = rec.clone();
                 apply_provider_token(&mut rec, &pt, Self::now());
-                let rec = self.save_after_create(rec).await?;
+                let rec = self.save_after_create(&reserved, rec).await?;
                 self.note_schedule(&rec).await;
                 Ok(Tokenized::Created(rec))
             }
@@ -420,12 +440,23 @@ impl Services {
             .await
     }
 
-    /// Writes the D1 result onto the reserved record; if a notification got there first
-    /// (version conflict), merges onto the newer record instead of overwriting it.
-    async fn save_after_create(&self, mut rec: TokenRecord) -> Result<TokenRecord, DomainError> {
+    /// Writes the D1 result onto the reserved record (`reserved`, as stored), with the
+    /// `token.activated` event in the same atomic write; if a notification got there first
+    /// (version conflict), merges onto the newer record instead of overwriting it (that
+    /// notification's write carried its own event). Whichever path moves the reservation out of
+    /// `PENDING` (this one, a retry's re-drive, a notification, reconciliation) is one
+    /// compare-and-set, so the event is stored exactly once; a failed write (503) stores
+    /// neither, and the path that later wins stores both.
+    async fn save_after_create(
+        &self,
+        reserved: &TokenRecord,
+        mut rec: TokenRecord,
+    ) -> Result<TokenRecord, DomainError> {
         rec.version += 1;
-        match self.store.update_token(&rec).await {
+        let event = self.webhook_event(reserved, &rec).await?;
+        match self.store.update_token_with(&rec, event.as_ref()).await {
             Ok(()) => {
+                self.webhook_stored(event.as_ref());
                 // The CAS replaced the version we reserved (or re-drove): a PENDING record.
                 crate::observability::token_transition(
                     Some(TokenStatus::Pending.label()),
@@ -474,8 +505,9 @@ impl Services {
             && (Self::now() - existing.created_at) > REDRIVE_AFTER;
         if stale_pending && self.provider.is_some() {
             let pt = self.drive_create(merchant, &existing, pan, &expiry).await?;
+            let reserved = existing.clone();
             apply_provider_token(&mut existing, &pt, Self::now());
-            existing = self.save_after_create(existing).await?;
+            existing = self.save_after_create(&reserved, existing).await?;
             self.note_schedule(&existing).await;
         }
         Ok(Tokenized::Existing(existing))
@@ -645,11 +677,9 @@ impl Services {
             None if action == LifecycleAction::Delete => None,
             None => return Err(DomainError::TokenState(rec.status)),
         };
-        // The record as it was right before the write that won (the CAS may re-read it).
-        let mut before: Option<TokenRecord> = None;
+        // `update_token` stores the change's webhook event with the write that wins.
         let rec = self
             .update_token(&merchant.id, id, |r| {
-                before = Some(r.clone());
                 match &pt {
                     Some(pt) => apply_provider_token(r, pt, Self::now()),
                     None => r.status = target.clone(),
@@ -662,13 +692,11 @@ impl Services {
             })
             .await?;
         self.note_schedule(&rec).await;
-        if let Some(before) = &before {
-            self.note_webhook(before, &rec).await;
-        }
         Ok(rec)
     }
 
-    /// Read-modify-write with optimistic concurrency; `f` returns false to skip writing.
+    /// Read-modify-write with optimistic concurrency; `f` returns false to skip writing. The
+    /// change's merchant webhook event, if it has one, is stored by the same atomic write.
     pub async fn update_token<F>(
         &self,
         merchant: &MerchantId,
@@ -680,14 +708,20 @@ impl Services {
     {
         for _ in 0..CAS_ATTEMPTS {
             let mut rec = self.require_token(merchant, id).await?;
+            let original = self.webhooks.is_some().then(|| rec.clone());
             let before = rec.status.clone();
             if !f(&mut rec) {
                 return Ok(rec);
             }
             rec.version += 1;
             rec.updated_at = Self::now();
-            match self.store.update_token(&rec).await {
+            let event = match &original {
+                Some(original) => self.webhook_event(original, &rec).await?,
+                None => None,
+            };
+            match self.store.update_token_with(&rec, event.as_ref()).await {
                 Ok(()) => {
+                    self.webhook_stored(event.as_ref());
                     crate::observability::token_transition(
                         Some(before.label()),
                         Some(rec.status.label()),

@@ -23,6 +23,7 @@ use redb::{
 use super::{EmbeddedStore, begin_write, update_token_in};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::storage::codec::lifecycle::ttl_ms;
 
@@ -221,14 +222,16 @@ impl LifecycleStore for EmbeddedStore {
         .await
     }
 
-    async fn apply_event(
+    async fn apply_event_with(
         &self,
         rec: &TokenRecord,
         event_id: &str,
         ttl: Duration,
+        webhook: Option<&EventAppend>,
     ) -> Result<EventWrite, StoreError> {
         let rec = rec.clone();
         let event_id = event_id.to_owned();
+        let webhook = webhook.cloned();
         self.run(move |db| {
             let now = now_ms();
             let txn = begin_write(db)?;
@@ -239,6 +242,9 @@ impl LifecycleStore for EmbeddedStore {
             // An error drops the transaction uncommitted: neither token nor marker is written.
             update_token_in(&txn, &rec)?;
             put_marker(&txn, merchant, &event_id, now.saturating_add(ttl_ms(ttl)))?;
+            if let Some(webhook) = &webhook {
+                super::outbox::append_event_in(&txn, webhook)?;
+            }
             purge_expired(&txn, now)?;
             txn.commit()?;
             Ok(EventWrite::Applied)

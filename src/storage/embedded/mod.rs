@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use self::counts::moved;
 use crate::domain::merchant::{ApiKeyHash, Merchant};
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
@@ -562,11 +563,20 @@ impl TokenStore for EmbeddedStore {
         .await
     }
 
-    async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
+    async fn update_token_with(
+        &self,
+        rec: &TokenRecord,
+        event: Option<&EventAppend>,
+    ) -> Result<(), StoreError> {
         let rec = rec.clone();
+        let event = event.cloned();
         self.run(move |db| {
             let txn = begin_write(db)?;
             update_token_in(&txn, &rec)?;
+            // Same transaction: an error above drops it uncommitted, event included.
+            if let Some(event) = &event {
+                outbox::append_event_in(&txn, event)?;
+            }
             txn.commit()?;
             Ok(())
         })

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 use super::{EmbeddedStore, begin_write};
 use crate::domain::ports::StoreError;
-use crate::domain::ports::outbox::{DEAD_LETTER_MAX, JobNext, OutboxJob, OutboxStore};
+use crate::domain::ports::outbox::{DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
     DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
@@ -143,6 +143,32 @@ fn queue_pending(
         queue.insert((now, job.as_str()), ())?;
     }
     Ok(())
+}
+
+/// Writes an event, its pending deliveries and their due-now jobs inside `txn`, and trims
+/// events past retention: the body of [`OutboxStore::enqueue_event`], shared with the token
+/// writes that append their event in the same transaction (`update_token_with`,
+/// `apply_event_with`).
+pub(crate) fn append_event_in(
+    txn: &WriteTransaction,
+    append: &EventAppend,
+) -> Result<(), StoreError> {
+    let event = &append.event;
+    let json = encode("webhook event", event)?;
+    let created = unix_ms(event.created_at);
+    let cutoff = unix_ms(OffsetDateTime::now_utc()).saturating_sub(ms(append.retention));
+    let m = event.merchant_id.as_str();
+    let e = event.id.as_str();
+    txn.open_table(EVENTS)?.insert((m, e), json.as_slice())?;
+    txn.open_table(EVENT_TIMES)?.insert((created, m, e), ())?;
+    queue_pending(
+        txn,
+        &event.merchant_id,
+        &event.id,
+        &append.endpoints,
+        now_ms(),
+    )?;
+    purge_events(txn, cutoff)
 }
 
 /// Removes up to [`PURGE_BATCH`] events created before `cutoff_ms`, with their deliveries.
@@ -295,19 +321,14 @@ impl OutboxStore for EmbeddedStore {
         endpoints: &[EndpointId],
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let json = encode("webhook event", event)?;
-        let event = event.clone();
-        let endpoints = endpoints.to_vec();
-        let created = unix_ms(event.created_at);
-        let cutoff = unix_ms(OffsetDateTime::now_utc()).saturating_sub(ms(retention));
+        let append = EventAppend {
+            event: event.clone(),
+            endpoints: endpoints.to_vec(),
+            retention,
+        };
         self.run(move |db| {
             let txn = begin_write(db)?;
-            let m = event.merchant_id.as_str();
-            let e = event.id.as_str();
-            txn.open_table(EVENTS)?.insert((m, e), json.as_slice())?;
-            txn.open_table(EVENT_TIMES)?.insert((created, m, e), ())?;
-            queue_pending(&txn, &event.merchant_id, &event.id, &endpoints, now_ms())?;
-            purge_events(&txn, cutoff)?;
+            append_event_in(&txn, &append)?;
             txn.commit()?;
             Ok(())
         })

@@ -17,9 +17,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Script;
 
+use super::outbox::OUTBOX_FUNCTIONS;
 use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::storage::codec::lifecycle::{parse_schedule_member, schedule_member, ttl_ms};
 
@@ -28,12 +30,14 @@ use crate::storage::codec::lifecycle::{parse_schedule_member, schedule_member, t
 /// however many instances receive it. Returns 0 applied, 1 missing token, 2 version conflict,
 /// 3 already processed. Keys and ARGV 1-11 as `UPDATE_TOKEN` (so the token counts and the
 /// wallet index move in the same step); ARGV 12 marker key (same hash tag as the token), ARGV 13
-/// marker ttl in ms.
+/// marker ttl in ms; then, when the change has a merchant webhook event, its `outbox_append`
+/// arguments from ARGV 14 (`redis_outbox.rs`): written in the same step, only when applied.
 static APPLY_EVENT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
 {COUNT_FUNCTIONS}
 {WALLET_FUNCTIONS}
+{OUTBOX_FUNCTIONS}
 if redis.call('EXISTS', ARGV[12]) == 1 then
   return 3
 end
@@ -43,6 +47,9 @@ end
 local r = cas()
 if r == 0 then
   redis.call('SET', ARGV[12], '1', 'PX', ARGV[13])
+  if ARGV[14] then
+    outbox_append(14)
+  end
 end
 return r
 "#
@@ -233,16 +240,27 @@ impl LifecycleStore for RedisStore {
         Ok(reply.is_some())
     }
 
-    async fn apply_event(
+    async fn apply_event_with(
         &self,
         rec: &TokenRecord,
         event_id: &str,
         ttl: Duration,
+        webhook: Option<&EventAppend>,
     ) -> Result<EventWrite, StoreError> {
+        if webhook.is_some() {
+            self.register_outbox_shard(&rec.merchant_id).await?;
+        }
         let mut inv = self.update_invocation(&APPLY_EVENT, rec)?;
         inv.arg(self.event_key(&rec.merchant_id, event_id))
             .arg(ttl_ms(ttl));
+        let jobs = match webhook {
+            Some(w) => self.append_args(&mut inv, w)?,
+            None => Vec::new(),
+        };
         let code: i64 = self.invoke_write(inv).await?;
+        if code == 0 {
+            self.move_appended_jobs(&rec.merchant_id, &jobs).await;
+        }
         match code {
             0 => Ok(EventWrite::Applied),
             1 => Err(StoreError::NotFound),

@@ -49,6 +49,7 @@ use redis::{Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, Script, ServerErr
 use serde::{Deserialize, Serialize};
 
 use crate::domain::merchant::{ApiKeyHash, Merchant};
+use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
     IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
@@ -600,6 +601,9 @@ struct Inner {
     keys: Keys,
     scripts: Scripts,
     op_timeout: Duration,
+    /// When this process last swept the merchants' outbox shards (Unix ms; Cluster only,
+    /// `redis_outbox.rs`): at most once per claim lease.
+    outbox_swept_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Token store on Redis. Clones share one connection (multiplexed), so clone freely.
@@ -720,6 +724,7 @@ impl RedisStore {
                 },
                 scripts: Scripts::new(),
                 op_timeout: cfg.response_timeout,
+                outbox_swept_ms: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         // Loading up front makes the first calls one round trip too, and surfaces a script the
@@ -1079,6 +1084,18 @@ fn wallet_matches(
         && status.is_none_or(|s| rec.status.label() == s)
 }
 
+/// The answer of the [`UPDATE_TOKEN`] compare-and-set (and of scripts wrapping it).
+pub(crate) fn update_result(code: i64) -> Result<(), StoreError> {
+    match code {
+        0 => Ok(()),
+        1 => Err(StoreError::NotFound),
+        2 => Err(StoreError::Conflict),
+        _ => Err(StoreError::Corrupt(
+            "unexpected update script result".into(),
+        )),
+    }
+}
+
 fn d1_id(rec: &TokenRecord) -> &str {
     rec.network_token
         .as_ref()
@@ -1206,17 +1223,25 @@ impl TokenStore for RedisStore {
         json.map(|j| decode("token record", &j)).transpose()
     }
 
-    async fn update_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
-        let inv = self.update_invocation(&self.inner.scripts.update_token, rec)?;
+    async fn update_token_with(
+        &self,
+        rec: &TokenRecord,
+        event: Option<&EventAppend>,
+    ) -> Result<(), StoreError> {
+        let Some(event) = event else {
+            let inv = self.update_invocation(&self.inner.scripts.update_token, rec)?;
+            let code: i64 = self.invoke_write(inv).await?;
+            return update_result(code);
+        };
+        // The token script with the outbox append after a successful compare-and-set: one
+        // script in the merchant's slot (`redis_outbox.rs`).
+        self.register_outbox_shard(&rec.merchant_id).await?;
+        let mut inv = self.update_invocation(&outbox::UPDATE_TOKEN_WITH_EVENT, rec)?;
+        let jobs = self.append_args(&mut inv, event)?;
         let code: i64 = self.invoke_write(inv).await?;
-        match code {
-            0 => Ok(()),
-            1 => Err(StoreError::NotFound),
-            2 => Err(StoreError::Conflict),
-            _ => Err(StoreError::Corrupt(
-                "unexpected update script result".into(),
-            )),
-        }
+        update_result(code)?;
+        self.move_appended_jobs(&rec.merchant_id, &jobs).await;
+        Ok(())
     }
 
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {

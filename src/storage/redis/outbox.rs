@@ -21,9 +21,9 @@ use async_trait::async_trait;
 use redis::Script;
 use time::OffsetDateTime;
 
-use super::RedisStore;
+use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
 use crate::domain::ports::StoreError;
-use crate::domain::ports::outbox::{DEAD_LETTER_MAX, JobNext, OutboxJob, OutboxStore};
+use crate::domain::ports::outbox::{DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
     DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
@@ -66,46 +66,89 @@ end
 return 0
 "#;
 
-/// Stores an event, its pending deliveries and (when the stream key is given) its jobs; trims
-/// the merchant's index past retention. The event expires `retention` after its creation; the
-/// index, `retention` after the merchant's newest event.
-/// KEYS: event hash, events index[, outbox stream]. ARGV: event id, event JSON, event expiry
-/// (Unix ms), index expiry (Unix ms), retention cutoff id, n, then n delivery fields, n delivery
-/// states, n jobs.
-const ENQUEUE: &str = r#"
-local n = tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'd', ARGV[2])
-for i = 1, n do
-  redis.call('HSET', KEYS[1], ARGV[6 + i], ARGV[6 + n + i])
-end
-redis.call('PEXPIREAT', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[2], 0, ARGV[1])
-redis.call('ZREMRANGEBYLEX', KEYS[2], '-', '(' .. ARGV[5])
-redis.call('PEXPIREAT', KEYS[2], ARGV[4])
-if KEYS[3] then
-  for i = 1, n do
-    redis.call('XADD', KEYS[3], '*', 'j', ARGV[6 + 2 * n + i])
+/// The outbox append, a Lua function shared by every script that stores an event: the plain
+/// enqueue below and the token scripts that append the event of their change in the same step
+/// ([`UPDATE_TOKEN_WITH_EVENT`], `redis_lifecycle.rs`). Keys travel in ARGV (like the token
+/// scripts' index keys): they all carry the merchant's hash tag, except the queue on
+/// standalone Redis, where slots do not exist.
+///
+/// `outbox_append(a)` reads ARGV from index `a`: event hash, events index, queue key, queue
+/// kind (`stream`: the shared stream, standalone; `shard`: the merchant's shard sorted set,
+/// Cluster), event id, event JSON, event expiry (Unix ms), index expiry (Unix ms), retention
+/// cutoff id, now (Unix ms, the shard score), n, then n delivery fields, n delivery states, n
+/// jobs. It stores the event and its pending deliveries, trims the merchant's index past
+/// retention, and queues the jobs.
+pub(crate) const OUTBOX_FUNCTIONS: &str = r#"
+local function outbox_queue(key, kind, now, job)
+  if kind == 'stream' then
+    redis.call('XADD', key, '*', 'j', job)
+  else
+    redis.call('ZADD', key, now, job)
   end
 end
-return 1
+local function outbox_append(a)
+  local ev = ARGV[a]
+  local n = tonumber(ARGV[a + 10])
+  redis.call('HSET', ev, 'd', ARGV[a + 5])
+  for i = 1, n do
+    redis.call('HSET', ev, ARGV[a + 10 + i], ARGV[a + 10 + n + i])
+  end
+  redis.call('PEXPIREAT', ev, ARGV[a + 6])
+  redis.call('ZADD', ARGV[a + 1], 0, ARGV[a + 4])
+  redis.call('ZREMRANGEBYLEX', ARGV[a + 1], '-', '(' .. ARGV[a + 8])
+  redis.call('PEXPIREAT', ARGV[a + 1], ARGV[a + 7])
+  for i = 1, n do
+    outbox_queue(ARGV[a + 2], ARGV[a + 3], ARGV[a + 9], ARGV[a + 10 + 2 * n + i])
+  end
+end
 "#;
 
-/// Resets deliveries to pending and (when the stream key is given) queues their jobs, if the
-/// event still exists. KEYS: event hash[, outbox stream]. ARGV: n, then n delivery fields, n
-/// delivery states, n jobs.
-const REDELIVER: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  redis.call('HSET', KEYS[1], ARGV[1 + i], ARGV[1 + n + i])
+/// A plain enqueue. KEYS: event hash (routes the script to the merchant's slot). ARGV: as
+/// `outbox_append(1)`.
+static ENQUEUE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{OUTBOX_FUNCTIONS}\noutbox_append(1)\nreturn 1\n")));
+
+/// The token compare-and-set of `redis.rs` (`UPDATE_TOKEN`, unchanged), then, only if it wrote,
+/// the outbox append of the change's event: one script, so the event exists exactly when the
+/// change does. Returns as `UPDATE_TOKEN`. KEYS and ARGV 1-11 as `UPDATE_TOKEN`; ARGV 12 on as
+/// `outbox_append(12)`.
+pub(crate) static UPDATE_TOKEN_WITH_EVENT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{COUNT_FUNCTIONS}
+{WALLET_FUNCTIONS}
+{OUTBOX_FUNCTIONS}
+local function cas()
+{UPDATE_TOKEN}
 end
-if KEYS[2] then
-  for i = 1, n do
-    redis.call('XADD', KEYS[2], '*', 'j', ARGV[1 + 2 * n + i])
-  end
+local r = cas()
+if r == 0 then
+  outbox_append(12)
+end
+return r
+"#
+    ))
+});
+
+/// Resets deliveries to pending and queues their jobs (stream or shard, as `outbox_queue`), if
+/// the event still exists. KEYS: event hash. ARGV: queue key, queue kind, now ms, n, then n
+/// delivery fields, n delivery states, n jobs.
+static REDELIVER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{OUTBOX_FUNCTIONS}
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  redis.call('HSET', KEYS[1], ARGV[4 + i], ARGV[4 + n + i])
+end
+for i = 1, n do
+  outbox_queue(ARGV[1], ARGV[2], ARGV[3], ARGV[4 + 2 * n + i])
 end
 return 1
-"#;
+"#
+    ))
+});
 
 /// Returns `[entry id, job, entry id, job, ...]` claimed for the consumer.
 /// KEYS: outbox stream, retry zset. ARGV: group, consumer, now ms, lease ms, count.
@@ -156,8 +199,6 @@ return 1
 "#;
 
 struct Scripts {
-    enqueue: Script,
-    redeliver: Script,
     insert_endpoint: Script,
     replace_endpoint: Script,
     put_delivery: Script,
@@ -167,8 +208,6 @@ struct Scripts {
 
 /// Script objects only hold the source and its SHA1; `invoke_async` loads them on `NOSCRIPT`.
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
-    enqueue: Script::new(ENQUEUE),
-    redeliver: Script::new(REDELIVER),
     insert_endpoint: Script::new(INSERT_ENDPOINT),
     replace_endpoint: Script::new(REPLACE_ENDPOINT),
     put_delivery: Script::new(PUT_DELIVERY),
@@ -200,6 +239,19 @@ impl Keys<'_> {
     }
     fn dead(&self) -> String {
         self.store.global_key("{wh}:dead")
+    }
+    /// The merchant's outbox shard (Cluster): jobs written with their event, in its slot,
+    /// waiting to move to the shared stream.
+    fn shard(&self, m: &MerchantId) -> String {
+        format!("{}whq", self.store.merchant_key_start(m))
+    }
+    /// The merchants that may have shard entries: what the sweep walks.
+    fn shards(&self) -> String {
+        self.store.global_key("{wh}:shards")
+    }
+    /// Deployment-wide lease of the sweep, so instances do not sweep (and duplicate) at once.
+    fn sweep_lease(&self) -> String {
+        self.store.global_key("{wh}:sweep")
     }
 }
 
@@ -265,16 +317,139 @@ impl RedisStore {
         self.query(c).await
     }
 
-    /// On Cluster the stream lives in another slot than the event, so scripts on the event
-    /// cannot queue its jobs: they are added after, one `XADD` each.
-    async fn xadd_jobs(&self, jobs: &[String]) -> Result<(), StoreError> {
+    /// Where a script queues jobs: the shared stream on standalone Redis (one script does it
+    /// all), the merchant's shard on Cluster (the stream is in another slot).
+    fn queue_target(&self, m: &MerchantId) -> (String, &'static str) {
+        let k = self.outbox_keys();
+        if self.is_cluster() {
+            (k.shard(m), "shard")
+        } else {
+            (k.outbox(), "stream")
+        }
+    }
+
+    /// Appends the `outbox_append` arguments of `append` to `inv`; returns the jobs it queues
+    /// (for [`Self::move_appended_jobs`]).
+    pub(crate) fn append_args(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        append: &EventAppend,
+    ) -> Result<Vec<String>, StoreError> {
+        let k = self.outbox_keys();
+        let event = &append.event;
+        let m = &event.merchant_id;
+        let PendingArgs {
+            fields,
+            states,
+            jobs,
+        } = PendingArgs::new(m, &event.id, &append.endpoints)?;
+        // Ids sort by creation time: everything below the bound is past retention.
+        let cutoff = EventId::lower_bound(OffsetDateTime::now_utc() - append.retention);
+        let keep = ms(append.retention);
+        let (queue, kind) = self.queue_target(m);
+        inv.arg(k.event(m, &event.id))
+            .arg(k.events(m))
+            .arg(queue)
+            .arg(kind)
+            .arg(event.id.as_str())
+            .arg(encode("webhook event", event)?)
+            .arg(unix_ms(event.created_at).saturating_add(keep))
+            .arg(now_ms().saturating_add(keep))
+            .arg(cutoff)
+            .arg(now_ms())
+            .arg(append.endpoints.len())
+            .arg(&fields)
+            .arg(&states)
+            .arg(&jobs);
+        Ok(jobs)
+    }
+
+    /// Cluster: notes that `m` may have shard entries, **before** any script can write one, so
+    /// the sweep finds every shard a crashed writer left behind. Idempotent; nothing on
+    /// standalone Redis.
+    pub(crate) async fn register_outbox_shard(&self, m: &MerchantId) -> Result<(), StoreError> {
+        if !self.is_cluster() {
+            return Ok(());
+        }
+        let mut c = redis::cmd("SADD");
+        c.arg(self.outbox_keys().shards()).arg(m.as_str());
+        self.query_write::<i64>(c).await?;
+        Ok(())
+    }
+
+    /// Cluster: moves jobs a script just put in `m`'s shard to the shared stream, then removes
+    /// them from the shard. The event is already stored with them, so a failure here loses
+    /// nothing: it is logged, and the sweep moves them after a lease. (A crash between the two
+    /// steps queues a job twice; the worker skips a delivery already finished.)
+    pub(crate) async fn move_appended_jobs(&self, m: &MerchantId, jobs: &[String]) {
+        if !self.is_cluster() || jobs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.move_shard_jobs(m, jobs).await {
+            tracing::warn!(merchant_id = %m, error = %e,
+                "webhook outbox: jobs left in the merchant shard; the sweep will queue them");
+        }
+    }
+
+    async fn move_shard_jobs(&self, m: &MerchantId, jobs: &[String]) -> Result<(), StoreError> {
+        let k = self.outbox_keys();
+        let mut p = redis::pipe();
         for job in jobs {
-            let mut c = redis::cmd("XADD");
-            c.arg(self.outbox_keys().outbox())
-                .arg("*")
-                .arg("j")
-                .arg(job);
-            self.query_write::<String>(c).await?;
+            p.cmd("XADD").arg(k.outbox()).arg("*").arg("j").arg(job);
+        }
+        let mut conn = self.writer();
+        self.run_write(async move { p.query_async::<redis::Value>(&mut conn).await })
+            .await?;
+        let mut c = redis::cmd("ZREM");
+        c.arg(k.shard(m)).arg(jobs);
+        self.query_write::<i64>(c).await?;
+        Ok(())
+    }
+
+    /// Cluster: at most once per `lease` in this process, and under a deployment-wide lease,
+    /// queues the shard jobs older than `lease` (their writer died before moving them).
+    async fn sweep_shards(&self, lease: Duration) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let now = now_ms();
+        let every = ms(lease);
+        let last = self.inner.outbox_swept_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < every
+            || self
+                .inner
+                .outbox_swept_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return Ok(());
+        }
+        let k = self.outbox_keys();
+        let mut c = redis::cmd("SET");
+        c.arg(k.sweep_lease())
+            .arg(now)
+            .arg("NX")
+            .arg("PX")
+            .arg(every);
+        if self.query::<Option<String>>(c).await?.is_none() {
+            return Ok(());
+        }
+        let mut c = redis::cmd("SMEMBERS");
+        c.arg(k.shards());
+        let merchants: Vec<String> = self.query(c).await?;
+        let older_than = now.saturating_sub(every);
+        for m in merchants.iter().filter_map(|m| MerchantId::parse(m)) {
+            let mut c = redis::cmd("ZRANGEBYSCORE");
+            c.arg(k.shard(&m))
+                .arg("-inf")
+                .arg(older_than)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(256);
+            let jobs: Vec<String> = self.query(c).await?;
+            if !jobs.is_empty() {
+                tracing::info!(merchant_id = %m, jobs = jobs.len(),
+                    "webhook outbox: queueing jobs left in a merchant shard");
+                self.move_shard_jobs(&m, &jobs).await?;
+            }
         }
         Ok(())
     }
@@ -387,36 +562,17 @@ impl OutboxStore for RedisStore {
         endpoints: &[EndpointId],
         retention: Duration,
     ) -> Result<(), StoreError> {
-        let k = self.outbox_keys();
         let m = &event.merchant_id;
-        let PendingArgs {
-            fields,
-            states,
-            jobs,
-        } = PendingArgs::new(m, &event.id, endpoints)?;
-        // Ids sort by creation time: everything below the bound is past retention.
-        let cutoff = EventId::lower_bound(OffsetDateTime::now_utc() - retention);
-        let mut inv = SCRIPTS.enqueue.key(k.event(m, &event.id));
-        inv.key(k.events(m));
-        let cluster = self.is_cluster();
-        if !cluster {
-            inv.key(k.outbox());
-        }
-        let keep = ms(retention);
-        inv.arg(event.id.as_str())
-            .arg(encode("webhook event", event)?)
-            .arg(unix_ms(event.created_at).saturating_add(keep))
-            .arg(now_ms().saturating_add(keep))
-            .arg(cutoff)
-            .arg(endpoints.len())
-            .arg(&fields)
-            .arg(&states)
-            .arg(&jobs);
+        let append = EventAppend {
+            event: event.clone(),
+            endpoints: endpoints.to_vec(),
+            retention,
+        };
+        self.register_outbox_shard(m).await?;
+        let mut inv = ENQUEUE.key(self.outbox_keys().event(m, &event.id));
+        let jobs = self.append_args(&mut inv, &append)?;
         self.invoke_write::<i64>(inv).await?;
-        if cluster {
-            // After the event: a job never names a missing event.
-            self.xadd_jobs(&jobs).await?;
-        }
+        self.move_appended_jobs(m, &jobs).await;
         Ok(())
     }
 
@@ -488,18 +644,18 @@ impl OutboxStore for RedisStore {
             states,
             jobs,
         } = PendingArgs::new(merchant, event, endpoints)?;
-        let mut inv = SCRIPTS.redeliver.key(k.event(merchant, event));
-        let cluster = self.is_cluster();
-        if !cluster {
-            inv.key(k.outbox());
-        }
-        inv.arg(endpoints.len())
+        self.register_outbox_shard(merchant).await?;
+        let (queue, kind) = self.queue_target(merchant);
+        let mut inv = REDELIVER.key(k.event(merchant, event));
+        inv.arg(queue)
+            .arg(kind)
+            .arg(now_ms())
+            .arg(endpoints.len())
             .arg(&fields)
             .arg(&states)
             .arg(&jobs);
-        let existed = self.invoke_write::<i64>(inv).await? == 1;
-        if cluster && existed {
-            self.xadd_jobs(&jobs).await?;
+        if self.invoke_write::<i64>(inv).await? == 1 {
+            self.move_appended_jobs(merchant, &jobs).await;
         }
         Ok(())
     }
@@ -510,6 +666,11 @@ impl OutboxStore for RedisStore {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<OutboxJob>, StoreError> {
+        if self.is_cluster()
+            && let Err(e) = self.sweep_shards(lease).await
+        {
+            tracing::warn!(error = %e, "webhook outbox: shard sweep failed; retried next lease");
+        }
         let k = self.outbox_keys();
         let mut inv = SCRIPTS.claim.key(k.outbox());
         inv.key(k.retry())
