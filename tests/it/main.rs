@@ -19,6 +19,7 @@ mod keys_audit_store;
 mod lifecycle;
 mod metrics;
 mod openapi;
+mod rate_limit_shared;
 mod recurring;
 mod rekey;
 mod sim;
