@@ -661,9 +661,7 @@ async fn d1_provider(
 /// The request rate limiter: per instance, or shared through Redis (`rate_limit.shared`, which
 /// `Config::validate` allows with Redis only). Shared mode leases on a connection of its own,
 /// so a lease never queues behind token writes.
-async fn rate_limiter(
-    cfg: &Config,
-) -> Result<crate::domain::ratelimit::RateLimiter, AppError> {
+async fn rate_limiter(cfg: &Config) -> Result<crate::domain::ratelimit::RateLimiter, AppError> {
     use crate::domain::ratelimit::{Limit, RateLimiter, SharedSettings};
     let c = &cfg.rate_limit;
     let per_key = Some(Limit {

@@ -155,7 +155,6 @@ impl Breaker {
     }
 }
 
-
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         if self.probe && !self.recorded {

@@ -80,18 +80,27 @@ struct Allowance {
     expires: Option<Instant>,
     /// The store refused: no cell before this instant.
     blocked_until: Option<Instant>,
+    /// A lease is on its way in the background (at most one per bucket).
+    prefetching: bool,
 }
 
 enum Take {
     Taken,
+    /// Taken, and the allowance fell to its low-water mark: lease the next batch now, in the
+    /// background, so requests do not wait for the store when the allowance runs out.
+    TakenPrefetch,
     Refused(Duration),
     Empty,
 }
 
 impl Allowance {
-    fn take(&mut self, now: Instant) -> Take {
+    fn take(&mut self, now: Instant, low_water: u32) -> Take {
         if self.left > 0 && self.expires.is_some_and(|e| now < e) {
             self.left -= 1;
+            if self.left <= low_water && !self.prefetching {
+                self.prefetching = true;
+                return Take::TakenPrefetch;
+            }
             return Take::Taken;
         }
         match self.blocked_until {
@@ -235,9 +244,16 @@ impl Shared {
             Some(b) => b.clone(),
             None => self.buckets.entry(name).or_default().clone(),
         };
-        let took = bucket.lock().take(now);
+        // More than the burst could never be granted at once.
+        let want = self.settings.batch.min(limit.burst.max(1));
+        let low_water = want / 2;
+        let took = bucket.lock().take(now, low_water);
         match took {
             Take::Taken => return Ok(Some(bucket)),
+            Take::TakenPrefetch => {
+                self.prefetch(bucket.clone(), scope, id.to_owned(), limit, want);
+                return Ok(Some(bucket));
+            }
             Take::Refused(d) => return Err(d),
             Take::Empty => {}
         }
@@ -245,14 +261,13 @@ impl Shared {
         let _refilling = held.refill.lock().await;
         // Another request may have refilled (or been refused) while this one waited.
         let now = Instant::now();
-        let took = bucket.lock().take(now);
+        // No prefetch from here: this request leases itself if the allowance is still empty.
+        let took = bucket.lock().take(now, 0);
         match took {
-            Take::Taken => return Ok(Some(bucket)),
+            Take::Taken | Take::TakenPrefetch => return Ok(Some(bucket)),
             Take::Refused(d) => return Err(d),
             Take::Empty => {}
         }
-        // More than the burst could never be granted at once.
-        let want = self.settings.batch.min(limit.burst.max(1));
         let lease = match self.store.lease(scope, id, limit, want).await {
             Ok(l) => l,
             Err(e) => {
@@ -278,6 +293,33 @@ impl Shared {
             });
         }
         Ok(Some(bucket))
+    }
+
+    /// Leases the next batch in the background and adds it to the allowance. Holds the bucket's
+    /// refill lock, so a request that finds the allowance empty meanwhile waits for this lease
+    /// instead of making another.
+    fn prefetch(&self, bucket: Arc<Bucket>, scope: Scope, id: String, limit: Limit, want: u32) {
+        let store = self.store.clone();
+        let ttl = self.settings.lease_ttl;
+        tokio::spawn(async move {
+            let _refilling = bucket.refill.lock().await;
+            let lease = store.lease(scope, &id, limit, want).await;
+            let now = Instant::now();
+            let mut a = bucket.lock();
+            a.prefetching = false;
+            match lease {
+                Ok(l) if l.granted > 0 => {
+                    a.left += l.granted;
+                    a.expires = Some(now + ttl);
+                    a.blocked_until = None;
+                }
+                // Refused: the cells left are spent first, then requests wait out the delay.
+                Ok(l) => a.blocked_until = Some(now + l.retry_after.max(Duration::from_millis(1))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared rate limit: store unavailable, lease not renewed")
+                }
+            }
+        });
     }
 }
 
@@ -381,5 +423,102 @@ mod tests {
         for _ in 0..1000 {
             rl.check_local("a", "m", t0).unwrap();
         }
+    }
+
+    /// The lease side of shared mode, in memory: GCRA per bucket on a fixed clock, counting
+    /// calls. (The Redis script is exercised by tests/it/rate_limit_shared.rs.)
+    struct CountingStore {
+        calls: std::sync::atomic::AtomicU32,
+        fail: bool,
+        budget: Mutex<std::collections::HashMap<String, u32>>,
+    }
+
+    #[async_trait::async_trait]
+    impl RateLeaseStore for CountingStore {
+        async fn lease(
+            &self,
+            scope: Scope,
+            id: &str,
+            limit: Limit,
+            want: u32,
+        ) -> Result<crate::domain::ports::ratelimit::Lease, crate::domain::ports::StoreError>
+        {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.fail {
+                return Err(crate::domain::ports::StoreError::Unavailable("down".into()));
+            }
+            let mut b = self.budget.lock().unwrap();
+            let left = b.entry(format!("{scope:?}{id}")).or_insert(limit.burst);
+            let granted = want.min(*left);
+            *left -= granted;
+            Ok(crate::domain::ports::ratelimit::Lease {
+                granted,
+                retry_after: Duration::from_millis(if granted == 0 { 500 } else { 0 }),
+            })
+        }
+    }
+
+    fn shared(burst: u32, batch: u32, fail: bool) -> (RateLimiter, Arc<CountingStore>) {
+        let store = Arc::new(CountingStore {
+            calls: Default::default(),
+            fail,
+            budget: Mutex::default(),
+        });
+        let rl = RateLimiter::shared(
+            Some(Limit {
+                per_second: 1.0,
+                burst,
+            }),
+            None,
+            store.clone(),
+            SharedSettings {
+                batch,
+                lease_ttl: Duration::from_secs(60),
+            },
+        );
+        (rl, store)
+    }
+
+    #[tokio::test]
+    async fn shared_mode_leases_in_batches_and_remembers_refusals() {
+        let (rl, store) = shared(30, 10, false);
+        let calls = || store.calls.load(std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..30 {
+            rl.check("k", "m").await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        // 30 requests, batches of 10: three leases that grant cells, and at most one more
+        // (a prefetch refused at the end of the budget).
+        assert!((3..=4).contains(&calls()), "{}", calls());
+        let e = rl.check("k", "m").await.unwrap_err();
+        assert_eq!(e.scope, Scope::ApiKey);
+        assert!(e.retry_after > Duration::ZERO);
+        // The refusal is remembered: no store call per refused request.
+        let after_refusal = calls();
+        for _ in 0..20 {
+            assert!(rl.check("k", "m").await.is_err());
+        }
+        assert_eq!(calls(), after_refusal);
+    }
+
+    #[tokio::test]
+    async fn shared_mode_batch_never_exceeds_the_burst() {
+        let (rl, store) = shared(3, 50, false);
+        for _ in 0..3 {
+            rl.check("k", "m").await.unwrap();
+        }
+        assert!(rl.check("k", "m").await.is_err());
+        // Never more than the burst was granted, whatever the batch size.
+        assert!(store.calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    }
+
+    #[tokio::test]
+    async fn shared_mode_falls_back_to_the_local_limit_when_the_store_fails() {
+        let (rl, _) = shared(2, 10, true);
+        rl.check("k", "m").await.unwrap();
+        rl.check("k", "m").await.unwrap();
+        // The local GCRA (burst 2 at 1/s) refuses the third.
+        assert!(rl.check("k", "m").await.is_err());
     }
 }

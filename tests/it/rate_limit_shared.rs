@@ -46,7 +46,10 @@ async fn drive(a: &TestApp, b: &TestApp, key: &str) -> (usize, usize, Duration) 
         match r.status().as_u16() {
             404 => allowed += 1,
             429 => {
-                assert!(r.headers().contains_key("retry-after"), "429 without Retry-After");
+                assert!(
+                    r.headers().contains_key("retry-after"),
+                    "429 without Retry-After"
+                );
                 let body: serde_json::Value = r.json().await.unwrap();
                 assert_eq!(body["code"], "rate_limited");
                 refused += 1;
@@ -99,11 +102,7 @@ async fn shared_rate_limit_spans_two_instances_on_redis_cluster() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
-    let list: Vec<String> = cluster
-        .addrs()
-        .iter()
-        .map(|a| format!("\"{a}\""))
-        .collect();
+    let list: Vec<String> = cluster.addrs().iter().map(|a| format!("\"{a}\"")).collect();
     shared_vs_local(vec![(
         "TOKENGATE__STORAGE__REDIS_CLUSTER_NODES",
         format!("[{}]", list.join(",")),

@@ -82,9 +82,7 @@ pub struct Answer {
 impl Answer {
     /// The problem `code`, when the answer is a problem document that has one.
     pub fn code(&self) -> Option<&str> {
-        self.problem
-            .then(|| self.json["code"].as_str())
-            .flatten()
+        self.problem.then(|| self.json["code"].as_str()).flatten()
     }
 }
 
@@ -391,10 +389,8 @@ access = false
     /// Starts the process and waits for `/readyz` 200.
     pub async fn start(&mut self) -> Result<(), BoxError> {
         self.starts += 1;
-        let log = std::fs::File::create(
-            self.logs
-                .join(format!("{}-{}.log", self.name, self.starts)),
-        )?;
+        let log =
+            std::fs::File::create(self.logs.join(format!("{}-{}.log", self.name, self.starts)))?;
         self.proc = Some(Proc::spawn(
             Command::new(&self.exe)
                 .arg("serve")
