@@ -97,7 +97,9 @@ impl Allowance {
     fn take(&mut self, now: Instant, low_water: u32) -> Take {
         if self.left > 0 && self.expires.is_some_and(|e| now < e) {
             self.left -= 1;
-            if self.left <= low_water && !self.prefetching {
+            // Not while a refusal holds: the store said no, asking again now is wasted.
+            let refused = self.blocked_until.is_some_and(|b| now < b);
+            if self.left <= low_water && !self.prefetching && !refused {
                 self.prefetching = true;
                 return Take::TakenPrefetch;
             }
