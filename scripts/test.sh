@@ -22,4 +22,6 @@ echo "== cargo test"
 cargo test --workspace -- --test-threads="${TEST_THREADS:-4}"
 echo "== openapi contract (independent validator)"
 bash scripts/check-openapi.sh
+echo "== chaos suite, short (docs/reliability.md; reuses the debug build)"
+bash scripts/chaos.sh --short
 echo "== all tests passed"

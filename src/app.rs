@@ -445,7 +445,7 @@ impl Gateway {
             idempotency_ttl_s: cfg.idempotency.ttl_s,
             idempotency_lock_ttl_s: cfg.idempotency.lock_ttl_s,
             notify,
-            rate_limiter: Arc::new(rate_limiter(&cfg.rate_limit)),
+            rate_limiter: Arc::new(rate_limiter(cfg).await?),
             client_certs,
         });
         Ok(Gateway {
@@ -658,16 +658,41 @@ async fn d1_provider(
     Ok((Some(Arc::new(client)), sim))
 }
 
-fn rate_limiter(c: &crate::config::RateLimitSection) -> crate::domain::ratelimit::RateLimiter {
-    use crate::domain::ratelimit::{Limit, RateLimiter};
-    RateLimiter::new(
-        Some(Limit {
-            per_second: c.per_key_per_s,
-            burst: c.per_key_burst,
-        }),
-        Some(Limit {
-            per_second: c.per_merchant_per_s,
-            burst: c.per_merchant_burst,
-        }),
-    )
+/// The request rate limiter: per instance, or shared through Redis (`rate_limit.shared`, which
+/// `Config::validate` allows with Redis only). Shared mode leases on a connection of its own,
+/// so a lease never queues behind token writes.
+async fn rate_limiter(cfg: &Config) -> Result<crate::domain::ratelimit::RateLimiter, AppError> {
+    use crate::domain::ratelimit::{Limit, RateLimiter, SharedSettings};
+    let c = &cfg.rate_limit;
+    let per_key = Some(Limit {
+        per_second: c.per_key_per_s,
+        burst: c.per_key_burst,
+    });
+    let per_merchant = Some(Limit {
+        per_second: c.per_merchant_per_s,
+        burst: c.per_merchant_burst,
+    });
+    if !c.shared {
+        return Ok(RateLimiter::new(per_key, per_merchant));
+    }
+    let s = &cfg.storage;
+    let rc = RedisConfig {
+        url: s.redis_url.clone().unwrap_or_default(),
+        cluster_nodes: s.redis_cluster_nodes.clone(),
+        key_prefix: s.key_prefix.clone(),
+        connect_timeout: Duration::from_millis(s.connect_timeout_ms),
+        response_timeout: Duration::from_millis(s.response_timeout_ms),
+        // Leases are no acknowledged data: never wait for replicas.
+        durability: Durability::None,
+    };
+    let store = Arc::new(RedisStore::connect(&rc).await?);
+    Ok(RateLimiter::shared(
+        per_key,
+        per_merchant,
+        store,
+        SharedSettings {
+            batch: c.shared_batch,
+            lease_ttl: Duration::from_millis(c.shared_lease_ms),
+        },
+    ))
 }

@@ -268,7 +268,8 @@ pub struct RekeySection {
     pub lease_ms: u64,
 }
 
-/// Per-instance request rate limits (`domain::ratelimit`); a rate of 0 disables a limit.
+/// Request rate limits (`domain::ratelimit`); a rate of 0 disables a limit. Per instance,
+/// or fleet-wide with `shared` (Redis only).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSection {
@@ -276,6 +277,23 @@ pub struct RateLimitSection {
     pub per_key_burst: u32,
     pub per_merchant_per_s: f64,
     pub per_merchant_burst: u32,
+    /// Limits shared by every instance on the same Redis, leased in batches.
+    #[serde(default)]
+    pub shared: bool,
+    /// Cells leased per store call in shared mode.
+    #[serde(default = "default_shared_batch")]
+    pub shared_batch: u32,
+    /// How long leased cells stay usable before they are dropped.
+    #[serde(default = "default_shared_lease_ms")]
+    pub shared_lease_ms: u64,
+}
+
+fn default_shared_batch() -> u32 {
+    50
+}
+
+fn default_shared_lease_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -469,6 +487,21 @@ impl Config {
             ));
         }
         self.validate_durability()?;
+        let rl = &self.rate_limit;
+        if rl.shared {
+            if self.storage.redis_url.is_none() && self.storage.redis_cluster_nodes.is_empty() {
+                return Err(invalid(
+                    "rate_limit.shared",
+                    "needs Redis (storage.redis_url or storage.redis_cluster_nodes): the embedded store serves one instance",
+                ));
+            }
+            if rl.shared_batch == 0 {
+                return Err(invalid("rate_limit.shared_batch", "must be at least 1"));
+            }
+            if rl.shared_lease_ms < 10 {
+                return Err(invalid("rate_limit.shared_lease_ms", "must be at least 10"));
+            }
+        }
         let has_keys = !self.vault.keys.is_empty();
         if has_keys != self.vault.active_key_id.is_some()
             || has_keys != self.vault.fingerprint_key.is_some()

@@ -9,6 +9,7 @@
 //! | `tokengate_http_request_duration_seconds` | histogram | `method`, `route`, `status` |
 //! | `tokengate_d1_calls_total` | counter | `operation`, `outcome` |
 //! | `tokengate_d1_call_duration_seconds` | histogram | `operation`, `outcome` (calls refused before sending are counted, not timed) |
+//! | `tokengate_d1_circuit_open` | gauge (0 or 1) | none (1 from the moment the D1 circuit breaker opens until a probe closes it) |
 //! | `tokengate_store_operation_duration_seconds` | histogram | `operation`, `outcome` |
 //! | `tokengate_store_errors_total` | counter | `operation`, `kind` (`unavailable`, `corrupt`) |
 //! | `tokengate_store_durability_waits_total` | counter | `mode` (`wait`, `waitaof`), `outcome` (`confirmed`, `timeout`, `refused`, `error`) |
@@ -55,6 +56,7 @@ pub const HTTP_REQUESTS: &str = "tokengate_http_requests_total";
 pub const HTTP_DURATION: &str = "tokengate_http_request_duration_seconds";
 pub const D1_CALLS: &str = "tokengate_d1_calls_total";
 pub const D1_DURATION: &str = "tokengate_d1_call_duration_seconds";
+pub const D1_CIRCUIT_OPEN: &str = "tokengate_d1_circuit_open";
 pub const STORE_DURATION: &str = "tokengate_store_operation_duration_seconds";
 pub const STORE_ERRORS: &str = "tokengate_store_errors_total";
 pub const DURABILITY_WAITS: &str = "tokengate_store_durability_waits_total";
@@ -157,6 +159,10 @@ fn describe() {
         "1 once the token counts include records written before they existed, else 0"
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build");
+    describe_gauge!(
+        D1_CIRCUIT_OPEN,
+        "1 while the D1 circuit breaker is open or probing (half-open), 0 once closed"
+    );
     describe_counter!(
         LOG_DROPPED,
         "Log lines dropped because the log writer thread was too far behind (stdout stalled)"
@@ -282,6 +288,11 @@ pub fn record_d1_call(operation: &'static str, outcome: &'static str, elapsed: D
 /// not timed (its latency would say nothing about D1).
 pub fn record_d1_refused(operation: &'static str, reason: &'static str) {
     counter!(D1_CALLS, "operation" => operation, "outcome" => reason).increment(1);
+}
+
+/// The D1 circuit breaker opened (`true`) or closed again (`false`).
+pub fn d1_circuit_open(open: bool) {
+    gauge!(D1_CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
 }
 
 // --- store -----------------------------------------------------------------------------------

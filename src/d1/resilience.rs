@@ -4,7 +4,8 @@
 //! failed calls (5xx, timeouts, connection failures; 4xx means D1 is up and answering) it
 //! opens and every call fails at once with `Unavailable { retry_after }` instead of waiting out
 //! its timeout. After `open_for` it lets exactly one probe call through (half-open); the probe's
-//! outcome closes it again or reopens it for another `open_for`.
+//! outcome closes it again or reopens it for another `open_for`. Its state is the gauge
+//! `tokengate_d1_circuit_open` (1 from opening until a probe closes it).
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -63,6 +64,7 @@ pub struct Admission<'a> {
 
 impl Breaker {
     pub fn new(threshold: u32, open_for: Duration) -> Breaker {
+        crate::observability::d1_circuit_open(false);
         Breaker {
             threshold: threshold.max(1),
             open_for,
@@ -114,7 +116,22 @@ impl Admission<'_> {
         self.recorded = true;
         let b = self.breaker;
         let now = Instant::now();
-        b.with_state(|s| match (*s, self.probe, failure) {
+        let (was_closed, is_closed) = b.with_state(|s| {
+            let was_closed = matches!(*s, State::Closed { .. });
+            b.transition(s, self.probe, failure, now);
+            (was_closed, matches!(*s, State::Closed { .. }))
+        });
+        if was_closed != is_closed {
+            crate::observability::d1_circuit_open(!is_closed);
+        }
+    }
+}
+
+impl Breaker {
+    /// The state after one recorded outcome.
+    fn transition(&self, s: &mut State, probe: bool, failure: bool, now: Instant) {
+        let b = self;
+        match (*s, probe, failure) {
             (_, true, false) => *s = State::Closed { failures: 0 },
             (_, true, true) => {
                 *s = State::Open {
@@ -134,7 +151,7 @@ impl Admission<'_> {
             }
             // A call admitted before the breaker opened finished late: the probe decides.
             (State::Open { .. } | State::HalfOpen { .. }, false, _) => {}
-        });
+        }
     }
 }
 

@@ -22,6 +22,7 @@ mod metrics;
 mod openapi;
 mod outbox_atomic;
 mod props;
+mod rate_limit_shared;
 mod recurring;
 mod rekey;
 mod sim;

@@ -36,6 +36,19 @@ impl Conn {
         })
     }
 
+    /// Sends one request and reads the whole response: head and body.
+    pub async fn send_full(
+        &mut self,
+        mut req: Request<ReqBody>,
+    ) -> Result<(http::response::Parts, Bytes), BoxError> {
+        req.headers_mut().insert(header::HOST, self.host.clone());
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok((parts, body))
+    }
+
     /// Sends one request and reads the whole response body.
     pub async fn send(
         &mut self,

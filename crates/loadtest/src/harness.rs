@@ -89,6 +89,17 @@ pub struct Args {
     /// Also write the report here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Extra gateway settings, `TOKENGATE__SECTION__KEY=value`, applied after the harness's own
+    /// (e.g. to measure rate limits, which the harness turns off): repeatable.
+    #[arg(long = "gateway-env", value_parser = parse_env_pair)]
+    gateway_env: Vec<(String, String)>,
+}
+
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if k.starts_with("TOKENGATE") => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}`: expected TOKENGATE__SECTION__KEY=value")),
+    }
 }
 
 const DEFAULT_SCENARIOS: [Scenario; 5] = [
@@ -644,6 +655,7 @@ impl Ctx {
             .env("TOKENGATE__LOG__LEVEL", "warn")
             .env("TOKENGATE__STORAGE__DATA_DIR", self.work.join("data"))
             .envs(redis.gateway_env())
+            .envs(self.args.gateway_env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(log);
         if let Some(sim) = sim {

@@ -16,8 +16,12 @@
 //! - [`harness`]: `loadtest`, which starts Redis (standalone or Cluster), the bare server and the
 //!   gateway, runs `wrk` (closed loop, peak throughput) and the open-loop generator per scenario,
 //!   reads memory from `/proc`, and prints the Markdown report.
+//! - [`chaos`]: `chaos`, the chaos suite (`scripts/chaos.sh`, `docs/reliability.md`): kills the
+//!   gateway and Redis under load, injects D1 faults, storms two instances with notifications,
+//!   takes the webhook receiver down, and checks nothing acknowledged was lost or duplicated.
 
 mod bare;
+mod chaos;
 mod client;
 mod fill;
 mod harness;
@@ -55,6 +59,8 @@ pub enum PerfCommand {
     BenchFill(fill::Args),
     /// The whole load test: see `docs/performance.md`.
     Loadtest(harness::Args),
+    /// The chaos suite: see `docs/reliability.md` (`scripts/chaos.sh`).
+    Chaos(chaos::Args),
 }
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -71,6 +77,7 @@ async fn run(cmd: PerfCommand) -> Result<(), BoxError> {
         PerfCommand::HoldConns(a) => loadgen::run_hold(a).await,
         PerfCommand::BenchFill(a) => fill::run(a).await,
         PerfCommand::Loadtest(a) => harness::run(a).await,
+        PerfCommand::Chaos(a) => chaos::run(a).await,
     }
 }
 

@@ -59,11 +59,11 @@ impl FromRequestParts<AppState> for MerchantAuth {
         // (cached-miss) lookup, and must not consume a real merchant's budget.
         // The caller's key id (derived from the key's hash by `authenticate`) names the key:
         // hashing the key a second time here cost a SHA-256 per request (docs/performance.md).
-        if let Err(e) = state.rate_limiter.check(
-            &caller.key_id,
-            merchant.id.as_str(),
-            std::time::Instant::now(),
-        ) {
+        if let Err(e) = state
+            .rate_limiter
+            .check(&caller.key_id, merchant.id.as_str())
+            .await
+        {
             let which = match e.scope {
                 crate::domain::ratelimit::Scope::ApiKey => "this API key",
                 crate::domain::ratelimit::Scope::Merchant => "this merchant",

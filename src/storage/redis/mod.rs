@@ -32,6 +32,7 @@ mod counts;
 mod durability;
 mod lifecycle;
 mod outbox;
+mod ratelimit;
 mod wallet_index;
 
 pub use durability::Durability;
