@@ -438,7 +438,7 @@ pub struct OperationFilter {
 
 /// A cursor of the operation list: a sort key ([`IssuerOperation::sort_key`]).
 pub fn valid_cursor(c: &str) -> bool {
-    c.len() == 14 + 22
+    c.len() == 14 + OperationId::PREFIX.len() + 22
         && c.as_bytes().get(13) == Some(&b':')
         && c[..13].bytes().all(|b| b.is_ascii_digit())
         && OperationId::parse(&c[14..]).is_some()

@@ -297,6 +297,59 @@ impl IssuerService {
         self.submit(issuer, &provider, op).await
     }
 
+    // --- operations whose D1 call the caller makes (part 2: card orders) ------------------
+
+    /// Stores a `PENDING` operation for a D1 call the caller makes itself (card orders carry
+    /// card data, which is never stored, so only their caller can re-drive them). The caller's
+    /// `issuer_request_id` is the anchor: the same id again answers the stored operation and
+    /// `false` (nothing written), so a retried order is the same order.
+    pub async fn begin_external(
+        &self,
+        issuer: &Issuer,
+        kind: OperationKind,
+        target: OperationTarget,
+        issuer_request_id: &str,
+    ) -> Result<(IssuerOperation, bool), DomainError> {
+        if !valid_d1_id(issuer_request_id) {
+            return Err(DomainError::Validation {
+                code: "invalid_issuer_request_id",
+                detail: "issuerRequestId must match ^[A-Za-z0-9_-]{1,64}$".into(),
+            });
+        }
+        let mut op = IssuerOperation::new(
+            issuer.id.clone(),
+            kind,
+            target,
+            issuer_request_id.to_owned(),
+            OperationCall::External,
+            now(),
+        );
+        op.next_check_at = after(self.settings.poll_after);
+        match self.ops.insert_operation(&op).await? {
+            OperationInsert::Inserted => Ok((op, true)),
+            OperationInsert::Existing(existing) => Ok((*existing, false)),
+        }
+    }
+
+    /// D1 accepted the caller's call: its operation id is noted (polled later if no
+    /// notification comes). Answers the operation as stored.
+    pub async fn external_acknowledged(
+        &self,
+        op: IssuerOperation,
+        d1_operation_id: &str,
+    ) -> IssuerOperation {
+        let next = op.acknowledged(d1_operation_id, after(self.settings.poll_after));
+        self.store_update(op, next).await
+    }
+
+    /// D1 refused the caller's call: the operation is `FAILED` with D1's code (and announced).
+    pub async fn external_rejected(&self, op: IssuerOperation, code: &str) -> IssuerOperation {
+        let next = op.rejected(code, now());
+        let stored = self.store_update(op, next).await;
+        self.announce(None, &stored).await;
+        stored
+    }
+
     /// Calls D1 for `op` (first call or re-drive) and stores what D1 answered.
     async fn submit(
         &self,
@@ -822,5 +875,142 @@ impl IssuerService {
             Err(ProviderError::NotFound) => Ok(Vec::new()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a failing test should stop loudly"
+)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::storage::embedded::EmbeddedStore;
+
+    /// Counts the changes it is told about, and remembers the last `details.status`.
+    #[derive(Default)]
+    struct Tracker {
+        calls: AtomicUsize,
+        last: std::sync::Mutex<Option<String>>,
+    }
+
+    #[async_trait]
+    impl OperationHook for Tracker {
+        async fn operation_changed(
+            &self,
+            _before: &IssuerOperation,
+            after: &IssuerOperation,
+        ) -> Result<(), DomainError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            *self.last.lock().unwrap() = after
+                .details
+                .as_ref()
+                .and_then(|d| d.get("status"))
+                .and_then(|s| s.as_str())
+                .map(str::to_owned);
+            Ok(())
+        }
+    }
+
+    fn produce(d1: &str, status: OperationStatus, details: &str) -> RemoteOperation {
+        RemoteOperation {
+            d1_operation_id: d1.into(),
+            kind: OperationKind::Produce,
+            status: Some(status),
+            start_time: None,
+            end_time: None,
+            card_id: Some("card-1".into()),
+            consumer_id: None,
+            issuer_request_id: None,
+            error_code: None,
+            error: None,
+            details: Some(serde_json::json!({ "status": details })),
+        }
+    }
+
+    /// The path part 2 takes: an order whose D1 call the caller makes, idempotent on its
+    /// `issuerRequestId`, then production tracking from D1's notifications through a hook,
+    /// each change once.
+    #[tokio::test]
+    async fn external_operations_and_hooks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let keyring =
+            Arc::new(crate::crypto::Keyring::new(&crate::crypto::dev::material()).unwrap());
+        let services = Services::new(store.clone(), keyring, None, Duration::from_secs(1))
+            .with_keys(store.clone());
+        let svc = IssuerService::new(
+            store.clone(),
+            store.clone(),
+            None,
+            services,
+            IssuerSettings::default(),
+        );
+        let tracker = Arc::new(Tracker::default());
+        svc.register_hook(&OperationKind::Produce, tracker.clone());
+        let (issuer, _, _) = svc.create_issuer("Bank", "BANK000001").await.unwrap();
+
+        let target = || OperationTarget::Card("card-1".into());
+        let (op, created) = svc
+            .begin_external(&issuer, OperationKind::Produce, target(), "order-1")
+            .await
+            .unwrap();
+        assert!(created);
+        let (again, created) = svc
+            .begin_external(&issuer, OperationKind::Produce, target(), "order-1")
+            .await
+            .unwrap();
+        assert!(!created, "the same issuerRequestId is the same order");
+        assert_eq!(again.id, op.id);
+        assert!(
+            svc.begin_external(&issuer, OperationKind::Produce, target(), "bad id")
+                .await
+                .is_err()
+        );
+        let op = svc.external_acknowledged(op, "d1-order-1").await;
+        assert_eq!(op.d1_operation_id.as_deref(), Some("d1-order-1"));
+
+        let batch = [
+            produce(
+                "d1-order-1",
+                OperationStatus::Pending,
+                "CARD_PROD_REQUESTED",
+            ),
+            produce("d1-order-1", OperationStatus::Pending, "CARD_PROD_READY"),
+            produce("d1-order-1", OperationStatus::Successful, "CARD_SHIPPED"),
+        ];
+        let r = svc.handle_notification(&issuer, &batch).await.unwrap();
+        assert_eq!(r.applied, 3);
+        // Redelivered: nothing changes, no hook call.
+        let r = svc.handle_notification(&issuer, &batch).await.unwrap();
+        assert_eq!(r.applied, 0);
+        assert_eq!(tracker.calls.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            tracker.last.lock().unwrap().as_deref(),
+            Some("CARD_SHIPPED")
+        );
+        let stored = svc.get_operation(&issuer.id, op.id.as_str()).await.unwrap();
+        assert_eq!(stored.status, OperationStatus::Successful);
+        let tracked: Vec<_> = stored
+            .history
+            .iter()
+            .filter_map(|h| h.details_status.as_deref())
+            .collect();
+        assert_eq!(
+            tracked,
+            ["CARD_PROD_REQUESTED", "CARD_PROD_READY", "CARD_SHIPPED"]
+        );
+        // A stranger's operation is acknowledged and ignored.
+        let r = svc
+            .handle_notification(
+                &issuer,
+                &[produce("nobody", OperationStatus::Failed, "DATA_EXCEPTION")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.unknown, 1);
     }
 }

@@ -340,6 +340,27 @@ async fn tenants_scopes_and_isolation(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(listed["data"][0]["id"], id);
+    // Pages: one operation per page, following the cursor.
+    let op2 = enrol(&app, &a, "card-a").await;
+    let page1: Value = app
+        .get("/v1/issuer/operations?limit=1", &a.key)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page1["data"][0]["id"], op2["id"]);
+    let cursor = page1["nextCursor"].as_str().unwrap();
+    let page2: Value = app
+        .get(
+            &format!("/v1/issuer/operations?limit=1&cursor={cursor}"),
+            &a.key,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page2["data"][0]["id"], id);
+    assert!(page2["nextCursor"].is_null());
     expect_problem(
         app.get("/v1/issuer/operations?status=DONE", &a.key).await,
         400,
@@ -433,6 +454,21 @@ async fn enrolment_completes_through_a_notification(backend: Backend) {
     }
     assert!(!captured_logs().contains(PAN), "a PAN reached the logs");
     no_pan_in_store(&app);
+    // Idempotency-Key as on the merchant routes: a retry answers the same operation, and D1
+    // sees one call.
+    let update = || {
+        app.client
+            .post(app.url("/v1/issuer/cards/card-1/click-to-pay/update"))
+            .bearer_auth(&iss.key)
+            .header("Idempotency-Key", "update-card-1")
+            .json(&json!({"cardholderName": "A LOVELACE"}))
+            .send()
+    };
+    let first: Value = update().await.unwrap().json().await.unwrap();
+    let second: Value = update().await.unwrap().json().await.unwrap();
+    assert_eq!(first["operation"], "CLICK_TO_PAY_UPDATE");
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(app.sim_stats().await["requests"]["clickToPayUpdate"], 1);
 }
 
 /// The embedded store's file holds no card number (Redis: see `no_pan_in_redis`).

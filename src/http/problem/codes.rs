@@ -138,6 +138,7 @@ catalogue! {
     INVALID_CONSUMER_ID = UNPROCESSABLE_ENTITY "invalid_consumer_id" "`consumerId` must match `^[A-Za-z0-9_-]{1,64}$`";
     INVALID_CARDHOLDER_NAME = UNPROCESSABLE_ENTITY "invalid_cardholder_name" "`cardholderName` must be 1 to 26 printable characters";
     INVALID_REASON = UNPROCESSABLE_ENTITY "invalid_reason" "`reason` must match `^[a-zA-Z0-9 ]{1,64}$` (D1's pattern)";
+    INVALID_ISSUER_REQUEST_ID = UNPROCESSABLE_ENTITY "invalid_issuer_request_id" "`issuerRequestId` must match `^[A-Za-z0-9_-]{1,64}$`";
     INVALID_REASON_CODE = UNPROCESSABLE_ENTITY "invalid_reason_code" "`reasonCode` must be 1 to 64 characters of `A-Z` and `_` (e.g. `ISSUER_DECISION`, `USER_DECISION`)";
     D1_REJECTED = UNPROCESSABLE_ENTITY "d1_rejected" "D1 refused the request (D1's `errorCode` in the detail)";
     // --- the gateway and its dependencies (500, 502, 503, 504) --------------------------------
