@@ -120,7 +120,7 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .route("/v1/issuers/{id}/api-keys", post(issuers::create_issuer_key))
         .route("/v1/issuer/operations", get(issuers::list_operations))
         .route(
-            "/v1/issuer/operations/{operationId}",
+            "/v1/issuer/operations/{operation_id}",
             get(issuers::get_operation),
         )
         // Issuer webhooks, through the same signed outbox as merchant webhooks.
@@ -135,40 +135,40 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .route("/v1/issuer/events", get(webhooks::issuer_list_events))
         // Click to Pay (docs/issuer.md).
         .route(
-            "/v1/issuer/cards/{cardId}/click-to-pay/enrolment",
+            "/v1/issuer/cards/{card_id}/click-to-pay/enrolment",
             post(click_to_pay::enrol),
         )
         .route(
-            "/v1/issuer/cards/{cardId}/click-to-pay/update",
+            "/v1/issuer/cards/{card_id}/click-to-pay/update",
             post(click_to_pay::update_card),
         )
         .route(
-            "/v1/issuer/consumers/{consumerId}/click-to-pay/update",
+            "/v1/issuer/consumers/{consumer_id}/click-to-pay/update",
             post(click_to_pay::update_consumer),
         )
         .route(
-            "/v1/issuer/cards/{cardId}/click-to-pay/opt-out",
+            "/v1/issuer/cards/{card_id}/click-to-pay/opt-out",
             post(click_to_pay::opt_out_card),
         )
         .route(
-            "/v1/issuer/consumers/{consumerId}/click-to-pay/opt-out",
+            "/v1/issuer/consumers/{consumer_id}/click-to-pay/opt-out",
             post(click_to_pay::opt_out_consumer),
         )
         .route(
-            "/v1/issuer/cards/{cardId}/click-to-pay/profiles",
+            "/v1/issuer/cards/{card_id}/click-to-pay/profiles",
             get(click_to_pay::card_profiles),
         )
         .route(
-            "/v1/issuer/consumers/{consumerId}/click-to-pay/profiles",
+            "/v1/issuer/consumers/{consumer_id}/click-to-pay/profiles",
             get(click_to_pay::consumer_profiles),
         )
         // D1 -> issuer side: card and consumer operation notifications.
         .route(
-            "/notifications/d1/v2/issuers/{issuerId}/cards",
+            "/notifications/d1/v2/issuers/{issuer_id}/cards",
             post(issuer_notify::notify_cards),
         )
         .route(
-            "/notifications/d1/v2/issuers/{issuerId}/consumers",
+            "/notifications/d1/v2/issuers/{issuer_id}/consumers",
             post(issuer_notify::notify_consumers),
         )
         .fallback(tokens::not_found)

@@ -990,7 +990,7 @@ async fn real_responses_match_the_document() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let enrol = "/v1/issuer/cards/{cardId}/click-to-pay/enrolment";
+    let enrol = "/v1/issuer/cards/{card_id}/click-to-pay/enrolment";
     let r = send(
         &app,
         Method::POST,
@@ -1027,7 +1027,7 @@ async fn real_responses_match_the_document() {
         None,
     )
     .await;
-    c.check("GET", "/v1/issuer/operations/{operationId}", r)
+    c.check("GET", "/v1/issuer/operations/{operation_id}", r)
         .await;
     let r = send(
         &app,
@@ -1038,7 +1038,7 @@ async fn real_responses_match_the_document() {
     )
     .await;
     assert_code(
-        &c.check("GET", "/v1/issuer/operations/{operationId}", r)
+        &c.check("GET", "/v1/issuer/operations/{operation_id}", r)
             .await,
         "operation_not_found",
     );
@@ -1059,7 +1059,7 @@ async fn real_responses_match_the_document() {
         None,
     )
     .await;
-    c.check("GET", "/v1/issuer/cards/{cardId}/click-to-pay/profiles", r)
+    c.check("GET", "/v1/issuer/cards/{card_id}/click-to-pay/profiles", r)
         .await;
     let r = send(
         &app,
@@ -1071,7 +1071,7 @@ async fn real_responses_match_the_document() {
     .await;
     c.check(
         "GET",
-        "/v1/issuer/consumers/{consumerId}/click-to-pay/profiles",
+        "/v1/issuer/consumers/{consumer_id}/click-to-pay/profiles",
         r,
     )
     .await;
@@ -1083,7 +1083,7 @@ async fn real_responses_match_the_document() {
         Some(json!({"cardholderName": "A LOVELACE"})),
     )
     .await;
-    c.check("POST", "/v1/issuer/cards/{cardId}/click-to-pay/update", r)
+    c.check("POST", "/v1/issuer/cards/{card_id}/click-to-pay/update", r)
         .await;
     let r = send(
         &app,
@@ -1095,7 +1095,7 @@ async fn real_responses_match_the_document() {
     .await;
     c.check(
         "POST",
-        "/v1/issuer/consumers/{consumerId}/click-to-pay/update",
+        "/v1/issuer/consumers/{consumer_id}/click-to-pay/update",
         r,
     )
     .await;
@@ -1107,7 +1107,7 @@ async fn real_responses_match_the_document() {
         Some(json!({})),
     )
     .await;
-    c.check("POST", "/v1/issuer/cards/{cardId}/click-to-pay/opt-out", r)
+    c.check("POST", "/v1/issuer/cards/{card_id}/click-to-pay/opt-out", r)
         .await;
     let r = send(
         &app,
@@ -1120,7 +1120,7 @@ async fn real_responses_match_the_document() {
     assert_code(
         &c.check(
             "POST",
-            "/v1/issuer/consumers/{consumerId}/click-to-pay/opt-out",
+            "/v1/issuer/consumers/{consumer_id}/click-to-pay/opt-out",
             r,
         )
         .await,
@@ -1175,7 +1175,7 @@ async fn real_responses_match_the_document() {
         .await;
         c.check(
             "POST",
-            &format!("/notifications/d1/v2/issuers/{{issuerId}}/{variant}"),
+            &format!("/notifications/d1/v2/issuers/{{issuer_id}}/{variant}"),
             r,
         )
         .await;

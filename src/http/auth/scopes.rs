@@ -63,7 +63,7 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
         ("POST", p) if p.starts_with("/v1/issuer/") && p.contains("/click-to-pay/") => {
             (Scope::IssuerClickToPay, None)
         }
-        (_, p) if p.starts_with("/v1/issuer/cards/{cardId}/production") => {
+        (_, p) if p.starts_with("/v1/issuer/cards/{card_id}/production") => {
             (Scope::IssuerOrders, None)
         }
         (_, p) if p.starts_with("/v1/issuer/production-orders") => (Scope::IssuerOrders, None),
@@ -179,7 +179,7 @@ mod tests {
             ("DELETE", "/v1/api-keys/{id}"),
             ("GET", "/v1/audit-events"),
             ("GET", "/v1/issuer/operations"),
-            ("GET", "/v1/issuer/operations/{operationId}"),
+            ("GET", "/v1/issuer/operations/{operation_id}"),
         ];
         for (m, p) in routes {
             let method = Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET);

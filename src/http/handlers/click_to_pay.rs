@@ -23,7 +23,7 @@ use crate::http::params::IdempotencyKeyHeader;
 use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
-/// `POST /v1/issuer/cards/{cardId}/click-to-pay/enrolment`.
+/// `POST /v1/issuer/cards/{card_id}/click-to-pay/enrolment`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EnrolmentRequest {
@@ -153,9 +153,9 @@ fn domain(e: DomainError) -> ApiError {
 
 /// Enrols a card in Click to Pay: the first card of a consumer creates the consumer profile,
 /// later ones add cards. `202` with the `PENDING` operation; D1's notification finishes it.
-#[utoipa::path(post, path = "/v1/issuer/cards/{cardId}/click-to-pay/enrolment", tag = "issuer",
+#[utoipa::path(post, path = "/v1/issuer/cards/{card_id}/click-to-pay/enrolment", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("cardId" = String, Path, description = "D1's card id"), IdempotencyKeyHeader),
+    params(("card_id" = String, Path, description = "D1's card id"), IdempotencyKeyHeader),
     request_body = EnrolmentRequest,
     responses(
         (status = 202, description = "The operation (PENDING; finished by D1's notification)", body = OperationView),
@@ -222,9 +222,9 @@ async fn update(
 }
 
 /// Updates a card's Click to Pay data. `202` with the operation.
-#[utoipa::path(post, path = "/v1/issuer/cards/{cardId}/click-to-pay/update", tag = "issuer",
+#[utoipa::path(post, path = "/v1/issuer/cards/{card_id}/click-to-pay/update", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("cardId" = String, Path, description = "D1's card id"), IdempotencyKeyHeader),
+    params(("card_id" = String, Path, description = "D1's card id"), IdempotencyKeyHeader),
     request_body = UpdateRequest,
     responses(
         (status = 202, description = "The operation", body = OperationView),
@@ -250,9 +250,9 @@ pub async fn update_card(
 }
 
 /// Updates a consumer's Click to Pay data. `202` with the operation.
-#[utoipa::path(post, path = "/v1/issuer/consumers/{consumerId}/click-to-pay/update", tag = "issuer",
+#[utoipa::path(post, path = "/v1/issuer/consumers/{consumer_id}/click-to-pay/update", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("consumerId" = String, Path, description = "D1's consumer id"), IdempotencyKeyHeader),
+    params(("consumer_id" = String, Path, description = "D1's consumer id"), IdempotencyKeyHeader),
     request_body = UpdateRequest,
     responses(
         (status = 202, description = "The operation", body = OperationView),
@@ -305,9 +305,9 @@ async fn opt_out(
 
 /// Opts a card out of Click to Pay (the last card of a consumer removes the cardholder
 /// details). `202` with the operation.
-#[utoipa::path(post, path = "/v1/issuer/cards/{cardId}/click-to-pay/opt-out", tag = "issuer",
+#[utoipa::path(post, path = "/v1/issuer/cards/{card_id}/click-to-pay/opt-out", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("cardId" = String, Path, description = "D1's card id"), IdempotencyKeyHeader),
+    params(("card_id" = String, Path, description = "D1's card id"), IdempotencyKeyHeader),
     request_body = OptOutRequest,
     responses(
         (status = 202, description = "The operation", body = OperationView),
@@ -334,9 +334,9 @@ pub async fn opt_out_card(
 
 /// Opts a consumer out of Click to Pay: the profile and all its cards are removed. `202` with
 /// the operation (finished by D1's consumer-operation notification).
-#[utoipa::path(post, path = "/v1/issuer/consumers/{consumerId}/click-to-pay/opt-out", tag = "issuer",
+#[utoipa::path(post, path = "/v1/issuer/consumers/{consumer_id}/click-to-pay/opt-out", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("consumerId" = String, Path, description = "D1's consumer id"), IdempotencyKeyHeader),
+    params(("consumer_id" = String, Path, description = "D1's consumer id"), IdempotencyKeyHeader),
     request_body = OptOutRequest,
     responses(
         (status = 202, description = "The operation", body = OperationView),
@@ -372,9 +372,9 @@ async fn profiles(state: AppState, issuer: Issuer, pii: bool, target: OperationT
 }
 
 /// A card's Click to Pay profiles (read from D1).
-#[utoipa::path(get, path = "/v1/issuer/cards/{cardId}/click-to-pay/profiles", tag = "issuer",
+#[utoipa::path(get, path = "/v1/issuer/cards/{card_id}/click-to-pay/profiles", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("cardId" = String, Path, description = "D1's card id")),
+    params(("card_id" = String, Path, description = "D1's card id")),
     responses(
         (status = 200, description = "The profiles", body = ProfilesView),
         codes::ClickToPayProfilesProblems,
@@ -389,9 +389,9 @@ pub async fn card_profiles(
 }
 
 /// A consumer's Click to Pay profiles (read from D1).
-#[utoipa::path(get, path = "/v1/issuer/consumers/{consumerId}/click-to-pay/profiles", tag = "issuer",
+#[utoipa::path(get, path = "/v1/issuer/consumers/{consumer_id}/click-to-pay/profiles", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("consumerId" = String, Path, description = "D1's consumer id")),
+    params(("consumer_id" = String, Path, description = "D1's consumer id")),
     responses(
         (status = 200, description = "The profiles", body = ProfilesView),
         codes::ClickToPayConsumerProfilesProblems,

@@ -1,5 +1,5 @@
 //! D1's card- and consumer-operation notifications to the issuer side
-//! (`POST /notifications/d1/v2/issuers/{issuerId}/cards` and `.../consumers`): a batch
+//! (`POST /notifications/d1/v2/issuers/{issuer_id}/cards` and `.../consumers`): a batch
 //! `{"operations": [...]}`, authenticated like the token notifications ([`D1Caller`]), applied
 //! before answering 204 (`domain::issuer_service`: each item exactly once across instances).
 //! A failure a redelivery may fix answers 503 with `Retry-After`; an item about an operation we
@@ -169,10 +169,10 @@ async fn notify(state: AppState, d1_issuer_id: String, body: bytes::Bytes) -> Re
     }
 }
 
-/// `POST /notifications/d1/v2/issuers/{issuerId}/cards`: D1's "notify card operations".
-#[utoipa::path(post, path = "/notifications/d1/v2/issuers/{issuerId}/cards", tag = "d1",
+/// `POST /notifications/d1/v2/issuers/{issuer_id}/cards`: D1's "notify card operations".
+#[utoipa::path(post, path = "/notifications/d1/v2/issuers/{issuer_id}/cards", tag = "d1",
     security(("d1AccessToken" = [])),
-    params(("issuerId" = String, Path, description = "D1's issuer id (10 characters)")),
+    params(("issuer_id" = String, Path, description = "D1's issuer id (10 characters)")),
     request_body = NotificationSchema,
     responses(
         (status = 204, description = "Applied (or recognised as a redelivery, or not ours)"),
@@ -187,11 +187,11 @@ pub async fn notify_cards(
     notify(state, d1_issuer_id, body).await
 }
 
-/// `POST /notifications/d1/v2/issuers/{issuerId}/consumers`: D1's "notify consumer
+/// `POST /notifications/d1/v2/issuers/{issuer_id}/consumers`: D1's "notify consumer
 /// operations" (consumer opt-out and update).
-#[utoipa::path(post, path = "/notifications/d1/v2/issuers/{issuerId}/consumers", tag = "d1",
+#[utoipa::path(post, path = "/notifications/d1/v2/issuers/{issuer_id}/consumers", tag = "d1",
     security(("d1AccessToken" = [])),
-    params(("issuerId" = String, Path, description = "D1's issuer id (10 characters)")),
+    params(("issuer_id" = String, Path, description = "D1's issuer id (10 characters)")),
     request_body = NotificationSchema,
     responses(
         (status = 204, description = "Applied (or recognised as a redelivery, or not ours)"),

@@ -309,9 +309,9 @@ pub async fn create_issuer_key(
 }
 
 /// One of the issuer's operations.
-#[utoipa::path(get, path = "/v1/issuer/operations/{operationId}", tag = "issuer",
+#[utoipa::path(get, path = "/v1/issuer/operations/{operation_id}", tag = "issuer",
     security(("issuerApiKey" = [])),
-    params(("operationId" = String, Path, description = "Our operation id (`op_...`)")),
+    params(("operation_id" = String, Path, description = "Our operation id (`op_...`)")),
     responses(
         (status = 200, description = "The operation", body = OperationView),
         codes::GetOperationProblems,
