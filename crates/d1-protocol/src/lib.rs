@@ -8,6 +8,7 @@
 //! - [`devkeys`]: a development PKI and key set for the simulator and a gateway pointed at it.
 
 pub mod devkeys;
+pub mod issuer;
 pub mod jose;
 pub mod model;
 pub mod paths;

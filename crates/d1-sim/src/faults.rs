@@ -21,10 +21,16 @@ pub enum Op {
     Suspend,
     Resume,
     Delete,
+    /// Issuer side (`/banking/v1`, `crates/d1-sim/src/issuer.rs`).
+    ClickToPayEnrolment,
+    ClickToPayUpdate,
+    ClickToPayOptOut,
+    ClickToPayProfiles,
+    GetOperation,
 }
 
 impl Op {
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 14] = [
         Op::Oauth,
         Op::OnboardMerchant,
         Op::CreateToken,
@@ -34,6 +40,11 @@ impl Op {
         Op::Suspend,
         Op::Resume,
         Op::Delete,
+        Op::ClickToPayEnrolment,
+        Op::ClickToPayUpdate,
+        Op::ClickToPayOptOut,
+        Op::ClickToPayProfiles,
+        Op::GetOperation,
     ];
 
     /// The name used in `/sim/faults` `operations` and in `/sim/stats` `requests`.
@@ -48,6 +59,11 @@ impl Op {
             Op::Suspend => "suspend",
             Op::Resume => "resume",
             Op::Delete => "delete",
+            Op::ClickToPayEnrolment => "clickToPayEnrolment",
+            Op::ClickToPayUpdate => "clickToPayUpdate",
+            Op::ClickToPayOptOut => "clickToPayOptOut",
+            Op::ClickToPayProfiles => "clickToPayProfiles",
+            Op::GetOperation => "getOperation",
         }
     }
 }

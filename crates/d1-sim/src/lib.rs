@@ -13,6 +13,9 @@
 //! - [`notify`]: notification delivery with redelivery, OAuth towards the gateway, and the
 //!   duplicate/reorder faults.
 //! - [`faults`]: the fault document and the per-request dice roll.
+//! - `issuer`: the issuer side (`/banking/v1`): a card registry seeded from the control API,
+//!   Click to Pay operations completing asynchronously with batched notifications,
+//!   get-operation, dedup by `issuerRequestId`, D1's validation and error shapes.
 //!
 //! # Choices the protocol leaves open
 //!
@@ -33,6 +36,7 @@ mod api;
 mod context;
 mod control;
 pub mod faults;
+mod issuer;
 mod notify;
 mod server;
 mod state;
@@ -221,6 +225,7 @@ impl Simulator {
             faults: Mutex::new(Faults::default()),
             stats: Stats::default(),
             notifier,
+            issuer: issuer::IssuerState::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);

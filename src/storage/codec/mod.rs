@@ -3,5 +3,6 @@
 pub mod apikeys;
 pub mod audit;
 pub mod client_certs;
+pub mod issuers;
 pub mod lifecycle;
 pub mod outbox;
