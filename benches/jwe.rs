@@ -114,9 +114,10 @@ fn benches(c: &mut Criterion) {
     g.bench_function("jwe_encrypt (gateway, new card)", |b| {
         b.iter(|| jwe_encrypt(black_box(CARD), &recipient_pub, kid).expect("encrypt"))
     });
-    g.bench_function("jwe_decrypt_with, aws-lc-rs (gateway cryptogram, sim new card)", |b| {
-        b.iter(|| jwe_decrypt_with(black_box(&compact), &prepared_keys).expect("decrypt"))
-    });
+    g.bench_function(
+        "jwe_decrypt_with, aws-lc-rs (gateway cryptogram, sim new card)",
+        |b| b.iter(|| jwe_decrypt_with(black_box(&compact), &prepared_keys).expect("decrypt")),
+    );
     g.bench_function("jwe_decrypt, p256", |b| {
         b.iter(|| jwe_decrypt(black_box(&compact), &keys).expect("decrypt"))
     });

@@ -409,7 +409,8 @@ impl D1Client {
         let signer =
             Es256Signer::from_pkcs8_pem(cfg.es256_key_pem.expose_secret(), &cfg.es256_kid)?;
         let d1_jwe_public = jose::public_key_from_pem(&cfg.d1_jwe_public_pem)?;
-        let gateway_jwe_key = jose::JweDecryptionKey::from_pem(cfg.gateway_jwe_key_pem.expose_secret())?;
+        let gateway_jwe_key =
+            jose::JweDecryptionKey::from_pem(cfg.gateway_jwe_key_pem.expose_secret())?;
 
         let mut tls_config = tls::client_config(
             &cfg.ca_pem,
@@ -760,11 +761,9 @@ impl D1Client {
         tokio::spawn(async move {
             let correlation_id = uuid::Uuid::new_v4().simple().to_string();
             let deadline = Instant::now() + client.inner.call_timeout;
-            let result = tokio::time::timeout_at(
-                deadline,
-                client.refresh_token(&correlation_id, deadline),
-            )
-            .await;
+            let result =
+                tokio::time::timeout_at(deadline, client.refresh_token(&correlation_id, deadline))
+                    .await;
             if !matches!(result, Ok(Ok(_))) {
                 tracing::debug!(
                     correlation_id = %correlation_id,
@@ -1059,8 +1058,7 @@ impl NetworkTokenProvider for D1Client {
             .await?;
         let resp: TransactionResponse = decode(OP, &body)?;
         let inner = &self.inner;
-        let keys =
-            |kid: &str| (kid == inner.gateway_jwe_kid).then_some(&inner.gateway_jwe_key);
+        let keys = |kid: &str| (kid == inner.gateway_jwe_kid).then_some(&inner.gateway_jwe_key);
         let (_, plain) = jose::jwe_decrypt_with(&resp.encrypted_data, &keys)
             .map_err(|e| ProviderError::BadResponse(format!("{OP}: encryptedData: {e}")))?;
         let payload: CryptogramPlaintext = decode(OP, &plain)?;

@@ -364,7 +364,7 @@ pub fn jwe_encrypt(
     // The ephemeral key agreement runs on ring: a profile of new-card tokenization showed the
     // pure-Rust p256 arithmetic (key generation + ECDH, two scalar multiplications) as most of
     // the request's CPU; ring's P-256 is several times faster (docs/performance.md). ring has
-    // no static-key ECDH, so `jwe_decrypt` (our static key) stays on p256.
+    // no static-key ECDH: the decrypting side uses aws-lc-rs (`JweDecryptionKey`).
     use ring::agreement;
     let rng = ring::rand::SystemRandom::new();
     let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
@@ -932,13 +932,15 @@ mod tests {
         let msg = br#"{"pan": "4111111111111111", "exp": "1230"}"#;
         let jwe = jwe_encrypt(msg, &k.public_key(), "kid-1").unwrap();
 
-        let (kid, plain) = jwe_decrypt_with(&jwe, &|kid| (kid == "kid-1").then_some(&prepared))
-            .unwrap();
+        let (kid, plain) =
+            jwe_decrypt_with(&jwe, &|kid| (kid == "kid-1").then_some(&prepared)).unwrap();
         assert_eq!(kid, "kid-1");
         assert_eq!(&plain[..], msg);
 
         let mut header: serde_json::Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD.decode(jwe.split('.').next().unwrap()).unwrap(),
+            &URL_SAFE_NO_PAD
+                .decode(jwe.split('.').next().unwrap())
+                .unwrap(),
         )
         .unwrap();
         let parts: Vec<String> = jwe.split('.').map(str::to_owned).collect();

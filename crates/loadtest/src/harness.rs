@@ -1494,7 +1494,10 @@ async fn d1_latency_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         )
         .into());
     }
-    ctx.say(format!("simulator latency set to {} ms", latency.as_millis()));
+    ctx.say(format!(
+        "simulator latency set to {} ms",
+        latency.as_millis()
+    ));
     let watch = vec![
         Watched {
             role: "gateway",
@@ -1574,8 +1577,11 @@ async fn d1_latency_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     }
 
     let mut out = String::new();
-    let _ = writeln!(out, "## tokengate: D1 at real latency
-");
+    let _ = writeln!(
+        out,
+        "## tokengate: D1 at real latency
+"
+    );
     let _ = writeln!(out, "- machine: {}", machine_line());
     let _ = writeln!(
         out,
