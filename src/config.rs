@@ -325,6 +325,8 @@ pub struct D1Section {
     pub call_timeout_ms: u64,
     pub max_retries: u32,
     pub max_concurrency: usize,
+    /// Connection lanes to D1 (`src/d1/client.rs`, 1..=64).
+    pub connections: usize,
     pub breaker_failure_threshold: u32,
     pub breaker_open_ms: u64,
     /// Path templates of the D1 API (`[d1.paths]`); defaults in docs/d1-protocol.md.
@@ -604,6 +606,9 @@ impl Config {
                 "d1.keys_dir",
                 "needed with d1.base_url (client certificate, ES256 and JWE keys)",
             ));
+        }
+        if !(1..=64).contains(&self.d1.connections) {
+            return Err(invalid("d1.connections", "must be between 1 and 64"));
         }
         self.validate_notify()?;
         Ok(())

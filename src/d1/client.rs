@@ -1,6 +1,17 @@
-//! The D1 client: one pooled HTTPS client (mTLS, HTTP/1.1 and HTTP/2), OAuth2 JWT-bearer
-//! tokens cached single-flight, JWE card data, and the resilience policy, behind
-//! [`NetworkTokenProvider`].
+//! The D1 client: a few pooled HTTPS connections (mTLS, HTTP/2 multiplexed, or HTTP/1.1),
+//! OAuth2 JWT-bearer tokens cached single-flight and refreshed in the background, JWE card data,
+//! and the resilience policy, behind [`NetworkTokenProvider`].
+//!
+//! # Connections
+//!
+//! D1 at real latency (~150 ms a call) means hundreds of calls in flight: 3,000 calls/s hold
+//! about 450. One HTTP/2 connection carries at most the server's `MAX_CONCURRENT_STREAMS`
+//! (hyper's default is 200, many edges use 100-128); requests beyond it wait inside the h2
+//! connection for a stream, behind every slow call ahead of them (head-of-line blocking), and
+//! one connection's TLS and framing run on one task. So the client keeps `connections`
+//! independent lanes, each its own pooled client (one multiplexed h2 connection, or a pool of
+//! HTTP/1.1 connections when D1 does not offer h2), and sends each request on the lane with
+//! the fewest calls in flight.
 //!
 //! # One call, outermost first
 //!
@@ -11,7 +22,9 @@
 //! 3. **Time budget** (`call_timeout`): covers the token request, every attempt, every backoff
 //!    sleep and reading the body. Exceeded => `Timeout` (the outcome upstream is unknown).
 //! 4. **Authentication**: a cached access token; a 401 invalidates it and the call is replayed
-//!    once with a fresh one.
+//!    once with a fresh one. A token due for refresh (60 s before it expires) is still valid:
+//!    the call uses it and one background task fetches the next, so the token request is on a
+//!    call's path only when there is no valid token at all (the first call, or after a 401).
 //! 5. **Retries**: on 429, 503, connection failures (the request never left), and 500 for GETs;
 //!    after `Retry-After` seconds when given, else jittered exponential backoff. A retried
 //!    request is byte-identical (same body, same `requestId`, same JWE), so D1's idempotency on
@@ -29,7 +42,7 @@
 //! never card numbers, token numbers, cryptograms, access tokens or keys.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -41,7 +54,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use p256::{PublicKey, SecretKey};
+use p256::PublicKey;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -76,6 +89,8 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const MAX_BODY: usize = 1 << 20;
 /// Idle pooled connections are closed after this long.
 const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Upper bound of `connections` (lanes), so a typo cannot open thousands of TLS sessions.
+const MAX_CONNECTIONS: usize = 64;
 
 /// The `outcome` label of a D1 call.
 fn provider_outcome(result: Result<(), &ProviderError>) -> &'static str {
@@ -132,6 +147,8 @@ pub struct D1Config {
     pub max_retries: u32,
     /// Calls in flight before new ones are refused.
     pub max_concurrency: usize,
+    /// Independent connection lanes to D1 (see the module docs).
+    pub connections: usize,
     pub breaker_failure_threshold: u32,
     pub breaker_open_for: Duration,
 }
@@ -155,7 +172,8 @@ impl D1Config {
             paths: D1Paths::default(),
             call_timeout: Duration::from_secs(5),
             max_retries: 2,
-            max_concurrency: 256,
+            max_concurrency: 1024,
+            connections: 4,
             breaker_failure_threshold: 20,
             breaker_open_for: Duration::from_secs(5),
         }
@@ -192,8 +210,24 @@ struct Flight {
 
 type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-struct Inner {
+/// One connection lane: its own pool (one h2 connection, or HTTP/1.1 connections), and how
+/// many calls it carries now.
+struct Lane {
     http: HttpClient,
+    in_flight: AtomicUsize,
+}
+
+/// Holds a lane's in-flight count up while a request (body included) is on it.
+struct LaneGuard<'a>(&'a Lane);
+
+impl Drop for LaneGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Inner {
+    lanes: Vec<Lane>,
     /// Base URL without a trailing slash.
     base: String,
     mgid: String,
@@ -201,7 +235,7 @@ struct Inner {
     signer: Es256Signer,
     d1_jwe_public: PublicKey,
     d1_jwe_kid: String,
-    gateway_jwe_key: SecretKey,
+    gateway_jwe_key: jose::JweDecryptionKey,
     gateway_jwe_kid: String,
     /// Current token; read without waiting on the hot path.
     token: RwLock<Option<Arc<AccessToken>>>,
@@ -210,6 +244,8 @@ struct Inner {
     /// Token requests completed so far (mirror of `Flight::done`, readable without the lock).
     flights_done: AtomicU64,
     token_serial: AtomicU64,
+    /// Set while a background token refresh runs (at most one).
+    refreshing: AtomicBool,
     limiter: Semaphore,
     breaker: Breaker,
     call_timeout: Duration,
@@ -366,6 +402,11 @@ impl D1Client {
         if cfg.max_concurrency == 0 {
             return Err(D1Error::Config("max_concurrency must be at least 1".into()));
         }
+        if !(1..=MAX_CONNECTIONS).contains(&cfg.connections) {
+            return Err(D1Error::Config(format!(
+                "connections must be between 1 and {MAX_CONNECTIONS}"
+            )));
+        }
         if cfg.call_timeout.is_zero() {
             return Err(D1Error::Config("call_timeout must be positive".into()));
         }
@@ -374,7 +415,8 @@ impl D1Client {
         let signer =
             Es256Signer::from_pkcs8_pem(cfg.es256_key_pem.expose_secret(), &cfg.es256_kid)?;
         let d1_jwe_public = jose::public_key_from_pem(&cfg.d1_jwe_public_pem)?;
-        let gateway_jwe_key = jose::secret_key_from_pem(cfg.gateway_jwe_key_pem.expose_secret())?;
+        let gateway_jwe_key =
+            jose::JweDecryptionKey::from_pem(cfg.gateway_jwe_key_pem.expose_secret())?;
 
         let mut tls_config = tls::client_config(
             &cfg.ca_pem,
@@ -392,15 +434,20 @@ impl D1Client {
             .https_only()
             .enable_all_versions()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(https);
+        let lanes = (0..cfg.connections)
+            .map(|_| Lane {
+                http: Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE)
+                    .build(https.clone()),
+                in_flight: AtomicUsize::new(0),
+            })
+            .collect();
 
         Ok(D1Client {
             inner: Arc::new(Inner {
-                http: client,
+                lanes,
                 base,
                 mgid: cfg.merchant_gateway_id,
                 paths: cfg.paths,
@@ -416,12 +463,30 @@ impl D1Client {
                 }),
                 flights_done: AtomicU64::new(0),
                 token_serial: AtomicU64::new(0),
+                refreshing: AtomicBool::new(false),
                 limiter: Semaphore::new(cfg.max_concurrency),
                 breaker: Breaker::new(cfg.breaker_failure_threshold, cfg.breaker_open_for),
                 call_timeout: cfg.call_timeout,
                 max_retries: cfg.max_retries,
             }),
         })
+    }
+
+    /// The lane with the fewest calls in flight (the first of equals, so a quiet client keeps
+    /// to one connection); counted until the guard drops.
+    fn lane(&self) -> LaneGuard<'_> {
+        let lanes = &self.inner.lanes;
+        let mut best = &lanes[0];
+        let mut least = usize::MAX;
+        for lane in lanes {
+            let n = lane.in_flight.load(Ordering::Relaxed);
+            if n < least {
+                least = n;
+                best = lane;
+            }
+        }
+        best.in_flight.fetch_add(1, Ordering::Relaxed);
+        LaneGuard(best)
     }
 
     /// Whether the circuit breaker currently refuses calls.
@@ -636,7 +701,8 @@ impl D1Client {
         let req = req
             .body(Full::new(spec.body.clone().unwrap_or_default()))
             .map_err(|_| SendError::Connect)?;
-        let resp = self.inner.http.request(req).await.map_err(|e| {
+        let lane = self.lane();
+        let resp = lane.0.http.request(req).await.map_err(|e| {
             if e.is_connect() {
                 SendError::Connect
             } else {
@@ -675,11 +741,55 @@ impl D1Client {
         correlation_id: &str,
         deadline: Instant,
     ) -> Result<Arc<AccessToken>, Failure> {
-        if let Some(t) = self.cached_token()
-            && Instant::now() < t.refresh_at
-        {
-            return Ok(t);
+        if let Some(t) = self.cached_token() {
+            let now = Instant::now();
+            if now < t.refresh_at {
+                return Ok(t);
+            }
+            if now < t.expires_at {
+                // Due for refresh but still valid: this call goes on with it, and the next
+                // token is fetched off the request path.
+                self.refresh_in_background();
+                return Ok(t);
+            }
         }
+        self.refresh_token(correlation_id, deadline).await
+    }
+
+    /// Starts one background token refresh, unless one is running. Its outcome only lands in
+    /// the cache (and in `Flight`): the caller already has a valid token.
+    fn refresh_in_background(&self) {
+        if self
+            .inner
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let client = self.clone();
+        tokio::spawn(async move {
+            let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+            let deadline = Instant::now() + client.inner.call_timeout;
+            let result =
+                tokio::time::timeout_at(deadline, client.refresh_token(&correlation_id, deadline))
+                    .await;
+            if !matches!(result, Ok(Ok(_))) {
+                tracing::debug!(
+                    correlation_id = %correlation_id,
+                    "background access token refresh failed; the next call retries"
+                );
+            }
+            client.inner.refreshing.store(false, Ordering::Release);
+        });
+    }
+
+    /// The single flight of token requests: waits for a running one, else asks D1.
+    async fn refresh_token(
+        &self,
+        correlation_id: &str,
+        deadline: Instant,
+    ) -> Result<Arc<AccessToken>, Failure> {
         let seen = self.inner.flights_done.load(Ordering::Acquire);
         let mut flight = match self.inner.refresh.try_lock() {
             Ok(guard) => guard,
@@ -962,9 +1072,8 @@ impl NetworkTokenProvider for D1Client {
             .await?;
         let resp: TransactionResponse = decode(OP, &body)?;
         let inner = &self.inner;
-        let keys =
-            |kid: &str| (kid == inner.gateway_jwe_kid).then(|| inner.gateway_jwe_key.clone());
-        let (_, plain) = jose::jwe_decrypt(&resp.encrypted_data, &keys)
+        let keys = |kid: &str| (kid == inner.gateway_jwe_kid).then_some(&inner.gateway_jwe_key);
+        let (_, plain) = jose::jwe_decrypt_with(&resp.encrypted_data, &keys)
             .map_err(|e| ProviderError::BadResponse(format!("{OP}: encryptedData: {e}")))?;
         let payload: CryptogramPlaintext = decode(OP, &plain)?;
         let (token_number, expiry, cryptogram) = payload.into_parts();

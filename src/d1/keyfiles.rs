@@ -138,6 +138,7 @@ impl D1Config {
             call_timeout: std::time::Duration::from_millis(d1.call_timeout_ms),
             max_retries: d1.max_retries,
             max_concurrency: d1.max_concurrency,
+            connections: d1.connections,
             breaker_failure_threshold: d1.breaker_failure_threshold,
             breaker_open_for: std::time::Duration::from_millis(d1.breaker_open_ms),
         }

@@ -511,11 +511,86 @@ async fn token_is_refreshed_before_expiry() -> Result<()> {
     ensure!(fake.oauth_requests() == 1);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     client.get_token("m", "t").await?;
+    // The refresh runs in the background (next test): wait for it, bounded.
+    wait_for_oauth_requests(&fake, 2).await?;
     ensure!(
         fake.oauth_requests() == 2,
         "oauth: {}",
         fake.oauth_requests()
     );
+    // The new token serves later calls without another request.
+    client.get_token("m", "t").await?;
+    ensure!(fake.oauth_requests() == 2);
+    Ok(())
+}
+
+async fn wait_for_oauth_requests(fake: &FakeD1, n: usize) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(5);
+    while fake.oauth_requests() < n {
+        if Instant::now() > until {
+            bail!("oauth requests: {} (waited for {n})", fake.oauth_requests());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_token_due_for_refresh_is_refreshed_off_the_request_path() -> Result<()> {
+    let fake = start().await?;
+    fake.state.expires_in.store(2, Ordering::SeqCst);
+    // A slow token endpoint: a call that waited for it would take 600 ms more.
+    *lock(&fake.state.oauth_delay) = Duration::from_millis(600);
+    let client = fake.client()?;
+    // No token yet: the first call has to wait for one.
+    client.get_token("m", "t").await?;
+    ensure!(fake.oauth_requests() == 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Due for refresh, still valid: these calls use it and one background refresh starts.
+    let started = Instant::now();
+    for i in 0..5 {
+        client.get_token("m", &format!("t{i}")).await?;
+    }
+    ensure!(
+        started.elapsed() < Duration::from_millis(500),
+        "calls waited for the token endpoint: {:?}",
+        started.elapsed()
+    );
+    wait_for_oauth_requests(&fake, 2).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    ensure!(
+        fake.oauth_requests() == 2,
+        "one background refresh, not one per call: {}",
+        fake.oauth_requests()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_spread_over_connection_lanes() -> Result<()> {
+    let fake = start().await?;
+    let mut cfg = fake.config();
+    cfg.connections = 3;
+    let client = D1Client::new(cfg)?;
+    client.get_token("mer-1", "warm").await?;
+    ensure!(fake.state.tls_connections.load(Ordering::SeqCst) == 1);
+    fake.script((0..12).map(|_| Scripted::delay(Duration::from_millis(300))));
+    let calls = (0..12).map(|i| {
+        let c = client.clone();
+        tokio::spawn(async move { c.get_token("mer-1", &format!("slow-{i}")).await })
+    });
+    for r in futures::future::join_all(calls).await {
+        r??;
+    }
+    let tls = fake.state.tls_connections.load(Ordering::SeqCst);
+    // Slow calls in flight together went out on more than one connection; every one was h2.
+    ensure!(tls > 1, "TLS connections: {tls}");
+    ensure!(fake.seen().iter().all(|s| s.version == Version::HTTP_2));
+    // Connections are kept: a quiet client opens no more.
+    for i in 0..5 {
+        client.get_token("mer-1", &format!("after-{i}")).await?;
+    }
+    ensure!(fake.state.tls_connections.load(Ordering::SeqCst) == tls);
     Ok(())
 }
 

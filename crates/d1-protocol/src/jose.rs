@@ -16,7 +16,11 @@
 //! TLS/crypto stack), so the construction is implemented here from its parts, each a
 //! RustCrypto primitive: P-256 ECDH (`p256`), the Concat KDF of NIST SP 800-56A with SHA-256
 //! (`sha2`, [`concat_kdf`], checked against the RFC 7518 Appendix C vector), and AES-256-GCM
-//! (`aes-gcm`). The format is:
+//! (`aes-gcm`). The two P-256 key agreements run on faster, well-kept implementations than
+//! pure-Rust `p256`, which stays for key parsing, point validation and the test vectors: the
+//! ephemeral side of [`jwe_encrypt`] on `ring`, and the static-key side of [`jwe_decrypt`] on
+//! `aws-lc-rs` ([`JweDecryptionKey`]), since `ring` offers no static-key ECDH
+//! (docs/performance.md). The format is:
 //!
 //! `BASE64URL(header) || '.' || '' || '.' || BASE64URL(iv) || '.' || BASE64URL(ciphertext) || '.' || BASE64URL(tag)`
 //!
@@ -360,7 +364,7 @@ pub fn jwe_encrypt(
     // The ephemeral key agreement runs on ring: a profile of new-card tokenization showed the
     // pure-Rust p256 arithmetic (key generation + ECDH, two scalar multiplications) as most of
     // the request's CPU; ring's P-256 is several times faster (docs/performance.md). ring has
-    // no static-key ECDH, so `jwe_decrypt` (our static key) stays on p256.
+    // no static-key ECDH: the decrypting side uses aws-lc-rs (`JweDecryptionKey`).
     use ring::agreement;
     let rng = ring::rand::SystemRandom::new();
     let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
@@ -413,12 +417,77 @@ pub fn jwe_encrypt(
     ))
 }
 
-/// Decrypts a compact JWE made by [`jwe_encrypt`] (or any RFC-conformant `ECDH-ES`/`A256GCM`
-/// producer). `keys` maps the header `kid` to our private key. Returns `(kid, plaintext)`.
-pub fn jwe_decrypt(
-    compact: &str,
-    keys: &dyn Fn(&str) -> Option<SecretKey>,
-) -> Result<(String, Zeroizing<Vec<u8>>), JoseError> {
+/// Our static P-256 JWE key, prepared once for the static-key ECDH of [`jwe_decrypt_with`].
+///
+/// The agreement runs on `aws-lc-rs`: `ring` (our ephemeral side) has no static-key ECDH, and
+/// the pure-Rust `p256` scalar multiplication cost ~250 us per call, most of a cryptogram's
+/// CPU in the gateway and of a new card's in the simulator. AWS-LC's P-256 (the assembly
+/// nistz256 code `ring` also descends from) is within a small factor of `ring`'s ephemeral
+/// ECDH (docs/performance.md, `cargo bench --bench jwe`). The key itself is held by AWS-LC
+/// (freed, and cleansed, by `EVP_PKEY_free`); the bytes it was made from are wiped here.
+pub struct JweDecryptionKey {
+    key: aws_lc_rs::agreement::PrivateKey,
+}
+
+impl std::fmt::Debug for JweDecryptionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JweDecryptionKey").finish_non_exhaustive()
+    }
+}
+
+impl JweDecryptionKey {
+    /// Prepares `secret` (a P-256 scalar) for decryption.
+    pub fn new(secret: &SecretKey) -> Result<JweDecryptionKey, JoseError> {
+        let mut bytes = secret.to_bytes();
+        let mut scalar = Zeroizing::new([0u8; COORD_LEN]);
+        scalar.copy_from_slice(&bytes);
+        zeroize::Zeroize::zeroize(&mut bytes[..]);
+        let key = aws_lc_rs::agreement::PrivateKey::from_private_key(
+            &aws_lc_rs::agreement::ECDH_P256,
+            &scalar[..],
+        )
+        .map_err(|_| JoseError::InvalidKey("not a usable P-256 private key"))?;
+        Ok(JweDecryptionKey { key })
+    }
+
+    /// Parses a PKCS#8 or SEC1 PEM private key ([`secret_key_from_pem`]) and prepares it.
+    pub fn from_pem(pem: &str) -> Result<JweDecryptionKey, JoseError> {
+        JweDecryptionKey::new(&secret_key_from_pem(pem)?)
+    }
+
+    /// Z of ECDH with `peer` (an uncompressed SEC1 point already checked to be on P-256), fed
+    /// to the Concat KDF.
+    fn derive_cek(
+        &self,
+        peer: &[u8],
+        apu: &[u8],
+        apv: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, JoseError> {
+        use aws_lc_rs::agreement;
+        let peer = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, peer);
+        agreement::agree(
+            &self.key,
+            peer,
+            JoseError::Malformed("epk is not a point on P-256"),
+            |z| concat_kdf(z, JWE_ENC, apu, apv, 256),
+        )
+    }
+}
+
+/// A compact JWE taken apart and checked, everything but the key agreement and the tag.
+struct ParsedJwe<'a> {
+    header_b64: &'a str,
+    kid: String,
+    /// The sender's ephemeral key, uncompressed SEC1, validated on P-256.
+    epk: PublicKey,
+    apu: Option<Vec<u8>>,
+    apv: Option<Vec<u8>>,
+    iv: [u8; IV_LEN],
+    tag: [u8; TAG_LEN],
+    ciphertext: Zeroizing<Vec<u8>>,
+}
+
+fn parse_jwe(compact: &str) -> Result<ParsedJwe<'_>, JoseError> {
     let parts: Vec<&str> = compact.trim().split('.').collect();
     let [header_b64, encrypted_key, iv_b64, ct_b64, tag_b64] = parts[..] else {
         return Err(JoseError::Malformed("a compact JWE has five parts"));
@@ -465,7 +534,8 @@ pub fn jwe_decrypt(
     sec1.extend_from_slice(&x);
     sec1.extend_from_slice(&y);
     // Rejects points not on the curve, which would otherwise leak the private key
-    // (invalid-curve attack).
+    // (invalid-curve attack). Checked here, before the key is looked up, whichever
+    // implementation then does the agreement.
     let epk = PublicKey::from_sec1_bytes(&sec1)
         .map_err(|_| JoseError::Malformed("epk is not a point on P-256"))?;
     let apu = header
@@ -483,26 +553,71 @@ pub fn jwe_decrypt(
     let tag: [u8; TAG_LEN] = b64d(tag_b64, "tag is not base64url")?
         .try_into()
         .map_err(|_| JoseError::Malformed("tag must be 128 bits"))?;
-    let mut buf = Zeroizing::new(b64d(ct_b64, "ciphertext is not base64url")?);
+    let ciphertext = Zeroizing::new(b64d(ct_b64, "ciphertext is not base64url")?);
+    Ok(ParsedJwe {
+        header_b64,
+        kid,
+        epk,
+        apu,
+        apv,
+        iv,
+        tag,
+        ciphertext,
+    })
+}
 
-    let secret = keys(&kid).ok_or(JoseError::UnknownKid)?;
-    let shared = secret.diffie_hellman(&epk);
+impl ParsedJwe<'_> {
+    /// Opens the content with `cek`; returns `(kid, plaintext)`.
+    fn open(self, cek: &[u8]) -> Result<(String, Zeroizing<Vec<u8>>), JoseError> {
+        let mut buf = self.ciphertext;
+        aes_key(cek)?
+            .decrypt_inout_detached(
+                &Nonce::from(self.iv),
+                self.header_b64.as_bytes(),
+                (&mut buf[..]).into(),
+                &Tag::<Aes256Gcm>::from(self.tag),
+            )
+            .map_err(|_| JoseError::Decryption)?;
+        Ok((self.kid, buf))
+    }
+}
+
+/// Decrypts a compact JWE made by [`jwe_encrypt`] (or any RFC-conformant `ECDH-ES`/`A256GCM`
+/// producer). `keys` maps the header `kid` to our private key. Returns `(kid, plaintext)`.
+///
+/// The key agreement is `p256`'s; callers on a hot path hold a [`JweDecryptionKey`] and call
+/// [`jwe_decrypt_with`] instead, which accepts and refuses exactly the same tokens.
+pub fn jwe_decrypt(
+    compact: &str,
+    keys: &dyn Fn(&str) -> Option<SecretKey>,
+) -> Result<(String, Zeroizing<Vec<u8>>), JoseError> {
+    let jwe = parse_jwe(compact)?;
+    let secret = keys(&jwe.kid).ok_or(JoseError::UnknownKid)?;
+    let shared = secret.diffie_hellman(&jwe.epk);
     let cek = concat_kdf(
         shared.raw_secret_bytes(),
         JWE_ENC,
-        apu.as_deref().unwrap_or_default(),
-        apv.as_deref().unwrap_or_default(),
+        jwe.apu.as_deref().unwrap_or_default(),
+        jwe.apv.as_deref().unwrap_or_default(),
         256,
     )?;
-    aes_key(&cek)?
-        .decrypt_inout_detached(
-            &Nonce::from(iv),
-            header_b64.as_bytes(),
-            (&mut buf[..]).into(),
-            &Tag::<Aes256Gcm>::from(tag),
-        )
-        .map_err(|_| JoseError::Decryption)?;
-    Ok((kid, buf))
+    jwe.open(&cek)
+}
+
+/// [`jwe_decrypt`] with prepared keys: the static-key ECDH runs on `aws-lc-rs`
+/// ([`JweDecryptionKey`]). Same checks, same errors, in the same order.
+pub fn jwe_decrypt_with<'k>(
+    compact: &str,
+    keys: &dyn Fn(&str) -> Option<&'k JweDecryptionKey>,
+) -> Result<(String, Zeroizing<Vec<u8>>), JoseError> {
+    let jwe = parse_jwe(compact)?;
+    let key = keys(&jwe.kid).ok_or(JoseError::UnknownKid)?;
+    let cek = key.derive_cek(
+        &jwe.epk.to_uncompressed_point(),
+        jwe.apu.as_deref().unwrap_or_default(),
+        jwe.apv.as_deref().unwrap_or_default(),
+    )?;
+    jwe.open(&cek)
 }
 
 #[cfg(test)]
@@ -804,6 +919,79 @@ mod tests {
         let err = jwe_decrypt(&jwe, &|_: &str| None).unwrap_err();
         assert!(!err.to_string().contains(evil_kid));
         assert!(!format!("{err:?}").contains(evil_kid));
+    }
+
+    /// The aws-lc-rs path accepts and refuses exactly what the p256 path does, with the same
+    /// errors: a round trip, a wrong key, an unknown kid, and every tampering case above.
+    #[test]
+    fn prepared_key_path_matches_the_p256_path() {
+        let k = new_key();
+        let prepared = JweDecryptionKey::new(&k).unwrap();
+        let other = new_key();
+        let other_prepared = JweDecryptionKey::from_pem(&pkcs8_pem(&other)).unwrap();
+        let msg = br#"{"pan": "4111111111111111", "exp": "1230"}"#;
+        let jwe = jwe_encrypt(msg, &k.public_key(), "kid-1").unwrap();
+
+        let (kid, plain) =
+            jwe_decrypt_with(&jwe, &|kid| (kid == "kid-1").then_some(&prepared)).unwrap();
+        assert_eq!(kid, "kid-1");
+        assert_eq!(&plain[..], msg);
+
+        let mut header: serde_json::Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(jwe.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let parts: Vec<String> = jwe.split('.').map(str::to_owned).collect();
+        let with_header = |h: &serde_json::Value| {
+            let mut p = parts.clone();
+            p[0] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(h).unwrap());
+            p.join(".")
+        };
+        let flip = |idx: usize| {
+            let mut p = parts.clone();
+            let mut bytes = URL_SAFE_NO_PAD.decode(&p[idx]).unwrap();
+            bytes[0] ^= 1;
+            p[idx] = URL_SAFE_NO_PAD.encode(&bytes);
+            p.join(".")
+        };
+        let mut cases = vec![jwe.clone(), flip(2), flip(3), flip(4), "a.b.c".to_owned()];
+        header["kid"] = "kid-2".into();
+        cases.push(with_header(&header));
+        header["kid"] = "kid-1".into();
+        header["enc"] = "A128GCM".into();
+        cases.push(with_header(&header));
+        header["enc"] = "A256GCM".into();
+        header["epk"]["y"] = URL_SAFE_NO_PAD.encode([7u8; 32]).into();
+        cases.push(with_header(&header));
+        let mut p = parts.clone();
+        p[1] = "AAAA".into();
+        cases.push(p.join("."));
+
+        for case in &cases {
+            let reference = jwe_decrypt(case, &|_: &str| Some(k.clone()));
+            let prepared_result = jwe_decrypt_with(case, &|_: &str| Some(&prepared));
+            assert_eq!(
+                reference.as_ref().map(|(kid, p)| (kid, &p[..])),
+                prepared_result.as_ref().map(|(kid, p)| (kid, &p[..]))
+            );
+            // Wrong key and unknown kid: the same outcome on both paths.
+            assert_eq!(
+                jwe_decrypt(case, &|_: &str| Some(other.clone())).map(|(k, _)| k),
+                jwe_decrypt_with(case, &|_: &str| Some(&other_prepared)).map(|(k, _)| k)
+            );
+            assert_eq!(
+                jwe_decrypt(case, &|_: &str| None).map(|(k, _)| k),
+                jwe_decrypt_with(case, &|_: &str| None).map(|(k, _)| k)
+            );
+        }
+        assert_eq!(
+            jwe_decrypt_with(&jwe, &|_: &str| Some(&other_prepared)).map(|(k, _)| k),
+            Err(JoseError::Decryption)
+        );
+        // Debug shows no key material.
+        assert_eq!(format!("{prepared:?}"), "JweDecryptionKey { .. }");
     }
 
     /// RFC 7518 Appendix C: ECDH-ES key agreement with A128GCM, apu "Alice", apv "Bob".

@@ -461,7 +461,7 @@ async fn create_token(
 
 fn decrypt_card(shared: &Shared, compact: &str) -> Result<CardInput, ApiError> {
     let keys = &shared.keys.jwe;
-    let (_kid, plaintext) = jose::jwe_decrypt(compact, &|kid| keys.get(kid).cloned())
+    let (_kid, plaintext) = jose::jwe_decrypt_with(compact, &|kid| keys.get(kid))
         .map_err(|e| ApiError::InvalidField(format!("encryptedData: {e}")))?;
     // The serde error text is not passed on: it could quote part of the plaintext.
     let card: CardPlaintext = serde_json::from_slice(&plaintext).map_err(|_| {

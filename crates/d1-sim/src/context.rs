@@ -5,19 +5,20 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use p256::{PublicKey, SecretKey};
+use p256::PublicKey;
 use serde_json::{Map, Value, json};
+use tokengate_d1_protocol::jose;
 
 use super::faults::{Faults, Op};
 use super::notify::Notifier;
 use super::state::{Store, lock};
 
-/// Keys parsed once at start. `SecretKey` wipes itself on drop.
+/// Keys parsed once at start. Private keys wipe themselves on drop.
 pub struct Keys {
     /// ES256 assertion keys registered for our merchant gateway, by `kid`.
     pub es256: HashMap<String, PublicKey>,
     /// D1's card-data decryption keys, by `kid`.
-    pub jwe: HashMap<String, SecretKey>,
+    pub jwe: HashMap<String, jose::JweDecryptionKey>,
     /// The gateway's key that cryptogram responses are encrypted to.
     pub gateway_jwe: PublicKey,
     pub gateway_jwe_kid: String,

@@ -281,7 +281,7 @@ fn parse_keys(cfg: &SimConfig) -> Result<Keys, SimError> {
         .jwe_keys
         .iter()
         .map(|(kid, pem)| {
-            jose::secret_key_from_pem(pem.expose_secret())
+            jose::JweDecryptionKey::from_pem(pem.expose_secret())
                 .map(|k| (kid.clone(), k))
                 .map_err(key_err(format!("jwe {kid}")))
         })

@@ -16,6 +16,11 @@
 //! `--scale` runs the vault-size step instead: the vault is filled directly ([`super::fill`]) to
 //! each size, and GET throughput and latency, memory and gateway start-up time are measured at
 //! each.
+//!
+//! `--d1-latency` runs the D1-at-real-latency step instead ([`d1_latency_run`]): the simulator in
+//! a process of its own answers every call after `--d1-latency-ms`, and new cards and
+//! cryptograms are offered open loop at fixed rates; served share, p99, CPU per request on each
+//! side and resident memory are reported per rate.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -77,6 +82,20 @@ pub struct Args {
     scale: bool,
     #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
     scale_sizes: Vec<u64>,
+    /// Run the D1-at-real-latency step instead: simulator in its own process with
+    /// `--d1-latency-ms` on every call, open-loop new cards and cryptograms at fixed rates
+    /// (`--duration` each), Redis standalone.
+    #[arg(long)]
+    d1_latency: bool,
+    #[arg(long, default_value_t = 150)]
+    d1_latency_ms: u64,
+    /// Open-loop rates (per second) of new cards for `--d1-latency`, each a run of its own
+    /// (0 skips the scenario).
+    #[arg(long, value_delimiter = ',', default_value = "2000")]
+    d1_new_rates: Vec<f64>,
+    /// Open-loop rates (per second) of cryptograms for `--d1-latency` (0 skips the scenario).
+    #[arg(long, value_delimiter = ',', default_value = "3000")]
+    d1_cryptogram_rates: Vec<f64>,
     /// Gateway start-ups timed at each vault size.
     #[arg(long, default_value_t = 3)]
     startups: usize,
@@ -379,6 +398,8 @@ struct ExternalSim {
     proc: Proc,
     base_url: String,
     keys_dir: PathBuf,
+    /// Its control API (plain HTTP): `/sim/faults`.
+    control: SocketAddr,
 }
 
 /// A running gateway.
@@ -605,13 +626,14 @@ impl Ctx {
         let dir = self.work.join("sim");
         std::fs::create_dir_all(&dir)?;
         let api = free_addr()?;
+        let control = free_addr()?;
         let log = std::fs::File::create(self.work.join("d1-sim.log"))?;
         let child = Command::new(&self.gateway_exe)
             .arg("d1-sim")
             .arg("--listen")
             .arg(api.to_string())
             .arg("--control-listen")
-            .arg(free_addr()?.to_string())
+            .arg(control.to_string())
             .current_dir(&dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -628,6 +650,7 @@ impl Ctx {
             proc,
             base_url: format!("https://{api}/authz/v1"),
             keys_dir: dir.join("sim-keys"),
+            control,
         })
     }
 
@@ -1150,6 +1173,8 @@ pub async fn run(args: Args) -> Result<(), BoxError> {
     let mut ctx = Ctx::new(args)?;
     let report = if ctx.args.scale {
         scale_run(&mut ctx).await?
+    } else if ctx.args.d1_latency {
+        d1_latency_run(&mut ctx).await?
     } else {
         main_run(&mut ctx).await?
     };
@@ -1425,6 +1450,241 @@ fn notes(ctx: &Ctx, out: &mut String) {
             let _ = writeln!(out, "- {n}");
         }
     }
+}
+
+/// One open-loop run of the D1-latency step.
+struct D1Run {
+    scenario: Scenario,
+    connections: usize,
+    open: OpenLoop,
+    cpu: CpuUse,
+    gateway_rss: Option<Rss>,
+    sim_rss: Option<Rss>,
+}
+
+impl D1Run {
+    fn served(&self) -> f64 {
+        self.open.ok as f64 / self.open.scheduled.max(1) as f64
+    }
+
+    /// The issue 13 bar: at least 99% served, p99 at most 250 ms.
+    fn meets(&self) -> bool {
+        self.served() >= 0.99 && self.open.p99 <= Duration::from_millis(250)
+    }
+}
+
+/// D1 at real latency: the simulator in its own process answers every call after
+/// `--d1-latency-ms`, and each rate of `--d1-new-rates` and `--d1-cryptogram-rates` is offered
+/// open loop for `--duration`. The gateway runs its shipped `[d1]` settings.
+async fn d1_latency_run(ctx: &mut Ctx) -> Result<String, BoxError> {
+    let load_start = loadavg();
+    let latency = Duration::from_millis(ctx.args.d1_latency_ms);
+    let redis = Redis::standalone(&ctx.work)?;
+    let sim = ctx.start_external_sim()?;
+    ctx.say("gateway, D1 simulator in its own process ...");
+    let gw = ctx.start_gateway_with(&redis, Some(&sim)).await?;
+    ctx.create_merchant(&gw).await?;
+    ctx.say(format!(
+        "tokenizing {} cards through the API (no latency yet) ...",
+        ctx.args.setup_tokens
+    ));
+    ctx.tokenize_cards(&gw, ctx.args.setup_tokens.max(1))
+        .await?;
+    let faults = format!(r#"{{"latency":{{"fixedMs":{}}}}}"#, ctx.args.d1_latency_ms);
+    let (status, body) = client::once(
+        sim.control,
+        Method::PUT,
+        "/sim/faults",
+        None,
+        Some(bytes::Bytes::from(faults)),
+    )
+    .await?;
+    if !status.is_success() {
+        return Err(format!(
+            "setting the simulator's latency: {status} {}",
+            String::from_utf8_lossy(&body)
+        )
+        .into());
+    }
+    ctx.say(format!(
+        "simulator latency set to {} ms",
+        latency.as_millis()
+    ));
+    let watch = vec![
+        Watched {
+            role: "gateway",
+            pids: vec![gw.proc.pid()],
+        },
+        Watched {
+            role: "D1 sim",
+            pids: vec![sim.proc.pid()],
+        },
+        Watched {
+            role: "Redis",
+            pids: redis.pids(),
+        },
+        Watched {
+            role: "generator",
+            pids: vec![std::process::id()],
+        },
+    ];
+    let gateway_idle = gw.proc.rss_kib();
+    let sim_idle = sim.proc.rss_kib();
+    let mut runs = Vec::new();
+    let plan: Vec<(Scenario, f64)> = ctx
+        .args
+        .d1_new_rates
+        .iter()
+        .map(|&r| (Scenario::TokenizeNew, r))
+        .chain(
+            ctx.args
+                .d1_cryptogram_rates
+                .iter()
+                .map(|&r| (Scenario::Cryptogram, r)),
+        )
+        .filter(|(_, r)| *r > 0.0)
+        .collect();
+    for (scenario, rate) in plan {
+        // One request at a time per HTTP/1.1 connection: enough connections for every request
+        // in flight at a 300 ms latency, so the generator never queues what the gateway could
+        // take.
+        let connections = ((rate * 0.3).ceil() as usize).max(ctx.args.loadgen_connections);
+        ctx.say(format!(
+            "{}: open loop at {rate:.0}/s for {}s on {connections} connections ...",
+            scenario.label(),
+            ctx.args.duration.as_secs()
+        ));
+        let before = CpuSnapshot::take(&watch);
+        let open = loadgen::open_loop(
+            gw.addr,
+            ctx.workload(scenario)?,
+            rate,
+            ctx.args.duration,
+            connections,
+        )
+        .await?;
+        let cpu = before.since(&watch, open.ok + open.unexpected);
+        ctx.say(format!("  {open}"));
+        ctx.say(format!("  CPU per request: {cpu}"));
+        if open.unexpected > 0 || open.failed > 0 {
+            ctx.notes.push(format!(
+                "{} at {rate:.0}/s: {} unexpected answers and {} failures of {} ({})",
+                scenario.label(),
+                open.unexpected,
+                open.failed,
+                open.scheduled,
+                open.first_unexpected.as_deref().unwrap_or("-")
+            ));
+        }
+        runs.push(D1Run {
+            scenario,
+            connections,
+            open,
+            cpu,
+            gateway_rss: gw.proc.rss_kib(),
+            sim_rss: sim.proc.rss_kib(),
+        });
+        // Let in-flight work and connections settle between runs.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## tokengate: D1 at real latency
+"
+    );
+    let _ = writeln!(out, "- machine: {}", machine_line());
+    let _ = writeln!(
+        out,
+        "- load average (1/5/15 min) at start: {load_start}; at end: {}",
+        loadavg()
+    );
+    let _ = writeln!(
+        out,
+        "- D1 simulator (`tokengate d1-sim`) in its own process, {} ms added to every call (`PUT /sim/faults`), no fault injected; gateway release build, shipped `[d1]` settings, Redis standalone, log level warn; open loop for {}s per run, latency from the scheduled send time; generator on the same cores",
+        latency.as_millis(),
+        ctx.args.duration.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "- bar (issue 13): at least 99% served, p99 at most 250 ms
+"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | offered/s | achieved/s | served | p50 | p99 | p99.9 | max | meets | connections |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    for r in &runs {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2}% | {} | {} | {} | {} | {} | {} |",
+            r.scenario.label(),
+            thousands(r.open.target_rate),
+            thousands(r.open.achieved_rate),
+            r.served() * 100.0,
+            ms(r.open.p50),
+            ms(r.open.p99),
+            ms(r.open.p999),
+            ms(r.open.max),
+            if r.meets() { "yes" } else { "**no**" },
+            r.connections
+        );
+    }
+    let _ = writeln!(
+        out,
+        "
+CPU per request (µs, from `/proc`) and memory (VmRSS, peak VmHWM in brackets) after each run:
+"
+    );
+    let _ = writeln!(
+        out,
+        "| scenario | offered/s | gateway | D1 sim | Redis | generator | machine busy | gateway RSS | sim RSS |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let rss = |r: Option<Rss>| {
+        r.map(|r| format!("{} ({})", mib(r.now), mib(r.peak)))
+            .unwrap_or_else(|| "-".into())
+    };
+    for r in &runs {
+        let role = |name: &str| {
+            r.cpu
+                .per_request_us
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, us)| format!("{us:.0}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.scenario.label(),
+            thousands(r.open.target_rate),
+            role("gateway"),
+            role("D1 sim"),
+            role("Redis"),
+            role("generator"),
+            r.cpu
+                .machine_busy
+                .map(|b| format!("{:.0}%", b * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            rss(r.gateway_rss),
+            rss(r.sim_rss)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "
+Idle before the runs: gateway {}, simulator {}.",
+        rss(gateway_idle),
+        rss(sim_idle)
+    );
+    notes(ctx, &mut out);
+    drop(gw);
+    drop(sim);
+    drop(redis);
+    Ok(out)
 }
 
 /// Vault-size step: GET, memory and start-up at each size.
