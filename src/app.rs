@@ -222,6 +222,7 @@ pub async fn open_stores(
             connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             response_timeout: Duration::from_millis(s.response_timeout_ms),
             durability: redis_durability(s),
+            token_cache_entries: s.redis_token_cache_entries,
         };
         let store = Arc::new(RedisStore::connect(&rc).await?);
         Ok((
