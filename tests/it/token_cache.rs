@@ -227,8 +227,13 @@ async fn a_redis_restart_or_flushall_empties_the_cache() {
 
     server.restart();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while b.token_cache_stats().expect("on").entries != 0 || !b.token_cache_stats().expect("on").tracking {
-        assert!(Instant::now() < deadline, "cache not emptied after a restart");
+    while b.token_cache_stats().expect("on").entries != 0
+        || !b.token_cache_stats().expect("on").tracking
+    {
+        assert!(
+            Instant::now() < deadline,
+            "cache not emptied after a restart"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The restarted server is empty (no persistence in tests): the token is gone, not cached.
@@ -244,7 +249,12 @@ async fn a_redis_restart_or_flushall_empties_the_cache() {
     .expect("reads work again");
     assert!(gone.is_none());
 
-    b.insert_token(&rec).await.expect("insert again");
+    // The shared connection may still be reconnecting: retry the write until it goes through.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.insert_token(&rec).await.is_err() {
+        assert!(Instant::now() < deadline, "writes never worked again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(status_read(&b, &rec).await, TokenStatus::Active);
     let flushes = b.token_cache_stats().expect("on").flushes;
     let client = redis::Client::open(server.url()).expect("client");
@@ -317,10 +327,7 @@ async fn two_gateways_see_each_others_changes_at_once() {
     assert_eq!(r.status(), 201);
     let t: Value = r.json().await.expect("json");
     let id = t["id"].as_str().expect("id").to_owned();
-    let d1 = t["networkToken"]["id"]
-        .as_str()
-        .expect("d1 id")
-        .to_owned();
+    let d1 = t["networkToken"]["id"].as_str().expect("d1 id").to_owned();
 
     for round in 0..20 {
         // B caches the token...
@@ -331,7 +338,11 @@ async fn two_gateways_see_each_others_changes_at_once() {
             .post(&format!("/v1/tokens/{id}/suspend"), &key, &json!({}))
             .await;
         assert_eq!(r.status(), 200, "round {round}");
-        assert_eq!(get_status(&b, &key, &id).await, "SUSPENDED", "round {round}");
+        assert_eq!(
+            get_status(&b, &key, &id).await,
+            "SUSPENDED",
+            "round {round}"
+        );
         let r = a
             .post(&format!("/v1/tokens/{id}/resume"), &key, &json!({}))
             .await;
@@ -344,7 +355,10 @@ async fn two_gateways_see_each_others_changes_at_once() {
     assert_eq!(a.sim_event(&d1, json!({"type": "SUSPEND"})).await, 200);
     let deadline = Instant::now() + Duration::from_secs(5);
     while get_status(&a, &key, &id).await != "SUSPENDED" {
-        assert!(Instant::now() < deadline, "A never applied the notification");
+        assert!(
+            Instant::now() < deadline,
+            "A never applied the notification"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(get_status(&b, &key, &id).await, "SUSPENDED");

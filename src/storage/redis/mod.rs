@@ -1261,6 +1261,9 @@ impl TokenStore for RedisStore {
             return Ok(self.get_token(merchant, id).await?.map(std::sync::Arc::new));
         };
         let key = self.keys().token(merchant, id);
+        if !cache.sync(self.inner.op_timeout).await {
+            return Ok(self.get_token(merchant, id).await?.map(std::sync::Arc::new));
+        }
         match cache.lookup(&key) {
             Lookup::Hit(Cached::Record(rec)) => return Ok(Some(rec)),
             Lookup::Miss(ticket) => {
@@ -1273,7 +1276,8 @@ impl TokenStore for RedisStore {
                 match reply {
                     Some(Value::Nil) => return Ok(None),
                     Some(Value::BulkString(json)) => {
-                        let rec = std::sync::Arc::new(decode_bytes("token record", &json)?);
+                        let rec: std::sync::Arc<TokenRecord> =
+                            std::sync::Arc::new(decode_bytes("token record", &json)?);
                         cache.insert(ticket, &key, Cached::Record(rec.clone()));
                         return Ok(Some(rec));
                     }
@@ -1306,36 +1310,43 @@ impl TokenStore for RedisStore {
         // atomic script: both keys are tracked, and a dedup answer is only ever a read (a new
         // card is inserted by `insert_token`, which checks the index atomically again).
         let key = self.keys().fingerprint(merchant, pan_fingerprint);
-        let id = match cache.lookup(&key) {
-            Lookup::Hit(Cached::Index(id)) => Some(id),
-            Lookup::Miss(ticket) => {
-                let mut cmd = redis::cmd("GET");
-                cmd.arg(&key);
-                let reply = cache
-                    .read(&ticket, &cmd, self.inner.op_timeout)
-                    .await
-                    .map_err(|e| map_err(&e))?;
-                match reply {
-                    Some(Value::Nil) => return Ok(None),
-                    Some(Value::BulkString(id)) => {
-                        let id = std::str::from_utf8(&id)
-                            .ok()
-                            .and_then(TokenId::parse)
-                            .ok_or_else(|| {
-                                StoreError::Corrupt("a fingerprint index entry is not a token id".into())
-                            })?;
-                        cache.insert(ticket, &key, Cached::Index(id.clone()));
-                        Some(id)
+        // The barrier here covers the record read below too (`read_token` passes its own).
+        let id = if !cache.sync(self.inner.op_timeout).await {
+            None
+        } else {
+            match cache.lookup(&key) {
+                Lookup::Hit(Cached::Index(id)) => Some(id),
+                Lookup::Miss(ticket) => {
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(&key);
+                    let reply = cache
+                        .read(&ticket, &cmd, self.inner.op_timeout)
+                        .await
+                        .map_err(|e| map_err(&e))?;
+                    match reply {
+                        Some(Value::Nil) => return Ok(None),
+                        Some(Value::BulkString(id)) => {
+                            let id = std::str::from_utf8(&id)
+                                .ok()
+                                .and_then(TokenId::parse)
+                                .ok_or_else(|| {
+                                    StoreError::Corrupt(
+                                        "a fingerprint index entry is not a token id".into(),
+                                    )
+                                })?;
+                            cache.insert(ticket, &key, Cached::Index(id.clone()));
+                            Some(id)
+                        }
+                        Some(_) => {
+                            return Err(StoreError::Corrupt(
+                                "unexpected reply from redis (fingerprint index)".into(),
+                            ));
+                        }
+                        None => None,
                     }
-                    Some(_) => {
-                        return Err(StoreError::Corrupt(
-                            "unexpected reply from redis (fingerprint index)".into(),
-                        ));
-                    }
-                    None => None,
                 }
+                Lookup::Hit(Cached::Record(_)) | Lookup::Off => None,
             }
-            Lookup::Hit(Cached::Record(_)) | Lookup::Off => None,
         };
         let Some(id) = id else {
             // No tracking connection: the one-script lookup.

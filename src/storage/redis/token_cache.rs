@@ -80,7 +80,13 @@ struct Shared {
     /// recognised and ignored.
     epoch: AtomicU64,
     /// Wakes the task that (re)opens the tracking connection.
-    reconnect: tokio::sync::Notify,
+    reconnect: Arc<tokio::sync::Notify>,
+    /// The read barrier (see [`TokenCache::sync`]): barriers asked for so far...
+    requested: AtomicU64,
+    /// ...the highest one a `PING` answered (every barrier up to it is passed)...
+    passed: tokio::sync::watch::Sender<u64>,
+    /// ...and the wake-up of the task that sends those `PING`s.
+    ping: Arc<tokio::sync::Notify>,
     stats: Stats,
 }
 
@@ -153,9 +159,17 @@ impl TokenCache {
             per_shard: entries.div_ceil(SHARDS).max(1),
             link: RwLock::new(None),
             epoch: AtomicU64::new(0),
-            reconnect: tokio::sync::Notify::new(),
+            reconnect: Arc::new(tokio::sync::Notify::new()),
+            requested: AtomicU64::new(0),
+            passed: tokio::sync::watch::Sender::new(0),
+            ping: Arc::new(tokio::sync::Notify::new()),
             stats: Stats::default(),
         });
+        tokio::spawn(send_pings(
+            Arc::downgrade(&shared),
+            shared.ping.clone(),
+            response_timeout,
+        ));
         let info = client.get_connection_info().clone();
         let settings = info
             .redis_settings()
@@ -183,6 +197,30 @@ impl TokenCache {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// The read barrier, passed before every cache lookup: returns once a `PING` sent on the
+    /// tracking connection after this call was answered. Redis queues an invalidation before it
+    /// answers the write that caused it, and processes our `PING` after that write (the client
+    /// saw the write's answer before sending us this request), so the `PONG` comes after the
+    /// push on the connection, and the reader applied the push before it handed us the `PONG`.
+    /// Without this, a push already delivered to the socket but not yet read could let a stale
+    /// entry answer (seen in tests). Concurrent readers share one `PING`, so under load a batch
+    /// of GETs costs one small round trip instead of one `HGET` and one JSON decode each.
+    /// `false`: no tracking connection, or it failed: read without the cache.
+    pub(crate) async fn sync(&self, timeout: Duration) -> bool {
+        let s = &self.shared;
+        if s.current().is_none() {
+            return false;
+        }
+        let mut passed = s.passed.subscribe();
+        let want = s.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        s.ping.notify_one();
+        let ok = matches!(
+            tokio::time::timeout(timeout, passed.wait_for(|p| *p >= want)).await,
+            Ok(Ok(_))
+        );
+        ok && s.current().is_some()
     }
 
     pub(crate) fn lookup(&self, key: &str) -> Lookup {
@@ -353,6 +391,32 @@ impl Shared {
     }
 }
 
+/// Sends the barrier `PING`s: one per batch of waiting readers, on the tracking connection. A
+/// failed `PING` takes the link down (which empties the cache), so the readers it releases find
+/// nothing cached.
+async fn send_pings(shared: Weak<Shared>, wake: Arc<tokio::sync::Notify>, timeout: Duration) {
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+        let Some(s) = shared.upgrade() else { return };
+        loop {
+            // Every barrier asked for before this load is covered by the PING sent after it.
+            let upto = s.requested.load(Ordering::SeqCst);
+            if upto <= *s.passed.borrow() {
+                break;
+            }
+            if let Some(link) = s.current() {
+                let mut conn = link.conn.clone();
+                let ping = redis::cmd("PING");
+                let answered = tokio::time::timeout(timeout, conn.req_packed_command(&ping)).await;
+                if !matches!(answered, Ok(Ok(_))) {
+                    s.link_down(link.epoch);
+                }
+            }
+            s.passed.send_replace(upto);
+        }
+    }
+}
+
 /// Opens the tracking connection, and opens it again whenever it is lost, until the cache is
 /// dropped.
 async fn keep_connected(
@@ -378,9 +442,9 @@ async fn keep_connected(
         }
         // Wait for a loss notice; hold only a weak reference meanwhile, and look again now and
         // then so a dropped cache ends this task.
-        let notified = s.reconnect.notified();
+        let reconnect = s.reconnect.clone();
         drop(s);
-        let _ = tokio::time::timeout(Duration::from_secs(5), notified).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), reconnect.notified()).await;
     }
 }
 
