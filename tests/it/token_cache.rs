@@ -316,10 +316,15 @@ async fn get_status(app: &TestApp, key: &str, id: &str) -> String {
 /// the token cached each time (it read it just before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_see_each_others_changes_at_once() {
-    let a = TestApp::start(Backend::Redis).await;
+    const ON: (&str, &str) = ("TOKENGATE__STORAGE__REDIS_TOKEN_CACHE_ENTRIES", "1000");
+    let a = TestApp::builder(Backend::Redis)
+        .env(ON.0, ON.1)
+        .start()
+        .await;
     let url = a.redis.as_ref().expect("redis").url();
     let b = TestApp::builder(Backend::Embedded)
         .env("TOKENGATE__STORAGE__REDIS_URL", &url)
+        .env(ON.0, ON.1)
         .start()
         .await;
     let (_, key) = a.create_merchant("two instances").await;
@@ -362,5 +367,6 @@ async fn two_gateways_see_each_others_changes_at_once() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(get_status(&b, &key, &id).await, "SUSPENDED");
-    assert!(!tracking_clients(&url).await.is_empty());
+    // Both instances had their tracking connection.
+    assert_eq!(tracking_clients(&url).await.len(), 2);
 }
