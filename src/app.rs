@@ -238,6 +238,7 @@ pub async fn open_stores(
             connect_timeout: Duration::from_millis(s.connect_timeout_ms),
             response_timeout: Duration::from_millis(s.response_timeout_ms),
             durability: redis_durability(s),
+            token_cache_entries: s.redis_token_cache_entries,
         };
         let store = Arc::new(RedisStore::connect(&rc).await?);
         Ok((
@@ -751,6 +752,8 @@ async fn rate_limiter(cfg: &Config) -> Result<crate::domain::ratelimit::RateLimi
         response_timeout: Duration::from_millis(s.response_timeout_ms),
         // Leases are no acknowledged data: never wait for replicas.
         durability: Durability::None,
+        // The limiter reads no tokens.
+        token_cache_entries: 0,
     };
     let store = Arc::new(RedisStore::connect(&rc).await?);
     Ok(RateLimiter::shared(

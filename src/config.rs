@@ -251,6 +251,9 @@ pub struct StorageConfig {
     pub redis_durability_local: u32,
     /// How long a write may wait for its confirmation before it fails as unavailable.
     pub redis_durability_timeout_ms: u64,
+    /// Token records kept in memory for `GET /v1/tokens/{id}` on standalone Redis, coherent
+    /// through RESP3 client tracking (`docs/storage.md`, "Token cache"); 0 turns it off.
+    pub redis_token_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

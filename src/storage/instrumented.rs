@@ -84,6 +84,26 @@ impl TokenStore for InstrumentedStore {
         timed("get_token", self.inner.get_token(merchant, id)).await
     }
 
+    async fn read_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
+        timed("read_token", self.inner.read_token(merchant, id)).await
+    }
+
+    async fn read_by_fingerprint(
+        &self,
+        merchant: &MerchantId,
+        pan_fingerprint: &str,
+    ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
+        timed(
+            "read_by_fingerprint",
+            self.inner.read_by_fingerprint(merchant, pan_fingerprint),
+        )
+        .await
+    }
+
     async fn update_token_with(
         &self,
         rec: &TokenRecord,

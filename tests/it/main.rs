@@ -30,6 +30,7 @@ mod rekey;
 mod sim;
 mod store_contract;
 mod tls;
+mod token_cache;
 mod token_counts;
 mod wallets;
 mod webhook_endpoint_store;

@@ -5,8 +5,10 @@
 //! 1. the bare hyper server ([`super::bare`]): `wrk` peak, open-loop p99 at half that peak,
 //!    memory idle and with many idle keep-alive connections;
 //! 2. a `redis-server` on a free port (or a three-primary Cluster) and the gateway in sandbox mode
-//!    against it (in-process D1 simulator at zero latency, log level `warn`, a concurrency limit
-//!    high enough never to shed); a merchant is created and cards tokenized through the API;
+//!    against it (in-process D1 simulator at zero latency) in the shipped configuration: the
+//!    defaults of `config/default.toml`, logging included (INFO, an access-log line per request,
+//!    JSON lines to a file), except the per-key and per-merchant rate limits, which are off
+//!    because one key drives all the load; a merchant is created and cards tokenized through the API;
 //! 3. per scenario: `wrk` closed loop for peak throughput and its latency at saturation, then the
 //!    open-loop generator ([`super::loadgen`]) at half that peak for the p99 a client sees at a
 //!    sustainable load;
@@ -665,21 +667,27 @@ impl Ctx {
             self.work
                 .join(format!("gateway-{}.log", self.gateways_started)),
         )?;
+        // Stdout as shipped: a file, so `log.format = "auto"` writes JSON lines, through the
+        // background writer, with every access-log line (a discarded stdout or a higher log
+        // level would measure a configuration nobody runs; docs/performance.md).
+        let access_log = std::fs::File::create(
+            self.work
+                .join(format!("gateway-{}.stdout.jsonl", self.gateways_started)),
+        )?;
         let mut cmd = Command::new(&self.gateway_exe);
         cmd.arg("serve")
             .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
             .env("TOKENGATE__SERVER__LISTEN", addr.to_string())
             .env("TOKENGATE__SIM__LISTEN", free_addr()?.to_string())
             .env("TOKENGATE__SIM__CONTROL_LISTEN", free_addr()?.to_string())
-            .env("TOKENGATE__SERVER__MAX_CONCURRENCY", "100000")
             // One merchant key drives all the load: per-key limits would measure the limiter.
             .env("TOKENGATE__RATE_LIMIT__PER_KEY_PER_S", "0")
             .env("TOKENGATE__RATE_LIMIT__PER_MERCHANT_PER_S", "0")
-            .env("TOKENGATE__LOG__LEVEL", "warn")
             .env("TOKENGATE__STORAGE__DATA_DIR", self.work.join("data"))
             .envs(redis.gateway_env())
             .envs(self.args.gateway_env.iter().cloned())
-            .stdout(Stdio::null())
+            .stdout(access_log)
             .stderr(log);
         if let Some(sim) = sim {
             cmd.env("TOKENGATE__D1__BASE_URL", &sim.base_url)
@@ -1222,7 +1230,7 @@ fn preamble(ctx: &Ctx, load_start: &str, title: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "- gateway: release build, sandbox mode (in-process D1 simulator, zero latency), log level warn, server.max_concurrency 100000; load generators on the same cores"
+        "- gateway: release build, sandbox mode (in-process D1 simulator, zero latency), shipped defaults (log level info, access log on, JSON lines to a file, server.max_concurrency 1024) except rate limits off; load generators on the same cores"
     );
     out
 }

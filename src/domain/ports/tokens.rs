@@ -67,6 +67,18 @@ pub trait TokenStore: Send + Sync + 'static {
         id: &TokenId,
     ) -> Result<Option<TokenRecord>, StoreError>;
 
+    /// [`TokenStore::get_token`] for a read that only answers a client (`GET /v1/tokens/{id}`):
+    /// a store may serve it from a cache it keeps coherent with every writer (the Redis store's
+    /// tracking cache, `docs/storage.md`). Never the read of a read-modify-write: those use
+    /// `get_token`, which always asks the store.
+    async fn read_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
+        Ok(self.get_token(merchant, id).await?.map(std::sync::Arc::new))
+    }
+
     /// Replaces a token if its stored version is `rec.version - 1`. Keeps the D1 token index in
     /// step with `rec.network_token`, and drops the fingerprint index when the status becomes
     /// `DELETED` (a deleted token is a tombstone: readable, but not a dedup target).
@@ -86,6 +98,21 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Removes a token and its index entries entirely. Used to undo a reservation when the
     /// upstream tokenization failed, so a failed call leaves nothing behind. Idempotent.
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError>;
+
+    /// [`TokenStore::find_by_fingerprint`] for the dedup answer of a tokenization: may be served
+    /// from the store's coherent cache, as [`TokenStore::read_token`]. A write that follows must
+    /// still be atomic in the store (`insert_token` checks the index again; updates are
+    /// compare-and-set).
+    async fn read_by_fingerprint(
+        &self,
+        merchant: &MerchantId,
+        pan_fingerprint: &str,
+    ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
+        Ok(self
+            .find_by_fingerprint(merchant, pan_fingerprint)
+            .await?
+            .map(std::sync::Arc::new))
+    }
 
     /// The live token for a PAN fingerprint, if any.
     async fn find_by_fingerprint(

@@ -384,12 +384,14 @@ impl Services {
         }
         let fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
 
-        // Dedup hit: the common case for returning customers, one store read.
+        // Dedup hit: the common case for returning customers, one store read (often none: the
+        // store's coherent cache, `TokenStore::read_by_fingerprint`).
         if let Some(existing) = self
             .store
-            .find_by_fingerprint(&merchant.id, &fps.pan)
+            .read_by_fingerprint(&merchant.id, &fps.pan)
             .await?
         {
+            let existing = Arc::unwrap_or_clone(existing);
             return self.on_existing(merchant, existing, &cmd.pan, expiry).await;
         }
 
@@ -555,6 +557,16 @@ impl Services {
         id: &TokenId,
     ) -> Result<Option<TokenRecord>, DomainError> {
         Ok(self.store.get_token(merchant, id).await?)
+    }
+
+    /// A token as a client reads it (`GET /v1/tokens/{id}`): may come from the store's coherent
+    /// cache ([`TokenStore::read_token`]). Not for a read that a write follows.
+    pub async fn read_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<Arc<TokenRecord>>, DomainError> {
+        Ok(self.store.read_token(merchant, id).await?)
     }
 
     async fn require_token(

@@ -184,8 +184,8 @@ pub async fn get_token(
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    match state.services.get_token(&merchant.id, &id).await {
-        Ok(Some(r)) => Reply::json(StatusCode::OK, &TokenView::from(&r)).into_response(),
+    match state.services.read_token(&merchant.id, &id).await {
+        Ok(Some(r)) => Reply::json(StatusCode::OK, &TokenView::from(&*r)).into_response(),
         Ok(None) => {
             ApiError::of(&codes::TOKEN_NOT_FOUND, "no such token for this merchant").into_response()
         }

@@ -35,9 +35,12 @@ mod issuers;
 mod lifecycle;
 mod outbox;
 mod ratelimit;
+mod token_cache;
 mod wallet_index;
 
 pub use durability::Durability;
+pub use token_cache::TokenCacheStats;
+use token_cache::{Cached, Lookup};
 
 use std::fmt;
 use std::future::Future;
@@ -77,6 +80,9 @@ pub struct RedisConfig {
     /// What an acknowledged write must reach (`storage.redis_durability`); writes that wait get
     /// `response_timeout` plus the durability timeout.
     pub durability: Durability,
+    /// Bound of the in-process token cache (`storage.redis_token_cache_entries`, records); 0
+    /// turns it off. Standalone Redis only: ignored on Cluster (see `token_cache`).
+    pub token_cache_entries: usize,
 }
 
 impl Default for RedisConfig {
@@ -88,6 +94,8 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
             durability: Durability::None,
+            // Off for a store built in code; the gateway's configuration turns it on.
+            token_cache_entries: 0,
         }
     }
 }
@@ -110,6 +118,7 @@ impl fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("durability", &self.durability)
+            .field("token_cache_entries", &self.token_cache_entries)
             .finish()
     }
 }
@@ -212,6 +221,11 @@ fn encode<T: Serialize>(what: &str, v: &T) -> Result<String, StoreError> {
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, s: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| corrupt(what, &e))
+}
+
+/// [`decode`] straight from a reply's bytes (no `String` copy, no UTF-8 pass of its own).
+fn decode_bytes<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(b).map_err(|e| corrupt(what, &e))
 }
 
 // --- key layout --------------------------------------------------------------------------------
@@ -607,6 +621,9 @@ struct Inner {
     /// When this process last swept the merchants' outbox shards (Unix ms; Cluster only,
     /// `redis_outbox.rs`): at most once per claim lease.
     outbox_swept_ms: std::sync::atomic::AtomicU64,
+    /// Records for [`TokenStore::read_token`], coherent through RESP3 tracking (`None`: off,
+    /// or Cluster).
+    token_cache: Option<token_cache::TokenCache>,
 }
 
 /// Token store on Redis. Clones share one connection (multiplexed), so clone freely.
@@ -715,6 +732,19 @@ impl RedisStore {
         let (conn, writers) = tokio::time::timeout(cfg.connect_timeout, connecting)
             .await
             .map_err(|_| StoreError::Unavailable("redis connection timed out".into()))??;
+        // Its own connection, opened in the background: start-up does not wait for it, and reads
+        // go uncached until it is up (`token_cache`).
+        let token_cache = if !cluster && cfg.token_cache_entries > 0 {
+            let client = redis::Client::open(cfg.url.as_str()).map_err(bad_url)?;
+            Some(token_cache::TokenCache::start(
+                &client,
+                cfg.token_cache_entries,
+                cfg.connect_timeout,
+                cfg.response_timeout,
+            ))
+        } else {
+            None
+        };
         let store = RedisStore {
             inner: std::sync::Arc::new(Inner {
                 conn,
@@ -728,6 +758,7 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 op_timeout: cfg.response_timeout,
                 outbox_swept_ms: std::sync::atomic::AtomicU64::new(0),
+                token_cache,
             }),
         };
         // Loading up front makes the first calls one round trip too, and surfaces a script the
@@ -741,6 +772,21 @@ impl RedisStore {
         }
         store.probe_durability().await?;
         Ok(store)
+    }
+
+    /// The token cache's counters (`None`: no cache, as on Cluster or with
+    /// `storage.redis_token_cache_entries = 0`).
+    pub fn token_cache_stats(&self) -> Option<TokenCacheStats> {
+        self.inner.token_cache.as_ref().map(|c| c.stats())
+    }
+
+    /// Waits up to `within` for the token cache's tracking connection (tests, benches); `false`
+    /// without a cache or when it did not come up.
+    pub async fn wait_token_cache(&self, within: Duration) -> bool {
+        match &self.inner.token_cache {
+            Some(c) => c.wait_tracking(within).await,
+            None => false,
+        }
     }
 
     /// Refuses to start when the server cannot confirm writes as configured (`WAITAOF` before
@@ -1224,6 +1270,114 @@ impl TokenStore for RedisStore {
             })
             .await?;
         json.map(|j| decode("token record", &j)).transpose()
+    }
+
+    async fn read_token(
+        &self,
+        merchant: &MerchantId,
+        id: &TokenId,
+    ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
+        let Some(cache) = &self.inner.token_cache else {
+            return Ok(self.get_token(merchant, id).await?.map(std::sync::Arc::new));
+        };
+        let key = self.keys().token(merchant, id);
+        if !cache.sync(self.inner.op_timeout).await {
+            return Ok(self.get_token(merchant, id).await?.map(std::sync::Arc::new));
+        }
+        match cache.lookup(&key) {
+            Lookup::Hit(Cached::Record(rec)) => return Ok(Some(rec)),
+            Lookup::Miss(ticket) => {
+                let mut cmd = redis::cmd("HGET");
+                cmd.arg(&key).arg("d");
+                let reply = cache
+                    .read(&ticket, &cmd, self.inner.op_timeout)
+                    .await
+                    .map_err(|e| map_err(&e))?;
+                match reply {
+                    Some(Value::Nil) => return Ok(None),
+                    Some(Value::BulkString(json)) => {
+                        let rec: std::sync::Arc<TokenRecord> =
+                            std::sync::Arc::new(decode_bytes("token record", &json)?);
+                        cache.insert(ticket, &key, Cached::Record(rec.clone()));
+                        return Ok(Some(rec));
+                    }
+                    Some(_) => {
+                        return Err(StoreError::Corrupt(
+                            "unexpected reply from redis (token record)".into(),
+                        ));
+                    }
+                    // The tracking connection failed: read without the cache.
+                    None => {}
+                }
+            }
+            Lookup::Hit(Cached::Index(_)) | Lookup::Off => {}
+        }
+        Ok(self.get_token(merchant, id).await?.map(std::sync::Arc::new))
+    }
+
+    async fn read_by_fingerprint(
+        &self,
+        merchant: &MerchantId,
+        pan_fingerprint: &str,
+    ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
+        let Some(cache) = &self.inner.token_cache else {
+            return Ok(self
+                .find_by_fingerprint(merchant, pan_fingerprint)
+                .await?
+                .map(std::sync::Arc::new));
+        };
+        // Index then record, each through the cache. Two steps instead of `FIND_TOKEN`'s one
+        // atomic script: both keys are tracked, and a dedup answer is only ever a read (a new
+        // card is inserted by `insert_token`, which checks the index atomically again).
+        let key = self.keys().fingerprint(merchant, pan_fingerprint);
+        // The barrier here covers the record read below too (`read_token` passes its own).
+        let id = if !cache.sync(self.inner.op_timeout).await {
+            None
+        } else {
+            match cache.lookup(&key) {
+                Lookup::Hit(Cached::Index(id)) => Some(id),
+                Lookup::Miss(ticket) => {
+                    let mut cmd = redis::cmd("GET");
+                    cmd.arg(&key);
+                    let reply = cache
+                        .read(&ticket, &cmd, self.inner.op_timeout)
+                        .await
+                        .map_err(|e| map_err(&e))?;
+                    match reply {
+                        Some(Value::Nil) => return Ok(None),
+                        Some(Value::BulkString(id)) => {
+                            let id = std::str::from_utf8(&id)
+                                .ok()
+                                .and_then(TokenId::parse)
+                                .ok_or_else(|| {
+                                    StoreError::Corrupt(
+                                        "a fingerprint index entry is not a token id".into(),
+                                    )
+                                })?;
+                            cache.insert(ticket, &key, Cached::Index(id.clone()));
+                            Some(id)
+                        }
+                        Some(_) => {
+                            return Err(StoreError::Corrupt(
+                                "unexpected reply from redis (fingerprint index)".into(),
+                            ));
+                        }
+                        None => None,
+                    }
+                }
+                Lookup::Hit(Cached::Record(_)) | Lookup::Off => None,
+            }
+        };
+        let Some(id) = id else {
+            // No tracking connection: the one-script lookup.
+            return Ok(self
+                .find_by_fingerprint(merchant, pan_fingerprint)
+                .await?
+                .map(std::sync::Arc::new));
+        };
+        let rec = self.read_token(merchant, &id).await?;
+        // As `FIND_TOKEN`: a tombstone is no dedup target.
+        Ok(rec.filter(|r| r.status != TokenStatus::Deleted))
     }
 
     async fn update_token_with(
