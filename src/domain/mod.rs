@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod merchant;
 pub mod notify_auth;
 pub mod ports;
+pub mod production_orders;
 pub mod provider;
 pub mod ratelimit;
 pub mod reconcile;

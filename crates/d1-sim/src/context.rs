@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 
 use super::faults::{Faults, Op};
 use super::notify::Notifier;
+use super::orders::OrderBook;
 use super::state::{Store, lock};
 
 /// Keys parsed once at start. `SecretKey` wipes itself on drop.
@@ -69,6 +70,8 @@ pub struct Shared {
     pub faults: Mutex<Faults>,
     pub stats: Stats,
     pub notifier: Notifier,
+    /// Physical card orders (`orders.rs`).
+    pub orders: OrderBook,
 }
 
 impl Shared {

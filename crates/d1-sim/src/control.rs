@@ -27,6 +27,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(get_faults).put(put_faults).delete(reset_faults),
         )
         .route("/sim/stats", get(stats))
+        .merge(super::orders::control_routes())
         .fallback(|| async { ApiError::NotFound("no such control resource") })
         .with_state(shared)
 }
@@ -114,5 +115,7 @@ async fn reset_faults(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(json!(shared.stats.to_json())).into_response()
+    let mut doc = shared.stats.to_json();
+    doc["productionOrders"] = shared.orders.stats_json();
+    axum::Json(json!(doc)).into_response()
 }

@@ -21,10 +21,14 @@ pub enum Op {
     Suspend,
     Resume,
     Delete,
+    /// Physical card orders (`orders.rs`).
+    Production,
+    ProductionBatch,
+    ProductionStatus,
 }
 
 impl Op {
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 12] = [
         Op::Oauth,
         Op::OnboardMerchant,
         Op::CreateToken,
@@ -34,6 +38,9 @@ impl Op {
         Op::Suspend,
         Op::Resume,
         Op::Delete,
+        Op::Production,
+        Op::ProductionBatch,
+        Op::ProductionStatus,
     ];
 
     /// The name used in `/sim/faults` `operations` and in `/sim/stats` `requests`.
@@ -48,6 +55,9 @@ impl Op {
             Op::Suspend => "suspend",
             Op::Resume => "resume",
             Op::Delete => "delete",
+            Op::Production => "production",
+            Op::ProductionBatch => "productionBatch",
+            Op::ProductionStatus => "productionStatus",
         }
     }
 }

@@ -13,6 +13,7 @@
 //! - [`notify`]: notification delivery with redelivery, OAuth towards the gateway, and the
 //!   duplicate/reorder faults.
 //! - [`faults`]: the fault document and the per-request dice roll.
+//! - [`orders`]: physical card orders (production, batch, production status, progression).
 //!
 //! # Choices the protocol leaves open
 //!
@@ -34,6 +35,7 @@ mod context;
 mod control;
 pub mod faults;
 mod notify;
+pub mod orders;
 mod server;
 mod state;
 
@@ -51,6 +53,7 @@ pub use faults::{ErrorRates, Faults, Latency, Op};
 
 use context::{Keys, Shared, Stats};
 use notify::Notifier;
+use orders::OrderBook;
 use state::Store;
 use tokengate_d1_protocol::devkeys::{DevKeysError, DevMaterial};
 use tokengate_d1_protocol::jose;
@@ -221,6 +224,7 @@ impl Simulator {
             faults: Mutex::new(Faults::default()),
             stats: Stats::default(),
             notifier,
+            orders: OrderBook::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -365,7 +369,22 @@ impl SimHandle {
 
     /// The `/sim/stats` document.
     pub fn stats(&self) -> serde_json::Value {
-        self.shared.stats.to_json()
+        let mut doc = self.shared.stats.to_json();
+        doc["productionOrders"] = self.shared.orders.stats_json();
+        doc
+    }
+
+    /// Where PRODUCE operations (one per production step) are handed for notification.
+    pub fn set_produce_sink(&self, sink: Option<orders::ProduceSink>) {
+        self.shared.orders.set_sink(sink);
+    }
+
+    /// Replaces how production behaves (the same as `PUT /sim/orders/config`).
+    pub fn set_order_config(&self, config: orders::OrderConfig) -> Result<(), SimError> {
+        self.shared
+            .orders
+            .set_config(config)
+            .map_err(SimError::Config)
     }
 
     /// Stops accepting, lets in-flight requests finish (briefly), stops redeliveries, and

@@ -19,6 +19,7 @@ pub mod client_certs;
 pub mod counts;
 pub mod lifecycle;
 pub mod outbox;
+pub mod production_orders;
 pub mod tokens;
 
 pub use tokens::{IdempotencyBegin, InsertOutcome, StoredResponse, TokenStore};

@@ -5,3 +5,4 @@ pub mod audit;
 pub mod client_certs;
 pub mod lifecycle;
 pub mod outbox;
+pub mod production_orders;

@@ -21,6 +21,7 @@ mod client_certs;
 mod counts;
 mod lifecycle;
 mod outbox;
+mod production_orders;
 mod wallet_index;
 
 use std::path::Path;

@@ -32,6 +32,7 @@ mod counts;
 mod durability;
 mod lifecycle;
 mod outbox;
+mod production_orders;
 mod wallet_index;
 
 pub use durability::Durability;
