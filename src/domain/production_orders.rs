@@ -170,7 +170,8 @@ impl ProductionEvent {
     /// Two reports of the same step: same stage, same tracking state.
     fn same_step(&self, other: &ProductionEvent) -> bool {
         self.status == other.status
-            && self.shipment.as_ref().map(|s| &s.status) == other.shipment.as_ref().map(|s| &s.status)
+            && self.shipment.as_ref().map(|s| &s.status)
+                == other.shipment.as_ref().map(|s| &s.status)
     }
 }
 
@@ -348,7 +349,9 @@ fn check_ref(v: &str, field: &str) -> Result<(), DomainError> {
     if (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         Ok(())
     } else {
-        Err(invalid(&format!("{field} must be 1 to 64 printable characters")))
+        Err(invalid(&format!(
+            "{field} must be 1 to 64 printable characters"
+        )))
     }
 }
 
@@ -393,9 +396,9 @@ impl OrderSpec {
             (DistributionChannel::Instant, Some(_)) => Err(invalid(
                 "shipment must be absent for INSTANT orders (the card is printed on the spot)",
             )),
-            (DistributionChannel::Instant, None) if s.issuance_location.is_none() => Err(
-                invalid("services.issuanceLocation is required for INSTANT orders"),
-            ),
+            (DistributionChannel::Instant, None) if s.issuance_location.is_none() => Err(invalid(
+                "services.issuanceLocation is required for INSTANT orders",
+            )),
             (DistributionChannel::Instant, None) => Ok(()),
             (channel, None) => Err(invalid(&format!(
                 "shipment is required for {} orders",
@@ -575,10 +578,22 @@ mod tests {
     #[test]
     fn steps_advance_and_repeats_change_nothing() {
         let mut o = order();
-        assert_eq!(o.record(ev(ProductionStage::Ready, 1), t(1)), Recorded::Changed);
-        assert_eq!(o.record(ev(ProductionStage::Ready, 1), t(2)), Recorded::Duplicate);
-        assert_eq!(o.record(ev(ProductionStage::Requested, 0), t(2)), Recorded::Duplicate);
-        assert_eq!(o.record(ev(ProductionStage::Done, 2), t(2)), Recorded::Changed);
+        assert_eq!(
+            o.record(ev(ProductionStage::Ready, 1), t(1)),
+            Recorded::Changed
+        );
+        assert_eq!(
+            o.record(ev(ProductionStage::Ready, 1), t(2)),
+            Recorded::Duplicate
+        );
+        assert_eq!(
+            o.record(ev(ProductionStage::Requested, 0), t(2)),
+            Recorded::Duplicate
+        );
+        assert_eq!(
+            o.record(ev(ProductionStage::Done, 2), t(2)),
+            Recorded::Changed
+        );
         assert_eq!(o.status, ProductionStage::Done);
         assert_eq!(o.history.len(), 3);
     }
@@ -586,8 +601,14 @@ mod tests {
     #[test]
     fn late_steps_go_into_history_without_moving_back() {
         let mut o = order();
-        assert_eq!(o.record(ev(ProductionStage::Done, 2), t(3)), Recorded::Changed);
-        assert_eq!(o.record(ev(ProductionStage::Ready, 1), t(4)), Recorded::History);
+        assert_eq!(
+            o.record(ev(ProductionStage::Done, 2), t(3)),
+            Recorded::Changed
+        );
+        assert_eq!(
+            o.record(ev(ProductionStage::Ready, 1), t(4)),
+            Recorded::History
+        );
         assert_eq!(o.status, ProductionStage::Done);
         let stages: Vec<_> = o.history.iter().map(|h| h.status.clone()).collect();
         assert_eq!(
@@ -604,7 +625,10 @@ mod tests {
     fn failures_are_final_and_tracking_updates() {
         let mut o = order();
         o.record(ev(ProductionStage::ProdException, 2), t(2));
-        assert_eq!(o.record(ev(ProductionStage::Done, 3), t(3)), Recorded::History);
+        assert_eq!(
+            o.record(ev(ProductionStage::Done, 3), t(3)),
+            Recorded::History
+        );
         assert_eq!(o.status, ProductionStage::ProdException);
 
         let mut o = order();
@@ -624,7 +648,10 @@ mod tests {
             Some("DELIVERED")
         );
         // The older tracking state redelivered: a duplicate.
-        assert_eq!(o.record(shipped("IN_TRANSIT", 5), t(10)), Recorded::Duplicate);
+        assert_eq!(
+            o.record(shipped("IN_TRANSIT", 5), t(10)),
+            Recorded::Duplicate
+        );
         let json = serde_json::to_value(&o).unwrap();
         assert_eq!(json["status"], "CARD_SHIPPED");
         let back: ProductionOrder = serde_json::from_value(json).unwrap();

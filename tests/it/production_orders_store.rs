@@ -58,7 +58,12 @@ async fn place_once_per_request_id(s: &(impl ProductionOrderStore + ?Sized)) {
     // Another issuer with the same ids is another order.
     let j = issuer();
     assert_eq!(s.get_production_order(&j, "req-1").await.unwrap(), None);
-    assert!(s.card_production_orders(&j, "card-1", 10).await.unwrap().is_empty());
+    assert!(
+        s.card_production_orders(&j, "card-1", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let theirs = order(&j, "card-1", "req-1", 1);
     assert_eq!(
         s.insert_production_order(&theirs).await.unwrap(),
@@ -99,7 +104,12 @@ async fn card_list_is_newest_first(s: &(impl ProductionOrderStore + ?Sized)) {
         ids(s.card_production_orders(&i, "card-8", 10).await.unwrap()),
         ["r-d"]
     );
-    assert!(s.card_production_orders(&i, "card-9", 10).await.unwrap().is_empty());
+    assert!(
+        s.card_production_orders(&i, "card-9", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn updates_are_compare_and_set(s: &(impl ProductionOrderStore + ?Sized)) {
@@ -156,10 +166,7 @@ async fn updates_are_compare_and_set(s: &(impl ProductionOrderStore + ?Sized)) {
         s.update_production_order(&missing).await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(
-        s.get_production_order(&i, "req-1").await.unwrap(),
-        Some(v1)
-    );
+    assert_eq!(s.get_production_order(&i, "req-1").await.unwrap(), Some(v1));
 }
 
 crate::store_tests!(

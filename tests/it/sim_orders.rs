@@ -12,7 +12,9 @@ use axum::http::StatusCode;
 use serde_json::{Value, json};
 use tokengate_d1_protocol::jose;
 
-use crate::sim::{Answer, Api, Sim, answer, control, correlation_id, future_expiry, start_sim, stats};
+use crate::sim::{
+    Answer, Api, Sim, answer, control, correlation_id, future_expiry, start_sim, stats,
+};
 
 const ISSUER: &str = "ISSUER0001";
 const PAN: &str = "4111111111111111";
@@ -24,7 +26,11 @@ fn card_jwe(s: &Sim, pan: &str) -> Result<String> {
     let plaintext = json!({"pan": pan, "exp": future_expiry(), "cvc": CVC, "track2": TRACK2,
         "cardholderName": "ADA LOVELACE"})
     .to_string();
-    Ok(jose::jwe_encrypt(plaintext.as_bytes(), &key, &s.m.d1_jwe_kid)?)
+    Ok(jose::jwe_encrypt(
+        plaintext.as_bytes(),
+        &key,
+        &s.m.d1_jwe_kid,
+    )?)
 }
 
 fn order(s: &Sim, request_id: &str, pan: &str) -> Result<Value> {
@@ -43,7 +49,12 @@ fn banking(s: &Sim, path: &str) -> String {
     format!("{base}/issuers/{ISSUER}{path}")
 }
 
-async fn send(api: &Api, method: reqwest::Method, url: &str, body: Option<&Value>) -> Result<Answer> {
+async fn send(
+    api: &Api,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+) -> Result<Answer> {
     let mut req = api
         .client
         .request(method, url)
@@ -67,7 +78,12 @@ async fn status(s: &Sim, api: &Api, card: &str) -> Result<Answer> {
 
 async fn config(s: &Sim, body: Value) -> Result<()> {
     let a = control(s, reqwest::Method::PUT, "/sim/orders/config", Some(body)).await?;
-    ensure!(a.status == StatusCode::OK, "config: {} {}", a.status, a.body);
+    ensure!(
+        a.status == StatusCode::OK,
+        "config: {} {}",
+        a.status,
+        a.body
+    );
     Ok(())
 }
 
@@ -96,16 +112,25 @@ async fn an_order_is_produced_and_shipped_and_a_retry_is_the_same_order() -> Res
     let s = start_sim().await?;
     let notes: Arc<Mutex<Vec<Value>>> = Arc::default();
     let sink = notes.clone();
-    s.handle.set_produce_sink(Some(Arc::new(move |issuer: &str, op: Value| {
-        assert_eq!(issuer, ISSUER);
-        sink.lock().unwrap().push(op);
-    })));
+    s.handle
+        .set_produce_sink(Some(Arc::new(move |issuer: &str, op: Value| {
+            assert_eq!(issuer, ISSUER);
+            sink.lock().unwrap().push(op);
+        })));
     config(&s, json!({"stepDelayMs": 30})).await?;
     let api = Api::login(&s).await?;
     let body = order(&s, "req-1", PAN)?;
     let first = place(&s, &api, "card-1", &body).await?;
-    ensure!(first.status == StatusCode::ACCEPTED, "{} {}", first.status, first.body);
-    let op = first.body["operationId"].as_str().context("operationId")?.to_owned();
+    ensure!(
+        first.status == StatusCode::ACCEPTED,
+        "{} {}",
+        first.status,
+        first.body
+    );
+    let op = first.body["operationId"]
+        .as_str()
+        .context("operationId")?
+        .to_owned();
     // The same issuerRequestId again (even with a fresh JWE) is the same order.
     let again = place(&s, &api, "card-1", &order(&s, "req-1", PAN)?).await?;
     assert_eq!(again.status, StatusCode::ACCEPTED);
@@ -118,7 +143,13 @@ async fn an_order_is_produced_and_shipped_and_a_retry_is_the_same_order() -> Res
     assert_eq!(shipped["operationId"], op.as_str());
     assert_eq!(shipped["issuerRequestId"], "req-1");
     let t = &shipped["details"]["shipment"];
-    for f in ["carrier", "trackingNumber", "status", "message", "trackingUrl"] {
+    for f in [
+        "carrier",
+        "trackingNumber",
+        "status",
+        "message",
+        "trackingUrl",
+    ] {
         assert!(t[f].is_string(), "tracking {f} missing: {shipped}");
     }
     let st = stats(&s).await?;
@@ -135,7 +166,12 @@ async fn an_order_is_produced_and_shipped_and_a_retry_is_the_same_order() -> Res
         .collect();
     assert_eq!(
         seen,
-        ["CARD_PROD_REQUESTED", "CARD_PROD_READY", "CARD_PROD_DONE", "CARD_SHIPPED"]
+        [
+            "CARD_PROD_REQUESTED",
+            "CARD_PROD_READY",
+            "CARD_PROD_DONE",
+            "CARD_SHIPPED"
+        ]
     );
     let last = notes.lock().unwrap().last().cloned().unwrap();
     assert_eq!(last["operation"], "PRODUCE");
@@ -143,11 +179,20 @@ async fn an_order_is_produced_and_shipped_and_a_retry_is_the_same_order() -> Res
     assert_eq!(last["operationId"], op.as_str());
 
     // What the simulator keeps: the masked PAN, nothing of the CVC or the tracks.
-    let kept = control(&s, reqwest::Method::GET, "/sim/issuers/ISSUER0001/physicalCards/card-1/production", None).await?;
+    let kept = control(
+        &s,
+        reqwest::Method::GET,
+        "/sim/issuers/ISSUER0001/physicalCards/card-1/production",
+        None,
+    )
+    .await?;
     assert_eq!(kept.body["maskedPan"], "411111******1111");
     let text = kept.body.to_string();
     for secret in [PAN, CVC, TRACK2, "30121010000000000"] {
-        assert!(!text.contains(secret), "the simulator kept {secret}: {text}");
+        assert!(
+            !text.contains(secret),
+            "the simulator kept {secret}: {text}"
+        );
     }
     for n in notes.lock().unwrap().iter() {
         assert!(!n.to_string().contains(PAN));
@@ -191,13 +236,22 @@ async fn a_batch_answers_per_item_and_bad_orders_are_refused() -> Result<()> {
     config(&s, json!({"autoProgress": false})).await?;
     let api = Api::login(&s).await?;
     let mut items = Vec::new();
-    for (i, pan) in [PAN, "4111111111111112", "5555555555554444"].iter().enumerate() {
+    for (i, pan) in [PAN, "4111111111111112", "5555555555554444"]
+        .iter()
+        .enumerate()
+    {
         let mut o = order(&s, &format!("b-{i}"), pan)?;
         o["cardId"] = json!(format!("bc-{i}"));
         items.push(o);
     }
     let url = banking(&s, "/physicalCards/operations:production");
-    let a = send(&api, reqwest::Method::POST, &url, Some(&json!({"orders": items}))).await?;
+    let a = send(
+        &api,
+        reqwest::Method::POST,
+        &url,
+        Some(&json!({"orders": items})),
+    )
+    .await?;
     ensure!(a.status == StatusCode::ACCEPTED, "{} {}", a.status, a.body);
     let results = a.body["results"].as_array().context("results")?;
     assert_eq!(results.len(), 3);
@@ -206,17 +260,32 @@ async fn a_batch_answers_per_item_and_bad_orders_are_refused() -> Result<()> {
     assert!(!results[1].to_string().contains("4111111111111112"));
     assert!(results[2]["operationId"].is_string());
     assert_eq!(stats(&s).await?["productionOrders"]["ordersCreated"], 2);
-    let empty = send(&api, reqwest::Method::POST, &url, Some(&json!({"orders": []}))).await?;
+    let empty = send(
+        &api,
+        reqwest::Method::POST,
+        &url,
+        Some(&json!({"orders": []})),
+    )
+    .await?;
     assert_eq!(empty.status, StatusCode::BAD_REQUEST);
 
     // Validation: INSTANT ships nothing; the issuer id has 10 characters.
     let mut instant = order(&s, "i-1", PAN)?;
     instant["distributionChannel"] = json!("INSTANT");
     let a = place(&s, &api, "card-i", &instant).await?;
-    assert_eq!((a.status, a.error_code()), (StatusCode::BAD_REQUEST, "INVALID_FIELD"));
-    let bad_issuer = banking(&s, "/physicalCards/card-x/operations:production")
-        .replace(ISSUER, "SHORT");
-    let a = send(&api, reqwest::Method::POST, &bad_issuer, Some(&order(&s, "x", PAN)?)).await?;
+    assert_eq!(
+        (a.status, a.error_code()),
+        (StatusCode::BAD_REQUEST, "INVALID_FIELD")
+    );
+    let bad_issuer =
+        banking(&s, "/physicalCards/card-x/operations:production").replace(ISSUER, "SHORT");
+    let a = send(
+        &api,
+        reqwest::Method::POST,
+        &bad_issuer,
+        Some(&order(&s, "x", PAN)?),
+    )
+    .await?;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     let none = status(&s, &api, "never-ordered").await?;
     assert_eq!(none.status, StatusCode::NOT_FOUND);
@@ -226,7 +295,11 @@ async fn a_batch_answers_per_item_and_bad_orders_are_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_exceptions_are_final_and_steps_can_be_driven() -> Result<()> {
     let s = start_sim().await?;
-    config(&s, json!({"stepDelayMs": 20, "failCards": {"card-bad": "DATA_EXCEPTION"}})).await?;
+    config(
+        &s,
+        json!({"stepDelayMs": 20, "failCards": {"card-bad": "DATA_EXCEPTION"}}),
+    )
+    .await?;
     let api = Api::login(&s).await?;
     place(&s, &api, "card-bad", &order(&s, "f-1", PAN)?).await?;
     let failed = wait_for_stage(&s, &api, "card-bad", "DATA_EXCEPTION").await?;
@@ -236,11 +309,29 @@ async fn production_exceptions_are_final_and_steps_can_be_driven() -> Result<()>
     place(&s, &api, "card-m", &order(&s, "m-1", PAN)?).await?;
     let step = |st: &str| json!({"status": st});
     let path = "/sim/issuers/ISSUER0001/physicalCards/card-m/production";
-    let a = control(&s, reqwest::Method::POST, path, Some(step("CARD_PROD_READY"))).await?;
+    let a = control(
+        &s,
+        reqwest::Method::POST,
+        path,
+        Some(step("CARD_PROD_READY")),
+    )
+    .await?;
     assert_eq!(a.status, StatusCode::OK);
-    let a = control(&s, reqwest::Method::POST, path, Some(step("CARD_PROD_EXCEPTION"))).await?;
+    let a = control(
+        &s,
+        reqwest::Method::POST,
+        path,
+        Some(step("CARD_PROD_EXCEPTION")),
+    )
+    .await?;
     assert_eq!(a.status, StatusCode::OK);
-    let a = control(&s, reqwest::Method::POST, path, Some(step("CARD_PROD_DONE"))).await?;
+    let a = control(
+        &s,
+        reqwest::Method::POST,
+        path,
+        Some(step("CARD_PROD_DONE")),
+    )
+    .await?;
     assert_eq!(a.status, StatusCode::CONFLICT);
     assert_eq!(
         status(&s, &api, "card-m").await?.body["details"]["status"],

@@ -25,9 +25,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Default path of a production order under the issuer API base (from D1's pages).
-pub const PRODUCTION_PATH: &str = "/issuers/{issuerId}/physicalCards/{cardId}/operations:production";
+pub const PRODUCTION_PATH: &str =
+    "/issuers/{issuerId}/physicalCards/{cardId}/operations:production";
 /// Default path of the production status of a card (from D1's pages).
-pub const PRODUCTION_STATUS_PATH: &str = "/issuers/{issuerId}/physicalCards/{cardId}/productionStatus";
+pub const PRODUCTION_STATUS_PATH: &str =
+    "/issuers/{issuerId}/physicalCards/{cardId}/productionStatus";
 /// Default path of a batch order (our inference: D1 documents batches of 1..1000 cards, not
 /// their path).
 pub const PRODUCTION_BATCH_PATH: &str = "/issuers/{issuerId}/physicalCards/operations:production";
@@ -210,7 +212,10 @@ impl OrderOptions<'_> {
         }
         check_ref(&self.services.product_id, "services.productId")?;
         check_opt_ref(self.services.packaging.as_deref(), "services.packaging")?;
-        check_opt_ref(self.services.card_carrier.as_deref(), "services.cardCarrier")?;
+        check_opt_ref(
+            self.services.card_carrier.as_deref(),
+            "services.cardCarrier",
+        )?;
         check_opt_ref(
             self.services.issuance_location.as_deref(),
             "services.issuanceLocation",
@@ -379,8 +384,8 @@ impl ProductionCardData {
     /// leaves a copy of the card data behind in freed memory.
     pub fn to_zeroizing_json(&self) -> Result<Zeroizing<Vec<u8>>, serde_json::Error> {
         // Field names, quotes and separators, plus room for escapes in the free-text fields.
-        let fixed = r#"{"pan":"","exp":"","cvc":"","track1":"","track2":"","cardholderName":""}"#
-            .len();
+        let fixed =
+            r#"{"pan":"","exp":"","cvc":"","track1":"","track2":"","cardholderName":""}"#.len();
         let text = self.pan.len()
             + self.exp.len()
             + self.cvc.len()
@@ -410,7 +415,9 @@ impl ProductionCardData {
         if let Some(t1) = &self.track1
             && !((2..=76).contains(&t1.len())
                 && t1.starts_with('B')
-                && t1.bytes().all(|b| (0x20..=0x5f).contains(&b) && b != b'%' && b != b'?'))
+                && t1
+                    .bytes()
+                    .all(|b| (0x20..=0x5f).contains(&b) && b != b'%' && b != b'?'))
         {
             return Err(invalid(
                 "track1",
@@ -419,7 +426,9 @@ impl ProductionCardData {
         }
         if let Some(t2) = &self.track2
             && !((2..=37).contains(&t2.len())
-                && t2.bytes().all(|b| b.is_ascii_digit() || b == b'=' || b == b'D'))
+                && t2
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'=' || b == b'D'))
         {
             return Err(invalid(
                 "track2",
@@ -668,13 +677,22 @@ mod tests {
         let mut with_extra = v.clone();
         with_extra["futureField"] = json!({"a": 1});
         let back: ProductionOrderRequest = serde_json::from_value(with_extra).unwrap();
-        assert_eq!(back, order(DistributionChannel::Thales, Some(to_cardholder())));
+        assert_eq!(
+            back,
+            order(DistributionChannel::Thales, Some(to_cardholder()))
+        );
     }
 
     #[test]
     fn channel_rules() {
-        assert!(order(DistributionChannel::Thales, Some(to_cardholder())).validate().is_ok());
-        let e = order(DistributionChannel::Thales, None).validate().unwrap_err();
+        assert!(
+            order(DistributionChannel::Thales, Some(to_cardholder()))
+                .validate()
+                .is_ok()
+        );
+        let e = order(DistributionChannel::Thales, None)
+            .validate()
+            .unwrap_err();
         assert_eq!((e.field, e.missing), ("shipment", true));
         let mut instant = order(DistributionChannel::Instant, Some(to_cardholder()));
         assert_eq!(instant.validate().unwrap_err().field, "shipment");
@@ -690,9 +708,16 @@ mod tests {
             bulk_destination_id: Some("HUB-7".into()),
             ..Default::default()
         };
-        assert!(order(DistributionChannel::Central, Some(bulk.clone())).validate().is_ok());
+        assert!(
+            order(DistributionChannel::Central, Some(bulk.clone()))
+                .validate()
+                .is_ok()
+        );
         assert_eq!(
-            order(DistributionChannel::Thales, Some(bulk)).validate().unwrap_err().field,
+            order(DistributionChannel::Thales, Some(bulk))
+                .validate()
+                .unwrap_err()
+                .field,
             "shipment.deliveryType"
         );
         let mut bad_id = order(DistributionChannel::Thales, Some(to_cardholder()));
@@ -703,7 +728,10 @@ mod tests {
             a.country = "France".into();
         }
         assert_eq!(
-            order(DistributionChannel::Central, Some(bad_country)).validate().unwrap_err().field,
+            order(DistributionChannel::Central, Some(bad_country))
+                .validate()
+                .unwrap_err()
+                .field,
             "shipment.address.country"
         );
     }

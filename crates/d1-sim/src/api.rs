@@ -182,7 +182,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
 /// 3. `x-correlation-id` (D1 rejects a request without one before looking at it);
 /// 4. the bearer token, on everything but the token endpoint;
 /// 5. noise added to whatever the handler answered.
-pub(crate) async fn gate(State((shared, op)): State<(Arc<Shared>, Op)>, req: Request, next: Next) -> Response {
+pub(crate) async fn gate(
+    State((shared, op)): State<(Arc<Shared>, Op)>,
+    req: Request,
+    next: Next,
+) -> Response {
     shared.stats.count_request(op);
     let faults = shared.faults();
     let delay = faults.latency_for(op);

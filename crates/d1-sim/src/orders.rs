@@ -549,12 +549,9 @@ fn open_card(shared: &Shared, compact: &str) -> Result<KeptCard, ApiError> {
     })?;
     card.validate_shape()
         .map_err(|e| ApiError::InvalidField(format!("encryptedData.{e}")))?;
-    let pan: Pan = card
-        .pan
-        .parse()
-        .map_err(|e: tokengate_cards::CardError| {
-            ApiError::InvalidField(format!("encryptedData.pan: {e}"))
-        })?;
+    let pan: Pan = card.pan.parse().map_err(|e: tokengate_cards::CardError| {
+        ApiError::InvalidField(format!("encryptedData.pan: {e}"))
+    })?;
     let expiry = Expiry::from_mmyy(&card.exp)
         .ok_or_else(|| ApiError::InvalidField("encryptedData.exp must be MMYY".into()))?;
     if !expiry.is_current(OffsetDateTime::now_utc()) {
@@ -847,22 +844,37 @@ mod tests {
     fn same_request_id_is_the_same_order() {
         let book = OrderBook::default();
         let a = match book
-            .place("ISSUER0001", "card-1", &req("r1", DistributionChannel::Thales), kept())
+            .place(
+                "ISSUER0001",
+                "card-1",
+                &req("r1", DistributionChannel::Thales),
+                kept(),
+            )
             .unwrap()
         {
             Placed::New(o) => o,
             Placed::Existing(_) => panic!("first is new"),
         };
         let Placed::Existing(b) = book
-            .place("ISSUER0001", "card-1", &req("r1", DistributionChannel::Thales), kept())
+            .place(
+                "ISSUER0001",
+                "card-1",
+                &req("r1", DistributionChannel::Thales),
+                kept(),
+            )
             .unwrap()
         else {
             panic!("second is the same order")
         };
         assert_eq!(a.operation_id, b.operation_id);
         assert!(
-            book.place("ISSUER0001", "card-2", &req("r1", DistributionChannel::Thales), kept())
-                .is_err()
+            book.place(
+                "ISSUER0001",
+                "card-2",
+                &req("r1", DistributionChannel::Thales),
+                kept()
+            )
+            .is_err()
         );
         let stats = book.stats_json();
         assert_eq!(stats["ordersCreated"], 1);
@@ -872,29 +884,55 @@ mod tests {
     #[test]
     fn steps_go_forward_and_failures_are_final() {
         let book = OrderBook::default();
-        book.place("ISSUER0001", "c1", &req("r1", DistributionChannel::Thales), kept())
+        book.place(
+            "ISSUER0001",
+            "c1",
+            &req("r1", DistributionChannel::Thales),
+            kept(),
+        )
+        .unwrap();
+        assert!(
+            book.step("ISSUER0001", "c1", ProductionStage::Requested, None)
+                .is_err()
+        );
+        book.step("ISSUER0001", "c1", ProductionStage::Ready, None)
             .unwrap();
-        assert!(book.step("ISSUER0001", "c1", ProductionStage::Requested, None).is_err());
-        book.step("ISSUER0001", "c1", ProductionStage::Ready, None).unwrap();
-        let o = book.step("ISSUER0001", "c1", ProductionStage::Done, None).unwrap();
+        let o = book
+            .step("ISSUER0001", "c1", ProductionStage::Done, None)
+            .unwrap();
         assert_eq!(o.operation_status(), "PENDING");
-        let o = book.step("ISSUER0001", "c1", ProductionStage::Shipped, None).unwrap();
+        let o = book
+            .step("ISSUER0001", "c1", ProductionStage::Shipped, None)
+            .unwrap();
         assert_eq!(o.operation_status(), "SUCCESSFUL");
         assert!(o.shipment.as_ref().unwrap().tracking_number.is_some());
         assert!(o.end_time.is_some());
-        assert!(book.step("ISSUER0001", "c1", ProductionStage::ProdException, None).is_err());
+        assert!(
+            book.step("ISSUER0001", "c1", ProductionStage::ProdException, None)
+                .is_err()
+        );
         assert_eq!(o.history.len(), 4);
         let n = o.notification();
         assert_eq!(n["details"]["status"], "CARD_SHIPPED");
         assert_eq!(n["operation"], "PRODUCE");
         assert_eq!(n["issuerRequestId"], "r1");
 
-        book.place("ISSUER0001", "c2", &req("r2", DistributionChannel::Central), kept())
+        book.place(
+            "ISSUER0001",
+            "c2",
+            &req("r2", DistributionChannel::Central),
+            kept(),
+        )
+        .unwrap();
+        let f = book
+            .step("ISSUER0001", "c2", ProductionStage::DataException, None)
             .unwrap();
-        let f = book.step("ISSUER0001", "c2", ProductionStage::DataException, None).unwrap();
         assert_eq!(f.operation_status(), "FAILED");
         assert_eq!(f.notification()["errorCode"], "DATA_EXCEPTION");
-        assert!(book.step("ISSUER0001", "c2", ProductionStage::Ready, None).is_err());
+        assert!(
+            book.step("ISSUER0001", "c2", ProductionStage::Ready, None)
+                .is_err()
+        );
     }
 
     #[test]
@@ -904,8 +942,13 @@ mod tests {
         cfg.fail_cards
             .insert("c1".into(), ProductionStage::ProdException);
         book.set_config(cfg).unwrap();
-        book.place("ISSUER0001", "c1", &req("r1", DistributionChannel::Thales), kept())
-            .unwrap();
+        book.place(
+            "ISSUER0001",
+            "c1",
+            &req("r1", DistributionChannel::Thales),
+            kept(),
+        )
+        .unwrap();
         let key = ("ISSUER0001".to_owned(), "r1".to_owned());
         assert!(book.auto_step(&key, &ProductionStage::Ready).is_none());
         book.auto_step(&key, &ProductionStage::Requested).unwrap();
@@ -927,6 +970,9 @@ mod tests {
         let o = book.auto_step(&key, &ProductionStage::Ready).unwrap();
         assert_eq!(o.operation_status(), "SUCCESSFUL");
         assert!(book.auto_step(&key, &ProductionStage::Done).is_none());
-        assert!(book.step("ISSUER0001", "c1", ProductionStage::Shipped, None).is_err());
+        assert!(
+            book.step("ISSUER0001", "c1", ProductionStage::Shipped, None)
+                .is_err()
+        );
     }
 }

@@ -104,7 +104,10 @@ impl ProductionOrderStore for EmbeddedStore {
             };
             let (i, c) = (issuer.as_str(), card.as_str());
             let mut out = Vec::new();
-            for row in by_card.range((i, c, 0u64, "")..=(i, c, u64::MAX, AFTER_IDS))?.rev() {
+            for row in by_card
+                .range((i, c, 0u64, "")..=(i, c, u64::MAX, AFTER_IDS))?
+                .rev()
+            {
                 if out.len() == limit {
                     break;
                 }

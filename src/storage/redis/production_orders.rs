@@ -57,11 +57,8 @@ impl ProductionOrderStore for RedisStore {
         order: &ProductionOrder,
     ) -> Result<PlaceOutcome, StoreError> {
         let json = encode(order)?;
-        let mut inv = INSERT_SCRIPT.key(record_key(
-            self,
-            &order.issuer_id,
-            &order.issuer_request_id,
-        ));
+        let mut inv =
+            INSERT_SCRIPT.key(record_key(self, &order.issuer_id, &order.issuer_request_id));
         inv.key(card_key(self, &order.issuer_id, &order.card_id));
         inv.arg(json).arg(&order.issuer_request_id);
         let existing: Vec<u8> = self.invoke_write(inv).await?;
@@ -118,11 +115,8 @@ impl ProductionOrderStore for RedisStore {
             .version
             .checked_sub(1)
             .map_or_else(|| "-1".to_owned(), |v| v.to_string());
-        let mut inv = UPDATE_SCRIPT.key(record_key(
-            self,
-            &order.issuer_id,
-            &order.issuer_request_id,
-        ));
+        let mut inv =
+            UPDATE_SCRIPT.key(record_key(self, &order.issuer_id, &order.issuer_request_id));
         inv.arg(expected).arg(order.version.to_string()).arg(json);
         match self.invoke_write::<i64>(inv).await? {
             1 => Ok(()),
