@@ -337,7 +337,7 @@ pub struct OrderSpec {
     pub payment_application: Option<PaymentApplication>,
 }
 
-fn invalid(detail: &str) -> DomainError {
+fn bad_order(detail: &str) -> DomainError {
     DomainError::Validation {
         code: "invalid_production_order",
         detail: detail.to_owned(),
@@ -349,7 +349,7 @@ fn check_ref(v: &str, field: &str) -> Result<(), DomainError> {
     if (1..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         Ok(())
     } else {
-        Err(invalid(&format!(
+        Err(bad_order(&format!(
             "{field} must be 1 to 64 printable characters"
         )))
     }
@@ -360,7 +360,9 @@ fn check_text(v: &str, max: usize, field: &str) -> Result<(), DomainError> {
     if (1..=max).contains(&n) && !v.chars().any(char::is_control) {
         Ok(())
     } else {
-        Err(invalid(&format!("{field} must have 1 to {max} characters")))
+        Err(bad_order(&format!(
+            "{field} must have 1 to {max} characters"
+        )))
     }
 }
 
@@ -387,26 +389,26 @@ impl OrderSpec {
                     && aid.len() % 2 == 0
                     && aid.bytes().all(|b| b.is_ascii_hexdigit()))
             {
-                return Err(invalid(
+                return Err(bad_order(
                     "paymentApplication.aid must be 10 to 32 hexadecimal digits",
                 ));
             }
         }
         match (self.channel, &self.shipment) {
-            (DistributionChannel::Instant, Some(_)) => Err(invalid(
+            (DistributionChannel::Instant, Some(_)) => Err(bad_order(
                 "shipment must be absent for INSTANT orders (the card is printed on the spot)",
             )),
-            (DistributionChannel::Instant, None) if s.issuance_location.is_none() => Err(invalid(
-                "services.issuanceLocation is required for INSTANT orders",
-            )),
+            (DistributionChannel::Instant, None) if s.issuance_location.is_none() => Err(
+                bad_order("services.issuanceLocation is required for INSTANT orders"),
+            ),
             (DistributionChannel::Instant, None) => Ok(()),
-            (channel, None) => Err(invalid(&format!(
+            (channel, None) => Err(bad_order(&format!(
                 "shipment is required for {} orders",
                 channel.as_str()
             ))),
             (channel, Some(sh)) => {
                 if s.issuance_location.is_some() {
-                    return Err(invalid(
+                    return Err(bad_order(
                         "services.issuanceLocation is only for INSTANT orders",
                     ));
                 }
@@ -424,14 +426,14 @@ impl OrderSpec {
                         }
                         check_text(&a.city, 128, "shipment.address.city")?;
                         if !(1..=16).contains(&a.postal_code.len()) {
-                            return Err(invalid(
+                            return Err(bad_order(
                                 "shipment.address.postalCode must have 1 to 16 characters",
                             ));
                         }
                         if !(a.country.len() == 2
                             && a.country.bytes().all(|b| b.is_ascii_uppercase()))
                         {
-                            return Err(invalid(
+                            return Err(bad_order(
                                 "shipment.address.country must be an ISO 3166-1 alpha-2 code",
                             ));
                         }
@@ -439,7 +441,7 @@ impl OrderSpec {
                     }
                     Delivery::Bulk { destination_id } => {
                         if channel != DistributionChannel::Central {
-                            return Err(invalid(
+                            return Err(bad_order(
                                 "shipment.deliveryType BULK is only for CENTRAL orders",
                             ));
                         }

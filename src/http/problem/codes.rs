@@ -129,6 +129,7 @@ catalogue! {
     DUPLICATE_CLIENT_CERT = UNPROCESSABLE_ENTITY "duplicate_client_cert" "the same certificate is listed twice";
     TOO_MANY_CLIENT_CERTS = UNPROCESSABLE_ENTITY "too_many_client_certs" "more certificates than a merchant may bind";
     CLIENT_CERT_NEEDED = UNPROCESSABLE_ENTITY "client_cert_needed" "this mode needs at least one certificate";
+    INVALID_PRODUCTION_ORDER = UNPROCESSABLE_ENTITY "invalid_production_order" "a physical card order's options break a rule of its `distributionChannel` (shipment, delivery type, issuance location) or a field's format";
     D1_REJECTED = UNPROCESSABLE_ENTITY "d1_rejected" "D1 refused the request (D1's `errorCode` in the detail)";
     // --- the gateway and its dependencies (500, 502, 503, 504) --------------------------------
     INTERNAL_ERROR = INTERNAL_SERVER_ERROR "internal_error" "an unexpected error; it has been logged";
