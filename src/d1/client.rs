@@ -233,15 +233,15 @@ impl fmt::Debug for D1Client {
 }
 
 /// One request as the retry loop replays it.
-struct Spec {
-    op: &'static str,
-    method: Method,
-    url: String,
-    body: Option<Bytes>,
+pub(crate) struct Spec {
+    pub(crate) op: &'static str,
+    pub(crate) method: Method,
+    pub(crate) url: String,
+    pub(crate) body: Option<Bytes>,
     /// Attach `Authorization: Bearer`.
-    auth: bool,
+    pub(crate) auth: bool,
     /// Also retry 500 (safe only when repeating the request cannot change anything).
-    retry_500: bool,
+    pub(crate) retry_500: bool,
 }
 
 /// An HTTP answer, whatever its status.
@@ -268,7 +268,7 @@ impl Failure {
 }
 
 /// Characters kept as-is in a path segment or query value (RFC 3986 unreserved).
-fn encode_component(s: &str) -> String {
+pub(crate) fn encode_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -328,13 +328,16 @@ fn failure_from_reply(op: &str, reply: &Reply) -> Failure {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(op: &str, body: &[u8]) -> Result<T, ProviderError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    op: &str,
+    body: &[u8],
+) -> Result<T, ProviderError> {
     // serde's message can quote the offending value, which may be sensitive: not passed on.
     serde_json::from_slice(body)
         .map_err(|_| ProviderError::BadResponse(format!("{op}: invalid response body")))
 }
 
-fn encode_json<T: Serialize>(op: &str, v: &T) -> Result<Bytes, ProviderError> {
+pub(crate) fn encode_json<T: Serialize>(op: &str, v: &T) -> Result<Bytes, ProviderError> {
     serde_json::to_vec(v)
         .map(Bytes::from)
         .map_err(|_| ProviderError::BadResponse(format!("{op}: could not encode the request")))
@@ -438,7 +441,7 @@ impl D1Client {
     // ---- the call pipeline ------------------------------------------------------------------
 
     /// Runs one API call through limiter, breaker and time budget; returns a 2xx body.
-    async fn execute(&self, spec: Spec) -> Result<Bytes, ProviderError> {
+    pub(crate) async fn execute(&self, spec: Spec) -> Result<Bytes, ProviderError> {
         let inner = &self.inner;
         let Ok(_permit) = inner.limiter.try_acquire() else {
             tracing::debug!(op = spec.op, "d1 call refused: concurrency limit reached");
@@ -810,6 +813,18 @@ impl D1Client {
             })
             .await?;
         Ok(decode::<TokenObject>(op, &body)?.into())
+    }
+
+    /// Encrypts `plaintext` (card data, in a wiping buffer the caller owns) to D1's key as a
+    /// compact JWE, for calls other than token creation (physical card orders).
+    pub(crate) fn encrypt_for_d1(
+        &self,
+        op: &str,
+        plaintext: &[u8],
+    ) -> Result<String, ProviderError> {
+        jose::jwe_encrypt(plaintext, &self.inner.d1_jwe_public, &self.inner.d1_jwe_kid).map_err(
+            |e| ProviderError::BadResponse(format!("{op}: card data encryption failed: {e}")),
+        )
     }
 
     fn card_jwe(&self, pan: &Pan, expiry: &Expiry) -> Result<String, ProviderError> {

@@ -12,6 +12,7 @@ mod architecture;
 mod audit;
 mod client_certs_store;
 mod d1_client;
+mod d1_production;
 mod durability;
 mod gateway_d1;
 mod import;

@@ -34,6 +34,53 @@ pub const PRODUCTION_STATUS_PATH: &str =
 /// their path).
 pub const PRODUCTION_BATCH_PATH: &str = "/issuers/{issuerId}/physicalCards/operations:production";
 
+/// The order path templates under the issuer ("banking") base URL, with `{issuerId}` and
+/// `{cardId}` placeholders: configuration on the client side, since the batch path is our
+/// inference and the others may be corrected without code changes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProductionPaths {
+    pub production: String,
+    pub production_batch: String,
+    pub production_status: String,
+}
+
+impl Default for ProductionPaths {
+    fn default() -> Self {
+        ProductionPaths {
+            production: PRODUCTION_PATH.into(),
+            production_batch: PRODUCTION_BATCH_PATH.into(),
+            production_status: PRODUCTION_STATUS_PATH.into(),
+        }
+    }
+}
+
+impl ProductionPaths {
+    /// Checks every template starts with `/` and uses only `{issuerId}` and `{cardId}` (the
+    /// batch path only `{issuerId}`); the error names the bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, t, card) in [
+            ("production", &self.production, true),
+            ("production_batch", &self.production_batch, false),
+            ("production_status", &self.production_status, true),
+        ] {
+            if !t.starts_with('/') {
+                return Err(format!("production_paths.{name} must start with '/'"));
+            }
+            let mut rest = t.replace("{issuerId}", "");
+            if card {
+                rest = rest.replace("{cardId}", "");
+            }
+            if rest.contains('{') || rest.contains('}') || rest.contains('?') {
+                return Err(format!(
+                    "production_paths.{name} has an unknown placeholder or a query string"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Most cards in one batch order (D1's pages).
 pub const MAX_BATCH: usize = 1000;
 /// Longest cardholder name that can be embossed (D1's limit for cardholder names).
@@ -799,6 +846,21 @@ mod tests {
         assert_eq!(other, ProductionStage::Other("CARD_PROD_QA".into()));
         assert!(!other.is_final());
         assert!(ProductionStage::Shipped.is_final());
+    }
+
+    #[test]
+    fn default_paths_are_valid_and_bad_ones_refused() {
+        assert!(ProductionPaths::default().validate().is_ok());
+        let bad = ProductionPaths {
+            production_batch: "/issuers/{issuerId}/physicalCards/{cardId}".into(),
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("production_batch"));
+        let bad = ProductionPaths {
+            production: "issuers".into(),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
