@@ -13,11 +13,14 @@ use tokio::net::TcpListener;
 use crate::config::{Config, Mode, SANDBOX_ADMIN_TOKEN};
 use crate::crypto::{KeyMaterial, Keyring};
 use crate::domain::audit::AuditLog;
+use crate::domain::issuer_service::{IssuerService, IssuerSettings};
 use crate::domain::lifecycle::Lifecycle;
 use crate::domain::notify_auth::{ClientCredentials, NotifyAuth};
 use crate::domain::ports::TokenStore;
 use crate::domain::ports::apikeys::ApiKeyStore;
 use crate::domain::ports::audit::AuditStore;
+use crate::domain::ports::issuer_operations::IssuerOperationStore;
+use crate::domain::ports::issuers::IssuerStore;
 use crate::domain::ports::lifecycle::LifecycleStore;
 use crate::domain::ports::outbox::OutboxStore;
 use crate::domain::provider::NetworkTokenProvider;
@@ -70,6 +73,10 @@ pub struct Gateway {
     pub webhooks: WebhookWorker,
     /// The listener's TLS (`[server.tls]`), reloaded by [`Gateway::run`]; `None`: plain HTTP.
     pub tls: Option<Arc<crate::http::listener::ReloadableTls>>,
+    /// The issuer side (docs/issuer.md); its re-drive and polling worker runs in [`Gateway::run`].
+    pub issuers: Arc<IssuerService>,
+    /// Where the issuer worker takes its lease.
+    issuer_lifecycle: Arc<dyn LifecycleStore>,
 }
 
 /// The webhook service and the HTTP client its delivery worker sends with.
@@ -134,9 +141,14 @@ fn webhook_worker(
         allow_plain_http: cfg.mode == Mode::Sandbox,
     };
     Ok(WebhookWorker {
-        service: Arc::new(WebhookService::new(
-            outbox, keyring, render, settings, egress,
-        )),
+        service: Arc::new(
+            WebhookService::new(outbox, keyring, render, settings, egress)
+                // Issuer events carry the operation exactly as `GET /v1/issuer/operations/{id}`.
+                .with_operation_renderer(Arc::new(|op| {
+                    serde_json::to_value(crate::http::handlers::issuers::OperationView::from(op))
+                        .unwrap_or(serde_json::Value::Null)
+                })),
+        ),
         sender: Arc::new(sender),
     })
 }
@@ -193,6 +205,9 @@ fn listener_tls(
     }
 }
 
+/// The issuer records and the issuer operations, on the same backend as everything else.
+pub type IssuerStores = (Arc<dyn IssuerStore>, Arc<dyn IssuerOperationStore>);
+
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
     Ok(open_stores(cfg).await?.0)
 }
@@ -210,6 +225,7 @@ pub async fn open_stores(
         Arc<dyn ApiKeyStore>,
         Arc<dyn crate::domain::ports::client_certs::ClientCertStore>,
         Arc<dyn crate::domain::ports::counts::TokenCountStore>,
+        IssuerStores,
     ),
     AppError,
 > {
@@ -231,7 +247,8 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
-            store,
+            store.clone(),
+            (store.clone(), store),
         ))
     } else {
         let dir: PathBuf = s.data_dir.clone();
@@ -243,7 +260,8 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
-            store,
+            store.clone(),
+            (store.clone(), store),
         ))
     }
 }
@@ -312,13 +330,22 @@ impl Gateway {
         // Certificates first: a bad file should stop start-up before anything is opened.
         let tls = listener_tls(cfg)?;
         let keyring = Arc::new(Keyring::new(&key_material(cfg))?);
-        let (store, lifecycle_store, outbox_store, audit_store, key_store, cert_store, count_store) =
-            open_stores(cfg).await?;
+        let (
+            store,
+            lifecycle_store,
+            outbox_store,
+            audit_store,
+            key_store,
+            cert_store,
+            count_store,
+            (issuer_store, issuer_op_store),
+        ) = open_stores(cfg).await?;
         // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
         let store: Arc<dyn TokenStore> =
             Arc::new(crate::storage::instrumented::InstrumentedStore::new(store));
         let credentials = notify_credentials(cfg);
-        let (provider, sandbox) = d1_provider(cfg, public_addr, credentials.as_ref()).await?;
+        let (provider, issuer_provider, sandbox) =
+            d1_provider(cfg, public_addr, credentials.as_ref()).await?;
         let provider: Option<Arc<dyn NetworkTokenProvider>> = provider;
         let notify_auth = NotifyAuth::new(
             credentials.as_ref(),
@@ -362,6 +389,7 @@ impl Gateway {
             cfg.audit.retention_days,
         )));
         services = services.with_keys(key_store);
+        services = services.with_issuers(issuer_store.clone());
         // Reconciliation needs D1 to ask; without it there is no schedule to keep either.
         let rc = &cfg.reconcile;
         let schedule = (rc.enabled && provider.is_some()).then(|| {
@@ -404,6 +432,7 @@ impl Gateway {
             services.store.clone(),
             lifecycle_store.clone(),
         );
+        let lifecycle_for_issuers = lifecycle_store.clone();
         let reconciler = match (schedule, provider) {
             (Some(schedule), Some(provider)) => Some(Reconciler::new(
                 lifecycle.clone(),
@@ -418,6 +447,22 @@ impl Gateway {
             )),
             _ => None,
         };
+        let is = &cfg.issuer;
+        let issuers = Arc::new(IssuerService::new(
+            issuer_store,
+            issuer_op_store,
+            issuer_provider,
+            services.clone(),
+            IssuerSettings {
+                worker_interval: Duration::from_millis(is.worker_interval_ms),
+                redrive_after: Duration::from_millis(is.redrive_after_ms),
+                poll_after: Duration::from_millis(is.poll_after_ms),
+                max_backoff: Duration::from_millis(is.max_backoff_ms),
+                batch: is.batch,
+                notification_ttl: Duration::from_secs(is.notification_ttl_s),
+                lease: Duration::from_millis(is.worker_interval_ms.saturating_mul(10).max(5000)),
+            },
+        ));
         let notify = Arc::new(NotifyState {
             auth: notify_auth,
             lifecycle,
@@ -447,6 +492,7 @@ impl Gateway {
             notify,
             rate_limiter: Arc::new(rate_limiter(&cfg.rate_limit)),
             client_certs,
+            issuers: issuers.clone(),
         });
         Ok(Gateway {
             state,
@@ -459,6 +505,8 @@ impl Gateway {
             wallet_index,
             webhooks,
             tls,
+            issuers,
+            issuer_lifecycle: lifecycle_for_issuers,
         })
     }
 
@@ -492,6 +540,13 @@ impl Gateway {
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
         let mut counting = AbortOnDrop(Some(tokio::spawn(self.token_counts.run(stop_rx.clone()))));
         let mut indexing = AbortOnDrop(Some(tokio::spawn(self.wallet_index.run(stop_rx.clone()))));
+        // Re-drives issuer calls whose outcome is unknown and polls operations no notification
+        // finished (domain::issuer_service).
+        let mut issuer_worker = AbortOnDrop(Some(tokio::spawn(
+            (*self.issuers)
+                .clone()
+                .run(self.issuer_lifecycle.clone(), stop_rx.clone()),
+        )));
         // Webhook delivery stops on the signal too, abandoning attempts in flight (their jobs
         // are claimed again after `webhooks.claim_idle_ms`, by this or another instance).
         let mut delivering = {
@@ -539,6 +594,9 @@ impl Gateway {
             let _ = handle.await;
         }
         if let Some(handle) = indexing.0.take() {
+            let _ = handle.await;
+        }
+        if let Some(handle) = issuer_worker.0.take() {
             let _ = handle.await;
         }
         // The same for re-encryption: an aborted task is dropped later, on the runtime's
@@ -590,6 +648,7 @@ pub async fn shutdown_signal() {
 
 type ProviderSetup = (
     Option<Arc<dyn NetworkTokenProvider>>,
+    Option<Arc<dyn crate::domain::issuer_provider::IssuerProvider>>,
     Option<tokengate_d1_sim::SimHandle>,
 );
 
@@ -607,7 +666,7 @@ async fn d1_provider(
     use tokengate_d1_sim::{NotifyTarget, SimConfig, Simulator};
 
     if !cfg.d1.enabled {
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     let d1 = &cfg.d1;
     let (material, base_url, sim) = match &d1.base_url {
@@ -653,9 +712,17 @@ async fn d1_provider(
             (m.into(), url, Some(handle))
         }
     };
+    let issuer_base = d1
+        .issuer_base_url
+        .clone()
+        .unwrap_or_else(|| tokengate_d1_protocol::paths::default_issuer_base(&base_url));
     let client_cfg = D1Config::from_parts(base_url, d1, material);
     let client = D1Client::new(client_cfg).map_err(|e| AppError::D1(e.to_string()))?;
-    Ok((Some(Arc::new(client)), sim))
+    // The issuer side shares the client's pool, token cache and breaker.
+    let issuer =
+        crate::d1::D1IssuerClient::new(client.clone(), &issuer_base, d1.issuer_paths.clone())
+            .map_err(AppError::D1)?;
+    Ok((Some(Arc::new(client)), Some(Arc::new(issuer)), sim))
 }
 
 fn rate_limiter(c: &crate::config::RateLimitSection) -> crate::domain::ratelimit::RateLimiter {

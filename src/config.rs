@@ -55,6 +55,9 @@ pub struct Config {
     /// Optional in a config file: the defaults apply when the section is absent.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Optional in a config file: the defaults apply when the section is absent.
+    #[serde(default)]
+    pub issuer: IssuerSection,
 }
 
 /// The audit trail (`docs/security.md`, "Audit trail").
@@ -309,6 +312,45 @@ pub struct D1Section {
     /// Path templates of the D1 API (`[d1.paths]`); defaults in docs/d1-protocol.md.
     #[serde(default)]
     pub paths: tokengate_d1_protocol::paths::D1Paths,
+    /// Base URL of D1's issuer-side ("banking") API; unset: `base_url` with `/authz/v1`
+    /// replaced by `/banking/v1` (docs/issuer.md).
+    #[serde(default)]
+    pub issuer_base_url: Option<String>,
+    /// Path templates of the issuer-side API (`[d1.issuer_paths]`).
+    #[serde(default)]
+    pub issuer_paths: tokengate_d1_protocol::paths::IssuerPaths,
+}
+
+/// The issuer side's background worker (`[issuer]`, `domain::issuer_service`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuerSection {
+    /// How often the worker looks for operations to re-drive or poll.
+    pub worker_interval_ms: u64,
+    /// Delay before the first re-drive of a D1 call whose outcome is unknown (doubles per
+    /// attempt, up to `max_backoff_ms`).
+    pub redrive_after_ms: u64,
+    /// How long an operation D1 accepted waits for its notification before it is polled with
+    /// D1's get-operation (doubles per poll, up to `max_backoff_ms`).
+    pub poll_after_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Operations looked at per issuer and tick.
+    pub batch: usize,
+    /// How long a processed notification item is remembered (redeliveries within it are no-ops).
+    pub notification_ttl_s: u64,
+}
+
+impl Default for IssuerSection {
+    fn default() -> Self {
+        IssuerSection {
+            worker_interval_ms: 1000,
+            redrive_after_ms: 2000,
+            poll_after_ms: 60_000,
+            max_backoff_ms: 600_000,
+            batch: 100,
+            notification_ttl_s: 7 * 24 * 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -444,6 +486,18 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be positive"));
+        }
+        if let Err(msg) = self.d1.issuer_paths.validate() {
+            return Err(ConfigError::Invalid {
+                key: "d1.issuer_paths",
+                msg,
+            });
+        }
+        if self.issuer.worker_interval_ms < 10 || self.issuer.batch == 0 {
+            return Err(invalid(
+                "issuer.worker_interval_ms",
+                "must be at least 10 (and issuer.batch at least 1)",
+            ));
         }
         if self.metrics.token_counts_interval_ms < 100 {
             return Err(invalid(

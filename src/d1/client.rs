@@ -242,6 +242,9 @@ pub(crate) struct Spec {
     pub(crate) auth: bool,
     /// Also retry 500 (safe only when repeating the request cannot change anything).
     pub(crate) retry_500: bool,
+    /// A 404 is D1 refusing the request (its `errorCode` kept, `Rejected`), not the resource
+    /// being gone (`NotFound`): the issuer API answers an unknown card this way.
+    pub(crate) not_found_is_rejection: bool,
 }
 
 /// An HTTP answer, whatever its status.
@@ -281,7 +284,7 @@ pub(crate) fn encode_component(s: &str) -> String {
 }
 
 /// Maps a non-2xx answer to the domain error (status codes decided here, once).
-fn failure_from_reply(op: &str, reply: &Reply) -> Failure {
+fn failure_from_reply(op: &str, reply: &Reply, not_found_is_rejection: bool) -> Failure {
     let code = || {
         serde_json::from_slice::<ErrorBody>(&reply.body)
             .ok()
@@ -306,7 +309,7 @@ fn failure_from_reply(op: &str, reply: &Reply) -> Failure {
             },
             true,
         ),
-        404 => Failure::new(ProviderError::NotFound, false),
+        404 if !not_found_is_rejection => Failure::new(ProviderError::NotFound, false),
         400..=499 => Failure::new(
             ProviderError::Rejected {
                 status: status.as_u16(),
@@ -467,7 +470,11 @@ impl D1Client {
             if reply.status.is_success() {
                 Ok(reply)
             } else {
-                Err(failure_from_reply(spec.op, &reply))
+                Err(failure_from_reply(
+                    spec.op,
+                    &reply,
+                    spec.not_found_is_rejection,
+                ))
             }
         });
         admission.record(outcome.as_ref().err().is_some_and(|f| f.upstream_fault));
@@ -754,11 +761,12 @@ impl D1Client {
             auth: false,
             // Asking again for a token changes nothing upstream.
             retry_500: true,
+            not_found_is_rejection: false,
         };
         let requested = Instant::now();
         let reply = self.attempts(&spec, correlation_id, deadline, None).await?;
         if !reply.status.is_success() {
-            return Err(failure_from_reply(OP, &reply));
+            return Err(failure_from_reply(OP, &reply, false));
         }
         let mut resp: OAuthTokenResponse =
             decode(OP, &reply.body).map_err(|e| Failure::new(e, false))?;
@@ -810,6 +818,7 @@ impl D1Client {
                 body,
                 auth: true,
                 retry_500,
+                not_found_is_rejection: false,
             })
             .await?;
         Ok(decode::<TokenObject>(op, &body)?.into())
@@ -869,6 +878,7 @@ impl NetworkTokenProvider for D1Client {
                 body: Some(body),
                 auth: true,
                 retry_500: false,
+                not_found_is_rejection: false,
             })
             .await?;
         let resp: OnboardMerchantResponse = decode(OP, &body)?;
@@ -959,6 +969,7 @@ impl NetworkTokenProvider for D1Client {
                 body: Some(body),
                 auth: true,
                 retry_500: false,
+                not_found_is_rejection: false,
             })
             .await?;
         let resp: TransactionResponse = decode(OP, &body)?;
@@ -1045,20 +1056,37 @@ mod tests {
             retry_after: ra.map(Duration::from_secs),
             body: Bytes::from(body.to_owned()),
         };
-        let f = failure_from_reply("op", &reply(429, "", Some(2)));
+        // The issuer API's 404 is a refusal with D1's code.
+        let f = failure_from_reply(
+            "op",
+            &reply(404, r#"{"errorCode":"CARD_NOT_FOUND"}"#, None),
+            true,
+        );
+        assert!(
+            matches!(&f.error, ProviderError::Rejected { status: 404, code } if code == "CARD_NOT_FOUND")
+        );
+        let f = failure_from_reply("op", &reply(429, "", Some(2)), false);
         assert!(
             matches!(f.error, ProviderError::Unavailable { retry_after: Some(d) } if d == Duration::from_secs(2))
         );
         assert!(!f.upstream_fault);
-        let f = failure_from_reply("op", &reply(503, "", None));
+        let f = failure_from_reply("op", &reply(503, "", None), false);
         assert!(matches!(
             f.error,
             ProviderError::Unavailable { retry_after: None }
         ));
         assert!(f.upstream_fault);
-        let f = failure_from_reply("op", &reply(404, r#"{"errorCode":"NOT_FOUND"}"#, None));
+        let f = failure_from_reply(
+            "op",
+            &reply(404, r#"{"errorCode":"NOT_FOUND"}"#, None),
+            false,
+        );
         assert!(matches!(f.error, ProviderError::NotFound));
-        let f = failure_from_reply("op", &reply(409, r#"{"errorCode":"INVALID_STATE"}"#, None));
+        let f = failure_from_reply(
+            "op",
+            &reply(409, r#"{"errorCode":"INVALID_STATE"}"#, None),
+            false,
+        );
         assert!(
             matches!(&f.error, ProviderError::Rejected { status: 409, code } if code == "INVALID_STATE")
         );
@@ -1067,9 +1095,10 @@ mod tests {
         let f = failure_from_reply(
             "op",
             &reply(400, r#"{"errorCode":"4111 1111 1111 1111"}"#, None),
+            false,
         );
         assert!(matches!(&f.error, ProviderError::Rejected { code, .. } if code == "HTTP_400"));
-        let f = failure_from_reply("op", &reply(500, "<html>oops</html>", None));
+        let f = failure_from_reply("op", &reply(500, "<html>oops</html>", None), false);
         assert!(matches!(&f.error, ProviderError::BadResponse(m) if m == "op: HTTP 500"));
         assert!(f.upstream_fault);
     }

@@ -11,11 +11,13 @@
 //! simulator; they are re-exported here for the client's users.
 
 pub mod client;
+pub mod issuer;
 pub mod keyfiles;
 pub mod production;
 pub mod resilience;
 
 pub use client::{D1Client, D1Config, D1Error};
+pub use issuer::D1IssuerClient;
 pub use keyfiles::D1KeyMaterial;
 pub use production::D1ProductionClient;
 pub use tokengate_d1_protocol::paths::D1Paths;

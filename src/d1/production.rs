@@ -191,6 +191,8 @@ impl ProductionProvider for D1ProductionClient {
                 body: Some(body),
                 auth: true,
                 retry_500: false,
+                // The issuer API answers an unknown issuer or card with a 404 and its code.
+                not_found_is_rejection: true,
             })
             .await?;
         let resp: wire::ProductionOrderResponse = decode(OP, &reply)?;
@@ -220,6 +222,7 @@ impl ProductionProvider for D1ProductionClient {
                 body: Some(body),
                 auth: true,
                 retry_500: false,
+                not_found_is_rejection: true,
             })
             .await?;
         let resp: wire::BatchOrderResponse = decode(OP, &reply)?;
@@ -274,6 +277,8 @@ impl ProductionProvider for D1ProductionClient {
                 body: None,
                 auth: true,
                 retry_500: true,
+                // A card never ordered: no production status.
+                not_found_is_rejection: false,
             })
             .await?;
         let s: wire::ProductionStatusResponse = decode(OP, &reply)?;

@@ -54,10 +54,43 @@ pub enum Scope {
     Keys,
     #[serde(rename = "audit:read")]
     AuditRead,
+    /// Issuer keys only (see [`TenantKind`]): the issuer's cards at D1.
+    #[serde(rename = "issuer:cards")]
+    IssuerCards,
+    /// Issuer keys: Click to Pay enrolment, update, opt-out and profiles (masked).
+    #[serde(rename = "issuer:click-to-pay")]
+    IssuerClickToPay,
+    /// Issuer keys: personal data (names, email, phone, address) in Click to Pay profiles.
+    /// Opt-in, never granted by default.
+    #[serde(rename = "issuer:click-to-pay:pii")]
+    IssuerClickToPayPii,
+    /// Issuer keys: physical card orders and their production status.
+    #[serde(rename = "issuer:orders")]
+    IssuerOrders,
+    /// Issuer keys: the issuer's asynchronous D1 operations, and its webhooks.
+    #[serde(rename = "issuer:operations")]
+    IssuerOperations,
+}
+
+/// Which kind of tenant an API key belongs to. Both kinds share one key store and one scope
+/// table; a key only ever holds scopes of its own kind, and a route only accepts its own kind
+/// (a merchant key gets 403 on issuer routes and the reverse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantKind {
+    #[default]
+    Merchant,
+    Issuer,
+}
+
+impl TenantKind {
+    pub fn is_merchant(&self) -> bool {
+        *self == TenantKind::Merchant
+    }
 }
 
 impl Scope {
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 12] = [
         Scope::TokensWrite,
         Scope::TokensRead,
         Scope::Cryptograms,
@@ -65,7 +98,24 @@ impl Scope {
         Scope::Webhooks,
         Scope::Keys,
         Scope::AuditRead,
+        Scope::IssuerCards,
+        Scope::IssuerClickToPay,
+        Scope::IssuerClickToPayPii,
+        Scope::IssuerOrders,
+        Scope::IssuerOperations,
     ];
+
+    /// The kind of tenant whose keys may hold this scope.
+    pub fn tenant(self) -> TenantKind {
+        match self {
+            Scope::IssuerCards
+            | Scope::IssuerClickToPay
+            | Scope::IssuerClickToPayPii
+            | Scope::IssuerOrders
+            | Scope::IssuerOperations => TenantKind::Issuer,
+            _ => TenantKind::Merchant,
+        }
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -76,6 +126,11 @@ impl Scope {
             Scope::Webhooks => "webhooks",
             Scope::Keys => "keys",
             Scope::AuditRead => "audit:read",
+            Scope::IssuerCards => "issuer:cards",
+            Scope::IssuerClickToPay => "issuer:click-to-pay",
+            Scope::IssuerClickToPayPii => "issuer:click-to-pay:pii",
+            Scope::IssuerOrders => "issuer:orders",
+            Scope::IssuerOperations => "issuer:operations",
         }
     }
 
@@ -83,8 +138,8 @@ impl Scope {
         Scope::ALL.into_iter().find(|x| x.as_str() == s)
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 }
 
@@ -96,7 +151,7 @@ impl fmt::Display for Scope {
 
 /// A set of scopes. Stored and served as a list of scope names.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
-pub struct Scopes(u8);
+pub struct Scopes(u16);
 
 impl Scopes {
     /// The scopes of the key issued with a merchant (and of keys stored before scopes existed):
@@ -104,7 +159,16 @@ impl Scopes {
     pub fn default_for_merchant_key() -> Scopes {
         Scope::ALL
             .into_iter()
-            .filter(|s| *s != Scope::CardReveal)
+            .filter(|s| *s != Scope::CardReveal && s.tenant() == TenantKind::Merchant)
+            .collect()
+    }
+
+    /// The scopes of the key issued with an issuer: every issuer scope except
+    /// `issuer:click-to-pay:pii`, which must be granted deliberately.
+    pub fn default_for_issuer_key() -> Scopes {
+        Scope::ALL
+            .into_iter()
+            .filter(|s| *s != Scope::IssuerClickToPayPii && s.tenant() == TenantKind::Issuer)
             .collect()
     }
 
@@ -150,6 +214,8 @@ impl<'de> Deserialize<'de> for Scopes {
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeyRecord {
     pub id: String,
+    /// The tenant the key belongs to: a merchant id (`mer_`), or an issuer's id as a tenant id
+    /// (`iss_`, `IssuerId::tenant`); [`ApiKeyRecord::tenant`] tells which.
     pub merchant_id: MerchantId,
     pub name: String,
     pub scopes: Scopes,
@@ -162,12 +228,54 @@ pub struct ApiKeyRecord {
     pub last_used_at: Option<OffsetDateTime>,
 }
 
+impl ApiKeyRecord {
+    /// The kind of tenant the key belongs to, carried by its tenant id's prefix (ids are
+    /// parsed, so the prefix cannot lie, and records written before issuers existed are all
+    /// merchants').
+    pub fn tenant(&self) -> TenantKind {
+        if self.merchant_id.is_issuer() {
+            TenantKind::Issuer
+        } else {
+            TenantKind::Merchant
+        }
+    }
+}
+
 /// An authenticated request's caller: the merchant, and the key that authenticated it.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub merchant: Merchant,
     pub key_id: String,
     pub scopes: Scopes,
+}
+
+/// An issuer's authenticated caller.
+#[derive(Debug, Clone)]
+pub struct IssuerCaller {
+    pub issuer: super::issuer::Issuer,
+    pub key_id: String,
+    pub scopes: Scopes,
+}
+
+/// Whoever an API key authenticates: a merchant or an issuer.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    Merchant(Caller),
+    Issuer(IssuerCaller),
+}
+
+impl Principal {
+    /// The tenant id the key is filed under, and the key's id.
+    pub fn tenant_and_key(&self) -> (MerchantId, &str) {
+        match self {
+            Principal::Merchant(c) => (c.merchant.id.clone(), &c.key_id),
+            Principal::Issuer(c) => (c.issuer.id.tenant(), &c.key_id),
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        self.tenant_and_key().1
+    }
 }
 
 /// `lastUsedAt` is written at most this often per key and instance: a store write per request
@@ -191,17 +299,32 @@ pub(crate) fn validate_name(name: &str) -> Result<String, DomainError> {
     Ok(name.to_owned())
 }
 
-/// Parses scope names; unknown or no scopes are refused.
+/// Parses the scope names of a merchant key; unknown, issuer or no scopes are refused.
 pub fn parse_scopes(names: &[String]) -> Result<Scopes, DomainError> {
+    parse_scopes_for(names, TenantKind::Merchant)
+}
+
+/// Parses scope names for a key of `tenant`; unknown scopes, scopes of the other tenant kind
+/// and an empty list are refused.
+pub fn parse_scopes_for(names: &[String], tenant: TenantKind) -> Result<Scopes, DomainError> {
     let mut out = Vec::with_capacity(names.len());
     for n in names {
-        out.push(Scope::parse(n).ok_or_else(|| DomainError::Validation {
-            code: "invalid_scopes",
-            detail: format!(
-                "unknown scope; valid scopes are {}",
-                Scope::ALL.map(Scope::as_str).join(", ")
-            ),
-        })?);
+        out.push(
+            Scope::parse(n)
+                .filter(|s| s.tenant() == tenant)
+                .ok_or_else(|| DomainError::Validation {
+                    code: "invalid_scopes",
+                    detail: format!(
+                        "unknown scope; valid scopes are {}",
+                        Scope::ALL
+                            .into_iter()
+                            .filter(|s| s.tenant() == tenant)
+                            .map(Scope::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })?,
+        );
     }
     let scopes: Scopes = out.into_iter().collect();
     if scopes.is_empty() {
@@ -224,8 +347,18 @@ mod tests {
         let d = Scopes::default_for_merchant_key();
         assert!(!d.contains(Scope::CardReveal));
         for s in Scope::ALL.into_iter().filter(|s| *s != Scope::CardReveal) {
-            assert!(d.contains(s), "{s}");
+            assert_eq!(d.contains(s), s.tenant() == TenantKind::Merchant, "{s}");
         }
+        let i = Scopes::default_for_issuer_key();
+        assert!(!i.contains(Scope::IssuerClickToPayPii));
+        assert!(i.contains(Scope::IssuerOperations) && !i.contains(Scope::TokensRead));
+    }
+
+    #[test]
+    fn keys_hold_scopes_of_their_own_tenant_kind_only() {
+        assert!(parse_scopes(&["issuer:orders".into()]).is_err());
+        assert!(parse_scopes_for(&["issuer:orders".into()], TenantKind::Issuer).is_ok());
+        assert!(parse_scopes_for(&["tokens:read".into()], TenantKind::Issuer).is_err());
     }
 
     #[test]

@@ -17,6 +17,16 @@ pub enum DomainError {
     TokenNotFound,
     #[error("merchant not found")]
     MerchantNotFound,
+    #[error("issuer not found")]
+    IssuerNotFound,
+    #[error("operation not found")]
+    OperationNotFound,
+    /// A unique value is already taken (409): `problem` is the catalogue's code.
+    #[error("{detail}")]
+    Duplicate {
+        problem: &'static str,
+        detail: String,
+    },
     #[error("token is {0:?}; this operation needs another status")]
     TokenState(TokenStatus),
     #[error("the record was changed concurrently; retry")]

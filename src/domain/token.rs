@@ -13,14 +13,14 @@ use tokengate_cards::{Brand, Expiry};
 pub use crate::crypto::{Fingerprints, SealedPan};
 
 /// Random identifier with a type prefix: `tok_` + 128 random bits, base64url (22 characters).
-fn random_id(prefix: &str, bytes: usize) -> String {
+pub(crate) fn random_id(prefix: &str, bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::fill(&mut buf[..]);
     format!("{prefix}{}", URL_SAFE_NO_PAD.encode(&buf))
 }
 
 /// Checks the shape of an id received from a client before it reaches storage keys.
-fn valid_id(s: &str, prefix: &str, body_len: usize) -> bool {
+pub(crate) fn valid_id(s: &str, prefix: &str, body_len: usize) -> bool {
     s.len() == prefix.len() + body_len
         && s.starts_with(prefix)
         && s[prefix.len()..]
@@ -69,10 +69,32 @@ id_type!(
     /// Our token id, handed to merchants instead of the PAN.
     TokenId, "tok_", 16, 22
 );
+pub(crate) use id_type;
+
 id_type!(
     /// A merchant (tenant) id.
     MerchantId, "mer_", 12, 16
 );
+
+impl MerchantId {
+    /// The id an issuer's API keys and webhook endpoints are filed under: the key and webhook
+    /// stores file records by tenant id, and an issuer's id (`iss_`, same length) is one. Only
+    /// built from a parsed `IssuerId`, so it cannot carry separators into storage keys.
+    pub(crate) fn of_issuer(issuer_id: &str) -> MerchantId {
+        MerchantId(issuer_id.to_owned())
+    }
+
+    /// [`MerchantId::parse`], or an issuer's id (see [`MerchantId::of_issuer`]): what a key
+    /// store index entry may name.
+    pub fn parse_tenant(s: &str) -> Option<MerchantId> {
+        MerchantId::parse(s).or_else(|| valid_id(s, "iss_", 16).then(|| MerchantId(s.to_owned())))
+    }
+
+    /// Whether this tenant id names an issuer rather than a merchant.
+    pub fn is_issuer(&self) -> bool {
+        self.0.starts_with("iss_")
+    }
+}
 
 /// What the merchant will use the token for (it decides the transaction type D1 expects).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -168,16 +168,36 @@ pub enum EventType {
     Resumed,
     Updated,
     Deleted,
+    /// Issuer events (endpoints of issuers only): an operation reached `SUCCESSFUL`.
+    IssuerOperationSucceeded,
+    IssuerOperationFailed,
+    IssuerClickToPayEnrolled,
+    IssuerClickToPayOptedOut,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 5] = [
+    pub const ALL: [EventType; 9] = [
         EventType::Activated,
         EventType::Suspended,
         EventType::Resumed,
         EventType::Updated,
         EventType::Deleted,
+        EventType::IssuerOperationSucceeded,
+        EventType::IssuerOperationFailed,
+        EventType::IssuerClickToPayEnrolled,
+        EventType::IssuerClickToPayOptedOut,
     ];
+
+    /// Whether endpoints of issuers (`true`) or of merchants subscribe to this type.
+    pub fn is_issuer_event(&self) -> bool {
+        matches!(
+            self,
+            EventType::IssuerOperationSucceeded
+                | EventType::IssuerOperationFailed
+                | EventType::IssuerClickToPayEnrolled
+                | EventType::IssuerClickToPayOptedOut
+        )
+    }
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -186,6 +206,10 @@ impl EventType {
             EventType::Resumed => "token.resumed",
             EventType::Updated => "token.updated",
             EventType::Deleted => "token.deleted",
+            EventType::IssuerOperationSucceeded => "issuer.operation.succeeded",
+            EventType::IssuerOperationFailed => "issuer.operation.failed",
+            EventType::IssuerClickToPayEnrolled => "issuer.click_to_pay.enrolled",
+            EventType::IssuerClickToPayOptedOut => "issuer.click_to_pay.opted_out",
         }
     }
 
@@ -316,7 +340,12 @@ pub struct WebhookEvent {
     pub id: EventId,
     pub merchant_id: MerchantId,
     pub event_type: EventType,
-    pub token_id: TokenId,
+    /// The token a merchant event is about (`None` for issuer events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<TokenId>,
+    /// The issuer operation an issuer event is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     pub payload: String,
@@ -581,7 +610,7 @@ pub fn validate_url(url: &str, allow_http: bool) -> Result<(), WebhookError> {
 }
 
 /// The subscribed types of an endpoint: at least one, each known; duplicates collapse.
-fn parse_event_types(events: &[String]) -> Result<Vec<EventType>, WebhookError> {
+fn parse_event_types(events: &[String], issuer: bool) -> Result<Vec<EventType>, WebhookError> {
     if events.is_empty() || events.len() > EventType::ALL.len() * 4 {
         return Err(invalid(
             "invalid_event_types",
@@ -590,13 +619,19 @@ fn parse_event_types(events: &[String]) -> Result<Vec<EventType>, WebhookError> 
     }
     let mut types = Vec::new();
     for e in events {
-        let t = EventType::parse(e).ok_or_else(|| {
-            let known: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
-            invalid(
-                "invalid_event_types",
-                format!("unknown event type; known types are {}", known.join(", ")),
-            )
-        })?;
+        let t = EventType::parse(e)
+            .filter(|t| t.is_issuer_event() == issuer)
+            .ok_or_else(|| {
+                let known: Vec<&str> = EventType::ALL
+                    .iter()
+                    .filter(|t| t.is_issuer_event() == issuer)
+                    .map(|t| t.as_str())
+                    .collect();
+                invalid(
+                    "invalid_event_types",
+                    format!("unknown event type; known types are {}", known.join(", ")),
+                )
+            })?;
         if !types.contains(&t) {
             types.push(t);
         }
@@ -682,6 +717,9 @@ pub trait WebhookSender: Send + Sync + 'static {
 /// Renders a token as the API shows it (`GET /v1/tokens/{id}`); given by the wiring so this
 /// layer does not depend on the HTTP types.
 pub type TokenRenderer = Arc<dyn Fn(&TokenRecord) -> serde_json::Value + Send + Sync>;
+/// Renders an issuer operation for an issuer webhook payload, exactly as the API shows it.
+pub type OperationRenderer =
+    Arc<dyn Fn(&crate::domain::issuer_ops::IssuerOperation) -> serde_json::Value + Send + Sync>;
 
 /// Delivery policy (config section `[webhooks]`).
 #[derive(Debug, Clone)]
@@ -707,6 +745,7 @@ pub struct WebhookService {
     outbox: Arc<dyn OutboxStore>,
     keyring: Arc<Keyring>,
     render: TokenRenderer,
+    render_operation: OperationRenderer,
     settings: WebhookSettings,
     /// The SSRF guard, for registration (the sender holds the same one for deliveries).
     egress: Arc<Egress>,
@@ -741,6 +780,14 @@ impl WebhookService {
             outbox,
             keyring,
             render,
+            // Until the API layer installs its view: ids and status only, never call parameters.
+            render_operation: Arc::new(|op| {
+                serde_json::json!({
+                    "id": op.id.as_str(),
+                    "operation": op.kind.as_str(),
+                    "status": op.status.as_str(),
+                })
+            }),
             settings,
             egress,
             wake: Notify::new(),
@@ -750,6 +797,12 @@ impl WebhookService {
 
     pub fn settings(&self) -> &WebhookSettings {
         &self.settings
+    }
+
+    /// Renders issuer operations in webhook payloads with `r` (the API's operation view).
+    pub fn with_operation_renderer(mut self, r: OperationRenderer) -> WebhookService {
+        self.render_operation = r;
+        self
     }
 
     fn secret_binding<'a>(m: &'a MerchantId, id: &'a EndpointId) -> [&'a str; 2] {
@@ -767,7 +820,7 @@ impl WebhookService {
         events: &[String],
     ) -> Result<(WebhookEndpoint, Zeroizing<String>), WebhookError> {
         self.check_url(url).await?;
-        let types = parse_event_types(events)?;
+        let types = parse_event_types(events, merchant.is_issuer())?;
         let id = EndpointId::generate();
         let (secret, sealed) = self.new_secret(merchant, &id);
         let ep = WebhookEndpoint {
@@ -828,7 +881,9 @@ impl WebhookService {
         if let Some(url) = url {
             self.check_url(url).await?;
         }
-        let types = events.map(parse_event_types).transpose()?;
+        let types = events
+            .map(|e| parse_event_types(e, merchant.is_issuer()))
+            .transpose()?;
         self.change_endpoint(merchant, &id, |ep, at| {
             if let Some(url) = url {
                 ep.url = url.to_owned();
@@ -1016,6 +1071,97 @@ impl WebhookService {
     ///
     /// Call it after the change is stored. It does not undo the change when it fails (the
     /// change happened; the caller logs the error).
+    /// Queues `issuer.operation.succeeded` / `.failed` for an operation that just reached a
+    /// final status, and `issuer.click_to_pay.enrolled` / `.opted_out` when it was a successful
+    /// Click to Pay enrolment / opt-out. `None` when nobody listens.
+    pub async fn issuer_operation_finished(
+        &self,
+        op: &crate::domain::issuer_ops::IssuerOperation,
+    ) -> Result<Option<EventId>, DomainError> {
+        use crate::domain::issuer_ops::{OperationKind, OperationStatus};
+        let mut types = vec![match op.status {
+            OperationStatus::Successful => EventType::IssuerOperationSucceeded,
+            OperationStatus::Failed => EventType::IssuerOperationFailed,
+            OperationStatus::Pending => return Ok(None),
+        }];
+        if op.status == OperationStatus::Successful {
+            match op.kind {
+                OperationKind::ClickToPayEnrolment => {
+                    types.push(EventType::IssuerClickToPayEnrolled)
+                }
+                OperationKind::ClickToPayOptOut => types.push(EventType::IssuerClickToPayOptedOut),
+                _ => {}
+            }
+        }
+        let data = serde_json::json!({ "operation": (self.render_operation)(op) });
+        let mut last = None;
+        for t in types {
+            if let Some(id) = self
+                .enqueue(
+                    &op.issuer_id.tenant(),
+                    t,
+                    None,
+                    Some(op.id.as_str()),
+                    data.clone(),
+                )
+                .await?
+            {
+                last = Some(id);
+            }
+        }
+        Ok(last)
+    }
+
+    /// Builds, freezes and queues one event of `tenant` for its endpoints subscribed to
+    /// `event_type`; `None` when there are none.
+    async fn enqueue(
+        &self,
+        tenant: &MerchantId,
+        event_type: EventType,
+        token_id: Option<TokenId>,
+        operation_id: Option<&str>,
+        data: serde_json::Value,
+    ) -> Result<Option<EventId>, DomainError> {
+        let endpoints: Vec<EndpointId> = self
+            .outbox
+            .list_endpoints(tenant)
+            .await?
+            .into_iter()
+            .filter(|e| e.events.contains(&event_type))
+            .map(|e| e.id)
+            .collect();
+        if endpoints.is_empty() {
+            return Ok(None);
+        }
+        let created_at = now();
+        let id = EventId::generate(created_at);
+        let payload = serde_json::json!({
+            "id": id.as_str(),
+            "type": event_type.as_str(),
+            "createdAt": created_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            "data": data,
+        });
+        let payload = serde_json::to_string(&payload)
+            .map_err(|_| DomainError::Internal("webhook payload does not serialize".into()))?;
+        let event = WebhookEvent {
+            id: id.clone(),
+            merchant_id: tenant.clone(),
+            event_type,
+            token_id,
+            operation_id: operation_id.map(str::to_owned),
+            created_at,
+            payload,
+        };
+        self.outbox
+            .enqueue_event(&event, &endpoints, self.settings.retention)
+            .await?;
+        tracing::debug!(event_id = %id, event_type = event_type.as_str(), endpoints = endpoints.len(), "webhook event queued");
+        self.wake.notify_one();
+        Ok(Some(id))
+    }
+
     pub async fn token_changed(
         &self,
         before: &TokenRecord,
@@ -1051,7 +1197,8 @@ impl WebhookService {
             id: id.clone(),
             merchant_id: after.merchant_id.clone(),
             event_type,
-            token_id: after.id.clone(),
+            token_id: Some(after.id.clone()),
+            operation_id: None,
             created_at,
             payload,
         };
@@ -1695,7 +1842,8 @@ mod tests {
             id: EventId::generate(now()),
             merchant_id: MerchantId::generate(),
             event_type: EventType::Suspended,
-            token_id: TokenId::generate(),
+            token_id: Some(TokenId::generate()),
+            operation_id: None,
             created_at: now(),
             payload: "{}".into(),
         };

@@ -30,7 +30,8 @@ use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 
 use handlers::{
-    audit_events, client_certs, keys, notify, recurring, reveal, tokens, wallets, webhooks,
+    audit_events, click_to_pay, client_certs, issuer_notify, issuers, keys, notify, recurring,
+    reveal, tokens, wallets, webhooks,
 };
 
 /// The API routes with the middleware stack applied.
@@ -109,6 +110,66 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .route(
             "/merchant-gateways/{merchant_gateway_id}/merchants/{merchant_id}/tokens/{token_id}/notify-update",
             post(notify::notify_update),
+        )
+        // Issuers: onboarding (admin) and the issuer side of D1 (docs/issuer.md).
+        .route(
+            "/v1/issuers",
+            post(issuers::create_issuer).get(issuers::list_issuers),
+        )
+        .route("/v1/issuers/{id}", get(issuers::get_issuer))
+        .route("/v1/issuers/{id}/api-keys", post(issuers::create_issuer_key))
+        .route("/v1/issuer/operations", get(issuers::list_operations))
+        .route(
+            "/v1/issuer/operations/{operationId}",
+            get(issuers::get_operation),
+        )
+        // Issuer webhooks, through the same signed outbox as merchant webhooks.
+        .route(
+            "/v1/issuer/webhook-endpoints",
+            post(webhooks::issuer_create_endpoint).get(webhooks::issuer_list_endpoints),
+        )
+        .route(
+            "/v1/issuer/webhook-endpoints/{id}",
+            delete(webhooks::issuer_delete_endpoint),
+        )
+        .route("/v1/issuer/events", get(webhooks::issuer_list_events))
+        // Click to Pay (docs/issuer.md).
+        .route(
+            "/v1/issuer/cards/{cardId}/click-to-pay/enrolment",
+            post(click_to_pay::enrol),
+        )
+        .route(
+            "/v1/issuer/cards/{cardId}/click-to-pay/update",
+            post(click_to_pay::update_card),
+        )
+        .route(
+            "/v1/issuer/consumers/{consumerId}/click-to-pay/update",
+            post(click_to_pay::update_consumer),
+        )
+        .route(
+            "/v1/issuer/cards/{cardId}/click-to-pay/opt-out",
+            post(click_to_pay::opt_out_card),
+        )
+        .route(
+            "/v1/issuer/consumers/{consumerId}/click-to-pay/opt-out",
+            post(click_to_pay::opt_out_consumer),
+        )
+        .route(
+            "/v1/issuer/cards/{cardId}/click-to-pay/profiles",
+            get(click_to_pay::card_profiles),
+        )
+        .route(
+            "/v1/issuer/consumers/{consumerId}/click-to-pay/profiles",
+            get(click_to_pay::consumer_profiles),
+        )
+        // D1 -> issuer side: card and consumer operation notifications.
+        .route(
+            "/notifications/d1/v2/issuers/{issuerId}/cards",
+            post(issuer_notify::notify_cards),
+        )
+        .route(
+            "/notifications/d1/v2/issuers/{issuerId}/consumers",
+            post(issuer_notify::notify_consumers),
         )
         .fallback(tokens::not_found)
         .method_not_allowed_fallback(tokens::method_not_allowed)

@@ -25,6 +25,8 @@ pub const MERCHANT_API_KEY: &str = "merchantApiKey";
 pub const CLIENT_CERTIFICATE: &str = "clientCertificate";
 /// Security scheme of the admin routes: `Authorization: Bearer <admin token>`.
 pub const ADMIN_TOKEN: &str = "adminToken";
+/// Security scheme of the issuer routes: `Authorization: Bearer <issuer API key>`.
+pub const ISSUER_API_KEY: &str = "issuerApiKey";
 /// D1's client credentials at `POST /oauth2/token` (HTTP Basic).
 pub const D1_CLIENT_BASIC: &str = "d1ClientBasic";
 /// The access token D1 sends to `notify-update`.
@@ -77,6 +79,25 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         super::handlers::keys::create_api_key_for_merchant,
         super::handlers::notify::oauth_token,
         super::handlers::notify::notify_update,
+        super::handlers::issuers::create_issuer,
+        super::handlers::issuers::list_issuers,
+        super::handlers::issuers::get_issuer,
+        super::handlers::issuers::create_issuer_key,
+        super::handlers::issuers::get_operation,
+        super::handlers::issuers::list_operations,
+        super::handlers::click_to_pay::enrol,
+        super::handlers::click_to_pay::update_card,
+        super::handlers::click_to_pay::update_consumer,
+        super::handlers::click_to_pay::opt_out_card,
+        super::handlers::click_to_pay::opt_out_consumer,
+        super::handlers::click_to_pay::card_profiles,
+        super::handlers::click_to_pay::consumer_profiles,
+        super::handlers::webhooks::issuer_create_endpoint,
+        super::handlers::webhooks::issuer_list_endpoints,
+        super::handlers::webhooks::issuer_delete_endpoint,
+        super::handlers::webhooks::issuer_list_events,
+        super::handlers::issuer_notify::notify_cards,
+        super::handlers::issuer_notify::notify_consumers,
     ),
     components(schemas(super::problem::ProblemBody)),
     modifiers(&SecuritySchemes),
@@ -88,6 +109,8 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         (name = "api-keys", description = "A merchant's API keys and their scopes"),
         (name = "d1", description = "Called by Thales D1: OAuth client credentials and token lifecycle notifications"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "issuers", description = "Issuer onboarding and issuer API keys (admin)"),
+        (name = "issuer", description = "The issuer side of D1: asynchronous operations, Click to Pay (issuer API keys)"),
     )
 )]
 pub struct ApiDoc;
@@ -129,6 +152,18 @@ impl Modify for SecuritySchemes {
                     .bearer_format("tgk_...")
                     .description(Some(
                         "The merchant API key returned once by `POST /v1/merchants`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            ISSUER_API_KEY,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("tgk_...")
+                    .description(Some(
+                        "An issuer API key, returned once by `POST /v1/issuers` (docs/issuer.md).",
                     ))
                     .build(),
             ),

@@ -40,6 +40,8 @@ pub struct AppStateInner {
     pub rate_limiter: Arc<crate::domain::ratelimit::RateLimiter>,
     /// Client certificates bound to merchants (mutual TLS; src/http/auth/client_cert.rs).
     pub client_certs: Arc<crate::domain::client_certs::ClientCerts>,
+    /// The issuer side of D1 (docs/issuer.md).
+    pub issuers: Arc<crate::domain::issuer_service::IssuerService>,
 }
 
 /// What D1's calls to us (`handlers::notify`) need. Built once by `app.rs`.

@@ -16,6 +16,8 @@ mod d1_production;
 mod durability;
 mod gateway_d1;
 mod import;
+mod issuer_api;
+mod issuer_store;
 mod keys_audit_store;
 mod lifecycle;
 mod metrics;

@@ -941,6 +941,246 @@ async fn real_responses_match_the_document() {
     assert_eq!(r.status(), 204);
     c.check("POST", notify_template, r).await;
 
+    // The issuer side (docs/issuer.md): every route once, answers held against the document.
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuers",
+        Some(ADMIN),
+        Some(json!({"name": "Bank", "d1IssuerId": "short"})),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/issuers", r).await,
+        "invalid_d1_issuer_id",
+    );
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuers",
+        Some(ADMIN),
+        Some(json!({"name": "Bank", "d1IssuerId": "DRIFT00001"})),
+    )
+    .await;
+    let iss = c.check("POST", "/v1/issuers", r).await;
+    let ikey = iss["apiKey"].as_str().unwrap().to_owned();
+    let iss_path = format!("/v1/issuers/{}", iss["id"].as_str().unwrap());
+    let r = send(&app, Method::GET, "/v1/issuers", Some(ADMIN), None).await;
+    c.check("GET", "/v1/issuers", r).await;
+    let r = send(&app, Method::GET, &iss_path, Some(ADMIN), None).await;
+    c.check("GET", "/v1/issuers/{id}", r).await;
+    let r = send(
+        &app,
+        Method::POST,
+        &format!("{iss_path}/api-keys"),
+        Some(ADMIN),
+        Some(json!({"name": "pii", "scopes": ["issuer:click-to-pay", "issuer:click-to-pay:pii"]})),
+    )
+    .await;
+    c.check("POST", "/v1/issuers/{id}/api-keys", r).await;
+    let seed = format!(
+        "{}/sim/issuers/DRIFT00001/cards/drift-card",
+        app.sim_control.as_ref().unwrap()
+    );
+    let r = app
+        .client
+        .put(seed)
+        .json(&json!({"pan": "4111111111111111", "expiry": "1230", "consumerId": "drift-cons"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let enrol = "/v1/issuer/cards/{cardId}/click-to-pay/enrolment";
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/click-to-pay/enrolment",
+        Some(&ikey),
+        Some(json!({"cardholderName": "A".repeat(27)})),
+    )
+    .await;
+    assert_code(&c.check("POST", enrol, r).await, "invalid_cardholder_name");
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/click-to-pay/enrolment",
+        Some(&key),
+        Some(json!({"cardholderName": "A"})),
+    )
+    .await;
+    assert_code(&c.check("POST", enrol, r).await, "insufficient_scope");
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/click-to-pay/enrolment",
+        Some(&ikey),
+        Some(json!({"cardholderName": "ADA LOVELACE"})),
+    )
+    .await;
+    let op = c.check("POST", enrol, r).await;
+    let op_id = op["id"].as_str().unwrap().to_owned();
+    let r = send(
+        &app,
+        Method::GET,
+        &format!("/v1/issuer/operations/{op_id}"),
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("GET", "/v1/issuer/operations/{operationId}", r)
+        .await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/operations/op_nope",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("GET", "/v1/issuer/operations/{operationId}", r)
+            .await,
+        "operation_not_found",
+    );
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/operations?cardId=drift-card&limit=1",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("GET", "/v1/issuer/operations", r).await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/cards/drift-card/click-to-pay/profiles",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("GET", "/v1/issuer/cards/{cardId}/click-to-pay/profiles", r)
+        .await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/consumers/drift-cons/click-to-pay/profiles",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check(
+        "GET",
+        "/v1/issuer/consumers/{consumerId}/click-to-pay/profiles",
+        r,
+    )
+    .await;
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/click-to-pay/update",
+        Some(&ikey),
+        Some(json!({"cardholderName": "A LOVELACE"})),
+    )
+    .await;
+    c.check("POST", "/v1/issuer/cards/{cardId}/click-to-pay/update", r)
+        .await;
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/consumers/drift-cons/click-to-pay/update",
+        Some(&ikey),
+        Some(json!({"reason": "new address"})),
+    )
+    .await;
+    c.check(
+        "POST",
+        "/v1/issuer/consumers/{consumerId}/click-to-pay/update",
+        r,
+    )
+    .await;
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/click-to-pay/opt-out",
+        Some(&ikey),
+        Some(json!({})),
+    )
+    .await;
+    c.check("POST", "/v1/issuer/cards/{cardId}/click-to-pay/opt-out", r)
+        .await;
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/consumers/bad%20id/click-to-pay/opt-out",
+        Some(&ikey),
+        Some(json!({})),
+    )
+    .await;
+    assert_code(
+        &c.check(
+            "POST",
+            "/v1/issuer/consumers/{consumerId}/click-to-pay/opt-out",
+            r,
+        )
+        .await,
+        "invalid_consumer_id",
+    );
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/webhook-endpoints",
+        Some(&ikey),
+        Some(json!({"url": "http://127.0.0.1:9/hook", "events": ["issuer.operation.succeeded"]})),
+    )
+    .await;
+    let ep = c.check("POST", "/v1/issuer/webhook-endpoints", r).await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/webhook-endpoints",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("GET", "/v1/issuer/webhook-endpoints", r).await;
+    let r = send(&app, Method::GET, "/v1/issuer/events", Some(&ikey), None).await;
+    c.check("GET", "/v1/issuer/events", r).await;
+    let r = send(
+        &app,
+        Method::DELETE,
+        &format!(
+            "/v1/issuer/webhook-endpoints/{}",
+            ep["id"].as_str().unwrap()
+        ),
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("DELETE", "/v1/issuer/webhook-endpoints/{id}", r)
+        .await;
+    let item = json!({"operations": [{"operationId": op["d1OperationId"], "operation": "CLICK_TO_PAY_ENROLMENT", "status": "SUCCESSFUL", "startTime": "2026-01-01T00:00:00Z", "cardId": "drift-card"}]});
+    for (variant, d1) in [
+        ("cards", "DRIFT00001"),
+        ("consumers", "DRIFT00001"),
+        ("cards", "NOBODY0001"),
+    ] {
+        let r = send(
+            &app,
+            Method::POST,
+            &format!("/notifications/d1/v2/issuers/{d1}/{variant}"),
+            Some(&token),
+            Some(item.clone()),
+        )
+        .await;
+        c.check(
+            "POST",
+            &format!("/notifications/d1/v2/issuers/{{issuerId}}/{variant}"),
+            r,
+        )
+        .await;
+    }
+
     // Metrics last, so it has seen the traffic above.
     let r = send(&app, Method::GET, "/metrics", None, None).await;
     let text = c.check("GET", "/metrics", r).await;

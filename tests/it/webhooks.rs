@@ -1695,7 +1695,8 @@ fn sample_event(m: &MerchantId, at: time::OffsetDateTime) -> WebhookEvent {
         id: EventId::generate(at),
         merchant_id: m.clone(),
         event_type: EventType::Suspended,
-        token_id: tokengate::domain::token::TokenId::generate(),
+        token_id: Some(tokengate::domain::token::TokenId::generate()),
+        operation_id: None,
         created_at: at,
         payload: r#"{"id":"x"}"#.into(),
     }

@@ -9,6 +9,7 @@
 //! - [`devkeys`]: a development PKI and key set for the simulator and a gateway pointed at it.
 
 pub mod devkeys;
+pub mod issuer;
 pub mod issuer_orders;
 pub mod jose;
 pub mod model;

@@ -171,6 +171,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
             &format!("{token}/transactions"),
             post(create_transaction).route_layer(g(Op::CreateTransaction)),
         )
+        // The issuer side, under its own base path (`/banking/v1`).
+        .merge(super::issuer::routes(shared.clone()))
         .merge(super::orders::routes(&shared))
         .fallback(|| async { ApiError::NotFound("no such resource") })
         .with_state(shared)
@@ -215,13 +217,13 @@ pub(crate) async fn gate(
     }
 }
 
-fn reset_response() -> Response {
+pub(crate) fn reset_response() -> Response {
     let mut resp = StatusCode::INTERNAL_SERVER_ERROR.into_response();
     resp.extensions_mut().insert(ResetConnection);
     resp
 }
 
-fn check_request(shared: &Shared, op: Op, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_request(shared: &Shared, op: Op, headers: &HeaderMap) -> Result<(), ApiError> {
     let correlation = headers
         .get("x-correlation-id")
         .ok_or_else(|| ApiError::MissingField("x-correlation-id header is required".into()))?;
@@ -257,7 +259,7 @@ fn valid_id(s: &[u8]) -> bool {
 /// enum value in a field this protocol version does not define (`tokenType` on token objects,
 /// `cryptogramType` on transactions, `errorDetails` on errors), and an unknown header. Known
 /// fields keep their values, so a client that ignores what it does not know behaves the same.
-async fn add_noise(resp: Response) -> Response {
+pub(crate) async fn add_noise(resp: Response) -> Response {
     let (mut parts, body) = resp.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
         return ApiError::Internal.into_response();

@@ -32,6 +32,9 @@ pub struct Stats {
     pub tokens_created: AtomicU64,
     pub notifications_delivered: AtomicU64,
     pub notification_attempts: AtomicU64,
+    /// Issuer operations D1 created (a re-driven call with a known `issuerRequestId` creates
+    /// none).
+    pub issuer_operations_created: AtomicU64,
 }
 
 impl Stats {
@@ -58,6 +61,7 @@ impl Stats {
             "requests": requests,
             "notificationsDelivered": self.notifications_delivered.load(Ordering::Relaxed),
             "notificationAttempts": self.notification_attempts.load(Ordering::Relaxed),
+            "issuerOperationsCreated": self.issuer_operations_created.load(Ordering::Relaxed),
         })
     }
 }
@@ -70,6 +74,8 @@ pub struct Shared {
     pub faults: Mutex<Faults>,
     pub stats: Stats,
     pub notifier: Notifier,
+    /// The issuer side: cards, consumers, operations (`issuer.rs`).
+    pub issuer: super::issuer::IssuerState,
     /// Physical card orders (`orders.rs`).
     pub orders: OrderBook,
 }

@@ -27,6 +27,15 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(get_faults).put(put_faults).delete(reset_faults),
         )
         .route("/sim/stats", get(stats))
+        // The issuer side's card registry and settings (issuer.rs).
+        .route(
+            "/sim/issuers/{issuer_id}/cards/{card_id}",
+            axum::routing::put(super::issuer::seed_card),
+        )
+        .route(
+            "/sim/issuer-settings",
+            get(super::issuer::get_settings).put(super::issuer::put_settings),
+        )
         .merge(super::orders::control_routes())
         .fallback(|| async { ApiError::NotFound("no such control resource") })
         .with_state(shared)

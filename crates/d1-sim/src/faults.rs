@@ -21,6 +21,12 @@ pub enum Op {
     Suspend,
     Resume,
     Delete,
+    /// Issuer side (`/banking/v1`, `crates/d1-sim/src/issuer.rs`).
+    ClickToPayEnrolment,
+    ClickToPayUpdate,
+    ClickToPayOptOut,
+    ClickToPayProfiles,
+    GetOperation,
     /// Physical card orders (`orders.rs`).
     Production,
     ProductionBatch,
@@ -28,7 +34,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 17] = [
         Op::Oauth,
         Op::OnboardMerchant,
         Op::CreateToken,
@@ -38,6 +44,11 @@ impl Op {
         Op::Suspend,
         Op::Resume,
         Op::Delete,
+        Op::ClickToPayEnrolment,
+        Op::ClickToPayUpdate,
+        Op::ClickToPayOptOut,
+        Op::ClickToPayProfiles,
+        Op::GetOperation,
         Op::Production,
         Op::ProductionBatch,
         Op::ProductionStatus,
@@ -55,6 +66,11 @@ impl Op {
             Op::Suspend => "suspend",
             Op::Resume => "resume",
             Op::Delete => "delete",
+            Op::ClickToPayEnrolment => "clickToPayEnrolment",
+            Op::ClickToPayUpdate => "clickToPayUpdate",
+            Op::ClickToPayOptOut => "clickToPayOptOut",
+            Op::ClickToPayProfiles => "clickToPayProfiles",
+            Op::GetOperation => "getOperation",
             Op::Production => "production",
             Op::ProductionBatch => "productionBatch",
             Op::ProductionStatus => "productionStatus",

@@ -13,6 +13,9 @@
 //! - [`notify`]: notification delivery with redelivery, OAuth towards the gateway, and the
 //!   duplicate/reorder faults.
 //! - [`faults`]: the fault document and the per-request dice roll.
+//! - `issuer`: the issuer side (`/banking/v1`): a card registry seeded from the control API,
+//!   Click to Pay operations completing asynchronously with batched notifications,
+//!   get-operation, dedup by `issuerRequestId`, D1's validation and error shapes.
 //! - [`orders`]: physical card orders (production, batch, production status, progression).
 //!
 //! # Choices the protocol leaves open
@@ -34,6 +37,7 @@ mod api;
 mod context;
 mod control;
 pub mod faults;
+mod issuer;
 mod notify;
 pub mod orders;
 mod server;
@@ -224,6 +228,7 @@ impl Simulator {
             faults: Mutex::new(Faults::default()),
             stats: Stats::default(),
             notifier,
+            issuer: issuer::IssuerState::default(),
             orders: OrderBook::default(),
         });
 

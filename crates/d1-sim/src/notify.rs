@@ -70,9 +70,12 @@ impl EventType {
 #[derive(Debug, Clone)]
 pub struct Event {
     event_id: String,
+    /// What reordering is keyed on: the token, or the operation of an issuer notification.
     token_id: String,
     merchant_id: String,
     body: Bytes,
+    /// The path on the gateway for issuer notifications; `None`: the token's `notify-update`.
+    path: Option<String>,
 }
 
 pub enum Msg {
@@ -174,10 +177,26 @@ impl Notifier {
             token_id: info.token_id.clone(),
             merchant_id: merchant_id.to_owned(),
             body: Bytes::from(body.to_string()),
+            path: None,
         };
         tracing::debug!(event_id = %event.event_id, token_id = %event.token_id,
             event_type = event_type.as_str(), "notification queued");
         // Fails only when the dispatcher is gone, i.e. the simulator is shutting down.
+        let _ = self.tx.send(Msg::Event(event));
+    }
+
+    /// Queues an issuer notification: `body` posted to `path` on the gateway, with the same
+    /// redelivery, duplicate and reorder behaviour as token notifications (`order_key` is what
+    /// reordering holds back per: the operation).
+    pub fn emit_to(&self, path: String, order_key: &str, body: &Value) {
+        let event = Event {
+            event_id: random_id("evt_", 16),
+            token_id: order_key.to_owned(),
+            merchant_id: String::new(),
+            body: Bytes::from(body.to_string()),
+            path: Some(path),
+        };
+        tracing::debug!(event_id = %event.event_id, order_key, "issuer notification queued");
         let _ = self.tx.send(Msg::Event(event));
     }
 
@@ -329,10 +348,13 @@ async fn attempt(shared: &Shared, event: &Event) -> Outcome {
 
 async fn send(shared: &Shared, target: &Target, event: &Event) -> Result<(), String> {
     let bearer = target.bearer().await?;
-    let uri = format!(
-        "{}/merchant-gateways/{}/merchants/{}/tokens/{}/notify-update",
-        target.base_url, shared.merchant_gateway_id, event.merchant_id, event.token_id
-    );
+    let uri = match &event.path {
+        Some(p) => format!("{}{p}", target.base_url),
+        None => format!(
+            "{}/merchant-gateways/{}/merchants/{}/tokens/{}/notify-update",
+            target.base_url, shared.merchant_gateway_id, event.merchant_id, event.token_id
+        ),
+    };
     let mut req = Request::builder()
         .method(Method::POST)
         .uri(uri)

@@ -283,6 +283,15 @@ impl OrderBook {
             .cloned()
     }
 
+    /// The order D1 knows as `operation_id` (get-operation answers PRODUCE operations too).
+    pub fn by_operation(&self, issuer_id: &str, operation_id: &str) -> Option<Order> {
+        lock(&self.inner)
+            .orders
+            .values()
+            .find(|o| o.issuer_id == issuer_id && o.operation_id == operation_id)
+            .cloned()
+    }
+
     /// The latest order of a card.
     pub fn latest(&self, issuer_id: &str, card_id: &str) -> Option<Order> {
         let inner = lock(&self.inner);
@@ -412,11 +421,18 @@ impl OrderBook {
 }
 
 /// Notifies the current step of `order`: to the sink when one is set (tests), else as a
-/// card-operations notification to the gateway.
+/// card-operations notification to the gateway (`{"operations": [...]}`, with the notifier's
+/// redelivery, duplicate and reorder behaviour).
 fn announce(shared: &Shared, order: &Order) {
     if let Some(sink) = shared.orders.sink() {
         sink(&order.issuer_id, order.notification());
+        return;
     }
+    shared.notifier.emit_to(
+        format!("/notifications/d1/v2/issuers/{}/cards", order.issuer_id),
+        &order.operation_id,
+        &json!({ "operations": [order.notification()] }),
+    );
 }
 
 fn existing_for(existing: &Order, card_id: &str) -> Result<Placed, ApiError> {

@@ -17,6 +17,8 @@ pub mod apikeys;
 pub mod audit;
 pub mod client_certs;
 pub mod counts;
+pub mod issuer_operations;
+pub mod issuers;
 pub mod lifecycle;
 pub mod outbox;
 pub mod production_orders;

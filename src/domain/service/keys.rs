@@ -111,10 +111,11 @@ impl Services {
     /// Best-effort `lastUsedAt`: at most one store write per key and [`LAST_USED_EVERY`] on
     /// this instance, made by the request that finds it due (awaited rather than spawned, so no
     /// detached task keeps the store open past shutdown); a failure is only logged.
-    pub(crate) async fn note_key_used(&self, caller: &Caller) {
+    pub(crate) async fn note_key_used(&self, caller: &Principal) {
+        let (tenant, key_id) = caller.tenant_and_key();
         let Some(keys) = &self.keys else { return };
         let now = Instant::now();
-        let due = match self.key_last_touch.get(&caller.key_id) {
+        let due = match self.key_last_touch.get(key_id) {
             Some(t) => now.duration_since(*t) >= LAST_USED_EVERY,
             None => true,
         };
@@ -124,16 +125,12 @@ impl Services {
         if self.key_last_touch.len() > 100_000 {
             self.key_last_touch.clear();
         }
-        self.key_last_touch.insert(caller.key_id.clone(), now);
+        self.key_last_touch.insert(key_id.to_owned(), now);
         if let Err(e) = keys
-            .touch_key(
-                &caller.merchant.id,
-                &caller.key_id,
-                OffsetDateTime::now_utc(),
-            )
+            .touch_key(&tenant, key_id, OffsetDateTime::now_utc())
             .await
         {
-            tracing::debug!(key_id = %caller.key_id, error = %e, "lastUsedAt not recorded");
+            tracing::debug!(key_id = %key_id, error = %e, "lastUsedAt not recorded");
         }
     }
 }

@@ -19,7 +19,7 @@ pub use wallets::{CustomerDeletion, MAX_DELETES_PER_CALL};
 use dashmap::DashMap;
 use time::OffsetDateTime;
 
-use super::apikeys::{ApiKeyRecord, Caller, Scopes, key_id};
+use super::apikeys::{ApiKeyRecord, Caller, IssuerCaller, Principal, Scopes, TenantKind, key_id};
 use super::error::{DomainError, ProviderError};
 use super::merchant::{ApiKeyHash, Merchant, NewApiKey};
 use super::provider::{
@@ -54,7 +54,7 @@ pub struct Services {
     pub store: Arc<dyn TokenStore>,
     pub keyring: Arc<Keyring>,
     pub provider: Option<Arc<dyn NetworkTokenProvider>>,
-    api_key_cache: Arc<DashMap<ApiKeyHash, (Caller, Instant)>>,
+    api_key_cache: Arc<DashMap<ApiKeyHash, (Principal, Instant)>>,
     api_key_cache_ttl: Duration,
     /// Reconciliation schedule kept in step with token writes (`None`: reconciliation off).
     schedule: Option<super::schedule::Schedule>,
@@ -65,6 +65,8 @@ pub struct Services {
     /// API key records: names, scopes, revocation (`None`: every key has the default scopes
     /// and keys cannot be managed).
     pub keys: Option<Arc<dyn ApiKeyStore>>,
+    /// Issuer records, for keys of issuers (`None`: issuer keys do not authenticate).
+    pub issuers: Option<Arc<dyn crate::domain::ports::issuers::IssuerStore>>,
     /// When each key's `lastUsedAt` was last written from this instance (`domain::apikeys`).
     pub(crate) key_last_touch: Arc<DashMap<String, Instant>>,
     /// Set once the store said its wallet index is complete (it never becomes incomplete
@@ -118,6 +120,7 @@ impl Services {
             webhooks: None,
             audit: None,
             keys: None,
+            issuers: None,
             key_last_touch: Arc::new(DashMap::new()),
             wallet_index_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -129,9 +132,18 @@ impl Services {
         self
     }
 
+    /// Authenticates issuer keys against the issuer records in `issuers`.
+    pub fn with_issuers(
+        mut self,
+        issuers: Arc<dyn crate::domain::ports::issuers::IssuerStore>,
+    ) -> Services {
+        self.issuers = Some(issuers);
+        self
+    }
+
     /// Drops the cached authentication of the key `key_id` (it was just revoked).
     pub(crate) fn forget_cached_key(&self, key_id: &str) {
-        self.api_key_cache.retain(|_, (c, _)| c.key_id != key_id);
+        self.api_key_cache.retain(|_, (c, _)| c.key_id() != key_id);
     }
 
     /// Records audited actions in `audit`.
@@ -225,6 +237,14 @@ impl Services {
     /// a store round trip per request for a mapping that rarely changes is waste (it is also
     /// how long a revocation takes to reach other instances).
     pub async fn authenticate(&self, api_key: &str) -> Result<Option<Caller>, DomainError> {
+        Ok(match self.authenticate_any(api_key).await? {
+            Some(Principal::Merchant(c)) => Some(c),
+            _ => None,
+        })
+    }
+
+    /// [`Services::authenticate`] for either kind of tenant: a merchant's key or an issuer's.
+    pub async fn authenticate_any(&self, api_key: &str) -> Result<Option<Principal>, DomainError> {
         let hash = ApiKeyHash::of(api_key);
         if let Some(entry) = self.api_key_cache.get(&hash)
             && entry.1.elapsed() < self.api_key_cache_ttl
@@ -254,21 +274,37 @@ impl Services {
     /// The key's record decides (revoked: `None`); a key without one is a key issued before
     /// records existed: it gets the default scopes, and a record so it can be listed and
     /// revoked (best-effort, and never over a record written meanwhile).
-    async fn lookup_key(&self, hash: &ApiKeyHash) -> Result<Option<Caller>, DomainError> {
+    async fn lookup_key(&self, hash: &ApiKeyHash) -> Result<Option<Principal>, DomainError> {
         if let Some(keys) = &self.keys
             && let Some(rec) = keys.key_by_hash(hash).await?
         {
             if rec.revoked_at.is_some() {
                 return Ok(None);
             }
+            if rec.tenant() == TenantKind::Issuer {
+                let (Some(issuers), Some(id)) = (
+                    &self.issuers,
+                    crate::domain::issuer::IssuerId::from_tenant(&rec.merchant_id),
+                ) else {
+                    return Ok(None);
+                };
+                let Some(issuer) = issuers.get_issuer(&id).await? else {
+                    return Ok(None);
+                };
+                return Ok(Some(Principal::Issuer(IssuerCaller {
+                    issuer,
+                    key_id: rec.id,
+                    scopes: rec.scopes,
+                })));
+            }
             let Some(merchant) = self.store.get_merchant(&rec.merchant_id).await? else {
                 return Ok(None);
             };
-            return Ok(Some(Caller {
+            return Ok(Some(Principal::Merchant(Caller {
                 merchant,
                 key_id: rec.id,
                 scopes: rec.scopes,
-            }));
+            })));
         }
         let Some(merchant) = self.store.merchant_by_api_key(hash).await? else {
             return Ok(None);
@@ -299,10 +335,10 @@ impl Services {
                         .into_iter()
                         .find(|r| r.id == caller.key_id);
                     return Ok(match rec {
-                        Some(r) if r.revoked_at.is_none() => Some(Caller {
+                        Some(r) if r.revoked_at.is_none() => Some(Principal::Merchant(Caller {
                             scopes: r.scopes,
                             ..caller
-                        }),
+                        })),
                         _ => None,
                     });
                 }
@@ -311,7 +347,7 @@ impl Services {
                 }
             }
         }
-        Ok(Some(caller))
+        Ok(Some(Principal::Merchant(caller)))
     }
 
     // --- tokens -----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ use axum::http::request::Parts;
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 
+use crate::domain::apikeys::{IssuerCaller, Principal};
+use crate::domain::issuer::Issuer;
 use crate::domain::merchant::Merchant;
 use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
@@ -40,8 +42,15 @@ impl FromRequestParts<AppState> for MerchantAuth {
         let caller = match bearer(parts) {
             None => client_cert::authenticate_without_key(parts, state).await?,
             Some(key) => {
-                let caller = match state.services.authenticate(key).await? {
-                    Some(c) => c,
+                let caller = match state.services.authenticate_any(key).await? {
+                    Some(Principal::Merchant(c)) => c,
+                    // A valid key of the other tenant kind: authenticated, not allowed here.
+                    Some(Principal::Issuer(_)) => {
+                        return Err(ApiError::of(
+                            &codes::INSUFFICIENT_SCOPE,
+                            "this is an issuer API key; merchant routes need a merchant key",
+                        ));
+                    }
                     None => {
                         return Err(ApiError::of(
                             &codes::UNAUTHORIZED,
@@ -83,6 +92,55 @@ impl FromRequestParts<AppState> for MerchantAuth {
             key_id: caller.key_id.clone(),
         });
         Ok(MerchantAuth(caller.merchant))
+    }
+}
+
+/// A request authenticated with an issuer API key (`docs/issuer.md`): the issuer side of D1.
+/// Merchant keys are refused with 403, as issuer keys are on merchant routes; the route's scope
+/// comes from the same table ([`scopes::required`]).
+pub struct IssuerAuth(pub Issuer, pub crate::domain::apikeys::Scopes);
+
+impl FromRequestParts<AppState> for IssuerAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = bearer(parts).ok_or_else(|| {
+            ApiError::of(
+                &codes::UNAUTHORIZED,
+                "send the issuer API key as `Authorization: Bearer <key>`",
+            )
+        })?;
+        let caller: IssuerCaller = match state.services.authenticate_any(key).await? {
+            Some(Principal::Issuer(c)) => c,
+            Some(Principal::Merchant(_)) => {
+                return Err(ApiError::of(
+                    &codes::INSUFFICIENT_SCOPE,
+                    "this is a merchant API key; issuer routes need an issuer key",
+                ));
+            }
+            None => {
+                return Err(ApiError::of(
+                    &codes::UNAUTHORIZED,
+                    "the API key is not valid",
+                ));
+            }
+        };
+        // The same per-key and per-tenant limits as merchants, the issuer in the tenant's place.
+        if let Err(e) = state.rate_limiter.check(
+            &caller.key_id,
+            caller.issuer.id.as_str(),
+            std::time::Instant::now(),
+        ) {
+            return Err(ApiError::of(
+                &codes::RATE_LIMITED,
+                "the request rate limit of this API key or issuer is exceeded; retry after the indicated delay",
+            )
+            .with_retry_after(Some(e.retry_after)));
+        }
+        scopes::check_issuer(parts, &caller)?;
+        parts.extensions.insert(crate::http::audit::AuthedKey {
+            key_id: caller.key_id.clone(),
+        });
+        Ok(IssuerAuth(caller.issuer, caller.scopes))
     }
 }
 

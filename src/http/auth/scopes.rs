@@ -7,7 +7,7 @@ use axum::extract::MatchedPath;
 use axum::http::Method;
 use axum::http::request::Parts;
 
-use crate::domain::apikeys::{Caller, Scope};
+use crate::domain::apikeys::{Caller, IssuerCaller, Scope};
 use crate::domain::audit::AuditAction;
 use crate::domain::token::TokenId;
 use crate::http::audit::{self, AuditCtx, Subject};
@@ -51,6 +51,22 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
         ("GET", "/v1/api-keys") => (Scope::Keys, None),
         ("DELETE", "/v1/api-keys/{id}") => (Scope::Keys, Some(AuditAction::ApiKeyRevoke)),
         ("GET", "/v1/audit-events") => (Scope::AuditRead, None),
+        // --- issuer routes (IssuerAuth; docs/issuer.md) ---------------------------------------
+        (_, p) if p.starts_with("/v1/issuer/operations") => (Scope::IssuerOperations, None),
+        (_, p)
+            if p.starts_with("/v1/issuer/webhook-endpoints")
+                || p.starts_with("/v1/issuer/events") =>
+        {
+            (Scope::IssuerOperations, None)
+        }
+        ("GET", p) if p.ends_with("/click-to-pay/profiles") => (Scope::IssuerClickToPay, None),
+        ("POST", p) if p.starts_with("/v1/issuer/") && p.contains("/click-to-pay/") => {
+            (Scope::IssuerClickToPay, None)
+        }
+        (_, p) if p.starts_with("/v1/issuer/cards/{cardId}/production") => {
+            (Scope::IssuerOrders, None)
+        }
+        (_, p) if p.starts_with("/v1/issuer/production-orders") => (Scope::IssuerOrders, None),
         _ => return None,
     })
 }
@@ -72,6 +88,27 @@ fn subject(path: &str) -> Subject<'_> {
 
 fn insufficient(detail: String) -> ApiError {
     ApiError::of(&codes::INSUFFICIENT_SCOPE, detail)
+}
+
+/// [`check`] for issuer keys: the route must be in the table with an issuer scope the key holds
+/// (issuer routes are not audited actions yet).
+pub fn check_issuer(parts: &Parts, caller: &IssuerCaller) -> Result<(), ApiError> {
+    let path = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let Some((scope, _)) = required(&parts.method, &path) else {
+        tracing::error!(method = %parts.method, path = %path, "route has no scope rule; refused");
+        return Err(insufficient("this route is not open to API keys".into()));
+    };
+    if caller.scopes.contains(scope) {
+        Ok(())
+    } else {
+        Err(insufficient(format!(
+            "this API key lacks the `{scope}` scope"
+        )))
+    }
 }
 
 /// Refuses (403 `insufficient_scope`) a caller whose key lacks the route's scope, recording the
@@ -141,6 +178,8 @@ mod tests {
             ("GET", "/v1/api-keys"),
             ("DELETE", "/v1/api-keys/{id}"),
             ("GET", "/v1/audit-events"),
+            ("GET", "/v1/issuer/operations"),
+            ("GET", "/v1/issuer/operations/{operationId}"),
         ];
         for (m, p) in routes {
             let method = Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET);

@@ -26,10 +26,10 @@ use crate::http::state::AppState;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateApiKeyRequest {
     /// 1 to 100 printable characters, e.g. `billing-engine`.
-    name: String,
+    pub name: String,
     /// Scopes: `tokens:write`, `tokens:read`, `cryptograms`, `card:reveal`, `webhooks`,
     /// `keys`, `audit:read`. At least one.
-    scopes: Vec<String>,
+    pub scopes: Vec<String>,
 }
 
 /// An API key (never its secret).
@@ -86,7 +86,7 @@ pub struct ApiKeyCreatedView<'a> {
 }
 
 impl<'a> ApiKeyCreatedView<'a> {
-    fn new(r: &ApiKeyRecord, secret: &'a str) -> Self {
+    pub fn new(r: &ApiKeyRecord, secret: &'a str) -> Self {
         let v = ApiKeyView::from(r);
         ApiKeyCreatedView {
             id: v.id,

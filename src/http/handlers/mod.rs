@@ -3,7 +3,10 @@
 //! router and the OpenAPI document, which list them.
 
 pub mod audit_events;
+pub mod click_to_pay;
 pub mod client_certs;
+pub mod issuer_notify;
+pub mod issuers;
 pub mod keys;
 pub mod notify;
 pub mod recurring;

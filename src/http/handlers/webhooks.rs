@@ -135,7 +135,12 @@ struct EventView<'a> {
     id: &'a str,
     #[serde(rename = "type")]
     event_type: &'static str,
-    token_id: &'a str,
+    /// The token a merchant event is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_id: Option<&'a str>,
+    /// The operation an issuer event is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    operation_id: Option<&'a str>,
     created_at: String,
     status: &'static str,
     attempts: u32,
@@ -154,7 +159,8 @@ impl<'a> From<&'a EventRecord> for EventView<'a> {
         EventView {
             id: r.event.id.as_str(),
             event_type: r.event.event_type.as_str(),
-            token_id: r.event.token_id.as_str(),
+            token_id: r.event.token_id.as_ref().map(|t| t.as_str()),
+            operation_id: r.event.operation_id.as_deref(),
             created_at: rfc3339(r.event.created_at),
             status: r.status().as_str(),
             attempts: r.deliveries.iter().map(|d| d.attempts).sum(),
@@ -193,25 +199,40 @@ pub async fn create_endpoint(
     headers: HeaderMap,
     Body(body): Body,
 ) -> Response {
-    let hooks = match service(&state) {
+    create_endpoint_for(
+        &state,
+        &merchant.id,
+        &headers,
+        body,
+        b"/v1/webhook-endpoints",
+    )
+    .await
+}
+
+/// Registers an endpoint of `tenant` (a merchant, or an issuer's tenant id).
+async fn create_endpoint_for(
+    state: &AppState,
+    tenant: &MerchantId,
+    headers: &HeaderMap,
+    body: bytes::Bytes,
+    path: &'static [u8],
+) -> Response {
+    let hooks = match service(state) {
         Ok(h) => h,
         Err(e) => return e.into_response(),
     };
-    let key = match key_from(&headers) {
+    let key = match key_from(headers) {
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
-    let parts: [&[u8]; 3] = [b"POST", b"/v1/webhook-endpoints", &body];
+    let parts: [&[u8]; 3] = [b"POST", path, &body];
     let mut fresh: Option<Zeroizing<String>> = None;
-    let resp = run_idempotent(&state, merchant.id.as_str(), key, &parts, || async {
+    let resp = run_idempotent(state, tenant.as_str(), key, &parts, || async {
         let req: CreateEndpointRequest = match parse_json(&body) {
             Ok(r) => r,
             Err(e) => return e.into(),
         };
-        match hooks
-            .create_endpoint(&merchant.id, &req.url, &req.events)
-            .await
-        {
+        match hooks.create_endpoint(tenant, &req.url, &req.events).await {
             Ok((ep, secret)) => {
                 fresh = Some(secret);
                 // Stored for replay as is: without the secret.
@@ -224,7 +245,85 @@ pub async fn create_endpoint(
     if resp.status() != StatusCode::CREATED {
         return resp;
     }
-    add_secret(&hooks, &merchant.id, resp, fresh).await
+    add_secret(&hooks, tenant, resp, fresh).await
+}
+
+/// Registers an endpoint for the issuer's webhook events (`issuer.operation.succeeded`,
+/// `issuer.operation.failed`, `issuer.click_to_pay.enrolled`, `issuer.click_to_pay.opted_out`);
+/// the `201` shows its signing secret, once. Signed and delivered as merchant webhooks are
+/// (docs/webhooks.md).
+#[utoipa::path(post, path = "/v1/issuer/webhook-endpoints", tag = "issuer",
+    security(("issuerApiKey" = [])),
+    params(IdempotencyKeyHeader),
+    request_body = CreateEndpointRequest,
+    responses(
+        (status = 201, description = "The endpoint, with its signing secret (shown once)", body = EndpointCreatedSchema),
+        codes::IssuerCreateEndpointProblems,
+    ))]
+pub async fn issuer_create_endpoint(
+    State(state): State<AppState>,
+    crate::http::auth::IssuerAuth(issuer, _): crate::http::auth::IssuerAuth,
+    headers: HeaderMap,
+    Body(body): Body,
+) -> Response {
+    let tenant = issuer.id.tenant();
+    create_endpoint_for(
+        &state,
+        &tenant,
+        &headers,
+        body,
+        b"/v1/issuer/webhook-endpoints",
+    )
+    .await
+}
+
+/// The issuer's webhook endpoints.
+#[utoipa::path(get, path = "/v1/issuer/webhook-endpoints", tag = "issuer",
+    security(("issuerApiKey" = [])),
+    responses(
+        (status = 200, description = "Every endpoint of the issuer", body = Page<EndpointView>),
+        codes::IssuerListProblems,
+    ))]
+pub async fn issuer_list_endpoints(
+    State(state): State<AppState>,
+    crate::http::auth::IssuerAuth(issuer, _): crate::http::auth::IssuerAuth,
+) -> Response {
+    list_endpoints_for(&state, &issuer.id.tenant()).await
+}
+
+/// Deletes one of the issuer's webhook endpoints.
+#[utoipa::path(delete, path = "/v1/issuer/webhook-endpoints/{id}", tag = "issuer",
+    security(("issuerApiKey" = [])),
+    params(PathId),
+    responses(
+        (status = 204, description = "Deleted"),
+        codes::IssuerEndpointProblems,
+    ))]
+pub async fn issuer_delete_endpoint(
+    State(state): State<AppState>,
+    crate::http::auth::IssuerAuth(issuer, _): crate::http::auth::IssuerAuth,
+    Path(id): Path<String>,
+) -> Response {
+    delete_endpoint_for(&state, &issuer.id.tenant(), &id).await
+}
+
+/// The issuer's webhook events, newest first, with their delivery status.
+#[utoipa::path(get, path = "/v1/issuer/events", tag = "issuer",
+    security(("issuerApiKey" = [])),
+    params(
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 100 (default 20)", minimum = 1, maximum = 100),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "One page of events", body = Page<EventView>),
+        codes::IssuerListProblems,
+    ))]
+pub async fn issuer_list_events(
+    State(state): State<AppState>,
+    crate::http::auth::IssuerAuth(issuer, _): crate::http::auth::IssuerAuth,
+    RawQuery(query): RawQuery,
+) -> Response {
+    list_events_for(&state, &issuer.id.tenant(), query.as_deref()).await
 }
 
 /// Changes an endpoint's URL and/or event types, checked as at registration; the secret stays.
@@ -408,8 +507,12 @@ pub async fn list_endpoints(
     State(state): State<AppState>,
     MerchantAuth(merchant): MerchantAuth,
 ) -> Response {
-    let result = match service(&state) {
-        Ok(h) => h.list_endpoints(&merchant.id).await.map_err(ApiError::from),
+    list_endpoints_for(&state, &merchant.id).await
+}
+
+async fn list_endpoints_for(state: &AppState, tenant: &MerchantId) -> Response {
+    let result = match service(state) {
+        Ok(h) => h.list_endpoints(tenant).await.map_err(ApiError::from),
         Err(e) => Err(e),
     };
     match result {
@@ -463,11 +566,12 @@ pub async fn delete_endpoint(
     MerchantAuth(merchant): MerchantAuth,
     Path(id): Path<String>,
 ) -> Response {
-    let result = match service(&state) {
-        Ok(h) => h
-            .delete_endpoint(&merchant.id, &id)
-            .await
-            .map_err(ApiError::from),
+    delete_endpoint_for(&state, &merchant.id, &id).await
+}
+
+async fn delete_endpoint_for(state: &AppState, tenant: &MerchantId, id: &str) -> Response {
+    let result = match service(state) {
+        Ok(h) => h.delete_endpoint(tenant, id).await.map_err(ApiError::from),
         Err(e) => Err(e),
     };
     match result {
@@ -494,18 +598,19 @@ pub async fn list_events(
     MerchantAuth(merchant): MerchantAuth,
     RawQuery(query): RawQuery,
 ) -> Response {
-    let hooks = match service(&state) {
+    list_events_for(&state, &merchant.id, query.as_deref()).await
+}
+
+async fn list_events_for(state: &AppState, tenant: &MerchantId, query: Option<&str>) -> Response {
+    let hooks = match service(state) {
         Ok(h) => h,
         Err(e) => return e.into_response(),
     };
-    let (limit, cursor) = match crate::http::extract::page_query(query.as_deref()) {
+    let (limit, cursor) = match crate::http::extract::page_query(query) {
         Ok(q) => q,
         Err(e) => return e.into_response(),
     };
-    match hooks
-        .list_events(&merchant.id, cursor.as_deref(), limit)
-        .await
-    {
+    match hooks.list_events(tenant, cursor.as_deref(), limit).await {
         Ok((events, next)) => json(
             StatusCode::OK,
             &Page {

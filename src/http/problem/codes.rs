@@ -90,6 +90,8 @@ catalogue! {
     EVENT_NOT_FOUND = NOT_FOUND "event_not_found" "no such event for this merchant";
     RECURRING_AGREEMENT_NOT_FOUND = NOT_FOUND "recurring_agreement_not_found" "the token has no recurring agreement recorded (never recorded, ended, or the token was deleted)";
     MERCHANT_GATEWAY_NOT_FOUND = NOT_FOUND "merchant_gateway_not_found" "this gateway does not serve that `merchantGatewayId`";
+    ISSUER_NOT_FOUND = NOT_FOUND "issuer_not_found" "no such issuer (D1 notifications: no issuer is onboarded with that D1 issuer id)";
+    OPERATION_NOT_FOUND = NOT_FOUND "operation_not_found" "no such operation for this issuer (a malformed id answers the same)";
     METHOD_NOT_ALLOWED = METHOD_NOT_ALLOWED "method_not_allowed" "this route does not support this HTTP method";
     // --- state conflicts (409) ----------------------------------------------------------------
     CONCURRENT_UPDATE = CONFLICT "concurrent_update" "the token was changed concurrently; retry the request";
@@ -102,6 +104,7 @@ catalogue! {
     TOO_MANY_WEBHOOK_ENDPOINTS = CONFLICT "too_many_webhook_endpoints" "the merchant has the most webhook endpoints allowed; delete one first";
     EVENT_NOT_REDELIVERABLE = CONFLICT "event_not_redeliverable" "every delivery of this event is still queued or retrying, or its endpoints were deleted";
     CLIENT_CERT_IN_USE = CONFLICT "client_cert_in_use" "the certificate is bound to another merchant; unbind it there first";
+    D1_ISSUER_ID_TAKEN = CONFLICT "d1_issuer_id_taken" "another issuer is onboarded with this `d1IssuerId`";
     D1_REJECTED_CONFLICT = CONFLICT "d1_rejected" "D1 refused the request as conflicting with the token's state (D1's `errorCode` in the detail)";
     // --- validation (422) ---------------------------------------------------------------------
     IDEMPOTENCY_KEY_REUSED = UNPROCESSABLE_ENTITY "idempotency_key_reused" "this `Idempotency-Key` was used with a different request";
@@ -129,6 +132,13 @@ catalogue! {
     DUPLICATE_CLIENT_CERT = UNPROCESSABLE_ENTITY "duplicate_client_cert" "the same certificate is listed twice";
     TOO_MANY_CLIENT_CERTS = UNPROCESSABLE_ENTITY "too_many_client_certs" "more certificates than a merchant may bind";
     CLIENT_CERT_NEEDED = UNPROCESSABLE_ENTITY "client_cert_needed" "this mode needs at least one certificate";
+    INVALID_ISSUER_NAME = UNPROCESSABLE_ENTITY "invalid_issuer_name" "the issuer name is empty or too long";
+    INVALID_D1_ISSUER_ID = UNPROCESSABLE_ENTITY "invalid_d1_issuer_id" "`d1IssuerId` must be exactly 10 characters of `A-Z`, `a-z`, `0-9`, `-`, `_`";
+    INVALID_CARD_ID = UNPROCESSABLE_ENTITY "invalid_card_id" "`cardId` must match `^[A-Za-z0-9_-]{1,48}$` (D1's pattern)";
+    INVALID_CONSUMER_ID = UNPROCESSABLE_ENTITY "invalid_consumer_id" "`consumerId` must match `^[A-Za-z0-9_-]{1,64}$`";
+    INVALID_CARDHOLDER_NAME = UNPROCESSABLE_ENTITY "invalid_cardholder_name" "`cardholderName` must be 1 to 26 printable characters";
+    INVALID_REASON = UNPROCESSABLE_ENTITY "invalid_reason" "`reason` must match `^[a-zA-Z0-9 ]{1,64}$` (D1's pattern)";
+    INVALID_REASON_CODE = UNPROCESSABLE_ENTITY "invalid_reason_code" "`reasonCode` must be 1 to 64 characters of `A-Z` and `_` (e.g. `ISSUER_DECISION`, `USER_DECISION`)";
     INVALID_PRODUCTION_ORDER = UNPROCESSABLE_ENTITY "invalid_production_order" "a physical card order's options break a rule of its `distributionChannel` (shipment, delivery type, issuance location) or a field's format";
     D1_REJECTED = UNPROCESSABLE_ENTITY "d1_rejected" "D1 refused the request (D1's `errorCode` in the detail)";
     // --- the gateway and its dependencies (500, 502, 503, 504) --------------------------------
@@ -164,6 +174,13 @@ pub const MERCHANT_AUTH: &[&Problem] = &[
     &INSUFFICIENT_SCOPE,
     &CLIENT_CERT_MISMATCH,
     &CLIENT_CERT_REQUIRED,
+    &RATE_LIMITED,
+    &STORE_UNAVAILABLE,
+];
+/// Issuer authentication (API key, rate limit, scope).
+pub const ISSUER_AUTH: &[&Problem] = &[
+    &UNAUTHORIZED,
+    &INSUFFICIENT_SCOPE,
     &RATE_LIMITED,
     &STORE_UNAVAILABLE,
 ];
@@ -331,6 +348,34 @@ route_problems! {
     EventProblems = [MERCHANT_AUTH, &[&EVENT_NOT_FOUND, &WEBHOOKS_UNAVAILABLE]];
     /// `POST /v1/events/{id}/redeliver`.
     RedeliverProblems = [MERCHANT_AUTH, IDEMPOTENT, &[&EVENT_NOT_FOUND, &EVENT_NOT_REDELIVERABLE, &WEBHOOKS_UNAVAILABLE]];
+    /// The admin's `POST /v1/issuers`.
+    CreateIssuerProblems = [ADMIN_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_ISSUER_NAME, &INVALID_D1_ISSUER_ID, &D1_ISSUER_ID_TAKEN, &STORE_UNAVAILABLE]];
+    /// The admin's `GET /v1/issuers`.
+    ListIssuersProblems = [ADMIN_AUTH, &[&STORE_UNAVAILABLE]];
+    /// The admin's `GET /v1/issuers/{id}`.
+    GetIssuerProblems = [ADMIN_AUTH, &[&ISSUER_NOT_FOUND, &STORE_UNAVAILABLE]];
+    /// The admin's `POST /v1/issuers/{id}/api-keys`.
+    AdminCreateIssuerKeyProblems = [ADMIN_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_KEY_NAME, &INVALID_SCOPES, &TOO_MANY_API_KEYS, &ISSUER_NOT_FOUND, &STORE_UNAVAILABLE]];
+    /// `GET /v1/issuer/operations/{operationId}`.
+    GetOperationProblems = [ISSUER_AUTH, &[&OPERATION_NOT_FOUND]];
+    /// `GET /v1/issuer/operations`.
+    ListOperationsProblems = [ISSUER_AUTH, PAGINATED, &[&INVALID_CARD_ID]];
+    /// `POST /v1/issuer/webhook-endpoints`.
+    IssuerCreateEndpointProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_WEBHOOK_URL, &INSECURE_WEBHOOK_URL, &WEBHOOK_URL_FORBIDDEN, &INVALID_EVENT_TYPES, &TOO_MANY_WEBHOOK_ENDPOINTS, &WEBHOOKS_UNAVAILABLE]];
+    /// `DELETE /v1/issuer/webhook-endpoints/{id}`.
+    IssuerEndpointProblems = [ISSUER_AUTH, &[&WEBHOOK_ENDPOINT_NOT_FOUND, &WEBHOOKS_UNAVAILABLE]];
+    /// The issuer's webhook lists (endpoints, events).
+    IssuerListProblems = [ISSUER_AUTH, PAGINATED, &[&WEBHOOKS_UNAVAILABLE]];
+    /// Click to Pay enrolment, update and opt-out of a card.
+    ClickToPayProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, &[&INVALID_CARD_ID, &INVALID_CARDHOLDER_NAME, &INVALID_REASON, &INVALID_REASON_CODE, &STORE_UNAVAILABLE]];
+    /// Click to Pay update and opt-out of a consumer.
+    ClickToPayConsumerProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, &[&INVALID_CONSUMER_ID, &INVALID_REASON, &INVALID_REASON_CODE, &STORE_UNAVAILABLE]];
+    /// A card's Click to Pay profiles.
+    ClickToPayProfilesProblems = [ISSUER_AUTH, D1_CALL, &[&INVALID_CARD_ID]];
+    /// A consumer's Click to Pay profiles.
+    ClickToPayConsumerProfilesProblems = [ISSUER_AUTH, D1_CALL, &[&INVALID_CONSUMER_ID]];
+    /// `POST /notifications/d1/v2/issuers/{issuerId}/cards` and `.../consumers` (D1).
+    IssuerNotifyProblems = [JSON_BODY, &[&UNAUTHORIZED, &INVALID_PATH, &ISSUER_NOT_FOUND, &NOTIFICATION_NOT_APPLIED]];
     /// `POST .../notify-update` (D1).
     NotifyProblems = [JSON_BODY, &[&UNAUTHORIZED, &INVALID_PATH, &TOKEN_ID_MISMATCH, &MERCHANT_GATEWAY_NOT_FOUND, &TOKEN_NOT_FOUND, &NOTIFICATION_NOT_APPLIED]];
 }

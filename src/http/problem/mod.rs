@@ -169,6 +169,16 @@ impl From<DomainError> for ApiError {
             DomainError::MerchantNotFound => {
                 ApiError::of(&codes::MERCHANT_NOT_FOUND, "no such merchant")
             }
+            DomainError::IssuerNotFound => {
+                ApiError::of(&codes::ISSUER_NOT_FOUND, "no such issuer")
+            }
+            DomainError::OperationNotFound => ApiError::of(
+                &codes::OPERATION_NOT_FOUND,
+                "no such operation for this issuer",
+            ),
+            DomainError::Duplicate { problem, detail } => {
+                ApiError::coded(StatusCode::CONFLICT, problem, detail)
+            }
             DomainError::TokenState(s) => ApiError::of(
                 state_problem(&s),
                 format!(

@@ -3,6 +3,7 @@
 pub mod apikeys;
 pub mod audit;
 pub mod client_certs;
+pub mod issuers;
 pub mod lifecycle;
 pub mod outbox;
 pub mod production_orders;

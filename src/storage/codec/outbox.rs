@@ -19,7 +19,7 @@ pub(crate) fn encode_job(
 /// Parses [`encode_job`]'s output; `None` for anything else.
 pub(crate) fn decode_job(s: &str, handle: String) -> Option<OutboxJob> {
     let mut it = s.split(' ');
-    let merchant = MerchantId::parse(it.next()?)?;
+    let merchant = MerchantId::parse_tenant(it.next()?)?;
     let event = EventId::parse(it.next()?)?;
     let endpoint = EndpointId::parse(it.next()?)?;
     let attempts = it.next()?.parse().ok()?;

@@ -62,7 +62,7 @@ fn begin_relaxed(db: &Database) -> Result<WriteTransaction, StoreError> {
 }
 
 /// A table that does not exist yet reads as empty (`Ok(None)`).
-fn missing_is_empty<T>(r: Result<T, TableError>) -> Result<Option<T>, StoreError> {
+pub(super) fn missing_is_empty<T>(r: Result<T, TableError>) -> Result<Option<T>, StoreError> {
     match r {
         Ok(t) => Ok(Some(t)),
         Err(TableError::TableDoesNotExist(_)) => Ok(None),
@@ -71,7 +71,7 @@ fn missing_is_empty<T>(r: Result<T, TableError>) -> Result<Option<T>, StoreError
 }
 
 /// True when a live (unexpired) marker exists.
-fn marker_live(
+pub(super) fn marker_live(
     txn: &WriteTransaction,
     merchant: &str,
     event_id: &str,
@@ -85,7 +85,7 @@ fn marker_live(
 }
 
 /// Writes (or replaces) a marker, keeping the expiry index in step.
-fn put_marker(
+pub(super) fn put_marker(
     txn: &WriteTransaction,
     merchant: &str,
     event_id: &str,
@@ -104,7 +104,7 @@ fn put_marker(
 }
 
 /// Removes up to [`PURGE_BATCH`] expired markers.
-fn purge_expired(txn: &WriteTransaction, now: u64) -> Result<(), StoreError> {
+pub(super) fn purge_expired(txn: &WriteTransaction, now: u64) -> Result<(), StoreError> {
     let mut expiry = txn.open_table(EVENTS_EXPIRY)?;
     let mut events = txn.open_table(EVENTS)?;
     let mut due: Vec<(u64, String, String)> = Vec::new();

@@ -19,6 +19,8 @@ mod apikeys;
 mod audit;
 mod client_certs;
 mod counts;
+mod issuer_operations;
+mod issuers;
 mod lifecycle;
 mod outbox;
 mod production_orders;

@@ -73,7 +73,7 @@ impl ApiKeyStore for RedisStore {
         let (m, id) = ptr
             .split_once(' ')
             .ok_or_else(|| StoreError::Corrupt("API key index entry is malformed".into()))?;
-        let m = MerchantId::parse(m)
+        let m = MerchantId::parse_tenant(m)
             .ok_or_else(|| StoreError::Corrupt("API key index names a bad merchant".into()))?;
         let mut cmd = redis::cmd("HGET");
         cmd.arg(records(self, &m)).arg(id);

@@ -30,6 +30,8 @@ mod audit;
 mod client_certs;
 mod counts;
 mod durability;
+mod issuer_operations;
+mod issuers;
 mod lifecycle;
 mod outbox;
 mod production_orders;
