@@ -17,6 +17,7 @@ mod durability;
 mod gateway_d1;
 mod import;
 mod issuer_api;
+mod issuer_orders;
 mod issuer_store;
 mod keys_audit_store;
 mod lifecycle;
