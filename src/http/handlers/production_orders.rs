@@ -106,8 +106,7 @@ pub struct ShipmentInput {
 pub struct PaymentApplicationInput {
     /// Chip personalisation profile configured at onboarding.
     pub profile_id: String,
-    /// EMV application identifier, hex.
-    #[schema(example = "A0000000031010")]
+    /// EMV application identifier, 10 to 32 hex digits.
     pub aid: Option<String>,
 }
 
