@@ -206,7 +206,11 @@ fn listener_tls(
 }
 
 /// The issuer records and the issuer operations, on the same backend as everything else.
-pub type IssuerStores = (Arc<dyn IssuerStore>, Arc<dyn IssuerOperationStore>);
+pub type IssuerStores = (
+    Arc<dyn IssuerStore>,
+    Arc<dyn IssuerOperationStore>,
+    Arc<dyn crate::domain::ports::production_orders::ProductionOrderStore>,
+);
 
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
     Ok(open_stores(cfg).await?.0)
@@ -249,7 +253,7 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
-            (store.clone(), store),
+            (store.clone(), store.clone(), store),
         ))
     } else {
         let dir: PathBuf = s.data_dir.clone();
@@ -262,7 +266,7 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
-            (store.clone(), store),
+            (store.clone(), store.clone(), store),
         ))
     }
 }
@@ -339,13 +343,13 @@ impl Gateway {
             key_store,
             cert_store,
             count_store,
-            (issuer_store, issuer_op_store),
+            (issuer_store, issuer_op_store, production_store),
         ) = open_stores(cfg).await?;
         // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
         let store: Arc<dyn TokenStore> =
             Arc::new(crate::storage::instrumented::InstrumentedStore::new(store));
         let credentials = notify_credentials(cfg);
-        let (provider, issuer_provider, sandbox) =
+        let (provider, issuer_provider, sandbox, production_provider) =
             d1_provider(cfg, public_addr, credentials.as_ref()).await?;
         let provider: Option<Arc<dyn NetworkTokenProvider>> = provider;
         let notify_auth = NotifyAuth::new(
@@ -464,6 +468,14 @@ impl Gateway {
                 lease: Duration::from_millis(is.worker_interval_ms.saturating_mul(10).max(5000)),
             },
         ));
+        // Physical card orders follow production through the issuer service's PRODUCE hook.
+        let production = Arc::new(crate::domain::production_service::ProductionService::new(
+            (*issuers).clone(),
+            production_store,
+            production_provider,
+            services.webhooks.clone(),
+        ));
+        production.register();
         let notify = Arc::new(NotifyState {
             auth: notify_auth,
             lifecycle,
@@ -494,6 +506,7 @@ impl Gateway {
             rate_limiter: Arc::new(rate_limiter(cfg).await?),
             client_certs,
             issuers: issuers.clone(),
+            production,
         });
         Ok(Gateway {
             state,
@@ -651,6 +664,7 @@ type ProviderSetup = (
     Option<Arc<dyn NetworkTokenProvider>>,
     Option<Arc<dyn crate::domain::issuer_provider::IssuerProvider>>,
     Option<tokengate_d1_sim::SimHandle>,
+    Option<Arc<dyn crate::domain::production_orders::ProductionProvider>>,
 );
 
 /// Builds the D1 provider: the real D1 when `d1.base_url` is set; in sandbox mode without it,
@@ -667,7 +681,7 @@ async fn d1_provider(
     use tokengate_d1_sim::{NotifyTarget, SimConfig, Simulator};
 
     if !cfg.d1.enabled {
-        return Ok((None, None, None));
+        return Ok((None, None, None, None));
     }
     let d1 = &cfg.d1;
     let (material, base_url, sim) = match &d1.base_url {
@@ -723,7 +737,19 @@ async fn d1_provider(
     let issuer =
         crate::d1::D1IssuerClient::new(client.clone(), &issuer_base, d1.issuer_paths.clone())
             .map_err(AppError::D1)?;
-    Ok((Some(Arc::new(client)), Some(Arc::new(issuer)), sim))
+    // Physical card orders: the same base, pool, token cache and breaker.
+    let production = crate::d1::D1ProductionClient::new(
+        client.clone(),
+        &issuer_base,
+        tokengate_d1_protocol::issuer_orders::ProductionPaths::default(),
+    )
+    .map_err(AppError::D1)?;
+    Ok((
+        Some(Arc::new(client)),
+        Some(Arc::new(issuer)),
+        sim,
+        Some(Arc::new(production)),
+    ))
 }
 
 /// The request rate limiter: per instance, or shared through Redis (`rate_limit.shared`, which

@@ -934,6 +934,18 @@ impl D1Client {
         Ok(decode::<TokenObject>(op, &body)?.into())
     }
 
+    /// Encrypts `plaintext` (card data, in a wiping buffer the caller owns) to D1's key as a
+    /// compact JWE, for calls other than token creation (physical card orders).
+    pub(crate) fn encrypt_for_d1(
+        &self,
+        op: &str,
+        plaintext: &[u8],
+    ) -> Result<String, ProviderError> {
+        jose::jwe_encrypt(plaintext, &self.inner.d1_jwe_public, &self.inner.d1_jwe_kid).map_err(
+            |e| ProviderError::BadResponse(format!("{op}: card data encryption failed: {e}")),
+        )
+    }
+
     fn card_jwe(&self, pan: &Pan, expiry: &Expiry) -> Result<String, ProviderError> {
         let exp = expiry.mmyy();
         let plain = CardPlaintext {

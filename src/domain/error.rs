@@ -21,6 +21,9 @@ pub enum DomainError {
     IssuerNotFound,
     #[error("operation not found")]
     OperationNotFound,
+    /// A card that was never ordered (physical card orders).
+    #[error("no production order for this card")]
+    ProductionOrderNotFound,
     /// A unique value is already taken (409): `problem` is the catalogue's code.
     #[error("{detail}")]
     Duplicate {

@@ -14,6 +14,8 @@ pub mod lifecycle;
 pub mod merchant;
 pub mod notify_auth;
 pub mod ports;
+pub mod production_orders;
+pub mod production_service;
 pub mod provider;
 pub mod ratelimit;
 pub mod reconcile;

@@ -173,10 +173,12 @@ pub enum EventType {
     IssuerOperationFailed,
     IssuerClickToPayEnrolled,
     IssuerClickToPayOptedOut,
+    /// A physical card's production status (or its shipment tracking) changed.
+    IssuerProductionStatusChanged,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::Activated,
         EventType::Suspended,
         EventType::Resumed,
@@ -186,6 +188,7 @@ impl EventType {
         EventType::IssuerOperationFailed,
         EventType::IssuerClickToPayEnrolled,
         EventType::IssuerClickToPayOptedOut,
+        EventType::IssuerProductionStatusChanged,
     ];
 
     /// Whether endpoints of issuers (`true`) or of merchants subscribe to this type.
@@ -196,6 +199,7 @@ impl EventType {
                 | EventType::IssuerOperationFailed
                 | EventType::IssuerClickToPayEnrolled
                 | EventType::IssuerClickToPayOptedOut
+                | EventType::IssuerProductionStatusChanged
         )
     }
 
@@ -210,6 +214,7 @@ impl EventType {
             EventType::IssuerOperationFailed => "issuer.operation.failed",
             EventType::IssuerClickToPayEnrolled => "issuer.click_to_pay.enrolled",
             EventType::IssuerClickToPayOptedOut => "issuer.click_to_pay.opted_out",
+            EventType::IssuerProductionStatusChanged => "issuer.production.status_changed",
         }
     }
 
@@ -1104,6 +1109,27 @@ impl WebhookService {
             }
         }
         Ok(last)
+    }
+
+    /// Queues `issuer.production.status_changed` for an order whose production status (or
+    /// shipment tracking) changed. The order carries no card data (masked PAN only).
+    pub async fn issuer_production_status_changed(
+        &self,
+        order: &crate::domain::production_orders::ProductionOrder,
+        previous: &crate::domain::production_orders::ProductionStage,
+    ) -> Result<Option<EventId>, DomainError> {
+        let Some(issuer) = crate::domain::issuer::IssuerId::parse(&order.issuer_id) else {
+            return Ok(None);
+        };
+        let data = serde_json::json!({ "order": order, "previousStatus": previous.as_str() });
+        self.enqueue(
+            &issuer.tenant(),
+            EventType::IssuerProductionStatusChanged,
+            None,
+            order.operation_id.as_deref(),
+            data,
+        )
+        .await
     }
 
     /// Builds, freezes and queues one event of `tenant` for its endpoints subscribed to

@@ -30,8 +30,8 @@ use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 
 use handlers::{
-    audit_events, click_to_pay, client_certs, issuer_notify, issuers, keys, notify, recurring,
-    reveal, tokens, wallets, webhooks,
+    audit_events, click_to_pay, client_certs, issuer_notify, issuers, keys, notify,
+    production_orders, recurring, reveal, tokens, wallets, webhooks,
 };
 
 /// The API routes with the middleware stack applied.
@@ -161,6 +161,19 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         .route(
             "/v1/issuer/consumers/{consumer_id}/click-to-pay/profiles",
             get(click_to_pay::consumer_profiles),
+        )
+        // Physical card orders (docs/issuer-orders.md).
+        .route(
+            "/v1/issuer/cards/{card_id}/production-orders",
+            post(production_orders::order_card),
+        )
+        .route(
+            "/v1/issuer/production-orders/batch",
+            post(production_orders::order_batch),
+        )
+        .route(
+            "/v1/issuer/cards/{card_id}/production-status",
+            get(production_orders::production_status),
         )
         // D1 -> issuer side: card and consumer operation notifications.
         .route(

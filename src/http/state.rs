@@ -42,6 +42,8 @@ pub struct AppStateInner {
     pub client_certs: Arc<crate::domain::client_certs::ClientCerts>,
     /// The issuer side of D1 (docs/issuer.md).
     pub issuers: Arc<crate::domain::issuer_service::IssuerService>,
+    /// Physical card orders (docs/issuer-orders.md).
+    pub production: Arc<crate::domain::production_service::ProductionService>,
 }
 
 /// What D1's calls to us (`handlers::notify`) need. Built once by `app.rs`.

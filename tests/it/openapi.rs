@@ -1051,6 +1051,83 @@ async fn real_responses_match_the_document() {
     )
     .await;
     c.check("GET", "/v1/issuer/operations", r).await;
+    // Physical card orders: an order, a batch with a bad item, the production status.
+    let order = |id: &str| {
+        json!({"issuerRequestId": id, "distributionChannel": "INSTANT",
+            "card": {"pan": "4111111111111111", "exp": "1230", "cvc": "737", "cardholderName": "ADA LOVELACE"},
+            "services": {"productId": "P1", "issuanceLocation": "BRANCH-1"}})
+    };
+    let orders = "/v1/issuer/cards/{card_id}/production-orders";
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/production-orders",
+        Some(&ikey),
+        Some(order("drift-order")),
+    )
+    .await;
+    c.check("POST", orders, r).await;
+    let mut bad = order("drift-bad");
+    bad["distributionChannel"] = json!("THALES");
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/cards/drift-card/production-orders",
+        Some(&ikey),
+        Some(bad),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", orders, r).await,
+        "invalid_production_order",
+    );
+    let mut item = order("drift-b1");
+    item["cardId"] = json!("drift-b");
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/production-orders/batch",
+        Some(&ikey),
+        Some(json!({"orders": [item, {"cardId": "x"}]})),
+    )
+    .await;
+    c.check("POST", "/v1/issuer/production-orders/batch", r)
+        .await;
+    let r = send(
+        &app,
+        Method::POST,
+        "/v1/issuer/production-orders/batch",
+        Some(&ikey),
+        Some(json!({"orders": []})),
+    )
+    .await;
+    assert_code(
+        &c.check("POST", "/v1/issuer/production-orders/batch", r)
+            .await,
+        "invalid_batch_size",
+    );
+    let status = "/v1/issuer/cards/{card_id}/production-status";
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/cards/drift-card/production-status",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("GET", status, r).await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/cards/never-ordered/production-status",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("GET", status, r).await,
+        "production_order_not_found",
+    );
     let r = send(
         &app,
         Method::GET,

@@ -26,13 +26,13 @@ const MGID: &str = "mgw-sim-test";
 const TEST_PAN: &str = "4111111111111111";
 
 /// A started simulator with its key material.
-struct Sim {
-    m: DevMaterial,
-    handle: SimHandle,
-    http: reqwest::Client,
+pub(crate) struct Sim {
+    pub(crate) m: DevMaterial,
+    pub(crate) handle: SimHandle,
+    pub(crate) http: reqwest::Client,
 }
 
-async fn start_sim() -> Result<Sim> {
+pub(crate) async fn start_sim() -> Result<Sim> {
     let m = DevMaterial::generate(MGID)?;
     let cfg = SimConfig::from_dev_material(&m, MGID);
     let api = TcpListener::bind("127.0.0.1:0").await?;
@@ -62,7 +62,7 @@ fn tls_client(ca_pem: &str, identity: Option<(&str, &str)>, h2: bool) -> Result<
     Ok(b.build()?)
 }
 
-fn gateway_client(m: &DevMaterial) -> Result<reqwest::Client> {
+pub(crate) fn gateway_client(m: &DevMaterial) -> Result<reqwest::Client> {
     tls_client(
         &m.ca_cert_pem,
         Some((&m.gateway_client_cert_pem, &m.gateway_client_key_pem)),
@@ -70,24 +70,24 @@ fn gateway_client(m: &DevMaterial) -> Result<reqwest::Client> {
     )
 }
 
-fn correlation_id() -> String {
+pub(crate) fn correlation_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// Status, headers and JSON body (`Null` when empty or not JSON).
-struct Answer {
-    status: StatusCode,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
+pub(crate) struct Answer {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Value,
 }
 
 impl Answer {
-    fn error_code(&self) -> &str {
+    pub(crate) fn error_code(&self) -> &str {
         self.body["errorCode"].as_str().unwrap_or("")
     }
 }
 
-async fn answer(resp: reqwest::Response) -> Result<Answer> {
+pub(crate) async fn answer(resp: reqwest::Response) -> Result<Answer> {
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = resp.bytes().await?;
@@ -129,14 +129,14 @@ fn valid_assertion(s: &Sim) -> Result<String> {
 }
 
 /// A D1 API session: mTLS client plus a bearer token.
-struct Api {
-    client: reqwest::Client,
-    base: String,
-    token: String,
+pub(crate) struct Api {
+    pub(crate) client: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) token: String,
 }
 
 impl Api {
-    async fn login(s: &Sim) -> Result<Api> {
+    pub(crate) async fn login(s: &Sim) -> Result<Api> {
         Api::login_with(s, gateway_client(&s.m)?).await
     }
 
@@ -212,7 +212,7 @@ impl Api {
 }
 
 /// A card expiry two years ahead, `MMYY`.
-fn future_expiry() -> String {
+pub(crate) fn future_expiry() -> String {
     let year = time::OffsetDateTime::now_utc().year() + 2;
     format!("12{:02}", year % 100)
 }
@@ -301,7 +301,7 @@ async fn cryptogram(
 }
 
 /// Control API helpers.
-async fn control(
+pub(crate) async fn control(
     s: &Sim,
     method: reqwest::Method,
     path: &str,
@@ -316,7 +316,7 @@ async fn control(
     answer(req.send().await?).await
 }
 
-async fn put_faults(s: &Sim, faults: Value) -> Result<()> {
+pub(crate) async fn put_faults(s: &Sim, faults: Value) -> Result<()> {
     let a = control(s, reqwest::Method::PUT, "/sim/faults", Some(faults)).await?;
     ensure!(
         a.status == StatusCode::OK,
@@ -333,7 +333,7 @@ async fn clear_faults(s: &Sim) -> Result<()> {
     Ok(())
 }
 
-async fn stats(s: &Sim) -> Result<Value> {
+pub(crate) async fn stats(s: &Sim) -> Result<Value> {
     Ok(control(s, reqwest::Method::GET, "/sim/stats", None)
         .await?
         .body)

@@ -15,6 +15,9 @@ use subtle::ConstantTimeEq;
 use time::{Date, Month, OffsetDateTime};
 use zeroize::{Zeroize, Zeroizing};
 
+pub mod sad;
+pub use sad::{Cvc, EmbossName, SadError, Track1, Track2};
+
 /// Longest PAN defined by ISO/IEC 7812.
 const MAX_PAN_LEN: usize = 19;
 /// Shortest PAN we accept (some private-label schemes go down to 12).

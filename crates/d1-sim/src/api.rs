@@ -71,6 +71,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// D1's `errorCode` and the message, for answers that carry errors per item (batches).
+    pub fn code_and_message(&self) -> (&'static str, String) {
+        (self.parts().1, self.to_string())
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, bool, Option<u64>) {
         match self {
             ApiError::MissingField(_) => (StatusCode::BAD_REQUEST, "MISSING_FIELD", false, None),
@@ -168,6 +173,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         // The issuer side, under its own base path (`/banking/v1`).
         .merge(super::issuer::routes(shared.clone()))
+        .merge(super::orders::routes(&shared))
         .fallback(|| async { ApiError::NotFound("no such resource") })
         .with_state(shared)
 }
@@ -178,7 +184,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
 /// 3. `x-correlation-id` (D1 rejects a request without one before looking at it);
 /// 4. the bearer token, on everything but the token endpoint;
 /// 5. noise added to whatever the handler answered.
-async fn gate(State((shared, op)): State<(Arc<Shared>, Op)>, req: Request, next: Next) -> Response {
+pub(crate) async fn gate(
+    State((shared, op)): State<(Arc<Shared>, Op)>,
+    req: Request,
+    next: Next,
+) -> Response {
     shared.stats.count_request(op);
     let faults = shared.faults();
     let delay = faults.latency_for(op);

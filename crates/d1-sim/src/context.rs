@@ -11,6 +11,7 @@ use tokengate_d1_protocol::jose;
 
 use super::faults::{Faults, Op};
 use super::notify::Notifier;
+use super::orders::OrderBook;
 use super::state::{Store, lock};
 
 /// Keys parsed once at start. Private keys wipe themselves on drop.
@@ -76,6 +77,8 @@ pub struct Shared {
     pub notifier: Notifier,
     /// The issuer side: cards, consumers, operations (`issuer.rs`).
     pub issuer: super::issuer::IssuerState,
+    /// Physical card orders (`orders.rs`).
+    pub orders: OrderBook,
 }
 
 impl Shared {

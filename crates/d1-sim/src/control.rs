@@ -36,6 +36,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/sim/issuer-settings",
             get(super::issuer::get_settings).put(super::issuer::put_settings),
         )
+        .merge(super::orders::control_routes())
         .fallback(|| async { ApiError::NotFound("no such control resource") })
         .with_state(shared)
 }
@@ -123,5 +124,7 @@ async fn reset_faults(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(json!(shared.stats.to_json())).into_response()
+    let mut doc = shared.stats.to_json();
+    doc["productionOrders"] = shared.orders.stats_json();
+    axum::Json(json!(doc)).into_response()
 }

@@ -27,10 +27,14 @@ pub enum Op {
     ClickToPayOptOut,
     ClickToPayProfiles,
     GetOperation,
+    /// Physical card orders (`orders.rs`).
+    Production,
+    ProductionBatch,
+    ProductionStatus,
 }
 
 impl Op {
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 17] = [
         Op::Oauth,
         Op::OnboardMerchant,
         Op::CreateToken,
@@ -45,6 +49,9 @@ impl Op {
         Op::ClickToPayOptOut,
         Op::ClickToPayProfiles,
         Op::GetOperation,
+        Op::Production,
+        Op::ProductionBatch,
+        Op::ProductionStatus,
     ];
 
     /// The name used in `/sim/faults` `operations` and in `/sim/stats` `requests`.
@@ -64,6 +71,9 @@ impl Op {
             Op::ClickToPayOptOut => "clickToPayOptOut",
             Op::ClickToPayProfiles => "clickToPayProfiles",
             Op::GetOperation => "getOperation",
+            Op::Production => "production",
+            Op::ProductionBatch => "productionBatch",
+            Op::ProductionStatus => "productionStatus",
         }
     }
 }

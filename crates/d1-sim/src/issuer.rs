@@ -691,6 +691,10 @@ async fn get_operation(
     let data = lock(&shared.issuer.data);
     match data.operations.get(&op_id) {
         Some((i, op)) if *i == issuer => axum::Json(op.clone()).into_response(),
+        // Production orders are operations too (`orders.rs`).
+        _ if let Some(order) = shared.orders.by_operation(&issuer, &op_id) => {
+            axum::Json(order.notification()).into_response()
+        }
         _ => issuer_error(
             StatusCode::NOT_FOUND,
             "OPERATION_NOT_FOUND",

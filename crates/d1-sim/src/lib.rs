@@ -16,6 +16,7 @@
 //! - `issuer`: the issuer side (`/banking/v1`): a card registry seeded from the control API,
 //!   Click to Pay operations completing asynchronously with batched notifications,
 //!   get-operation, dedup by `issuerRequestId`, D1's validation and error shapes.
+//! - [`orders`]: physical card orders (production, batch, production status, progression).
 //!
 //! # Choices the protocol leaves open
 //!
@@ -38,6 +39,7 @@ mod control;
 pub mod faults;
 mod issuer;
 mod notify;
+pub mod orders;
 mod server;
 mod state;
 
@@ -55,6 +57,7 @@ pub use faults::{ErrorRates, Faults, Latency, Op};
 
 use context::{Keys, Shared, Stats};
 use notify::Notifier;
+use orders::OrderBook;
 use state::Store;
 use tokengate_d1_protocol::devkeys::{DevKeysError, DevMaterial};
 use tokengate_d1_protocol::jose;
@@ -226,6 +229,7 @@ impl Simulator {
             stats: Stats::default(),
             notifier,
             issuer: issuer::IssuerState::default(),
+            orders: OrderBook::default(),
         });
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -370,7 +374,22 @@ impl SimHandle {
 
     /// The `/sim/stats` document.
     pub fn stats(&self) -> serde_json::Value {
-        self.shared.stats.to_json()
+        let mut doc = self.shared.stats.to_json();
+        doc["productionOrders"] = self.shared.orders.stats_json();
+        doc
+    }
+
+    /// Where PRODUCE operations (one per production step) are handed for notification.
+    pub fn set_produce_sink(&self, sink: Option<orders::ProduceSink>) {
+        self.shared.orders.set_sink(sink);
+    }
+
+    /// Replaces how production behaves (the same as `PUT /sim/orders/config`).
+    pub fn set_order_config(&self, config: orders::OrderConfig) -> Result<(), SimError> {
+        self.shared
+            .orders
+            .set_config(config)
+            .map_err(SimError::Config)
     }
 
     /// Stops accepting, lets in-flight requests finish (briefly), stops redeliveries, and

@@ -22,6 +22,7 @@ pub mod issuers;
 pub mod lifecycle;
 pub mod outbox;
 pub mod ratelimit;
+pub mod production_orders;
 pub mod tokens;
 
 pub use tokens::{IdempotencyBegin, InsertOutcome, StoredResponse, TokenStore};

@@ -9,6 +9,7 @@ pub mod issuer_notify;
 pub mod issuers;
 pub mod keys;
 pub mod notify;
+pub mod production_orders;
 pub mod recurring;
 pub mod reveal;
 pub mod tokens;

@@ -91,6 +91,7 @@ catalogue! {
     RECURRING_AGREEMENT_NOT_FOUND = NOT_FOUND "recurring_agreement_not_found" "the token has no recurring agreement recorded (never recorded, ended, or the token was deleted)";
     MERCHANT_GATEWAY_NOT_FOUND = NOT_FOUND "merchant_gateway_not_found" "this gateway does not serve that `merchantGatewayId`";
     ISSUER_NOT_FOUND = NOT_FOUND "issuer_not_found" "no such issuer (D1 notifications: no issuer is onboarded with that D1 issuer id)";
+    PRODUCTION_ORDER_NOT_FOUND = NOT_FOUND "production_order_not_found" "this card was never ordered by this issuer (a malformed card id answers the same)";
     OPERATION_NOT_FOUND = NOT_FOUND "operation_not_found" "no such operation for this issuer (a malformed id answers the same)";
     METHOD_NOT_ALLOWED = METHOD_NOT_ALLOWED "method_not_allowed" "this route does not support this HTTP method";
     // --- state conflicts (409) ----------------------------------------------------------------
@@ -104,6 +105,7 @@ catalogue! {
     TOO_MANY_WEBHOOK_ENDPOINTS = CONFLICT "too_many_webhook_endpoints" "the merchant has the most webhook endpoints allowed; delete one first";
     EVENT_NOT_REDELIVERABLE = CONFLICT "event_not_redeliverable" "every delivery of this event is still queued or retrying, or its endpoints were deleted";
     CLIENT_CERT_IN_USE = CONFLICT "client_cert_in_use" "the certificate is bound to another merchant; unbind it there first";
+    ISSUER_REQUEST_ID_IN_USE = CONFLICT "issuer_request_id_in_use" "this `issuerRequestId` was already used for another card or operation of this issuer";
     D1_ISSUER_ID_TAKEN = CONFLICT "d1_issuer_id_taken" "another issuer is onboarded with this `d1IssuerId`";
     D1_REJECTED_CONFLICT = CONFLICT "d1_rejected" "D1 refused the request as conflicting with the token's state (D1's `errorCode` in the detail)";
     // --- validation (422) ---------------------------------------------------------------------
@@ -140,6 +142,9 @@ catalogue! {
     INVALID_REASON = UNPROCESSABLE_ENTITY "invalid_reason" "`reason` must match `^[a-zA-Z0-9 ]{1,64}$` (D1's pattern)";
     INVALID_ISSUER_REQUEST_ID = UNPROCESSABLE_ENTITY "invalid_issuer_request_id" "`issuerRequestId` must match `^[A-Za-z0-9_-]{1,64}$`";
     INVALID_REASON_CODE = UNPROCESSABLE_ENTITY "invalid_reason_code" "`reasonCode` must be 1 to 64 characters of `A-Z` and `_` (e.g. `ISSUER_DECISION`, `USER_DECISION`)";
+    INVALID_BATCH_SIZE = UNPROCESSABLE_ENTITY "invalid_batch_size" "a batch order carries 1 to 1,000 cards";
+    DUPLICATE_ISSUER_REQUEST_ID = UNPROCESSABLE_ENTITY "duplicate_issuer_request_id" "the same `issuerRequestId` appears twice in one batch";
+    INVALID_PRODUCTION_ORDER = UNPROCESSABLE_ENTITY "invalid_production_order" "a physical card order's options break a rule of its `distributionChannel` (shipment, delivery type, issuance location) or a field's format";
     D1_REJECTED = UNPROCESSABLE_ENTITY "d1_rejected" "D1 refused the request (D1's `errorCode` in the detail)";
     // --- the gateway and its dependencies (500, 502, 503, 504) --------------------------------
     INTERNAL_ERROR = INTERNAL_SERVER_ERROR "internal_error" "an unexpected error; it has been logged";
@@ -374,6 +379,12 @@ route_problems! {
     ClickToPayProfilesProblems = [ISSUER_AUTH, D1_CALL, &[&INVALID_CARD_ID]];
     /// A consumer's Click to Pay profiles.
     ClickToPayConsumerProfilesProblems = [ISSUER_AUTH, D1_CALL, &[&INVALID_CONSUMER_ID]];
+    /// `POST /v1/issuer/cards/{card_id}/production-orders`.
+    ProductionOrderProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, CARD, &[&INVALID_CARD_ID, &INVALID_ISSUER_REQUEST_ID, &INVALID_PRODUCTION_ORDER, &ISSUER_REQUEST_ID_IN_USE, &CONCURRENT_UPDATE]];
+    /// `POST /v1/issuer/production-orders/batch` (a card's own problems are in its result).
+    ProductionBatchProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, &[&INVALID_BATCH_SIZE]];
+    /// `GET /v1/issuer/cards/{card_id}/production-status`.
+    ProductionStatusProblems = [ISSUER_AUTH, &[&INVALID_CARD_ID, &PRODUCTION_ORDER_NOT_FOUND]];
     /// `POST /notifications/d1/v2/issuers/{issuerId}/cards` and `.../consumers` (D1).
     IssuerNotifyProblems = [JSON_BODY, &[&UNAUTHORIZED, &INVALID_PATH, &ISSUER_NOT_FOUND, &NOTIFICATION_NOT_APPLIED]];
     /// `POST .../notify-update` (D1).

@@ -176,6 +176,10 @@ impl From<DomainError> for ApiError {
                 &codes::OPERATION_NOT_FOUND,
                 "no such operation for this issuer",
             ),
+            DomainError::ProductionOrderNotFound => ApiError::of(
+                &codes::PRODUCTION_ORDER_NOT_FOUND,
+                "this card was never ordered by this issuer",
+            ),
             DomainError::Duplicate { problem, detail } => {
                 ApiError::coded(StatusCode::CONFLICT, problem, detail)
             }

@@ -6,3 +6,4 @@ pub mod client_certs;
 pub mod issuers;
 pub mod lifecycle;
 pub mod outbox;
+pub mod production_orders;

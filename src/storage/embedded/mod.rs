@@ -23,6 +23,7 @@ mod issuer_operations;
 mod issuers;
 mod lifecycle;
 mod outbox;
+mod production_orders;
 mod wallet_index;
 
 use std::path::Path;

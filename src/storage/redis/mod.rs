@@ -36,6 +36,7 @@ mod lifecycle;
 mod outbox;
 mod ratelimit;
 mod token_cache;
+mod production_orders;
 mod wallet_index;
 
 pub use durability::Durability;
