@@ -21,8 +21,8 @@ pub mod issuer_operations;
 pub mod issuers;
 pub mod lifecycle;
 pub mod outbox;
-pub mod ratelimit;
 pub mod production_orders;
+pub mod ratelimit;
 pub mod tokens;
 
 pub use tokens::{IdempotencyBegin, InsertOutcome, StoredResponse, TokenStore};

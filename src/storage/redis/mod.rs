@@ -34,9 +34,9 @@ mod issuer_operations;
 mod issuers;
 mod lifecycle;
 mod outbox;
+mod production_orders;
 mod ratelimit;
 mod token_cache;
-mod production_orders;
 mod wallet_index;
 
 pub use durability::Durability;
