@@ -123,10 +123,14 @@ impl ProductionService {
     }
 
     /// Registers the PRODUCE hook with the issuer service, so notifications and polls update
-    /// the production history.
-    pub fn register(&self) {
-        self.issuer
-            .register_hook(&OperationKind::Produce, Arc::new(self.clone()));
+    /// the production history. The hook holds this service weakly: the issuer service keeps
+    /// its hooks and this service holds the issuer service, so a strong hook would be a cycle
+    /// that never drops (and would keep the embedded database open after a shutdown).
+    pub fn register(self: &Arc<Self>) {
+        self.issuer.register_hook(
+            &OperationKind::Produce,
+            Arc::new(ProduceHook(Arc::downgrade(self))),
+        );
     }
 
     fn provider(&self) -> Result<&Arc<dyn ProductionProvider>, DomainError> {
@@ -507,6 +511,25 @@ fn step_of(op: &IssuerOperation) -> Option<ProductionEvent> {
         at,
         shipment,
     })
+}
+
+/// The PRODUCE hook: a weak handle on the production service (see [`ProductionService::register`]).
+struct ProduceHook(std::sync::Weak<ProductionService>);
+
+#[async_trait]
+impl OperationHook for ProduceHook {
+    async fn operation_changed(
+        &self,
+        before: &IssuerOperation,
+        after: &IssuerOperation,
+    ) -> Result<(), DomainError> {
+        // The gateway holds the service until its issuer worker has stopped (app.rs), so this
+        // is only reached by a hook called after the gateway is gone.
+        let Some(service) = self.0.upgrade() else {
+            return Ok(());
+        };
+        service.operation_changed(before, after).await
+    }
 }
 
 #[async_trait]
