@@ -25,9 +25,16 @@ impl RedisServer {
     /// Starts with extra arguments (e.g. cluster mode).
     pub fn start_with(extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        // A port can be taken between probing and binding; retry a few times.
-        for _ in 0..5 {
+        // A cluster node also listens on its bus port, port + 10000: above 55535 that is no
+        // port at all, and redis-server exits (the ephemeral range here reaches 60999).
+        let cluster = extra.iter().any(|a| a.contains("cluster-enabled"));
+        // A port can be taken between probing and binding; retry.
+        for _ in 0..20 {
             let port = free_port();
+            if cluster && (port > 55535 || TcpListener::bind(("127.0.0.1", port + 10000)).is_err())
+            {
+                continue;
+            }
             let mut cmd = Command::new("redis-server");
             cmd.arg("--port")
                 .arg(port.to_string())
