@@ -468,12 +468,8 @@ pub struct ProductionCard {
 impl ProductionCard {
     /// What the order keeps of the card.
     pub fn masked_pan(&self) -> String {
-        format!(
-            "{}{}{}",
-            self.pan.bin(),
-            "*".repeat(self.pan.len() - 10),
-            self.pan.last4()
-        )
+        // `Pan`'s Display is the PCI DSS mask (first 6, `*`, last 4).
+        self.pan.to_string()
     }
 }
 
@@ -531,21 +527,6 @@ pub trait ProductionProvider: Send + Sync + 'static {
         d1_issuer_id: &str,
         card_id: &str,
     ) -> Result<RemoteProductionStatus, ProviderError>;
-}
-
-/// Masks a PAN given as digits: first 6, `*` for the middle, last 4 (what PCI DSS allows to
-/// display). `None` for anything that is not 12 to 19 digits.
-pub fn mask_pan_digits(digits: &str) -> Option<String> {
-    let n = digits.len();
-    if !(12..=19).contains(&n) || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    Some(format!(
-        "{}{}{}",
-        &digits[..6],
-        "*".repeat(n - 10),
-        &digits[n - 4..]
-    ))
 }
 
 #[cfg(test)]
@@ -662,11 +643,6 @@ mod tests {
 
     #[test]
     fn masking() {
-        assert_eq!(
-            mask_pan_digits("4111111111111111").as_deref(),
-            Some("411111******1111")
-        );
-        assert_eq!(mask_pan_digits("41111"), None);
         assert_eq!(
             ProductionStage::parse("CARD_PROD_QA"),
             ProductionStage::Other("CARD_PROD_QA".into())

@@ -498,8 +498,9 @@ fn now() -> String {
     format_timestamp(OffsetDateTime::now_utc())
 }
 
+/// `Pan`'s Display is the PCI DSS mask (first 6, `*`, last 4).
 fn masked(pan: &Pan) -> String {
-    format!("{}{}{}", pan.bin(), "*".repeat(pan.len() - 10), pan.last4())
+    pan.to_string()
 }
 
 // --- D1 API ------------------------------------------------------------------------------------
