@@ -708,13 +708,18 @@ impl Config {
             if !valid_key_id(id) {
                 return Err(invalid(
                     "vault.fingerprint_keys",
-                    format!("key id `{}` is not 1-32 characters of [A-Za-z0-9_-]", id.escape_debug()),
+                    format!(
+                        "key id `{}` is not 1-32 characters of [A-Za-z0-9_-]",
+                        id.escape_debug()
+                    ),
                 ));
             }
             if id == IMPLICIT_FINGERPRINT_KEY_ID && v.fingerprint_key.is_some() {
                 return Err(invalid(
                     "vault.fingerprint_keys",
-                    format!("`{IMPLICIT_FINGERPRINT_KEY_ID}` is the id of vault.fingerprint_key; give that key once"),
+                    format!(
+                        "`{IMPLICIT_FINGERPRINT_KEY_ID}` is the id of vault.fingerprint_key; give that key once"
+                    ),
                 ));
             }
             if !is_32_byte_base64(key) {
@@ -735,7 +740,8 @@ impl Config {
         match &v.active_fingerprint_key_id {
             None if !v.fingerprint_keys.is_empty() => Err(invalid(
                 "vault.active_fingerprint_key_id",
-                "required with vault.fingerprint_keys: the id of the key that indexes new records".to_owned(),
+                "required with vault.fingerprint_keys: the id of the key that indexes new records"
+                    .to_owned(),
             )),
             Some(active) if !v.fingerprint_ring().iter().any(|(id, _)| id == active) => {
                 Err(invalid(
@@ -994,6 +1000,95 @@ mod tests {
             d1.gateway_jwe_kid,
             tokengate_d1_protocol::devkeys::DEV_GATEWAY_JWE_KID
         );
+    }
+
+    /// The fingerprint ring: the one-key form is `fp0`; a rotation adds keys by id and names
+    /// the active one; mistakes are refused naming the setting, never echoing a key.
+    #[test]
+    fn fingerprint_key_ring_rules() {
+        const K: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        const K2: &str = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXowMTIzNDU=";
+        let load = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                (
+                    "TOKENGATE__VAULT__KEYS",
+                    "{ k1 = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\" }",
+                ),
+                ("TOKENGATE__VAULT__ACTIVE_KEY_ID", "k1"),
+            ];
+            pairs.extend_from_slice(extra);
+            Config::load_with_env(None, &env(&pairs)).and_then(|c| c.validate().map(|()| c))
+        };
+        let c = load(&[("TOKENGATE__VAULT__FINGERPRINT_KEY", K)]).unwrap();
+        assert_eq!(c.vault.active_fingerprint_key(), "fp0");
+        assert_eq!(c.vault.fingerprint_ring().len(), 1);
+        let ring = format!("{{ fp1 = \"{K2}\" }}");
+        let c = load(&[
+            ("TOKENGATE__VAULT__FINGERPRINT_KEY", K),
+            ("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring),
+            ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp1"),
+        ])
+        .unwrap();
+        assert_eq!(c.vault.active_fingerprint_key(), "fp1");
+        let ids: Vec<String> = c
+            .vault
+            .fingerprint_ring()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["fp0", "fp1"]);
+        // The old key removed after the re-index: the map form alone.
+        load(&[
+            ("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring),
+            ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp1"),
+        ])
+        .unwrap();
+        let refused = |extra: &[(&str, &str)], key: &str| {
+            let e = load(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+            assert!(
+                !e.contains(K) && !e.contains(K2) && !e.contains("c2hvcnQ"),
+                "{e}"
+            );
+        };
+        // The map form needs its active id, which must be configured.
+        refused(
+            &[("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring)],
+            "vault.active_fingerprint_key_id",
+        );
+        refused(
+            &[
+                ("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring),
+                ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp9"),
+            ],
+            "vault.active_fingerprint_key_id",
+        );
+        refused(
+            &[
+                ("TOKENGATE__VAULT__FINGERPRINT_KEY", K),
+                (
+                    "TOKENGATE__VAULT__FINGERPRINT_KEYS",
+                    &format!("{{ fp0 = \"{K2}\" }}"),
+                ),
+                ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp0"),
+            ],
+            "vault.fingerprint_keys",
+        );
+        refused(
+            &[
+                (
+                    "TOKENGATE__VAULT__FINGERPRINT_KEYS",
+                    "{ fp1 = \"c2hvcnQ=\" }",
+                ),
+                ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp1"),
+            ],
+            "vault.fingerprint_keys",
+        );
+        refused(
+            &[("TOKENGATE__VAULT__FINGERPRINT_KEY", "c2hvcnQ=")],
+            "vault.fingerprint_key",
+        );
+        refused(&[], "vault");
     }
 
     #[test]

@@ -325,7 +325,10 @@ impl Keyring {
         let mut fingerprint = Vec::with_capacity(material.fingerprint_keys.len());
         for (id, b64) in &material.fingerprint_keys {
             if fingerprint.iter().any(|k: &FingerprintKey| &k.id == id) {
-                return Err(CryptoError::BadKey(id.clone(), "fingerprint key listed twice"));
+                return Err(CryptoError::BadKey(
+                    id.clone(),
+                    "fingerprint key listed twice",
+                ));
             }
             fingerprint.push(FingerprintKey::new(id, b64)?);
         }
@@ -436,7 +439,8 @@ impl Keyring {
         pan: &Pan,
         expiry: &Expiry,
     ) -> Fingerprints {
-        self.fp_active().fingerprints(merchant.as_ref(), pan, expiry)
+        self.fp_active()
+            .fingerprints(merchant.as_ref(), pan, expiry)
     }
 
     /// PAN-only fingerprint under the active key (what dedup looks up first).
@@ -740,6 +744,81 @@ mod tests {
         assert_eq!(f1.pan, k.pan_fingerprint(&m, &pan));
         let other = k.fingerprints(&id("mer_"), &pan, &e1);
         assert_ne!(other.pan, f1.pan);
+    }
+
+    /// The implicit key id keeps the layout stores were written with before key ids: bare hex
+    /// of HMAC(HMAC(key, label), merchant 0x00 PAN). Any other id names itself.
+    #[test]
+    fn fingerprint_ring_keeps_the_old_layout_and_names_new_keys() {
+        use base64::Engine;
+        let m = id("mer_");
+        let pan: Pan = PAN.parse().unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(dev::DEV_FINGERPRINT_KEY_B64)
+            .unwrap();
+        let mut d = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&raw).unwrap();
+        d.update(b"tokengate/fingerprint/v1");
+        let derived = d.finalize().into_bytes();
+        let mut h = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&derived).unwrap();
+        h.update(m.as_bytes());
+        h.update(&[0]);
+        h.update(PAN.as_bytes());
+        let legacy = hex::encode(h.finalize().into_bytes());
+        let old = ring();
+        assert_eq!(old.active_fingerprint_key_id(), IMPLICIT_FINGERPRINT_KEY_ID);
+        assert_eq!(old.pan_fingerprint(&m, &pan), legacy);
+        assert_eq!(fingerprint_key_id(&legacy), IMPLICIT_FINGERPRINT_KEY_ID);
+
+        let mut material = dev::material();
+        material.fingerprint_keys.push((
+            "fp1".into(),
+            SecretString::from("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
+        ));
+        material.active_fingerprint_key_id = "fp1".into();
+        let new = Keyring::new(&material).unwrap();
+        let fps = new.fingerprints(&m, &pan, &Expiry::trusted(1, 2030).unwrap());
+        assert!(fps.pan.starts_with("fp1:") && fps.pan_expiry.starts_with("fp1:"));
+        assert_eq!(fingerprint_key_id(&fps.pan), "fp1");
+        assert_ne!(fps.pan, legacy);
+        assert_eq!(
+            new.previous_pan_fingerprints(&m, &pan),
+            vec![legacy.clone()]
+        );
+        assert_eq!(
+            new.previous_fingerprint_key_ids().collect::<Vec<_>>(),
+            ["fp0"]
+        );
+        // Re-indexing keeps the old entry until it is dropped on purpose.
+        let mut re = fps.clone();
+        re.carry_over(&old.fingerprints(&m, &pan, &Expiry::trusted(1, 2030).unwrap()));
+        assert_eq!(
+            re.index_entries().collect::<Vec<_>>(),
+            [fps.pan.as_str(), &legacy]
+        );
+        re.carry_over(&re.clone());
+        assert_eq!(re.previous.len(), 1, "carry_over adds each entry once");
+
+        // A digest made under the old key still matches under the new ring.
+        let parts: [&[u8]; 2] = [b"POST /v1/tokens", b"{}"];
+        let stored = old.request_digest(&parts);
+        assert_ne!(new.request_digest(&parts), stored);
+        assert!(new.request_digest_matches(&stored, &parts));
+        assert!(!new.request_digest_matches(&stored, &[b"other"]));
+
+        // The active id must be configured; an id may appear once.
+        material.active_fingerprint_key_id = "fp9".into();
+        assert!(matches!(
+            Keyring::new(&material),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        material.active_fingerprint_key_id = "fp1".into();
+        material.fingerprint_keys.push((
+            "fp1".into(),
+            SecretString::from(dev::DEV_FINGERPRINT_KEY_B64),
+        ));
+        assert!(Keyring::new(&material).is_err());
+        let dbg = format!("{new:?}");
+        assert!(dbg.contains("fp1") && !dbg.contains("MDEyMzQ1"));
     }
 
     #[test]

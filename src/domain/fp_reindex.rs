@@ -180,7 +180,11 @@ impl FpReindexer {
         let (progress, fresh) = match saved {
             Some(p) if p.active == active => (p, false),
             // A new rotation: this instance's active key replaces the one the progress is for.
-            Some(p) if keyring.previous_fingerprint_key_ids().any(|id| id == p.active) => {
+            Some(p)
+                if keyring
+                    .previous_fingerprint_key_ids()
+                    .any(|id| id == p.active) =>
+            {
                 (Progress::start(&active, Phase::Reindex), true)
             }
             Some(p) => {
@@ -227,8 +231,7 @@ impl FpReindexer {
     }
 
     async fn save(&self, p: &Progress) -> Result<(), DomainError> {
-        let json = serde_json::to_string(p)
-            .map_err(|e| DomainError::Internal(e.to_string()))?;
+        let json = serde_json::to_string(p).map_err(|e| DomainError::Internal(e.to_string()))?;
         self.store.save_job_state(JOB, Some(&json)).await?;
         Ok(())
     }

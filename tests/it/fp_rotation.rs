@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use serde_json::Value;
-use tokengate::crypto::{IMPLICIT_FINGERPRINT_KEY_ID, KeyMaterial, Keyring, dev};
+use tokengate::crypto::{IMPLICIT_FINGERPRINT_KEY_ID, Keyring, dev};
 use tokengate::domain::fp_reindex::{FpReindexSettings, FpReindexer, JOB, Phase};
 use tokengate::domain::ports::TokenStore;
 use tokengate::domain::ports::lifecycle::LifecycleStore;
@@ -76,7 +76,11 @@ fn job<S: LifecycleStore>(services: &Services, store: &Arc<S>, lease_ms: u64) ->
     )
 }
 
-async fn tokenize(s: &Services, merchant: &tokengate::domain::merchant::Merchant, pan: &str) -> Tokenized {
+async fn tokenize(
+    s: &Services,
+    merchant: &tokengate::domain::merchant::Merchant,
+    pan: &str,
+) -> Tokenized {
     s.tokenize(
         merchant,
         TokenizeCommand {
@@ -97,12 +101,9 @@ async fn tokenize_known(
     merchant: &tokengate::domain::merchant::Merchant,
     ids: &[TokenId],
 ) {
-    let calls = PANS
-        .iter()
-        .zip(ids)
-        .map(|(pan, id)| async move {
-            assert_eq!(&existing_id(tokenize(s, merchant, pan).await), id);
-        });
+    let calls = PANS.iter().zip(ids).map(|(pan, id)| async move {
+        assert_eq!(&existing_id(tokenize(s, merchant, pan).await), id);
+    });
     futures::future::join_all(calls).await;
 }
 
@@ -176,7 +177,11 @@ async fn rotation<S: TokenStore + LifecycleStore>(store: Arc<S>) -> Vec<TokenRec
     drop(first);
     // A second instance waits for the lease, then continues from the saved progress.
     let second = job(&new, &store, 300);
-    assert_eq!(second.step().await.unwrap(), None, "the dead holder's lease still holds");
+    assert_eq!(
+        second.step().await.unwrap(),
+        None,
+        "the dead holder's lease still holds"
+    );
     tokio::time::sleep(Duration::from_millis(350)).await;
 
     // The rest of the re-index and the cleanup run while the rolled instances tokenize
@@ -239,12 +244,24 @@ async fn rotation<S: TokenStore + LifecycleStore>(store: Arc<S>) -> Vec<TokenRec
     let mut records = Vec::new();
     for id in &all_ids {
         let rec = store.get_token(&merchant.id, id).await.unwrap().unwrap();
-        assert!(rec.fingerprints.pan.starts_with("fp1:"), "{id} not re-indexed");
-        assert!(rec.fingerprints.previous.is_empty(), "{id} keeps old entries");
-        let pan = reader.keyring.open(&rec.sealed_pan, &rec.merchant_id, &rec.id).unwrap();
+        assert!(
+            rec.fingerprints.pan.starts_with("fp1:"),
+            "{id} not re-indexed"
+        );
+        assert!(
+            rec.fingerprints.previous.is_empty(),
+            "{id} keeps old entries"
+        );
+        let pan = reader
+            .keyring
+            .open(&rec.sealed_pan, &rec.merchant_id, &rec.id)
+            .unwrap();
         let under_a = reader.keyring.pan_fingerprint(&merchant.id, &pan);
         assert_eq!(
-            store.find_by_fingerprint(&merchant.id, &under_a).await.unwrap(),
+            store
+                .find_by_fingerprint(&merchant.id, &under_a)
+                .await
+                .unwrap(),
             None,
             "an index entry under the retired key is left"
         );
@@ -255,7 +272,10 @@ async fn rotation<S: TokenStore + LifecycleStore>(store: Arc<S>) -> Vec<TokenRec
     for (pan, id) in PANS.iter().zip(&ids) {
         assert_eq!(&existing_id(tokenize(&after, &merchant, pan).await), id);
     }
-    assert_eq!(existing_id(tokenize(&after, &merchant, NEW_PANS[0]).await), fresh.id);
+    assert_eq!(
+        existing_id(tokenize(&after, &merchant, NEW_PANS[0]).await),
+        fresh.id
+    );
     let done = job(&after, &store, 300);
     assert_eq!(done.step().await.unwrap(), Some(Phase::Done));
     records
@@ -282,7 +302,11 @@ async fn a_stale_instance_leaves_the_job_alone<S: TokenStore + LifecycleStore>(s
     assert_eq!(p.phase, Phase::Reindex);
     j.run_to_completion(200).await.unwrap();
     assert_eq!(
-        store.load_job_state(JOB).await.unwrap().map(|s| s.contains("\"done\"")),
+        store
+            .load_job_state(JOB)
+            .await
+            .unwrap()
+            .map(|s| s.contains("\"done\"")),
         Some(true)
     );
 }
@@ -314,15 +338,24 @@ fn assert_clean(bytes: &[u8], records: &[TokenRecord], what: &str) {
     use base64::Engine;
     // Positive control: the records (and their new index entries) are in these bytes.
     for r in records {
-        assert!(contains(bytes, r.id.as_str().as_bytes()), "{what}: blind check");
-        assert!(contains(bytes, r.fingerprints.pan.as_bytes()), "{what}: no index entry");
+        assert!(
+            contains(bytes, r.id.as_str().as_bytes()),
+            "{what}: blind check"
+        );
+        assert!(
+            contains(bytes, r.fingerprints.pan.as_bytes()),
+            "{what}: no index entry"
+        );
     }
     for pan in PANS.iter().chain(&NEW_PANS) {
         assert!(!contains(bytes, pan.as_bytes()), "{what} holds a PAN");
     }
     let b64 = base64::engine::general_purpose::STANDARD;
     for key in [FP_B, dev::DEV_FINGERPRINT_KEY_B64, dev::DEV_DATA_KEY_B64] {
-        assert!(!contains(bytes, key.as_bytes()), "{what} holds a key (base64)");
+        assert!(
+            !contains(bytes, key.as_bytes()),
+            "{what} holds a key (base64)"
+        );
         let raw = b64.decode(key).unwrap();
         assert!(!contains(bytes, &raw), "{what} holds a key (raw bytes)");
     }
@@ -437,4 +470,10 @@ async fn gateway_rotation(backend: Backend) {
     drop(tmp);
 }
 
-crate::backend_tests!(standalone: gateway_rotation);
+/// The gateway-level case, beside the store-level ones (the macros each make a module per
+/// backend).
+mod gateway {
+    use super::gateway_rotation;
+
+    crate::backend_tests!(standalone: gateway_rotation);
+}

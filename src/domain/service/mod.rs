@@ -404,8 +404,7 @@ impl Services {
         // up, a new record is indexed under those keys as well, so the reservation below
         // checks them all atomically and instances still on a previous key find it.
         let phase = &self.fp_reindex_phase;
-        if phase.lookup_previous() && self.keyring.previous_fingerprint_key_ids().next().is_some()
-        {
+        if phase.lookup_previous() && self.keyring.previous_fingerprint_key_ids().next().is_some() {
             let previous = self
                 .keyring
                 .previous_pan_fingerprints(&merchant.id, &cmd.pan);

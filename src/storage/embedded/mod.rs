@@ -435,13 +435,14 @@ pub(crate) fn update_token_in(txn: &WriteTransaction, rec: &TokenRecord) -> Resu
     // points here), a new one (a fingerprint-key re-index) is claimed unless a live token
     // holds it; a tombstone keeps none.
     let had: Vec<&str> = old.fingerprints.index_entries().collect();
-    let keep: Vec<&str> = if rec.status == TokenStatus::Deleted {
-        Vec::new()
+    let new: Vec<&str> = rec.fingerprints.index_entries().collect();
+    let keep: &[&str] = if rec.status == TokenStatus::Deleted {
+        &[]
     } else {
-        rec.fingerprints.index_entries().collect()
+        &new
     };
     let mut fps = txn.open_table(FINGERPRINTS)?;
-    for fp in had.iter().chain(rec.fingerprints.index_entries().collect::<Vec<_>>().iter()) {
+    for fp in had.iter().chain(&new) {
         if !keep.contains(fp) && fps.get((m, *fp))?.is_some_and(|g| g.value() == id) {
             fps.remove((m, *fp))?;
         }
