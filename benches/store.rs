@@ -90,6 +90,7 @@ fn record(m: &MerchantId) -> TokenRecord {
         fingerprints: Fingerprints {
             pan_expiry: format!("{fp}e"),
             pan: fp,
+            previous: Vec::new(),
         },
         created_at: t,
         updated_at: t,

@@ -65,6 +65,9 @@ pub struct Gateway {
     pub reconciler: Option<Reconciler>,
     /// Background re-encryption of records under older data keys (`[rekey]`).
     pub rekeyer: Option<Rekeyer>,
+    /// Background re-index of dedup fingerprints after a fingerprint-key rotation
+    /// (`[fp_reindex]`).
+    pub fp_reindexer: Option<crate::domain::fp_reindex::FpReindexer>,
     /// The `tokengate_tokens` gauge from the store's counts, and their one-time backfill.
     pub token_counts: crate::domain::token_counts::TokenCountReporter,
     /// Indexes tokens stored before customer wallets existed (ends once complete).
@@ -163,11 +166,8 @@ fn key_material(cfg: &Config) -> KeyMaterial {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            fingerprint_key: cfg
-                .vault
-                .fingerprint_key
-                .clone()
-                .unwrap_or_else(|| SecretString::from("")),
+            fingerprint_keys: cfg.vault.fingerprint_ring(),
+            active_fingerprint_key_id: cfg.vault.active_fingerprint_key(),
         },
         None => {
             tracing::warn!(
@@ -427,6 +427,20 @@ impl Gateway {
                 },
             )
         });
+        // Fingerprint-key rotation: re-index the dedup fingerprints under the active
+        // fingerprint key, then drop the entries under the others (every backend).
+        let fr = &cfg.fp_reindex;
+        let fp_reindexer = fr.enabled.then(|| {
+            crate::domain::fp_reindex::FpReindexer::new(
+                services.clone(),
+                lifecycle_store.clone(),
+                crate::domain::fp_reindex::FpReindexSettings {
+                    interval: Duration::from_millis(fr.interval_ms),
+                    batch: fr.batch,
+                    lease: Duration::from_millis(fr.lease_ms),
+                },
+            )
+        });
         let token_counts = crate::domain::token_counts::TokenCountReporter::new(
             count_store,
             lifecycle_store.clone(),
@@ -515,6 +529,7 @@ impl Gateway {
             grace: Duration::from_millis(cfg.server.shutdown_grace_ms),
             reconciler,
             rekeyer,
+            fp_reindexer,
             token_counts,
             wallet_index,
             webhooks,
@@ -551,6 +566,9 @@ impl Gateway {
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
         let mut rekeying = self
             .rekeyer
+            .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
+        let mut fp_reindexing = self
+            .fp_reindexer
             .map(|r| AbortOnDrop(Some(tokio::spawn(r.run(stop_rx.clone())))));
         let mut counting = AbortOnDrop(Some(tokio::spawn(self.token_counts.run(stop_rx.clone()))));
         let mut indexing = AbortOnDrop(Some(tokio::spawn(self.wallet_index.run(stop_rx.clone()))));
@@ -617,6 +635,9 @@ impl Gateway {
         // schedule, and until then it holds the store (a test reopening the embedded file
         // right after shutdown saw "already open").
         if let Some(handle) = rekeying.as_mut().and_then(|g| g.0.take()) {
+            let _ = handle.await;
+        }
+        if let Some(handle) = fp_reindexing.as_mut().and_then(|g| g.0.take()) {
             let _ = handle.await;
         }
         if let Some(sim) = self.sandbox {

@@ -51,6 +51,9 @@ pub struct Config {
     pub rekey: RekeySection,
     /// Optional in a config file: the defaults apply when the section is absent.
     #[serde(default)]
+    pub fp_reindex: FpReindexSection,
+    /// Optional in a config file: the defaults apply when the section is absent.
+    #[serde(default)]
     pub audit: AuditSection,
     /// Optional in a config file: the defaults apply when the section is absent.
     #[serde(default)]
@@ -261,7 +264,64 @@ pub struct StorageConfig {
 pub struct VaultConfig {
     pub active_key_id: Option<String>,
     pub keys: BTreeMap<String, SecretString>,
+    /// The one-key form of the fingerprint ring: the key with the implicit id
+    /// (`crypto::IMPLICIT_FINGERPRINT_KEY_ID`), whose fingerprints are bare hex as before ids.
     pub fingerprint_key: Option<SecretString>,
+    /// More fingerprint keys by id (a rotation: docs/security.md, "Fingerprints").
+    #[serde(default)]
+    pub fingerprint_keys: BTreeMap<String, SecretString>,
+    /// The fingerprint key new records are indexed under; required with `fingerprint_keys`.
+    #[serde(default)]
+    pub active_fingerprint_key_id: Option<String>,
+}
+
+impl VaultConfig {
+    /// Every configured fingerprint key by id, the one-key form under the implicit id.
+    pub fn fingerprint_ring(&self) -> Vec<(String, SecretString)> {
+        let implicit = self.fingerprint_key.as_ref().map(|k| {
+            (
+                crate::crypto::IMPLICIT_FINGERPRINT_KEY_ID.to_owned(),
+                k.clone(),
+            )
+        });
+        implicit
+            .into_iter()
+            .chain(
+                self.fingerprint_keys
+                    .iter()
+                    .map(|(id, k)| (id.clone(), k.clone())),
+            )
+            .collect()
+    }
+
+    /// The active fingerprint key id: as configured, or the implicit one in the one-key form.
+    pub fn active_fingerprint_key(&self) -> String {
+        self.active_fingerprint_key_id
+            .clone()
+            .unwrap_or_else(|| crate::crypto::IMPLICIT_FINGERPRINT_KEY_ID.to_owned())
+    }
+}
+
+/// Background re-indexing of the dedup fingerprints under the active fingerprint key
+/// (`domain::fp_reindex`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FpReindexSection {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub batch: usize,
+    pub lease_ms: u64,
+}
+
+impl Default for FpReindexSection {
+    fn default() -> Self {
+        FpReindexSection {
+            enabled: true,
+            interval_ms: 1000,
+            batch: 200,
+            lease_ms: 30000,
+        }
+    }
 }
 
 /// Background re-encryption under the active data key (`domain::rekey`).
@@ -292,6 +352,16 @@ pub struct RateLimitSection {
     /// How long leased cells stay usable before they are dropped.
     #[serde(default = "default_shared_lease_ms")]
     pub shared_lease_ms: u64,
+}
+
+/// Whether a configured key is base64 of 32 bytes (the decoded bytes are wiped on drop).
+fn is_32_byte_base64(key: &SecretString) -> bool {
+    use base64::Engine;
+    use secrecy::ExposeSecret;
+    base64::engine::general_purpose::STANDARD
+        .decode(key.expose_secret().trim())
+        .map(zeroize::Zeroizing::new)
+        .is_ok_and(|b| b.len() == 32)
 }
 
 fn default_shared_batch() -> u32 {
@@ -562,12 +632,23 @@ impl Config {
             }
         }
         let has_keys = !self.vault.keys.is_empty();
-        if has_keys != self.vault.active_key_id.is_some()
-            || has_keys != self.vault.fingerprint_key.is_some()
-        {
+        let has_fp_keys =
+            self.vault.fingerprint_key.is_some() || !self.vault.fingerprint_keys.is_empty();
+        if has_keys != self.vault.active_key_id.is_some() || has_keys != has_fp_keys {
             return Err(invalid(
                 "vault",
-                "set all of vault.active_key_id, vault.keys and vault.fingerprint_key, or none",
+                "set all of vault.active_key_id, vault.keys and vault.fingerprint_key (or vault.fingerprint_keys), or none",
+            ));
+        }
+        self.validate_fingerprint_keys()?;
+        let fr = &self.fp_reindex;
+        if fr.batch == 0 {
+            return Err(invalid("fp_reindex.batch", "must be at least 1"));
+        }
+        if fr.interval_ms == 0 || fr.lease_ms <= fr.interval_ms {
+            return Err(invalid(
+                "fp_reindex.lease_ms",
+                "must be longer than fp_reindex.interval_ms (which must be positive)",
             ));
         }
         if let Some(active) = &self.vault.active_key_id
@@ -615,6 +696,63 @@ impl Config {
         }
         self.validate_notify()?;
         Ok(())
+    }
+
+    /// Rules of the fingerprint ring (`vault.fingerprint_key`, `vault.fingerprint_keys`,
+    /// `vault.active_fingerprint_key_id`). Messages name keys and ids, never key material.
+    fn validate_fingerprint_keys(&self) -> Result<(), ConfigError> {
+        use crate::crypto::{IMPLICIT_FINGERPRINT_KEY_ID, valid_key_id};
+        let invalid = |key, msg: String| ConfigError::Invalid { key, msg };
+        let v = &self.vault;
+        for (id, key) in &v.fingerprint_keys {
+            if !valid_key_id(id) {
+                return Err(invalid(
+                    "vault.fingerprint_keys",
+                    format!(
+                        "key id `{}` is not 1-32 characters of [A-Za-z0-9_-]",
+                        id.escape_debug()
+                    ),
+                ));
+            }
+            if id == IMPLICIT_FINGERPRINT_KEY_ID && v.fingerprint_key.is_some() {
+                return Err(invalid(
+                    "vault.fingerprint_keys",
+                    format!(
+                        "`{IMPLICIT_FINGERPRINT_KEY_ID}` is the id of vault.fingerprint_key; give that key once"
+                    ),
+                ));
+            }
+            if !is_32_byte_base64(key) {
+                return Err(invalid(
+                    "vault.fingerprint_keys",
+                    format!("key `{id}` must be base64 of 32 random bytes (`tokengate keys new`)"),
+                ));
+            }
+        }
+        if let Some(key) = &v.fingerprint_key
+            && !is_32_byte_base64(key)
+        {
+            return Err(invalid(
+                "vault.fingerprint_key",
+                "must be base64 of 32 random bytes (`tokengate keys new`)".to_owned(),
+            ));
+        }
+        match &v.active_fingerprint_key_id {
+            None if !v.fingerprint_keys.is_empty() => Err(invalid(
+                "vault.active_fingerprint_key_id",
+                "required with vault.fingerprint_keys: the id of the key that indexes new records"
+                    .to_owned(),
+            )),
+            Some(active) if !v.fingerprint_ring().iter().any(|(id, _)| id == active) => {
+                Err(invalid(
+                    "vault.active_fingerprint_key_id",
+                    format!(
+                        "names a key that is neither in vault.fingerprint_keys nor vault.fingerprint_key (`{IMPLICIT_FINGERPRINT_KEY_ID}`)"
+                    ),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Rules of the `storage.redis_durability*` keys (`app` maps valid ones onto the store's
@@ -862,6 +1000,95 @@ mod tests {
             d1.gateway_jwe_kid,
             tokengate_d1_protocol::devkeys::DEV_GATEWAY_JWE_KID
         );
+    }
+
+    /// The fingerprint ring: the one-key form is `fp0`; a rotation adds keys by id and names
+    /// the active one; mistakes are refused naming the setting, never echoing a key.
+    #[test]
+    fn fingerprint_key_ring_rules() {
+        const K: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        const K2: &str = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXowMTIzNDU=";
+        let load = |extra: &[(&str, &str)]| {
+            let mut pairs = vec![
+                (
+                    "TOKENGATE__VAULT__KEYS",
+                    "{ k1 = \"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\" }",
+                ),
+                ("TOKENGATE__VAULT__ACTIVE_KEY_ID", "k1"),
+            ];
+            pairs.extend_from_slice(extra);
+            Config::load_with_env(None, &env(&pairs)).and_then(|c| c.validate().map(|()| c))
+        };
+        let c = load(&[("TOKENGATE__VAULT__FINGERPRINT_KEY", K)]).unwrap();
+        assert_eq!(c.vault.active_fingerprint_key(), "fp0");
+        assert_eq!(c.vault.fingerprint_ring().len(), 1);
+        let ring = format!("{{ fp1 = \"{K2}\" }}");
+        let c = load(&[
+            ("TOKENGATE__VAULT__FINGERPRINT_KEY", K),
+            ("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring),
+            ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp1"),
+        ])
+        .unwrap();
+        assert_eq!(c.vault.active_fingerprint_key(), "fp1");
+        let ids: Vec<String> = c
+            .vault
+            .fingerprint_ring()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(ids, ["fp0", "fp1"]);
+        // The old key removed after the re-index: the map form alone.
+        load(&[
+            ("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring),
+            ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp1"),
+        ])
+        .unwrap();
+        let refused = |extra: &[(&str, &str)], key: &str| {
+            let e = load(extra).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+            assert!(
+                !e.contains(K) && !e.contains(K2) && !e.contains("c2hvcnQ"),
+                "{e}"
+            );
+        };
+        // The map form needs its active id, which must be configured.
+        refused(
+            &[("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring)],
+            "vault.active_fingerprint_key_id",
+        );
+        refused(
+            &[
+                ("TOKENGATE__VAULT__FINGERPRINT_KEYS", &ring),
+                ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp9"),
+            ],
+            "vault.active_fingerprint_key_id",
+        );
+        refused(
+            &[
+                ("TOKENGATE__VAULT__FINGERPRINT_KEY", K),
+                (
+                    "TOKENGATE__VAULT__FINGERPRINT_KEYS",
+                    &format!("{{ fp0 = \"{K2}\" }}"),
+                ),
+                ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp0"),
+            ],
+            "vault.fingerprint_keys",
+        );
+        refused(
+            &[
+                (
+                    "TOKENGATE__VAULT__FINGERPRINT_KEYS",
+                    "{ fp1 = \"c2hvcnQ=\" }",
+                ),
+                ("TOKENGATE__VAULT__ACTIVE_FINGERPRINT_KEY_ID", "fp1"),
+            ],
+            "vault.fingerprint_keys",
+        );
+        refused(
+            &[("TOKENGATE__VAULT__FINGERPRINT_KEY", "c2hvcnQ=")],
+            "vault.fingerprint_key",
+        );
+        refused(&[], "vault");
     }
 
     #[test]

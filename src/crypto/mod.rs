@@ -7,6 +7,11 @@
 //! with another key id) fails to open:
 //! `AAD = "tokengate/pan/v1" || 0x00 || key_id || 0x00 || merchant_id || 0x00 || token_id`.
 //!
+//! Fingerprints are keyed by a ring of their own (`vault.fingerprint_keys`, one active): a
+//! fingerprint names the key that made it (`<key id>:<hex>`), except under the implicit key id
+//! [`IMPLICIT_FINGERPRINT_KEY_ID`] (the one-key form `vault.fingerprint_key`), whose fingerprints
+//! stay bare hex so stores written before the ring existed keep deduplicating.
+//!
 //! Nonces are 96 random bits from a user-space CSPRNG seeded by the OS (`rand::rng()`, ChaCha12):
 //! a system call per nonce would cost more than the encryption itself. With random nonces one key
 //! should seal fewer than 2^32 messages; rotate keys well before that (`docs/security.md`).
@@ -48,12 +53,48 @@ impl fmt::Debug for SealedPan {
 }
 
 /// Keyed fingerprints of the card, used only for deduplication (never reversible without the key).
+///
+/// Each is `<key id>:<hex HMAC>`, or bare hex under [`IMPLICIT_FINGERPRINT_KEY_ID`]
+/// ([`fingerprint_key_id`] reads either).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprints {
-    /// HMAC of merchant + PAN: the same card even after reissue with a new expiry.
+    /// HMAC of merchant + PAN: the same card even after reissue with a new expiry. The record's
+    /// dedup index entry.
     pub pan: String,
     /// HMAC of merchant + PAN + expiry: exactly this card instance.
     pub pan_expiry: String,
+    /// PAN fingerprints of this card under other fingerprint keys that also index the record
+    /// while a fingerprint-key rotation is under way (`domain::fp_reindex`): instances that
+    /// still compute them keep finding the card. Dropped once the re-index pass completes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<String>,
+}
+
+impl Fingerprints {
+    /// Every dedup index entry of the record: `pan`, then `previous`.
+    pub fn index_entries(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.pan.as_str()).chain(self.previous.iter().map(String::as_str))
+    }
+
+    /// Keeps `old`'s index entries (made under other keys) as `previous` entries of these, so
+    /// replacing a record's fingerprints never drops an index entry a rotation still needs.
+    pub fn carry_over(&mut self, old: &Fingerprints) {
+        for fp in old.index_entries() {
+            if fp != self.pan && !self.previous.iter().any(|p| p == fp) {
+                self.previous.push(fp.to_owned());
+            }
+        }
+    }
+}
+
+/// Id of the fingerprint key of `vault.fingerprint_key` (the one-key form). Its fingerprints
+/// are bare hex, as they were before fingerprint keys had ids.
+pub const IMPLICIT_FINGERPRINT_KEY_ID: &str = "fp0";
+
+/// The id of the key that made a fingerprint (`<key id>:<hex>`, or bare hex: the implicit id).
+pub fn fingerprint_key_id(fp: &str) -> &str {
+    fp.split_once(':')
+        .map_or(IMPLICIT_FINGERPRINT_KEY_ID, |(id, _)| id)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,10 +109,17 @@ pub enum CryptoError {
     BadPlaintext,
 }
 
-/// Data-encryption keys by id, plus the active one used for new writes.
+/// Data-encryption keys by id, plus the active one used for new writes; fingerprint keys the same.
 pub struct Keyring {
     active: String,
     keys: HashMap<String, DataKey>,
+    /// The active fingerprint key (index 0) then the others, sorted by id.
+    fingerprint: Vec<FingerprintKey>,
+}
+
+/// One fingerprint key: two HMAC keys derived from the configured secret.
+struct FingerprintKey {
+    id: String,
     /// Pre-keyed HMAC; cloning it per use skips the key schedule (see PERF-NOTES).
     fingerprint: Hmac<Sha256>,
     /// Separate key for digests of idempotent requests, so they cannot be matched with
@@ -79,13 +127,82 @@ pub struct Keyring {
     request_digest: Hmac<Sha256>,
 }
 
+impl FingerprintKey {
+    fn new(id: &str, b64: &SecretString) -> Result<FingerprintKey, CryptoError> {
+        if !valid_key_id(id) {
+            return Err(CryptoError::BadKey(
+                id.to_owned(),
+                "key id must be 1-32 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        let fp = decode_key(id, b64)?;
+        // Derive two independent HMAC keys from the one configured secret.
+        let derive = |label: &[u8]| -> Result<Hmac<Sha256>, CryptoError> {
+            let mut m = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&fp)
+                .map_err(|_| CryptoError::BadKey(id.to_owned(), "bad length"))?;
+            m.update(label);
+            let derived = Zeroizing::new(m.finalize().into_bytes().to_vec());
+            <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&derived)
+                .map_err(|_| CryptoError::BadKey(id.to_owned(), "bad length"))
+        };
+        Ok(FingerprintKey {
+            id: id.to_owned(),
+            fingerprint: derive(b"tokengate/fingerprint/v1")?,
+            request_digest: derive(b"tokengate/request-digest/v1")?,
+        })
+    }
+
+    /// `hex`, named by the key id unless it is the implicit one.
+    fn name(&self, hex: String) -> String {
+        if self.id == IMPLICIT_FINGERPRINT_KEY_ID {
+            hex
+        } else {
+            format!("{}:{hex}", self.id)
+        }
+    }
+
+    fn fingerprints(&self, merchant: &str, pan: &Pan, expiry: &Expiry) -> Fingerprints {
+        let mut m = self.fingerprint.clone();
+        m.update(merchant.as_bytes());
+        m.update(&[0]);
+        m.update(pan.as_bytes());
+        let pan_only = m.clone().finalize().into_bytes();
+        m.update(&[0, expiry.month, (expiry.year >> 8) as u8, expiry.year as u8]);
+        let with_expiry = m.finalize().into_bytes();
+        Fingerprints {
+            pan: self.name(hex_lower(&pan_only[..])),
+            pan_expiry: self.name(hex_lower(&with_expiry[..])),
+            previous: Vec::new(),
+        }
+    }
+
+    fn pan_fingerprint(&self, merchant: &str, pan: &Pan) -> String {
+        let mut m = self.fingerprint.clone();
+        m.update(merchant.as_bytes());
+        m.update(&[0]);
+        m.update(pan.as_bytes());
+        self.name(hex_lower(&m.finalize().into_bytes()[..]))
+    }
+
+    fn request_digest(&self, parts: &[&[u8]]) -> String {
+        let mut m = self.request_digest.clone();
+        for p in parts {
+            m.update(&(p.len() as u64).to_be_bytes());
+            m.update(p);
+        }
+        hex_lower(&m.finalize().into_bytes()[..])
+    }
+}
+
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut ids: Vec<&String> = self.keys.keys().collect();
         ids.sort();
+        let fp_ids: Vec<&str> = self.fingerprint.iter().map(|k| k.id.as_str()).collect();
         f.debug_struct("Keyring")
             .field("active", &self.active)
             .field("key_ids", &ids)
+            .field("fingerprint_key_ids", &fp_ids)
             .finish_non_exhaustive()
     }
 }
@@ -147,7 +264,20 @@ impl DataKey {
 pub struct KeyMaterial {
     pub active_key_id: String,
     pub data_keys: Vec<(String, SecretString)>,
-    pub fingerprint_key: SecretString,
+    /// Fingerprint keys by id (`vault.fingerprint_key` is [`IMPLICIT_FINGERPRINT_KEY_ID`]).
+    pub fingerprint_keys: Vec<(String, SecretString)>,
+    /// The one that fingerprints new records; the others are still looked up during a rotation.
+    pub active_fingerprint_key_id: String,
+}
+
+impl KeyMaterial {
+    /// The one-key form: `key` is the fingerprint key under the implicit id.
+    pub fn single_fingerprint_key(key: SecretString) -> (Vec<(String, SecretString)>, String) {
+        (
+            vec![(IMPLICIT_FINGERPRINT_KEY_ID.to_owned(), key)],
+            IMPLICIT_FINGERPRINT_KEY_ID.to_owned(),
+        )
+    }
 }
 
 fn decode_key(id: &str, b64: &SecretString) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
@@ -192,22 +322,48 @@ impl Keyring {
         if !keys.contains_key(&material.active_key_id) {
             return Err(CryptoError::UnknownKey(material.active_key_id.clone()));
         }
-        let fp = decode_key("fingerprint", &material.fingerprint_key)?;
-        // Derive two independent HMAC keys from the one configured secret.
-        let derive = |label: &[u8]| -> Result<Hmac<Sha256>, CryptoError> {
-            let mut m = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&fp)
-                .map_err(|_| CryptoError::BadKey("fingerprint".into(), "bad length"))?;
-            m.update(label);
-            let derived = Zeroizing::new(m.finalize().into_bytes().to_vec());
-            <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&derived)
-                .map_err(|_| CryptoError::BadKey("fingerprint".into(), "bad length"))
-        };
+        let mut fingerprint = Vec::with_capacity(material.fingerprint_keys.len());
+        for (id, b64) in &material.fingerprint_keys {
+            if fingerprint.iter().any(|k: &FingerprintKey| &k.id == id) {
+                return Err(CryptoError::BadKey(
+                    id.clone(),
+                    "fingerprint key listed twice",
+                ));
+            }
+            fingerprint.push(FingerprintKey::new(id, b64)?);
+        }
+        // Active first (every tokenization uses it), the others in a stable order.
+        fingerprint.sort_by(|a, b| {
+            (a.id != material.active_fingerprint_key_id, &a.id)
+                .cmp(&(b.id != material.active_fingerprint_key_id, &b.id))
+        });
+        if fingerprint.first().map(|k| k.id.as_str())
+            != Some(material.active_fingerprint_key_id.as_str())
+        {
+            return Err(CryptoError::UnknownKey(
+                material.active_fingerprint_key_id.clone(),
+            ));
+        }
         Ok(Keyring {
             active: material.active_key_id.clone(),
             keys,
-            fingerprint: derive(b"tokengate/fingerprint/v1")?,
-            request_digest: derive(b"tokengate/request-digest/v1")?,
+            fingerprint,
         })
+    }
+
+    /// The active fingerprint key (the constructor guarantees one).
+    fn fp_active(&self) -> &FingerprintKey {
+        &self.fingerprint[0]
+    }
+
+    /// The id of the fingerprint key new records are indexed under.
+    pub fn active_fingerprint_key_id(&self) -> &str {
+        &self.fp_active().id
+    }
+
+    /// The ids of the other fingerprint keys (a rotation's previous keys), sorted.
+    pub fn previous_fingerprint_key_ids(&self) -> impl Iterator<Item = &str> {
+        self.fingerprint[1..].iter().map(|k| k.id.as_str())
     }
 
     pub fn active_key_id(&self) -> &str {
@@ -275,43 +431,47 @@ impl Keyring {
 
     /// Keyed fingerprints of a card for one merchant. Including the merchant id means the same
     /// card at two merchants has unrelated fingerprints, so the store cannot link tenants.
+    ///
+    /// Under the active fingerprint key, with no `previous` entries.
     pub fn fingerprints(
         &self,
         merchant: &impl AsRef<str>,
         pan: &Pan,
         expiry: &Expiry,
     ) -> Fingerprints {
-        let mut m = self.fingerprint.clone();
-        m.update(merchant.as_ref().as_bytes());
-        m.update(&[0]);
-        m.update(pan.as_bytes());
-        let pan_only = m.clone().finalize().into_bytes();
-        m.update(&[0, expiry.month, (expiry.year >> 8) as u8, expiry.year as u8]);
-        let with_expiry = m.finalize().into_bytes();
-        Fingerprints {
-            pan: hex_lower(&pan_only[..]),
-            pan_expiry: hex_lower(&with_expiry[..]),
-        }
+        self.fp_active()
+            .fingerprints(merchant.as_ref(), pan, expiry)
     }
 
-    /// PAN-only fingerprint (what dedup looks up).
+    /// PAN-only fingerprint under the active key (what dedup looks up first).
     pub fn pan_fingerprint(&self, merchant: &impl AsRef<str>, pan: &Pan) -> String {
-        let mut m = self.fingerprint.clone();
-        m.update(merchant.as_ref().as_bytes());
-        m.update(&[0]);
-        m.update(pan.as_bytes());
-        hex_lower(&m.finalize().into_bytes()[..])
+        self.fp_active().pan_fingerprint(merchant.as_ref(), pan)
+    }
+
+    /// PAN-only fingerprints under the previous fingerprint keys (what dedup also looks up
+    /// while a rotation's re-index pass is incomplete), in the order of
+    /// [`Self::previous_fingerprint_key_ids`].
+    pub fn previous_pan_fingerprints(&self, merchant: &impl AsRef<str>, pan: &Pan) -> Vec<String> {
+        self.fingerprint[1..]
+            .iter()
+            .map(|k| k.pan_fingerprint(merchant.as_ref(), pan))
+            .collect()
     }
 
     /// Keyed digest of a request, for idempotency comparisons. Keyed because request bodies
-    /// contain card numbers, and an unkeyed hash of a PAN can be brute-forced.
+    /// contain card numbers, and an unkeyed hash of a PAN can be brute-forced. Under the
+    /// active fingerprint key's derived digest key.
     pub fn request_digest(&self, parts: &[&[u8]]) -> String {
-        let mut m = self.request_digest.clone();
-        for p in parts {
-            m.update(&(p.len() as u64).to_be_bytes());
-            m.update(p);
-        }
-        hex_lower(&m.finalize().into_bytes()[..])
+        self.fp_active().request_digest(parts)
+    }
+
+    /// Whether `stored` is the digest of `parts` under any fingerprint key of the ring: an
+    /// idempotency record written before a fingerprint-key rotation (or by an instance that has
+    /// not rolled yet) still matches its retry.
+    pub fn request_digest_matches(&self, stored: &str, parts: &[&[u8]]) -> bool {
+        self.fingerprint
+            .iter()
+            .any(|k| k.request_digest(parts) == stored)
     }
 }
 
@@ -413,10 +573,13 @@ pub mod dev {
     pub const DEV_FINGERPRINT_KEY_B64: &str = "dG9rZW5nYXRlLURFVi1maW5nZXJwcmludC1OT1NBRkU=";
 
     pub fn material() -> KeyMaterial {
+        let (fingerprint_keys, active_fingerprint_key_id) =
+            KeyMaterial::single_fingerprint_key(SecretString::from(DEV_FINGERPRINT_KEY_B64));
         KeyMaterial {
             active_key_id: DEV_KEY_ID.into(),
             data_keys: vec![(DEV_KEY_ID.into(), SecretString::from(DEV_DATA_KEY_B64))],
-            fingerprint_key: SecretString::from(DEV_FINGERPRINT_KEY_B64),
+            fingerprint_keys,
+            active_fingerprint_key_id,
         }
     }
 }
@@ -581,6 +744,81 @@ mod tests {
         assert_eq!(f1.pan, k.pan_fingerprint(&m, &pan));
         let other = k.fingerprints(&id("mer_"), &pan, &e1);
         assert_ne!(other.pan, f1.pan);
+    }
+
+    /// The implicit key id keeps the layout stores were written with before key ids: bare hex
+    /// of HMAC(HMAC(key, label), merchant 0x00 PAN). Any other id names itself.
+    #[test]
+    fn fingerprint_ring_keeps_the_old_layout_and_names_new_keys() {
+        use base64::Engine;
+        let m = id("mer_");
+        let pan: Pan = PAN.parse().unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(dev::DEV_FINGERPRINT_KEY_B64)
+            .unwrap();
+        let mut d = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&raw).unwrap();
+        d.update(b"tokengate/fingerprint/v1");
+        let derived = d.finalize().into_bytes();
+        let mut h = <Hmac<Sha256> as HmacKeyInit>::new_from_slice(&derived).unwrap();
+        h.update(m.as_bytes());
+        h.update(&[0]);
+        h.update(PAN.as_bytes());
+        let legacy = hex::encode(h.finalize().into_bytes());
+        let old = ring();
+        assert_eq!(old.active_fingerprint_key_id(), IMPLICIT_FINGERPRINT_KEY_ID);
+        assert_eq!(old.pan_fingerprint(&m, &pan), legacy);
+        assert_eq!(fingerprint_key_id(&legacy), IMPLICIT_FINGERPRINT_KEY_ID);
+
+        let mut material = dev::material();
+        material.fingerprint_keys.push((
+            "fp1".into(),
+            SecretString::from("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="),
+        ));
+        material.active_fingerprint_key_id = "fp1".into();
+        let new = Keyring::new(&material).unwrap();
+        let fps = new.fingerprints(&m, &pan, &Expiry::trusted(1, 2030).unwrap());
+        assert!(fps.pan.starts_with("fp1:") && fps.pan_expiry.starts_with("fp1:"));
+        assert_eq!(fingerprint_key_id(&fps.pan), "fp1");
+        assert_ne!(fps.pan, legacy);
+        assert_eq!(
+            new.previous_pan_fingerprints(&m, &pan),
+            vec![legacy.clone()]
+        );
+        assert_eq!(
+            new.previous_fingerprint_key_ids().collect::<Vec<_>>(),
+            ["fp0"]
+        );
+        // Re-indexing keeps the old entry until it is dropped on purpose.
+        let mut re = fps.clone();
+        re.carry_over(&old.fingerprints(&m, &pan, &Expiry::trusted(1, 2030).unwrap()));
+        assert_eq!(
+            re.index_entries().collect::<Vec<_>>(),
+            [fps.pan.as_str(), &legacy]
+        );
+        re.carry_over(&re.clone());
+        assert_eq!(re.previous.len(), 1, "carry_over adds each entry once");
+
+        // A digest made under the old key still matches under the new ring.
+        let parts: [&[u8]; 2] = [b"POST /v1/tokens", b"{}"];
+        let stored = old.request_digest(&parts);
+        assert_ne!(new.request_digest(&parts), stored);
+        assert!(new.request_digest_matches(&stored, &parts));
+        assert!(!new.request_digest_matches(&stored, &[b"other"]));
+
+        // The active id must be configured; an id may appear once.
+        material.active_fingerprint_key_id = "fp9".into();
+        assert!(matches!(
+            Keyring::new(&material),
+            Err(CryptoError::UnknownKey(_))
+        ));
+        material.active_fingerprint_key_id = "fp1".into();
+        material.fingerprint_keys.push((
+            "fp1".into(),
+            SecretString::from(dev::DEV_FINGERPRINT_KEY_B64),
+        ));
+        assert!(Keyring::new(&material).is_err());
+        let dbg = format!("{new:?}");
+        assert!(dbg.contains("fp1") && !dbg.contains("MDEyMzQ1"));
     }
 
     #[test]

@@ -364,8 +364,11 @@ impl Lifecycle {
         let keyring = &self.services.keyring;
         match keyring.open(&before.sealed_pan, &before.merchant_id, &before.id) {
             Ok(pan) => {
-                next.fingerprints =
-                    keyring.fingerprints(&next.merchant_id, &pan, &next.card.expiry);
+                let mut fps = keyring.fingerprints(&next.merchant_id, &pan, &next.card.expiry);
+                // Under the active fingerprint key now; entries under other keys stay until a
+                // rotation's re-index pass completes (`domain::fp_reindex`).
+                fps.carry_over(&before.fingerprints);
+                next.fingerprints = fps;
             }
             Err(e) => {
                 tracing::warn!(token_id = %before.id, error = %e,
@@ -510,6 +513,7 @@ mod tests {
             fingerprints: Fingerprints {
                 pan: "fp".into(),
                 pan_expiry: "fpe".into(),
+                previous: Vec::new(),
             },
             created_at: now,
             updated_at: now,

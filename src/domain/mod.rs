@@ -6,6 +6,7 @@ pub mod apikeys;
 pub mod audit;
 pub mod client_certs;
 pub mod error;
+pub mod fp_reindex;
 pub mod issuer;
 pub mod issuer_ops;
 pub mod issuer_provider;

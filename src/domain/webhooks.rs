@@ -1597,6 +1597,7 @@ mod tests {
             fingerprints: Fingerprints {
                 pan: "fp".into(),
                 pan_expiry: "fpe".into(),
+                previous: Vec::new(),
             },
             created_at: t,
             updated_at: t,

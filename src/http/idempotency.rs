@@ -185,7 +185,14 @@ where
             same_request: false,
         }) => return mismatch().into_response(),
         Ok(IdempotencyBegin::Completed(stored)) => {
-            if stored.request_digest != digest {
+            // A record written under another fingerprint key of the ring (before a rotation,
+            // or by an instance not rolled yet) is matched under that key.
+            if stored.request_digest != digest
+                && !state
+                    .services
+                    .keyring
+                    .request_digest_matches(&stored.request_digest, request_parts)
+            {
                 return mismatch().into_response();
             }
             let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);

@@ -1012,6 +1012,7 @@ mod store {
             fingerprints: Fingerprints {
                 pan: uuid::Uuid::new_v4().simple().to_string(),
                 pan_expiry: "e".into(),
+                previous: Vec::new(),
             },
             created_at: now,
             updated_at: now,

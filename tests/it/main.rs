@@ -15,6 +15,7 @@ mod crash;
 mod d1_client;
 mod d1_production;
 mod durability;
+mod fp_rotation;
 mod gateway_d1;
 mod import;
 mod issuer_api;

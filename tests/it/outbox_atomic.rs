@@ -44,6 +44,7 @@ fn token(m: &MerchantId) -> TokenRecord {
         fingerprints: Fingerprints {
             pan: uuid::Uuid::new_v4().simple().to_string(),
             pan_expiry: uuid::Uuid::new_v4().simple().to_string(),
+            previous: Vec::new(),
         },
         created_at: now,
         updated_at: now,

@@ -44,13 +44,16 @@ fn with_keys(
 }
 
 fn ring(keys: &[(&str, &str)], active: &str) -> Keyring {
+    let (fingerprint_keys, active_fingerprint_key_id) =
+        KeyMaterial::single_fingerprint_key(SecretString::from(dev::DEV_FINGERPRINT_KEY_B64));
     Keyring::new(&KeyMaterial {
         active_key_id: active.into(),
         data_keys: keys
             .iter()
             .map(|(id, k)| (id.to_string(), SecretString::from(k.to_string())))
             .collect(),
-        fingerprint_key: SecretString::from(dev::DEV_FINGERPRINT_KEY_B64),
+        fingerprint_keys,
+        active_fingerprint_key_id,
     })
     .unwrap()
 }

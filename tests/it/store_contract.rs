@@ -71,6 +71,7 @@ fn record(m: &MerchantId, fingerprint: &str) -> TokenRecord {
         fingerprints: Fingerprints {
             pan: fingerprint.to_owned(),
             pan_expiry: format!("{fingerprint}e"),
+            previous: Vec::new(),
         },
         created_at: T0,
         updated_at: T0,

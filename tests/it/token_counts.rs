@@ -60,6 +60,7 @@ fn record(m: &MerchantId, status: TokenStatus) -> TokenRecord {
         fingerprints: Fingerprints {
             pan: fp.clone(),
             pan_expiry: format!("{fp}e"),
+            previous: Vec::new(),
         },
         created_at: datetime!(2026-01-02 03:04:05 UTC),
         updated_at: datetime!(2026-01-02 03:04:05 UTC),

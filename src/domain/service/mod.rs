@@ -73,6 +73,10 @@ pub struct Services {
     /// Set once the store said its wallet index is complete (it never becomes incomplete
     /// again), so wallet requests stop asking the store (`wallets.rs`).
     pub(crate) wallet_index_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The phase of the fingerprint re-index as this instance last read it
+    /// (`domain::fp_reindex`): whether tokenize still indexes new records under the previous
+    /// fingerprint keys, and still looks cards up under them.
+    pub fp_reindex_phase: Arc<super::fp_reindex::PhaseFlag>,
 }
 
 /// A card as submitted for tokenization.
@@ -124,6 +128,7 @@ impl Services {
             issuers: None,
             key_last_touch: Arc::new(DashMap::new()),
             wallet_index_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            fp_reindex_phase: Arc::new(super::fp_reindex::PhaseFlag::default()),
         }
     }
 
@@ -382,7 +387,7 @@ impl Services {
             // The same rule as the wallet routes, which look tokens up by it.
             super::wallet::check_customer_reference(r)?;
         }
-        let fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
+        let mut fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
 
         // Dedup hit: the common case for returning customers, one store read (often none: the
         // store's coherent cache, `TokenStore::read_by_fingerprint`).
@@ -393,6 +398,25 @@ impl Services {
         {
             let existing = Arc::unwrap_or_clone(existing);
             return self.on_existing(merchant, existing, &cmd.pan, expiry).await;
+        }
+        // A fingerprint-key rotation whose re-index is not known to be complete: the card may
+        // be indexed under a previous key only, so look there too. Until the re-index cleans
+        // up, a new record is indexed under those keys as well, so the reservation below
+        // checks them all atomically and instances still on a previous key find it.
+        let phase = &self.fp_reindex_phase;
+        if phase.lookup_previous() && self.keyring.previous_fingerprint_key_ids().next().is_some() {
+            let previous = self
+                .keyring
+                .previous_pan_fingerprints(&merchant.id, &cmd.pan);
+            for fp in &previous {
+                if let Some(existing) = self.store.read_by_fingerprint(&merchant.id, fp).await? {
+                    let existing = Arc::unwrap_or_clone(existing);
+                    return self.on_existing(merchant, existing, &cmd.pan, expiry).await;
+                }
+            }
+            if phase.index_previous() {
+                fps.previous = previous;
+            }
         }
 
         let id = TokenId::generate();
@@ -519,7 +543,9 @@ impl Services {
     ) -> Result<Tokenized, DomainError> {
         // A reissued card (same PAN, new expiry) is the same card: keep the token, refresh expiry.
         if existing.card.expiry != expiry && !existing.status.is_terminal() {
-            let fps = self.keyring.fingerprints(&merchant.id, pan, &expiry);
+            let mut fps = self.keyring.fingerprints(&merchant.id, pan, &expiry);
+            // Index entries under other fingerprint keys stay until the re-index completes.
+            fps.carry_over(&existing.fingerprints);
             existing.card.expiry = expiry;
             existing.fingerprints = fps;
             existing.updated_at = Self::now();

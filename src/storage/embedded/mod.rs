@@ -431,12 +431,34 @@ pub(crate) fn update_token_in(txn: &WriteTransaction, rec: &TokenRecord) -> Resu
     }
     wallet_rows(txn, &old, false)?;
     wallet_rows(txn, rec, true)?;
-    if rec.status == TokenStatus::Deleted {
-        let mut fps = txn.open_table(FINGERPRINTS)?;
-        let fp = rec.fingerprints.pan.as_str();
-        let points_here = fps.get((m, fp))?.is_some_and(|g| g.value() == id);
-        if points_here {
-            fps.remove((m, fp))?;
+    // The dedup index follows the record's entries: one it no longer lists goes (if it still
+    // points here), a new one (a fingerprint-key re-index) is claimed unless a live token
+    // holds it; a tombstone keeps none.
+    let had: Vec<&str> = old.fingerprints.index_entries().collect();
+    let new: Vec<&str> = rec.fingerprints.index_entries().collect();
+    let keep: &[&str] = if rec.status == TokenStatus::Deleted {
+        &[]
+    } else {
+        &new
+    };
+    let mut fps = txn.open_table(FINGERPRINTS)?;
+    for fp in had.iter().chain(&new) {
+        if !keep.contains(fp) && fps.get((m, *fp))?.is_some_and(|g| g.value() == id) {
+            fps.remove((m, *fp))?;
+        }
+    }
+    for fp in keep.iter().filter(|fp| !had.contains(fp)) {
+        let holder = fps.get((m, *fp))?.map(|g| g.value().to_owned());
+        let held_by_live = match holder {
+            Some(h) if h != id => tokens
+                .get((m, h.as_str()))?
+                .map(|g| decode::<TokenRecord>("token record", g.value()))
+                .transpose()?
+                .is_some_and(|r| r.status != TokenStatus::Deleted),
+            _ => false,
+        };
+        if !held_by_live {
+            fps.insert((m, *fp), id)?;
         }
     }
     tokens.insert((m, id), json.as_slice())?;
@@ -506,28 +528,33 @@ impl TokenStore for EmbeddedStore {
             let txn = begin_write(db)?;
             let m = rec.merchant_id.as_str();
             let id = rec.id.as_str();
-            let fp = rec.fingerprints.pan.as_str();
             {
                 let mut fps = txn.open_table(FINGERPRINTS)?;
                 let mut tokens = txn.open_table(TOKENS)?;
-                let current = fps.get((m, fp))?.map(|g| g.value().to_owned());
-                if let Some(cur) = current {
-                    let existing = tokens
-                        .get((m, cur.as_str()))?
-                        .map(|g| decode::<TokenRecord>("token record", g.value()))
-                        .transpose()?;
-                    if let Some(ex) = existing
-                        && ex.status != TokenStatus::Deleted
-                    {
-                        // Dropping the transaction without commit writes nothing.
-                        return Ok(InsertOutcome::Existing(Box::new(ex)));
+                // Every entry is checked: during a fingerprint-key rotation the card may be
+                // indexed under another key only.
+                for fp in rec.fingerprints.index_entries() {
+                    let current = fps.get((m, fp))?.map(|g| g.value().to_owned());
+                    if let Some(cur) = current {
+                        let existing = tokens
+                            .get((m, cur.as_str()))?
+                            .map(|g| decode::<TokenRecord>("token record", g.value()))
+                            .transpose()?;
+                        if let Some(ex) = existing
+                            && ex.status != TokenStatus::Deleted
+                        {
+                            // Dropping the transaction without commit writes nothing.
+                            return Ok(InsertOutcome::Existing(Box::new(ex)));
+                        }
                     }
                 }
                 let replaced = tokens
                     .insert((m, id), json.as_slice())?
                     .map(|g| decode::<TokenRecord>("token record", g.value()))
                     .transpose()?;
-                fps.insert((m, fp), id)?;
+                for fp in rec.fingerprints.index_entries() {
+                    fps.insert((m, fp), id)?;
+                }
                 if let Some(d1) = d1_id(&rec) {
                     txn.open_table(D1_TOKENS)?.insert((m, d1), id)?;
                 }
@@ -604,9 +631,10 @@ impl TokenStore for EmbeddedStore {
                     return Ok(());
                 };
                 let mut fps = txn.open_table(FINGERPRINTS)?;
-                let fp = old.fingerprints.pan.as_str();
-                if fps.get((m, fp))?.is_some_and(|g| g.value() == id) {
-                    fps.remove((m, fp))?;
+                for fp in old.fingerprints.index_entries() {
+                    if fps.get((m, fp))?.is_some_and(|g| g.value() == id) {
+                        fps.remove((m, fp))?;
+                    }
                 }
                 if let Some(d1) = d1_id(&old) {
                     let mut d1s = txn.open_table(D1_TOKENS)?;
@@ -904,6 +932,7 @@ mod tests {
             fingerprints: Fingerprints {
                 pan: fp.into(),
                 pan_expiry: format!("{fp}e"),
+                previous: Vec::new(),
             },
             created_at: t,
             updated_at: t,

@@ -345,16 +345,20 @@ local function wallet_add(base, status, pos)
 end
 "#;
 
-/// Inserts a token unless a live token holds the fingerprint; returns the winner's JSON or nil.
-/// KEYS: token, fingerprint index[, d1 index]. ARGV: id, version, status, fingerprint, d1 id or
-/// '', record JSON, token key prefix, counts key, wallet index or '', wallet position. Follows
-/// [`COUNT_FUNCTIONS`] and [`WALLET_FUNCTIONS`].
+/// Inserts a token unless a live token holds one of its fingerprints; returns the winner's JSON
+/// or nil. KEYS: token, fingerprint index of `fingerprints.pan`[, d1 index]. ARGV: id, version,
+/// status, the record's dedup index entries separated by spaces (`pan` first, then `previous`,
+/// kept in field `f`), d1 id or '', record JSON, token key prefix, counts key, wallet index or
+/// '', wallet position, fingerprint key prefix. Follows [`COUNT_FUNCTIONS`] and
+/// [`WALLET_FUNCTIONS`].
 const INSERT_TOKEN: &str = r#"
-local cur = redis.call('GET', KEYS[2])
-if cur then
-  local ex = redis.call('HMGET', ARGV[7] .. cur, 's', 'd')
-  if ex[2] and ex[1] ~= 'DELETED' then
-    return ex[2]
+for fp in string.gmatch(ARGV[4], '%S+') do
+  local cur = redis.call('GET', ARGV[11] .. fp)
+  if cur then
+    local ex = redis.call('HMGET', ARGV[7] .. cur, 's', 'd')
+    if ex[2] and ex[1] ~= 'DELETED' then
+      return ex[2]
+    end
   end
 end
 local prev = redis.call('HMGET', KEYS[1], 's', 'c', 'w', 'o')
@@ -365,7 +369,9 @@ wallet_drop(prev[3], prev[1], prev[4])
 redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[5], 'd', ARGV[6], 'c', '1', 'w', ARGV[9], 'o', ARGV[10])
 bump(ARGV[8], ARGV[3], 1)
 wallet_add(ARGV[9], ARGV[3], ARGV[10])
-redis.call('SET', KEYS[2], ARGV[1])
+for fp in string.gmatch(ARGV[4], '%S+') do
+  redis.call('SET', ARGV[11] .. fp, ARGV[1])
+end
 if KEYS[3] then
   redis.call('SET', KEYS[3], ARGV[1])
 end
@@ -373,17 +379,57 @@ return false
 "#;
 
 /// Compare-and-set on the version. Returns 0 written, 1 missing, 2 version conflict.
-/// KEYS: token, fingerprint index[, new d1 index]. ARGV: expected version, new version, status,
-/// fingerprint, d1 id or '', record JSON, token id, d1 key prefix, counts key, wallet index or
-/// '', wallet position. Needs [`COUNT_FUNCTIONS`] and [`WALLET_FUNCTIONS`] before it.
-/// (`redis_lifecycle` wraps this script so an event marker is written in the same step.)
+/// KEYS: token, fingerprint index of `fingerprints.pan`[, new d1 index]. ARGV: expected version,
+/// new version, status, dedup index entries separated by spaces (as `INSERT_TOKEN`), d1 id or
+/// '', record JSON, token id, d1 key prefix, counts key, wallet index or '', wallet position.
+/// Needs [`COUNT_FUNCTIONS`] and [`WALLET_FUNCTIONS`] before it. (`redis_lifecycle` and
+/// `redis_outbox` wrap this script, ARGV 12 on being theirs: so the fingerprint and token key
+/// prefixes are taken from KEYS 2 and 1, which end with the first entry and the token id.)
+///
+/// The index follows the record's entries: one the record no longer lists is removed (if it
+/// still points here), a new one is claimed unless a live token holds it (a fingerprint-key
+/// re-index, `domain::fp_reindex`); a tombstone (`DELETED`) keeps none.
 pub(crate) const UPDATE_TOKEN: &str = r#"
-local cur = redis.call('HMGET', KEYS[1], 'v', 'n', 's', 'c', 'w', 'o')
+local cur = redis.call('HMGET', KEYS[1], 'v', 'n', 's', 'c', 'w', 'o', 'f')
 if not cur[1] then
   return 1
 end
 if cur[1] ~= ARGV[1] then
   return 2
+end
+local fp_prefix = string.sub(KEYS[2], 1, #KEYS[2] - #(string.match(ARGV[4], '%S+') or ''))
+local tok_prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[7])
+local had, keep = {}, {}
+for fp in string.gmatch(cur[7] or '', '%S+') do
+  had[fp] = true
+end
+if ARGV[3] ~= 'DELETED' then
+  for fp in string.gmatch(ARGV[4], '%S+') do
+    keep[fp] = true
+  end
+end
+local function fp_drop(fp)
+  local k = fp_prefix .. fp
+  if redis.call('GET', k) == ARGV[7] then
+    redis.call('DEL', k)
+  end
+end
+for fp in pairs(had) do
+  if not keep[fp] then
+    fp_drop(fp)
+  end
+end
+for fp in string.gmatch(ARGV[4], '%S+') do
+  if not keep[fp] then
+    fp_drop(fp)
+  elseif not had[fp] then
+    local k = fp_prefix .. fp
+    local holder = redis.call('GET', k)
+    local live = holder and holder ~= ARGV[7] and redis.call('HGET', tok_prefix .. holder, 's')
+    if not live or live == 'DELETED' then
+      redis.call('SET', k, ARGV[7])
+    end
+  end
 end
 local old = cur[2]
 if old and old ~= '' and old ~= ARGV[5] then
@@ -394,9 +440,6 @@ if old and old ~= '' and old ~= ARGV[5] then
 end
 if KEYS[3] then
   redis.call('SET', KEYS[3], ARGV[7])
-end
-if ARGV[3] == 'DELETED' and redis.call('GET', KEYS[2]) == ARGV[7] then
-  redis.call('DEL', KEYS[2])
 end
 if cur[4] == '1' then
   if cur[3] ~= ARGV[3] then
@@ -412,16 +455,17 @@ redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[3], 'f', ARGV[4], 'n', ARGV[
 return 0
 "#;
 
-/// Deletes a token and the index entries that still point at it (wallet entries included).
-/// KEYS: token. ARGV: token id, fingerprint key prefix, d1 key prefix, counts key.
+/// Deletes a token and the index entries that still point at it (every dedup entry in `f`,
+/// wallet entries included). KEYS: token. ARGV: token id, fingerprint key prefix, d1 key prefix,
+/// counts key.
 const REMOVE_TOKEN: &str = r#"
 local cur = redis.call('HMGET', KEYS[1], 'f', 'n', 's', 'c', 'w', 'o')
 if cur[3] and cur[4] == '1' then
   bump(ARGV[4], cur[3], -1)
 end
 wallet_drop(cur[5], cur[3], cur[6])
-if cur[1] and cur[1] ~= '' then
-  local k = ARGV[2] .. cur[1]
+for fp in string.gmatch(cur[1] or '', '%S+') do
+  local k = ARGV[2] .. fp
   if redis.call('GET', k) == ARGV[1] then
     redis.call('DEL', k)
   end
@@ -1019,7 +1063,7 @@ impl RedisStore {
         inv.arg(expected)
             .arg(rec.version)
             .arg(rec.status.as_str())
-            .arg(&rec.fingerprints.pan)
+            .arg(index_entries(rec))
             .arg(d1)
             .arg(&json)
             .arg(rec.id.as_str())
@@ -1146,6 +1190,15 @@ pub(crate) fn update_result(code: i64) -> Result<(), StoreError> {
     }
 }
 
+/// The record's dedup index entries as the token scripts take them (field `f`): separated by
+/// spaces, which neither form of fingerprint (`hex`, `<key id>:hex`) contains.
+fn index_entries(rec: &TokenRecord) -> String {
+    rec.fingerprints
+        .index_entries()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn d1_id(rec: &TokenRecord) -> &str {
     rec.network_token
         .as_ref()
@@ -1237,13 +1290,14 @@ impl TokenStore for RedisStore {
         inv.arg(rec.id.as_str())
             .arg(rec.version)
             .arg(rec.status.as_str())
-            .arg(&rec.fingerprints.pan)
+            .arg(index_entries(rec))
             .arg(d1)
             .arg(&json)
             .arg(k.token_prefix(m))
             .arg(k.token_counts(m))
             .arg(k.wallet_of(rec))
-            .arg(WalletKey::of(rec).as_str());
+            .arg(WalletKey::of(rec).as_str())
+            .arg(k.fp_prefix(m));
         let existing: Option<String> = self.invoke_write(inv).await?;
         match existing {
             None => Ok(InsertOutcome::Inserted),
