@@ -38,4 +38,5 @@ mod token_cache;
 mod token_counts;
 mod wallets;
 mod webhook_endpoint_store;
+mod webhook_order;
 mod webhooks;
