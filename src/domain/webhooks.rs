@@ -1454,7 +1454,8 @@ impl WebhookService {
     async fn finish(&self, job: &OutboxJob, next: JobNext) {
         // A finished head releases the next event of its subject (the store queues it): drain
         // again at once rather than a poll later, so a token's backlog moves at delivery speed.
-        let releases = job.subject.is_some() && matches!(next, JobNext::Done | JobNext::Dead { .. });
+        let releases =
+            job.subject.is_some() && matches!(next, JobNext::Done | JobNext::Dead { .. });
         let finished = self.outbox.finish_job(job, next).await;
         if releases {
             self.wake.notify_one();

@@ -53,10 +53,17 @@ fn pair(e: &WebhookEvent, ep: &EndpointId) -> (EventId, EndpointId) {
     (e.id.clone(), ep.clone())
 }
 
-crate::store_tests!(by_arc:
-    only_the_head_of_a_subject_is_handed_out,
-    two_workers_deliver_each_event_once_in_order,
-);
+/// The store cases, in a module of their own (the gateway cases below use the same backend
+/// module names).
+mod store {
+    use super::{
+        only_the_head_of_a_subject_is_handed_out, two_workers_deliver_each_event_once_in_order,
+    };
+    crate::store_tests!(by_arc:
+        only_the_head_of_a_subject_is_handed_out,
+        two_workers_deliver_each_event_once_in_order,
+    );
+}
 
 /// The chain of one token to one endpoint: a later event waits while an earlier one is pending
 /// or backing off; done and dead release it; other tokens, events without a subject and the
@@ -145,12 +152,7 @@ async fn only_the_head_of_a_subject_is_handed_out<S: OutboxStore>(store: Arc<S>)
         HashSet::from([pair(&a[2], &w2)]),
         "{after_w2:?}"
     );
-    assert!(
-        store
-            .finish_job(&after_w2[0], JobNext::Done)
-            .await
-            .unwrap()
-    );
+    assert!(store.finish_job(&after_w2[0], JobNext::Done).await.unwrap());
 
     // The retry comes back; dead-lettering it releases a[1], which is delivered, then a[2].
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -242,7 +244,10 @@ async fn two_workers_deliver_each_event_once_in_order<S: OutboxStore>(store: Arc
             let mut n = 0u64;
             while done.load(Ordering::SeqCst) < total {
                 assert!(std::time::Instant::now() < deadline, "{name}: not finished");
-                let jobs = store.claim_jobs(name, 3, Duration::from_secs(30)).await.unwrap();
+                let jobs = store
+                    .claim_jobs(name, 3, Duration::from_secs(30))
+                    .await
+                    .unwrap();
                 if jobs.is_empty() {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
@@ -301,7 +306,12 @@ crate::backend_tests!(all:
 async fn churn(app: &TestApp, key: &str, tokens: &[String]) {
     let mut tasks = Vec::new();
     for t in tokens {
-        let (client, base, key, t) = (app.client.clone(), app.base.clone(), key.to_owned(), t.clone());
+        let (client, base, key, t) = (
+            app.client.clone(),
+            app.base.clone(),
+            key.to_owned(),
+            t.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             for verb in ["suspend", "resume", "suspend", "resume"] {
                 let r = client
@@ -383,13 +393,7 @@ async fn receiver_down_then_up_delivers_in_order_per_token(b: Backend) {
     let rx = Receiver::start().await;
     // Down (every answer 500) while the tokens change.
     rx.state.status.store(500, Ordering::SeqCst);
-    let (_, secret) = endpoint(
-        &app,
-        &key,
-        &rx.url(),
-        &["token.suspended", "token.resumed"],
-    )
-    .await;
+    let (_, secret) = endpoint(&app, &key, &rx.url(), &["token.suspended", "token.resumed"]).await;
     churn(&app, &key, &tokens).await;
     let expected = tokens.len() * 4;
     // Every token's first event is being retried, the others wait behind it, untried.
@@ -423,11 +427,7 @@ async fn receiver_down_then_up_delivers_in_order_per_token(b: Backend) {
     for ids in want.values() {
         let types: Vec<String> = ids
             .iter()
-            .map(|id| {
-                rx.hits_for(id)[0]
-                    .header("tokengate-event-type")
-                    .to_owned()
-            })
+            .map(|id| rx.hits_for(id)[0].header("tokengate-event-type").to_owned())
             .collect();
         assert_eq!(
             types,
@@ -444,7 +444,10 @@ async fn receiver_down_then_up_delivers_in_order_per_token(b: Backend) {
         let id = e["id"].as_str().unwrap();
         let mine = rx.hits_for(id);
         assert_signed(&secret, mine.last().unwrap());
-        assert_eq!(e["deliveries"][0]["attempts"].as_u64().unwrap() as usize, mine.len());
+        assert_eq!(
+            e["deliveries"][0]["attempts"].as_u64().unwrap() as usize,
+            mine.len()
+        );
     }
 }
 
@@ -464,13 +467,21 @@ async fn a_dead_letter_releases_the_token(b: Backend) {
     }
     let all = eventually("the first dead, the rest delivered", || async {
         let all = events(&app, &key).await;
-        let statuses: Vec<&str> = all.iter().rev().map(|e| e["status"].as_str().unwrap()).collect();
+        let statuses: Vec<&str> = all
+            .iter()
+            .rev()
+            .map(|e| e["status"].as_str().unwrap())
+            .collect();
         (statuses == ["dead", "delivered", "delivered"]).then_some(all)
     })
     .await;
     let want = stored_order(&all, &rx);
     let ids = &want[&token];
-    assert_eq!(rx.hits_for(&ids[0]).len(), 2, "two failed attempts, then dead");
+    assert_eq!(
+        rx.hits_for(&ids[0]).len(),
+        2,
+        "two failed attempts, then dead"
+    );
     assert_in_order(&rx.hits(), &want);
     let first = all.last().unwrap();
     assert_eq!(first["deliveries"][0]["endpointId"], ep.as_str());
@@ -510,7 +521,7 @@ async fn two_instances_deliver_in_order(b: Backend) {
     // on a timer, not on a wake-up of the instance that released them, so both instances'
     // workers (polling every 50 ms) take turns on every token's chain.
     rx.state.delay_ms.store(50, Ordering::SeqCst);
-    let failures = 8;
+    let failures = 16;
     rx.state.fail_next.store(failures, Ordering::SeqCst);
     let (_, key) = a.create_merchant("Acme").await;
     let (_, secret) = endpoint(
@@ -556,17 +567,20 @@ async fn two_instances_deliver_in_order(b: Backend) {
         assert_eq!(rx.hits_for(id).len(), attempts, "{e}");
     }
     assert_in_order(&hits, &stored_order(&all, &rx));
-    // Both instances delivered some of them.
+    // Both instances made attempts on these chains (retries are claimed by whichever instance
+    // polls first once they are due; a release wakes only the instance that made it).
     let logs = crate::support::captured_logs();
     let mut consumers = HashSet::new();
-    for line in logs.lines().filter(|l| l.contains("webhook delivered")) {
+    let attempt =
+        |l: &&str| l.contains("webhook delivered") || l.contains("webhook attempt failed");
+    for line in logs.lines().filter(attempt) {
         if all.iter().any(|e| line.contains(e["id"].as_str().unwrap()))
             && let Some(i) = line.find("consumer=gw-")
         {
             consumers.insert(line[i..].split_whitespace().next().unwrap().to_owned());
         }
     }
-    assert_eq!(consumers.len(), 2, "deliveries by {consumers:?}");
+    assert_eq!(consumers.len(), 2, "attempts by {consumers:?}");
     drop(second);
 }
 

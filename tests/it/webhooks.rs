@@ -259,7 +259,12 @@ pub(crate) async fn merchant_with_token(app: &TestApp, name: &str) -> (String, S
 }
 
 /// Registers an endpoint; returns its id and secret.
-pub(crate) async fn endpoint(app: &TestApp, key: &str, url: &str, events: &[&str]) -> (String, String) {
+pub(crate) async fn endpoint(
+    app: &TestApp,
+    key: &str,
+    url: &str,
+    events: &[&str],
+) -> (String, String) {
     let r = app
         .post(
             "/v1/webhook-endpoints",

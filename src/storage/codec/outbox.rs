@@ -26,7 +26,13 @@ pub(crate) fn encode_job(
 /// append wrote), so a finish can tell whether its event is the chain's head.
 pub(crate) fn chain_entry(job: &OutboxJob) -> Option<String> {
     let s = job.subject.as_deref()?;
-    Some(encode_job(&job.merchant, &job.event, &job.endpoint, 0, Some(s)))
+    Some(encode_job(
+        &job.merchant,
+        &job.event,
+        &job.endpoint,
+        0,
+        Some(s),
+    ))
 }
 
 /// Parses [`encode_job`]'s output; `None` for anything else.

@@ -156,7 +156,10 @@ fn queue_pending(
                 .next_back()
                 .transpose()?
                 .map(|(k, _)| k.value().3);
-            chains.insert((m, w, s, last.map_or(0, |n| n.saturating_add(1))), job.as_str())?;
+            chains.insert(
+                (m, w, s, last.map_or(0, |n| n.saturating_add(1))),
+                job.as_str(),
+            )?;
             if last.is_some() {
                 // Waits for the earlier events of its subject.
                 continue;
@@ -169,11 +172,7 @@ fn queue_pending(
 
 /// After `job` finished (delivered or dead): if its event heads its chain, removes it and
 /// queues the next entry, due now. Nothing otherwise (no chain, or already released).
-fn advance_chain(
-    txn: &WriteTransaction,
-    job: &OutboxJob,
-    now: u64,
-) -> Result<(), StoreError> {
+fn advance_chain(txn: &WriteTransaction, job: &OutboxJob, now: u64) -> Result<(), StoreError> {
     let (Some(s), Some(entry)) = (job.subject.as_deref(), chain_entry(job)) else {
         return Ok(());
     };

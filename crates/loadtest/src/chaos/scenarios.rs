@@ -1188,7 +1188,8 @@ impl Ctx {
             extra += got.len().saturating_sub(want.len()) as u64;
             // Out of order: the types do not follow the calls, or a change arrived before
             // one made earlier (which also catches the two suspensions swapped).
-            let types_wrong = got.len() == want.len() && got.iter().zip(want).any(|(g, w)| g.0 != w);
+            let types_wrong =
+                got.len() == want.len() && got.iter().zip(want).any(|(g, w)| g.0 != w);
             let changes_reordered = got.windows(2).any(|p| p[0].1 >= p[1].1);
             if types_wrong || changes_reordered {
                 out_of_order += 1;
