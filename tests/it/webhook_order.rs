@@ -264,7 +264,7 @@ async fn two_workers_deliver_each_event_once_in_order<S: OutboxStore>(store: Arc
                     n += 1;
                     let (t, i) = order[&j.event].clone();
                     held.lock().unwrap().remove(&t);
-                    let next = if n % 3 == 0 {
+                    let next = if n.is_multiple_of(3) {
                         JobNext::Retry {
                             at_ms: unix_ms(time::OffsetDateTime::now_utc()) + 20,
                         }
@@ -281,10 +281,12 @@ async fn two_workers_deliver_each_event_once_in_order<S: OutboxStore>(store: Arc
     let (a, b) = (worker("w-a"), worker("w-b"));
     a.await.unwrap();
     b.await.unwrap();
-    let delivered = delivered.lock().unwrap();
-    assert_eq!(delivered.len(), 6);
-    for (t, seq) in delivered.iter() {
-        assert_eq!(seq, &[0, 1, 2, 3, 4], "token {t}");
+    {
+        let delivered = delivered.lock().unwrap();
+        assert_eq!(delivered.len(), 6);
+        for (t, seq) in delivered.iter() {
+            assert_eq!(seq, &[0, 1, 2, 3, 4], "token {t}");
+        }
     }
     assert!(
         store
