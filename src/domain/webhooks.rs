@@ -15,8 +15,12 @@
 //!    an exponential backoff, and after `max_attempts` attempts it is dead-lettered.
 //!
 //! Delivery is at least once: a gateway that dies after the receiver got the request but before
-//! it recorded the outcome delivers again. Receivers dedupe on the event id. There is no ordering
-//! guarantee between events. `docs/webhooks.md` is the merchant-facing description.
+//! it recorded the outcome delivers again. Receivers dedupe on the event id. Events of one
+//! subject (a token, an issuer operation: [`WebhookEvent::subject`]) reach each endpoint in the
+//! order they were stored: the store keeps one chain per (endpoint, subject) and queues only its
+//! head; a delivered or dead-lettered head releases the next
+//! ([`crate::domain::ports::outbox`]). Events of different subjects are not ordered and do not
+//! wait for each other. `docs/webhooks.md` is the merchant-facing description.
 
 use std::fmt;
 use std::future::Future;
@@ -354,6 +358,31 @@ pub struct WebhookEvent {
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
     pub payload: String,
+}
+
+impl WebhookEvent {
+    /// What the event is about, for ordering: events of one subject are delivered to each
+    /// endpoint in the order they were stored (`docs/webhooks.md`, "Order per token"). `t:` +
+    /// the token id for token events, `o:` + the operation id for issuer events that have one
+    /// (hex-encoded as `x:` if it has characters other than those of ids); `None` for an event
+    /// about neither, which is delivered without waiting for any other.
+    pub fn subject(&self) -> Option<String> {
+        if let Some(t) = &self.token_id {
+            return Some(format!("t:{}", t.as_str()));
+        }
+        let op = self.operation_id.as_deref().filter(|o| !o.is_empty())?;
+        let plain = op.len() <= 128
+            && op
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        Some(if plain {
+            format!("o:{op}")
+        } else {
+            // Bounded, and still one subject per operation id.
+            let digest = <Sha256 as sha2::Digest>::digest(op.as_bytes());
+            format!("x:{}", hex::encode(digest))
+        })
+    }
 }
 
 /// Where one event stands with one endpoint.
@@ -1423,7 +1452,15 @@ impl WebhookService {
     }
 
     async fn finish(&self, job: &OutboxJob, next: JobNext) {
-        match self.outbox.finish_job(job, next).await {
+        // A finished head releases the next event of its subject (the store queues it): drain
+        // again at once rather than a poll later, so a token's backlog moves at delivery speed.
+        let releases =
+            job.subject.is_some() && matches!(next, JobNext::Done | JobNext::Dead { .. });
+        let finished = self.outbox.finish_job(job, next).await;
+        if releases {
+            self.wake.notify_one();
+        }
+        match finished {
             Ok(true) => {}
             Ok(false) => {
                 tracing::debug!(event_id = %job.event, "webhook job was claimed by another worker meanwhile")

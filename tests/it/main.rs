@@ -39,4 +39,5 @@ mod token_cache;
 mod token_counts;
 mod wallets;
 mod webhook_endpoint_store;
+mod webhook_order;
 mod webhooks;

@@ -41,7 +41,7 @@ const WAIT: Duration = Duration::from_secs(20);
 // --- fixtures ----------------------------------------------------------------------------------
 
 /// Short backoff, fast polling and a short lease, so retries and take-overs happen in seconds.
-fn fast(b: TestAppBuilder) -> TestAppBuilder {
+pub(crate) fn fast(b: TestAppBuilder) -> TestAppBuilder {
     b.env("TOKENGATE__D1__CALL_TIMEOUT_MS", "2000")
         .env("TOKENGATE__WEBHOOKS__BACKOFF_BASE_MS", "50")
         .env("TOKENGATE__WEBHOOKS__BACKOFF_MAX_MS", "200")
@@ -56,38 +56,38 @@ async fn sandbox(b: Backend) -> TestApp {
 
 /// What the receiver saw of one request.
 #[derive(Clone, Debug)]
-struct Hit {
-    headers: HeaderMap,
-    body: String,
+pub(crate) struct Hit {
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: String,
 }
 
 impl Hit {
-    fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
-    fn event_id(&self) -> &str {
+    pub(crate) fn event_id(&self) -> &str {
         self.header("tokengate-event-id")
     }
 }
 
 #[derive(Default)]
-struct RecvState {
+pub(crate) struct RecvState {
     hits: Mutex<Vec<Hit>>,
     /// Answered once `fail_next` is used up.
-    status: AtomicU16,
+    pub(crate) status: AtomicU16,
     /// This many requests are answered 500 first.
-    fail_next: AtomicUsize,
+    pub(crate) fail_next: AtomicUsize,
     /// Delay before answering (after the hit is recorded).
-    delay_ms: AtomicU64,
+    pub(crate) delay_ms: AtomicU64,
 }
 
 /// A webhook receiver on 127.0.0.1; stops when dropped.
-struct Receiver {
+pub(crate) struct Receiver {
     port: u16,
-    state: Arc<RecvState>,
+    pub(crate) state: Arc<RecvState>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -107,7 +107,7 @@ async fn receive(State(s): State<Arc<RecvState>>, headers: HeaderMap, body: Stri
 }
 
 impl Receiver {
-    async fn start() -> Receiver {
+    pub(crate) async fn start() -> Receiver {
         Self::on(0).await
     }
 
@@ -180,15 +180,15 @@ impl Receiver {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/hook", self.port)
     }
 
-    fn hits(&self) -> Vec<Hit> {
+    pub(crate) fn hits(&self) -> Vec<Hit> {
         self.state.hits.lock().unwrap().clone()
     }
 
-    fn hits_for(&self, event_id: &str) -> Vec<Hit> {
+    pub(crate) fn hits_for(&self, event_id: &str) -> Vec<Hit> {
         self.hits()
             .into_iter()
             .filter(|h| h.event_id() == event_id)
@@ -197,7 +197,7 @@ impl Receiver {
 }
 
 /// Polls `f` until it returns `Some`, or fails the test after `WAIT`.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -214,7 +214,7 @@ where
 
 /// Checks `Tokengate-Signature` the way docs/webhooks.md tells receivers to, with an HMAC
 /// computed here (not the gateway's code).
-fn assert_signed(secret: &str, hit: &Hit) {
+pub(crate) fn assert_signed(secret: &str, hit: &Hit) {
     let sig = hit.header("tokengate-signature");
     let mut t = None;
     let mut v1 = None;
@@ -239,7 +239,7 @@ fn assert_signed(secret: &str, hit: &Hit) {
     );
 }
 
-async fn post_empty(app: &TestApp, path: &str, key: &str) -> reqwest::Response {
+pub(crate) async fn post_empty(app: &TestApp, path: &str, key: &str) -> reqwest::Response {
     app.client
         .post(app.url(path))
         .bearer_auth(key)
@@ -249,7 +249,7 @@ async fn post_empty(app: &TestApp, path: &str, key: &str) -> reqwest::Response {
 }
 
 /// A merchant (onboarded at the simulator) with one ACTIVE token.
-async fn merchant_with_token(app: &TestApp, name: &str) -> (String, String) {
+pub(crate) async fn merchant_with_token(app: &TestApp, name: &str) -> (String, String) {
     let (_, key) = app.create_merchant(name).await;
     let r = app.tokenize(&key, VISA).await;
     assert_eq!(r.status(), 201);
@@ -259,7 +259,12 @@ async fn merchant_with_token(app: &TestApp, name: &str) -> (String, String) {
 }
 
 /// Registers an endpoint; returns its id and secret.
-async fn endpoint(app: &TestApp, key: &str, url: &str, events: &[&str]) -> (String, String) {
+pub(crate) async fn endpoint(
+    app: &TestApp,
+    key: &str,
+    url: &str,
+    events: &[&str],
+) -> (String, String) {
     let r = app
         .post(
             "/v1/webhook-endpoints",
@@ -275,13 +280,13 @@ async fn endpoint(app: &TestApp, key: &str, url: &str, events: &[&str]) -> (Stri
     )
 }
 
-async fn event(app: &TestApp, key: &str, id: &str) -> Value {
+pub(crate) async fn event(app: &TestApp, key: &str, id: &str) -> Value {
     let r = app.get(&format!("/v1/events/{id}"), key).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
 
-async fn events(app: &TestApp, key: &str) -> Vec<Value> {
+pub(crate) async fn events(app: &TestApp, key: &str) -> Vec<Value> {
     let r = app.get("/v1/events?limit=100", key).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();

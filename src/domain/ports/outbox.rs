@@ -15,6 +15,18 @@
 //! a time, dead-letter) in one atomic operation. So a job is never lost between claim and
 //! finish, and in the normal case it is held by one worker at a time.
 //!
+//! # Order per subject
+//!
+//! Events of one subject ([`WebhookEvent::subject`]: the token, or the issuer operation) are
+//! delivered to each endpoint in the order they were appended. The append puts each
+//! delivery's job at the tail of the (endpoint, subject) chain, in the same atomic write as the
+//! event; only the chain's head is in the job queue. When the head's job ends with
+//! [`JobNext::Done`] or [`JobNext::Dead`], [`OutboxStore::finish_job`] removes it from the
+//! chain and queues the next one (before it releases the claim, so a crash in between leaves
+//! the job claimed, and whoever takes it over finds the delivery finished, drops it and
+//! releases the chain then). A retry keeps the head in place, so a later event of the subject
+//! waits while an earlier one is pending or backing off; other subjects are not held up.
+//!
 //! How the usual non-success cases show up, as for [`super::TokenStore`]: misses are `Ok(None)`
 //! or `Ok(false)`; a backend that is down is [`StoreError::Unavailable`].
 
@@ -40,6 +52,10 @@ pub struct OutboxJob {
     pub endpoint: EndpointId,
     /// Attempts already made in this round.
     pub attempts: u32,
+    /// The event's ordering subject ([`WebhookEvent::subject`]) when the job is part of its
+    /// in-order chain to this endpoint; `None` for events without a subject, for redeliveries
+    /// (sent out of band) and for jobs queued before ordering existed.
+    pub subject: Option<String>,
     /// The backend's handle on this claim (a stream entry id, a lease key); opaque.
     pub handle: String,
 }
@@ -170,6 +186,8 @@ pub trait OutboxStore: Send + Sync + 'static {
 
     /// Ends a claim with the next step, atomically. `Ok(false)` when the claim was no longer
     /// held (its lease ran out and another worker took the job): then nothing is scheduled, the
-    /// new holder decides.
+    /// new holder decides. `Done` and `Dead` of a job with a subject also release its chain:
+    /// the next event of the subject to this endpoint is queued, due now (idempotent: only
+    /// while the job's event is the chain's head).
     async fn finish_job(&self, job: &OutboxJob, next: JobNext) -> Result<bool, StoreError>;
 }

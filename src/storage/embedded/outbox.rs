@@ -6,6 +6,11 @@
 //! table); a job whose worker died simply becomes due again when the lease ends, which is how a
 //! gateway killed mid-delivery delivers after a restart. The claim's handle is the lease time, so
 //! a worker whose lease ran out (and whose job was claimed again) finds nothing to finish.
+//!
+//! Order per subject: the jobs of an event with a subject are also written to their
+//! (endpoint, subject) chain, numbered in append order, and queued only when they are the
+//! chain's first entry; the finish of a chain's head (delivered or dead) removes it and queues
+//! the next, in the same transaction as the finish.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +28,7 @@ use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
     DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
 };
-use crate::storage::codec::outbox::{decode_job, encode_job, next_attempt};
+use crate::storage::codec::outbox::{chain_entry, decode_job, encode_job, next_attempt};
 
 /// (merchant id, endpoint id) -> endpoint JSON.
 const ENDPOINTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("wh_endpoints");
@@ -36,6 +41,9 @@ const DELIVERIES: TableDefinition<(&str, &str, &str), &[u8]> =
 const EVENT_TIMES: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new("wh_event_times");
 /// (due at ms, job) -> (): the job queue; claimed jobs sit at their lease end.
 const QUEUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("wh_queue");
+/// (merchant id, endpoint id, subject, sequence) -> job (0 attempts): the in-order chains;
+/// the first entry of a chain is its head, the only one in [`QUEUE`].
+const CHAINS: TableDefinition<(&str, &str, &str, u64), &str> = TableDefinition::new("wh_chains");
 /// (dead at ms, job) -> reason code: the dead-letter list, capped at [`DEAD_LETTER_MAX`].
 const DEAD: TableDefinition<(u64, &str), &str> = TableDefinition::new("wh_dead");
 
@@ -120,27 +128,70 @@ fn event_in(txn: &ReadTransaction, m: &str, e: &str) -> Result<Option<EventRecor
     Ok(Some(EventRecord { event, deliveries }))
 }
 
-/// Writes pending deliveries and due-now jobs (0 attempts) for `endpoints`.
+/// Writes pending deliveries and jobs (0 attempts) for `endpoints`: due now, or, with a
+/// `subject`, appended to each endpoint's chain and due now only when first in it.
 fn queue_pending(
     txn: &WriteTransaction,
     merchant: &MerchantId,
     event: &EventId,
     endpoints: &[EndpointId],
     now: u64,
+    subject: Option<&str>,
 ) -> Result<(), StoreError> {
     let mut deliveries = txn.open_table(DELIVERIES)?;
     let mut queue = txn.open_table(QUEUE)?;
+    let mut chains = txn.open_table(CHAINS)?;
+    let m = merchant.as_str();
     for ep in endpoints {
         let state = encode(
             "webhook delivery state",
             &DeliveryState::pending(ep.clone()),
         )?;
-        deliveries.insert(
-            (merchant.as_str(), event.as_str(), ep.as_str()),
-            state.as_slice(),
-        )?;
-        let job = encode_job(merchant, event, ep, 0);
+        deliveries.insert((m, event.as_str(), ep.as_str()), state.as_slice())?;
+        let job = encode_job(merchant, event, ep, 0, subject);
+        if let Some(s) = subject {
+            let w = ep.as_str();
+            let last = chains
+                .range((m, w, s, 0)..=(m, w, s, u64::MAX))?
+                .next_back()
+                .transpose()?
+                .map(|(k, _)| k.value().3);
+            chains.insert(
+                (m, w, s, last.map_or(0, |n| n.saturating_add(1))),
+                job.as_str(),
+            )?;
+            if last.is_some() {
+                // Waits for the earlier events of its subject.
+                continue;
+            }
+        }
         queue.insert((now, job.as_str()), ())?;
+    }
+    Ok(())
+}
+
+/// After `job` finished (delivered or dead): if its event heads its chain, removes it and
+/// queues the next entry, due now. Nothing otherwise (no chain, or already released).
+fn advance_chain(txn: &WriteTransaction, job: &OutboxJob, now: u64) -> Result<(), StoreError> {
+    let (Some(s), Some(entry)) = (job.subject.as_deref(), chain_entry(job)) else {
+        return Ok(());
+    };
+    let (m, w) = (job.merchant.as_str(), job.endpoint.as_str());
+    let mut chains = txn.open_table(CHAINS)?;
+    let mut first = Vec::with_capacity(2);
+    for item in chains.range((m, w, s, 0)..=(m, w, s, u64::MAX))?.take(2) {
+        let (k, v) = item?;
+        first.push((k.value().3, v.value().to_owned()));
+    }
+    let Some((seq, head)) = first.first() else {
+        return Ok(());
+    };
+    if *head != entry {
+        return Ok(());
+    }
+    chains.remove((m, w, s, *seq))?;
+    if let Some((_, next)) = first.get(1) {
+        txn.open_table(QUEUE)?.insert((now, next.as_str()), ())?;
     }
     Ok(())
 }
@@ -167,6 +218,7 @@ pub(crate) fn append_event_in(
         &event.id,
         &append.endpoints,
         now_ms(),
+        event.subject().as_deref(),
     )?;
     purge_events(txn, cutoff)
 }
@@ -425,7 +477,8 @@ impl OutboxStore for EmbeddedStore {
                 .get((merchant.as_str(), event.as_str()))?
                 .is_some();
             if exists {
-                queue_pending(&txn, &merchant, &event, &endpoints, now_ms())?;
+                // A redelivery is sent out of band: no chain.
+                queue_pending(&txn, &merchant, &event, &endpoints, now_ms(), None)?;
                 txn.commit()?;
             }
             Ok(())
@@ -486,8 +539,15 @@ impl OutboxStore for EmbeddedStore {
         let Ok(lease) = job.handle.parse::<u64>() else {
             return Ok(false);
         };
-        let current = encode_job(&job.merchant, &job.event, &job.endpoint, job.attempts);
+        let current = encode_job(
+            &job.merchant,
+            &job.event,
+            &job.endpoint,
+            job.attempts,
+            job.subject.as_deref(),
+        );
         let following = next_attempt(job);
+        let job = job.clone();
         self.run(move |db| {
             let txn = begin_write(db)?;
             {
@@ -509,6 +569,9 @@ impl OutboxStore for EmbeddedStore {
                         }
                     }
                 }
+            }
+            if !matches!(next, JobNext::Retry { .. }) {
+                advance_chain(&txn, &job, now_ms())?;
             }
             txn.commit()?;
             Ok(true)

@@ -12,6 +12,10 @@
 //! - **finish** (one script): `XACK` + `XDEL`, and if the ack found the entry pending, `ZADD`
 //!   the retry or `XADD` the dead letter. An ack that finds nothing (another consumer took the
 //!   entry over) schedules nothing, so a job never forks into two retry chains.
+//! - **order per subject**: the append pushes each job of an event with a subject onto the
+//!   (endpoint, subject) chain, a list under the merchant's tag, and queues it only if it is
+//!   the chain's only entry; a `Done`/`Dead` finish first runs the advance script on the chain
+//!   (pop the head if it is this job's event, queue the new head), then the finish script.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -28,7 +32,7 @@ use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
     DeliveryState, EndpointId, EventId, EventRecord, WebhookEndpoint, WebhookEvent, unix_ms,
 };
-use crate::storage::codec::outbox::{decode_job, encode_job, next_attempt};
+use crate::storage::codec::outbox::{chain_entry, decode_job, encode_job, next_attempt};
 
 /// The consumer group every gateway instance joins.
 pub const GROUP: &str = "webhook-workers";
@@ -76,8 +80,10 @@ return 0
 /// kind (`stream`: the shared stream, standalone; `shard`: the merchant's shard sorted set,
 /// Cluster), event id, event JSON, event expiry (Unix ms), index expiry (Unix ms), retention
 /// cutoff id, now (Unix ms, the shard score), n, then n delivery fields, n delivery states, n
-/// jobs. It stores the event and its pending deliveries, trims the merchant's index past
-/// retention, and queues the jobs.
+/// jobs, n chain keys (`''` when the event has no subject). It stores the event and its
+/// pending deliveries, trims the merchant's index past retention, appends each job to its
+/// (endpoint, subject) chain and queues it only when it is the chain's head (the chain was
+/// empty); a job without a chain is queued at once.
 pub(crate) const OUTBOX_FUNCTIONS: &str = r#"
 local function outbox_queue(key, kind, now, job)
   if kind == 'stream' then
@@ -98,10 +104,33 @@ local function outbox_append(a)
   redis.call('ZREMRANGEBYLEX', ARGV[a + 1], '-', '(' .. ARGV[a + 8])
   redis.call('PEXPIREAT', ARGV[a + 1], ARGV[a + 7])
   for i = 1, n do
-    outbox_queue(ARGV[a + 2], ARGV[a + 3], ARGV[a + 9], ARGV[a + 10 + 2 * n + i])
+    local job = ARGV[a + 10 + 2 * n + i]
+    local chain = ARGV[a + 10 + 3 * n + i]
+    if chain == nil or chain == '' or redis.call('RPUSH', chain, job) == 1 then
+      outbox_queue(ARGV[a + 2], ARGV[a + 3], ARGV[a + 9], job)
+    end
   end
 end
 "#;
+
+/// Releases a chain after its head finished (delivered or dead): pops the head if it is the
+/// finished job's chain entry, and queues the new head (stream or shard, as `outbox_queue`).
+/// Idempotent: a second call for the same job finds another head, or none, and does nothing.
+/// Returns the job it queued, or nil. KEYS: chain. ARGV: the finished job's chain entry, queue
+/// key, queue kind, now ms.
+static ADVANCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{OUTBOX_FUNCTIONS}
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return false end
+redis.call('LPOP', KEYS[1])
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then return false end
+outbox_queue(ARGV[2], ARGV[3], ARGV[4], head)
+return head
+"#
+    ))
+});
 
 /// A plain enqueue. KEYS: event hash (routes the script to the merchant's slot). ARGV: as
 /// `outbox_append(1)`.
@@ -245,6 +274,12 @@ impl Keys<'_> {
     fn shard(&self, m: &MerchantId) -> String {
         format!("{}whq", self.store.merchant_key_start(m))
     }
+    /// The chain of one (endpoint, subject): the jobs of its events in append order, the head
+    /// first; only the head is queued. In the merchant's slot, so the token script appends to
+    /// it in the same step as the change.
+    fn chain(&self, m: &MerchantId, ep: &EndpointId, subject: &str) -> String {
+        format!("{}whc:{ep}:{subject}", self.store.merchant_key_start(m))
+    }
     /// The merchants that may have shard entries: what the sweep walks.
     fn shards(&self) -> String {
         self.store.global_key("{wh}:shards")
@@ -338,11 +373,21 @@ impl RedisStore {
         let k = self.outbox_keys();
         let event = &append.event;
         let m = &event.merchant_id;
+        let subject = event.subject();
         let PendingArgs {
             fields,
             states,
             jobs,
-        } = PendingArgs::new(m, &event.id, &append.endpoints)?;
+        } = PendingArgs::new(m, &event.id, &append.endpoints, subject.as_deref())?;
+        let chains: Vec<String> = append
+            .endpoints
+            .iter()
+            .map(|ep| {
+                subject
+                    .as_deref()
+                    .map_or_else(String::new, |s| k.chain(m, ep, s))
+            })
+            .collect();
         // Ids sort by creation time: everything below the bound is past retention.
         let cutoff = EventId::lower_bound(OffsetDateTime::now_utc() - append.retention);
         let keep = ms(append.retention);
@@ -360,7 +405,8 @@ impl RedisStore {
             .arg(append.endpoints.len())
             .arg(&fields)
             .arg(&states)
-            .arg(&jobs);
+            .arg(&jobs)
+            .arg(&chains);
         Ok(jobs)
     }
 
@@ -378,14 +424,31 @@ impl RedisStore {
     }
 
     /// Cluster: moves jobs a script just put in `m`'s shard to the shared stream, then removes
-    /// them from the shard. The event is already stored with them, so a failure here loses
-    /// nothing: it is logged, and the sweep moves them after a lease. (A crash between the two
-    /// steps queues a job twice; the worker skips a delivery already finished.)
+    /// them from the shard. Only the jobs that are in the shard: a job that waits in its chain
+    /// behind an earlier event of its subject was not queued. The event is already stored with
+    /// them, so a failure here loses nothing: it is logged, and the sweep moves them after a
+    /// lease. (A crash between the two steps queues a job twice; the worker skips a delivery
+    /// already finished.)
     pub(crate) async fn move_appended_jobs(&self, m: &MerchantId, jobs: &[String]) {
         if !self.is_cluster() || jobs.is_empty() {
             return;
         }
-        if let Err(e) = self.move_shard_jobs(m, jobs).await {
+        let moved = async {
+            let mut c = redis::cmd("ZMSCORE");
+            c.arg(self.outbox_keys().shard(m)).arg(jobs);
+            let scores: Vec<Option<f64>> = self.query(c).await?;
+            let queued: Vec<String> = jobs
+                .iter()
+                .zip(scores)
+                .filter(|(_, score)| score.is_some())
+                .map(|(j, _)| j.clone())
+                .collect();
+            if queued.is_empty() {
+                return Ok(());
+            }
+            self.move_shard_jobs(m, &queued).await
+        };
+        if let Err(e) = moved.await {
             tracing::warn!(merchant_id = %m, error = %e,
                 "webhook outbox: jobs left in the merchant shard; the sweep will queue them");
         }
@@ -468,6 +531,7 @@ impl PendingArgs {
         merchant: &MerchantId,
         event: &EventId,
         endpoints: &[EndpointId],
+        subject: Option<&str>,
     ) -> Result<PendingArgs, StoreError> {
         let mut a = PendingArgs {
             fields: Vec::with_capacity(endpoints.len()),
@@ -480,7 +544,7 @@ impl PendingArgs {
                 "webhook delivery state",
                 &DeliveryState::pending(ep.clone()),
             )?);
-            a.jobs.push(encode_job(merchant, event, ep, 0));
+            a.jobs.push(encode_job(merchant, event, ep, 0, subject));
         }
         Ok(a)
     }
@@ -639,11 +703,13 @@ impl OutboxStore for RedisStore {
             return Ok(());
         }
         let k = self.outbox_keys();
+        // A redelivery is sent out of band: no chain (it neither waits for the subject's
+        // other events nor holds them up).
         let PendingArgs {
             fields,
             states,
             jobs,
-        } = PendingArgs::new(merchant, event, endpoints)?;
+        } = PendingArgs::new(merchant, event, endpoints, None)?;
         self.register_outbox_shard(merchant).await?;
         let (queue, kind) = self.queue_target(merchant);
         let mut inv = REDELIVER.key(k.event(merchant, event));
@@ -697,6 +763,11 @@ impl OutboxStore for RedisStore {
     }
 
     async fn finish_job(&self, job: &OutboxJob, next: JobNext) -> Result<bool, StoreError> {
+        if matches!(next, JobNext::Done | JobNext::Dead { .. }) {
+            // Before the ack: once acked, nothing would bring this job back to release its
+            // chain if the process died now; unacked, whoever takes it over releases it.
+            self.advance_chain(job).await?;
+        }
         match next {
             JobNext::Done => {
                 self.finish_entry(&job.handle, "done", String::new(), String::new())
@@ -715,6 +786,24 @@ impl OutboxStore for RedisStore {
 }
 
 impl RedisStore {
+    /// Releases the chain of a finished job (see [`ADVANCE`]); on Cluster the new head lands
+    /// in the merchant's shard and is moved to the stream like an appended job.
+    async fn advance_chain(&self, job: &OutboxJob) -> Result<(), StoreError> {
+        let (Some(subject), Some(entry)) = (job.subject.as_deref(), chain_entry(job)) else {
+            return Ok(());
+        };
+        let k = self.outbox_keys();
+        let (queue, kind) = self.queue_target(&job.merchant);
+        let mut inv = ADVANCE.key(k.chain(&job.merchant, &job.endpoint, subject));
+        inv.arg(entry).arg(queue).arg(kind).arg(now_ms());
+        let queued: Option<String> = self.invoke_write(inv).await?;
+        if let Some(head) = queued {
+            self.move_appended_jobs(&job.merchant, std::slice::from_ref(&head))
+                .await;
+        }
+        Ok(())
+    }
+
     /// Runs the finish script on one stream entry: `action` with the job string to schedule and
     /// the retry due time or dead-letter reason.
     async fn finish_entry(

@@ -5,8 +5,8 @@
 //! 429/503 storms, a notification storm on two instances, a receiver outage); then checks what
 //! was acknowledged against what is stored and what was announced.
 //!
-//! Prints one row per scenario (scenario, load, faults, acknowledged, lost, duplicated, notes)
-//! and fails when any lost or duplicated count is not zero. Every process it starts is killed
+//! Prints one row per scenario (scenario, load, faults, acknowledged, lost, duplicated, out of
+//! order, notes) and fails when any lost, duplicated or out-of-order count is not zero. Every process it starts is killed
 //! when the run ends, whatever happens (`env::Proc` kills on drop).
 //!
 //! - [`env`]: the processes and the HTTP helper;
@@ -48,6 +48,9 @@ pub struct Row {
     pub acknowledged: u64,
     pub lost: u64,
     pub duplicated: u64,
+    /// Tokens whose events reached the receiver out of the order they were made in (first
+    /// arrival of each event id), for the scenarios that check order; must be 0.
+    pub out_of_order: Option<u64>,
     pub notes: Vec<String>,
 }
 
@@ -129,11 +132,13 @@ async fn run_suite(args: Args) -> Result<(), BoxError> {
             },
         };
         eprintln!(
-            "   {} s: acknowledged {}, lost {}, duplicated {}{}",
+            "   {} s: acknowledged {}, lost {}, duplicated {}, out of order {}{}",
             t.elapsed().as_secs(),
             row.acknowledged,
             row.lost,
             row.duplicated,
+            row.out_of_order
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
             if row.notes.is_empty() {
                 String::new()
             } else {
@@ -145,16 +150,18 @@ async fn run_suite(args: Args) -> Result<(), BoxError> {
     let table = render(&rows, started.elapsed(), args.short);
     println!("{table}");
     std::fs::write(work.join("report.md"), &table)?;
-    let failed = rows.iter().any(|r| r.lost > 0 || r.duplicated > 0);
+    let failed = rows
+        .iter()
+        .any(|r| r.lost > 0 || r.duplicated > 0 || r.out_of_order.is_some_and(|n| n > 0));
     if failed {
-        return Err("chaos: lost or duplicated is not zero (see the table)".into());
+        return Err("chaos: lost, duplicated or out of order is not zero (see the table)".into());
     }
     Ok(())
 }
 
 fn render(rows: &[Row], took: Duration, short: bool) -> String {
     let mut out = format!(
-        "chaos suite ({}, {} s, load average {})\n\n| scenario | load | faults | acknowledged | lost | duplicated | notes |\n|---|---|---|---:|---:|---:|---|\n",
+        "chaos suite ({}, {} s, load average {})\n\n| scenario | load | faults | acknowledged | lost | duplicated | out of order | notes |\n|---|---|---|---:|---:|---:|---:|---|\n",
         if short { "--short" } else { "full" },
         took.as_secs(),
         std::fs::read_to_string("/proc/loadavg")
@@ -164,13 +171,15 @@ fn render(rows: &[Row], took: Duration, short: bool) -> String {
     );
     for r in rows {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario,
             r.load,
             r.faults,
             r.acknowledged,
             r.lost,
             r.duplicated,
+            r.out_of_order
+                .map_or_else(|| "-".to_owned(), |n| n.to_string()),
             r.notes.join("; ")
         ));
     }
