@@ -7,6 +7,7 @@ pub mod audit;
 pub mod client_certs;
 pub mod error;
 pub mod issuer;
+pub mod issuer_cards;
 pub mod issuer_ops;
 pub mod issuer_provider;
 pub mod issuer_service;
