@@ -22,8 +22,9 @@ use crate::domain::issuer_provider::{
     ClickToPayProfile, IssuerProvider, OperationAck, StartOperation,
 };
 use tokengate_d1_protocol::issuer::{
-    CardDeleteRequest, ClickToPayEnrolmentRequest, ClickToPayOptOutRequest, ClickToPayProfilesResponse,
-    ClickToPayUpdateRequest, OperationAccepted, OperationObject, mask_pan,
+    CardDeleteRequest, ClickToPayEnrolmentRequest, ClickToPayOptOutRequest,
+    ClickToPayProfilesResponse, ClickToPayUpdateRequest, OperationAccepted, OperationObject,
+    mask_pan,
 };
 use tokengate_d1_protocol::paths::IssuerPaths;
 

@@ -131,7 +131,11 @@ impl IssuerCard {
 /// What `op` (just finished `SUCCESSFUL`) does to `card`. `Some(reason)` when the card has
 /// just left Click to Pay (the opt-out event to queue); `None` with `changed == false` when
 /// nothing changes.
-fn fold(card: &mut IssuerCard, op: &IssuerOperation, now: OffsetDateTime) -> (bool, Option<OptOutReason>) {
+fn fold(
+    card: &mut IssuerCard,
+    op: &IssuerOperation,
+    now: OffsetDateTime,
+) -> (bool, Option<OptOutReason>) {
     let deleted = card.is_deleted();
     let mut left = None;
     let changed = match op.kind {
@@ -235,7 +239,11 @@ impl IssuerCards {
 
     /// What the gateway knows of the card; [`DomainError::IssuerCardNotFound`] when nothing
     /// (no record, no operation, no order) is known of it for this issuer.
-    pub async fn get_card(&self, issuer: &IssuerId, card_id: &str) -> Result<CardView, DomainError> {
+    pub async fn get_card(
+        &self,
+        issuer: &IssuerId,
+        card_id: &str,
+    ) -> Result<CardView, DomainError> {
         check_card_id(card_id)?;
         let record = self.cards.get_card(issuer, card_id).await?;
         let operations = self
@@ -273,7 +281,11 @@ impl IssuerCards {
 
     /// Refuses Click to Pay enrolment of a card the gateway knows is deleted (`409
     /// card_deleted`): D1 would refuse it too, and the issuer learns why without a D1 call.
-    pub async fn ensure_not_deleted(&self, issuer: &IssuerId, card_id: &str) -> Result<(), DomainError> {
+    pub async fn ensure_not_deleted(
+        &self,
+        issuer: &IssuerId,
+        card_id: &str,
+    ) -> Result<(), DomainError> {
         if !valid_card_id(card_id) {
             return Ok(()); // the use case answers its own validation error
         }
@@ -286,7 +298,11 @@ impl IssuerCards {
     /// Deletes the card at D1 (`DELETE`, which also opts it out of Click to Pay): `202` with
     /// the operation, finished by D1's notification (or a poll); re-driven with the same
     /// `issuerRequestId` when D1's answer is lost. A card already known deleted: `409`.
-    pub async fn delete_card(&self, issuer: &Issuer, card_id: &str) -> Result<IssuerOperation, DomainError> {
+    pub async fn delete_card(
+        &self,
+        issuer: &Issuer,
+        card_id: &str,
+    ) -> Result<IssuerOperation, DomainError> {
         check_card_id(card_id)?;
         self.ensure_not_deleted(&issuer.id, card_id).await?;
         self.issuer
@@ -353,9 +369,16 @@ impl IssuerCards {
         profiles.into_iter().find_map(|p| p.consumer_id)
     }
 
-    async fn announce_opt_out(&self, op: &IssuerOperation, card: &IssuerCard, reason: OptOutReason) {
+    async fn announce_opt_out(
+        &self,
+        op: &IssuerOperation,
+        card: &IssuerCard,
+        reason: OptOutReason,
+    ) {
         if let Some(w) = &self.webhooks
-            && let Err(e) = w.issuer_card_opted_out(op, &card.card_id, reason.as_str()).await
+            && let Err(e) = w
+                .issuer_card_opted_out(op, &card.card_id, reason.as_str())
+                .await
         {
             tracing::warn!(operation_id = %op.id, error = %e, "issuer opt-out event not recorded");
         }

@@ -569,7 +569,9 @@ impl IssuerService {
         let Some(card_id) = item.card_id.as_deref() else {
             return Ok(None);
         };
-        if !adoptable || !valid_d1_id(&item.d1_operation_id) || !super::issuer::valid_card_id(card_id)
+        if !adoptable
+            || !valid_d1_id(&item.d1_operation_id)
+            || !super::issuer::valid_card_id(card_id)
         {
             return Ok(None);
         }

@@ -30,7 +30,7 @@ use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 
 use handlers::{
-    audit_events, click_to_pay, issuer_cards, client_certs, issuer_notify, issuers, keys, notify,
+    audit_events, click_to_pay, client_certs, issuer_cards, issuer_notify, issuers, keys, notify,
     production_orders, recurring, reveal, tokens, wallets, webhooks,
 };
 

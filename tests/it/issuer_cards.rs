@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::issuer_api::{
-    Iss, PAN, access_token, builder, enrol, eventually, issuer, no_pan_in_store, notify,
-    operation, profiles, receiver, seed, sim_settings, subscribe, until_final,
+    Iss, PAN, access_token, builder, enrol, eventually, issuer, no_pan_in_store, notify, operation,
+    profiles, receiver, seed, sim_settings, subscribe, until_final,
 };
 use crate::support::app::{ADMIN, Backend, TestApp, expect_problem};
 use crate::support::captured_logs;
@@ -59,7 +59,13 @@ async fn delete_through_the_api_opts_the_card_out(backend: Backend) {
     let iss = issuer(&app).await;
     let hook = receiver().await;
     subscribe(&app, &iss, &hook.url).await;
-    let consumer = seed(&app, &iss, "card-1", json!({"pan": PAN, "expiry": "1230", "firstName": "Ada", "email": "ada@example.com"})).await;
+    let consumer = seed(
+        &app,
+        &iss,
+        "card-1",
+        json!({"pan": PAN, "expiry": "1230", "firstName": "Ada", "email": "ada@example.com"}),
+    )
+    .await;
     enrolled(&app, &iss, "card-1").await;
     let c = eventually("the card enrolled", || async {
         let c = card(&app, &iss.key, "card-1").await;
@@ -98,7 +104,12 @@ async fn delete_through_the_api_opts_the_card_out(backend: Backend) {
     assert_eq!(c["clickToPay"]["reason"], "CARD_DELETED", "{c}");
     assert!(c["deletedAt"].is_string());
     assert_eq!(c["lastOperations"][0]["id"], id, "newest first: {c}");
-    let p = profiles(&app, &iss.key, "/v1/issuer/cards/card-1/click-to-pay/profiles").await;
+    let p = profiles(
+        &app,
+        &iss.key,
+        "/v1/issuer/cards/card-1/click-to-pay/profiles",
+    )
+    .await;
     assert_eq!(p["clickToPayProfiles"], json!([]));
     let p = profiles(
         &app,
@@ -117,12 +128,25 @@ async fn delete_through_the_api_opts_the_card_out(backend: Backend) {
         )
         .await;
     expect_problem(r, 409, "card_deleted").await;
-    expect_problem(delete(&app, &iss.key, "card-1", None).await, 409, "card_deleted").await;
+    expect_problem(
+        delete(&app, &iss.key, "card-1", None).await,
+        409,
+        "card_deleted",
+    )
+    .await;
     assert_eq!(app.sim_stats().await["requests"]["cardDelete"], 1);
 
     // D1's own refusal (a card it does not know) keeps its code; the operation is FAILED.
-    let p = expect_problem(delete(&app, &iss.key, "never-seeded", None).await, 422, "d1_rejected").await;
-    assert!(p["detail"].as_str().unwrap().contains("CARD_NOT_FOUND"), "{p}");
+    let p = expect_problem(
+        delete(&app, &iss.key, "never-seeded", None).await,
+        422,
+        "d1_rejected",
+    )
+    .await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("CARD_NOT_FOUND"),
+        "{p}"
+    );
 
     // Webhooks: enrolment succeeded + enrolled, deletion succeeded + opted out (reason
     // CARD_DELETED), the refused deletion failed; one of each.
@@ -164,8 +188,10 @@ async fn delete_through_the_api_opts_the_card_out(backend: Backend) {
 async fn second_instance(a: &TestApp, backend: Backend) -> Option<TestApp> {
     let b = match backend {
         Backend::Embedded => return None,
-        Backend::Redis => builder(Backend::Embedded)
-            .env("TOKENGATE__STORAGE__REDIS_URL", &a.redis.as_ref().unwrap().url()),
+        Backend::Redis => builder(Backend::Embedded).env(
+            "TOKENGATE__STORAGE__REDIS_URL",
+            &a.redis.as_ref().unwrap().url(),
+        ),
         Backend::RedisCluster => {
             let nodes: Vec<String> = a
                 .cluster
@@ -211,7 +237,12 @@ async fn deletion_at_d1_is_applied_once_across_instances(backend: Backend) {
         .to_owned();
     // D1 has opted the card out: its profile is empty already.
     eventually("D1 to finish the deletion", || async {
-        let p = profiles(&a, &iss.key, "/v1/issuer/cards/card-1/click-to-pay/profiles").await;
+        let p = profiles(
+            &a,
+            &iss.key,
+            "/v1/issuer/cards/card-1/click-to-pay/profiles",
+        )
+        .await;
         (p["clickToPayProfiles"] == json!([])).then_some(())
     })
     .await;
@@ -282,7 +313,10 @@ async fn deletion_at_d1_is_applied_once_across_instances(backend: Backend) {
         )
         .await;
     let p = expect_problem(r, 422, "d1_rejected").await;
-    assert!(p["detail"].as_str().unwrap().contains("CARD_DELETED"), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("CARD_DELETED"),
+        "{p}"
+    );
     assert!(!captured_logs().contains(PAN), "a PAN reached the logs");
     no_pan_in_store(&a);
 }
@@ -301,7 +335,10 @@ async fn card_routes_scopes_tenancy_and_validation(backend: Backend) {
     .await;
     enrolled(&app, &iss, "card-1").await;
     let c = card(&app, &iss.key, "card-1").await;
-    assert_eq!(c["lastOperations"][0]["operation"], "CLICK_TO_PAY_ENROLMENT");
+    assert_eq!(
+        c["lastOperations"][0]["operation"],
+        "CLICK_TO_PAY_ENROLMENT"
+    );
     // Another issuer: 404 on read, never 403; its delete reaches D1 under its own issuer id,
     // where the card does not exist.
     expect_problem(
@@ -310,8 +347,16 @@ async fn card_routes_scopes_tenancy_and_validation(backend: Backend) {
         "issuer_card_not_found",
     )
     .await;
-    let p = expect_problem(delete(&app, &other.key, "card-1", None).await, 422, "d1_rejected").await;
-    assert!(p["detail"].as_str().unwrap().contains("CARD_NOT_FOUND"), "{p}");
+    let p = expect_problem(
+        delete(&app, &other.key, "card-1", None).await,
+        422,
+        "d1_rejected",
+    )
+    .await;
+    assert!(
+        p["detail"].as_str().unwrap().contains("CARD_NOT_FOUND"),
+        "{p}"
+    );
     assert!(card(&app, &iss.key, "card-1").await["lifecycleState"].is_null());
     // Scopes: a merchant key, and an issuer key without issuer:cards.
     let (_, merchant_key) = app.create_merchant("Shop").await;
@@ -321,7 +366,12 @@ async fn card_routes_scopes_tenancy_and_validation(backend: Backend) {
         "insufficient_scope",
     )
     .await;
-    expect_problem(delete(&app, &merchant_key, "card-1", None).await, 403, "insufficient_scope").await;
+    expect_problem(
+        delete(&app, &merchant_key, "card-1", None).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
     let r = app
         .client
         .post(app.url(&format!("/v1/issuers/{}/api-keys", iss.id)))
@@ -341,7 +391,12 @@ async fn card_routes_scopes_tenancy_and_validation(backend: Backend) {
         "insufficient_scope",
     )
     .await;
-    expect_problem(delete(&app, &narrow, "card-1", None).await, 403, "insufficient_scope").await;
+    expect_problem(
+        delete(&app, &narrow, "card-1", None).await,
+        403,
+        "insufficient_scope",
+    )
+    .await;
     // A malformed card id: 422 before anything reaches D1 or the store.
     let before = app.sim_stats().await["requests"]["cardDelete"].clone();
     for bad in ["bad%20id", "x%2Fy", &"a".repeat(49)] {

@@ -377,7 +377,10 @@ mod cards {
         s.put_card(&c).await.unwrap();
         let mut stale = c.clone();
         stale.lifecycle = Some(CardLifecycle::Active);
-        assert!(matches!(s.put_card(&stale).await, Err(StoreError::Conflict)));
+        assert!(matches!(
+            s.put_card(&stale).await,
+            Err(StoreError::Conflict)
+        ));
         let stored = s.get_card(&iss, "card-1").await.unwrap().unwrap();
         assert_eq!(stored.lifecycle, Some(CardLifecycle::Deleted));
         assert_eq!(stored.opt_out_reason, Some(OptOutReason::CardDeleted));

@@ -47,7 +47,8 @@ use super::faults::{Injected, Op, TIMEOUT_HOLD};
 use super::notify::format_timestamp;
 use super::state::{lock, random_id};
 use tokengate_d1_protocol::issuer::{
-    CardDeleteRequest, ClickToPayEnrolmentRequest, ClickToPayOptOutRequest, ClickToPayUpdateRequest, OperationObject,
+    CardDeleteRequest, ClickToPayEnrolmentRequest, ClickToPayOptOutRequest,
+    ClickToPayUpdateRequest, OperationObject,
 };
 
 /// Path prefix of the issuer API, as in D1's "banking" base URL.
@@ -265,8 +266,12 @@ async fn issuer_gate(
 /// What a completed operation does to the registry.
 #[derive(Debug, Clone)]
 enum Effect {
-    Enrol { cardholder_name: String },
-    UpdateCard { cardholder_name: Option<String> },
+    Enrol {
+        cardholder_name: String,
+    },
+    UpdateCard {
+        cardholder_name: Option<String>,
+    },
     UpdateConsumer,
     OptOutCard,
     OptOutConsumer,
@@ -306,7 +311,11 @@ fn start(
                 return issuer_error(StatusCode::NOT_FOUND, "CARD_NOT_FOUND", "unknown card");
             };
             if card.deleted {
-                return issuer_error(StatusCode::BAD_REQUEST, "CARD_DELETED", "the card is deleted");
+                return issuer_error(
+                    StatusCode::BAD_REQUEST,
+                    "CARD_DELETED",
+                    "the card is deleted",
+                );
             }
             (Some(c.clone()), Some(card.consumer_id.clone()))
         }
@@ -496,9 +505,10 @@ fn complete(shared: &Shared, issuer: &str, op_id: &str, effect: Effect) {
 
 /// The last Click to Pay card of a consumer left: D1 removes the cardholder details.
 fn remove_details_if_last(data: &mut Data, issuer: &str, consumer_id: &str) {
-    let any_left = data.cards.iter().any(|((i, _), c)| {
-        i == issuer && c.consumer_id == consumer_id && c.enrolled.is_some()
-    });
+    let any_left = data
+        .cards
+        .iter()
+        .any(|((i, _), c)| i == issuer && c.consumer_id == consumer_id && c.enrolled.is_some());
     if !any_left
         && let Some(c) = data
             .consumers
