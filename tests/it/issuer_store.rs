@@ -2,7 +2,8 @@
 //! Redis, Redis Cluster and the embedded store: unique D1 issuer ids, the `issuerRequestId`
 //! anchor, lookups by D1 operation id, compare-and-set updates keeping the list indexes and
 //! the worker's due list in step, notification dedup in the same atomic step (also under
-//! concurrency), index-backed pagination with filters, and isolation between issuers.
+//! concurrency), index-backed pagination with filters, and isolation between issuers; and the
+//! issuer card records (`IssuerCardStore`): compare-and-set, isolation, one of two racing writers.
 
 use std::sync::Arc;
 use std::time::Duration;
