@@ -210,6 +210,7 @@ pub type IssuerStores = (
     Arc<dyn IssuerStore>,
     Arc<dyn IssuerOperationStore>,
     Arc<dyn crate::domain::ports::production_orders::ProductionOrderStore>,
+    Arc<dyn crate::domain::ports::issuer_cards::IssuerCardStore>,
 );
 
 pub async fn open_store(cfg: &Config) -> Result<Arc<dyn TokenStore>, AppError> {
@@ -253,7 +254,7 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
-            (store.clone(), store.clone(), store),
+            (store.clone(), store.clone(), store.clone(), store),
         ))
     } else {
         let dir: PathBuf = s.data_dir.clone();
@@ -266,7 +267,7 @@ pub async fn open_stores(
             store.clone(),
             store.clone(),
             store.clone(),
-            (store.clone(), store.clone(), store),
+            (store.clone(), store.clone(), store.clone(), store),
         ))
     }
 }
@@ -343,7 +344,7 @@ impl Gateway {
             key_store,
             cert_store,
             count_store,
-            (issuer_store, issuer_op_store, production_store),
+            (issuer_store, issuer_op_store, production_store, card_store),
         ) = open_stores(cfg).await?;
         // Every token-store call the domain makes is timed (src/storage/instrumented.rs).
         let store: Arc<dyn TokenStore> =
@@ -485,11 +486,20 @@ impl Gateway {
         // Physical card orders follow production through the issuer service's PRODUCE hook.
         let production = Arc::new(crate::domain::production_service::ProductionService::new(
             (*issuers).clone(),
-            production_store,
+            production_store.clone(),
             production_provider,
             services.webhooks.clone(),
         ));
         production.register();
+        // The issuer's cards follow DELETE / SUSPEND / RESUME and Click to Pay outcomes through
+        // hooks on the same service (domain::issuer_cards).
+        let cards = Arc::new(crate::domain::issuer_cards::IssuerCards::new(
+            (*issuers).clone(),
+            card_store,
+            Some(production_store),
+            services.webhooks.clone(),
+        ));
+        cards.register();
         let notify = Arc::new(NotifyState {
             auth: notify_auth,
             lifecycle,
@@ -521,6 +531,7 @@ impl Gateway {
             client_certs,
             issuers: issuers.clone(),
             production,
+            cards,
         });
         Ok(Gateway {
             state,
@@ -762,7 +773,7 @@ async fn d1_provider(
     let production = crate::d1::D1ProductionClient::new(
         client.clone(),
         &issuer_base,
-        tokengate_d1_protocol::issuer_orders::ProductionPaths::default(),
+        d1.production_paths.clone(),
     )
     .map_err(AppError::D1)?;
     Ok((

@@ -412,6 +412,10 @@ pub struct D1Section {
     /// Path templates of the issuer-side API (`[d1.issuer_paths]`).
     #[serde(default)]
     pub issuer_paths: tokengate_d1_protocol::paths::IssuerPaths,
+    /// Path templates of physical card orders under the issuer API (`[d1.production_paths]`):
+    /// configuration like the others, because the batch path is our inference.
+    #[serde(default)]
+    pub production_paths: tokengate_d1_protocol::issuer_orders::ProductionPaths,
 }
 
 /// The issuer side's background worker (`[issuer]`, `domain::issuer_service`).
@@ -583,6 +587,12 @@ impl Config {
         if let Err(msg) = self.d1.issuer_paths.validate() {
             return Err(ConfigError::Invalid {
                 key: "d1.issuer_paths",
+                msg,
+            });
+        }
+        if let Err(msg) = self.d1.production_paths.validate() {
+            return Err(ConfigError::Invalid {
+                key: "d1.production_paths",
                 msg,
             });
         }
@@ -1098,6 +1108,47 @@ mod tests {
         assert_eq!(c.server.listen.port(), 8080);
         assert!(c.storage.redis_url.is_none());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn production_paths_are_configuration_and_validated() {
+        use tokengate_d1_protocol::issuer_orders::ProductionPaths;
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c.d1.production_paths, ProductionPaths::default());
+        let c = Config::load_with_env(
+            None,
+            &env(&[(
+                "TOKENGATE__D1__PRODUCTION_PATHS__PRODUCTION_BATCH",
+                "/issuers/{issuerId}/cardOrders",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.d1.production_paths.production_batch,
+            "/issuers/{issuerId}/cardOrders"
+        );
+        assert_eq!(
+            c.d1.production_paths.production,
+            ProductionPaths::default().production
+        );
+        c.validate().unwrap();
+        let c = Config::load_with_env(
+            None,
+            &env(&[(
+                "TOKENGATE__D1__PRODUCTION_PATHS__PRODUCTION_STATUS",
+                "/issuers/{issuerId}/physicalCards/{bogus}/productionStatus",
+            )]),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("d1.production_paths"), "{e}");
+        let e = Config::load_with_env(
+            None,
+            &env(&[("TOKENGATE__D1__PRODUCTION_PATHS__NOPE", "/x")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nope"), "{e}");
     }
 
     #[test]

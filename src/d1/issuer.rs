@@ -22,8 +22,9 @@ use crate::domain::issuer_provider::{
     ClickToPayProfile, IssuerProvider, OperationAck, StartOperation,
 };
 use tokengate_d1_protocol::issuer::{
-    ClickToPayEnrolmentRequest, ClickToPayOptOutRequest, ClickToPayProfilesResponse,
-    ClickToPayUpdateRequest, OperationAccepted, OperationObject, mask_pan,
+    CardDeleteRequest, ClickToPayEnrolmentRequest, ClickToPayOptOutRequest,
+    ClickToPayProfilesResponse, ClickToPayUpdateRequest, OperationAccepted, OperationObject,
+    mask_pan,
 };
 use tokengate_d1_protocol::paths::IssuerPaths;
 
@@ -178,6 +179,24 @@ impl IssuerProvider for D1IssuerClient {
                     OperationTarget::Consumer(_) => &p.consumer_click_to_pay_opt_out,
                 };
                 (OP, template, b)
+            }
+            (
+                OperationCall::CardDelete {
+                    reason,
+                    reason_code,
+                },
+                OperationTarget::Card(_),
+            ) => {
+                const OP: &str = "cardDelete";
+                let b = encode_json(
+                    OP,
+                    &CardDeleteRequest {
+                        reason: reason.clone(),
+                        reason_code: reason_code.clone(),
+                        issuer_request_id: request_id,
+                    },
+                )?;
+                (OP, &p.card_delete, b)
             }
             _ => {
                 return Err(ProviderError::BadResponse(format!(

@@ -24,6 +24,12 @@ pub enum DomainError {
     /// A card that was never ordered (physical card orders).
     #[error("no production order for this card")]
     ProductionOrderNotFound,
+    /// A card the gateway knows nothing of for this issuer (`GET /v1/issuer/cards/{id}`).
+    #[error("no such card for this issuer")]
+    IssuerCardNotFound,
+    /// The card is deleted at D1: nothing more can be done with it.
+    #[error("the card is deleted")]
+    CardDeleted,
     /// A unique value is already taken (409): `problem` is the catalogue's code.
     #[error("{detail}")]
     Duplicate {

@@ -196,6 +196,14 @@ pub enum OperationCall {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason_code: Option<String>,
     },
+    /// Deletes the card at D1 (which also opts it out of Click to Pay).
+    #[serde(rename_all = "camelCase")]
+    CardDelete {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason_code: Option<String>,
+    },
     /// Submitted by its caller (part 2: production orders); the worker only polls it.
     External,
 }

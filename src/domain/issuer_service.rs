@@ -514,7 +514,11 @@ impl IssuerService {
     ) -> Result<(), DomainError> {
         let key = notification_key(&issuer.id, item);
         for _ in 0..CAS_ATTEMPTS {
-            let Some(op) = self.find_operation(&issuer.id, item).await? else {
+            let found = match self.find_operation(&issuer.id, item).await? {
+                Some(op) => Some(op),
+                None => self.adopt_card_operation(issuer, item).await?,
+            };
+            let Some(op) = found else {
                 // Not ours (or not known yet): acknowledged so D1 stops redelivering, and logged
                 // with its ids (never card data: items carry none) for the operator.
                 tracing::warn!(issuer_id = %issuer.id, d1_operation_id = %item.d1_operation_id,
@@ -545,6 +549,51 @@ impl IssuerService {
             }
         }
         Err(DomainError::Conflict)
+    }
+
+    /// A card lifecycle operation (`DELETE`, `SUSPEND`, `RESUME`) D1 ran without us (the bank
+    /// used another D1 channel) is still news about the issuer's card: it is recorded as an
+    /// operation of its own (`issuerRequestId` derived from D1's operation id, so every
+    /// instance and every redelivery derives the same one and the insert dedups them), `PENDING`
+    /// and not yet naming D1's id, so the caller applies the item to it exactly like to an
+    /// operation we started (marker + compare-and-set, hooks, webhooks). `None`: not adoptable.
+    async fn adopt_card_operation(
+        &self,
+        issuer: &Issuer,
+        item: &RemoteOperation,
+    ) -> Result<Option<IssuerOperation>, StoreError> {
+        let adoptable = matches!(
+            item.kind,
+            OperationKind::Delete | OperationKind::Suspend | OperationKind::Resume
+        );
+        let Some(card_id) = item.card_id.as_deref() else {
+            return Ok(None);
+        };
+        if !adoptable
+            || !valid_d1_id(&item.d1_operation_id)
+            || !super::issuer::valid_card_id(card_id)
+        {
+            return Ok(None);
+        }
+        let digest = Sha256::digest(item.d1_operation_id.as_bytes());
+        let request_id = format!("d1op_{}", crate::crypto::hex_lower(&digest[..16]));
+        let mut op = IssuerOperation::new(
+            issuer.id.clone(),
+            item.kind.clone(),
+            OperationTarget::Card(card_id.to_owned()),
+            request_id,
+            OperationCall::External,
+            item.start_time.unwrap_or_else(now),
+        );
+        op.next_check_at = after(self.settings.poll_after);
+        match self.ops.insert_operation(&op).await? {
+            OperationInsert::Inserted => {
+                tracing::info!(issuer_id = %issuer.id, operation_id = %op.id,
+                    operation = op.kind.as_str(), "recorded a card operation D1 ran for the issuer");
+                Ok(Some(op))
+            }
+            OperationInsert::Existing(existing) => Ok(Some(*existing)),
+        }
     }
 
     /// After a stored change: webhooks for final statuses and the registered hooks. Best

@@ -8,6 +8,7 @@ pub mod client_certs;
 pub mod error;
 pub mod fp_reindex;
 pub mod issuer;
+pub mod issuer_cards;
 pub mod issuer_ops;
 pub mod issuer_provider;
 pub mod issuer_service;

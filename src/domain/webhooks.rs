@@ -1140,6 +1140,30 @@ impl WebhookService {
         Ok(last)
     }
 
+    /// Queues `issuer.click_to_pay.opted_out` for a card that left Click to Pay because of `op`
+    /// (D1 deleted the card: `reason` `CARD_DELETED`). Same payload as an opt-out's, plus the
+    /// card and the reason.
+    pub async fn issuer_card_opted_out(
+        &self,
+        op: &crate::domain::issuer_ops::IssuerOperation,
+        card_id: &str,
+        reason: &str,
+    ) -> Result<Option<EventId>, DomainError> {
+        let data = serde_json::json!({
+            "operation": (self.render_operation)(op),
+            "cardId": card_id,
+            "reason": reason,
+        });
+        self.enqueue(
+            &op.issuer_id.tenant(),
+            EventType::IssuerClickToPayOptedOut,
+            None,
+            Some(op.id.as_str()),
+            data,
+        )
+        .await
+    }
+
     /// Queues `issuer.production.status_changed` for an order whose production status (or
     /// shipment tracking) changed. The order carries no card data (masked PAN only).
     pub async fn issuer_production_status_changed(

@@ -30,7 +30,7 @@ use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 
 use handlers::{
-    audit_events, click_to_pay, client_certs, issuer_notify, issuers, keys, notify,
+    audit_events, click_to_pay, client_certs, issuer_cards, issuer_notify, issuers, keys, notify,
     production_orders, recurring, reveal, tokens, wallets, webhooks,
 };
 
@@ -133,6 +133,11 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
             delete(webhooks::issuer_delete_endpoint),
         )
         .route("/v1/issuer/events", get(webhooks::issuer_list_events))
+        // The issuer's cards (docs/issuer.md, "Cards").
+        .route(
+            "/v1/issuer/cards/{card_id}",
+            get(issuer_cards::get_card).delete(issuer_cards::delete_card),
+        )
         // Click to Pay (docs/issuer.md).
         .route(
             "/v1/issuer/cards/{card_id}/click-to-pay/enrolment",

@@ -85,6 +85,8 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         super::handlers::issuers::create_issuer_key,
         super::handlers::issuers::get_operation,
         super::handlers::issuers::list_operations,
+        super::handlers::issuer_cards::get_card,
+        super::handlers::issuer_cards::delete_card,
         super::handlers::click_to_pay::enrol,
         super::handlers::click_to_pay::update_card,
         super::handlers::click_to_pay::update_consumer,
@@ -113,7 +115,7 @@ pub const D1_ACCESS_TOKEN: &str = "d1AccessToken";
         (name = "d1", description = "Called by Thales D1: OAuth client credentials and token lifecycle notifications"),
         (name = "operations", description = "Health, readiness, metrics and this document"),
         (name = "issuers", description = "Issuer onboarding and issuer API keys (admin)"),
-        (name = "issuer", description = "The issuer side of D1: asynchronous operations, Click to Pay (issuer API keys)"),
+        (name = "issuer", description = "The issuer side of D1: asynchronous operations, cards, Click to Pay, physical card orders (issuer API keys)"),
     )
 )]
 pub struct ApiDoc;

@@ -44,6 +44,8 @@ pub struct AppStateInner {
     pub issuers: Arc<crate::domain::issuer_service::IssuerService>,
     /// Physical card orders (docs/issuer-orders.md).
     pub production: Arc<crate::domain::production_service::ProductionService>,
+    /// The issuer's cards (docs/issuer.md, "Cards").
+    pub cards: Arc<crate::domain::issuer_cards::IssuerCards>,
 }
 
 /// What D1's calls to us (`handlers::notify`) need. Built once by `app.rs`.

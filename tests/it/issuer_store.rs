@@ -2,7 +2,8 @@
 //! Redis, Redis Cluster and the embedded store: unique D1 issuer ids, the `issuerRequestId`
 //! anchor, lookups by D1 operation id, compare-and-set updates keeping the list indexes and
 //! the worker's due list in step, notification dedup in the same atomic step (also under
-//! concurrency), index-backed pagination with filters, and isolation between issuers.
+//! concurrency), index-backed pagination with filters, and isolation between issuers; and the
+//! issuer card records (`IssuerCardStore`): compare-and-set, isolation, one of two racing writers.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -323,5 +324,92 @@ async fn one_of_two_concurrent_notifications_applies<S: IssuerOperationStore>(s:
             r.iter()
                 .all(|x| matches!(x, Ok(_) | Err(StoreError::Conflict)))
         );
+    }
+}
+
+/// `IssuerCardStore`: the card records of `domain::issuer_cards`, compare-and-set on every
+/// backend, isolated per issuer, and two racing writers of one card: exactly one wins.
+mod cards {
+    use tokengate::domain::issuer_cards::{
+        CardLifecycle, ClickToPayState, IssuerCard, OptOutReason,
+    };
+    use tokengate::domain::ports::issuer_cards::IssuerCardStore;
+
+    use super::*;
+
+    crate::store_tests!(by_arc: card_records_compare_and_set);
+
+    fn card(issuer: &IssuerId, id: &str) -> IssuerCard {
+        IssuerCard {
+            issuer_id: issuer.clone(),
+            card_id: id.into(),
+            lifecycle: None,
+            click_to_pay: Some(ClickToPayState::Enrolled),
+            opt_out_reason: None,
+            consumer_id: Some("cons-1".into()),
+            deleted_at: None,
+            last_change_operation_id: None,
+            updated_at: OffsetDateTime::now_utc(),
+            version: 1,
+        }
+    }
+
+    async fn card_records_compare_and_set<S: IssuerCardStore>(s: Arc<S>) {
+        let iss = IssuerId::generate();
+        let other = IssuerId::generate();
+        assert!(s.get_card(&iss, "card-1").await.unwrap().is_none());
+        let mut c = card(&iss, "card-1");
+        s.put_card(&c).await.unwrap();
+        // A second creation of the same card is a conflict, nothing written.
+        let mut dup = card(&iss, "card-1");
+        dup.consumer_id = None;
+        assert!(matches!(s.put_card(&dup).await, Err(StoreError::Conflict)));
+        let stored = s.get_card(&iss, "card-1").await.unwrap().unwrap();
+        assert_eq!(stored.consumer_id.as_deref(), Some("cons-1"));
+        assert_eq!(stored.version, 1);
+        // Isolated per issuer.
+        assert!(s.get_card(&other, "card-1").await.unwrap().is_none());
+        // An update on the stored version wins; a stale one conflicts.
+        c.version = 2;
+        c.lifecycle = Some(CardLifecycle::Deleted);
+        c.click_to_pay = Some(ClickToPayState::OptedOut);
+        c.opt_out_reason = Some(OptOutReason::CardDeleted);
+        c.deleted_at = Some(OffsetDateTime::now_utc());
+        s.put_card(&c).await.unwrap();
+        let mut stale = c.clone();
+        stale.lifecycle = Some(CardLifecycle::Active);
+        assert!(matches!(
+            s.put_card(&stale).await,
+            Err(StoreError::Conflict)
+        ));
+        let stored = s.get_card(&iss, "card-1").await.unwrap().unwrap();
+        assert_eq!(stored.lifecycle, Some(CardLifecycle::Deleted));
+        assert_eq!(stored.opt_out_reason, Some(OptOutReason::CardDeleted));
+        assert_eq!(stored.version, 2);
+        // Updating a card that was never created: NotFound.
+        let mut missing = card(&iss, "card-2");
+        missing.version = 4;
+        assert!(matches!(
+            s.put_card(&missing).await,
+            Err(StoreError::NotFound)
+        ));
+        // Two writers of version 3 at once: exactly one is stored.
+        let (mut x, mut y) = (stored.clone(), stored.clone());
+        x.version = 3;
+        y.version = 3;
+        x.consumer_id = Some("x".into());
+        y.consumer_id = Some("y".into());
+        let (s1, s2) = (s.clone(), s.clone());
+        let (rx, ry) = tokio::join!(
+            tokio::spawn(async move { s1.put_card(&x).await }),
+            tokio::spawn(async move { s2.put_card(&y).await })
+        );
+        let oks = [rx.unwrap(), ry.unwrap()]
+            .iter()
+            .filter(|r| r.is_ok())
+            .count();
+        assert_eq!(oks, 1);
+        let stored = s.get_card(&iss, "card-1").await.unwrap().unwrap();
+        assert_eq!(stored.version, 3);
     }
 }

@@ -19,6 +19,7 @@ mod fp_rotation;
 mod gateway_d1;
 mod import;
 mod issuer_api;
+mod issuer_cards;
 mod issuer_orders;
 mod issuer_store;
 mod keys_audit_store;

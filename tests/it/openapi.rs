@@ -1258,6 +1258,54 @@ async fn real_responses_match_the_document() {
         .await;
     }
 
+    // The issuer's cards: a known card, an unknown one, a malformed id, and a deletion.
+    let card = "/v1/issuer/cards/{card_id}";
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/cards/drift-card",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("GET", card, r).await;
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/cards/never-known",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    assert_code(&c.check("GET", card, r).await, "issuer_card_not_found");
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/cards/bad%20id",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    assert_code(&c.check("GET", card, r).await, "invalid_card_id");
+    let r = send(
+        &app,
+        Method::DELETE,
+        "/v1/issuer/cards/bad%20id",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    assert_code(&c.check("DELETE", card, r).await, "invalid_card_id");
+    let r = send(
+        &app,
+        Method::DELETE,
+        "/v1/issuer/cards/drift-card",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    c.check("DELETE", card, r).await;
+
     // Metrics last, so it has seen the traffic above.
     let r = send(&app, Method::GET, "/metrics", None, None).await;
     let text = c.check("GET", "/metrics", r).await;

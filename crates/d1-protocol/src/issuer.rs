@@ -57,6 +57,20 @@ pub struct ClickToPayOptOutRequest {
     pub issuer_request_id: Option<String>,
 }
 
+/// Body of `operations:delete` on a card (the path and body are our inference: D1's pages name
+/// the `DELETE` card operation and its notification, not the call). D1 deletes the card, which
+/// also opts it out of Click to Pay (D1-NOTES A2), and notifies `operation: DELETE`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CardDeleteRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_request_id: Option<String>,
+}
+
 /// D1's synchronous answer to a call that starts an operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -84,6 +84,8 @@ pub struct IssuerPaths {
     pub card_click_to_pay_profiles: String,
     pub consumer_click_to_pay_profiles: String,
     pub get_operation: String,
+    /// Deleting a card at D1 (`operation: DELETE`): our inference, in D1's `operations:` style.
+    pub card_delete: String,
 }
 
 impl Default for IssuerPaths {
@@ -99,12 +101,13 @@ impl Default for IssuerPaths {
             card_click_to_pay_profiles: format!("{card}/clickToPayProfiles"),
             consumer_click_to_pay_profiles: format!("{consumer}/clickToPayProfiles"),
             get_operation: "/issuers/{issuerId}/operations/{operationId}".into(),
+            card_delete: format!("{card}/operations:delete"),
         }
     }
 }
 
 impl IssuerPaths {
-    pub fn all(&self) -> [(&'static str, &str); 8] {
+    pub fn all(&self) -> [(&'static str, &str); 9] {
         [
             (
                 "card_click_to_pay_enrolment",
@@ -129,6 +132,7 @@ impl IssuerPaths {
                 &self.consumer_click_to_pay_profiles,
             ),
             ("get_operation", &self.get_operation),
+            ("card_delete", &self.card_delete),
         ]
     }
 

@@ -62,6 +62,9 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{0}")]
     InvalidState(String),
+    /// The issuer deleted the card at D1: nothing more can be done with it.
+    #[error("the card is deleted")]
+    CardDeleted,
     #[error("too many requests")]
     TooManyRequests { retry_after: u64 },
     #[error("internal error")]
@@ -88,6 +91,7 @@ impl ApiError {
             ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND", false, None),
             ApiError::InvalidState(_) => (StatusCode::CONFLICT, "INVALID_STATE", false, None),
+            ApiError::CardDeleted => (StatusCode::BAD_REQUEST, "CARD_DELETED", false, None),
             ApiError::TooManyRequests { retry_after } => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "TOO_MANY_REQUESTS",

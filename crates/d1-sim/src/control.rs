@@ -32,6 +32,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/sim/issuers/{issuer_id}/cards/{card_id}",
             axum::routing::put(super::issuer::seed_card),
         )
+        // The bank deletes a card through another D1 channel: D1 notifies `DELETE`.
+        .route(
+            "/sim/issuers/{issuer_id}/cards/{card_id}/delete",
+            axum::routing::post(super::issuer::control_delete_card),
+        )
         .route(
             "/sim/issuer-settings",
             get(super::issuer::get_settings).put(super::issuer::put_settings),

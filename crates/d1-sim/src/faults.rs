@@ -27,6 +27,8 @@ pub enum Op {
     ClickToPayOptOut,
     ClickToPayProfiles,
     GetOperation,
+    /// Deleting a card (`operations:delete`, our inference).
+    CardDelete,
     /// Physical card orders (`orders.rs`).
     Production,
     ProductionBatch,
@@ -34,7 +36,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 17] = [
+    pub const ALL: [Op; 18] = [
         Op::Oauth,
         Op::OnboardMerchant,
         Op::CreateToken,
@@ -49,6 +51,7 @@ impl Op {
         Op::ClickToPayOptOut,
         Op::ClickToPayProfiles,
         Op::GetOperation,
+        Op::CardDelete,
         Op::Production,
         Op::ProductionBatch,
         Op::ProductionStatus,
@@ -71,6 +74,7 @@ impl Op {
             Op::ClickToPayOptOut => "clickToPayOptOut",
             Op::ClickToPayProfiles => "clickToPayProfiles",
             Op::GetOperation => "getOperation",
+            Op::CardDelete => "cardDelete",
             Op::Production => "production",
             Op::ProductionBatch => "productionBatch",
             Op::ProductionStatus => "productionStatus",

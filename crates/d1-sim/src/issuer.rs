@@ -16,6 +16,12 @@
 //!   consumer profile, later ones add cards; a card seeded with `failEnrolment` fails while its
 //!   consumer stays enrolled; a consumer opt-out removes the profile and every card; opting out
 //!   the last card removes the cardholder details; re-enrolment is allowed.
+//! - **Card deletion** (D1-NOTES A2: "deleting a card in D1 also opts it out of Click to Pay"):
+//!   through `operations:delete` (our inference) or the control API
+//!   (`POST /sim/issuers/{issuerId}/cards/{cardId}/delete`, as if the bank used another D1
+//!   channel). It completes like any operation (`operation: DELETE` notification); the card
+//!   leaves Click to Pay (the last card of a consumer removes the cardholder details) and every
+//!   later enrolment, update, opt-out or order of it is refused (400 `CARD_DELETED`).
 //! - **Errors**: 400 `{errorCode, errorMessage}`; 401 `AUTHORIZER_UNAUTHORIZED` (the shared
 //!   bearer check); an injected 500 answers `{"error": "..."}` (the issuer API's 500 shape).
 
@@ -41,7 +47,8 @@ use super::faults::{Injected, Op, TIMEOUT_HOLD};
 use super::notify::format_timestamp;
 use super::state::{lock, random_id};
 use tokengate_d1_protocol::issuer::{
-    ClickToPayEnrolmentRequest, ClickToPayOptOutRequest, ClickToPayUpdateRequest, OperationObject,
+    CardDeleteRequest, ClickToPayEnrolmentRequest, ClickToPayOptOutRequest,
+    ClickToPayUpdateRequest, OperationObject,
 };
 
 /// Path prefix of the issuer API, as in D1's "banking" base URL.
@@ -81,6 +88,8 @@ struct SimCard {
     billing_address: Option<Value>,
     /// Click to Pay: enrolled, with this cardholder name.
     enrolled: Option<String>,
+    /// Deleted at D1 (by the API or the control API): refuses everything after.
+    deleted: bool,
 }
 
 /// A Click to Pay consumer (the profile exists while `enrolled`).
@@ -107,6 +116,16 @@ struct Data {
 pub struct IssuerState {
     data: Mutex<Data>,
     settings: Mutex<IssuerSettings>,
+}
+
+impl IssuerState {
+    /// Whether D1 deleted this card (orders refuse it too).
+    pub fn is_deleted(&self, issuer: &str, card: &str) -> bool {
+        lock(&self.data)
+            .cards
+            .get(&(issuer.to_owned(), card.to_owned()))
+            .is_some_and(|c| c.deleted)
+    }
 }
 
 fn field_invalid(msg: &str) -> Response {
@@ -188,6 +207,10 @@ pub fn routes(shared: Arc<Shared>) -> Router<Arc<Shared>> {
             post(consumer_opt_out).route_layer(g(Op::ClickToPayOptOut)),
         )
         .route(
+            &format!("{card}/operations:delete"),
+            post(card_delete).route_layer(g(Op::CardDelete)),
+        )
+        .route(
             &format!("{card}/clickToPayProfiles"),
             get(card_profiles).route_layer(g(Op::ClickToPayProfiles)),
         )
@@ -243,11 +266,17 @@ async fn issuer_gate(
 /// What a completed operation does to the registry.
 #[derive(Debug, Clone)]
 enum Effect {
-    Enrol { cardholder_name: String },
-    UpdateCard { cardholder_name: Option<String> },
+    Enrol {
+        cardholder_name: String,
+    },
+    UpdateCard {
+        cardholder_name: Option<String>,
+    },
     UpdateConsumer,
     OptOutCard,
     OptOutConsumer,
+    /// Deletes the card (and so opts it out of Click to Pay).
+    DeleteCard,
 }
 
 enum Target {
@@ -281,6 +310,13 @@ fn start(
             let Some(card) = data.cards.get(&(issuer.to_owned(), c.clone())) else {
                 return issuer_error(StatusCode::NOT_FOUND, "CARD_NOT_FOUND", "unknown card");
             };
+            if card.deleted {
+                return issuer_error(
+                    StatusCode::BAD_REQUEST,
+                    "CARD_DELETED",
+                    "the card is deleted",
+                );
+            }
             (Some(c.clone()), Some(card.consumer_id.clone()))
         }
         Target::Consumer(c) => {
@@ -414,6 +450,18 @@ fn complete(shared: &Shared, issuer: &str, op_id: &str, effect: Effect) {
                 }
             }
         }
+        Effect::DeleteCard => {
+            let card_id = op.card_id.clone().unwrap_or_default();
+            match data.cards.get_mut(&key(&card_id)) {
+                Some(c) if !c.deleted => {
+                    c.deleted = true;
+                    c.enrolled = None;
+                    let cid = c.consumer_id.clone();
+                    remove_details_if_last(&mut data, issuer, &cid);
+                }
+                _ => failure = Some(("CARD_DELETED", "the card is already deleted")),
+            }
+        }
         Effect::OptOutConsumer => {
             consumer_path = true;
             let cid = op.consumer_id.clone().unwrap_or_default();
@@ -453,6 +501,21 @@ fn complete(shared: &Shared, issuer: &str, op_id: &str, effect: Effect) {
     shared
         .notifier
         .emit_to(path, op_id, &json!({ "operations": [item] }));
+}
+
+/// The last Click to Pay card of a consumer left: D1 removes the cardholder details.
+fn remove_details_if_last(data: &mut Data, issuer: &str, consumer_id: &str) {
+    let any_left = data
+        .cards
+        .iter()
+        .any(|((i, _), c)| i == issuer && c.consumer_id == consumer_id && c.enrolled.is_some());
+    if !any_left
+        && let Some(c) = data
+            .consumers
+            .get_mut(&(issuer.to_owned(), consumer_id.to_owned()))
+    {
+        c.enrolled = false;
+    }
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Reject> {
@@ -574,6 +637,35 @@ async fn card_opt_out(
             "CLICK_TO_PAY_OPT_OUT",
             rid,
             Effect::OptOutCard,
+        ))
+    };
+    run().unwrap_or_else(|e| *e)
+}
+
+async fn card_delete(
+    State(shared): State<Arc<Shared>>,
+    Path((issuer, card)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let run = || -> Result<Response, Reject> {
+        check_issuer(&issuer)?;
+        if !valid(&card, 48) {
+            return Err(reject("cardId must match ^[A-Za-z0-9_-]{1,48}$"));
+        }
+        let req: CardDeleteRequest = if body.is_empty() {
+            CardDeleteRequest::default()
+        } else {
+            parse(&body)?
+        };
+        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
+        let rid = request_id(req.issuer_request_id.as_ref())?;
+        Ok(start(
+            &shared,
+            &issuer,
+            Target::Card(card.clone()),
+            "DELETE",
+            rid,
+            Effect::DeleteCard,
         ))
     };
     run().unwrap_or_else(|e| *e)
@@ -784,6 +876,7 @@ pub async fn seed_card(
             fail_enrolment: req.fail_enrolment,
             billing_address: req.billing_address,
             enrolled: None,
+            deleted: false,
         },
     );
     (
@@ -791,6 +884,28 @@ pub async fn seed_card(
         axum::Json(json!({"cardId": card, "consumerId": consumer_id})),
     )
         .into_response()
+}
+
+/// `POST /sim/issuers/{issuerId}/cards/{cardId}/delete`: the bank deletes the card through
+/// another D1 channel. D1 runs a `DELETE` operation of its own (no `issuerRequestId`), which
+/// completes and is notified like any other. Answers `202 {operationId, status}`; 404 for an
+/// unknown card, 400 `CARD_DELETED` when it is deleted already.
+pub async fn control_delete_card(
+    State(shared): State<Arc<Shared>>,
+    Path((issuer, card)): Path<(String, String)>,
+) -> Response {
+    if check_issuer(&issuer).is_err() || !valid(&card, 48) {
+        return ApiError::InvalidField("issuerId (10 characters) or cardId malformed".into())
+            .into_response();
+    }
+    start(
+        &shared,
+        &issuer,
+        Target::Card(card),
+        "DELETE",
+        None,
+        Effect::DeleteCard,
+    )
 }
 
 pub async fn get_settings(State(shared): State<Arc<Shared>>) -> Response {

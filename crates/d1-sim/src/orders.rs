@@ -591,6 +591,10 @@ fn order_one(
 ) -> Result<Placed, ApiError> {
     check_ids(issuer_id, card_id)?;
     req.validate().map_err(field_error)?;
+    // A card the issuer deleted at D1 is never produced again.
+    if shared.issuer.is_deleted(issuer_id, card_id) {
+        return Err(ApiError::CardDeleted);
+    }
     // A retry answers the first order before the card data is even looked at: that is what
     // makes a retry after a lost answer safe.
     if let Some(existing) = shared.orders.find(issuer_id, &req.issuer_request_id) {

@@ -17,6 +17,7 @@ pub mod apikeys;
 pub mod audit;
 pub mod client_certs;
 pub mod counts;
+pub mod issuer_cards;
 pub mod issuer_operations;
 pub mod issuers;
 pub mod lifecycle;

@@ -63,6 +63,7 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
         ("POST", p) if p.starts_with("/v1/issuer/") && p.contains("/click-to-pay/") => {
             (Scope::IssuerClickToPay, None)
         }
+        ("GET" | "DELETE", "/v1/issuer/cards/{card_id}") => (Scope::IssuerCards, None),
         (_, p) if p.starts_with("/v1/issuer/cards/{card_id}/production") => {
             (Scope::IssuerOrders, None)
         }

@@ -159,7 +159,7 @@ fn domain(e: DomainError) -> ApiError {
     request_body = EnrolmentRequest,
     responses(
         (status = 202, description = "The operation (PENDING; finished by D1's notification)", body = OperationView),
-        codes::ClickToPayProblems,
+        codes::ClickToPayEnrolmentProblems,
     ))]
 pub async fn enrol(
     State(state): State<AppState>,
@@ -171,6 +171,12 @@ pub async fn enrol(
     let path = format!("/v1/issuer/cards/{card_id}/click-to-pay/enrolment");
     start(&state, &issuer, &headers, &path, &body, || async {
         let req: EnrolmentRequest = parse_json(&body)?;
+        // Re-enrolment is refused while the card is deleted at D1.
+        state
+            .cards
+            .ensure_not_deleted(&issuer.id, &card_id)
+            .await
+            .map_err(domain)?;
         state
             .issuers
             .click_to_pay_enrol(

@@ -5,6 +5,7 @@
 pub mod audit_events;
 pub mod click_to_pay;
 pub mod client_certs;
+pub mod issuer_cards;
 pub mod issuer_notify;
 pub mod issuers;
 pub mod keys;

@@ -92,11 +92,13 @@ catalogue! {
     MERCHANT_GATEWAY_NOT_FOUND = NOT_FOUND "merchant_gateway_not_found" "this gateway does not serve that `merchantGatewayId`";
     ISSUER_NOT_FOUND = NOT_FOUND "issuer_not_found" "no such issuer (D1 notifications: no issuer is onboarded with that D1 issuer id)";
     PRODUCTION_ORDER_NOT_FOUND = NOT_FOUND "production_order_not_found" "this card was never ordered by this issuer (a malformed card id answers the same)";
+    ISSUER_CARD_NOT_FOUND = NOT_FOUND "issuer_card_not_found" "the gateway knows no such card for this issuer: no operation, order or D1 notification named it";
     OPERATION_NOT_FOUND = NOT_FOUND "operation_not_found" "no such operation for this issuer (a malformed id answers the same)";
     METHOD_NOT_ALLOWED = METHOD_NOT_ALLOWED "method_not_allowed" "this route does not support this HTTP method";
     // --- state conflicts (409) ----------------------------------------------------------------
     CONCURRENT_UPDATE = CONFLICT "concurrent_update" "the token was changed concurrently; retry the request";
     TOKEN_DELETED = CONFLICT "token_deleted" "the token is deleted";
+    CARD_DELETED = CONFLICT "card_deleted" "the issuer's card is deleted at D1 (which also opted it out of Click to Pay); it cannot be enrolled or deleted again";
     TOKEN_SUSPENDED = CONFLICT "token_suspended" "the token is suspended";
     TOKEN_PENDING = CONFLICT "token_pending" "the token is not active yet (tokenization still pending at D1)";
     TOKEN_NOT_ACTIVE = CONFLICT "token_not_active" "the token's status does not allow this operation";
@@ -373,8 +375,14 @@ route_problems! {
     IssuerListProblems = [ISSUER_AUTH, PAGINATED, &[&WEBHOOKS_UNAVAILABLE]];
     /// Click to Pay enrolment, update and opt-out of a card.
     ClickToPayProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, &[&INVALID_CARD_ID, &INVALID_CARDHOLDER_NAME, &INVALID_REASON, &INVALID_REASON_CODE, &STORE_UNAVAILABLE]];
+    /// Click to Pay enrolment of a card (refused while the card is deleted).
+    ClickToPayEnrolmentProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, &[&INVALID_CARD_ID, &INVALID_CARDHOLDER_NAME, &INVALID_REASON, &INVALID_REASON_CODE, &CARD_DELETED, &STORE_UNAVAILABLE]];
     /// Click to Pay update and opt-out of a consumer.
     ClickToPayConsumerProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, D1_CALL, &[&INVALID_CONSUMER_ID, &INVALID_REASON, &INVALID_REASON_CODE, &STORE_UNAVAILABLE]];
+    /// `GET /v1/issuer/cards/{card_id}`.
+    IssuerCardProblems = [ISSUER_AUTH, &[&INVALID_CARD_ID, &ISSUER_CARD_NOT_FOUND]];
+    /// `DELETE /v1/issuer/cards/{card_id}`.
+    IssuerCardDeleteProblems = [ISSUER_AUTH, IDEMPOTENT, D1_CALL, &[&INVALID_CARD_ID, &CARD_DELETED, &STORE_UNAVAILABLE]];
     /// A card's Click to Pay profiles.
     ClickToPayProfilesProblems = [ISSUER_AUTH, D1_CALL, &[&INVALID_CARD_ID]];
     /// A consumer's Click to Pay profiles.

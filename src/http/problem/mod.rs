@@ -180,6 +180,14 @@ impl From<DomainError> for ApiError {
                 &codes::PRODUCTION_ORDER_NOT_FOUND,
                 "this card was never ordered by this issuer",
             ),
+            DomainError::IssuerCardNotFound => ApiError::of(
+                &codes::ISSUER_CARD_NOT_FOUND,
+                "this issuer has no such card at the gateway",
+            ),
+            DomainError::CardDeleted => ApiError::of(
+                &codes::CARD_DELETED,
+                "the card is deleted at D1; it cannot be enrolled or deleted again",
+            ),
             DomainError::Duplicate { problem, detail } => {
                 ApiError::coded(StatusCode::CONFLICT, problem, detail)
             }

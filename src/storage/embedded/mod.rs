@@ -19,6 +19,7 @@ mod apikeys;
 mod audit;
 mod client_certs;
 mod counts;
+mod issuer_cards;
 mod issuer_operations;
 mod issuers;
 mod lifecycle;

@@ -30,6 +30,7 @@ mod audit;
 mod client_certs;
 mod counts;
 mod durability;
+mod issuer_cards;
 mod issuer_operations;
 mod issuers;
 mod lifecycle;
