@@ -20,11 +20,11 @@ use crate::support::redis_server::RedisServer;
 
 const CLIENT_ID: &str = "d1-issuer-test-client";
 const CLIENT_SECRET: &str = "issuer-notify-secret-0123456789abcdef";
-const PAN: &str = "4111111111111111";
+pub(crate) const PAN: &str = "4111111111111111";
 const PAN2: &str = "5555555555554444";
 const WAIT: Duration = Duration::from_secs(20);
 
-fn builder(backend: Backend) -> TestAppBuilder {
+pub(crate) fn builder(backend: Backend) -> TestAppBuilder {
     TestApp::builder(backend)
         .env("TOKENGATE__NOTIFY__CLIENT_ID", CLIENT_ID)
         .env("TOKENGATE__NOTIFY__CLIENT_SECRET", CLIENT_SECRET)
@@ -35,7 +35,7 @@ fn builder(backend: Backend) -> TestAppBuilder {
         .env("TOKENGATE__WEBHOOKS__BACKOFF_BASE_MS", "50")
 }
 
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -56,13 +56,13 @@ fn d1_issuer_id() -> String {
     format!("IS{}", &u[..8]).to_uppercase()
 }
 
-struct Iss {
-    id: String,
-    d1: String,
-    key: String,
+pub(crate) struct Iss {
+    pub(crate) id: String,
+    pub(crate) d1: String,
+    pub(crate) key: String,
 }
 
-async fn issuer(app: &TestApp) -> Iss {
+pub(crate) async fn issuer(app: &TestApp) -> Iss {
     let d1 = d1_issuer_id();
     let r = app
         .client
@@ -83,7 +83,7 @@ async fn issuer(app: &TestApp) -> Iss {
 }
 
 /// Seeds a card at the simulated D1; answers its consumer id.
-async fn seed(app: &TestApp, iss: &Iss, card: &str, body: Value) -> String {
+pub(crate) async fn seed(app: &TestApp, iss: &Iss, card: &str, body: Value) -> String {
     let url = format!(
         "{}/sim/issuers/{}/cards/{card}",
         app.sim_control.as_ref().unwrap(),
@@ -101,13 +101,13 @@ async fn sim_settings(app: &TestApp, v: Value) {
     assert_eq!(r.status(), 200, "issuer settings");
 }
 
-async fn operation(app: &TestApp, key: &str, id: &str) -> Value {
+pub(crate) async fn operation(app: &TestApp, key: &str, id: &str) -> Value {
     let r = app.get(&format!("/v1/issuer/operations/{id}"), key).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
 
-async fn until_final(app: &TestApp, key: &str, id: &str) -> Value {
+pub(crate) async fn until_final(app: &TestApp, key: &str, id: &str) -> Value {
     eventually("a final operation status", || async {
         let op = operation(app, key, id).await;
         (op["status"] != "PENDING").then_some(op)
@@ -115,7 +115,7 @@ async fn until_final(app: &TestApp, key: &str, id: &str) -> Value {
     .await
 }
 
-async fn enrol(app: &TestApp, iss: &Iss, card: &str) -> Value {
+pub(crate) async fn enrol(app: &TestApp, iss: &Iss, card: &str) -> Value {
     let r = app
         .post(
             &format!("/v1/issuer/cards/{card}/click-to-pay/enrolment"),
@@ -129,19 +129,19 @@ async fn enrol(app: &TestApp, iss: &Iss, card: &str) -> Value {
     op
 }
 
-async fn profiles(app: &TestApp, key: &str, path: &str) -> Value {
+pub(crate) async fn profiles(app: &TestApp, key: &str, path: &str) -> Value {
     let r = app.get(path, key).await;
     assert_eq!(r.status(), 200, "{path}");
     r.json().await.unwrap()
 }
 
 /// A webhook receiver on loopback (sandbox mode allows plain http on loopback).
-struct Receiver {
-    url: String,
-    hits: Arc<Mutex<Vec<Value>>>,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
+    pub(crate) hits: Arc<Mutex<Vec<Value>>>,
 }
 
-async fn receiver() -> Receiver {
+pub(crate) async fn receiver() -> Receiver {
     async fn hit(State(h): State<Arc<Mutex<Vec<Value>>>>, body: String) -> &'static str {
         h.lock()
             .unwrap()
@@ -163,7 +163,7 @@ async fn receiver() -> Receiver {
     }
 }
 
-async fn subscribe(app: &TestApp, iss: &Iss, url: &str) {
+pub(crate) async fn subscribe(app: &TestApp, iss: &Iss, url: &str) {
     let r = app
         .post(
             "/v1/issuer/webhook-endpoints",
