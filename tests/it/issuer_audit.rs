@@ -208,16 +208,35 @@ async fn issuer_actions_are_in_the_issuer_trail(backend: Backend) {
     let out = newest(&t, "click_to_pay.opt_out");
     assert_eq!(out["operationId"], opt_out["id"]);
     assert_eq!(out["consumerId"], consumer.as_str());
-    assert_eq!(newest(&t, "production_order.batch")["outcome"], "invalid_batch_size");
-    assert_eq!(newest(&t, "webhook_endpoint.create")["endpointId"], ep_id.as_str());
-    assert_eq!(newest(&t, "webhook_endpoint.delete")["endpointId"], ep_id.as_str());
-    let key_events: Vec<&Value> = t.iter().filter(|e| e["action"] == "api_key.create").collect();
+    assert_eq!(
+        newest(&t, "production_order.batch")["outcome"],
+        "invalid_batch_size"
+    );
+    assert_eq!(
+        newest(&t, "webhook_endpoint.create")["endpointId"],
+        ep_id.as_str()
+    );
+    assert_eq!(
+        newest(&t, "webhook_endpoint.delete")["endpointId"],
+        ep_id.as_str()
+    );
+    let key_events: Vec<&Value> = t
+        .iter()
+        .filter(|e| e["action"] == "api_key.create")
+        .collect();
     assert!(key_events.iter().all(|e| e["actor"] == "admin"));
     assert!(key_events.iter().any(|e| e["keyId"] == pii_id.as_str()));
 
     // Nothing sensitive in the trail: no card number, no personal data, no secret.
     let all = serde_json::to_string(&t).unwrap();
-    for secret in [PAN, "Lovelace", "ada@example.com", "ADA LOVELACE", "whsec_", "tgk_"] {
+    for secret in [
+        PAN,
+        "Lovelace",
+        "ada@example.com",
+        "ADA LOVELACE",
+        "whsec_",
+        "tgk_",
+    ] {
         assert!(!all.contains(secret), "{secret} is in the trail");
     }
 

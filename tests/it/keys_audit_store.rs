@@ -406,7 +406,10 @@ async fn audit_lists_newest_first_per_merchant<S: Backend>(s: &S) {
         s.list(&t(&a), None, 100).await.unwrap(),
         newest_first(all.clone())
     );
-    assert_eq!(s.list(&t(&b), None, 100).await.unwrap(), newest_first(theirs));
+    assert_eq!(
+        s.list(&t(&b), None, 100).await.unwrap(),
+        newest_first(theirs)
+    );
     assert_eq!(
         s.list(&t(&a), None, 3).await.unwrap(),
         newest_first(all.clone())[..3].to_vec()
@@ -476,7 +479,10 @@ async fn audit_cursor_pages_cover_the_trail_once<S: Backend>(s: &S) {
         }
     }
     assert_eq!(seen, full);
-    assert!(log.list(&t(&m), Some("aud_x"), 4).await.is_err(), "bad cursor");
+    assert!(
+        log.list(&t(&m), Some("aud_x"), 4).await.is_err(),
+        "bad cursor"
+    );
 }
 
 async fn audit_retention_trims_expired_events_on_append<S: Backend>(s: &S) {
@@ -492,9 +498,15 @@ async fn audit_retention_trims_expired_events_on_append<S: Backend>(s: &S) {
     let fresh = event(&m, 100);
     let id = s.append(&fresh, short).await.unwrap();
     let fresh = AuditEvent { id, event: fresh };
-    assert_eq!(s.list(&t(&m), None, 100).await.unwrap(), vec![fresh.clone()]);
+    assert_eq!(
+        s.list(&t(&m), None, 100).await.unwrap(),
+        vec![fresh.clone()]
+    );
     // Only that merchant's trail is trimmed.
-    assert_eq!(s.list(&t(&other), None, 100).await.unwrap(), newest_first(kept));
+    assert_eq!(
+        s.list(&t(&other), None, 100).await.unwrap(),
+        newest_first(kept)
+    );
     // Events within retention stay.
     let second = event(&m, 101);
     let id = s.append(&second, short).await.unwrap();
@@ -556,7 +568,10 @@ async fn audit_trails_of_issuers_and_merchants_are_apart<S: Backend>(s: &S) {
     }
     let mine = append_n(s, &m, 3).await;
     let it = AuditTenant::Issuer(i.clone());
-    assert_eq!(s.list(&it, None, 100).await.unwrap(), newest_first(theirs.clone()));
+    assert_eq!(
+        s.list(&it, None, 100).await.unwrap(),
+        newest_first(theirs.clone())
+    );
     assert_eq!(s.list(&t(&m), None, 100).await.unwrap(), newest_first(mine));
     assert!(
         s.list(&AuditTenant::Issuer(IssuerId::generate()), None, 10)

@@ -989,19 +989,29 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
     assert_eq!(body["issuerId"], iss.as_str());
     assert!(body.get("merchantId").is_none(), "{body}");
     assert_eq!(body["certificates"][0]["sha256"], fp_i.as_str());
-    assert_eq!(body["certificates"][0]["scopes"][0], "issuer:operations");
+    let scopes = body["certificates"][0]["scopes"].to_string();
+    assert!(
+        scopes.contains("issuer:operations") && !scopes.contains("tokens"),
+        "an issuer binding has issuer scopes: {scopes}"
+    );
 
     // Its key with its certificate: served (HTTP/2). Without one, or with an unbound one: the
     // merchants' refusal.
     assert_eq!(issuer_ops(&with_i, &base, Some(&key_i)).await.0, 200);
-    for (c, what) in [(&without, "no certificate"), (&with_u, "an unbound certificate")] {
+    for (c, what) in [
+        (&without, "no certificate"),
+        (&with_u, "an unbound certificate"),
+    ] {
         let (status, p) = issuer_ops(c, &base, Some(&key_i)).await;
         assert_eq!(
             (status, p["code"].as_str()),
             (403, Some("client_cert_required")),
             "{what}"
         );
-        assert!(!p.to_string().contains(&iss), "the refusal names the issuer");
+        assert!(
+            !p.to_string().contains(&iss),
+            "the refusal names the issuer"
+        );
     }
     // Its certificate never acts for another tenant: another issuer's key, a merchant's key.
     let (status, p) = issuer_ops(&with_i, &base, Some(&key_o)).await;
@@ -1029,7 +1039,10 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
         json!({"authMode": "CERT", "certificates": [{"sha256": fp_i}]}),
     )
     .await;
-    assert_eq!((status, p["code"].as_str()), (422, Some("invalid_auth_mode")));
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_auth_mode"))
+    );
     let (status, p) = put_issuer_certs(
         &without,
         &base,
@@ -1037,7 +1050,10 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
         json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_m}]}),
     )
     .await;
-    assert_eq!((status, p["code"].as_str()), (409, Some("client_cert_in_use")));
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("client_cert_in_use"))
+    );
     let (status, p) = put_certs(
         &without,
         &base,
@@ -1045,7 +1061,10 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
         json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_i}]}),
     )
     .await;
-    assert_eq!((status, p["code"].as_str()), (409, Some("client_cert_in_use")));
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("client_cert_in_use"))
+    );
     let (status, p) = put_issuer_certs(
         &without,
         &base,
@@ -1061,7 +1080,10 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
         json!({"authMode": "API_KEY", "certificates": []}),
     )
     .await;
-    assert_eq!((status, p["code"].as_str()), (404, Some("issuer_not_found")));
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (404, Some("issuer_not_found"))
+    );
     let r = without
         .get(format!("{base}/v1/issuers/{iss}/client-certs"))
         .bearer_auth(&key_i)
@@ -1115,5 +1137,9 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
             e["outcome"].as_str().unwrap()
         })
         .collect();
-    assert_eq!(changes, ["success", "invalid_auth_mode", "success"], "{trail}");
+    assert_eq!(
+        changes,
+        ["success", "invalid_auth_mode", "success"],
+        "{trail}"
+    );
 }
