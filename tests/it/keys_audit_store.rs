@@ -544,7 +544,7 @@ fn issuer_event(i: &IssuerId, n: usize) -> NewAuditEvent {
         token_id: None,
         key_id: None,
         card_id: Some(format!("card-{n}")),
-        consumer_id: (n % 3 == 0).then(|| format!("cons-{n}")),
+        consumer_id: n.is_multiple_of(3).then(|| format!("cons-{n}")),
         operation_id: n.is_multiple_of(2).then(|| format!("op_{n:0>22}")),
         endpoint_id: None,
         request_id: Some(format!("rid-i{n}")),
