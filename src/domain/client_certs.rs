@@ -1,4 +1,12 @@
-//! Client certificates (mutual TLS) mapped to merchants, and how they combine with API keys.
+//! Client certificates (mutual TLS) mapped to tenants (merchants, and issuers), and how they
+//! combine with API keys.
+//!
+//! Issuers bind certificates exactly as merchants do, under their tenant id
+//! (`IssuerId::tenant`, the id their API keys are filed under): one policy per tenant, one
+//! index of certificates for all tenants, so a certificate is bound to one merchant **or** one
+//! issuer and never acts for another tenant of either kind. Issuers have the `API_KEY` and
+//! `API_KEY_AND_CERT` modes: an issuer request always carries an issuer API key, so `CERT`
+//! (a certificate alone) is refused for them ([`ClientCerts::put_for_issuer`]).
 //!
 //! A merchant's [`ClientCertPolicy`] lists the certificates bound to it (by the SHA-256 of the
 //! certificate's DER, the usual "fingerprint") and its [`CertAuthMode`]:
@@ -33,6 +41,7 @@ use time::OffsetDateTime;
 
 use super::apikeys::{Caller, Scopes};
 use super::error::DomainError;
+use super::issuer::Issuer;
 use super::merchant::Merchant;
 use super::token::MerchantId;
 use crate::domain::ports::TokenStore;
@@ -392,15 +401,50 @@ impl ClientCerts {
     /// to nobody else. Applies on this instance at once.
     pub async fn put(&self, policy: ClientCertPolicy) -> Result<ClientCertPolicy, ClientCertError> {
         validate(&policy)?;
-        if self
-            .merchants
-            .get_merchant(&policy.merchant_id)
-            .await
-            .map_err(DomainError::from)?
-            .is_none()
+        if policy.merchant_id.is_issuer()
+            || self
+                .merchants
+                .get_merchant(&policy.merchant_id)
+                .await
+                .map_err(DomainError::from)?
+                .is_none()
         {
             return Err(DomainError::MerchantNotFound.into());
         }
+        self.store(policy).await
+    }
+
+    /// Replaces an issuer's policy (filed under its tenant id, whatever `policy.merchant_id`
+    /// says). The caller found the issuer; the rules are the merchants' but `CERT`, which is
+    /// refused (`invalid_auth_mode`): issuer routes always take an issuer API key.
+    pub async fn put_for_issuer(
+        &self,
+        issuer: &Issuer,
+        mut policy: ClientCertPolicy,
+    ) -> Result<ClientCertPolicy, ClientCertError> {
+        if policy.mode == CertAuthMode::Cert {
+            return Err(invalid(
+                "invalid_auth_mode",
+                "authMode CERT is for merchants; an issuer's requests always carry an issuer API key (API_KEY or API_KEY_AND_CERT)",
+            ));
+        }
+        policy.merchant_id = issuer.id.tenant();
+        validate(&policy)?;
+        self.store(policy).await
+    }
+
+    /// An issuer's policy, for the admin API (the caller found the issuer).
+    pub async fn get_for_issuer(&self, issuer: &Issuer) -> Result<ClientCertPolicy, DomainError> {
+        let tenant = issuer.id.tenant();
+        Ok(self
+            .store
+            .client_cert_policy(&tenant)
+            .await?
+            .unwrap_or_else(|| ClientCertPolicy::default_for(tenant)))
+    }
+
+    /// Stores a validated policy of an existing tenant and refreshes this instance's caches.
+    async fn store(&self, policy: ClientCertPolicy) -> Result<ClientCertPolicy, ClientCertError> {
         let before = self.policy(&policy.merchant_id).await?;
         match self
             .store
@@ -423,7 +467,7 @@ impl ClientCerts {
 
     /// The merchant's policy, for the admin API: `MerchantNotFound` for an unknown merchant.
     pub async fn get(&self, merchant: &MerchantId) -> Result<ClientCertPolicy, DomainError> {
-        if self.merchants.get_merchant(merchant).await?.is_none() {
+        if merchant.is_issuer() || self.merchants.get_merchant(merchant).await?.is_none() {
             return Err(DomainError::MerchantNotFound);
         }
         // Not from the cache: an admin reading back wants what is stored.

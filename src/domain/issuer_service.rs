@@ -47,6 +47,7 @@ use crate::domain::ports::issuer_operations::{
 };
 use crate::domain::ports::issuers::IssuerStore;
 use crate::domain::ports::lifecycle::LifecycleStore;
+use crate::domain::ports::outbox::EventAppend;
 
 /// Version conflicts retried before answering "try again".
 const CAS_ATTEMPTS: usize = 5;
@@ -342,12 +343,11 @@ impl IssuerService {
         self.store_update(op, next).await
     }
 
-    /// D1 refused the caller's call: the operation is `FAILED` with D1's code (and announced).
+    /// D1 refused the caller's call: the operation is `FAILED` with D1's code (its webhook
+    /// events written with it).
     pub async fn external_rejected(&self, op: IssuerOperation, code: &str) -> IssuerOperation {
         let next = op.rejected(code, now());
-        let stored = self.store_update(op, next).await;
-        self.announce(None, &stored).await;
-        stored
+        self.store_update(op, next).await
     }
 
     /// Calls D1 for `op` (first call or re-drive) and stores what D1 answered.
@@ -378,8 +378,7 @@ impl IssuerService {
             }
             Err(ProviderError::Rejected { status, code }) => {
                 let next = op.rejected(&code, now());
-                let stored = self.store_update(op, next).await;
-                self.announce(None, &stored).await;
+                self.store_update(op, next).await;
                 Err(DomainError::Upstream(ProviderError::Rejected {
                     status,
                     code,
@@ -389,8 +388,7 @@ impl IssuerService {
                 // D1 does not know the card or consumer (without a code of its own).
                 let code = "NOT_FOUND".to_owned();
                 let next = op.rejected(&code, now());
-                let stored = self.store_update(op, next).await;
-                self.announce(None, &stored).await;
+                self.store_update(op, next).await;
                 Err(DomainError::Upstream(ProviderError::Rejected {
                     status: 404,
                     code,
@@ -410,10 +408,24 @@ impl IssuerService {
         }
     }
 
-    /// Writes `next` over `prev`; on a conflict (a notification won the race) the stored record
-    /// is re-read and answered: it is at least as recent as ours.
-    async fn store_update(&self, prev: IssuerOperation, next: IssuerOperation) -> IssuerOperation {
-        match self.ops.update_operation(&next).await {
+    /// Writes `next` over `prev` with the webhook events of the change (same atomic step); on a
+    /// conflict (a notification won the race) the stored record is re-read and answered: it is
+    /// at least as recent as ours, and its own write stored its events.
+    pub async fn store_update(
+        &self,
+        prev: IssuerOperation,
+        next: IssuerOperation,
+    ) -> IssuerOperation {
+        let written = match self.webhook_events(Some(&prev), &next).await {
+            Ok(events) => self
+                .ops
+                .update_operation_with(&next, &events)
+                .await
+                .map(|()| self.webhooks_stored(&events))
+                .map_err(DomainError::from),
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(()) => next,
             Err(e) => {
                 tracing::warn!(operation_id = %prev.id, error = %e, "operation update not stored");
@@ -530,13 +542,15 @@ impl IssuerService {
                 report.unchanged += 1;
                 return Ok(());
             };
+            let events = self.webhook_events(Some(&op), &next).await?;
             match self
                 .ops
-                .apply_notification(&next, &key, self.settings.notification_ttl)
+                .apply_notification_with(&next, &key, self.settings.notification_ttl, &events)
                 .await
             {
                 Ok(NotificationWrite::Applied) => {
                     report.applied += 1;
+                    self.webhooks_stored(&events);
                     self.announce(Some(&op), &next).await;
                     return Ok(());
                 }
@@ -596,17 +610,29 @@ impl IssuerService {
         }
     }
 
-    /// After a stored change: webhooks for final statuses and the registered hooks. Best
-    /// effort: the change is stored, a failure here is logged.
-    async fn announce(&self, before: Option<&IssuerOperation>, after: &IssuerOperation) {
-        let status_changed = before.is_none_or(|b| b.status != after.status);
-        if status_changed
-            && after.status.is_final()
-            && let Some(w) = &self.services.webhooks
-            && let Err(e) = w.issuer_operation_finished(after).await
-        {
-            tracing::warn!(operation_id = %after.id, error = %e, "issuer webhook event not recorded");
+    /// The webhook events of the change `before` -> `after`, to write with it (none without
+    /// webhooks or listeners).
+    async fn webhook_events(
+        &self,
+        before: Option<&IssuerOperation>,
+        after: &IssuerOperation,
+    ) -> Result<Vec<EventAppend>, DomainError> {
+        match &self.services.webhooks {
+            Some(w) => w.issuer_events_for(before, after).await,
+            None => Ok(Vec::new()),
         }
+    }
+
+    /// After a write stored `events`: wakes the delivery worker.
+    fn webhooks_stored(&self, events: &[EventAppend]) {
+        if let Some(w) = &self.services.webhooks {
+            w.events_stored(events);
+        }
+    }
+
+    /// After a stored change: the registered hooks (changes with a `before` only). Best effort:
+    /// the change (and its webhook events, written with it) is stored, a failure here is logged.
+    async fn announce(&self, before: Option<&IssuerOperation>, after: &IssuerOperation) {
         let Some(before) = before else { return };
         let hooks = self
             .hooks
@@ -723,8 +749,14 @@ impl IssuerService {
                 next.version = op.version + 1;
                 next.attempts = op.attempts.saturating_add(1);
                 next.next_check_at = after(backoff);
-                match self.ops.update_operation(&next).await {
+                let events = if changed.is_some() {
+                    self.webhook_events(Some(&op), &next).await?
+                } else {
+                    Vec::new()
+                };
+                match self.ops.update_operation_with(&next, &events).await {
                     Ok(()) => {
+                        self.webhooks_stored(&events);
                         if changed.is_some() {
                             self.announce(Some(&op), &next).await;
                         }

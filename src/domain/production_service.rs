@@ -277,13 +277,9 @@ impl ProductionService {
                 })
             }
             Err(ProviderError::Rejected { status, code }) => {
+                // Its webhook events are written with the change (IssuerService::store_update).
                 let next = op.rejected(&code, now());
-                let stored = self.store_op(op, next).await;
-                if let Some(w) = &self.webhooks
-                    && let Err(e) = w.issuer_operation_finished(&stored).await
-                {
-                    tracing::warn!(operation_id = %stored.id, error = %e, "issuer webhook event not recorded");
-                }
+                self.store_op(op, next).await;
                 Err(DomainError::Upstream(ProviderError::Rejected {
                     status,
                     code,
@@ -302,24 +298,10 @@ impl ProductionService {
         }
     }
 
-    /// Writes `next` over `prev`; on a conflict (a notification won the race) the stored record
-    /// is answered: it is at least as recent as ours.
+    /// Writes `next` over `prev` with its webhook events; on a conflict (a notification won the
+    /// race) the stored record is answered: it is at least as recent as ours.
     async fn store_op(&self, prev: IssuerOperation, next: IssuerOperation) -> IssuerOperation {
-        match self.issuer.ops.update_operation(&next).await {
-            Ok(()) => next,
-            Err(e) => {
-                tracing::debug!(operation_id = %prev.id, error = %e, "operation update not stored");
-                match self
-                    .issuer
-                    .ops
-                    .get_operation(&prev.issuer_id, &prev.id)
-                    .await
-                {
-                    Ok(Some(cur)) => cur,
-                    _ => prev,
-                }
-            }
-        }
+        self.issuer.store_update(prev, next).await
     }
 
     /// Places a batch: every item validated and reserved, one D1 call for those to send, a

@@ -1099,18 +1099,29 @@ impl WebhookService {
 
     // --- events ------------------------------------------------------------------------------
 
-    /// Queues `issuer.operation.succeeded` / `.failed` for an operation that just reached a
-    /// final status, and `issuer.click_to_pay.enrolled` / `.opted_out` when it was a successful
-    /// Click to Pay enrolment / opt-out. `None` when nobody listens.
-    pub async fn issuer_operation_finished(
+    /// The issuer events of an operation change, built (bodies frozen now) but not stored:
+    /// `issuer.operation.succeeded` / `.failed` when the operation just reached a final status
+    /// (`before` is `None` or had another status), and `issuer.click_to_pay.enrolled` /
+    /// `.opted_out` when it was a successful Click to Pay enrolment / opt-out. Only types an
+    /// endpoint of the issuer subscribes to; empty when nobody listens.
+    ///
+    /// The caller hands them to the operation's own write (`update_operation_with`,
+    /// `apply_notification_with`), which stores them in the same atomic step as the change,
+    /// then calls [`Self::events_stored`]. A write retried after a conflict builds them again
+    /// from the record it then writes.
+    pub async fn issuer_events_for(
         &self,
+        before: Option<&crate::domain::issuer_ops::IssuerOperation>,
         op: &crate::domain::issuer_ops::IssuerOperation,
-    ) -> Result<Option<EventId>, DomainError> {
+    ) -> Result<Vec<EventAppend>, DomainError> {
         use crate::domain::issuer_ops::{OperationKind, OperationStatus};
+        if before.is_some_and(|b| b.status == op.status) {
+            return Ok(Vec::new());
+        }
         let mut types = vec![match op.status {
             OperationStatus::Successful => EventType::IssuerOperationSucceeded,
             OperationStatus::Failed => EventType::IssuerOperationFailed,
-            OperationStatus::Pending => return Ok(None),
+            OperationStatus::Pending => return Ok(Vec::new()),
         }];
         if op.status == OperationStatus::Successful {
             match op.kind {
@@ -1121,23 +1132,77 @@ impl WebhookService {
                 _ => {}
             }
         }
+        let tenant = op.issuer_id.tenant();
+        let endpoints = self.outbox.list_endpoints(&tenant).await?;
         let data = serde_json::json!({ "operation": (self.render_operation)(op) });
-        let mut last = None;
+        let mut out = Vec::new();
         for t in types {
-            if let Some(id) = self
-                .enqueue(
-                    &op.issuer_id.tenant(),
-                    t,
-                    None,
-                    Some(op.id.as_str()),
-                    data.clone(),
-                )
-                .await?
-            {
-                last = Some(id);
+            let subscribed: Vec<EndpointId> = endpoints
+                .iter()
+                .filter(|e| e.events.contains(&t))
+                .map(|e| e.id.clone())
+                .collect();
+            if subscribed.is_empty() {
+                continue;
             }
+            out.push(self.build_append(
+                &tenant,
+                t,
+                None,
+                Some(op.id.as_str()),
+                data.clone(),
+                subscribed,
+            )?);
         }
-        Ok(last)
+        Ok(out)
+    }
+
+    /// Tells the service that an operation write stored `events` (built by
+    /// [`Self::issuer_events_for`]): wakes this instance's worker.
+    pub fn events_stored(&self, events: &[EventAppend]) {
+        for e in events {
+            tracing::debug!(event_id = %e.event.id, event_type = e.event.event_type.as_str(), operation_id = ?e.event.operation_id, endpoints = e.endpoints.len(), "webhook event queued");
+        }
+        if !events.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// One event of `tenant` with its frozen body, for `endpoints`.
+    fn build_append(
+        &self,
+        tenant: &MerchantId,
+        event_type: EventType,
+        token_id: Option<TokenId>,
+        operation_id: Option<&str>,
+        data: serde_json::Value,
+        endpoints: Vec<EndpointId>,
+    ) -> Result<EventAppend, DomainError> {
+        let created_at = now();
+        let id = EventId::generate(created_at);
+        let payload = serde_json::json!({
+            "id": id.as_str(),
+            "type": event_type.as_str(),
+            "createdAt": created_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            "data": data,
+        });
+        let payload = serde_json::to_string(&payload)
+            .map_err(|_| DomainError::Internal("webhook payload does not serialize".into()))?;
+        Ok(EventAppend {
+            event: WebhookEvent {
+                id,
+                merchant_id: tenant.clone(),
+                event_type,
+                token_id,
+                operation_id: operation_id.map(str::to_owned),
+                created_at,
+                payload,
+            },
+            endpoints,
+            retention: self.settings.retention,
+        })
     }
 
     /// Queues `issuer.click_to_pay.opted_out` for a card that left Click to Pay because of `op`
@@ -1206,30 +1271,12 @@ impl WebhookService {
         if endpoints.is_empty() {
             return Ok(None);
         }
-        let created_at = now();
-        let id = EventId::generate(created_at);
-        let payload = serde_json::json!({
-            "id": id.as_str(),
-            "type": event_type.as_str(),
-            "createdAt": created_at
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-            "data": data,
-        });
-        let payload = serde_json::to_string(&payload)
-            .map_err(|_| DomainError::Internal("webhook payload does not serialize".into()))?;
-        let event = WebhookEvent {
-            id: id.clone(),
-            merchant_id: tenant.clone(),
-            event_type,
-            token_id,
-            operation_id: operation_id.map(str::to_owned),
-            created_at,
-            payload,
-        };
+        let append =
+            self.build_append(tenant, event_type, token_id, operation_id, data, endpoints)?;
         self.outbox
-            .enqueue_event(&event, &endpoints, self.settings.retention)
+            .enqueue_event(&append.event, &append.endpoints, append.retention)
             .await?;
+        let (id, endpoints) = (append.event.id, append.endpoints);
         tracing::debug!(event_id = %id, event_type = event_type.as_str(), endpoints = endpoints.len(), "webhook event queued");
         self.wake.notify_one();
         Ok(Some(id))

@@ -8,11 +8,10 @@ use axum::http::request::Parts;
 use super::problem::ApiError;
 use super::state::AppState;
 use crate::domain::apikeys::is_key_id;
-use crate::domain::audit::{AuditAction, NewAuditEvent, SUCCESS};
-use crate::domain::token::MerchantId;
+use crate::domain::audit::{AuditAction, AuditTenant, NewAuditEvent, SUCCESS};
 
-/// Put in the request's extensions by [`crate::http::auth::MerchantAuth`]: the id of the API key that
-/// authenticated the request.
+/// Put in the request's extensions by [`crate::http::auth::MerchantAuth`] and
+/// [`crate::http::auth::IssuerAuth`]: the id of the API key that authenticated the request.
 #[derive(Debug, Clone)]
 pub struct AuthedKey {
     pub key_id: String,
@@ -66,8 +65,9 @@ pub fn outcome<T>(r: &Result<T, ApiError>) -> String {
     }
 }
 
-/// What an audited action concerns, besides the merchant: recorded as the event's `tokenId` or
-/// `keyId`.
+/// What an audited action concerns, besides the tenant: recorded as the event's `tokenId`,
+/// `keyId`, `cardId` / `consumerId` / `operationId` or `endpointId`. Ids only: never a card
+/// number or personal data.
 #[derive(Debug, Clone, Copy)]
 pub enum Subject<'a> {
     /// Nothing more (merchant creation, or a refusal before any target was known).
@@ -76,6 +76,15 @@ pub enum Subject<'a> {
     Token(&'a str),
     /// The API key created or revoked (`key_...`), not the key that acted.
     ApiKey(&'a str),
+    /// An issuer's card or consumer at D1 (well-formed ids only), and the operation the action
+    /// started, if it did.
+    Issuer {
+        card: Option<&'a str>,
+        consumer: Option<&'a str>,
+        operation: Option<&'a str>,
+    },
+    /// A webhook endpoint (`we_...`).
+    Endpoint(&'a str),
 }
 
 impl<'a> Subject<'a> {
@@ -90,12 +99,13 @@ impl<'a> Subject<'a> {
     }
 }
 
-/// Appends an event to the merchant's trail. `Err` only when the store failed, so callers
-/// decide whether that fails the request (a card reveal) or is logged (an action already done).
+/// Appends an event to the tenant's trail (a merchant's, or an issuer's). `Err` only when the
+/// store failed, so callers decide whether that fails the request (a card reveal) or is logged
+/// (an action already done).
 pub async fn record(
     state: &AppState,
     ctx: &AuditCtx,
-    merchant: &MerchantId,
+    tenant: impl Into<AuditTenant>,
     action: AuditAction,
     subject: Subject<'_>,
     outcome: String,
@@ -103,21 +113,36 @@ pub async fn record(
     let Some(log) = &state.services.audit else {
         return Ok(());
     };
-    let (token_id, key_id) = match subject {
-        Subject::None => (None, None),
-        Subject::Token(t) => (Some(t.to_owned()), None),
-        Subject::ApiKey(k) => (None, Some(k.to_owned())),
-    };
-    let event = NewAuditEvent {
+    let own = |v: Option<&str>| v.map(str::to_owned);
+    let mut event = NewAuditEvent {
         at: time::OffsetDateTime::now_utc(),
         actor: ctx.actor.clone(),
-        merchant_id: merchant.clone(),
+        tenant: tenant.into(),
         action,
-        token_id,
-        key_id,
+        token_id: None,
+        key_id: None,
+        card_id: None,
+        consumer_id: None,
+        operation_id: None,
+        endpoint_id: None,
         request_id: ctx.request_id.clone(),
         outcome,
     };
+    match subject {
+        Subject::None => {}
+        Subject::Token(t) => event.token_id = Some(t.to_owned()),
+        Subject::ApiKey(k) => event.key_id = Some(k.to_owned()),
+        Subject::Issuer {
+            card,
+            consumer,
+            operation,
+        } => {
+            event.card_id = own(card);
+            event.consumer_id = own(consumer);
+            event.operation_id = own(operation);
+        }
+        Subject::Endpoint(e) => event.endpoint_id = Some(e.to_owned()),
+    }
     log.record(&event).await.map(|_| ()).map_err(ApiError::from)
 }
 
@@ -125,12 +150,13 @@ pub async fn record(
 pub async fn record_best_effort(
     state: &AppState,
     ctx: &AuditCtx,
-    merchant: &MerchantId,
+    tenant: impl Into<AuditTenant>,
     action: AuditAction,
     subject: Subject<'_>,
     outcome: String,
 ) {
-    if let Err(e) = record(state, ctx, merchant, action, subject, outcome).await {
-        tracing::warn!(merchant_id = %merchant, code = e.code, "audit event not recorded");
+    let tenant: AuditTenant = tenant.into();
+    if let Err(e) = record(state, ctx, tenant.clone(), action, subject, outcome).await {
+        tracing::warn!(tenant_id = %tenant, code = e.code, "audit event not recorded");
     }
 }

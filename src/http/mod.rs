@@ -118,7 +118,17 @@ pub fn router(state: AppState, settings: &HttpSettings) -> Router {
         )
         .route("/v1/issuers/{id}", get(issuers::get_issuer))
         .route("/v1/issuers/{id}/api-keys", post(issuers::create_issuer_key))
+        // Client certificates bound to an issuer (admin; docs/api.md, "Client certificates").
+        .route(
+            "/v1/issuers/{id}/client-certs",
+            get(client_certs::get_issuer_client_certs).put(client_certs::put_issuer_client_certs),
+        )
         .route("/v1/issuer/operations", get(issuers::list_operations))
+        // The issuer's audit trail (docs/security.md, "Audit trail").
+        .route(
+            "/v1/issuer/audit-events",
+            get(audit_events::list_issuer_audit_events),
+        )
         .route(
             "/v1/issuer/operations/{operation_id}",
             get(issuers::get_operation),

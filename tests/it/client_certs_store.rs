@@ -2,7 +2,7 @@
 //! (standalone Redis, Redis Cluster, embedded): a policy replaces the previous one and moves
 //! the fingerprint index along, a certificate binds to one merchant only, and an index entry
 //! its merchant's policy no longer lists (an interrupted change) binds nothing and can be taken
-//! over.
+//! over. Issuers bind under their tenant id in the same index (one tenant per certificate).
 
 use time::OffsetDateTime;
 use tokengate::domain::apikeys::Scopes;
@@ -97,6 +97,31 @@ async fn contract(s: &dyn ClientCertStore) {
     assert_eq!(s.merchant_by_client_cert(&c1.sha256).await.unwrap(), None);
     assert_eq!(s.merchant_by_client_cert(&c3.sha256).await.unwrap(), None);
     assert_eq!(s.client_cert_policy(&a).await.unwrap(), Some(empty));
+
+    // An issuer binds under its tenant id, in the same index: its certificate is found as the
+    // issuer's, and a merchant cannot take it (nor the issuer a merchant's).
+    let issuer = tokengate::domain::issuer::IssuerId::generate().tenant();
+    let ci = cert("issuer");
+    let pi = policy(&issuer, CertAuthMode::ApiKeyAndCert, &[&ci]);
+    assert_eq!(
+        s.put_client_cert_policy(&pi).await.unwrap(),
+        PutPolicy::Stored
+    );
+    assert_eq!(bound_to(s, &ci).await, Some(issuer.clone()));
+    assert_eq!(
+        s.put_client_cert_policy(&policy(&b, CertAuthMode::ApiKey, &[&c2, &ci]))
+            .await
+            .unwrap(),
+        PutPolicy::Taken(ci.sha256.clone())
+    );
+    assert_eq!(
+        s.put_client_cert_policy(&policy(&issuer, CertAuthMode::ApiKey, &[&ci, &c2]))
+            .await
+            .unwrap(),
+        PutPolicy::Taken(c2.sha256.clone())
+    );
+    assert_eq!(bound_to(s, &ci).await, Some(issuer.clone()));
+    assert_eq!(bound_to(s, &c2).await, Some(b.clone()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,8 +11,9 @@ use time::macros::datetime;
 use tokengate::crypto::Keyring;
 use tokengate::domain::apikeys::{ApiKeyRecord, Scope, Scopes, key_id};
 use tokengate::domain::audit::{
-    AuditAction, AuditEvent, AuditEventId, AuditLog, NewAuditEvent, SUCCESS,
+    AuditAction, AuditEvent, AuditEventId, AuditLog, AuditTenant, NewAuditEvent, SUCCESS,
 };
+use tokengate::domain::issuer::IssuerId;
 use tokengate::domain::merchant::{Merchant, NewApiKey};
 use tokengate::domain::ports::TokenStore;
 use tokengate::domain::ports::apikeys::ApiKeyStore;
@@ -56,6 +57,11 @@ fn key_record(m: &MerchantId, name: &str, scopes: &[Scope]) -> (ApiKeyRecord, Ne
     (rec, key)
 }
 
+/// A merchant's trail.
+fn t(m: &MerchantId) -> AuditTenant {
+    AuditTenant::Merchant(m.clone())
+}
+
 fn by_id(mut v: Vec<ApiKeyRecord>) -> Vec<ApiKeyRecord> {
     v.sort_by(|a, b| a.id.cmp(&b.id));
     v
@@ -75,10 +81,14 @@ fn event(m: &MerchantId, i: usize) -> NewAuditEvent {
     NewAuditEvent {
         at: OffsetDateTime::now_utc(),
         actor: "key_0123456789abcdef01234567".into(),
-        merchant_id: m.clone(),
+        tenant: AuditTenant::Merchant(m.clone()),
         action,
         token_id,
         key_id,
+        card_id: None,
+        consumer_id: None,
+        operation_id: None,
+        endpoint_id: None,
         request_id: Some(format!("rid-{i}")),
         outcome: if i.is_multiple_of(2) {
             SUCCESS.into()
@@ -124,6 +134,7 @@ crate::store_tests!(by_ref:
     audit_lists_newest_first_per_merchant,
     audit_cursor_pages_cover_the_trail_once,
     audit_retention_trims_expired_events_on_append,
+    audit_trails_of_issuers_and_merchants_are_apart,
 );
 
 // --- API keys ----------------------------------------------------------------------------------
@@ -357,7 +368,7 @@ async fn audit_lists_newest_first_per_merchant<S: Backend>(s: &S) {
     let a = MerchantId::generate();
     let b = MerchantId::generate();
     assert!(
-        s.list(&a, None, 10).await.unwrap().is_empty(),
+        s.list(&t(&a), None, 10).await.unwrap().is_empty(),
         "empty trail"
     );
 
@@ -392,16 +403,19 @@ async fn audit_lists_newest_first_per_merchant<S: Backend>(s: &S) {
     all.extend(burst);
     // Every field round-trips (tokenId and keyId included), newest first, only A's events.
     assert_eq!(
-        s.list(&a, None, 100).await.unwrap(),
+        s.list(&t(&a), None, 100).await.unwrap(),
         newest_first(all.clone())
     );
-    assert_eq!(s.list(&b, None, 100).await.unwrap(), newest_first(theirs));
     assert_eq!(
-        s.list(&a, None, 3).await.unwrap(),
+        s.list(&t(&b), None, 100).await.unwrap(),
+        newest_first(theirs)
+    );
+    assert_eq!(
+        s.list(&t(&a), None, 3).await.unwrap(),
         newest_first(all.clone())[..3].to_vec()
     );
     assert!(
-        s.list(&MerchantId::generate(), None, 10)
+        s.list(&t(&MerchantId::generate()), None, 10)
             .await
             .unwrap()
             .is_empty()
@@ -419,7 +433,7 @@ async fn audit_cursor_pages_cover_the_trail_once<S: Backend>(s: &S) {
     let mut pages = Vec::new();
     let mut before = None;
     loop {
-        let page = s.list(&m, before, 3).await.unwrap();
+        let page = s.list(&t(&m), before, 3).await.unwrap();
         if page.is_empty() {
             break;
         }
@@ -430,18 +444,18 @@ async fn audit_cursor_pages_cover_the_trail_once<S: Backend>(s: &S) {
     assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3, 3, 1]);
     assert_eq!(pages.concat(), full);
     assert_eq!(
-        s.list(&m, Some(full[2].id), 100).await.unwrap(),
+        s.list(&t(&m), Some(full[2].id), 100).await.unwrap(),
         full[3..].to_vec()
     );
     // The extreme cursors: before everything, after everything.
     assert!(
-        s.list(&m, Some(AuditEventId { ms: 0, seq: 0 }), 10)
+        s.list(&t(&m), Some(AuditEventId { ms: 0, seq: 0 }), 10)
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
-        s.list(&m, Some(AuditEventId { ms: 0, seq: 1 }), 10)
+        s.list(&t(&m), Some(AuditEventId { ms: 0, seq: 1 }), 10)
             .await
             .unwrap()
             .is_empty()
@@ -450,14 +464,14 @@ async fn audit_cursor_pages_cover_the_trail_once<S: Backend>(s: &S) {
         ms: u64::MAX,
         seq: u64::MAX,
     };
-    assert_eq!(s.list(&m, Some(top), 100).await.unwrap(), full);
+    assert_eq!(s.list(&t(&m), Some(top), 100).await.unwrap(), full);
 
     // The domain's cursor: `nextCursor` while a page is full, as the API serves it.
     let log = AuditLog::new(Arc::new(s.clone()), 365);
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     for _ in 0..5 {
-        let (page, next) = log.list(&m, cursor.as_deref(), 4).await.unwrap();
+        let (page, next) = log.list(&t(&m), cursor.as_deref(), 4).await.unwrap();
         seen.extend(page);
         match next {
             Some(n) => cursor = Some(n.to_string()),
@@ -465,7 +479,10 @@ async fn audit_cursor_pages_cover_the_trail_once<S: Backend>(s: &S) {
         }
     }
     assert_eq!(seen, full);
-    assert!(log.list(&m, Some("aud_x"), 4).await.is_err(), "bad cursor");
+    assert!(
+        log.list(&t(&m), Some("aud_x"), 4).await.is_err(),
+        "bad cursor"
+    );
 }
 
 async fn audit_retention_trims_expired_events_on_append<S: Backend>(s: &S) {
@@ -481,14 +498,20 @@ async fn audit_retention_trims_expired_events_on_append<S: Backend>(s: &S) {
     let fresh = event(&m, 100);
     let id = s.append(&fresh, short).await.unwrap();
     let fresh = AuditEvent { id, event: fresh };
-    assert_eq!(s.list(&m, None, 100).await.unwrap(), vec![fresh.clone()]);
+    assert_eq!(
+        s.list(&t(&m), None, 100).await.unwrap(),
+        vec![fresh.clone()]
+    );
     // Only that merchant's trail is trimmed.
-    assert_eq!(s.list(&other, None, 100).await.unwrap(), newest_first(kept));
+    assert_eq!(
+        s.list(&t(&other), None, 100).await.unwrap(),
+        newest_first(kept)
+    );
     // Events within retention stay.
     let second = event(&m, 101);
     let id = s.append(&second, short).await.unwrap();
     assert_eq!(
-        s.list(&m, None, 100).await.unwrap(),
+        s.list(&t(&m), None, 100).await.unwrap(),
         vec![AuditEvent { id, event: second }, fresh]
     );
 
@@ -499,12 +522,117 @@ async fn audit_retention_trims_expired_events_on_append<S: Backend>(s: &S) {
     tokio::time::sleep(AGED).await;
     s.append(&event(&m, 200), short).await.unwrap();
     s.append(&event(&m, 201), short).await.unwrap();
-    let left = s.list(&m, None, 200).await.unwrap();
+    let left = s.list(&t(&m), None, 200).await.unwrap();
     let rids: Vec<_> = left
         .iter()
         .map(|e| e.event.request_id.as_deref().unwrap_or(""))
         .collect();
     assert_eq!(rids, ["rid-201", "rid-200"]);
+}
+
+/// An issuer's event: ids of the card, consumer or operation it concerns, never card data.
+fn issuer_event(i: &IssuerId, n: usize) -> NewAuditEvent {
+    NewAuditEvent {
+        at: OffsetDateTime::now_utc(),
+        actor: "key_0123456789abcdef01234567".into(),
+        tenant: AuditTenant::Issuer(i.clone()),
+        action: if n.is_multiple_of(2) {
+            AuditAction::ClickToPayEnrol
+        } else {
+            AuditAction::ClickToPayProfilesRead
+        },
+        token_id: None,
+        key_id: None,
+        card_id: Some(format!("card-{n}")),
+        consumer_id: n.is_multiple_of(3).then(|| format!("cons-{n}")),
+        operation_id: n.is_multiple_of(2).then(|| format!("op_{n:0>22}")),
+        endpoint_id: None,
+        request_id: Some(format!("rid-i{n}")),
+        outcome: SUCCESS.into(),
+    }
+}
+
+/// Trails are per tenant: an issuer's events are its own (every field round-trips), a
+/// merchant's stay in the merchant's, and neither sees the other's.
+async fn audit_trails_of_issuers_and_merchants_are_apart<S: Backend>(s: &S) {
+    let i = IssuerId::generate();
+    let m = MerchantId::generate();
+    let mut theirs = Vec::new();
+    for n in 0..4 {
+        let e = issuer_event(&i, n);
+        theirs.push(AuditEvent {
+            id: s.append(&e, DAY).await.unwrap(),
+            event: e,
+        });
+    }
+    let mine = append_n(s, &m, 3).await;
+    let it = AuditTenant::Issuer(i.clone());
+    assert_eq!(
+        s.list(&it, None, 100).await.unwrap(),
+        newest_first(theirs.clone())
+    );
+    assert_eq!(s.list(&t(&m), None, 100).await.unwrap(), newest_first(mine));
+    assert!(
+        s.list(&AuditTenant::Issuer(IssuerId::generate()), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Cursors work on an issuer's trail as on a merchant's.
+    let page = s.list(&it, Some(theirs[2].id), 10).await.unwrap();
+    assert_eq!(page, newest_first(theirs[..2].to_vec()));
+}
+
+/// The stored layout of merchant events did not move: an event written as before issuer
+/// trails existed (raw, at `P:{m:M}:audit`, `merchantId` in its JSON) reads back, and an
+/// issuer's event goes to `P:{i:I}:audit` with `issuerId`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_merchant_trail_keeps_its_key_and_bytes() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let m = MerchantId::generate();
+    let old = format!(
+        r#"{{"at":"2026-01-02T03:04:05Z","actor":"key_0123456789abcdef01234567","merchantId":"{m}","action":"api_key.revoke","keyId":"key_aaaaaaaaaaaaaaaaaaaaaaaa","requestId":"rid-1","outcome":"success"}}"#
+    );
+    let id: String = redis::cmd("XADD")
+        .arg(format!("tgtest:{{m:{m}}}:audit"))
+        .arg("*")
+        .arg("e")
+        .arg(&old)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let listed = s.list(&t(&m), None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id.to_string(), format!("aud_{id}"));
+    assert_eq!(listed[0].event.tenant, t(&m));
+    assert_eq!(listed[0].event.action, AuditAction::ApiKeyRevoke);
+    assert_eq!(serde_json::to_string(&listed[0].event).unwrap(), old);
+
+    // A new merchant event: same key, same shape.
+    s.append(&event(&m, 2), DAY).await.unwrap();
+    let n: i64 = redis::cmd("XLEN")
+        .arg(format!("tgtest:{{m:{m}}}:audit"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 2);
+
+    let i = IssuerId::generate();
+    s.append(&issuer_event(&i, 0), DAY).await.unwrap();
+    let raw: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(format!("tgtest:{{i:{i}}}:audit"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), 1);
+    let json = &raw[0].1[1];
+    assert!(json.contains(&format!(r#""issuerId":"{i}""#)), "{json}");
+    assert!(!json.contains("merchantId"), "{json}");
 }
 
 // --- raw bytes: API key secrets are never stored, only their hashes ----------------------------

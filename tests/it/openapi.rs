@@ -1051,6 +1051,64 @@ async fn real_responses_match_the_document() {
     )
     .await;
     c.check("GET", "/v1/issuer/operations", r).await;
+    // The issuer's audit trail (the enrolments above are in it) and its refusals.
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/audit-events?limit=2",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    let page = c.check("GET", "/v1/issuer/audit-events", r).await;
+    assert_eq!(page["data"][0]["action"], "click_to_pay.enrol");
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuer/audit-events?cursor=nope",
+        Some(&ikey),
+        None,
+    )
+    .await;
+    assert_code(
+        &c.check("GET", "/v1/issuer/audit-events", r).await,
+        "invalid_cursor",
+    );
+    // Client certificates bound to the issuer (admin).
+    let icerts = "/v1/issuers/{id}/client-certs";
+    let icerts_path = format!("{iss_path}/client-certs");
+    let r = send(&app, Method::GET, &icerts_path, Some(ADMIN), None).await;
+    assert_eq!(c.check("GET", icerts, r).await["authMode"], "API_KEY");
+    let r = send(
+        &app,
+        Method::PUT,
+        &icerts_path,
+        Some(ADMIN),
+        Some(json!({"authMode": "API_KEY", "certificates": [{"sha256": "cd".repeat(32), "name": "bank"}]})),
+    )
+    .await;
+    assert_eq!(
+        c.check("PUT", icerts, r).await["issuerId"],
+        iss["id"].as_str().unwrap()
+    );
+    let r = send(
+        &app,
+        Method::PUT,
+        &icerts_path,
+        Some(ADMIN),
+        Some(json!({"authMode": "CERT", "certificates": [{"sha256": "cd".repeat(32)}]})),
+    )
+    .await;
+    assert_code(&c.check("PUT", icerts, r).await, "invalid_auth_mode");
+    let r = send(
+        &app,
+        Method::GET,
+        "/v1/issuers/iss_AAAAAAAAAAAAAAAA/client-certs",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_code(&c.check("GET", icerts, r).await, "issuer_not_found");
     // Physical card orders: an order, a batch with a bad item, the production status.
     let order = |id: &str| {
         json!({"issuerRequestId": id, "distributionChannel": "INSTANT",

@@ -892,3 +892,254 @@ async fn plain_http_is_unchanged_and_a_merchant_requiring_a_certificate_fails_cl
     );
     assert_eq!(list_keys(c, &app.base, Some(&key_b)).await.0, 200);
 }
+
+// --- client certificates bound to issuers --------------------------------------------------------
+
+/// Onboards an issuer over `c`; (id, API key).
+async fn issuer(c: &Client, base: &str, d1: &str) -> (String, String) {
+    let r = c
+        .post(format!("{base}/v1/issuers"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"name": "Example Bank", "d1IssuerId": d1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["apiKey"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn put_issuer_certs(c: &Client, base: &str, issuer: &str, body: Value) -> (u16, Value) {
+    let r = c
+        .put(format!("{base}/v1/issuers/{issuer}/client-certs"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+/// `GET /v1/issuer/operations` with an issuer key (or none): the status and the problem code.
+async fn issuer_ops(c: &Client, base: &str, key: Option<&str>) -> (u16, Value) {
+    let mut rb = c.get(format!("{base}/v1/issuer/operations"));
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_another() {
+    let m = DevMaterial::generate(MGID).unwrap();
+    let (_files, app) = start_mtls(&m, ClientCerts::Optional).await;
+    let base = https(app.addr, "");
+    let (cert_i, key_pem_i) = m.issue_client_cert("bank-host").unwrap();
+    let (cert_m, key_pem_m) = m.issue_client_cert("psp-host").unwrap();
+    let (cert_u, key_pem_u) = m.issue_client_cert("unbound-host").unwrap();
+    let with_i = client(&m.ca_cert_pem, Some((&cert_i, &key_pem_i)), false);
+    let with_m = client(&m.ca_cert_pem, Some((&cert_m, &key_pem_m)), true);
+    let with_u = client(&m.ca_cert_pem, Some((&cert_u, &key_pem_u)), false);
+    let without = client(&m.ca_cert_pem, None, false);
+
+    let (iss, key_i) = issuer(&without, &base, "BANKTLS001").await;
+    let (other, key_o) = issuer(&without, &base, "BANKTLS002").await;
+    let (mer, key_m) = merchant(&without, &base, "Merchant M").await;
+    let (fp_i, fp_m, fp_u) = (
+        fingerprint(&cert_i),
+        fingerprint(&cert_m),
+        fingerprint(&cert_u),
+    );
+    let (status, body) = put_certs(
+        &without,
+        &base,
+        &mer,
+        json!({"authMode": "API_KEY_AND_CERT", "certificates": [{"sha256": fp_m}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Nothing bound to the issuer yet: its key works with any certificate or none, except one
+    // bound to another tenant.
+    assert_eq!(issuer_ops(&without, &base, Some(&key_i)).await.0, 200);
+    assert_eq!(issuer_ops(&with_u, &base, Some(&key_i)).await.0, 200);
+    let (status, p) = issuer_ops(&with_m, &base, Some(&key_i)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_mismatch")),
+        "a merchant's certificate acted for an issuer"
+    );
+
+    // Bind a certificate to the issuer, key and certificate required (openssl form accepted).
+    let (status, body) = put_issuer_certs(
+        &without,
+        &base,
+        &iss,
+        json!({"authMode": "API_KEY_AND_CERT",
+               "certificates": [{"sha256": openssl_form(&fp_i), "name": "bank-host"}]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["issuerId"], iss.as_str());
+    assert!(body.get("merchantId").is_none(), "{body}");
+    assert_eq!(body["certificates"][0]["sha256"], fp_i.as_str());
+    let scopes = body["certificates"][0]["scopes"].to_string();
+    assert!(
+        scopes.contains("issuer:operations") && !scopes.contains("tokens"),
+        "an issuer binding has issuer scopes: {scopes}"
+    );
+
+    // Its key with its certificate: served (HTTP/2). Without one, or with an unbound one: the
+    // merchants' refusal.
+    assert_eq!(issuer_ops(&with_i, &base, Some(&key_i)).await.0, 200);
+    for (c, what) in [
+        (&without, "no certificate"),
+        (&with_u, "an unbound certificate"),
+    ] {
+        let (status, p) = issuer_ops(c, &base, Some(&key_i)).await;
+        assert_eq!(
+            (status, p["code"].as_str()),
+            (403, Some("client_cert_required")),
+            "{what}"
+        );
+        assert!(
+            !p.to_string().contains(&iss),
+            "the refusal names the issuer"
+        );
+    }
+    // Its certificate never acts for another tenant: another issuer's key, a merchant's key.
+    let (status, p) = issuer_ops(&with_i, &base, Some(&key_o)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_mismatch"))
+    );
+    let (status, p) = list_keys(&with_i, &base, Some(&key_m)).await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (403, Some("client_cert_mismatch"))
+    );
+    // Nor alone: an issuer's certificate authenticates nothing without a key.
+    assert_eq!(issuer_ops(&with_i, &base, None).await.0, 401);
+    assert_eq!(list_keys(&with_i, &base, None).await.0, 401);
+    // The other issuer (no binding) is unaffected.
+    assert_eq!(issuer_ops(&without, &base, Some(&key_o)).await.0, 200);
+
+    // The rules of the admin route: no CERT mode for issuers, one tenant per certificate,
+    // issuer scopes only, unknown issuers.
+    let (status, p) = put_issuer_certs(
+        &without,
+        &base,
+        &iss,
+        json!({"authMode": "CERT", "certificates": [{"sha256": fp_i}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (422, Some("invalid_auth_mode"))
+    );
+    let (status, p) = put_issuer_certs(
+        &without,
+        &base,
+        &other,
+        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_m}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("client_cert_in_use"))
+    );
+    let (status, p) = put_certs(
+        &without,
+        &base,
+        &mer,
+        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_i}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (409, Some("client_cert_in_use"))
+    );
+    let (status, p) = put_issuer_certs(
+        &without,
+        &base,
+        &other,
+        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_u, "scopes": ["tokens:read"]}]}),
+    )
+    .await;
+    assert_eq!((status, p["code"].as_str()), (422, Some("invalid_scopes")));
+    let (status, p) = put_issuer_certs(
+        &without,
+        &base,
+        "iss_AAAAAAAAAAAAAAAA",
+        json!({"authMode": "API_KEY", "certificates": []}),
+    )
+    .await;
+    assert_eq!(
+        (status, p["code"].as_str()),
+        (404, Some("issuer_not_found"))
+    );
+    let r = without
+        .get(format!("{base}/v1/issuers/{iss}/client-certs"))
+        .bearer_auth(&key_i)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "an issuer key is not the admin token");
+    let r = without
+        .get(format!("{base}/v1/merchants/{iss}/client-certs"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "an issuer is not a merchant");
+
+    // Unbinding frees the certificate and the key works alone again.
+    let (status, _) = put_issuer_certs(
+        &without,
+        &base,
+        &iss,
+        json!({"authMode": "API_KEY", "certificates": []}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(issuer_ops(&without, &base, Some(&key_i)).await.0, 200);
+    let r = without
+        .get(format!("{base}/v1/issuers/{iss}/client-certs"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["authMode"], "API_KEY");
+    assert_eq!(v["certificates"], json!([]));
+
+    // Every change (and the refused CERT one) is in the issuer's trail, by the admin.
+    let r = without
+        .get(format!("{base}/v1/issuer/audit-events"))
+        .bearer_auth(&key_i)
+        .send()
+        .await
+        .unwrap();
+    let trail: Value = r.json().await.unwrap();
+    let changes: Vec<&str> = trail["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "client_certs.update")
+        .map(|e| {
+            assert_eq!(e["actor"], "admin");
+            e["outcome"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        ["success", "invalid_auth_mode", "success"],
+        "{trail}"
+    );
+}

@@ -9,12 +9,18 @@
 //! - **duplicate `issuerRequestId`**: [`OperationInsert::Existing`] with the stored operation;
 //! - **version conflict**: [`StoreError::Conflict`], nothing written;
 //! - **redelivered notification**: [`NotificationWrite::Duplicate`], nothing written.
+//!
+//! The issuer webhook events of a change ([`EventAppend`], built by
+//! `WebhookService::issuer_events_for`) are written **in the same atomic step** as the change
+//! (`update_operation_with`, `apply_notification_with`), as token writes do: a crash cannot
+//! keep the change and lose its events, nor store events of a change that was not made.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::StoreError;
+use super::outbox::EventAppend;
 use crate::domain::issuer::IssuerId;
 use crate::domain::issuer_ops::{IssuerOperation, OperationFilter, OperationId};
 
@@ -72,7 +78,21 @@ pub trait IssuerOperationStore: Send + Sync + 'static {
 
     /// Replaces the operation if the stored version is `op.version - 1` (compare-and-set),
     /// keeping every index in step (D1 id, status, the worker's due list).
-    async fn update_operation(&self, op: &IssuerOperation) -> Result<(), StoreError>;
+    async fn update_operation(&self, op: &IssuerOperation) -> Result<(), StoreError> {
+        self.update_operation_with(op, &[]).await
+    }
+
+    /// [`Self::update_operation`] that also stores `events` (the issuer's webhook events of
+    /// this change: event, pending deliveries, jobs) in the same atomic step: all of them
+    /// exactly when the operation is written. Their `merchant_id` is the issuer's tenant
+    /// (`IssuerId::tenant`). On Redis Cluster the events are written to the issuer's outbox
+    /// shard (`P:{i:I}:whq`, the operation's slot) and moved to the tenant's outbox right
+    /// after, or by the delivery workers' sweep if the writer died in between.
+    async fn update_operation_with(
+        &self,
+        op: &IssuerOperation,
+        events: &[EventAppend],
+    ) -> Result<(), StoreError>;
 
     /// Atomically: unless `dedup_key` is already marked for the issuer, replaces the operation
     /// exactly as [`Self::update_operation`] **and** marks the key for `ttl`. Two deliveries of
@@ -82,6 +102,18 @@ pub trait IssuerOperationStore: Send + Sync + 'static {
         op: &IssuerOperation,
         dedup_key: &str,
         ttl: Duration,
+    ) -> Result<NotificationWrite, StoreError> {
+        self.apply_notification_with(op, dedup_key, ttl, &[]).await
+    }
+
+    /// [`Self::apply_notification`] with the change's webhook `events` in the same atomic step
+    /// (as [`Self::update_operation_with`]): a duplicate or a conflict stores none of them.
+    async fn apply_notification_with(
+        &self,
+        op: &IssuerOperation,
+        dedup_key: &str,
+        ttl: Duration,
+        events: &[EventAppend],
     ) -> Result<NotificationWrite, StoreError>;
 
     /// One page of the issuer's operations, newest first, after `cursor` (a sort key this list

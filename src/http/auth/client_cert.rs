@@ -6,13 +6,15 @@
 //! of a connection whose client presented a certificate (verified against
 //! `server.tls.client_ca_file` during the handshake). [`super::MerchantAuth`] calls
 //! [`check_with_key`] after an API key authenticated, and [`authenticate_without_key`] when the
-//! request has no `Authorization` header at all.
+//! request has no `Authorization` header at all; [`super::IssuerAuth`] calls
+//! [`check_with_issuer_key`] after an issuer API key authenticated (the same rules, the
+//! issuer's tenant id in the merchant's place).
 
 use axum::http::header;
 use axum::http::request::Parts;
 
-use crate::domain::apikeys::Caller;
-use crate::domain::client_certs::CertFingerprint;
+use crate::domain::apikeys::{Caller, IssuerCaller};
+use crate::domain::client_certs::{CertFingerprint, CertRefusal};
 use crate::http::problem::{ApiError, codes};
 use crate::http::state::AppState;
 
@@ -48,6 +50,31 @@ pub async fn check_with_key(
         .check_key(&caller.merchant.id, presented(parts))
         .await?
         .map_err(ApiError::from)
+}
+
+/// After an issuer API key authenticated `caller`: the refusals of [`check_with_key`] (a
+/// certificate bound to another tenant, or none of the issuer's own when it requires one),
+/// with the same codes.
+pub async fn check_with_issuer_key(
+    parts: &Parts,
+    state: &AppState,
+    caller: &IssuerCaller,
+) -> Result<(), ApiError> {
+    let refused = state
+        .client_certs
+        .check_key(&caller.issuer.id.tenant(), presented(parts))
+        .await?;
+    // Never says which tenant a certificate belongs to.
+    refused.map_err(|r| match r {
+        CertRefusal::Mismatch => ApiError::of(
+            &codes::CLIENT_CERT_MISMATCH,
+            "the client certificate of this connection is bound to another tenant than the API key",
+        ),
+        CertRefusal::Required => ApiError::of(
+            &codes::CLIENT_CERT_REQUIRED,
+            "this issuer requires one of its client certificates (mutual TLS) on every request",
+        ),
+    })
 }
 
 /// A request without an `Authorization` header: the caller its client certificate

@@ -1,8 +1,8 @@
-//! Authentication of every request: merchant API keys (with their client certificates, rate
-//! limits and scopes) and the admin token. Below the handlers: they take [`MerchantAuth`] or
+//! Authentication of every request: merchant and issuer API keys (with their client
+//! certificates, rate limits and scopes) and the admin token. Below the handlers: they take [`MerchantAuth`] or
 //! [`AdminAuth`] as an extractor.
 //!
-//! - [`client_cert`]: mutual-TLS client certificates bound to merchants;
+//! - [`client_cert`]: mutual-TLS client certificates bound to merchants and issuers;
 //! - [`scopes`]: the one table of which scope each merchant route needs.
 
 pub mod client_cert;
@@ -124,6 +124,9 @@ impl FromRequestParts<AppState> for IssuerAuth {
                 ));
             }
         };
+        // Client certificates, as for merchants: a key of an issuer that binds certificates
+        // needs one of them on the connection, and no certificate acts for another tenant.
+        client_cert::check_with_issuer_key(parts, state, &caller).await?;
         // The same per-key and per-tenant limits as merchants, the issuer in the tenant's place.
         if let Err(e) = state
             .rate_limiter
@@ -136,7 +139,7 @@ impl FromRequestParts<AppState> for IssuerAuth {
             )
             .with_retry_after(Some(e.retry_after)));
         }
-        scopes::check_issuer(parts, &caller)?;
+        scopes::check_issuer(parts, state, &caller).await?;
         parts.extensions.insert(crate::http::audit::AuthedKey {
             key_id: caller.key_id.clone(),
         });

@@ -9,6 +9,7 @@ use axum::http::request::Parts;
 
 use crate::domain::apikeys::{Caller, IssuerCaller, Scope};
 use crate::domain::audit::AuditAction;
+use crate::domain::issuer::{valid_card_id, valid_consumer_id};
 use crate::domain::token::TokenId;
 use crate::http::audit::{self, AuditCtx, Subject};
 use crate::http::problem::{ApiError, codes};
@@ -53,15 +54,39 @@ pub fn required(method: &Method, path: &str) -> Option<(Scope, Option<AuditActio
         ("GET", "/v1/audit-events") => (Scope::AuditRead, None),
         // --- issuer routes (IssuerAuth; docs/issuer.md) ---------------------------------------
         (_, p) if p.starts_with("/v1/issuer/operations") => (Scope::IssuerOperations, None),
+        ("GET", "/v1/issuer/audit-events") => (Scope::IssuerOperations, None),
+        ("POST", "/v1/issuer/webhook-endpoints") => (
+            Scope::IssuerOperations,
+            Some(AuditAction::WebhookEndpointCreate),
+        ),
+        ("DELETE", "/v1/issuer/webhook-endpoints/{id}") => (
+            Scope::IssuerOperations,
+            Some(AuditAction::WebhookEndpointDelete),
+        ),
         (_, p)
             if p.starts_with("/v1/issuer/webhook-endpoints")
                 || p.starts_with("/v1/issuer/events") =>
         {
             (Scope::IssuerOperations, None)
         }
+        // Reads with personal data are audited by the handler (they need the pii scope too).
         ("GET", p) if p.ends_with("/click-to-pay/profiles") => (Scope::IssuerClickToPay, None),
         ("POST", p) if p.starts_with("/v1/issuer/") && p.contains("/click-to-pay/") => {
-            (Scope::IssuerClickToPay, None)
+            let action = if p.ends_with("/enrolment") {
+                AuditAction::ClickToPayEnrol
+            } else if p.ends_with("/opt-out") {
+                AuditAction::ClickToPayOptOut
+            } else {
+                AuditAction::ClickToPayUpdate
+            };
+            (Scope::IssuerClickToPay, Some(action))
+        }
+        ("POST", "/v1/issuer/cards/{card_id}/production-orders") => (
+            Scope::IssuerOrders,
+            Some(AuditAction::ProductionOrderCreate),
+        ),
+        ("POST", "/v1/issuer/production-orders/batch") => {
+            (Scope::IssuerOrders, Some(AuditAction::ProductionOrderBatch))
         }
         ("GET" | "DELETE", "/v1/issuer/cards/{card_id}") => (Scope::IssuerCards, None),
         (_, p) if p.starts_with("/v1/issuer/cards/{card_id}/production") => {
@@ -91,25 +116,62 @@ fn insufficient(detail: String) -> ApiError {
     ApiError::of(&codes::INSUFFICIENT_SCOPE, detail)
 }
 
-/// [`check`] for issuer keys: the route must be in the table with an issuer scope the key holds
-/// (issuer routes are not audited actions yet).
-pub fn check_issuer(parts: &Parts, caller: &IssuerCaller) -> Result<(), ApiError> {
+/// What a refused audited issuer action was aimed at: the card or consumer of
+/// `/v1/issuer/{cards,consumers}/{id}/...`, when the id is well-formed.
+fn issuer_subject(path: &str) -> Subject<'_> {
+    let id = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|rest| rest.split('/').next())
+    };
+    let card = id("/v1/issuer/cards/").filter(|c| valid_card_id(c));
+    let consumer = id("/v1/issuer/consumers/").filter(|c| valid_consumer_id(c));
+    if card.is_none() && consumer.is_none() {
+        return Subject::None;
+    }
+    Subject::Issuer {
+        card,
+        consumer,
+        operation: None,
+    }
+}
+
+/// [`check`] for issuer keys: the route must be in the table with an issuer scope the key holds;
+/// a refused audited action is recorded in the issuer's trail.
+pub async fn check_issuer(
+    parts: &Parts,
+    state: &AppState,
+    caller: &IssuerCaller,
+) -> Result<(), ApiError> {
     let path = parts
         .extensions
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    let Some((scope, _)) = required(&parts.method, &path) else {
+    let Some((scope, action)) = required(&parts.method, &path) else {
         tracing::error!(method = %parts.method, path = %path, "route has no scope rule; refused");
         return Err(insufficient("this route is not open to API keys".into()));
     };
     if caller.scopes.contains(scope) {
-        Ok(())
-    } else {
-        Err(insufficient(format!(
-            "this API key lacks the `{scope}` scope"
-        )))
+        return Ok(());
     }
+    if let Some(action) = action {
+        let ctx = AuditCtx {
+            actor: caller.key_id.clone(),
+            request_id: audit::request_id(&parts.headers),
+        };
+        audit::record_best_effort(
+            state,
+            &ctx,
+            &caller.issuer.id,
+            action,
+            issuer_subject(parts.uri.path()),
+            "insufficient_scope".to_owned(),
+        )
+        .await;
+    }
+    Err(insufficient(format!(
+        "this API key lacks the `{scope}` scope"
+    )))
 }
 
 /// Refuses (403 `insufficient_scope`) a caller whose key lacks the route's scope, recording the
@@ -181,12 +243,47 @@ mod tests {
             ("GET", "/v1/audit-events"),
             ("GET", "/v1/issuer/operations"),
             ("GET", "/v1/issuer/operations/{operation_id}"),
+            ("GET", "/v1/issuer/audit-events"),
+            ("POST", "/v1/issuer/webhook-endpoints"),
+            ("GET", "/v1/issuer/webhook-endpoints"),
+            ("DELETE", "/v1/issuer/webhook-endpoints/{id}"),
+            ("POST", "/v1/issuer/cards/{card_id}/click-to-pay/enrolment"),
+            (
+                "POST",
+                "/v1/issuer/consumers/{consumer_id}/click-to-pay/opt-out",
+            ),
+            ("GET", "/v1/issuer/cards/{card_id}/click-to-pay/profiles"),
+            ("POST", "/v1/issuer/cards/{card_id}/production-orders"),
+            ("POST", "/v1/issuer/production-orders/batch"),
         ];
         for (m, p) in routes {
             let method = Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET);
             assert!(required(&method, p).is_some(), "{m} {p}");
         }
         assert!(required(&Method::GET, "/v1/unknown").is_none());
+        assert_eq!(
+            required(
+                &Method::POST,
+                "/v1/issuer/cards/{card_id}/click-to-pay/opt-out"
+            ),
+            Some((Scope::IssuerClickToPay, Some(AuditAction::ClickToPayOptOut)))
+        );
+        assert_eq!(
+            required(&Method::GET, "/v1/issuer/audit-events"),
+            Some((Scope::IssuerOperations, None))
+        );
+        assert!(matches!(
+            issuer_subject("/v1/issuer/cards/card-1/click-to-pay/enrolment"),
+            Subject::Issuer {
+                card: Some("card-1"),
+                consumer: None,
+                operation: None
+            }
+        ));
+        assert!(matches!(
+            issuer_subject("/v1/issuer/cards/bad%20id/click-to-pay/enrolment"),
+            Subject::None
+        ));
         assert_eq!(
             required(&Method::POST, "/v1/tokens/{id}/reveal").map(|r| r.0),
             Some(Scope::CardReveal)

@@ -11,10 +11,12 @@ use utoipa::ToSchema;
 
 use crate::domain::DomainError;
 use crate::domain::apikeys::Scope;
-use crate::domain::issuer::Issuer;
+use crate::domain::audit::AuditAction;
+use crate::domain::issuer::{Issuer, valid_card_id, valid_consumer_id};
 use crate::domain::issuer_ops::{IssuerOperation, OperationTarget};
 use crate::domain::issuer_provider::ClickToPayProfile;
 use crate::domain::issuer_service::Reason;
+use crate::http::audit::{self, AuditCtx, Subject};
 use crate::http::auth::IssuerAuth;
 use crate::http::extract::{Body, parse_json};
 use crate::http::handlers::issuers::OperationView;
@@ -120,13 +122,36 @@ fn parse_optional<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result
     }
 }
 
-/// `202` with the operation (or its problem), under the issuer's idempotency scope.
+/// The audit subject of an action on `target` (a well-formed id only: a path segment may hold
+/// anything) and the operation it started.
+pub(crate) fn subject<'a>(target: &'a OperationTarget, operation: Option<&'a str>) -> Subject<'a> {
+    let (card, consumer) = match target {
+        OperationTarget::Card(c) => (Some(c.as_str()).filter(|c| valid_card_id(c)), None),
+        OperationTarget::Consumer(c) => (None, Some(c.as_str()).filter(|c| valid_consumer_id(c))),
+    };
+    Subject::Issuer {
+        card,
+        consumer,
+        operation,
+    }
+}
+
+/// What a Click to Pay write is, for the audit trail.
+struct Audited<'a> {
+    ctx: &'a AuditCtx,
+    action: AuditAction,
+    target: &'a OperationTarget,
+}
+
+/// `202` with the operation (or its problem), under the issuer's idempotency scope; the
+/// outcome in the issuer's audit trail (a replay of a stored answer is not a new action).
 async fn start<F, Fut>(
     state: &AppState,
     issuer: &Issuer,
     headers: &HeaderMap,
     path: &str,
     body: &[u8],
+    audited: Audited<'_>,
     run: F,
 ) -> Response
 where
@@ -139,7 +164,18 @@ where
     };
     let parts: [&[u8]; 3] = [b"POST", path.as_bytes(), body];
     run_idempotent(state, issuer.id.as_str(), key, &parts, || async {
-        match run().await {
+        let result = run().await;
+        let op_id = result.as_ref().ok().map(|op| op.id.as_str());
+        audit::record_best_effort(
+            state,
+            audited.ctx,
+            &issuer.id,
+            audited.action,
+            subject(audited.target, op_id),
+            audit::outcome(&result),
+        )
+        .await;
+        match result {
             Ok(op) => Reply::json(StatusCode::ACCEPTED, &OperationView::from(&op)),
             Err(e) => e.into(),
         }
@@ -164,12 +200,19 @@ fn domain(e: DomainError) -> ApiError {
 pub async fn enrol(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     Path(card_id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Response {
     let path = format!("/v1/issuer/cards/{card_id}/click-to-pay/enrolment");
-    start(&state, &issuer, &headers, &path, &body, || async {
+    let target = OperationTarget::Card(card_id.clone());
+    let audited = Audited {
+        ctx: &ctx,
+        action: AuditAction::ClickToPayEnrol,
+        target: &target,
+    };
+    start(&state, &issuer, &headers, &path, &body, audited, || async {
         let req: EnrolmentRequest = parse_json(&body)?;
         // Re-enrolment is refused while the card is deleted at D1.
         state
@@ -196,13 +239,18 @@ pub async fn enrol(
 
 async fn update(
     state: AppState,
-    issuer: Issuer,
+    (issuer, ctx): (Issuer, AuditCtx),
     target: OperationTarget,
     path: String,
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    start(&state, &issuer, &headers, &path, &body, || async {
+    let audited = Audited {
+        ctx: &ctx,
+        action: AuditAction::ClickToPayUpdate,
+        target: &target,
+    };
+    start(&state, &issuer, &headers, &path, &body, audited, || async {
         let req: UpdateRequest = parse_optional(&body)?;
         if matches!(target, OperationTarget::Consumer(_)) && req.cardholder_name.is_some() {
             return Err(ApiError::of(
@@ -239,6 +287,7 @@ async fn update(
 pub async fn update_card(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     Path(card_id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -246,7 +295,7 @@ pub async fn update_card(
     let path = format!("/v1/issuer/cards/{card_id}/click-to-pay/update");
     update(
         state,
-        issuer,
+        (issuer, ctx),
         OperationTarget::Card(card_id),
         path,
         headers,
@@ -267,6 +316,7 @@ pub async fn update_card(
 pub async fn update_consumer(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     Path(consumer_id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -274,7 +324,7 @@ pub async fn update_consumer(
     let path = format!("/v1/issuer/consumers/{consumer_id}/click-to-pay/update");
     update(
         state,
-        issuer,
+        (issuer, ctx),
         OperationTarget::Consumer(consumer_id),
         path,
         headers,
@@ -285,13 +335,18 @@ pub async fn update_consumer(
 
 async fn opt_out(
     state: AppState,
-    issuer: Issuer,
+    (issuer, ctx): (Issuer, AuditCtx),
     target: OperationTarget,
     path: String,
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    start(&state, &issuer, &headers, &path, &body, || async {
+    let audited = Audited {
+        ctx: &ctx,
+        action: AuditAction::ClickToPayOptOut,
+        target: &target,
+    };
+    start(&state, &issuer, &headers, &path, &body, audited, || async {
         let req: OptOutRequest = parse_optional(&body)?;
         state
             .issuers
@@ -322,6 +377,7 @@ async fn opt_out(
 pub async fn opt_out_card(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     Path(card_id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -329,7 +385,7 @@ pub async fn opt_out_card(
     let path = format!("/v1/issuer/cards/{card_id}/click-to-pay/opt-out");
     opt_out(
         state,
-        issuer,
+        (issuer, ctx),
         OperationTarget::Card(card_id),
         path,
         headers,
@@ -351,6 +407,7 @@ pub async fn opt_out_card(
 pub async fn opt_out_consumer(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     Path(consumer_id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -358,7 +415,7 @@ pub async fn opt_out_consumer(
     let path = format!("/v1/issuer/consumers/{consumer_id}/click-to-pay/opt-out");
     opt_out(
         state,
-        issuer,
+        (issuer, ctx),
         OperationTarget::Consumer(consumer_id),
         path,
         headers,
@@ -367,13 +424,36 @@ pub async fn opt_out_consumer(
     .await
 }
 
-async fn profiles(state: AppState, issuer: Issuer, pii: bool, target: OperationTarget) -> Response {
-    match state.issuers.click_to_pay_profiles(&issuer, target).await {
+/// Reads profiles; a read with personal data (`pii`) is a sensitive read, recorded in the
+/// issuer's audit trail with its outcome (never with the data read).
+async fn profiles(
+    state: AppState,
+    (issuer, ctx): (Issuer, AuditCtx),
+    pii: bool,
+    target: OperationTarget,
+) -> Response {
+    let result = state
+        .issuers
+        .click_to_pay_profiles(&issuer, target.clone())
+        .await
+        .map_err(ApiError::from);
+    if pii {
+        audit::record_best_effort(
+            &state,
+            &ctx,
+            &issuer.id,
+            AuditAction::ClickToPayProfilesRead,
+            subject(&target, None),
+            audit::outcome(&result),
+        )
+        .await;
+    }
+    match result {
         Ok(list) => axum::Json(ProfilesView {
             click_to_pay_profiles: list.into_iter().map(|p| ProfileView::new(p, pii)).collect(),
         })
         .into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -388,10 +468,11 @@ async fn profiles(state: AppState, issuer: Issuer, pii: bool, target: OperationT
 pub async fn card_profiles(
     State(state): State<AppState>,
     IssuerAuth(issuer, scopes): IssuerAuth,
+    ctx: AuditCtx,
     Path(card_id): Path<String>,
 ) -> Response {
     let pii = scopes.contains(Scope::IssuerClickToPayPii);
-    profiles(state, issuer, pii, OperationTarget::Card(card_id)).await
+    profiles(state, (issuer, ctx), pii, OperationTarget::Card(card_id)).await
 }
 
 /// A consumer's Click to Pay profiles (read from D1).
@@ -405,8 +486,15 @@ pub async fn card_profiles(
 pub async fn consumer_profiles(
     State(state): State<AppState>,
     IssuerAuth(issuer, scopes): IssuerAuth,
+    ctx: AuditCtx,
     Path(consumer_id): Path<String>,
 ) -> Response {
     let pii = scopes.contains(Scope::IssuerClickToPayPii);
-    profiles(state, issuer, pii, OperationTarget::Consumer(consumer_id)).await
+    profiles(
+        state,
+        (issuer, ctx),
+        pii,
+        OperationTarget::Consumer(consumer_id),
+    )
+    .await
 }

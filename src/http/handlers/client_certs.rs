@@ -1,12 +1,13 @@
-//! The admin routes that bind client certificates to merchants: `GET` and
-//! `PUT /v1/merchants/{id}/client-certs` (docs/api.md, "Client certificates"; the rules are in
-//! `domain::client_certs`).
+//! The admin routes that bind client certificates to merchants and issuers: `GET` and
+//! `PUT /v1/merchants/{id}/client-certs`, `GET` and `PUT /v1/issuers/{id}/client-certs`
+//! (docs/api.md, "Client certificates"; the rules are in `domain::client_certs`).
 
-use crate::domain::apikeys::{Scopes, parse_scopes};
-use crate::domain::audit::{AuditAction, SUCCESS};
+use crate::domain::apikeys::{Scopes, TenantKind, parse_scopes_for};
+use crate::domain::audit::{AuditAction, AuditTenant, SUCCESS};
 use crate::domain::client_certs::{
     BoundCert, CertAuthMode, CertFingerprint, ClientCertError, ClientCertPolicy,
 };
+use crate::domain::issuer::IssuerId;
 use crate::domain::token::MerchantId;
 use crate::http::audit::{self, AuditCtx};
 use crate::http::auth::AdminAuth;
@@ -68,8 +69,8 @@ pub struct ClientCertInput {
     /// For people, e.g. the host that holds it; up to 100 characters.
     #[serde(default)]
     name: Option<String>,
-    /// What a request authenticated by this certificate alone (`CERT` mode) may do. Default: the
-    /// scopes of a merchant's first API key (all but `card:reveal`).
+    /// What a request authenticated by this certificate alone (`CERT` mode, merchants only) may
+    /// do. Default: the scopes of the tenant's first API key (merchants: all but `card:reveal`).
     #[serde(default)]
     scopes: Option<Vec<String>>,
 }
@@ -93,12 +94,17 @@ pub struct ClientCertView {
     scopes: Vec<&'static str>,
 }
 
-/// A merchant's client certificates and authentication mode.
+/// A merchant's or an issuer's client certificates and authentication mode.
 #[derive(Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 #[schema(as = ClientCertPolicy)]
 pub struct ClientCertPolicyView {
-    merchant_id: String,
+    /// The merchant (merchant routes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merchant_id: Option<String>,
+    /// The issuer (issuer routes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuer_id: Option<String>,
     auth_mode: AuthModeDto,
     certificates: Vec<ClientCertView>,
     /// `null`: never set (API keys only).
@@ -108,8 +114,13 @@ pub struct ClientCertPolicyView {
 
 impl From<&ClientCertPolicy> for ClientCertPolicyView {
     fn from(p: &ClientCertPolicy) -> Self {
+        let (merchant_id, issuer_id) = match AuditTenant::of_tenant_id(&p.merchant_id) {
+            AuditTenant::Merchant(m) => (Some(m.as_str().to_owned()), None),
+            AuditTenant::Issuer(i) => (None, Some(i.as_str().to_owned())),
+        };
         ClientCertPolicyView {
-            merchant_id: p.merchant_id.as_str().to_owned(),
+            merchant_id,
+            issuer_id,
             auth_mode: p.mode.into(),
             certificates: p
                 .certificates
@@ -130,16 +141,21 @@ fn merchant_id(id: &str) -> Result<MerchantId, ApiError> {
         .ok_or_else(|| ApiError::of(&codes::MERCHANT_NOT_FOUND, "no such merchant"))
 }
 
-fn to_policy(m: MerchantId, req: PutClientCertsRequest) -> Result<ClientCertPolicy, ApiError> {
+fn to_policy(
+    m: MerchantId,
+    kind: TenantKind,
+    req: PutClientCertsRequest,
+) -> Result<ClientCertPolicy, ApiError> {
     let mut certificates = Vec::with_capacity(req.certificates.len());
     for (i, c) in req.certificates.into_iter().enumerate() {
         let sha256 = CertFingerprint::parse(&c.sha256).ok_or_else(|| {
             ApiError::of(&codes::INVALID_CLIENT_CERT_FINGERPRINT, format!("`certificates[{i}].sha256`: give the SHA-256 of the certificate's DER as 64 hex digits"),
             )
         })?;
-        let scopes = match &c.scopes {
-            Some(names) => parse_scopes(names).map_err(ApiError::from)?,
-            None => Scopes::default_for_merchant_key(),
+        let scopes = match (&c.scopes, kind) {
+            (Some(names), _) => parse_scopes_for(names, kind).map_err(ApiError::from)?,
+            (None, TenantKind::Merchant) => Scopes::default_for_merchant_key(),
+            (None, TenantKind::Issuer) => Scopes::default_for_issuer_key(),
         };
         certificates.push(BoundCert {
             sha256,
@@ -199,7 +215,7 @@ pub async fn put_client_certs(
     let result: Result<ClientCertPolicy, ApiError> = async {
         let m = merchant_id(&id)?;
         let req: PutClientCertsRequest = parse_json(&body)?;
-        let policy = to_policy(m, req)?;
+        let policy = to_policy(m, TenantKind::Merchant, req)?;
         state
             .client_certs
             .put(policy)
@@ -222,6 +238,96 @@ pub async fn put_client_certs(
             .await;
             tracing::info!(merchant_id = %p.merchant_id, auth_mode = p.mode.as_str(),
                 certificates = p.certificates.len(), "client certificates of a merchant set");
+            Reply::json(StatusCode::OK, &ClientCertPolicyView::from(&p)).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The issuer a path names, found (`issuer_not_found` otherwise).
+async fn issuer(state: &AppState, id: &str) -> Result<crate::domain::issuer::Issuer, ApiError> {
+    let id = IssuerId::parse(id)
+        .ok_or_else(|| ApiError::of(&codes::ISSUER_NOT_FOUND, "no such issuer"))?;
+    state.issuers.get_issuer(&id).await.map_err(ApiError::from)
+}
+
+/// An issuer's client certificates and authentication mode (`API_KEY` with no certificate
+/// when none was ever set).
+#[utoipa::path(get, path = "/v1/issuers/{id}/client-certs", tag = "issuers",
+    security(("adminToken" = [])),
+    params(("id" = String, Path, description = "The issuer's id (`iss_...`)")),
+    responses(
+        (status = 200, description = "The issuer's binding", body = ClientCertPolicyView),
+        codes::IssuerClientCertProblems,
+    ))]
+pub async fn get_issuer_client_certs(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    Path(id): Path<String>,
+) -> Response {
+    let result = match issuer(&state, &id).await {
+        Ok(i) => state
+            .client_certs
+            .get_for_issuer(&i)
+            .await
+            .map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(p) => Reply::json(StatusCode::OK, &ClientCertPolicyView::from(&p)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Replaces an issuer's client certificates and authentication mode (`API_KEY` or
+/// `API_KEY_AND_CERT`: an issuer's requests always carry an issuer API key). With
+/// `API_KEY_AND_CERT`, every issuer key needs one of the certificates on the connection.
+/// Applies on this instance at once, on others within `auth.api_key_cache_ttl_ms`. Idempotent.
+#[utoipa::path(put, path = "/v1/issuers/{id}/client-certs", tag = "issuers",
+    security(("adminToken" = [])),
+    params(("id" = String, Path, description = "The issuer's id (`iss_...`)")),
+    request_body = PutClientCertsRequest,
+    responses(
+        (status = 200, description = "The issuer's binding as stored", body = ClientCertPolicyView),
+        codes::IssuerClientCertProblems,
+    ))]
+pub async fn put_issuer_client_certs(
+    State(state): State<AppState>,
+    _admin: AdminAuth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Body(body): Body,
+) -> Response {
+    let found = match issuer(&state, &id).await {
+        Ok(i) => i,
+        Err(e) => return e.into_response(),
+    };
+    let result: Result<ClientCertPolicy, ApiError> = async {
+        let req: PutClientCertsRequest = parse_json(&body)?;
+        let policy = to_policy(found.id.tenant(), TenantKind::Issuer, req)?;
+        state
+            .client_certs
+            .put_for_issuer(&found, policy)
+            .await
+            .map_err(ApiError::from)
+    }
+    .await;
+    // In the issuer's trail, refusals too (the issuer exists): who tried to change its
+    // authentication is worth keeping.
+    let ctx = AuditCtx::admin(audit::request_id(&headers));
+    audit::record_best_effort(
+        &state,
+        &ctx,
+        &found.id,
+        AuditAction::ClientCertsUpdate,
+        audit::Subject::None,
+        audit::outcome(&result),
+    )
+    .await;
+    match result {
+        Ok(p) => {
+            tracing::info!(issuer_id = %found.id, auth_mode = p.mode.as_str(),
+                certificates = p.certificates.len(), "client certificates of an issuer set");
             Reply::json(StatusCode::OK, &ClientCertPolicyView::from(&p)).into_response()
         }
         Err(e) => e.into_response(),

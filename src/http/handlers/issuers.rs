@@ -8,8 +8,10 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::domain::audit::{AuditAction, SUCCESS};
 use crate::domain::issuer::{Issuer, IssuerId, valid_card_id};
 use crate::domain::issuer_ops::{IssuerOperation, OperationFilter, OperationStatus};
+use crate::http::audit::{self, AuditCtx, Subject};
 use crate::http::auth::{AdminAuth, IssuerAuth};
 use crate::http::dto::rfc3339;
 use crate::http::extract::{Body, DEFAULT_LIMIT, MAX_LIMIT, parse_json};
@@ -199,7 +201,19 @@ pub async fn create_issuer(
             .create_issuer(&req.name, &req.d1_issuer_id)
             .await
         {
-            Ok((issuer, _rec, key)) => {
+            Ok((issuer, rec, key)) => {
+                // As for merchants: a failed creation has no trail to hold it, only successes
+                // are recorded (docs/security.md).
+                let ctx = AuditCtx::admin(audit::request_id(&headers));
+                audit::record_best_effort(
+                    &state,
+                    &ctx,
+                    &issuer.id,
+                    AuditAction::IssuerCreate,
+                    Subject::ApiKey(rec.id.as_str()),
+                    SUCCESS.to_owned(),
+                )
+                .await;
                 let view = IssuerCreated {
                     id: issuer.id.as_str(),
                     name: &issuer.name,
@@ -292,17 +306,32 @@ pub async fn create_issuer_key(
             Ok(r) => r,
             Err(e) => return e.into(),
         };
-        match state
+        let result = state
             .issuers
             .create_issuer_key(&id, &req.name, &req.scopes)
             .await
-        {
+            .map_err(ApiError::from);
+        // In the issuer's trail when the issuer exists (an unknown one has no trail).
+        if !matches!(&result, Err(e) if e.code == codes::ISSUER_NOT_FOUND.code) {
+            let ctx = AuditCtx::admin(audit::request_id(&headers));
+            let created = result.as_ref().ok().map(|(rec, _)| rec.id.as_str());
+            audit::record_best_effort(
+                &state,
+                &ctx,
+                &id,
+                AuditAction::ApiKeyCreate,
+                created.map_or(Subject::None, Subject::ApiKey),
+                audit::outcome(&result),
+            )
+            .await;
+        }
+        match result {
             Ok((rec, key)) => Reply::json(
                 StatusCode::CREATED,
                 &ApiKeyCreatedView::new(&rec, &key.secret),
             )
             .sealed(),
-            Err(e) => ApiError::from(e).into(),
+            Err(e) => e.into(),
         }
     })
     .await

@@ -19,11 +19,14 @@ use utoipa::ToSchema;
 use zeroize::Zeroize;
 
 use crate::domain::DomainError;
+use crate::domain::audit::AuditAction;
+use crate::domain::issuer_ops::OperationTarget;
 use crate::domain::production_orders::{
     Delivery, DistributionChannel, OrderServices, OrderShipment, OrderSpec, PaymentApplication,
     PostalAddress, ProductionCard, ProductionEvent, ProductionOrder, ShipmentTracking,
 };
 use crate::domain::production_service::{BatchItem, MAX_BATCH, Placed};
+use crate::http::audit::{self, AuditCtx, Subject};
 use crate::http::auth::IssuerAuth;
 use crate::http::extract::{Body, parse_json};
 use crate::http::handlers::issuers::OperationView;
@@ -379,6 +382,7 @@ fn wipe(body: Bytes) {
 pub async fn order_card(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     Path(card_id): Path<String>,
     headers: HeaderMap,
     Body(body): Body,
@@ -400,6 +404,18 @@ pub async fn order_card(
                     .await?,
             )
         }
+        .await;
+        // The card id and the operation, never the card data.
+        let target = OperationTarget::Card(card_id.clone());
+        let op_id = result.as_ref().ok().map(|p| p.operation.id.as_str());
+        audit::record_best_effort(
+            &state,
+            &ctx,
+            &issuer.id,
+            AuditAction::ProductionOrderCreate,
+            super::click_to_pay::subject(&target, op_id),
+            audit::outcome(&result),
+        )
         .await;
         match result {
             Ok(p) => Reply::json(StatusCode::ACCEPTED, &OperationView::from(&p.operation)),
@@ -426,6 +442,7 @@ pub async fn order_card(
 pub async fn order_batch(
     State(state): State<AppState>,
     IssuerAuth(issuer, _): IssuerAuth,
+    ctx: AuditCtx,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Response {
@@ -436,109 +453,126 @@ pub async fn order_batch(
     let parts: [&[u8]; 3] = [b"POST", b"/v1/issuer/production-orders/batch", &body];
     let parsed: Result<BatchOrderRequest, ApiError> = parse_json(&body);
     let resp = run_idempotent(&state, issuer.id.as_str(), key, &parts, || async {
-        let req = match parsed {
-            Ok(r) => r,
-            Err(e) => return e.into(),
-        };
-        if req.orders.is_empty() || req.orders.len() > MAX_BATCH {
-            return ApiError::of(
-                &codes::INVALID_BATCH_SIZE,
-                format!("orders must have 1 to {MAX_BATCH} items"),
-            )
-            .into();
-        }
-        let mut ids: Vec<(Option<String>, Option<String>)> = Vec::with_capacity(req.orders.len());
-        let mut items = Vec::with_capacity(req.orders.len());
-        for mut v in req.orders {
-            let id = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
-            ids.push((id("cardId"), id("issuerRequestId")));
-            // Through `parse_json`'s error mapping (path and redaction), from the item's bytes.
-            let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(8192));
-            if serde_json::to_writer(&mut *bytes, &v).is_err() {
-                bytes.clear();
-            }
-            wipe_value(&mut v);
-            let item = parse_json::<BatchOrderInput>(&bytes)
-                .map_err(ItemError::Api)
-                .and_then(|it| {
-                    let card_id = it.card_id;
-                    into_domain(it.order)
-                        .map(|(issuer_request_id, spec, card)| BatchItem {
-                            card_id,
-                            issuer_request_id,
-                            spec,
-                            card,
-                        })
-                        .map_err(ItemError::Domain)
-                });
-            items.push(item);
-        }
-        let (domain_items, api_errors): (Vec<_>, Vec<_>) = items
-            .into_iter()
-            .map(|r| match r {
-                Ok(it) => (Ok(it), None),
-                Err(ItemError::Domain(e)) => (Err(e), None),
-                // Placeholder for the domain; the API error is reported instead.
-                Err(ItemError::Api(e)) => (
-                    Err(DomainError::Validation {
-                        code: "invalid_item",
-                        detail: String::new(),
-                    }),
-                    Some(e),
-                ),
-            })
-            .unzip();
-        let outcomes = match state.production.place_batch(&issuer, domain_items).await {
-            Ok(o) => o,
-            Err(e) => return ApiError::from(e).into(),
-        };
-        let mut results = Vec::with_capacity(outcomes.len());
-        let (mut accepted, mut failed) = (0, 0);
-        for (index, ((outcome, api_error), (card_id, issuer_request_id))) in
-            outcomes.into_iter().zip(api_errors).zip(ids).enumerate()
-        {
-            let r = match (outcome, api_error) {
-                (_, Some(e)) => Err(e),
-                (Ok(p), None) => Ok(p),
-                (Err(e), None) => Err(ApiError::from(e)),
-            };
-            results.push(match r {
-                Ok(p) => {
-                    accepted += 1;
-                    BatchItemResult {
-                        index,
-                        card_id,
-                        issuer_request_id,
-                        status: 202,
-                        operation: Some(OperationView::from(&p.operation)),
-                        problem: None,
-                    }
-                }
-                Err(e) => {
-                    failed += 1;
-                    BatchItemResult {
-                        index,
-                        card_id,
-                        issuer_request_id,
-                        status: e.status.as_u16(),
-                        operation: None,
-                        problem: serde_json::from_str(&e.body()).ok(),
-                    }
-                }
-            });
-        }
-        Reply::json(
-            StatusCode::MULTI_STATUS,
-            &BatchOrderResponse {
-                accepted,
-                failed,
-                results,
-            },
+        let r = batch(&state, &issuer, parsed).await;
+        // One event for the batch: its outcome is the request's (each card's own result is in
+        // the answer; per-card events would cost up to 1,000 appends per request).
+        audit::record_best_effort(
+            &state,
+            &ctx,
+            &issuer.id,
+            AuditAction::ProductionOrderBatch,
+            Subject::None,
+            audit::outcome(&r),
         )
+        .await;
+        match r {
+            Ok(reply) => reply,
+            Err(e) => e.into(),
+        }
     })
     .await;
     wipe(body);
     resp
+}
+
+/// The batch order itself: the `207` answer, or the request's own problem.
+async fn batch(
+    state: &AppState,
+    issuer: &crate::domain::issuer::Issuer,
+    parsed: Result<BatchOrderRequest, ApiError>,
+) -> Result<Reply, ApiError> {
+    let req = parsed?;
+    if req.orders.is_empty() || req.orders.len() > MAX_BATCH {
+        return Err(ApiError::of(
+            &codes::INVALID_BATCH_SIZE,
+            format!("orders must have 1 to {MAX_BATCH} items"),
+        ));
+    }
+    let mut ids: Vec<(Option<String>, Option<String>)> = Vec::with_capacity(req.orders.len());
+    let mut items = Vec::with_capacity(req.orders.len());
+    for mut v in req.orders {
+        let id = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_owned);
+        ids.push((id("cardId"), id("issuerRequestId")));
+        // Through `parse_json`'s error mapping (path and redaction), from the item's bytes.
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(8192));
+        if serde_json::to_writer(&mut *bytes, &v).is_err() {
+            bytes.clear();
+        }
+        wipe_value(&mut v);
+        let item = parse_json::<BatchOrderInput>(&bytes)
+            .map_err(ItemError::Api)
+            .and_then(|it| {
+                let card_id = it.card_id;
+                into_domain(it.order)
+                    .map(|(issuer_request_id, spec, card)| BatchItem {
+                        card_id,
+                        issuer_request_id,
+                        spec,
+                        card,
+                    })
+                    .map_err(ItemError::Domain)
+            });
+        items.push(item);
+    }
+    let (domain_items, api_errors): (Vec<_>, Vec<_>) = items
+        .into_iter()
+        .map(|r| match r {
+            Ok(it) => (Ok(it), None),
+            Err(ItemError::Domain(e)) => (Err(e), None),
+            // Placeholder for the domain; the API error is reported instead.
+            Err(ItemError::Api(e)) => (
+                Err(DomainError::Validation {
+                    code: "invalid_item",
+                    detail: String::new(),
+                }),
+                Some(e),
+            ),
+        })
+        .unzip();
+    let outcomes = state.production.place_batch(issuer, domain_items).await?;
+    let mut results = Vec::with_capacity(outcomes.len());
+    let (mut accepted, mut failed) = (0, 0);
+    for (index, ((outcome, api_error), (card_id, issuer_request_id))) in
+        outcomes.into_iter().zip(api_errors).zip(ids).enumerate()
+    {
+        let r = match (outcome, api_error) {
+            (_, Some(e)) => Err(e),
+            (Ok(p), None) => Ok(p),
+            (Err(e), None) => Err(ApiError::from(e)),
+        };
+        results.push(match r {
+            Ok(p) => {
+                accepted += 1;
+                BatchItemResult {
+                    index,
+                    card_id,
+                    issuer_request_id,
+                    status: 202,
+                    operation: Some(OperationView::from(&p.operation)),
+                    problem: None,
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                BatchItemResult {
+                    index,
+                    card_id,
+                    issuer_request_id,
+                    status: e.status.as_u16(),
+                    operation: None,
+                    problem: serde_json::from_str(&e.body()).ok(),
+                }
+            }
+        });
+    }
+    Ok(Reply::json(
+        StatusCode::MULTI_STATUS,
+        &BatchOrderResponse {
+            accepted,
+            failed,
+            results,
+        },
+    ))
 }
 
 enum ItemError {

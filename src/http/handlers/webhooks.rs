@@ -18,10 +18,13 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::domain::audit::{AuditAction, AuditTenant};
 use crate::domain::token::MerchantId;
 use crate::domain::webhooks::{
-    DEFAULT_ROTATION_OVERLAP, DeliveryState, EventRecord, WebhookEndpoint, WebhookService,
+    DEFAULT_ROTATION_OVERLAP, DeliveryState, EndpointId, EventRecord, WebhookEndpoint,
+    WebhookService,
 };
+use crate::http::audit::{self, AuditCtx, Subject};
 use crate::http::auth::MerchantAuth;
 use crate::http::dto::rfc3339;
 use crate::http::extract::{Body, parse_json};
@@ -205,17 +208,21 @@ pub async fn create_endpoint(
         &headers,
         body,
         b"/v1/webhook-endpoints",
+        None,
     )
     .await
 }
 
-/// Registers an endpoint of `tenant` (a merchant, or an issuer's tenant id).
+/// Registers an endpoint of `tenant` (a merchant, or an issuer's tenant id); with `audited`,
+/// the outcome goes to the tenant's audit trail (issuers: docs/security.md; a merchant's
+/// endpoint changes are not audited actions).
 async fn create_endpoint_for(
     state: &AppState,
     tenant: &MerchantId,
     headers: &HeaderMap,
     body: bytes::Bytes,
     path: &'static [u8],
+    audited: Option<&AuditCtx>,
 ) -> Response {
     let hooks = match service(state) {
         Ok(h) => h,
@@ -232,13 +239,29 @@ async fn create_endpoint_for(
             Ok(r) => r,
             Err(e) => return e.into(),
         };
-        match hooks.create_endpoint(tenant, &req.url, &req.events).await {
+        let result = hooks
+            .create_endpoint(tenant, &req.url, &req.events)
+            .await
+            .map_err(ApiError::from);
+        if let Some(ctx) = audited {
+            let id = result.as_ref().ok().map(|(ep, _)| ep.id.as_str());
+            audit::record_best_effort(
+                state,
+                ctx,
+                AuditTenant::of_tenant_id(tenant),
+                AuditAction::WebhookEndpointCreate,
+                id.map_or(Subject::None, Subject::Endpoint),
+                audit::outcome(&result),
+            )
+            .await;
+        }
+        match result {
             Ok((ep, secret)) => {
                 fresh = Some(secret);
                 // Stored for replay as is: without the secret.
                 Reply::json(StatusCode::CREATED, &EndpointView::from(&ep))
             }
-            Err(e) => ApiError::from(e).into(),
+            Err(e) => e.into(),
         }
     })
     .await;
@@ -263,6 +286,7 @@ async fn create_endpoint_for(
 pub async fn issuer_create_endpoint(
     State(state): State<AppState>,
     crate::http::auth::IssuerAuth(issuer, _): crate::http::auth::IssuerAuth,
+    ctx: AuditCtx,
     headers: HeaderMap,
     Body(body): Body,
 ) -> Response {
@@ -273,6 +297,7 @@ pub async fn issuer_create_endpoint(
         &headers,
         body,
         b"/v1/issuer/webhook-endpoints",
+        Some(&ctx),
     )
     .await
 }
@@ -302,9 +327,10 @@ pub async fn issuer_list_endpoints(
 pub async fn issuer_delete_endpoint(
     State(state): State<AppState>,
     crate::http::auth::IssuerAuth(issuer, _): crate::http::auth::IssuerAuth,
+    ctx: AuditCtx,
     Path(id): Path<String>,
 ) -> Response {
-    delete_endpoint_for(&state, &issuer.id.tenant(), &id).await
+    delete_endpoint_for(&state, &issuer.id.tenant(), &id, Some(&ctx)).await
 }
 
 /// The issuer's webhook events, newest first, with their delivery status.
@@ -566,14 +592,33 @@ pub async fn delete_endpoint(
     MerchantAuth(merchant): MerchantAuth,
     Path(id): Path<String>,
 ) -> Response {
-    delete_endpoint_for(&state, &merchant.id, &id).await
+    delete_endpoint_for(&state, &merchant.id, &id, None).await
 }
 
-async fn delete_endpoint_for(state: &AppState, tenant: &MerchantId, id: &str) -> Response {
+/// Removes an endpoint of `tenant`; with `audited`, as [`create_endpoint_for`].
+async fn delete_endpoint_for(
+    state: &AppState,
+    tenant: &MerchantId,
+    id: &str,
+    audited: Option<&AuditCtx>,
+) -> Response {
     let result = match service(state) {
         Ok(h) => h.delete_endpoint(tenant, id).await.map_err(ApiError::from),
         Err(e) => Err(e),
     };
+    if let Some(ctx) = audited {
+        // The endpoint asked for, when it has the shape of an endpoint id.
+        let subject = EndpointId::parse(id).map_or(Subject::None, |_| Subject::Endpoint(id));
+        audit::record_best_effort(
+            state,
+            ctx,
+            AuditTenant::of_tenant_id(tenant),
+            AuditAction::WebhookEndpointDelete,
+            subject,
+            audit::outcome(&result),
+        )
+        .await;
+    }
     match result {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),

@@ -78,8 +78,8 @@ catalogue! {
     // --- authentication and authorization (401, 403, 429) -------------------------------------
     UNAUTHORIZED = UNAUTHORIZED "unauthorized" "missing, malformed or unknown credentials";
     INSUFFICIENT_SCOPE = FORBIDDEN "insufficient_scope" "the API key is valid but lacks the scope this route needs";
-    CLIENT_CERT_MISMATCH = FORBIDDEN "client_cert_mismatch" "the connection's client certificate is bound to another merchant than the API key";
-    CLIENT_CERT_REQUIRED = FORBIDDEN "client_cert_required" "this merchant requires one of its client certificates (mutual TLS) on every request";
+    CLIENT_CERT_MISMATCH = FORBIDDEN "client_cert_mismatch" "the connection's client certificate is bound to another tenant (merchant or issuer) than the API key";
+    CLIENT_CERT_REQUIRED = FORBIDDEN "client_cert_required" "this merchant or issuer requires one of its client certificates (mutual TLS) on every request";
     RATE_LIMITED = TOO_MANY_REQUESTS "rate_limited" "the API key's or the merchant's request rate limit is exceeded (with `Retry-After`)";
     // --- resources (404) ----------------------------------------------------------------------
     ROUTE_NOT_FOUND = NOT_FOUND "route_not_found" "no such route";
@@ -106,7 +106,7 @@ catalogue! {
     IDEMPOTENCY_REPLY_UNAVAILABLE = CONFLICT "idempotency_reply_unavailable" "this request was processed, but its answer can no longer be replayed; do not retry with this key";
     TOO_MANY_WEBHOOK_ENDPOINTS = CONFLICT "too_many_webhook_endpoints" "the merchant has the most webhook endpoints allowed; delete one first";
     EVENT_NOT_REDELIVERABLE = CONFLICT "event_not_redeliverable" "every delivery of this event is still queued or retrying, or its endpoints were deleted";
-    CLIENT_CERT_IN_USE = CONFLICT "client_cert_in_use" "the certificate is bound to another merchant; unbind it there first";
+    CLIENT_CERT_IN_USE = CONFLICT "client_cert_in_use" "the certificate is bound to another merchant or issuer; unbind it there first";
     ISSUER_REQUEST_ID_IN_USE = CONFLICT "issuer_request_id_in_use" "this `issuerRequestId` was already used for another card or operation of this issuer";
     D1_ISSUER_ID_TAKEN = CONFLICT "d1_issuer_id_taken" "another issuer is onboarded with this `d1IssuerId`";
     D1_REJECTED_CONFLICT = CONFLICT "d1_rejected" "D1 refused the request as conflicting with the token's state (D1's `errorCode` in the detail)";
@@ -136,6 +136,7 @@ catalogue! {
     DUPLICATE_CLIENT_CERT = UNPROCESSABLE_ENTITY "duplicate_client_cert" "the same certificate is listed twice";
     TOO_MANY_CLIENT_CERTS = UNPROCESSABLE_ENTITY "too_many_client_certs" "more certificates than a merchant may bind";
     CLIENT_CERT_NEEDED = UNPROCESSABLE_ENTITY "client_cert_needed" "this mode needs at least one certificate";
+    INVALID_AUTH_MODE = UNPROCESSABLE_ENTITY "invalid_auth_mode" "an issuer's `authMode` is `API_KEY` or `API_KEY_AND_CERT` (`CERT` is for merchants)";
     INVALID_ISSUER_NAME = UNPROCESSABLE_ENTITY "invalid_issuer_name" "the issuer name is empty or too long";
     INVALID_D1_ISSUER_ID = UNPROCESSABLE_ENTITY "invalid_d1_issuer_id" "`d1IssuerId` must be exactly 10 characters of `A-Z`, `a-z`, `0-9`, `-`, `_`";
     INVALID_CARD_ID = UNPROCESSABLE_ENTITY "invalid_card_id" "`cardId` must match `^[A-Za-z0-9_-]{1,48}$` (D1's pattern)";
@@ -184,10 +185,12 @@ pub const MERCHANT_AUTH: &[&Problem] = &[
     &RATE_LIMITED,
     &STORE_UNAVAILABLE,
 ];
-/// Issuer authentication (API key, rate limit, scope).
+/// Issuer authentication (API key, client certificate, rate limit, scope).
 pub const ISSUER_AUTH: &[&Problem] = &[
     &UNAUTHORIZED,
     &INSUFFICIENT_SCOPE,
+    &CLIENT_CERT_MISMATCH,
+    &CLIENT_CERT_REQUIRED,
     &RATE_LIMITED,
     &STORE_UNAVAILABLE,
 ];
@@ -365,8 +368,12 @@ route_problems! {
     AdminCreateIssuerKeyProblems = [ADMIN_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_KEY_NAME, &INVALID_SCOPES, &TOO_MANY_API_KEYS, &ISSUER_NOT_FOUND, &STORE_UNAVAILABLE]];
     /// `GET /v1/issuer/operations/{operationId}`.
     GetOperationProblems = [ISSUER_AUTH, &[&OPERATION_NOT_FOUND]];
+    /// `GET /v1/issuer/audit-events`.
+    IssuerAuditListProblems = [ISSUER_AUTH, PAGINATED];
     /// `GET /v1/issuer/operations`.
     ListOperationsProblems = [ISSUER_AUTH, PAGINATED, &[&INVALID_CARD_ID]];
+    /// The client-certificate bindings of an issuer (admin).
+    IssuerClientCertProblems = [ADMIN_AUTH, JSON_BODY, IDEMPOTENT, &[&ISSUER_NOT_FOUND, &INVALID_CLIENT_CERT_FINGERPRINT, &INVALID_CLIENT_CERT_NAME, &DUPLICATE_CLIENT_CERT, &TOO_MANY_CLIENT_CERTS, &CLIENT_CERT_NEEDED, &INVALID_AUTH_MODE, &CLIENT_CERT_IN_USE, &INVALID_SCOPES, &STORE_UNAVAILABLE]];
     /// `POST /v1/issuer/webhook-endpoints`.
     IssuerCreateEndpointProblems = [ISSUER_AUTH, JSON_BODY, IDEMPOTENT, &[&INVALID_WEBHOOK_URL, &INSECURE_WEBHOOK_URL, &WEBHOOK_URL_FORBIDDEN, &INVALID_EVENT_TYPES, &TOO_MANY_WEBHOOK_ENDPOINTS, &WEBHOOKS_UNAVAILABLE]];
     /// `DELETE /v1/issuer/webhook-endpoints/{id}`.

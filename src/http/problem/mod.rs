@@ -437,7 +437,9 @@ impl From<crate::domain::client_certs::ClientCertError> for ApiError {
             ClientCertError::Validation { code, detail } => ApiError::validation(code, detail),
             ClientCertError::InUse(fp) => ApiError::of(
                 &codes::CLIENT_CERT_IN_USE,
-                format!("certificate {fp} is bound to another merchant; unbind it there first"),
+                format!(
+                    "certificate {fp} is bound to another merchant or issuer; unbind it there first"
+                ),
             ),
             ClientCertError::Domain(d) => d.into(),
         }

@@ -21,7 +21,9 @@ pub(crate) fn decode(b: &[u8]) -> Result<ClientCertPolicy, StoreError> {
     })
 }
 
+/// The tenant an index entry names: a merchant, or an issuer's tenant id (issuers bind
+/// certificates under it, `domain::client_certs`).
 pub(crate) fn parse_merchant(s: &str) -> Result<MerchantId, StoreError> {
-    MerchantId::parse(s)
-        .ok_or_else(|| StoreError::Corrupt("client certificate index names a bad merchant".into()))
+    MerchantId::parse_tenant(s)
+        .ok_or_else(|| StoreError::Corrupt("client certificate index names a bad tenant".into()))
 }

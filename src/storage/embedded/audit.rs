@@ -1,7 +1,8 @@
-//! The audit trail on the embedded store: one redb table keyed by (merchant id, unix ms,
-//! sequence within that ms) holding the event JSON. An append finds the merchant's newest key
-//! in the same write transaction, so ids only grow even if the clock steps back, and removes
-//! up to [`TRIM_BATCH`] of the merchant's events past retention.
+//! The audit trail on the embedded store: one redb table keyed by (tenant id, unix ms, sequence
+//! within that ms) holding the event JSON; the tenant id is the merchant's (`mer_...`, as it
+//! always was) or the issuer's (`iss_...`). An append finds the tenant's newest key in the same
+//! write transaction, so ids only grow even if the clock steps back, and removes up to
+//! [`TRIM_BATCH`] of the tenant's events past retention.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -9,13 +10,12 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
 use super::{EmbeddedStore, begin_write};
-use crate::domain::audit::{AuditEvent, AuditEventId, NewAuditEvent};
+use crate::domain::audit::{AuditEvent, AuditEventId, AuditTenant, NewAuditEvent};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::audit::AuditStore;
-use crate::domain::token::MerchantId;
 use crate::storage::codec::audit::{TRIM_BATCH, cutoff_ms, decode, encode};
 
-/// (merchant id, unix ms, sequence) -> event JSON.
+/// (tenant id, unix ms, sequence) -> event JSON.
 const AUDIT: TableDefinition<(&str, u64, u64), &[u8]> = TableDefinition::new("audit");
 
 fn now_ms() -> u64 {
@@ -33,7 +33,7 @@ impl AuditStore for EmbeddedStore {
         retention: Duration,
     ) -> Result<AuditEventId, StoreError> {
         let json = encode(event)?;
-        let m = event.merchant_id.as_str().to_owned();
+        let m = event.tenant.as_str().to_owned();
         self.run(move |db: &Database| {
             let txn = begin_write(db)?;
             let id = {
@@ -78,11 +78,11 @@ impl AuditStore for EmbeddedStore {
 
     async fn list(
         &self,
-        merchant: &MerchantId,
+        tenant: &AuditTenant,
         before: Option<AuditEventId>,
         limit: usize,
     ) -> Result<Vec<AuditEvent>, StoreError> {
-        let m = merchant.as_str().to_owned();
+        let m = tenant.as_str().to_owned();
         self.run(move |db: &Database| {
             let txn = db.begin_read()?;
             let t = match txn.open_table(AUDIT) {

@@ -7,7 +7,9 @@
 //!   `card:<cardId>` or `status:<STATUS>`, read newest first from the cursor;
 //! - `iss_ops_due` (issuer, due ms, op id) -> (): `PENDING` operations by next check time;
 //! - processed-notification markers in the lifecycle marker table (`lc_events`), scoped by the
-//!   issuer id and prefixed `iop:` (the same expiry and purge as token event markers).
+//!   issuer id and prefixed `iop:` (the same expiry and purge as token event markers);
+//! - the webhook events of a change (`update_operation_with`, `apply_notification_with`) go to
+//!   the outbox tables in the same transaction (`embedded/outbox.rs`, `append_event_in`).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,6 +17,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::lifecycle::{marker_live, missing_is_empty, purge_expired, put_marker};
+use super::outbox::append_event_in;
 use super::{EmbeddedStore, begin_write};
 use crate::domain::issuer::IssuerId;
 use crate::domain::issuer_ops::{IssuerOperation, OperationFilter, OperationId};
@@ -22,6 +25,7 @@ use crate::domain::ports::StoreError;
 use crate::domain::ports::issuer_operations::{
     IssuerOperationStore, NotificationWrite, OperationInsert, OperationPage,
 };
+use crate::domain::ports::outbox::EventAppend;
 use crate::storage::codec::issuers::{decode, encode, unix_ms};
 
 const OPS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("iss_ops");
@@ -153,25 +157,35 @@ impl IssuerOperationStore for EmbeddedStore {
         self.op_via(BY_D1, issuer, d1_operation_id).await
     }
 
-    async fn update_operation(&self, op: &IssuerOperation) -> Result<(), StoreError> {
+    async fn update_operation_with(
+        &self,
+        op: &IssuerOperation,
+        events: &[EventAppend],
+    ) -> Result<(), StoreError> {
         let op = op.clone();
+        let events = events.to_vec();
         self.run(move |db: &Database| {
             let txn = begin_write(db)?;
-            // An error drops the transaction uncommitted: nothing is written.
+            // An error drops the transaction uncommitted: neither change nor event is written.
             update_in(&txn, &op)?;
+            for e in &events {
+                append_event_in(&txn, e)?;
+            }
             txn.commit()?;
             Ok(())
         })
         .await
     }
 
-    async fn apply_notification(
+    async fn apply_notification_with(
         &self,
         op: &IssuerOperation,
         dedup_key: &str,
         ttl: Duration,
+        events: &[EventAppend],
     ) -> Result<NotificationWrite, StoreError> {
         let op = op.clone();
+        let events = events.to_vec();
         let marker = format!("iop:{dedup_key}");
         self.run(move |db: &Database| {
             let now = now_ms();
@@ -181,6 +195,9 @@ impl IssuerOperationStore for EmbeddedStore {
                 return Ok(NotificationWrite::Duplicate);
             }
             update_in(&txn, &op)?;
+            for e in &events {
+                append_event_in(&txn, e)?;
+            }
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
             put_marker(&txn, issuer, &marker, now.saturating_add(ttl_ms))?;
             purge_expired(&txn, now)?;

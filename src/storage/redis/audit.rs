@@ -1,5 +1,6 @@
-//! The audit trail on Redis: one stream per merchant, `P:{m:M}:audit`, under the merchant's
-//! hash tag. An append is one `XADD ... MINID <cutoff> *`: the entry id (server time in ms and a
+//! The audit trail on Redis: one stream per tenant, under the tenant's hash tag:
+//! `P:{m:M}:audit` for a merchant (the key it always had), `P:{i:I}:audit` for an issuer (the
+//! slot of its operations). An append is one `XADD ... MINID <cutoff> *`: the entry id (server time in ms and a
 //! sequence) becomes the event id, and the merchant's entries older than retention are removed
 //! by the same command. Reading is `XREVRANGE` from the cursor (exclusive) downwards.
 //!
@@ -13,17 +14,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 use super::RedisStore;
-use crate::domain::audit::{AuditEvent, AuditEventId, NewAuditEvent};
+use crate::domain::audit::{AuditEvent, AuditEventId, AuditTenant, NewAuditEvent};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::audit::AuditStore;
-use crate::domain::token::MerchantId;
 use crate::storage::codec::audit::{cutoff_ms, decode, encode};
 
 /// The single field of a stream entry, holding the event JSON.
 const FIELD: &str = "e";
 
-fn stream_key(store: &RedisStore, m: &MerchantId) -> String {
-    format!("{}audit", store.merchant_key_start(m))
+fn stream_key(store: &RedisStore, t: &AuditTenant) -> String {
+    match t {
+        AuditTenant::Merchant(m) => format!("{}audit", store.merchant_key_start(m)),
+        AuditTenant::Issuer(i) => format!("{}audit", store.issuer_key_start(i)),
+    }
 }
 
 fn now_ms() -> u64 {
@@ -48,7 +51,7 @@ impl AuditStore for RedisStore {
     ) -> Result<AuditEventId, StoreError> {
         let json = encode(event)?;
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream_key(self, &event.merchant_id))
+        cmd.arg(stream_key(self, &event.tenant))
             .arg("MINID")
             .arg(cutoff_ms(now_ms(), retention))
             .arg("*")
@@ -60,7 +63,7 @@ impl AuditStore for RedisStore {
 
     async fn list(
         &self,
-        merchant: &MerchantId,
+        tenant: &AuditTenant,
         before: Option<AuditEventId>,
         limit: usize,
     ) -> Result<Vec<AuditEvent>, StoreError> {
@@ -72,7 +75,7 @@ impl AuditStore for RedisStore {
             None => "+".to_owned(),
         };
         let mut cmd = redis::cmd("XREVRANGE");
-        cmd.arg(stream_key(self, merchant))
+        cmd.arg(stream_key(self, tenant))
             .arg(end)
             .arg("-")
             .arg("COUNT")

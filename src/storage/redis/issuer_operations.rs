@@ -9,7 +9,13 @@
 //!   sorted sets of score 0 whose members are sort keys (`<created ms, 13 digits>:<op id>`),
 //!   read newest first with `ZREVRANGEBYLEX` from the cursor (the last key of a page);
 //! - `P:{i:I}:due`: `PENDING` operations by next check time (score, Unix ms): the worker's list;
-//! - `P:{i:I}:nevt:<digest>`: processed-notification marker, `PX` ttl.
+//! - `P:{i:I}:nevt:<digest>`: processed-notification marker, `PX` ttl;
+//! - `P:{i:I}:whq` (Cluster): the issuer's outbox shard, webhook events written with an
+//!   operation change in its slot, waiting to move to the tenant's outbox (`redis/outbox.rs`).
+//!
+//! A change that carries webhook events (`update_operation_with`, `apply_notification_with`)
+//! runs the same compare-and-set with the outbox write after it in one script, so the events
+//! exist exactly when the change does.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -18,12 +24,14 @@ use async_trait::async_trait;
 use redis::Script;
 
 use super::RedisStore;
+use super::outbox::{ISSUER_EVENT_FUNCTIONS, OUTBOX_FUNCTIONS};
 use crate::domain::issuer::IssuerId;
 use crate::domain::issuer_ops::{IssuerOperation, OperationFilter, OperationId, OperationStatus};
 use crate::domain::ports::StoreError;
 use crate::domain::ports::issuer_operations::{
     IssuerOperationStore, NotificationWrite, OperationInsert, OperationPage,
 };
+use crate::domain::ports::outbox::EventAppend;
 use crate::storage::codec::issuers::{decode, encode, unix_ms};
 
 /// Inserts an operation unless its request id is taken. KEYS: req, op, ops, status(PENDING),
@@ -89,11 +97,54 @@ return r
     ))
 });
 
+/// [`UPDATE`], then, only if it wrote, the change's webhook events (`issuer_events(8)`,
+/// `redis/outbox.rs`): one script. KEYS and ARGV 1-7 as [`UPDATE`].
+static UPDATE_WITH_EVENTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{OUTBOX_FUNCTIONS}
+{ISSUER_EVENT_FUNCTIONS}
+local function cas()
+{UPDATE_BODY}
+end
+local r = cas()
+if r == 0 then issuer_events(8) end
+return r
+"#
+    ))
+});
+
+/// [`APPLY`] with the change's webhook events after the marker (`issuer_events(10)`): a
+/// duplicate or a conflict writes none of them. KEYS and ARGV 1-9 as [`APPLY`].
+static APPLY_WITH_EVENTS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{OUTBOX_FUNCTIONS}
+{ISSUER_EVENT_FUNCTIONS}
+if redis.call('EXISTS', ARGV[8]) == 1 then return 3 end
+local function cas()
+{UPDATE_BODY}
+end
+local r = cas()
+if r == 0 then
+  redis.call('SET', ARGV[8], '1', 'PX', ARGV[9])
+  issuer_events(10)
+end
+return r
+"#
+    ))
+});
+
 /// Pages through an index at most this many times to fill one filtered page.
 const MAX_ROUNDS: usize = 20;
 
 impl RedisStore {
     fn iss(&self, issuer: &IssuerId) -> String {
+        self.issuer_key_start(issuer)
+    }
+
+    /// `P:{i:I}:`, the start of every key of the issuer (one Cluster slot).
+    pub(crate) fn issuer_key_start(&self, issuer: &IssuerId) -> String {
         self.global_key(&format!("{{i:{issuer}}}:"))
     }
 
@@ -212,25 +263,51 @@ impl IssuerOperationStore for RedisStore {
         self.op_by_index(issuer, key).await
     }
 
-    async fn update_operation(&self, op: &IssuerOperation) -> Result<(), StoreError> {
-        let inv = self.update_invocation_op(&UPDATE, op)?;
-        cas_result(self.invoke_write(inv).await?)
+    async fn update_operation_with(
+        &self,
+        op: &IssuerOperation,
+        events: &[EventAppend],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            let inv = self.update_invocation_op(&UPDATE, op)?;
+            return cas_result(self.invoke_write(inv).await?);
+        }
+        self.register_issuer_outbox_shard(&op.issuer_id).await?;
+        let mut inv = self.update_invocation_op(&UPDATE_WITH_EVENTS, op)?;
+        let moved = self.issuer_event_args(&mut inv, &op.issuer_id, events)?;
+        cas_result(self.invoke_write(inv).await?)?;
+        self.move_issuer_events(&op.issuer_id, &moved).await;
+        Ok(())
     }
 
-    async fn apply_notification(
+    async fn apply_notification_with(
         &self,
         op: &IssuerOperation,
         dedup_key: &str,
         ttl: Duration,
+        events: &[EventAppend],
     ) -> Result<NotificationWrite, StoreError> {
-        let mut inv = self.update_invocation_op(&APPLY, op)?;
+        let script: &Script = if events.is_empty() {
+            &APPLY
+        } else {
+            self.register_issuer_outbox_shard(&op.issuer_id).await?;
+            &APPLY_WITH_EVENTS
+        };
+        let mut inv = self.update_invocation_op(script, op)?;
         inv.arg(format!("{}nevt:{dedup_key}", self.iss(&op.issuer_id)))
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let moved = if events.is_empty() {
+            Vec::new()
+        } else {
+            self.issuer_event_args(&mut inv, &op.issuer_id, events)?
+        };
         let r: i64 = self.invoke_write(inv).await?;
         if r == 3 {
             return Ok(NotificationWrite::Duplicate);
         }
-        cas_result(r).map(|()| NotificationWrite::Applied)
+        cas_result(r)?;
+        self.move_issuer_events(&op.issuer_id, &moved).await;
+        Ok(NotificationWrite::Applied)
     }
 
     async fn list_operations(

@@ -26,6 +26,7 @@ use redis::Script;
 use time::OffsetDateTime;
 
 use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
+use crate::domain::issuer::IssuerId;
 use crate::domain::ports::StoreError;
 use crate::domain::ports::outbox::{DEAD_LETTER_MAX, EventAppend, JobNext, OutboxJob, OutboxStore};
 use crate::domain::token::MerchantId;
@@ -131,6 +132,53 @@ return head
 "#
     ))
 });
+
+/// The webhook events of an issuer operation change, written by the operation scripts
+/// (`redis/issuer_operations.rs`) after their compare-and-set succeeded. `issuer_events(a)`
+/// reads ARGV from index `a`: mode, n, then
+/// - mode `append` (standalone Redis, no slots): n `outbox_append` blocks, one after the other:
+///   the events go straight to the tenant's outbox and the shared stream;
+/// - mode `shard` (Cluster: the tenant's outbox is in another slot): the issuer's outbox shard
+///   key (`P:{i:I}:whq`, the operation's slot), now (Unix ms, the score), n pending events (JSON,
+///   [`PendingIssuerEvent`]), moved to the tenant's outbox right after the script
+///   ([`RedisStore::move_issuer_events`]) or by the sweep if the writer died in between.
+pub(crate) const ISSUER_EVENT_FUNCTIONS: &str = r#"
+local function issuer_events(a)
+  local mode = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  if mode == 'shard' then
+    for i = 1, n do
+      redis.call('ZADD', ARGV[a + 2], ARGV[a + 3], ARGV[a + 3 + i])
+    end
+  else
+    local b = a + 2
+    for i = 1, n do
+      outbox_append(b)
+      b = b + 11 + 4 * tonumber(ARGV[b + 10])
+    end
+  end
+end
+"#;
+
+/// Cluster: the enqueue of an event an issuer operation script left in the issuer's shard,
+/// skipped if the event is already stored (a mover that died after this script and before
+/// removing the shard entry must not reset its deliveries when the sweep moves it again).
+/// KEYS: event hash. ARGV: as `outbox_append(1)`. Returns 1 stored, 0 already there.
+static ENQUEUE_ONCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{OUTBOX_FUNCTIONS}\nif redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\noutbox_append(1)\nreturn 1\n"
+    ))
+});
+
+/// An issuer operation's event waiting in the issuer's outbox shard (Cluster): what
+/// [`EventAppend`] says, as JSON (the event id makes each member unique).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PendingIssuerEvent {
+    event: WebhookEvent,
+    endpoints: Vec<EndpointId>,
+    retention_ms: u64,
+}
 
 /// A plain enqueue. KEYS: event hash (routes the script to the merchant's slot). ARGV: as
 /// `outbox_append(1)`.
@@ -283,6 +331,15 @@ impl Keys<'_> {
     /// The merchants that may have shard entries: what the sweep walks.
     fn shards(&self) -> String {
         self.store.global_key("{wh}:shards")
+    }
+    /// An issuer's outbox shard (Cluster): events written with an operation change, in the
+    /// operation's slot, waiting to move to the issuer tenant's outbox.
+    fn issuer_shard(&self, i: &IssuerId) -> String {
+        format!("{}whq", self.store.issuer_key_start(i))
+    }
+    /// The issuers that may have shard entries: what the sweep walks too.
+    fn issuer_shards(&self) -> String {
+        self.store.global_key("{wh}:ishards")
     }
     /// Deployment-wide lease of the sweep, so instances do not sweep (and duplicate) at once.
     fn sweep_lease(&self) -> String {
@@ -513,6 +570,118 @@ impl RedisStore {
                     "webhook outbox: queueing jobs left in a merchant shard");
                 self.move_shard_jobs(&m, &jobs).await?;
             }
+        }
+        let mut c = redis::cmd("SMEMBERS");
+        c.arg(k.issuer_shards());
+        let issuers: Vec<String> = self.query(c).await?;
+        for i in issuers.iter().filter_map(|i| IssuerId::parse(i)) {
+            let mut c = redis::cmd("ZRANGEBYSCORE");
+            c.arg(k.issuer_shard(&i))
+                .arg("-inf")
+                .arg(older_than)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(256);
+            let pending: Vec<String> = self.query(c).await?;
+            if !pending.is_empty() {
+                tracing::info!(issuer_id = %i, events = pending.len(),
+                    "webhook outbox: storing events left in an issuer shard");
+                self.move_issuer_shard_events(&i, &pending).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `issuer_events` arguments for `events` of an operation change of `issuer` (see
+    /// [`ISSUER_EVENT_FUNCTIONS`]); returns the shard members written on Cluster (for
+    /// [`Self::move_issuer_events`]), nothing on standalone Redis (the script stored the events
+    /// and queued their jobs itself).
+    pub(crate) fn issuer_event_args(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        issuer: &IssuerId,
+        events: &[EventAppend],
+    ) -> Result<Vec<String>, StoreError> {
+        if self.is_cluster() {
+            let mut members = Vec::with_capacity(events.len());
+            for e in events {
+                members.push(encode(
+                    "pending issuer event",
+                    &PendingIssuerEvent {
+                        event: e.event.clone(),
+                        endpoints: e.endpoints.clone(),
+                        retention_ms: ms(e.retention),
+                    },
+                )?);
+            }
+            inv.arg("shard")
+                .arg(events.len())
+                .arg(self.outbox_keys().issuer_shard(issuer))
+                .arg(now_ms())
+                .arg(&members);
+            Ok(members)
+        } else {
+            inv.arg("append").arg(events.len());
+            for e in events {
+                self.append_args(inv, e)?;
+            }
+            Ok(Vec::new())
+        }
+    }
+
+    /// Cluster: notes that `issuer` may have shard entries **before** a script can write one,
+    /// so the sweep finds every shard a crashed writer left behind. Nothing on standalone.
+    pub(crate) async fn register_issuer_outbox_shard(
+        &self,
+        issuer: &IssuerId,
+    ) -> Result<(), StoreError> {
+        if !self.is_cluster() {
+            return Ok(());
+        }
+        let mut c = redis::cmd("SADD");
+        c.arg(self.outbox_keys().issuer_shards())
+            .arg(issuer.as_str());
+        self.query_write::<i64>(c).await?;
+        Ok(())
+    }
+
+    /// Cluster: stores the events an operation script just left in `issuer`'s shard in the
+    /// tenant's outbox (event, deliveries, jobs), then removes them from the shard. The events
+    /// are durable in the shard already, so a failure here loses nothing: it is logged, and the
+    /// sweep moves them after a lease.
+    pub(crate) async fn move_issuer_events(&self, issuer: &IssuerId, members: &[String]) {
+        if !self.is_cluster() || members.is_empty() {
+            return;
+        }
+        if let Err(e) = self.move_issuer_shard_events(issuer, members).await {
+            tracing::warn!(issuer_id = %issuer, error = %e,
+                "webhook outbox: events left in the issuer shard; the sweep will store them");
+        }
+    }
+
+    async fn move_issuer_shard_events(
+        &self,
+        issuer: &IssuerId,
+        members: &[String],
+    ) -> Result<(), StoreError> {
+        let k = self.outbox_keys();
+        for member in members {
+            let pending: PendingIssuerEvent = decode("pending issuer event", member)?;
+            let tenant = pending.event.merchant_id.clone();
+            let append = EventAppend {
+                event: pending.event,
+                endpoints: pending.endpoints,
+                retention: Duration::from_millis(pending.retention_ms),
+            };
+            self.register_outbox_shard(&tenant).await?;
+            let mut inv = ENQUEUE_ONCE.key(k.event(&tenant, &append.event.id));
+            let jobs = self.append_args(&mut inv, &append)?;
+            if self.invoke_write::<i64>(inv).await? == 1 {
+                self.move_appended_jobs(&tenant, &jobs).await;
+            }
+            let mut c = redis::cmd("ZREM");
+            c.arg(k.issuer_shard(issuer)).arg(member);
+            self.query_write::<i64>(c).await?;
         }
         Ok(())
     }
