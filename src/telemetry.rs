@@ -6,25 +6,25 @@
 //! PANs are a masked type, paths are logged as route templates, and bodies and headers are never
 //! logged.
 
-use std::io::{BufWriter, IsTerminal};
+mod json;
+mod writer;
+
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use tracing::Dispatch;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Lines the writer thread may be behind before new lines are dropped (tracing-appender's
-/// default): at ~250 bytes a line, ~30 MiB at worst, and several seconds of the heaviest load
-/// measured (docs/performance.md), so only a stalled stdout (a blocked pipe, a stopped log
-/// shipper) fills it.
-const BUFFERED_LINES: usize = 128_000;
+/// Target of the access-log events (src/http/telemetry.rs), so a filter can single them out
+/// (`log.level = "info,tokengate::access=off"`) and the JSON format can write them directly.
+pub const ACCESS_TARGET: &str = "tokengate::access";
 
 /// Lines dropped so far because the buffer was full, for `tokengate_log_dropped_lines_total`.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+static DROPPED: OnceLock<writer::DroppedLines> = OnceLock::new();
 
 /// What `log.format` resolves to for one process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub fn use_ansi(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
 /// at most about a second). Hold it until the process is about to exit.
 #[must_use = "dropping the guard stops the log writer thread"]
 pub struct LogGuard {
-    _worker: WorkerGuard,
+    _worker: Option<writer::WriterGuard>,
 }
 
 /// Installs the global subscriber writing to stdout through a background thread. Safe to call
@@ -62,30 +62,30 @@ pub struct LogGuard {
 pub fn init(cfg: &LogConfig) -> LogGuard {
     let stdout = std::io::stdout();
     let terminal = stdout.is_terminal();
-    // Lossy: when the writer thread is 128k lines behind, a new line is dropped (and counted)
-    // instead of blocking. Blocking would park a tokio worker thread inside a request whenever
-    // stdout stalls (a full pipe, a paused log shipper), turning a logging problem into an
-    // outage of the payment API; losing access-log lines under that condition is the lesser
-    // harm, and the loss is visible as tokengate_log_dropped_lines_total.
-    //
-    // BufWriter: the worker drains every queued line into it and flushes once per batch, so a
-    // busy gateway writes many lines per system call instead of one (stdout alone is
-    // line-buffered), and an idle one still writes each line at once.
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(BUFFERED_LINES)
-        .thread_name("tokengate-log")
-        .finish(BufWriter::with_capacity(64 * 1024, stdout));
-    let _ = DROPPED.set(writer.error_counter());
     let no_color = std::env::var_os("NO_COLOR");
-    let _ = dispatch(
-        cfg,
-        writer,
-        terminal,
-        use_ansi(terminal, no_color.as_deref()),
-    )
-    .try_init();
-    LogGuard { _worker: guard }
+    let ansi = use_ansi(terminal, no_color.as_deref());
+    // Lossy (src/telemetry/writer.rs): when the writer thread is 32 MiB behind, a new line is
+    // dropped (and counted) instead of blocking. Blocking would park a tokio worker thread
+    // inside a request whenever stdout stalls (a full pipe, a paused log shipper), turning a
+    // logging problem into an outage of the payment API; losing access-log lines under that
+    // condition is the lesser harm, and the loss is visible as
+    // tokengate_log_dropped_lines_total. The thread writes whole batches of lines per system
+    // call, and a request thread never makes one for a log line.
+    match writer::spawn(stdout, writer::MAX_BUFFERED) {
+        Ok((w, dropped, guard)) => {
+            let _ = DROPPED.set(dropped);
+            let _ = dispatch(cfg, w, terminal, ansi).try_init();
+            LogGuard {
+                _worker: Some(guard),
+            }
+        }
+        // No thread could be started (resource limits): log synchronously rather than not at
+        // all.
+        Err(_) => {
+            let _ = dispatch(cfg, std::io::stdout, terminal, ansi).try_init();
+            LogGuard { _worker: None }
+        }
+    }
 }
 
 /// The subscriber [`init`] installs, writing to `writer`: the injection point for tests, which
@@ -99,13 +99,15 @@ where
         .with_writer(writer);
     match resolve_format(cfg.format, terminal) {
         // The event's fields at the top level; of the spans only the innermost (the request
-        // span and its request id), not the list of all of them.
+        // span and its request id), not the list of all of them. The access-log line takes a
+        // direct path with the same output (src/telemetry/json.rs).
         Resolved::Json => Dispatch::new(
             builder
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
                 .with_span_list(false)
+                .event_format(json::JsonLines::new())
                 .finish(),
         ),
         Resolved::Text => Dispatch::new(builder.with_ansi(ansi).finish()),
@@ -121,9 +123,7 @@ fn filter(cfg: &LogConfig) -> EnvFilter {
 
 /// Log lines dropped because the writer thread was too far behind (0 before [`init`]).
 pub fn dropped_lines() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+    DROPPED.get().map_or(0, writer::DroppedLines::get)
 }
 
 #[cfg(test)]

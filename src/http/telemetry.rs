@@ -11,9 +11,7 @@ use tracing::Instrument;
 
 use crate::observability;
 
-/// Target of the access-log events, so a filter can single them out
-/// (`log.level = "info,tokengate::access=off"`).
-pub const ACCESS_TARGET: &str = "tokengate::access";
+pub use crate::telemetry::ACCESS_TARGET;
 
 /// The request id header: taken from the client when it sends one, else generated (stack.rs).
 pub const REQUEST_ID: &str = "x-request-id";
