@@ -133,6 +133,30 @@ return head
     ))
 });
 
+/// How long a shard job's move marker lives ([`TAKE_SHARD_JOBS`]): longer than a move takes,
+/// short enough that the sweep soon retries a move whose mover died.
+const MOVE_MARKER_MS: u64 = 10_000;
+
+/// Cluster: takes the right to move shard jobs to the shared stream. Returns the jobs of ARGV
+/// 3.. that are still in the shard and whose marker (ARGV 1 .. sha1 of the job, in the
+/// merchant's slot) this call set; a job another mover holds, or already moved, is left out.
+/// KEYS: the merchant's shard. ARGV: marker key prefix, marker ttl ms, jobs.
+static TAKE_SHARD_JOBS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i = 3, #ARGV do
+  local job = ARGV[i]
+  if redis.call('ZSCORE', KEYS[1], job)
+     and redis.call('SET', ARGV[1] .. redis.sha1hex(job), '1', 'NX', 'PX', ARGV[2]) then
+    table.insert(out, job)
+  end
+end
+return out
+"#,
+    )
+});
+
 /// The webhook events of an issuer operation change, written by the operation scripts
 /// (`redis/issuer_operations.rs`) after their compare-and-set succeeded. `issuer_events(a)`
 /// reads ARGV from index `a`: mode, n, then
@@ -513,6 +537,21 @@ impl RedisStore {
 
     async fn move_shard_jobs(&self, m: &MerchantId, jobs: &[String]) -> Result<(), StoreError> {
         let k = self.outbox_keys();
+        // One mover per job: a chain's next head can be moved by the finisher that released it
+        // and, at the same moment, by the appender whose script put it in the chain (its
+        // ZMSCORE check sees it in the shard too). The stream is in another slot, so the move
+        // itself cannot be atomic; taking a short-lived marker in the merchant's slot first
+        // leaves one of them to move it. A mover that dies after taking the marker leaves the
+        // job in the shard, and the sweep moves it once the marker has expired.
+        let mut take = TAKE_SHARD_JOBS.key(k.shard(m));
+        take.arg(format!("{}whmv:", self.merchant_key_start(m)))
+            .arg(MOVE_MARKER_MS)
+            .arg(jobs);
+        let jobs: Vec<String> = self.invoke_write(take).await?;
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let jobs = &jobs[..];
         let mut p = redis::pipe();
         for job in jobs {
             p.cmd("XADD").arg(k.outbox()).arg("*").arg("j").arg(job);
