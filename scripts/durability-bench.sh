@@ -13,7 +13,7 @@ run() {
   d=$(mktemp -d); mkdir -p $d/p $d/r
   $SRV --port 7701 --dir $d/p --appendonly yes --save "" --daemonize yes --logfile $d/p/log
   $SRV --port 7702 --dir $d/r --appendonly yes --save "" --replicaof 127.0.0.1 7701 --daemonize yes --logfile $d/r/log
-  until redis-cli -p 7702 info replication | grep -q "link_status:up"; do sleep 0.05; done
+  until redis-cli -p 7702 info replication 2>/dev/null | grep -q "link_status:up"; do sleep 0.05; done
   sleep 1
   env TOKENGATE__STORAGE__REDIS_URL=redis://127.0.0.1:7701 TOKENGATE__SERVER__LISTEN=127.0.0.1:18975 \
     TOKENGATE__RATE_LIMIT__PER_KEY_PER_S=10000000 TOKENGATE__RATE_LIMIT__PER_KEY_BURST=10000000 \
