@@ -529,33 +529,62 @@ fn request_id(r: Option<&String>) -> Result<Option<String>, Reject> {
     }
 }
 
+/// The card an operation's path names, after D1's path checks (issuer id, then `cardId`).
+fn card_target(issuer: &str, card: &str) -> Result<Target, Reject> {
+    check_issuer(issuer)?;
+    if !valid(card, 48) {
+        return Err(reject("cardId must match ^[A-Za-z0-9_-]{1,48}$"));
+    }
+    Ok(Target::Card(card.to_owned()))
+}
+
+/// The consumer an operation's path names, after D1's path checks (issuer id, then
+/// `consumerId`).
+fn consumer_target(issuer: &str, consumer: &str) -> Result<Target, Reject> {
+    check_issuer(issuer)?;
+    if !valid(consumer, 64) {
+        return Err(reject("consumerId must match ^[A-Za-z0-9_-]{1,64}$"));
+    }
+    Ok(Target::Consumer(consumer.to_owned()))
+}
+
+/// The body checks every issuer operation shares (`reason`, `reasonCode`, `issuerRequestId`),
+/// then [`start`].
+fn start_checked(
+    shared: &Arc<Shared>,
+    issuer: &str,
+    target: Target,
+    kind: &str,
+    (reason, reason_code, request): (&Option<String>, &Option<String>, &Option<String>),
+    effect: Effect,
+) -> Result<Response, Reject> {
+    check_reason(reason.as_deref(), reason_code.as_deref())?;
+    let rid = request_id(request.as_ref())?;
+    Ok(start(shared, issuer, target, kind, rid, effect))
+}
+
 async fn card_enrol(
     State(shared): State<Arc<Shared>>,
     Path((issuer, card)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
     let run = || -> Result<Response, Reject> {
-        check_issuer(&issuer)?;
-        if !valid(&card, 48) {
-            return Err(reject("cardId must match ^[A-Za-z0-9_-]{1,48}$"));
-        }
+        let target = card_target(&issuer, &card)?;
         let req: ClickToPayEnrolmentRequest = parse(&body)?;
         let n = req.cardholder_name.chars().count();
         if n == 0 || n > 26 {
             return Err(reject("cardholderName must be 1 to 26 characters"));
         }
-        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
-        let rid = request_id(req.issuer_request_id.as_ref())?;
-        Ok(start(
+        start_checked(
             &shared,
             &issuer,
-            Target::Card(card.clone()),
+            target,
             "CLICK_TO_PAY_ENROLMENT",
-            rid,
+            (&req.reason, &req.reason_code, &req.issuer_request_id),
             Effect::Enrol {
                 cardholder_name: req.cardholder_name,
             },
-        ))
+        )
     };
     run().unwrap_or_else(|e| *e)
 }
@@ -566,28 +595,23 @@ async fn card_update(
     body: Bytes,
 ) -> Response {
     let run = || -> Result<Response, Reject> {
-        check_issuer(&issuer)?;
-        if !valid(&card, 48) {
-            return Err(reject("cardId must match ^[A-Za-z0-9_-]{1,48}$"));
-        }
+        let target = card_target(&issuer, &card)?;
         let req: ClickToPayUpdateRequest = parse(&body)?;
         if let Some(n) = &req.cardholder_name
             && !(1..=26).contains(&n.chars().count())
         {
             return Err(reject("cardholderName must be 1 to 26 characters"));
         }
-        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
-        let rid = request_id(req.issuer_request_id.as_ref())?;
-        Ok(start(
+        start_checked(
             &shared,
             &issuer,
-            Target::Card(card.clone()),
+            target,
             "CLICK_TO_PAY_UPDATE",
-            rid,
+            (&req.reason, &req.reason_code, &req.issuer_request_id),
             Effect::UpdateCard {
                 cardholder_name: req.cardholder_name,
             },
-        ))
+        )
     };
     run().unwrap_or_else(|e| *e)
 }
@@ -598,21 +622,16 @@ async fn consumer_update(
     body: Bytes,
 ) -> Response {
     let run = || -> Result<Response, Reject> {
-        check_issuer(&issuer)?;
-        if !valid(&consumer, 64) {
-            return Err(reject("consumerId must match ^[A-Za-z0-9_-]{1,64}$"));
-        }
+        let target = consumer_target(&issuer, &consumer)?;
         let req: ClickToPayUpdateRequest = parse(&body)?;
-        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
-        let rid = request_id(req.issuer_request_id.as_ref())?;
-        Ok(start(
+        start_checked(
             &shared,
             &issuer,
-            Target::Consumer(consumer.clone()),
+            target,
             "CLICK_TO_PAY_UPDATE",
-            rid,
+            (&req.reason, &req.reason_code, &req.issuer_request_id),
             Effect::UpdateConsumer,
-        ))
+        )
     };
     run().unwrap_or_else(|e| *e)
 }
@@ -623,21 +642,16 @@ async fn card_opt_out(
     body: Bytes,
 ) -> Response {
     let run = || -> Result<Response, Reject> {
-        check_issuer(&issuer)?;
-        if !valid(&card, 48) {
-            return Err(reject("cardId must match ^[A-Za-z0-9_-]{1,48}$"));
-        }
+        let target = card_target(&issuer, &card)?;
         let req: ClickToPayOptOutRequest = parse(&body)?;
-        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
-        let rid = request_id(req.issuer_request_id.as_ref())?;
-        Ok(start(
+        start_checked(
             &shared,
             &issuer,
-            Target::Card(card.clone()),
+            target,
             "CLICK_TO_PAY_OPT_OUT",
-            rid,
+            (&req.reason, &req.reason_code, &req.issuer_request_id),
             Effect::OptOutCard,
-        ))
+        )
     };
     run().unwrap_or_else(|e| *e)
 }
@@ -648,25 +662,20 @@ async fn card_delete(
     body: Bytes,
 ) -> Response {
     let run = || -> Result<Response, Reject> {
-        check_issuer(&issuer)?;
-        if !valid(&card, 48) {
-            return Err(reject("cardId must match ^[A-Za-z0-9_-]{1,48}$"));
-        }
+        let target = card_target(&issuer, &card)?;
         let req: CardDeleteRequest = if body.is_empty() {
             CardDeleteRequest::default()
         } else {
             parse(&body)?
         };
-        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
-        let rid = request_id(req.issuer_request_id.as_ref())?;
-        Ok(start(
+        start_checked(
             &shared,
             &issuer,
-            Target::Card(card.clone()),
+            target,
             "DELETE",
-            rid,
+            (&req.reason, &req.reason_code, &req.issuer_request_id),
             Effect::DeleteCard,
-        ))
+        )
     };
     run().unwrap_or_else(|e| *e)
 }
@@ -677,21 +686,16 @@ async fn consumer_opt_out(
     body: Bytes,
 ) -> Response {
     let run = || -> Result<Response, Reject> {
-        check_issuer(&issuer)?;
-        if !valid(&consumer, 64) {
-            return Err(reject("consumerId must match ^[A-Za-z0-9_-]{1,64}$"));
-        }
+        let target = consumer_target(&issuer, &consumer)?;
         let req: ClickToPayOptOutRequest = parse(&body)?;
-        check_reason(req.reason.as_deref(), req.reason_code.as_deref())?;
-        let rid = request_id(req.issuer_request_id.as_ref())?;
-        Ok(start(
+        start_checked(
             &shared,
             &issuer,
-            Target::Consumer(consumer.clone()),
+            target,
             "CLICK_TO_PAY_OPT_OUT",
-            rid,
+            (&req.reason, &req.reason_code, &req.issuer_request_id),
             Effect::OptOutConsumer,
-        ))
+        )
     };
     run().unwrap_or_else(|e| *e)
 }
