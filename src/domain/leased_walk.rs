@@ -126,7 +126,11 @@ impl LeasedWalk {
     /// the end of a whole walk, tells the walker. Saves nothing: the job decides what and how.
     /// On an error `p` is part-way through the page; callers drop it and redo the batch from
     /// the saved cursor (a token visited twice needs nothing the second time).
-    pub async fn batch<W: Walker>(&self, walker: &W, p: &mut W::Progress) -> Result<(), DomainError> {
+    pub async fn batch<W: Walker>(
+        &self,
+        walker: &W,
+        p: &mut W::Progress,
+    ) -> Result<(), DomainError> {
         let page = self
             .store
             .scan_tokens(W::cursor(p).as_deref(), self.settings.batch)
