@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod cases;
+pub mod issuer;
 pub mod redis_server;
 
 use std::io::Write;
