@@ -478,6 +478,20 @@ async fn list_keys(c: &Client, base: &str, key: Option<&str>) -> (u16, Value) {
     get_as(c, base, "/v1/api-keys", key).await
 }
 
+/// Each `(tenant, body, (status, code))` PUT to `{tenant}/client-certs` as the admin, in order:
+/// each must be refused with that status and problem code.
+async fn refused_puts<const N: usize>(
+    c: &Client,
+    base: &str,
+    cases: [(&str, Value, (u16, &str)); N],
+) {
+    for (tenant, body, (status, problem)) in cases {
+        let what = format!("PUT {tenant}/client-certs {body}");
+        let r = put_tenant_certs(c, base, tenant, body).await;
+        assert_eq!(code(&r), (status, Some(problem)), "{what}");
+    }
+}
+
 /// The status and the problem code (if any) of an answer.
 fn code(r: &(u16, Value)) -> (u16, Option<&str>) {
     (r.0, r.1["code"].as_str())
@@ -656,42 +670,29 @@ async fn client_certificates_map_to_merchants_and_never_act_for_another() {
     let newest = &trail["data"][0];
     assert_eq!(newest["action"], "client_certs.update", "{trail}");
     assert_eq!(newest["actor"], "admin");
-    assert_eq!(
-        code(
-            &put_certs(
-                &without,
-                &base,
-                &a,
+    let a_path = format!("/v1/merchants/{a}");
+    refused_puts(
+        &without,
+        &base,
+        [
+            (
+                a_path.as_str(),
                 json!({"authMode": "CERT", "certificates": []}),
-            )
-            .await
-        ),
-        (422, Some("client_cert_needed"))
-    );
-    assert_eq!(
-        code(
-            &put_certs(
-                &without,
-                &base,
-                &a,
+                (422, "client_cert_needed"),
+            ),
+            (
+                &a_path,
                 json!({"authMode": "API_KEY", "certificates": [{"sha256": "abc"}]}),
-            )
-            .await
-        ),
-        (422, Some("invalid_client_cert_fingerprint"))
-    );
-    assert_eq!(
-        code(
-            &put_certs(
-                &without,
-                &base,
-                "mer_AAAAAAAAAAAAAAAA",
+                (422, "invalid_client_cert_fingerprint"),
+            ),
+            (
+                "/v1/merchants/mer_AAAAAAAAAAAAAAAA",
                 json!({"authMode": "API_KEY", "certificates": []}),
-            )
-            .await
-        ),
-        (404, Some("merchant_not_found"))
-    );
+                (404, "merchant_not_found"),
+            ),
+        ],
+    )
+    .await;
     let r = without
         .get(format!("{base}/v1/merchants/{a}/client-certs"))
         .bearer_auth(&key_a)
@@ -880,61 +881,39 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
 
     // The rules of the admin route: no CERT mode for issuers, one tenant per certificate,
     // issuer scopes only, unknown issuers.
-    assert_eq!(
-        code(
-            &put_issuer_certs(
-                &without,
-                &base,
-                &iss,
-                json!({"authMode": "CERT", "certificates": [{"sha256": fp_i}]}),
-            )
-            .await
-        ),
-        (422, Some("invalid_auth_mode"))
-    );
-    assert_eq!(
-        code(
-            &put_issuer_certs(
-                &without,
-                &base,
-                &other,
-                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_m}]}),
-            )
-            .await
-        ),
-        (409, Some("client_cert_in_use"))
-    );
-    assert_eq!(
-        code(
-            &put_certs(
-                &without,
-                &base,
-                &mer,
-                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_i}]}),
-            )
-            .await
-        ),
-        (409, Some("client_cert_in_use"))
-    );
-    assert_eq!(code(&put_issuer_certs(
+    let (iss_path, other_path) = (format!("/v1/issuers/{iss}"), format!("/v1/issuers/{other}"));
+    refused_puts(
         &without,
         &base,
-        &other,
-        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_u, "scopes": ["tokens:read"]}]}),
-    )
-    .await), (422, Some("invalid_scopes")));
-    assert_eq!(
-        code(
-            &put_issuer_certs(
-                &without,
-                &base,
-                "iss_AAAAAAAAAAAAAAAA",
+        [
+            (
+                iss_path.as_str(),
+                json!({"authMode": "CERT", "certificates": [{"sha256": fp_i}]}),
+                (422, "invalid_auth_mode"),
+            ),
+            (
+                &other_path,
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_m}]}),
+                (409, "client_cert_in_use"),
+            ),
+            (
+                &format!("/v1/merchants/{mer}"),
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_i}]}),
+                (409, "client_cert_in_use"),
+            ),
+            (
+                &other_path,
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_u, "scopes": ["tokens:read"]}]}),
+                (422, "invalid_scopes"),
+            ),
+            (
+                "/v1/issuers/iss_AAAAAAAAAAAAAAAA",
                 json!({"authMode": "API_KEY", "certificates": []}),
-            )
-            .await
-        ),
-        (404, Some("issuer_not_found"))
-    );
+                (404, "issuer_not_found"),
+            ),
+        ],
+    )
+    .await;
     let r = without
         .get(format!("{base}/v1/issuers/{iss}/client-certs"))
         .bearer_auth(&key_i)
