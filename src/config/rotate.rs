@@ -12,7 +12,7 @@
 //! removed once `tokengate_fp_reindex_complete` reads 1 (docs/security.md, "Rotating the
 //! fingerprint key").
 
-use toml_edit::{DocumentMut, Item, Value};
+use toml_edit::{DocumentMut, Item, TableLike, Value};
 
 use crate::crypto::{IMPLICIT_FINGERPRINT_KEY_ID, valid_key_id};
 
@@ -54,38 +54,30 @@ pub fn rotate_data_key(
     key_id: Option<&str>,
     new_key_b64: &str,
 ) -> Result<Rotated, RotateError> {
-    let mut doc: DocumentMut = config_text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| RotateError::Parse(e.message().to_owned()))?;
-    let vault = doc
-        .get_mut("vault")
-        .and_then(Item::as_table_like_mut)
-        .ok_or(RotateError::NoKeys)?;
-    if vault.get("active_key_id").and_then(Item::as_str).is_none() {
-        return Err(RotateError::NoKeys);
-    }
-    let keys = vault.get_mut("keys").ok_or(RotateError::NoKeys)?;
-    // `keys = { k1 = "..." }` (inline) or a `[vault.keys]` table: both are kept as they are.
-    let existing: Vec<String> = keys
-        .as_table_like()
-        .ok_or(RotateError::KeysNotATable)?
-        .iter()
-        .map(|(k, _)| k.to_owned())
-        .collect();
-    if existing.is_empty() {
-        return Err(RotateError::NoKeys);
-    }
-    let id = new_key_id(&existing, key_id, "k", RotateError::DuplicateKeyId)?;
-    if !insert_key(keys, &id, new_key_b64) {
-        return Err(RotateError::KeysNotATable);
-    }
-    // The value is replaced in place, so comments above the line (the key's decor) stay.
-    if let Some(active) = vault.get_mut("active_key_id") {
-        *active = Item::Value(Value::from(id.as_str()));
-    }
-    Ok(Rotated {
-        text: doc.to_string(),
-        key_id: id,
+    edit_vault(config_text, RotateError::NoKeys, |vault| {
+        if vault.get("active_key_id").and_then(Item::as_str).is_none() {
+            return Err(RotateError::NoKeys);
+        }
+        let keys = vault.get_mut("keys").ok_or(RotateError::NoKeys)?;
+        // `keys = { k1 = "..." }` (inline) or a `[vault.keys]` table: both are kept as they are.
+        let existing: Vec<String> = keys
+            .as_table_like()
+            .ok_or(RotateError::KeysNotATable)?
+            .iter()
+            .map(|(k, _)| k.to_owned())
+            .collect();
+        if existing.is_empty() {
+            return Err(RotateError::NoKeys);
+        }
+        let id = new_key_id(&existing, key_id, "k", RotateError::DuplicateKeyId)?;
+        if !insert_key(keys, &id, new_key_b64) {
+            return Err(RotateError::KeysNotATable);
+        }
+        // The value is replaced in place, so comments above the line (the key's decor) stay.
+        if let Some(active) = vault.get_mut("active_key_id") {
+            *active = Item::Value(Value::from(id.as_str()));
+        }
+        Ok(id)
     })
 }
 
@@ -98,55 +90,68 @@ pub fn rotate_fingerprint_key(
     key_id: Option<&str>,
     new_key_b64: &str,
 ) -> Result<Rotated, RotateError> {
+    edit_vault(config_text, RotateError::NoFingerprintKeys, |vault| {
+        let mut existing: Vec<String> = Vec::new();
+        if vault
+            .get("fingerprint_key")
+            .and_then(Item::as_str)
+            .is_some()
+        {
+            existing.push(IMPLICIT_FINGERPRINT_KEY_ID.to_owned());
+        }
+        if let Some(keys) = vault.get("fingerprint_keys") {
+            let keys = keys
+                .as_table_like()
+                .ok_or(RotateError::FingerprintKeysNotATable)?;
+            existing.extend(keys.iter().map(|(k, _)| k.to_owned()));
+        }
+        if existing.is_empty() {
+            return Err(RotateError::NoFingerprintKeys);
+        }
+        let id = new_key_id(
+            &existing,
+            key_id,
+            "fp",
+            RotateError::DuplicateFingerprintKeyId,
+        )?;
+        let keys = vault
+            .entry("fingerprint_keys")
+            .or_insert(Item::Value(Value::InlineTable(Default::default())));
+        if !insert_key(keys, &id, new_key_b64) {
+            return Err(RotateError::FingerprintKeysNotATable);
+        }
+        match vault.get_mut("active_fingerprint_key_id") {
+            // In place, keeping the line's comments.
+            Some(active) => *active = Item::Value(Value::from(id.as_str())),
+            None => {
+                vault.insert(
+                    "active_fingerprint_key_id",
+                    Item::Value(Value::from(id.as_str())),
+                );
+            }
+        }
+        Ok(id)
+    })
+}
+
+/// Parses `config_text`, lets `edit` change its `[vault]` table (`missing` when there is none)
+/// and answers the file rewritten with the new key's id `edit` returns.
+fn edit_vault(
+    config_text: &str,
+    missing: RotateError,
+    edit: impl FnOnce(&mut dyn TableLike) -> Result<String, RotateError>,
+) -> Result<Rotated, RotateError> {
     let mut doc: DocumentMut = config_text
         .parse()
         .map_err(|e: toml_edit::TomlError| RotateError::Parse(e.message().to_owned()))?;
     let vault = doc
         .get_mut("vault")
         .and_then(Item::as_table_like_mut)
-        .ok_or(RotateError::NoFingerprintKeys)?;
-    let mut existing: Vec<String> = Vec::new();
-    if vault
-        .get("fingerprint_key")
-        .and_then(Item::as_str)
-        .is_some()
-    {
-        existing.push(IMPLICIT_FINGERPRINT_KEY_ID.to_owned());
-    }
-    if let Some(keys) = vault.get("fingerprint_keys") {
-        let keys = keys
-            .as_table_like()
-            .ok_or(RotateError::FingerprintKeysNotATable)?;
-        existing.extend(keys.iter().map(|(k, _)| k.to_owned()));
-    }
-    if existing.is_empty() {
-        return Err(RotateError::NoFingerprintKeys);
-    }
-    let id = new_key_id(
-        &existing,
-        key_id,
-        "fp",
-        RotateError::DuplicateFingerprintKeyId,
-    )?;
-    let keys = vault
-        .entry("fingerprint_keys")
-        .or_insert(Item::Value(Value::InlineTable(Default::default())));
-    if !insert_key(keys, &id, new_key_b64) {
-        return Err(RotateError::FingerprintKeysNotATable);
-    }
-    match vault.get_mut("active_fingerprint_key_id") {
-        // In place, keeping the line's comments.
-        Some(active) => *active = Item::Value(Value::from(id.as_str())),
-        None => {
-            vault.insert(
-                "active_fingerprint_key_id",
-                Item::Value(Value::from(id.as_str())),
-            );
-        }
-    }
+        .ok_or(missing)?;
+    let key_id = edit(vault)?;
     Ok(Rotated {
         text: doc.to_string(),
-        key_id: id,
+        key_id,
     })
 }
 
