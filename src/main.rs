@@ -132,6 +132,14 @@ enum KeysCommand {
         /// Id of the new key (default: k<N+1> after the highest k<N>).
         #[arg(long)]
         key_id: Option<String>,
+        /// Also add a new random fingerprint key to [vault] fingerprint_keys (the current one
+        /// stays) and make it vault.active_fingerprint_key_id; once the instances are rolled,
+        /// the re-index job moves the dedup index onto it (docs/security.md).
+        #[arg(long)]
+        fingerprint_key: bool,
+        /// Id of the new fingerprint key (default: fp<N+1> after the highest fp<N>).
+        #[arg(long, requires = "fingerprint_key")]
+        fingerprint_key_id: Option<String>,
     },
     /// Write a development key set (test CA, D1 server and gateway client certificates, ES256
     /// and JWE key pairs) for the D1 simulator and a gateway pointed at it. NOT for production.
@@ -227,14 +235,33 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Keys {
-            command: KeysCommand::Rotate { config, key_id },
+            command:
+                KeysCommand::Rotate {
+                    config,
+                    key_id,
+                    fingerprint_key,
+                    fingerprint_key_id,
+                },
         } => {
+            use tokengate::config::rotate::{rotate_data_key, rotate_fingerprint_key};
             let text = std::fs::read_to_string(&config)
                 .map_err(|e| format!("cannot read {}: {e}", config.display()))?;
             let key = new_key_b64();
-            let rotated =
-                tokengate::config::rotate::rotate_data_key(&text, key_id.as_deref(), &key)
-                    .map_err(|e| format!("{}: {e}", config.display()))?;
+            let mut rotated = rotate_data_key(&text, key_id.as_deref(), &key)
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+            // Both keys in one rewrite: the file is written once, with both or neither.
+            let fp_key_id = if fingerprint_key {
+                let fp = rotate_fingerprint_key(
+                    &rotated.text,
+                    fingerprint_key_id.as_deref(),
+                    &new_key_b64(),
+                )
+                .map_err(|e| format!("{}: {e}", config.display()))?;
+                rotated.text = fp.text;
+                Some(fp.key_id)
+            } else {
+                None
+            };
             // Written next to the file and renamed over it: a crash leaves the old or the new
             // file, never half of one. The copy keeps the original's permissions (keys inside).
             let tmp = config.with_extension("rotate.tmp");
@@ -248,6 +275,14 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 config.display(),
                 rotated.key_id
             );
+            if let Some(id) = fp_key_id {
+                println!(
+                    "{}: added fingerprint key `{id}` and made it vault.active_fingerprint_key_id. \
+                     Roll every instance; remove the older fingerprint key once \
+                     tokengate_fp_reindex_complete reads 1.",
+                    config.display()
+                );
+            }
             Ok(())
         }
         Command::Keys {

@@ -30,27 +30,22 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::error::DomainError;
+use super::leased_walk::{Edit, LeasedWalk, WalkSettings, Walker, edit_token};
 use super::service::Services;
 use super::token::{MerchantId, TokenId, TokenRecord};
 use crate::crypto::fingerprint_key_id;
-use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::LifecycleStore;
 
 /// Name of the lease and of the saved progress.
 pub const JOB: &str = "fp-reindex";
 
 /// How the job runs (`[fp_reindex]` in the config).
-#[derive(Debug, Clone)]
-pub struct FpReindexSettings {
-    pub interval: Duration,
-    pub batch: usize,
-    pub lease: Duration,
-}
+pub type FpReindexSettings = WalkSettings;
 
 /// Where the re-index under one active key stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -125,9 +120,7 @@ struct Change {
 
 pub struct FpReindexer {
     services: Services,
-    store: Arc<dyn LifecycleStore>,
-    settings: FpReindexSettings,
-    holder: String,
+    walk: LeasedWalk,
 }
 
 impl FpReindexer {
@@ -136,37 +129,30 @@ impl FpReindexer {
         store: Arc<dyn LifecycleStore>,
         settings: FpReindexSettings,
     ) -> FpReindexer {
-        let mut id = [0u8; 8];
-        rand::fill(&mut id);
         FpReindexer {
             services,
-            store,
-            settings,
-            holder: hex::encode(id),
+            walk: LeasedWalk::new(JOB, store, settings),
         }
     }
 
     /// Runs until `stop` turns true: a step every interval (no lease needed once done).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         loop {
-            match self.step().await {
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "fp reindex: step failed; will retry"),
+            if let Err(e) = self.step().await {
+                tracing::warn!(error = %e, "fp reindex: step failed; will retry");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(self.settings.interval) => {}
-                _ = stop.wait_for(|s| *s) => break,
+            if !self.walk.pause(&mut stop).await {
+                break;
             }
         }
         // Stopped midway: let another instance continue at once rather than after the lease.
-        let _ = self.store.release_lease(JOB, &self.holder).await;
+        self.walk.release().await;
     }
 
     /// The saved progress, if readable. Unreadable progress (only by tampering or a format
     /// change) is treated as none: the job starts over, which is always safe.
     pub async fn load(&self) -> Result<Option<Progress>, DomainError> {
-        let saved = self.store.load_job_state(JOB).await?;
-        Ok(saved.and_then(|s| serde_json::from_str(&s).ok()))
+        Ok(self.walk.load().await?)
     }
 
     /// One step: reads the saved progress (and tells tokenize its phase); unless done, takes the
@@ -214,83 +200,23 @@ impl FpReindexer {
             return Ok(Some(Phase::Done));
         }
         metrics::gauge!("tokengate_fp_reindex_complete").set(0.0);
-        if !self
-            .store
-            .acquire_lease(JOB, &self.holder, self.settings.lease)
-            .await?
-        {
+        if !self.walk.acquire().await? {
             return Ok(None); // another instance is working
         }
-        let next = self.batch(progress).await?;
+        // One page of the walk in the progress's phase, saved after it.
+        let mut next = progress;
+        self.walk.batch(self, &mut next).await?;
+        self.save(&next).await?;
         self.services.fp_reindex_phase.set(next.phase);
         if next.phase == Phase::Done {
             metrics::gauge!("tokengate_fp_reindex_complete").set(1.0);
-            let _ = self.store.release_lease(JOB, &self.holder).await;
+            self.walk.release().await;
         }
         Ok(Some(next.phase))
     }
 
     async fn save(&self, p: &Progress) -> Result<(), DomainError> {
-        let json = serde_json::to_string(p).map_err(|e| DomainError::Internal(e.to_string()))?;
-        self.store.save_job_state(JOB, Some(&json)).await?;
-        Ok(())
-    }
-
-    /// One page of the walk in `p`'s phase; saves and returns the progress after it.
-    async fn batch(&self, mut p: Progress) -> Result<Progress, DomainError> {
-        let page = self
-            .store
-            .scan_tokens(p.cursor.as_deref(), self.settings.batch)
-            .await?;
-        let cleanup = p.phase == Phase::Cleanup;
-        for (merchant, token) in &page.items {
-            p.pass.scanned += 1;
-            metrics::counter!("tokengate_fp_reindex_scanned_total").increment(1);
-            let c = self.record(merchant, token, cleanup).await?;
-            if c.reindexed {
-                p.pass.reindexed += 1;
-                metrics::counter!("tokengate_fp_reindex_reindexed_total").increment(1);
-            }
-            if c.removed > 0 {
-                p.pass.removed += c.removed;
-                metrics::counter!("tokengate_fp_reindex_removed_entries_total")
-                    .increment(c.removed);
-            }
-            if c.unreadable {
-                p.pass.unreadable += 1;
-                metrics::counter!("tokengate_fp_reindex_unreadable_total").increment(1);
-            }
-        }
-        p.cursor = page.next;
-        if p.cursor.is_none() {
-            // A whole walk is over: judge it.
-            let pass = std::mem::take(&mut p.pass);
-            metrics::gauge!("tokengate_fp_reindex_pending_records")
-                .set((pass.reindexed + pass.unreadable) as f64);
-            tracing::info!(
-                phase = ?p.phase,
-                scanned = pass.scanned,
-                reindexed = pass.reindexed,
-                removed_entries = pass.removed,
-                unreadable = pass.unreadable,
-                active_fingerprint_key = %p.active,
-                "fp reindex: walk over the vault complete"
-            );
-            p.phase = match p.phase {
-                // Every record is under the active key (unless some did not open: walk again).
-                Phase::Reindex if pass.unreadable == 0 => Phase::Cleanup,
-                // Done only after a walk that found nothing left to change: a record written
-                // meanwhile by an instance that had not yet read "cleanup" is caught by it.
-                Phase::Cleanup
-                    if pass.unreadable == 0 && pass.reindexed == 0 && pass.removed == 0 =>
-                {
-                    Phase::Done
-                }
-                other => other,
-            };
-        }
-        self.save(&p).await?;
-        Ok(p)
+        Ok(self.walk.save(Some(p)).await?)
     }
 
     /// Runs steps until the job is done for the active key; for tests and the CLI. Fails after
@@ -313,16 +239,11 @@ impl FpReindexer {
         token: &TokenId,
         cleanup: bool,
     ) -> Result<Change, DomainError> {
-        let keyring = &self.services.keyring;
-        let active = keyring.active_fingerprint_key_id();
-        for _ in 0..5 {
-            let Some(mut rec) = self.services.store.get_token(merchant, token).await? else {
-                // Removed between the scan and the read (a failed reservation): nothing to do.
-                return Ok(Change::default());
-            };
+        let active = self.services.keyring.active_fingerprint_key_id();
+        let change = edit_token(&*self.services.store, merchant, token, |rec| {
             let mut change = Change::default();
             if fingerprint_key_id(&rec.fingerprints.pan) != active {
-                match self.reindexed(&rec) {
+                match self.reindexed(rec) {
                     Some(fps) => {
                         rec.fingerprints = fps;
                         change.reindexed = true;
@@ -330,7 +251,7 @@ impl FpReindexer {
                     None => {
                         // Its entries are all it can be found by: left as they are.
                         change.unreadable = true;
-                        return Ok(change);
+                        return Edit::Keep(change);
                     }
                 }
             }
@@ -339,17 +260,13 @@ impl FpReindexer {
                 rec.fingerprints.previous.clear();
             }
             if !change.reindexed && change.removed == 0 {
-                return Ok(change);
+                Edit::Keep(change)
+            } else {
+                Edit::Write(change)
             }
-            rec.version += 1;
-            match self.services.store.update_token(&rec).await {
-                Ok(()) => return Ok(change),
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::NotFound) => return Ok(Change::default()),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(DomainError::Conflict)
+        })
+        .await?;
+        Ok(change.unwrap_or_default())
     }
 
     /// `rec`'s fingerprints under the active key, its current entries kept as `previous`;
@@ -383,5 +300,66 @@ impl Progress {
             cursor: None,
             pass: PassStats::default(),
         }
+    }
+}
+
+#[async_trait]
+impl Walker for FpReindexer {
+    type Progress = Progress;
+
+    fn cursor(p: &mut Progress) -> &mut Option<String> {
+        &mut p.cursor
+    }
+
+    async fn visit(
+        &self,
+        p: &mut Progress,
+        merchant: &MerchantId,
+        token: &TokenId,
+    ) -> Result<(), DomainError> {
+        p.pass.scanned += 1;
+        metrics::counter!("tokengate_fp_reindex_scanned_total").increment(1);
+        let c = self
+            .record(merchant, token, p.phase == Phase::Cleanup)
+            .await?;
+        if c.reindexed {
+            p.pass.reindexed += 1;
+            metrics::counter!("tokengate_fp_reindex_reindexed_total").increment(1);
+        }
+        if c.removed > 0 {
+            p.pass.removed += c.removed;
+            metrics::counter!("tokengate_fp_reindex_removed_entries_total").increment(c.removed);
+        }
+        if c.unreadable {
+            p.pass.unreadable += 1;
+            metrics::counter!("tokengate_fp_reindex_unreadable_total").increment(1);
+        }
+        Ok(())
+    }
+
+    /// Judges the walk: the phase after it, and a new walk's counts.
+    fn walk_complete(&self, p: &mut Progress) {
+        let pass = std::mem::take(&mut p.pass);
+        metrics::gauge!("tokengate_fp_reindex_pending_records")
+            .set((pass.reindexed + pass.unreadable) as f64);
+        tracing::info!(
+            phase = ?p.phase,
+            scanned = pass.scanned,
+            reindexed = pass.reindexed,
+            removed_entries = pass.removed,
+            unreadable = pass.unreadable,
+            active_fingerprint_key = %p.active,
+            "fp reindex: walk over the vault complete"
+        );
+        p.phase = match p.phase {
+            // Every record is under the active key (unless some did not open: walk again).
+            Phase::Reindex if pass.unreadable == 0 => Phase::Cleanup,
+            // Done only after a walk that found nothing left to change: a record written
+            // meanwhile by an instance that had not yet read "cleanup" is caught by it.
+            Phase::Cleanup if pass.unreadable == 0 && pass.reindexed == 0 && pass.removed == 0 => {
+                Phase::Done
+            }
+            other => other,
+        };
     }
 }

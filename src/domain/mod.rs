@@ -12,6 +12,7 @@ pub mod issuer_cards;
 pub mod issuer_ops;
 pub mod issuer_provider;
 pub mod issuer_service;
+pub mod leased_walk;
 pub mod lifecycle;
 pub mod merchant;
 pub mod notify_auth;

@@ -18,24 +18,19 @@
 //! batch done twice re-seals nothing twice (records already under the active key are skipped).
 
 use std::sync::Arc;
-use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::error::DomainError;
+use super::leased_walk::{Edit, LeasedWalk, WalkSettings, Walker, edit_token};
 use super::service::Services;
 use super::token::{MerchantId, TokenId};
 use crate::crypto::CryptoError;
-use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::LifecycleStore;
 
 /// How the job runs (`[rekey]` in the config).
-#[derive(Debug, Clone)]
-pub struct RekeySettings {
-    pub interval: Duration,
-    pub batch: usize,
-    pub lease: Duration,
-}
+pub type RekeySettings = WalkSettings;
 
 /// Outcome of one token.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,9 +51,7 @@ pub struct PassStats {
 
 pub struct Rekeyer {
     services: Services,
-    store: Arc<dyn LifecycleStore>,
-    settings: RekeySettings,
-    holder: String,
+    walk: LeasedWalk,
 }
 
 /// Name of the lease and of the saved progress.
@@ -67,7 +60,7 @@ const LEASE: &str = "rekey";
 /// Saved progress of a pass: where the walk continues, and what it found so far (so the
 /// instance that completes the pass reports the whole pass).
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Progress {
+pub struct Progress {
     cursor: Option<String>,
     pass: PassStats,
 }
@@ -78,28 +71,16 @@ impl Rekeyer {
         store: Arc<dyn LifecycleStore>,
         settings: RekeySettings,
     ) -> Rekeyer {
-        let mut id = [0u8; 8];
-        rand::fill(&mut id);
         Rekeyer {
             services,
-            store,
-            settings,
-            holder: hex::encode(id),
+            walk: LeasedWalk::new(LEASE, store, settings),
         }
     }
 
-    /// Runs until `stop` turns true.
+    /// Runs until `stop` turns true: a batch every interval, under the lease.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(self.settings.interval) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            match self
-                .store
-                .acquire_lease(LEASE, &self.holder, self.settings.lease)
-                .await
-            {
+        while self.walk.pause(&mut stop).await {
+            match self.walk.acquire().await {
                 Ok(true) => {}
                 Ok(false) => continue, // another instance is working
                 Err(e) => {
@@ -108,47 +89,22 @@ impl Rekeyer {
                 }
             }
             // Where the last batch, on any instance, stopped.
-            let saved = match self.store.load_job_state(LEASE).await {
-                Ok(s) => s,
+            let mut progress: Progress = match self.walk.load().await {
+                Ok(saved) => saved.unwrap_or_default(),
                 Err(e) => {
                     tracing::warn!(error = %e, "rekey: progress unavailable");
                     continue;
                 }
             };
-            // Unreadable progress (only by tampering or a format change) starts a new pass.
-            let Progress { cursor, mut pass } = saved
-                .and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or_default();
-            match self.tick(cursor.as_deref(), &mut pass).await {
-                Ok(next) => {
-                    let progress = Progress {
-                        cursor: next,
-                        pass: pass.clone(),
-                    };
-                    let save = if progress.cursor.is_some() {
-                        serde_json::to_string(&progress).ok()
-                    } else {
-                        None
-                    };
-                    if let Err(e) = self.store.save_job_state(LEASE, save.as_deref()).await {
-                        // The batch is done again next time: harmless, only slower.
-                        tracing::warn!(error = %e, "rekey: progress not saved");
-                    }
-                    if progress.cursor.is_none() {
-                        metrics::gauge!("tokengate_rekey_old_key_records")
-                            .set((pass.resealed + pass.unreadable) as f64);
-                        if pass.resealed > 0 || pass.unreadable > 0 {
-                            tracing::info!(
-                                scanned = pass.scanned,
-                                resealed = pass.resealed,
-                                unreadable = pass.unreadable,
-                                active_key = self.services.keyring.active_key_id(),
-                                "rekey: pass over the vault complete"
-                            );
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "rekey: batch failed; will retry"),
+            if let Err(e) = self.walk.batch(&self, &mut progress).await {
+                tracing::warn!(error = %e, "rekey: batch failed; will retry");
+                continue;
+            }
+            // A complete pass leaves nothing to continue: the next one starts from the top.
+            let save = progress.cursor.is_some().then_some(&progress);
+            if let Err(e) = self.walk.save(save).await {
+                // The batch is done again next time: harmless, only slower.
+                tracing::warn!(error = %e, "rekey: progress not saved");
             }
         }
     }
@@ -159,23 +115,13 @@ impl Rekeyer {
         cursor: Option<&str>,
         pass: &mut PassStats,
     ) -> Result<Option<String>, DomainError> {
-        let page = self.store.scan_tokens(cursor, self.settings.batch).await?;
-        for (merchant, token) in &page.items {
-            pass.scanned += 1;
-            metrics::counter!("tokengate_rekey_scanned_total").increment(1);
-            match self.reseal(merchant, token).await? {
-                Outcome::Resealed => {
-                    pass.resealed += 1;
-                    metrics::counter!("tokengate_rekey_resealed_total").increment(1);
-                }
-                Outcome::Unreadable => {
-                    pass.unreadable += 1;
-                    metrics::counter!("tokengate_rekey_unreadable_total").increment(1);
-                }
-                Outcome::Current | Outcome::Gone => {}
-            }
-        }
-        Ok(page.next)
+        let mut progress = Progress {
+            cursor: cursor.map(str::to_owned),
+            pass: std::mem::take(pass),
+        };
+        let done = self.walk.batch(self, &mut progress).await;
+        *pass = progress.pass;
+        done.map(|()| progress.cursor)
     }
 
     /// Runs whole passes until one completes; for tests and the CLI.
@@ -190,17 +136,13 @@ impl Rekeyer {
         }
     }
 
-    /// Re-seals one record under the active key. Keeps `updated_at`: nothing a merchant can
-    /// see changed. A version conflict means a concurrent write: re-read and try again.
+    /// Re-seals one record under the active key (a compare-and-set that re-reads on a
+    /// concurrent write).
     async fn reseal(&self, merchant: &MerchantId, token: &TokenId) -> Result<Outcome, DomainError> {
         let keyring = &self.services.keyring;
-        for _ in 0..5 {
-            let Some(mut rec) = self.services.store.get_token(merchant, token).await? else {
-                // Removed between the scan and the read (a failed reservation): nothing to do.
-                return Ok(Outcome::Gone);
-            };
+        let outcome = edit_token(&*self.services.store, merchant, token, |rec| {
             if rec.sealed_pan.key_id == keyring.active_key_id() {
-                return Ok(Outcome::Current);
+                return Edit::Keep(Outcome::Current);
             }
             let pan = match keyring.open(&rec.sealed_pan, &rec.merchant_id, &rec.id) {
                 Ok(pan) => pan,
@@ -215,18 +157,60 @@ impl Rekeyer {
                         reason = why,
                         "rekey: record cannot be re-sealed"
                     );
-                    return Ok(Outcome::Unreadable);
+                    return Edit::Keep(Outcome::Unreadable);
                 }
             };
             rec.sealed_pan = keyring.seal(&pan, &rec.merchant_id, &rec.id);
-            rec.version += 1;
-            match self.services.store.update_token(&rec).await {
-                Ok(()) => return Ok(Outcome::Resealed),
-                Err(StoreError::Conflict) => continue,
-                Err(StoreError::NotFound) => return Ok(Outcome::Gone),
-                Err(e) => return Err(e.into()),
+            Edit::Write(Outcome::Resealed)
+        })
+        .await?;
+        Ok(outcome.unwrap_or(Outcome::Gone))
+    }
+}
+
+#[async_trait]
+impl Walker for Rekeyer {
+    type Progress = Progress;
+
+    fn cursor(p: &mut Progress) -> &mut Option<String> {
+        &mut p.cursor
+    }
+
+    async fn visit(
+        &self,
+        p: &mut Progress,
+        merchant: &MerchantId,
+        token: &TokenId,
+    ) -> Result<(), DomainError> {
+        p.pass.scanned += 1;
+        metrics::counter!("tokengate_rekey_scanned_total").increment(1);
+        match self.reseal(merchant, token).await? {
+            Outcome::Resealed => {
+                p.pass.resealed += 1;
+                metrics::counter!("tokengate_rekey_resealed_total").increment(1);
             }
+            Outcome::Unreadable => {
+                p.pass.unreadable += 1;
+                metrics::counter!("tokengate_rekey_unreadable_total").increment(1);
+            }
+            Outcome::Current | Outcome::Gone => {}
         }
-        Err(DomainError::Conflict)
+        Ok(())
+    }
+
+    /// Reports the pass; there is no phase after it (the next pass starts from the top).
+    fn walk_complete(&self, p: &mut Progress) {
+        let pass = &p.pass;
+        metrics::gauge!("tokengate_rekey_old_key_records")
+            .set((pass.resealed + pass.unreadable) as f64);
+        if pass.resealed > 0 || pass.unreadable > 0 {
+            tracing::info!(
+                scanned = pass.scanned,
+                resealed = pass.resealed,
+                unreadable = pass.unreadable,
+                active_key = self.services.keyring.active_key_id(),
+                "rekey: pass over the vault complete"
+            );
+        }
     }
 }

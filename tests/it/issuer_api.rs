@@ -5,81 +5,23 @@
 //! opt-out, validation that never reaches D1, a lost D1 answer re-driven into one D1 operation,
 //! the polling fallback, and no card number in any answer, log line or store byte.
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::routing::post;
 use serde_json::{Value, json};
 
 use crate::support::app::{ADMIN, Backend, TestApp, TestAppBuilder, expect_problem};
 use crate::support::captured_logs;
+pub(crate) use crate::support::issuer::{Iss, Receiver, eventually, issuer};
+use crate::support::issuer::{add_key, gateway, issuer_key};
 use crate::support::redis_server::RedisServer;
 
 pub(crate) const CLIENT_ID: &str = "d1-issuer-test-client";
 pub(crate) const CLIENT_SECRET: &str = "issuer-notify-secret-0123456789abcdef";
 pub(crate) const PAN: &str = "4111111111111111";
 const PAN2: &str = "5555555555554444";
-pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 pub(crate) fn builder(backend: Backend) -> TestAppBuilder {
-    TestApp::builder(backend)
-        .env("TOKENGATE__NOTIFY__CLIENT_ID", CLIENT_ID)
-        .env("TOKENGATE__NOTIFY__CLIENT_SECRET", CLIENT_SECRET)
-        .env("TOKENGATE__ISSUER__WORKER_INTERVAL_MS", "50")
-        .env("TOKENGATE__ISSUER__REDRIVE_AFTER_MS", "100")
-        .env("TOKENGATE__ISSUER__POLL_AFTER_MS", "300")
-        .env("TOKENGATE__WEBHOOKS__POLL_INTERVAL_MS", "50")
-        .env("TOKENGATE__WEBHOOKS__BACKOFF_BASE_MS", "50")
-}
-
-pub(crate) async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// 10 characters, unique per call.
-fn d1_issuer_id() -> String {
-    let u = uuid::Uuid::new_v4().simple().to_string();
-    format!("IS{}", &u[..8]).to_uppercase()
-}
-
-pub(crate) struct Iss {
-    pub(crate) id: String,
-    pub(crate) d1: String,
-    pub(crate) key: String,
-}
-
-pub(crate) async fn issuer(app: &TestApp) -> Iss {
-    let d1 = d1_issuer_id();
-    let r = app
-        .client
-        .post(app.url("/v1/issuers"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "Example Bank", "d1IssuerId": d1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["d1IssuerId"], d1.as_str());
-    Iss {
-        id: v["id"].as_str().unwrap().to_owned(),
-        d1,
-        key: v["apiKey"].as_str().unwrap().to_owned(),
-    }
+    gateway(backend, (CLIENT_ID, CLIENT_SECRET))
 }
 
 /// Seeds a card at the simulated D1; answers its consumer id.
@@ -135,32 +77,8 @@ pub(crate) async fn profiles(app: &TestApp, key: &str, path: &str) -> Value {
     r.json().await.unwrap()
 }
 
-/// A webhook receiver on loopback (sandbox mode allows plain http on loopback).
-pub(crate) struct Receiver {
-    pub(crate) url: String,
-    pub(crate) hits: Arc<Mutex<Vec<Value>>>,
-}
-
 pub(crate) async fn receiver() -> Receiver {
-    async fn hit(State(h): State<Arc<Mutex<Vec<Value>>>>, body: String) -> &'static str {
-        h.lock()
-            .unwrap()
-            .push(serde_json::from_str(&body).unwrap_or(Value::Null));
-        "ok"
-    }
-    let hits = Arc::new(Mutex::new(Vec::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let app = Router::new()
-        .route("/hook", post(hit))
-        .with_state(hits.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Receiver {
-        url: format!("http://127.0.0.1:{port}/hook"),
-        hits,
-    }
+    Receiver::start().await
 }
 
 pub(crate) async fn subscribe(app: &TestApp, iss: &Iss, url: &str) {
@@ -284,29 +202,10 @@ async fn tenants_scopes_and_isolation(backend: Backend) {
         )
         .await;
     expect_problem(r, 422, "invalid_scopes").await;
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/issuers/{}/api-keys", a.id)))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "x", "scopes": ["tokens:read"]}))
-        .send()
-        .await
-        .unwrap();
+    let r = add_key(&app, &a.id, "x", &["tokens:read"]).await;
     expect_problem(r, 422, "invalid_scopes").await;
     // A key without `issuer:operations` cannot read operations.
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/issuers/{}/api-keys", a.id)))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "c2p only", "scopes": ["issuer:click-to-pay"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let narrow = r.json::<Value>().await.unwrap()["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, narrow) = issuer_key(&app, &a.id, "c2p only", &["issuer:click-to-pay"]).await;
     expect_problem(
         app.get("/v1/issuer/operations", &narrow).await,
         403,
@@ -410,18 +309,13 @@ async fn enrolment_completes_through_a_notification(backend: Backend) {
     assert!(prof["email"].is_null() && prof["lastName"].is_null());
     assert_eq!(prof["consumerId"], consumer.as_str());
     // With the PII scope.
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/issuers/{}/api-keys", iss.id)))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "support desk", "scopes": ["issuer:click-to-pay", "issuer:click-to-pay:pii"]}))
-        .send()
-        .await
-        .unwrap();
-    let pii_key = r.json::<Value>().await.unwrap()["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, pii_key) = issuer_key(
+        &app,
+        &iss.id,
+        "support desk",
+        &["issuer:click-to-pay", "issuer:click-to-pay:pii"],
+    )
+    .await;
     let p = profiles(
         &app,
         &pii_key,
@@ -434,12 +328,12 @@ async fn enrolment_completes_through_a_notification(backend: Backend) {
     assert_eq!(prof["maskedPan"], "411111******1111");
     // Webhooks: the operation succeeded, the card is enrolled; one of each.
     eventually("two webhooks", || async {
-        (hook.hits.lock().unwrap().len() >= 2).then_some(())
+        (hook.bodies().len() >= 2).then_some(())
     })
     .await;
     // A moment for any duplicate to show up.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let hits = hook.hits.lock().unwrap().clone();
+    let hits = hook.events();
     let mut types: Vec<&str> = hits.iter().map(|h| h["type"].as_str().unwrap()).collect();
     types.sort_unstable();
     assert_eq!(
@@ -625,9 +519,7 @@ async fn consumer_opt_out_removes_every_card(backend: Backend) {
     );
     let opted = eventually("opted-out webhooks", || async {
         let n = hook
-            .hits
-            .lock()
-            .unwrap()
+            .events()
             .iter()
             .filter(|h| h["type"] == "issuer.click_to_pay.opted_out")
             .count();
@@ -873,11 +765,11 @@ async fn a_batch_twice_out_of_order_on_two_instances_is_applied_once() {
     // One webhook per change (succeeded + enrolled for op 0, failed for op 1), whichever
     // instance applied it.
     eventually("three webhooks", || async {
-        (hook.hits.lock().unwrap().len() >= 3).then_some(())
+        (hook.bodies().len() >= 3).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let hits = hook.hits.lock().unwrap().clone();
+    let hits = hook.events();
     let mut types: Vec<&str> = hits.iter().map(|h| h["type"].as_str().unwrap()).collect();
     types.sort_unstable();
     assert_eq!(

@@ -8,7 +8,8 @@
 use serde_json::{Value, json};
 
 use crate::issuer_api::{PAN, builder, enrol, issuer, receiver, seed, subscribe, until_final};
-use crate::support::app::{ADMIN, Backend, TestApp, expect_problem};
+use crate::support::app::{Backend, TestApp, expect_problem};
+use crate::support::issuer::issuer_key;
 
 crate::backend_tests!(all: issuer_actions_are_in_the_issuer_trail);
 
@@ -43,23 +44,6 @@ fn newest<'a>(trail: &'a [Value], action: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {action} in {trail:#?}"))
 }
 
-async fn admin_key(app: &TestApp, issuer_id: &str, scopes: &[&str]) -> (String, String) {
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/issuers/{issuer_id}/api-keys")))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "desk", "scopes": scopes}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    (
-        v["id"].as_str().unwrap().to_owned(),
-        v["secret"].as_str().unwrap().to_owned(),
-    )
-}
-
 async fn issuer_actions_are_in_the_issuer_trail(backend: Backend) {
     let app = builder(backend).start().await;
     let iss = issuer(&app).await;
@@ -76,13 +60,14 @@ async fn issuer_actions_are_in_the_issuer_trail(backend: Backend) {
     assert!(t[0]["keyId"].as_str().unwrap().starts_with("key_"));
 
     // Keys the admin issues for it.
-    let (pii_id, pii_key) = admin_key(
+    let (pii_id, pii_key) = issuer_key(
         &app,
         &iss.id,
+        "desk",
         &["issuer:click-to-pay", "issuer:click-to-pay:pii"],
     )
     .await;
-    let (_, orders_only) = admin_key(&app, &iss.id, &["issuer:orders"]).await;
+    let (_, orders_only) = issuer_key(&app, &iss.id, "desk", &["issuer:orders"]).await;
 
     // Webhook endpoint changes.
     let hook = receiver().await;

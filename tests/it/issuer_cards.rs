@@ -12,8 +12,9 @@ use crate::issuer_api::{
     Iss, PAN, access_token, builder, enrol, eventually, issuer, no_pan_in_store, notify, operation,
     profiles, receiver, seed, sim_settings, subscribe, until_final,
 };
-use crate::support::app::{ADMIN, Backend, TestApp, expect_problem};
+use crate::support::app::{Backend, TestApp, expect_problem};
 use crate::support::captured_logs;
+use crate::support::issuer::issuer_key;
 
 crate::backend_tests!(all:
     delete_through_the_api_opts_the_card_out,
@@ -151,11 +152,11 @@ async fn delete_through_the_api_opts_the_card_out(backend: Backend) {
     // Webhooks: enrolment succeeded + enrolled, deletion succeeded + opted out (reason
     // CARD_DELETED), the refused deletion failed; one of each.
     eventually("five webhooks", || async {
-        (hook.hits.lock().unwrap().len() >= 5).then_some(())
+        (hook.bodies().len() >= 5).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let hits = hook.hits.lock().unwrap().clone();
+    let hits = hook.events();
     assert_eq!(
         types(&hits),
         [
@@ -289,11 +290,11 @@ async fn deletion_at_d1_is_applied_once_across_instances(backend: Backend) {
     }
     // Enrolment succeeded + enrolled, then the deletion: succeeded + opted out, once each.
     eventually("four webhooks", || async {
-        (hook.hits.lock().unwrap().len() >= 4).then_some(())
+        (hook.bodies().len() >= 4).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let hits = hook.hits.lock().unwrap().clone();
+    let hits = hook.events();
     assert_eq!(
         types(&hits),
         [
@@ -372,19 +373,13 @@ async fn card_routes_scopes_tenancy_and_validation(backend: Backend) {
         "insufficient_scope",
     )
     .await;
-    let r = app
-        .client
-        .post(app.url(&format!("/v1/issuers/{}/api-keys", iss.id)))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "ops only", "scopes": ["issuer:operations", "issuer:click-to-pay"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let narrow = r.json::<Value>().await.unwrap()["secret"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, narrow) = issuer_key(
+        &app,
+        &iss.id,
+        "ops only",
+        &["issuer:operations", "issuer:click-to-pay"],
+    )
+    .await;
     expect_problem(
         app.get("/v1/issuer/cards/card-1", &narrow).await,
         403,

@@ -6,17 +6,11 @@
 //! a production exception; and no PAN, CVC or track data in any answer, log line, webhook or
 //! store byte.
 
-use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use axum::Router;
-use axum::extract::State;
-use axum::routing::post;
 use serde_json::{Value, json};
 
-use crate::support::app::{ADMIN, Backend, TestApp, TestAppBuilder, expect_problem};
+use crate::support::app::{Backend, TestApp, TestAppBuilder, expect_problem};
 use crate::support::captured_logs;
+use crate::support::issuer::{Iss, Receiver, eventually, gateway, issuer};
 
 const CLIENT_ID: &str = "d1-orders-test-client";
 const CLIENT_SECRET: &str = "orders-notify-secret-0123456789abcdef";
@@ -30,57 +24,9 @@ const TRACK_TAIL: &str = "1010000000000";
 /// The CVC as it would appear if serialized or debug-printed: four bare digits also occur in
 /// timestamps and ids, so the byte and log checks look for the quoted value.
 const CVC_QUOTED: &str = "\"8351\"";
-const WAIT: Duration = Duration::from_secs(20);
 
 fn builder(backend: Backend) -> TestAppBuilder {
-    TestApp::builder(backend)
-        .env("TOKENGATE__NOTIFY__CLIENT_ID", CLIENT_ID)
-        .env("TOKENGATE__NOTIFY__CLIENT_SECRET", CLIENT_SECRET)
-        .env("TOKENGATE__ISSUER__WORKER_INTERVAL_MS", "50")
-        .env("TOKENGATE__ISSUER__REDRIVE_AFTER_MS", "100")
-        .env("TOKENGATE__ISSUER__POLL_AFTER_MS", "300")
-        .env("TOKENGATE__WEBHOOKS__POLL_INTERVAL_MS", "50")
-        .env("TOKENGATE__WEBHOOKS__BACKOFF_BASE_MS", "50")
-        .env("TOKENGATE__D1__CALL_TIMEOUT_MS", "5000")
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Iss {
-    d1: String,
-    key: String,
-}
-
-async fn issuer(app: &TestApp) -> Iss {
-    let u = uuid::Uuid::new_v4().simple().to_string();
-    let d1 = format!("OR{}", &u[..8]).to_uppercase();
-    let r = app
-        .client
-        .post(app.url("/v1/issuers"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "Example Bank", "d1IssuerId": d1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    Iss {
-        d1,
-        key: v["apiKey"].as_str().unwrap().to_owned(),
-    }
+    gateway(backend, (CLIENT_ID, CLIENT_SECRET)).env("TOKENGATE__D1__CALL_TIMEOUT_MS", "5000")
 }
 
 fn sim_url(app: &TestApp, path: &str) -> String {
@@ -179,31 +125,6 @@ async fn until_stage(app: &TestApp, iss: &Iss, card_id: &str, stage: &str) -> Va
     .await
 }
 
-struct Receiver {
-    url: String,
-    hits: Arc<Mutex<Vec<String>>>,
-}
-
-async fn receiver() -> Receiver {
-    async fn hit(State(h): State<Arc<Mutex<Vec<String>>>>, body: String) -> &'static str {
-        h.lock().unwrap().push(body);
-        "ok"
-    }
-    let hits = Arc::new(Mutex::new(Vec::new()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let app = Router::new()
-        .route("/hook", post(hit))
-        .with_state(hits.clone());
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Receiver {
-        url: format!("http://127.0.0.1:{port}/hook"),
-        hits,
-    }
-}
-
 /// Every byte the store holds: the embedded files, or every key of the issuer's slot on Redis.
 fn no_card_data_in_store(app: &TestApp) {
     let check = |bytes: &[u8], what: &str| {
@@ -255,7 +176,7 @@ crate::backend_tests!(all:
 async fn an_order_is_produced_and_shipped_with_tracking(backend: Backend) {
     let app = builder(backend).start().await;
     let iss = issuer(&app).await;
-    let hook = receiver().await;
+    let hook = Receiver::start().await;
     let r = app
         .post(
             "/v1/issuer/webhook-endpoints",
@@ -324,7 +245,7 @@ async fn an_order_is_produced_and_shipped_with_tracking(backend: Backend) {
     assert_eq!(created(&sim_stats(&app).await, &iss, "order-1"), 1);
     // Webhooks: a status change per step after the request, and the operation's success.
     let hits = eventually("the webhooks", || async {
-        let h = hook.hits.lock().unwrap().clone();
+        let h = hook.bodies();
         let changes = h
             .iter()
             .filter(|b| b.contains("issuer.production.status_changed"))

@@ -6,7 +6,6 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,115 +15,18 @@ use tokengate_d1_protocol::devkeys::DevMaterial;
 use tokengate_d1_protocol::tls;
 
 use crate::support::app::{ADMIN, Backend, TestApp, card_body};
+use crate::support::issuer::{Iss, onboard};
+use crate::support::tls::{
+    ClientCerts, Files, client, gateway_identity, healthz, https, keeping_client, replace,
+    start_mtls, start_with,
+};
 
 const MGID: &str = "tokengate-sandbox";
-
-/// The files of one certificate set. `cert.pem` holds the leaf then its CA (a chain).
-struct Files {
-    dir: tempfile::TempDir,
-}
-
-impl Files {
-    fn new() -> Files {
-        Files {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    /// Writes `m`'s server certificate and key; each file is replaced atomically (rename), as
-    /// certificate tooling does.
-    fn install_server(&self, m: &DevMaterial) {
-        let chain = format!("{}{}", m.gateway_server_cert_pem, m.ca_cert_pem);
-        replace(&self.path("cert.pem"), chain.as_bytes());
-        replace(&self.path("key.pem"), m.gateway_server_key_pem.as_bytes());
-    }
-    fn install_client_ca(&self, ca_pem: &str) {
-        replace(&self.path("client-ca.pem"), ca_pem.as_bytes());
-    }
-}
-
-fn replace(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A vault-only gateway (D1 off) serving HTTPS from `files`, plus `env`.
-async fn start(files: &Files, env: &[(&str, &str)]) -> TestApp {
-    let mut b = TestApp::builder(Backend::Embedded)
-        .env("TOKENGATE__D1__ENABLED", "false")
-        .env(
-            "TOKENGATE__SERVER__TLS__CERT_FILE",
-            files.path("cert.pem").to_str().unwrap(),
-        )
-        .env(
-            "TOKENGATE__SERVER__TLS__KEY_FILE",
-            files.path("key.pem").to_str().unwrap(),
-        );
-    for (k, v) in env {
-        b = b.env(k, v);
-    }
-    b.start().await
-}
-
-/// How a gateway started by [`start_mtls`] treats client certificates.
-#[derive(Clone, Copy, PartialEq)]
-enum ClientCerts {
-    /// Verified against the CA when presented; clients without one are served too.
-    Optional,
-    /// Required on every connection.
-    Required,
-}
-
-/// A vault-only gateway serving HTTPS with `m`'s server certificate and verifying client
-/// certificates against `m`'s CA. The files live as long as the returned [`Files`].
-async fn start_mtls(m: &DevMaterial, mode: ClientCerts) -> (Files, TestApp) {
-    let files = Files::new();
-    files.install_server(m);
-    files.install_client_ca(&m.ca_cert_pem);
-    let ca = files.path("client-ca.pem");
-    let ca = ca.to_str().unwrap();
-    let mut env = vec![("TOKENGATE__SERVER__TLS__CLIENT_CA_FILE", ca)];
-    if mode == ClientCerts::Required {
-        env.push(("TOKENGATE__SERVER__TLS__REQUIRE_CLIENT_CERT", "true"));
-    }
-    let app = start(&files, &env).await;
-    (files, app)
-}
-
-fn https(addr: SocketAddr, path: &str) -> String {
-    format!("https://127.0.0.1:{}{path}", addr.port())
-}
-
-/// A client trusting `ca_pem` only, presenting `identity` if given; no connection reuse, so
-/// every request makes a fresh handshake.
-fn client(ca_pem: &str, identity: Option<(&str, &str)>, http1_only: bool) -> Client {
-    let mut cfg = tls::client_config(ca_pem, identity).unwrap();
-    if http1_only {
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    }
-    let mut b = Client::builder()
-        .tls_backend_preconfigured(cfg)
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(10));
-    if http1_only {
-        b = b.http1_only();
-    }
-    b.build().unwrap()
-}
-
-async fn healthz(c: &Client, addr: SocketAddr) -> reqwest::Result<reqwest::Response> {
-    c.get(https(addr, "/healthz")).send().await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_serves_http2_and_http11_and_no_plain_http() {
     let m = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&m);
-    let app = start(&files, &[]).await;
+    let (_files, app) = start_with(&m, &[]).await;
 
     let r = healthz(&client(&m.ca_cert_pem, None, false), app.addr)
         .await
@@ -149,8 +51,7 @@ async fn https_serves_http2_and_http11_and_no_plain_http() {
     assert_eq!(r.status(), 201);
 
     // Plain HTTP on the TLS port gets no HTTP answer.
-    let plain = Client::builder()
-        .tls_backend_preconfigured(tls::client_config(&m.ca_cert_pem, None).unwrap())
+    let plain = keeping_client(&m.ca_cert_pem, None)
         .timeout(Duration::from_secs(5))
         .build()
         .unwrap();
@@ -178,14 +79,7 @@ async fn mutual_tls_refuses_clients_without_or_with_a_wrong_certificate() {
     let m = DevMaterial::generate(MGID).unwrap();
     let foreign = DevMaterial::generate(MGID).unwrap();
     let (_files, app) = start_mtls(&m, ClientCerts::Required).await;
-    let good = Some((
-        m.gateway_client_cert_pem.as_str(),
-        m.gateway_client_key_pem.as_str(),
-    ));
-    let wrong = Some((
-        foreign.gateway_client_cert_pem.as_str(),
-        foreign.gateway_client_key_pem.as_str(),
-    ));
+    let (good, wrong) = (gateway_identity(&m), gateway_identity(&foreign));
     for http1 in [false, true] {
         let r = healthz(&client(&m.ca_cert_pem, good, http1), app.addr).await;
         assert_eq!(r.unwrap().status(), 200, "a client certificate from the CA");
@@ -209,16 +103,13 @@ async fn optional_client_certificates_are_verified_when_presented() {
     let (_files, app) = start_mtls(&m, ClientCerts::Optional).await;
     let r = healthz(&client(&m.ca_cert_pem, None, false), app.addr).await;
     assert_eq!(r.unwrap().status(), 200, "no certificate: served");
-    let good = Some((
-        m.gateway_client_cert_pem.as_str(),
-        m.gateway_client_key_pem.as_str(),
-    ));
-    let r = healthz(&client(&m.ca_cert_pem, good, false), app.addr).await;
+    let r = healthz(
+        &client(&m.ca_cert_pem, gateway_identity(&m), false),
+        app.addr,
+    )
+    .await;
     assert_eq!(r.unwrap().status(), 200);
-    let wrong = Some((
-        foreign.gateway_client_cert_pem.as_str(),
-        foreign.gateway_client_key_pem.as_str(),
-    ));
+    let wrong = gateway_identity(&foreign);
     let r = healthz(&client(&m.ca_cert_pem, wrong, false), app.addr).await;
     assert!(r.is_err(), "a foreign client certificate was accepted");
 }
@@ -308,9 +199,7 @@ const PROTOCOL_VERSION: u8 = 70;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls11_is_refused_and_tls12_and_tls13_work() {
     let m = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&m);
-    let app = start(&files, &[]).await;
+    let (_files, app) = start_with(&m, &[]).await;
     let addr = app.addr;
 
     let (kind, payload) =
@@ -384,19 +273,11 @@ async fn served_by(addr: SocketAddr, ca_pem: &str, within: Duration) -> bool {
 async fn a_changed_certificate_is_picked_up_without_restart() {
     let a = DevMaterial::generate(MGID).unwrap();
     let b = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&a);
-    let app = start(
-        &files,
-        &[("TOKENGATE__SERVER__TLS__RELOAD_INTERVAL_MS", "100")],
-    )
-    .await;
+    let (files, app) =
+        start_with(&a, &[("TOKENGATE__SERVER__TLS__RELOAD_INTERVAL_MS", "100")]).await;
     assert!(served_by(app.addr, &a.ca_cert_pem, Duration::ZERO).await);
     // A connection made before the swap keeps working after it.
-    let kept = Client::builder()
-        .tls_backend_preconfigured(tls::client_config(&a.ca_cert_pem, None).unwrap())
-        .build()
-        .unwrap();
+    let kept = keeping_client(&a.ca_cert_pem, None).build().unwrap();
     assert_eq!(
         kept.get(https(app.addr, "/healthz"))
             .send()
@@ -441,14 +322,8 @@ async fn a_changed_certificate_is_picked_up_without_restart() {
 async fn sighup_reloads_the_certificate() {
     let a = DevMaterial::generate(MGID).unwrap();
     let b = DevMaterial::generate(MGID).unwrap();
-    let files = Files::new();
-    files.install_server(&a);
     // No polling: only SIGHUP can make it reload.
-    let app = start(
-        &files,
-        &[("TOKENGATE__SERVER__TLS__RELOAD_INTERVAL_MS", "0")],
-    )
-    .await;
+    let (files, app) = start_with(&a, &[("TOKENGATE__SERVER__TLS__RELOAD_INTERVAL_MS", "0")]).await;
     // Serving proves `Gateway::run` registered its SIGHUP handler (before it serves), so the
     // signal below cannot take the default action (terminating the test process).
     assert!(served_by(app.addr, &a.ca_cert_pem, Duration::from_secs(5)).await);
@@ -478,19 +353,11 @@ async fn shutdown_lets_an_in_flight_https_request_finish() {
     let files = Files::new();
     files.install_server(&m);
     // Sandbox mode with D1 (the in-process simulator), so a request can be made slow.
-    let app = TestApp::builder(Backend::Embedded)
-        .env(
-            "TOKENGATE__SERVER__TLS__CERT_FILE",
-            files.path("cert.pem").to_str().unwrap(),
-        )
-        .env(
-            "TOKENGATE__SERVER__TLS__KEY_FILE",
-            files.path("key.pem").to_str().unwrap(),
-        )
+    let app = files
+        .serve(TestApp::builder(Backend::Embedded))
         .start()
         .await;
-    let c = Client::builder()
-        .tls_backend_preconfigured(tls::client_config(&m.ca_cert_pem, None).unwrap())
+    let c = keeping_client(&m.ca_cert_pem, None)
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap();
@@ -576,9 +443,11 @@ async fn merchant(c: &Client, base: &str, name: &str) -> (String, String) {
     )
 }
 
-async fn put_certs(c: &Client, base: &str, merchant: &str, body: Value) -> (u16, Value) {
+/// `PUT {tenant}/client-certs` as the admin (`tenant`: `/v1/merchants/{id}` or
+/// `/v1/issuers/{id}`): the status and the body.
+async fn put_tenant_certs(c: &Client, base: &str, tenant: &str, body: Value) -> (u16, Value) {
     let r = c
-        .put(format!("{base}/v1/merchants/{merchant}/client-certs"))
+        .put(format!("{base}{tenant}/client-certs"))
         .bearer_auth(ADMIN)
         .json(&body)
         .send()
@@ -588,16 +457,44 @@ async fn put_certs(c: &Client, base: &str, merchant: &str, body: Value) -> (u16,
     (status, r.json().await.unwrap())
 }
 
-/// `GET /v1/api-keys` (any default-scoped key or a certificate with `keys`): the status, the
-/// problem code if any, and the key ids listed (which tell whose keys they are).
-async fn list_keys(c: &Client, base: &str, key: Option<&str>) -> (u16, Value) {
-    let mut rb = c.get(format!("{base}/v1/api-keys"));
+async fn put_certs(c: &Client, base: &str, merchant: &str, body: Value) -> (u16, Value) {
+    put_tenant_certs(c, base, &format!("/v1/merchants/{merchant}"), body).await
+}
+
+/// `GET path` with `key` as the bearer (or none): the status and the body (`null` if not JSON).
+async fn get_as(c: &Client, base: &str, path: &str, key: Option<&str>) -> (u16, Value) {
+    let mut rb = c.get(format!("{base}{path}"));
     if let Some(k) = key {
         rb = rb.bearer_auth(k);
     }
     let r = rb.send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET /v1/api-keys` (any default-scoped key or a certificate with `keys`): the status, the
+/// problem code if any, and the key ids listed (which tell whose keys they are).
+async fn list_keys(c: &Client, base: &str, key: Option<&str>) -> (u16, Value) {
+    get_as(c, base, "/v1/api-keys", key).await
+}
+
+/// Each `(tenant, body, (status, code))` PUT to `{tenant}/client-certs` as the admin, in order:
+/// each must be refused with that status and problem code.
+async fn refused_puts<const N: usize>(
+    c: &Client,
+    base: &str,
+    cases: [(&str, Value, (u16, &str)); N],
+) {
+    for (tenant, body, (status, problem)) in cases {
+        let what = format!("PUT {tenant}/client-certs {body}");
+        let r = put_tenant_certs(c, base, tenant, body).await;
+        assert_eq!(code(&r), (status, Some(problem)), "{what}");
+    }
+}
+
+/// The status and the problem code (if any) of an answer.
+fn code(r: &(u16, Value)) -> (u16, Option<&str>) {
+    (r.0, r.1["code"].as_str())
 }
 
 fn key_ids(v: &Value) -> Vec<String> {
@@ -653,32 +550,30 @@ async fn client_certificates_map_to_merchants_and_never_act_for_another() {
     assert_eq!(status, 200, "{listed}");
     assert_eq!(key_ids(&listed), ids_a);
     // A's certificate and B's key: refused, whatever B's mode.
-    let (status, p) = list_keys(&with_a, &base, Some(&key_b)).await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (403, Some("client_cert_mismatch"))
-    );
+    let r = list_keys(&with_a, &base, Some(&key_b)).await;
+    assert_eq!(code(&r), (403, Some("client_cert_mismatch")));
     assert!(
-        !p.to_string().contains(&a),
-        "the refusal names a merchant: {p}"
+        !r.1.to_string().contains(&a),
+        "the refusal names a merchant: {}",
+        r.1
     );
     // A's key without a certificate, or with one bound to nobody: A requires its certificate.
-    let (status, p) = list_keys(&without, &base, Some(&key_a)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&list_keys(&without, &base, Some(&key_a)).await),
         (403, Some("client_cert_required"))
     );
-    let (status, p) = list_keys(&with_u, &base, Some(&key_a)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&list_keys(&with_u, &base, Some(&key_a)).await),
         (403, Some("client_cert_required"))
     );
     // B (API_KEY mode) is unaffected: with an unbound certificate (HTTP/1.1) or none.
     assert_eq!(list_keys(&with_b, &base, Some(&key_b)).await.0, 200);
     assert_eq!(list_keys(&without, &base, Some(&key_b)).await.0, 200);
     // The certificate alone does not authenticate in this mode.
-    let (status, p) = list_keys(&with_a, &base, None).await;
-    assert_eq!((status, p["code"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(
+        code(&list_keys(&with_a, &base, None).await),
+        (401, Some("unauthorized"))
+    );
 
     // CERT mode: A's certificate alone authenticates as A, with the binding's scopes.
     let (status, body) = put_certs(
@@ -720,15 +615,16 @@ async fn client_certificates_map_to_merchants_and_never_act_for_another() {
     assert_eq!(list_keys(&without, &base, None).await.0, 401);
 
     // A certificate binds to one merchant only.
-    let (status, p) = put_certs(
-        &without,
-        &base,
-        &b,
-        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_a}]}),
-    )
-    .await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(
+            &put_certs(
+                &without,
+                &base,
+                &b,
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_a}]}),
+            )
+            .await
+        ),
         (409, Some("client_cert_in_use"))
     );
     // Once A lets it go, B can take it: from then on it acts for B, never for A.
@@ -774,39 +670,29 @@ async fn client_certificates_map_to_merchants_and_never_act_for_another() {
     let newest = &trail["data"][0];
     assert_eq!(newest["action"], "client_certs.update", "{trail}");
     assert_eq!(newest["actor"], "admin");
-    let (status, p) = put_certs(
+    let a_path = format!("/v1/merchants/{a}");
+    refused_puts(
         &without,
         &base,
-        &a,
-        json!({"authMode": "CERT", "certificates": []}),
+        [
+            (
+                a_path.as_str(),
+                json!({"authMode": "CERT", "certificates": []}),
+                (422, "client_cert_needed"),
+            ),
+            (
+                &a_path,
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": "abc"}]}),
+                (422, "invalid_client_cert_fingerprint"),
+            ),
+            (
+                "/v1/merchants/mer_AAAAAAAAAAAAAAAA",
+                json!({"authMode": "API_KEY", "certificates": []}),
+                (404, "merchant_not_found"),
+            ),
+        ],
     )
     .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (422, Some("client_cert_needed"))
-    );
-    let (status, p) = put_certs(
-        &without,
-        &base,
-        &a,
-        json!({"authMode": "API_KEY", "certificates": [{"sha256": "abc"}]}),
-    )
-    .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (422, Some("invalid_client_cert_fingerprint"))
-    );
-    let (status, p) = put_certs(
-        &without,
-        &base,
-        "mer_AAAAAAAAAAAAAAAA",
-        json!({"authMode": "API_KEY", "certificates": []}),
-    )
-    .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (404, Some("merchant_not_found"))
-    );
     let r = without
         .get(format!("{base}/v1/merchants/{a}/client-certs"))
         .bearer_auth(&key_a)
@@ -824,11 +710,7 @@ async fn required_mutual_tls_with_unmapped_and_mapped_certificates() {
     let (cert_a, key_pem_a) = m.issue_client_cert("psp-client-a").unwrap();
     let with_a = client(&m.ca_cert_pem, Some((&cert_a, &key_pem_a)), false);
     // The set's own client certificate, bound to nobody, is the admin's connection.
-    let unmapped = client(
-        &m.ca_cert_pem,
-        Some((&m.gateway_client_cert_pem, &m.gateway_client_key_pem)),
-        true,
-    );
+    let unmapped = client(&m.ca_cert_pem, gateway_identity(&m), true);
     let (a, key_a) = merchant(&unmapped, &base, "Merchant A").await;
     let (status, body) = put_certs(
         &unmapped,
@@ -840,21 +722,19 @@ async fn required_mutual_tls_with_unmapped_and_mapped_certificates() {
     assert_eq!(status, 200, "{body}");
 
     // An unmapped certificate: no key -> 401; A's key -> 403 (A wants its own certificate).
-    let (status, p) = list_keys(&unmapped, &base, None).await;
-    assert_eq!((status, p["code"].as_str()), (401, Some("unauthorized")));
-    let (status, p) = list_keys(&unmapped, &base, Some(&key_a)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&list_keys(&unmapped, &base, None).await),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(
+        code(&list_keys(&unmapped, &base, Some(&key_a)).await),
         (403, Some("client_cert_required"))
     );
     // A's certificate: alone, and with A's key.
     assert_eq!(list_keys(&with_a, &base, None).await.0, 200);
     assert_eq!(list_keys(&with_a, &base, Some(&key_a)).await.0, 200);
     // One HTTP/2 connection, many requests: the certificate holds for each of them.
-    let kept = Client::builder()
-        .tls_backend_preconfigured(
-            tls::client_config(&m.ca_cert_pem, Some((&cert_a, &key_pem_a))).unwrap(),
-        )
+    let kept = keeping_client(&m.ca_cert_pem, Some((&cert_a, &key_pem_a)))
         .build()
         .unwrap();
     for _ in 0..3 {
@@ -885,9 +765,8 @@ async fn plain_http_is_unchanged_and_a_merchant_requiring_a_certificate_fails_cl
     )
     .await;
     assert_eq!(status, 200);
-    let (status, p) = list_keys(c, &app.base, Some(&key_a)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&list_keys(c, &app.base, Some(&key_a)).await),
         (403, Some("client_cert_required"))
     );
     assert_eq!(list_keys(c, &app.base, Some(&key_b)).await.0, 200);
@@ -895,44 +774,13 @@ async fn plain_http_is_unchanged_and_a_merchant_requiring_a_certificate_fails_cl
 
 // --- client certificates bound to issuers --------------------------------------------------------
 
-/// Onboards an issuer over `c`; (id, API key).
-async fn issuer(c: &Client, base: &str, d1: &str) -> (String, String) {
-    let r = c
-        .post(format!("{base}/v1/issuers"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"name": "Example Bank", "d1IssuerId": d1}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let v: Value = r.json().await.unwrap();
-    (
-        v["id"].as_str().unwrap().to_owned(),
-        v["apiKey"].as_str().unwrap().to_owned(),
-    )
-}
-
 async fn put_issuer_certs(c: &Client, base: &str, issuer: &str, body: Value) -> (u16, Value) {
-    let r = c
-        .put(format!("{base}/v1/issuers/{issuer}/client-certs"))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap())
+    put_tenant_certs(c, base, &format!("/v1/issuers/{issuer}"), body).await
 }
 
 /// `GET /v1/issuer/operations` with an issuer key (or none): the status and the problem code.
 async fn issuer_ops(c: &Client, base: &str, key: Option<&str>) -> (u16, Value) {
-    let mut rb = c.get(format!("{base}/v1/issuer/operations"));
-    if let Some(k) = key {
-        rb = rb.bearer_auth(k);
-    }
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    get_as(c, base, "/v1/issuer/operations", key).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -948,8 +796,16 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
     let with_u = client(&m.ca_cert_pem, Some((&cert_u, &key_pem_u)), false);
     let without = client(&m.ca_cert_pem, None, false);
 
-    let (iss, key_i) = issuer(&without, &base, "BANKTLS001").await;
-    let (other, key_o) = issuer(&without, &base, "BANKTLS002").await;
+    let Iss {
+        id: iss,
+        key: key_i,
+        ..
+    } = onboard(&without, &base, "BANKTLS001").await;
+    let Iss {
+        id: other,
+        key: key_o,
+        ..
+    } = onboard(&without, &base, "BANKTLS002").await;
     let (mer, key_m) = merchant(&without, &base, "Merchant M").await;
     let (fp_i, fp_m, fp_u) = (
         fingerprint(&cert_i),
@@ -969,9 +825,8 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
     // bound to another tenant.
     assert_eq!(issuer_ops(&without, &base, Some(&key_i)).await.0, 200);
     assert_eq!(issuer_ops(&with_u, &base, Some(&key_i)).await.0, 200);
-    let (status, p) = issuer_ops(&with_m, &base, Some(&key_i)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&issuer_ops(&with_m, &base, Some(&key_i)).await),
         (403, Some("client_cert_mismatch")),
         "a merchant's certificate acted for an issuer"
     );
@@ -1002,26 +857,20 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
         (&without, "no certificate"),
         (&with_u, "an unbound certificate"),
     ] {
-        let (status, p) = issuer_ops(c, &base, Some(&key_i)).await;
-        assert_eq!(
-            (status, p["code"].as_str()),
-            (403, Some("client_cert_required")),
-            "{what}"
-        );
+        let r = issuer_ops(c, &base, Some(&key_i)).await;
+        assert_eq!(code(&r), (403, Some("client_cert_required")), "{what}");
         assert!(
-            !p.to_string().contains(&iss),
+            !r.1.to_string().contains(&iss),
             "the refusal names the issuer"
         );
     }
     // Its certificate never acts for another tenant: another issuer's key, a merchant's key.
-    let (status, p) = issuer_ops(&with_i, &base, Some(&key_o)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&issuer_ops(&with_i, &base, Some(&key_o)).await),
         (403, Some("client_cert_mismatch"))
     );
-    let (status, p) = list_keys(&with_i, &base, Some(&key_m)).await;
     assert_eq!(
-        (status, p["code"].as_str()),
+        code(&list_keys(&with_i, &base, Some(&key_m)).await),
         (403, Some("client_cert_mismatch"))
     );
     // Nor alone: an issuer's certificate authenticates nothing without a key.
@@ -1032,58 +881,39 @@ async fn issuer_keys_bound_to_client_certificates_need_them_and_never_act_for_an
 
     // The rules of the admin route: no CERT mode for issuers, one tenant per certificate,
     // issuer scopes only, unknown issuers.
-    let (status, p) = put_issuer_certs(
+    let (iss_path, other_path) = (format!("/v1/issuers/{iss}"), format!("/v1/issuers/{other}"));
+    refused_puts(
         &without,
         &base,
-        &iss,
-        json!({"authMode": "CERT", "certificates": [{"sha256": fp_i}]}),
+        [
+            (
+                iss_path.as_str(),
+                json!({"authMode": "CERT", "certificates": [{"sha256": fp_i}]}),
+                (422, "invalid_auth_mode"),
+            ),
+            (
+                &other_path,
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_m}]}),
+                (409, "client_cert_in_use"),
+            ),
+            (
+                &format!("/v1/merchants/{mer}"),
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_i}]}),
+                (409, "client_cert_in_use"),
+            ),
+            (
+                &other_path,
+                json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_u, "scopes": ["tokens:read"]}]}),
+                (422, "invalid_scopes"),
+            ),
+            (
+                "/v1/issuers/iss_AAAAAAAAAAAAAAAA",
+                json!({"authMode": "API_KEY", "certificates": []}),
+                (404, "issuer_not_found"),
+            ),
+        ],
     )
     .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (422, Some("invalid_auth_mode"))
-    );
-    let (status, p) = put_issuer_certs(
-        &without,
-        &base,
-        &other,
-        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_m}]}),
-    )
-    .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (409, Some("client_cert_in_use"))
-    );
-    let (status, p) = put_certs(
-        &without,
-        &base,
-        &mer,
-        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_i}]}),
-    )
-    .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (409, Some("client_cert_in_use"))
-    );
-    let (status, p) = put_issuer_certs(
-        &without,
-        &base,
-        &other,
-        json!({"authMode": "API_KEY", "certificates": [{"sha256": fp_u, "scopes": ["tokens:read"]}]}),
-    )
-    .await;
-    assert_eq!((status, p["code"].as_str()), (422, Some("invalid_scopes")));
-    let (status, p) = put_issuer_certs(
-        &without,
-        &base,
-        "iss_AAAAAAAAAAAAAAAA",
-        json!({"authMode": "API_KEY", "certificates": []}),
-    )
-    .await;
-    assert_eq!(
-        (status, p["code"].as_str()),
-        (404, Some("issuer_not_found"))
-    );
     let r = without
         .get(format!("{base}/v1/issuers/{iss}/client-certs"))
         .bearer_auth(&key_i)

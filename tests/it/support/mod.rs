@@ -3,7 +3,9 @@
 
 pub mod app;
 pub mod cases;
+pub mod issuer;
 pub mod redis_server;
+pub mod tls;
 
 use std::io::Write;
 use std::sync::{Mutex, Once};
