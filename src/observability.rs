@@ -325,9 +325,9 @@ fn store_duration(operation: &'static str, outcome: &'static str) -> metrics::Hi
     }
     STORE_HANDLES
         .entry((operation, outcome))
-        .or_insert_with(|| {
-            histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome)
-        })
+        .or_insert_with(
+            || histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome),
+        )
         .clone()
 }
 
