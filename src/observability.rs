@@ -301,11 +301,34 @@ pub fn d1_circuit_open(open: bool) {
 /// idempotent removes) and only appear as outcomes; `Unavailable` and `Corrupt` also count as
 /// errors.
 pub fn record_store_op(operation: &'static str, outcome: &'static str, elapsed: Duration) {
-    histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome)
-        .record(elapsed.as_secs_f64());
+    store_duration(operation, outcome).record(elapsed.as_secs_f64());
     if matches!(outcome, "unavailable" | "corrupt") {
         counter!(STORE_ERRORS, "operation" => operation, "kind" => outcome).increment(1);
     }
+}
+
+/// Histograms of the store operations by `(operation, outcome)`, both `&'static str` (a closed
+/// set): resolved once, so an operation costs a map lookup instead of a label-set allocation and
+/// a registry lookup (`register_histogram` showed in the GET and dedup profiles, which make one
+/// or two store calls each: docs/performance.md, "GET path, round 3").
+static STORE_HANDLES: std::sync::LazyLock<
+    dashmap::DashMap<(&'static str, &'static str), metrics::Histogram>,
+> = std::sync::LazyLock::new(dashmap::DashMap::new);
+
+fn store_duration(operation: &'static str, outcome: &'static str) -> metrics::Histogram {
+    // Before the recorder is installed `histogram!` hands out no-op handles: never cache those.
+    if HANDLE.get().is_none() {
+        return histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome);
+    }
+    if let Some(h) = STORE_HANDLES.get(&(operation, outcome)) {
+        return h.clone();
+    }
+    STORE_HANDLES
+        .entry((operation, outcome))
+        .or_insert_with(
+            || histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome),
+        )
+        .clone()
 }
 
 /// One confirmed write (`storage.redis_durability`): `mode` is `wait` or `waitaof`, `outcome`

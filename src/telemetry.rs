@@ -108,6 +108,8 @@ where
                 .with_current_span(true)
                 .with_span_list(false)
                 .event_format(json::JsonLines::new())
+                // The same stored span fields as the stock `JsonFields`, written directly.
+                .fmt_fields(json::SpanFields)
                 .finish(),
         ),
         Resolved::Text => Dispatch::new(builder.with_ansi(ansi).finish()),

@@ -148,6 +148,118 @@ impl Visit for Fields<'_, '_> {
     }
 }
 
+/// The span fields of `log.format = "json"`: the JSON object tracing-subscriber's `JsonFields`
+/// stores for a span (keys sorted, a later value of a key replacing an earlier one), written
+/// directly when every field is a string, an integer, a bool or a float, as the `request`
+/// span's are. `JsonFields` builds a `serde_json::Value` per field and a map per span: about 2%
+/// of a GET's CPU, for a span every request opens (docs/performance.md, "GET path, round 3").
+/// Any other field kind, and fields recorded on a span after it was created, go through
+/// `JsonFields`' own code, so the stored text is the same in every case.
+pub struct SpanFields;
+
+impl<'w> FormatFields<'w> for SpanFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut w: Writer<'w>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut c = Collect::default();
+        fields.record(&mut c);
+        if c.other {
+            return tracing_subscriber::fmt::format::JsonFields::new().format_fields(w, fields);
+        }
+        // A stable sort, then the last of equal keys: what inserting into a BTreeMap gives.
+        c.fields.sort_by_key(|(name, _)| *name);
+        w.write_char('{')?;
+        let mut first = true;
+        for (i, (name, range)) in c.fields.iter().enumerate() {
+            if c.fields.get(i + 1).is_some_and(|(next, _)| next == name) {
+                continue;
+            }
+            if !first {
+                w.write_char(',')?;
+            }
+            first = false;
+            write_str_escaped(&mut w, name)?;
+            w.write_char(':')?;
+            w.write_str(&c.buf[range.clone()])?;
+        }
+        w.write_char('}')
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> fmt::Result {
+        if current.is_empty() {
+            return self.format_fields(current.as_writer(), fields);
+        }
+        // As `JsonFields::add_fields`: the stored object parsed, the new fields added over it.
+        let mut new = String::new();
+        self.format_fields(Writer::new(&mut new), fields)?;
+        let mut map: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(&current.fields).map_err(|_| fmt::Error)?;
+        let added: std::collections::BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(&new).map_err(|_| fmt::Error)?;
+        map.extend(added);
+        current.fields = serde_json::to_string(&map).map_err(|_| fmt::Error)?;
+        Ok(())
+    }
+}
+
+/// The fields of one span, each value already written as JSON into `buf`.
+#[derive(Default)]
+struct Collect {
+    buf: String,
+    fields: Vec<(&'static str, std::ops::Range<usize>)>,
+    /// A field of another kind (debug, bytes, error, 128-bit): `JsonFields` writes them all.
+    other: bool,
+}
+
+impl Collect {
+    fn push(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        let start = self.buf.len();
+        if value(&mut Writer::new(&mut self.buf)).is_err() {
+            self.other = true;
+        }
+        self.fields.push((field.name(), start..self.buf.len()));
+    }
+}
+
+impl Visit for Collect {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // serde_json's `Value::from(f64)`: null when not finite.
+        self.push(field, |w| {
+            if value.is_finite() {
+                write!(w, "{value:?}")
+            } else {
+                w.write_str("null")
+            }
+        });
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.push(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.push(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.push(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.push(field, |w| write_str_escaped(w, value));
+    }
+
+    fn record_debug(&mut self, _field: &Field, _value: &dyn fmt::Debug) {
+        self.other = true;
+    }
+}
+
 /// A JSON string literal.
 fn write_str_escaped(w: &mut Writer<'_>, s: &str) -> fmt::Result {
     w.write_char('"')?;
@@ -246,6 +358,116 @@ mod tests {
         a["timestamp"] = Value::Null;
         b["timestamp"] = Value::Null;
         assert_eq!(a, b);
+    }
+
+    /// Events inside spans through the stock formatter, with `JsonFields` then [`SpanFields`]
+    /// storing the spans' fields: each line as parsed JSON.
+    fn both_span_fields(emit: impl Fn()) -> (Vec<Value>, Vec<Value>) {
+        let mut out = Vec::new();
+        for fast in [false, true] {
+            let buf = Buf::default();
+            let w = buf.clone();
+            let builder = tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(true);
+            let d = if fast {
+                tracing::Dispatch::new(builder.fmt_fields(SpanFields).finish())
+            } else {
+                tracing::Dispatch::new(builder.finish())
+            };
+            tracing::dispatcher::with_default(&d, &emit);
+            let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+                .collect();
+            out.push(lines);
+        }
+        let fast = out.pop().unwrap();
+        (out.pop().unwrap(), fast)
+    }
+
+    #[test]
+    fn span_fields_are_what_json_fields_stores() {
+        let (stock, fast) = both_span_fields(|| {
+            let span = tracing::info_span!("request", request_id = "r-\"1\"\n", route = "/v1/{id}");
+            let _e = span.enter();
+            tracing::info!(a = 1, "plain");
+            let inner = tracing::info_span!(
+                "inner",
+                n = -3i64,
+                u = 7u64,
+                f = 0.5,
+                nan = f64::NAN,
+                yes = true,
+                later = tracing::field::Empty
+            );
+            let _i = inner.enter();
+            tracing::info!("nested");
+            inner.record("later", "now");
+            inner.record("n", 9i64);
+            tracing::warn!("recorded");
+            let dbg = tracing::info_span!("dbg", d = ?Some(1), s = "x");
+            let _d = dbg.enter();
+            tracing::info!("debug field");
+            let empty = tracing::info_span!("empty");
+            let _m = empty.enter();
+            tracing::info!("no fields");
+        });
+        assert_eq!(stock.len(), 5);
+        assert_eq!(fast.len(), 5);
+        for (a, b) in stock.iter().zip(&fast) {
+            let (mut a, mut b) = (a.clone(), b.clone());
+            a["timestamp"] = Value::Null;
+            b["timestamp"] = Value::Null;
+            assert_eq!(a, b);
+        }
+        assert_eq!(fast[0]["span"]["request_id"], "r-\"1\"\n");
+        assert_eq!(fast[2]["span"]["later"], "now");
+        assert_eq!(fast[2]["span"]["n"], 9);
+        assert_eq!(fast[1]["span"]["nan"], Value::Null);
+    }
+
+    #[test]
+    fn span_fields_text_is_json_fields_text() {
+        use tracing_subscriber::fmt::format::JsonFields;
+        // The stored strings themselves, not only their parse: a subscriber that hands each
+        // span's attributes to both.
+        struct Both;
+        impl tracing::Subscriber for Both {
+            fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+                true
+            }
+            fn new_span(&self, attrs: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+                let mut a = String::new();
+                let mut b = String::new();
+                JsonFields::new()
+                    .format_fields(Writer::new(&mut a), attrs)
+                    .unwrap();
+                SpanFields
+                    .format_fields(Writer::new(&mut b), attrs)
+                    .unwrap();
+                assert_eq!(a, b);
+                tracing::span::Id::from_u64(1)
+            }
+            fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+            fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+            fn event(&self, _: &Event<'_>) {}
+            fn enter(&self, _: &tracing::span::Id) {}
+            fn exit(&self, _: &tracing::span::Id) {}
+        }
+        tracing::subscriber::with_default(Both, || {
+            let _s = tracing::info_span!(
+                "request",
+                request_id = "0b7d-\u{1}é",
+                route = "/v1/tokens/{id}"
+            );
+            let _t = tracing::info_span!("t", z = 1u64, a = -2i64, m = true, f = 1.5, q = "\"");
+            let _u = tracing::info_span!("u");
+        });
     }
 
     #[test]
