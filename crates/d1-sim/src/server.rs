@@ -104,7 +104,12 @@ async fn serve_connection<IO>(
         async move {
             let Ok(resp) = router.oneshot(req).await;
             if resp.extensions().get::<ResetConnection>().is_some() {
+                // Drop the whole connection with this request unanswered, and never answer it
+                // with a stream reset first: on HTTP/2 a reset arrives before the socket closes,
+                // so the client could send its next request on a connection about to vanish
+                // (a flaky "connection closed" on a call no fault was meant for).
                 reset.notify_one();
+                std::future::pending::<()>().await;
                 return Err(Reset);
             }
             Ok::<_, Reset>(resp)
