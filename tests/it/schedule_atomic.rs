@@ -135,7 +135,10 @@ where
     s.update_token_scheduled(&active, Some(&event), CheckAt::At(50_000))
         .await
         .unwrap();
-    assert_eq!(s.get_token(&m, &rec.id).await.unwrap(), Some(active.clone()));
+    assert_eq!(
+        s.get_token(&m, &rec.id).await.unwrap(),
+        Some(active.clone())
+    );
     assert!(
         s.get_event(&m, &event.event.id).await.unwrap().is_some(),
         "the event is stored with the change"

@@ -21,9 +21,9 @@ use redb::{
 };
 
 use super::{EmbeddedStore, begin_write, update_token_in};
-use crate::domain::ports::{CheckAt, StoreError};
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
 use crate::domain::ports::outbox::EventAppend;
+use crate::domain::ports::{CheckAt, StoreError};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::storage::codec::lifecycle::ttl_ms;
 

@@ -19,9 +19,9 @@ use redis::Script;
 
 use super::outbox::OUTBOX_FUNCTIONS;
 use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
-use crate::domain::ports::{CheckAt, StoreError};
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
 use crate::domain::ports::outbox::EventAppend;
+use crate::domain::ports::{CheckAt, StoreError};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::storage::codec::lifecycle::{parse_schedule_member, schedule_member, ttl_ms};
 
