@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
+use crate::domain::ports::CheckAt;
 use crate::domain::ports::lifecycle::LifecycleStore;
 
 pub(crate) fn unix_ms(t: SystemTime) -> u64 {
@@ -45,6 +46,16 @@ impl Schedule {
             TokenStatus::Deleted => None,
             TokenStatus::Pending => Some(self.pending_grace),
             _ => Some(self.stale_after),
+        }
+    }
+
+    /// The check a token write of `rec` carries to keep it on the schedule (or take it off), so
+    /// the store writes both in one atomic step (`TokenStore::insert_token_scheduled`,
+    /// `TokenStore::update_token_scheduled`). The domain decides the time; the store writes it.
+    pub(crate) fn check_for(&self, rec: &TokenRecord) -> CheckAt {
+        match self.next_check(rec) {
+            Some(after) => CheckAt::At(due_in(after)),
+            None => CheckAt::Never,
         }
     }
 

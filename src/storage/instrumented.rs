@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use crate::domain::merchant::{ApiKeyHash, Merchant};
 use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
-    IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
+    CheckAt, IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::domain::wallet::{WalletKey, WalletPage};
@@ -72,8 +72,16 @@ impl TokenStore for InstrumentedStore {
         .await
     }
 
-    async fn insert_token(&self, rec: &TokenRecord) -> Result<InsertOutcome, StoreError> {
-        timed("insert_token", self.inner.insert_token(rec)).await
+    async fn insert_token_scheduled(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<InsertOutcome, StoreError> {
+        timed(
+            "insert_token",
+            self.inner.insert_token_scheduled(rec, check),
+        )
+        .await
     }
 
     async fn get_token(
@@ -104,12 +112,17 @@ impl TokenStore for InstrumentedStore {
         .await
     }
 
-    async fn update_token_with(
+    async fn update_token_scheduled(
         &self,
         rec: &TokenRecord,
         event: Option<&EventAppend>,
+        check: CheckAt,
     ) -> Result<(), StoreError> {
-        timed("update_token", self.inner.update_token_with(rec, event)).await
+        timed(
+            "update_token",
+            self.inner.update_token_scheduled(rec, event, check),
+        )
+        .await
     }
 
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {

@@ -34,6 +34,7 @@ mod props;
 mod rate_limit_shared;
 mod recurring;
 mod rekey;
+mod schedule_atomic;
 mod sim;
 mod sim_orders;
 mod store_contract;

@@ -26,7 +26,7 @@ pub mod production_orders;
 pub mod ratelimit;
 pub mod tokens;
 
-pub use tokens::{IdempotencyBegin, InsertOutcome, StoredResponse, TokenStore};
+pub use tokens::{CheckAt, IdempotencyBegin, InsertOutcome, StoredResponse, TokenStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -18,6 +18,18 @@ pub enum InsertOutcome {
     Existing(Box<TokenRecord>),
 }
 
+/// What a token write does to the token's reconciliation check (`domain::schedule`), in the
+/// same atomic step as the write itself. The domain decides the time; the store only writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckAt {
+    /// The schedule is not touched (callers that keep it in step themselves, or not at all).
+    Unchanged,
+    /// The token is (re)scheduled for a check at this Unix time in milliseconds.
+    At(u64),
+    /// The token is taken off the schedule (a terminal status).
+    Never,
+}
+
 /// Result of [`TokenStore::idempotency_begin`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
@@ -59,7 +71,20 @@ pub trait TokenStore: Send + Sync + 'static {
 
     /// Inserts a token and indexes its PAN fingerprint, unless the merchant already has a live
     /// token with that fingerprint (then returns it and writes nothing). Atomic.
-    async fn insert_token(&self, rec: &TokenRecord) -> Result<InsertOutcome, StoreError>;
+    async fn insert_token(&self, rec: &TokenRecord) -> Result<InsertOutcome, StoreError> {
+        self.insert_token_scheduled(rec, CheckAt::Unchanged).await
+    }
+
+    /// [`Self::insert_token`], and when it inserts, the token's reconciliation check written as
+    /// `check` says **in the same atomic step** (one script on standalone Redis, one redb
+    /// transaction), so a reservation is never stored without its check. On a Redis Cluster
+    /// the schedule is in another slot: the check is written right after the token, as a
+    /// separate command whose failure is logged, not returned (the token is stored).
+    async fn insert_token_scheduled(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<InsertOutcome, StoreError>;
 
     async fn get_token(
         &self,
@@ -93,6 +118,20 @@ pub trait TokenStore: Send + Sync + 'static {
         &self,
         rec: &TokenRecord,
         event: Option<&EventAppend>,
+    ) -> Result<(), StoreError> {
+        self.update_token_scheduled(rec, event, CheckAt::Unchanged)
+            .await
+    }
+
+    /// [`Self::update_token_with`], and when the compare-and-set succeeds, the token's
+    /// reconciliation check written as `check` says in the same atomic step (as
+    /// [`Self::insert_token_scheduled`], Cluster included). Nothing of it is written on a
+    /// conflict or a missing token.
+    async fn update_token_scheduled(
+        &self,
+        rec: &TokenRecord,
+        event: Option<&EventAppend>,
+        check: CheckAt,
     ) -> Result<(), StoreError>;
 
     /// Removes a token and its index entries entirely. Used to undo a reservation when the

@@ -32,7 +32,7 @@ use super::token::{
 use crate::crypto::Keyring;
 use crate::domain::ports::apikeys::ApiKeyStore;
 use crate::domain::ports::outbox::EventAppend;
-use crate::domain::ports::{InsertOutcome, StoreError, TokenStore};
+use crate::domain::ports::{CheckAt, InsertOutcome, StoreError, TokenStore};
 use tokengate_cards::{Expiry, Pan};
 
 impl From<StoreError> for DomainError {
@@ -191,6 +191,14 @@ impl Services {
     pub fn with_schedule(mut self, schedule: super::schedule::Schedule) -> Services {
         self.schedule = Some(schedule);
         self
+    }
+
+    /// The check a write of `rec` carries (`Schedule::check_for`); `Unchanged` when
+    /// reconciliation is off.
+    fn check_for(&self, rec: &TokenRecord) -> CheckAt {
+        self.schedule
+            .as_ref()
+            .map_or(CheckAt::Unchanged, |s| s.check_for(rec))
     }
 
     /// Best-effort: a failed schedule write is logged by the schedule, never fails the request.
@@ -441,7 +449,16 @@ impl Services {
             recurring_agreement: None,
             version: 1,
         };
-        if let InsertOutcome::Existing(existing) = self.store.insert_token(&rec).await? {
+        // Scheduled with the reservation itself, before D1 is called: if we die mid-call,
+        // reconciliation finds the reservation and asks D1 what became of it. (Without D1 there
+        // is nothing to reconcile.)
+        let check = match self.provider {
+            Some(_) => self.check_for(&rec),
+            None => CheckAt::Unchanged,
+        };
+        if let InsertOutcome::Existing(existing) =
+            self.store.insert_token_scheduled(&rec, check).await?
+        {
             // Lost a race with a concurrent request for the same card.
             return self
                 .on_existing(merchant, *existing, &cmd.pan, expiry)
@@ -451,15 +468,11 @@ impl Services {
         if self.provider.is_none() {
             return Ok(Tokenized::Created(rec));
         }
-        // Scheduled before D1 is called: if we die mid-call, reconciliation finds the
-        // reservation and asks D1 what became of it.
-        self.note_schedule(&rec).await;
         match self.drive_create(merchant, &rec, &cmd.pan, &expiry).await {
             Ok(pt) => {
                 let reserved = rec.clone();
                 apply_provider_token(&mut rec, &pt, Self::now());
                 let rec = self.save_after_create(&reserved, rec).await?;
-                self.note_schedule(&rec).await;
                 Ok(Tokenized::Created(rec))
             }
             Err(e) => {
@@ -508,7 +521,8 @@ impl Services {
     /// notification's write carried its own event). Whichever path moves the reservation out of
     /// `PENDING` (this one, a retry's re-drive, a notification, reconciliation) is one
     /// compare-and-set, so the event is stored exactly once; a failed write (503) stores
-    /// neither, and the path that later wins stores both.
+    /// neither, and the path that later wins stores both. The token's next reconciliation
+    /// check goes in that same write; after a conflict it is noted for the newer record.
     async fn save_after_create(
         &self,
         reserved: &TokenRecord,
@@ -516,7 +530,12 @@ impl Services {
     ) -> Result<TokenRecord, DomainError> {
         rec.version += 1;
         let event = self.webhook_event(reserved, &rec).await?;
-        match self.store.update_token_with(&rec, event.as_ref()).await {
+        let check = self.check_for(&rec);
+        match self
+            .store
+            .update_token_scheduled(&rec, event.as_ref(), check)
+            .await
+        {
             Ok(()) => {
                 self.webhook_stored(event.as_ref());
                 // The CAS replaced the version we reserved (or re-drove): a PENDING record.
@@ -526,10 +545,14 @@ impl Services {
                 );
                 Ok(rec)
             }
-            Err(StoreError::Conflict) => self
-                .get_token(&rec.merchant_id, &rec.id)
-                .await
-                .and_then(|r| r.ok_or(DomainError::TokenNotFound)),
+            Err(StoreError::Conflict) => {
+                let newer = self
+                    .get_token(&rec.merchant_id, &rec.id)
+                    .await?
+                    .ok_or(DomainError::TokenNotFound)?;
+                self.note_schedule(&newer).await;
+                Ok(newer)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -572,7 +595,6 @@ impl Services {
             let reserved = existing.clone();
             apply_provider_token(&mut existing, &pt, Self::now());
             existing = self.save_after_create(&reserved, existing).await?;
-            self.note_schedule(&existing).await;
         }
         Ok(Tokenized::Existing(existing))
     }

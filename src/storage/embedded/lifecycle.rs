@@ -21,9 +21,9 @@ use redb::{
 };
 
 use super::{EmbeddedStore, begin_write, update_token_in};
-use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
 use crate::domain::ports::outbox::EventAppend;
+use crate::domain::ports::{CheckAt, StoreError};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::storage::codec::lifecycle::ttl_ms;
 
@@ -101,6 +101,39 @@ pub(super) fn put_marker(
         expiry.remove((old, merchant, event_id))?;
     }
     expiry.insert((expires_at, merchant, event_id), ())?;
+    Ok(())
+}
+
+/// Writes a token's reconciliation check in `txn` as `check` says: the schedule calls below
+/// and the token writes that carry their check (`insert_token_scheduled`,
+/// `update_token_scheduled`) share it, so both keep the two tables in step.
+pub(super) fn write_check_in(
+    txn: &WriteTransaction,
+    merchant: &str,
+    token: &str,
+    check: CheckAt,
+) -> Result<(), StoreError> {
+    let due_ms = match check {
+        CheckAt::Unchanged => return Ok(()),
+        CheckAt::At(due_ms) => Some(due_ms),
+        CheckAt::Never => None,
+    };
+    let mut by_token = txn.open_table(SCHEDULE_BY_TOKEN)?;
+    let old = match due_ms {
+        Some(due) => by_token.insert((merchant, token), due)?,
+        None => by_token.remove((merchant, token))?,
+    }
+    .map(|g| g.value());
+    if old.is_none() && due_ms.is_none() {
+        return Ok(());
+    }
+    let mut schedule = txn.open_table(SCHEDULE)?;
+    if let Some(old) = old {
+        schedule.remove((old, merchant, token))?;
+    }
+    if let Some(due) = due_ms {
+        schedule.insert((due, merchant, token), ())?;
+    }
     Ok(())
 }
 
@@ -262,17 +295,7 @@ impl LifecycleStore for EmbeddedStore {
         let token = token.as_str().to_owned();
         self.run(move |db| {
             let txn = begin_relaxed(db)?;
-            {
-                let mut by_token = txn.open_table(SCHEDULE_BY_TOKEN)?;
-                let mut schedule = txn.open_table(SCHEDULE)?;
-                let old = by_token
-                    .insert((merchant.as_str(), token.as_str()), due_ms)?
-                    .map(|g| g.value());
-                if let Some(old) = old {
-                    schedule.remove((old, merchant.as_str(), token.as_str()))?;
-                }
-                schedule.insert((due_ms, merchant.as_str(), token.as_str()), ())?;
-            }
+            write_check_in(&txn, &merchant, &token, CheckAt::At(due_ms))?;
             txn.commit()?;
             Ok(())
         })
@@ -288,16 +311,7 @@ impl LifecycleStore for EmbeddedStore {
         let token = token.as_str().to_owned();
         self.run(move |db| {
             let txn = begin_relaxed(db)?;
-            {
-                let mut by_token = txn.open_table(SCHEDULE_BY_TOKEN)?;
-                let old = by_token
-                    .remove((merchant.as_str(), token.as_str()))?
-                    .map(|g| g.value());
-                if let Some(old) = old {
-                    txn.open_table(SCHEDULE)?
-                        .remove((old, merchant.as_str(), token.as_str()))?;
-                }
-            }
+            write_check_in(&txn, &merchant, &token, CheckAt::Never)?;
             txn.commit()?;
             Ok(())
         })

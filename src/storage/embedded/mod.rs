@@ -41,7 +41,7 @@ use self::counts::moved;
 use crate::domain::merchant::{ApiKeyHash, Merchant};
 use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
-    IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
+    CheckAt, IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
 use crate::domain::wallet::{WalletKey, WalletPage};
@@ -522,7 +522,11 @@ impl TokenStore for EmbeddedStore {
             .await
     }
 
-    async fn insert_token(&self, rec: &TokenRecord) -> Result<InsertOutcome, StoreError> {
+    async fn insert_token_scheduled(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<InsertOutcome, StoreError> {
         let json = encode("token record", rec)?;
         let rec = rec.clone();
         self.run(move |db| {
@@ -572,6 +576,8 @@ impl TokenStore for EmbeddedStore {
                 }
                 wallet_rows(&txn, &rec, true)?;
             }
+            // Same transaction: the reservation never exists without its check.
+            lifecycle::write_check_in(&txn, m, id, check)?;
             txn.commit()?;
             Ok(InsertOutcome::Inserted)
         })
@@ -594,20 +600,22 @@ impl TokenStore for EmbeddedStore {
         .await
     }
 
-    async fn update_token_with(
+    async fn update_token_scheduled(
         &self,
         rec: &TokenRecord,
         event: Option<&EventAppend>,
+        check: CheckAt,
     ) -> Result<(), StoreError> {
         let rec = rec.clone();
         let event = event.cloned();
         self.run(move |db| {
             let txn = begin_write(db)?;
             update_token_in(&txn, &rec)?;
-            // Same transaction: an error above drops it uncommitted, event included.
+            // Same transaction: an error above drops it uncommitted, event and check included.
             if let Some(event) = &event {
                 outbox::append_event_in(&txn, event)?;
             }
+            lifecycle::write_check_in(&txn, rec.merchant_id.as_str(), rec.id.as_str(), check)?;
             txn.commit()?;
             Ok(())
         })

@@ -19,9 +19,9 @@ use redis::Script;
 
 use super::outbox::OUTBOX_FUNCTIONS;
 use super::{COUNT_FUNCTIONS, RedisStore, UPDATE_TOKEN, WALLET_FUNCTIONS};
-use crate::domain::ports::StoreError;
 use crate::domain::ports::lifecycle::{EventWrite, LifecycleStore, ScanPage};
 use crate::domain::ports::outbox::EventAppend;
+use crate::domain::ports::{CheckAt, StoreError};
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::storage::codec::lifecycle::{parse_schedule_member, schedule_member, ttl_ms};
 
@@ -56,6 +56,22 @@ return r
     ))
 });
 
+/// The reconciliation check a token script writes with its token (`CheckAt`), so a token and
+/// its check are one atomic step. `check_write(a)` reads ARGV from index `a`: operation (`at`,
+/// `never`, or `''`: leave the schedule alone, which is also what a Cluster passes: the
+/// schedule is in another slot there, see [`RedisStore::check_after`]), schedule key, due time
+/// (Unix ms), member.
+pub(crate) const CHECK_FUNCTIONS: &str = r#"
+local function check_write(a)
+  local op = ARGV[a]
+  if op == 'at' then
+    redis.call('ZADD', ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+  elseif op == 'never' then
+    redis.call('ZREM', ARGV[a + 1], ARGV[a + 3])
+  end
+end
+"#;
+
 /// Takes or extends a lease. KEYS: lease. ARGV: holder, ttl ms. Returns 1 when held.
 static ACQUIRE_LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -89,6 +105,50 @@ impl RedisStore {
 
     fn schedule_key(&self) -> String {
         self.global_key("{lc}:recon")
+    }
+
+    /// Appends the four `check_write` arguments of `check` for the token to `inv`. On a
+    /// Cluster (the schedule's slot is not the token's) and for `Unchanged` the operation is
+    /// `''`: the script leaves the schedule alone, and [`Self::check_after`] writes it.
+    pub(crate) fn check_args(
+        &self,
+        inv: &mut redis::ScriptInvocation<'_>,
+        merchant: &MerchantId,
+        token: &TokenId,
+        check: CheckAt,
+    ) {
+        let (op, due) = match check {
+            _ if self.is_cluster() => ("", 0),
+            CheckAt::Unchanged => ("", 0),
+            CheckAt::At(due) => ("at", due),
+            CheckAt::Never => ("never", 0),
+        };
+        if op.is_empty() {
+            inv.arg("").arg("").arg("").arg("");
+        } else {
+            inv.arg(op)
+                .arg(self.schedule_key())
+                .arg(due)
+                .arg(schedule_member(merchant, token));
+        }
+    }
+
+    /// Cluster only, after a token script succeeded: writes the check the script could not
+    /// (another slot) as its own command. Best-effort, as the schedule was before it moved
+    /// into the token scripts: the token is stored, a failure is logged and the token's next
+    /// write puts it back on the schedule (`domain::reconcile`).
+    pub(crate) async fn check_after(&self, merchant: &MerchantId, token: &TokenId, check: CheckAt) {
+        if !self.is_cluster() {
+            return;
+        }
+        let res = match check {
+            CheckAt::Unchanged => return,
+            CheckAt::At(due) => self.schedule_check(merchant, token, due).await,
+            CheckAt::Never => self.unschedule_check(merchant, token).await,
+        };
+        if let Err(e) = res {
+            tracing::warn!(token_id = %token, error = %e, "could not update the reconciliation schedule");
+        }
     }
 
     fn lease_key(&self, name: &str) -> String {

@@ -41,6 +41,8 @@ mod token_cache;
 mod wallet_index;
 
 pub use durability::Durability;
+use lifecycle::CHECK_FUNCTIONS;
+use outbox::OUTBOX_FUNCTIONS;
 pub use token_cache::TokenCacheStats;
 use token_cache::{Cached, Lookup};
 
@@ -59,7 +61,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::merchant::{ApiKeyHash, Merchant};
 use crate::domain::ports::outbox::EventAppend;
 use crate::domain::ports::{
-    IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
+    CheckAt, IdempotencyBegin, InsertOutcome, StoreError, StoredResponse, TokenStore,
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord, TokenStatus};
 use crate::domain::wallet::{WalletKey, WalletPage};
@@ -366,8 +368,9 @@ end
 /// or nil. KEYS: token, fingerprint index of `fingerprints.pan`[, d1 index]. ARGV: id, version,
 /// status, the record's dedup index entries separated by spaces (`pan` first, then `previous`,
 /// kept in field `f`), d1 id or '', record JSON, token key prefix, counts key, wallet index or
-/// '', wallet position, fingerprint key prefix. Follows [`COUNT_FUNCTIONS`] and
-/// [`WALLET_FUNCTIONS`].
+/// '', wallet position, fingerprint key prefix, then the four `check_write` arguments
+/// (`lifecycle::CHECK_FUNCTIONS`: the reservation's reconciliation check, written only when the
+/// token is). Follows [`COUNT_FUNCTIONS`], [`WALLET_FUNCTIONS`] and `CHECK_FUNCTIONS`.
 const INSERT_TOKEN: &str = r#"
 for fp in string.gmatch(ARGV[4], '%S+') do
   local cur = redis.call('GET', ARGV[11] .. fp)
@@ -392,6 +395,7 @@ end
 if KEYS[3] then
   redis.call('SET', KEYS[3], ARGV[1])
 end
+check_write(12)
 return false
 "#;
 
@@ -606,6 +610,32 @@ redis.call('SADD', KEYS[#KEYS], ARGV[#KEYS])
 return 0
 "#;
 
+/// [`UPDATE_TOKEN`] with the token's reconciliation check (ARGV 12-15, `check_write`) and,
+/// when ARGV 16 is given, the change's webhook event (`outbox_append(16)`), both written only
+/// when the compare-and-set succeeds: the activation of a new card, its `token.activated`
+/// event and its next check are one atomic step. Returns as `UPDATE_TOKEN`.
+static UPDATE_TOKEN_CHECKED: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{COUNT_FUNCTIONS}
+{WALLET_FUNCTIONS}
+{OUTBOX_FUNCTIONS}
+{CHECK_FUNCTIONS}
+local function cas()
+{UPDATE_TOKEN}
+end
+local r = cas()
+if r == 0 then
+  check_write(12)
+  if ARGV[16] then
+    outbox_append(16)
+  end
+end
+return r
+"#
+    ))
+});
+
 struct Scripts {
     insert_merchant: Script,
     insert_token: Script,
@@ -623,7 +653,7 @@ impl Scripts {
         Scripts {
             insert_merchant: Script::new(INSERT_MERCHANT),
             insert_token: Script::new(&format!(
-                "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{INSERT_TOKEN}"
+                "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{CHECK_FUNCTIONS}{INSERT_TOKEN}"
             )),
             update_token: Script::new(&format!(
                 "{COUNT_FUNCTIONS}{WALLET_FUNCTIONS}{UPDATE_TOKEN}"
@@ -1338,7 +1368,11 @@ impl TokenStore for RedisStore {
             .await
     }
 
-    async fn insert_token(&self, rec: &TokenRecord) -> Result<InsertOutcome, StoreError> {
+    async fn insert_token_scheduled(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<InsertOutcome, StoreError> {
         let json = encode("token record", rec)?;
         let k = self.keys();
         let m = &rec.merchant_id;
@@ -1359,9 +1393,13 @@ impl TokenStore for RedisStore {
             .arg(k.wallet_of(rec))
             .arg(WalletKey::of(rec).as_str())
             .arg(k.fp_prefix(m));
+        self.check_args(&mut inv, m, &rec.id, check);
         let existing: Option<String> = self.invoke_write(inv).await?;
         match existing {
-            None => Ok(InsertOutcome::Inserted),
+            None => {
+                self.check_after(m, &rec.id, check).await;
+                Ok(InsertOutcome::Inserted)
+            }
             Some(j) => Ok(InsertOutcome::Existing(Box::new(decode(
                 "token record",
                 &j,
@@ -1468,11 +1506,30 @@ impl TokenStore for RedisStore {
         Ok(rec.filter(|r| r.status != TokenStatus::Deleted))
     }
 
-    async fn update_token_with(
+    async fn update_token_scheduled(
         &self,
         rec: &TokenRecord,
         event: Option<&EventAppend>,
+        check: CheckAt,
     ) -> Result<(), StoreError> {
+        if check != CheckAt::Unchanged {
+            // The compare-and-set, the check and the event (if any) in one script, in the
+            // merchant's slot (the check only on standalone Redis: `check_args`).
+            if event.is_some() {
+                self.register_outbox_shard(&rec.merchant_id).await?;
+            }
+            let mut inv = self.update_invocation(&UPDATE_TOKEN_CHECKED, rec)?;
+            self.check_args(&mut inv, &rec.merchant_id, &rec.id, check);
+            let jobs = match event {
+                Some(event) => self.append_args(&mut inv, event)?,
+                None => Vec::new(),
+            };
+            let code: i64 = self.invoke_write(inv).await?;
+            update_result(code)?;
+            self.move_appended_jobs(&rec.merchant_id, &jobs).await;
+            self.check_after(&rec.merchant_id, &rec.id, check).await;
+            return Ok(());
+        }
         let Some(event) = event else {
             let inv = self.update_invocation(&self.inner.scripts.update_token, rec)?;
             let code: i64 = self.invoke_write(inv).await?;
