@@ -92,9 +92,10 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Upper bound of `connections` (lanes), so a typo cannot open thousands of TLS sessions.
 const MAX_CONNECTIONS: usize = 64;
 
-/// Header values sent on every call, as constants rather than strings parsed per request.
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
-const X_CORRELATION_ID: header::HeaderName = header::HeaderName::from_static("x-correlation-id");
+/// `application/json`, a static header value (no string parsed per request).
+fn json() -> HeaderValue {
+    HeaderValue::from_static("application/json")
+}
 
 /// The `outcome` label of a D1 call.
 fn provider_outcome(result: Result<(), &ProviderError>) -> &'static str {
@@ -734,10 +735,13 @@ impl D1Client {
         let mut req = Request::builder()
             .method(spec.method.clone())
             .uri(&spec.url)
-            .header(header::ACCEPT, JSON)
-            .header(X_CORRELATION_ID, correlation_id);
+            .header(header::ACCEPT, json())
+            .header(
+                header::HeaderName::from_static("x-correlation-id"),
+                correlation_id,
+            );
         if spec.body.is_some() {
-            req = req.header(header::CONTENT_TYPE, JSON);
+            req = req.header(header::CONTENT_TYPE, json());
         }
         if let Some(t) = token {
             req = req.header(header::AUTHORIZATION, t.bearer.clone());
@@ -1266,6 +1270,16 @@ mod tests {
         assert_eq!(
             client.url(&D1Paths::default().token, Some("m 1"), Some("t/2")),
             "https://127.0.0.1:1/authz/v1/merchant-gateways/mgid-cfg/merchants/m%201/tokens/t%2F2"
+        );
+        // What a call does not fill, and what is not a placeholder, stays as written; ids
+        // that look like placeholders are encoded, never filled.
+        assert_eq!(
+            client.url(
+                "/x/{mgid}/{merchantId}/{tokenId}/{other}/{",
+                None,
+                Some("{mgid}")
+            ),
+            "https://127.0.0.1:1/authz/v1/x/mgid-cfg/{merchantId}/%7Bmgid%7D/{other}/{"
         );
         let plain_http = D1Config {
             base_url: "http://127.0.0.1:1".into(),
