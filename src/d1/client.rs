@@ -92,6 +92,11 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Upper bound of `connections` (lanes), so a typo cannot open thousands of TLS sessions.
 const MAX_CONNECTIONS: usize = 64;
 
+/// `application/json`, a static header value (no string parsed per request).
+fn json() -> HeaderValue {
+    HeaderValue::from_static("application/json")
+}
+
 /// The `outcome` label of a D1 call.
 fn provider_outcome(result: Result<(), &ProviderError>) -> &'static str {
     match result {
@@ -195,7 +200,11 @@ pub enum D1Error {
 struct AccessToken {
     /// Distinguishes tokens, so a 401 only evicts the token that drew it.
     serial: u64,
-    value: Zeroizing<String>,
+    /// `Bearer <token>`, built and checked once when the token arrives, not formatted and
+    /// validated again on every call. Marked sensitive (hpack never indexes it). Its bytes are
+    /// shared by every request that carries it and freed, not wiped, when the token goes, as
+    /// the copies hyper and h2 make of any header always were.
+    bearer: HeaderValue,
     refresh_at: Instant,
     expires_at: Instant,
 }
@@ -306,17 +315,35 @@ impl Failure {
     }
 }
 
+/// A fresh `x-correlation-id`: a random (v4) UUID in its 32-hex-digit form. The bytes come from
+/// the thread's user-space CSPRNG (`rand::rng()`, reseeded from the OS): `Uuid::new_v4` asks the
+/// kernel (`getrandom`) on every call, a system call per D1 call for an id that is not a secret.
+fn correlation_id() -> String {
+    uuid::Builder::from_random_bytes(rand::random())
+        .into_uuid()
+        .simple()
+        .to_string()
+}
+
 /// Characters kept as-is in a path segment or query value (RFC 3986 unreserved).
 pub(crate) fn encode_component(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
+    push_component(&mut out, s);
+    out
+}
+
+/// Appends `s` percent-encoded (everything but RFC 3986 unreserved characters) to `out`.
+fn push_component(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xF)]));
         }
     }
-    out
 }
 
 /// Maps a non-2xx answer to the domain error (status codes decided here, once).
@@ -495,15 +522,36 @@ impl D1Client {
     }
 
     /// Fills a path template; ids are percent-encoded so no value can add path segments.
+    ///
+    /// One pass into one buffer sized up front (the base, the template and the ids), rather
+    /// than a `replace` (a search and a new string) per placeholder and a `format!` on every call.
     fn url(&self, template: &str, merchant: Option<&str>, token: Option<&str>) -> String {
-        let mut path = template.replace("{mgid}", &encode_component(&self.inner.mgid));
-        if let Some(m) = merchant {
-            path = path.replace("{merchantId}", &encode_component(m));
+        let inner = &self.inner;
+        let ids = inner.mgid.len() + merchant.map_or(0, str::len) + token.map_or(0, str::len);
+        let mut url = String::with_capacity(inner.base.len() + template.len() + ids);
+        url.push_str(&inner.base);
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            url.push_str(&rest[..open]);
+            let after = &rest[open..];
+            let placeholder = after.find('}').map_or("", |close| &after[..=close]);
+            let value = match placeholder {
+                "{mgid}" => Some(inner.mgid.as_str()),
+                "{merchantId}" => merchant,
+                "{tokenId}" => token,
+                _ => None,
+            };
+            if let Some(v) = value {
+                push_component(&mut url, v);
+                rest = &after[placeholder.len()..];
+            } else {
+                // Not a placeholder we fill (or an id this call does not have): kept as is.
+                url.push('{');
+                rest = &after[1..];
+            }
         }
-        if let Some(t) = token {
-            path = path.replace("{tokenId}", &encode_component(t));
-        }
-        format!("{}{}", self.inner.base, path)
+        url.push_str(rest);
+        url
     }
 
     // ---- the call pipeline ------------------------------------------------------------------
@@ -520,7 +568,7 @@ impl D1Client {
             tracing::debug!(op = spec.op, "d1 call refused: circuit open");
             crate::observability::record_d1_refused(spec.op, "circuit_open");
         })?;
-        let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+        let correlation_id = correlation_id();
         let started = Instant::now();
         let deadline = started + inner.call_timeout;
 
@@ -687,16 +735,16 @@ impl D1Client {
         let mut req = Request::builder()
             .method(spec.method.clone())
             .uri(&spec.url)
-            .header(header::ACCEPT, "application/json")
-            .header("x-correlation-id", correlation_id);
+            .header(header::ACCEPT, json())
+            .header(
+                header::HeaderName::from_static("x-correlation-id"),
+                correlation_id,
+            );
         if spec.body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
+            req = req.header(header::CONTENT_TYPE, json());
         }
         if let Some(t) = token {
-            let bearer = Zeroizing::new(format!("Bearer {}", t.value.as_str()));
-            let mut v = HeaderValue::from_str(&bearer).map_err(|_| SendError::Connect)?;
-            v.set_sensitive(true);
-            req = req.header(header::AUTHORIZATION, v);
+            req = req.header(header::AUTHORIZATION, t.bearer.clone());
         }
         let req = req
             .body(Full::new(spec.body.clone().unwrap_or_default()))
@@ -769,7 +817,7 @@ impl D1Client {
         }
         let client = self.clone();
         tokio::spawn(async move {
-            let correlation_id = uuid::Uuid::new_v4().simple().to_string();
+            let correlation_id = correlation_id();
             let deadline = Instant::now() + client.inner.call_timeout;
             let result =
                 tokio::time::timeout_at(deadline, client.refresh_token(&correlation_id, deadline))
@@ -878,7 +926,7 @@ impl D1Client {
         if !reply.status.is_success() {
             return Err(failure_from_reply(OP, &reply, false));
         }
-        let mut resp: OAuthTokenResponse =
+        let resp: OAuthTokenResponse =
             decode(OP, &reply.body).map_err(|e| Failure::new(e, false))?;
         if resp.access_token.is_empty()
             || resp
@@ -891,20 +939,22 @@ impl D1Client {
                 false,
             ));
         }
-        if HeaderValue::from_str(&resp.access_token).is_err() {
+        let bearer = Zeroizing::new(format!("Bearer {}", resp.access_token));
+        let Ok(mut bearer) = HeaderValue::from_str(&bearer) else {
             return Err(Failure::new(
                 ProviderError::BadResponse(format!(
                     "{OP}: access token is not a valid header value"
                 )),
                 false,
             ));
-        }
+        };
+        bearer.set_sensitive(true);
         let lifetime = Duration::from_secs(resp.expires_in).min(MAX_TOKEN_LIFETIME);
         // Refresh 60 s early, or halfway for tokens shorter than two minutes.
         let lead = TOKEN_REFRESH_LEAD.min(lifetime / 2);
         Ok(AccessToken {
             serial: inner.token_serial.fetch_add(1, Ordering::Relaxed),
-            value: Zeroizing::new(std::mem::take(&mut resp.access_token)),
+            bearer,
             refresh_at: requested + (lifetime - lead),
             expires_at: requested + lifetime,
         })
@@ -1220,6 +1270,16 @@ mod tests {
         assert_eq!(
             client.url(&D1Paths::default().token, Some("m 1"), Some("t/2")),
             "https://127.0.0.1:1/authz/v1/merchant-gateways/mgid-cfg/merchants/m%201/tokens/t%2F2"
+        );
+        // What a call does not fill, and what is not a placeholder, stays as written; ids
+        // that look like placeholders are encoded, never filled.
+        assert_eq!(
+            client.url(
+                "/x/{mgid}/{merchantId}/{tokenId}/{other}/{",
+                None,
+                Some("{mgid}")
+            ),
+            "https://127.0.0.1:1/authz/v1/x/mgid-cfg/{merchantId}/%7Bmgid%7D/{other}/{"
         );
         let plain_http = D1Config {
             base_url: "http://127.0.0.1:1".into(),

@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 use super::context::{Shared, Stats};
 use super::faults::{Injected, Op, TIMEOUT_HOLD};
 use super::notify::EventType;
-use super::state::{ACCESS_TOKEN_TTL, Action, CardInput, Created, StateError};
+use super::state::{ACCESS_TOKEN_TTL, Action, CardInput, Created, StateError, TokenInfo};
 use tokengate_cards::{Expiry, Pan};
 use tokengate_d1_protocol::{jose, model};
 
@@ -319,8 +319,10 @@ fn check_mgid(shared: &Shared, mgid: &str) -> Result<(), ApiError> {
     }
 }
 
-fn json_response(status: StatusCode, body: Value) -> Response {
-    (status, axum::Json(body)).into_response()
+/// A token object answer, written straight from the shared wire type (no `serde_json::Value`
+/// tree built and walked on every call).
+fn token_response(status: StatusCode, info: &TokenInfo) -> Response {
+    (status, axum::Json(info.to_object())).into_response()
 }
 
 /// `POST /oauth2/token`: JWT-bearer grant with an ES256 assertion.
@@ -418,6 +420,32 @@ struct CardPlaintext {
     exp: String,
 }
 
+/// The create-token body when it is a JSON object with the three fields as strings (other
+/// fields ignored, as the general path does), borrowed from the request: no map of owned keys
+/// and values, no copy of the JWE, on the hot path of every new card.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateTokenBody<'a> {
+    #[serde(borrow)]
+    request_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    usage: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    encrypted_data: std::borrow::Cow<'a, str>,
+}
+
+impl<'a> CreateTokenBody<'a> {
+    /// `None` for anything [`object`] + [`required_str`] would not accept as is, so that path
+    /// answers it: serde would also take a JSON array for a struct, hence the `{` check;
+    /// a duplicate field or a `null` fails here and is judged there.
+    fn parse(body: &'a [u8]) -> Option<CreateTokenBody<'a>> {
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return None;
+        }
+        serde_json::from_slice(body).ok()
+    }
+}
+
 /// `POST .../merchants/{merchantId}/tokens`.
 async fn create_token(
     State(shared): State<Arc<Shared>>,
@@ -428,10 +456,20 @@ async fn create_token(
     if !shared.store.has_merchant(&merchant_id) {
         return Err(ApiError::NotFound("unknown merchant"));
     }
-    let map = object(&body)?;
-    let request_id = required_str(&map, "requestId")?;
-    let usage = required_str(&map, "usage")?;
-    let encrypted = required_str(&map, "encryptedData")?;
+    // A well-formed body is read straight into borrowed fields; anything else takes the
+    // general path, which gives the precise error.
+    let typed = CreateTokenBody::parse(&body);
+    let map;
+    let (request_id, usage, encrypted) = if let Some(b) = &typed {
+        (&*b.request_id, &*b.usage, &*b.encrypted_data)
+    } else {
+        map = object(&body)?;
+        (
+            required_str(&map, "requestId")?,
+            required_str(&map, "usage")?,
+            required_str(&map, "encryptedData")?,
+        )
+    };
     if !valid_id(request_id.as_bytes()) {
         return Err(ApiError::InvalidField(
             "requestId must match ^[A-Za-z0-9_-]{1,64}$".into(),
@@ -445,7 +483,7 @@ async fn create_token(
     // A retry returns the token the first request made, before the card is even looked at:
     // that is what makes a retry after a lost response safe.
     if let Some(existing) = shared.store.find_by_request(&merchant_id, request_id) {
-        return Ok(json_response(StatusCode::OK, existing.to_json()));
+        return Ok(token_response(StatusCode::OK, &existing));
     }
     let card = decrypt_card(&shared, encrypted)?;
     let pending = shared.faults().async_tokenization;
@@ -453,13 +491,13 @@ async fn create_token(
         .store
         .create_token(&merchant_id, request_id, &card, pending)?;
     let info = match created {
-        Created::Existing(info) => return Ok(json_response(StatusCode::OK, info.to_json())),
+        Created::Existing(info) => return Ok(token_response(StatusCode::OK, &info)),
         Created::New(info) => info,
     };
     Stats::bump(&shared.stats.tokens_created);
     tracing::info!(token_id = %info.token_id, merchant_id = %merchant_id, pending, "token created");
     if !pending {
-        return Ok(json_response(StatusCode::CREATED, info.to_json()));
+        return Ok(token_response(StatusCode::CREATED, &info));
     }
     let (task_shared, token_id) = (shared.clone(), info.token_id.clone());
     tokio::spawn(async move {
@@ -470,7 +508,7 @@ async fn create_token(
                 .emit(EventType::TokenCreated, &merchant_id, &done, None);
         }
     });
-    Ok(json_response(StatusCode::ACCEPTED, info.to_json()))
+    Ok(token_response(StatusCode::ACCEPTED, &info))
 }
 
 fn decrypt_card(shared: &Shared, compact: &str) -> Result<CardInput, ApiError> {
@@ -513,7 +551,7 @@ async fn find_token(
         .store
         .find_by_request(&merchant_id, request_id)
         .ok_or(ApiError::NotFound("no token for this requestId"))?;
-    Ok(json_response(StatusCode::OK, info.to_json()))
+    Ok(token_response(StatusCode::OK, &info))
 }
 
 /// `GET .../tokens/{tokenId}`.
@@ -526,7 +564,7 @@ async fn get_token(
         .store
         .get(Some(&merchant_id), &token_id)
         .ok_or(ApiError::NotFound("unknown token"))?;
-    Ok(json_response(StatusCode::OK, info.to_json()))
+    Ok(token_response(StatusCode::OK, &info))
 }
 
 /// Suspend, resume and delete share everything but the action.
@@ -550,7 +588,7 @@ fn lifecycle(
     }
     let info = shared.store.apply(Some(merchant_id), token_id, &action)?;
     tracing::info!(token_id = %token_id, status = ?info.status, "token lifecycle");
-    Ok(json_response(StatusCode::OK, info.to_json()))
+    Ok(token_response(StatusCode::OK, &info))
 }
 
 async fn suspend_token(
@@ -696,6 +734,44 @@ mod tests {
         );
         let resp = ApiError::TooManyRequests { retry_after: 2 }.into_response();
         assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+    }
+
+    /// The typed create-token body takes exactly the bodies the general path reads as three
+    /// strings, and leaves every other one to it.
+    #[test]
+    fn create_token_body_fast_path_agrees_with_the_general_path() {
+        let general = |b: &[u8]| -> Option<(String, String, String)> {
+            let map = object(b).ok()?;
+            Some((
+                required_str(&map, "requestId").ok()?.to_owned(),
+                required_str(&map, "usage").ok()?.to_owned(),
+                required_str(&map, "encryptedData").ok()?.to_owned(),
+            ))
+        };
+        let bodies: [&[u8]; 9] = [
+            br#"{"requestId":"r1","usage":"ONE_OFF","encryptedData":"a.b.c.d.e"}"#,
+            br#" {"usage":"ONE_OFF","encryptedData":"x","requestId":"r1","extra":[1]}"#,
+            br#"["r1","ONE_OFF","x"]"#,
+            br#"{"requestId":null,"usage":"ONE_OFF","encryptedData":"x"}"#,
+            br#"{"requestId":1,"usage":"ONE_OFF","encryptedData":"x"}"#,
+            br#"{"usage":"ONE_OFF","encryptedData":"x"}"#,
+            br#"{"requestId":"a","requestId":"b","usage":"ONE_OFF","encryptedData":"x"}"#,
+            br#"{"requestId":"r1","usage":"ONE_OFF","encryptedData":"x"} x"#,
+            b"",
+        ];
+        for b in bodies {
+            if let Some(t) = CreateTokenBody::parse(b) {
+                let fast = (
+                    t.request_id.into_owned(),
+                    t.usage.into_owned(),
+                    t.encrypted_data.into_owned(),
+                );
+                assert_eq!(Some(fast), general(b), "{}", String::from_utf8_lossy(b));
+            }
+        }
+        assert!(CreateTokenBody::parse(bodies[0]).is_some());
+        assert!(CreateTokenBody::parse(bodies[1]).is_some());
+        assert!(CreateTokenBody::parse(bodies[2]).is_none());
     }
 
     /// The card plaintext the client writes (the shared `model::CardPlaintext`) is what the

@@ -43,6 +43,18 @@ pub enum Status {
     Deleted,
 }
 
+impl Status {
+    /// The wire value (what `Serialize` writes), without a trip through `serde_json::Value`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::Active => "ACTIVE",
+            Status::Suspended => "SUSPENDED",
+            Status::Deleted => "DELETED",
+        }
+    }
+}
+
 /// Everything about a token that may be shown to the gateway. The token PAN is deliberately not
 /// here: it only ever leaves the simulator inside a JWE.
 #[derive(Debug, Clone, Serialize)]
@@ -69,10 +81,7 @@ impl TokenInfo {
     /// The shared wire type (`tokengate-d1-protocol`), so the simulator writes exactly what the
     /// client reads.
     pub fn to_object(&self) -> model::TokenObject {
-        let status = serde_json::to_value(self.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let status = self.status.as_str().to_owned();
         if self.status == Status::Pending {
             return model::TokenObject {
                 token_id: self.token_id.clone(),
@@ -456,6 +465,21 @@ mod tests {
     use anyhow::{Context, bail};
 
     use super::*;
+
+    /// `Status::as_str` (what token objects carry) is what `Serialize` writes (what
+    /// notifications and the control API carry).
+    #[test]
+    fn status_wire_names_match_serde() -> anyhow::Result<()> {
+        for s in [
+            Status::Pending,
+            Status::Active,
+            Status::Suspended,
+            Status::Deleted,
+        ] {
+            anyhow::ensure!(serde_json::to_value(s)? == s.as_str(), "{s:?}");
+        }
+        Ok(())
+    }
 
     fn card() -> anyhow::Result<CardInput> {
         Ok(CardInput {
