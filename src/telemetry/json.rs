@@ -111,16 +111,18 @@ impl Fields<'_, '_> {
     }
 }
 
+/// A float as serde_json writes it (`Value::from(f64)`): null when not finite.
+fn write_f64(w: &mut impl fmt::Write, value: f64) -> fmt::Result {
+    if value.is_finite() {
+        write!(w, "{value:?}")
+    } else {
+        w.write_str("null")
+    }
+}
+
 impl Visit for Fields<'_, '_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // serde_json writes non-finite floats as null.
-        self.entry(field, |w| {
-            if value.is_finite() {
-                write!(w, "{value:?}")
-            } else {
-                w.write_str("null")
-            }
-        });
+        self.entry(field, |w| write_f64(w, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
@@ -229,14 +231,7 @@ impl Collect {
 
 impl Visit for Collect {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        // serde_json's `Value::from(f64)`: null when not finite.
-        self.push(field, |w| {
-            if value.is_finite() {
-                write!(w, "{value:?}")
-            } else {
-                w.write_str("null")
-            }
-        });
+        self.push(field, |w| write_f64(w, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {

@@ -10,78 +10,15 @@ use time::OffsetDateTime;
 use tokengate::domain::ports::lifecycle::{EventWrite, LifecycleStore};
 use tokengate::domain::ports::outbox::{EventAppend, JobNext, OutboxStore};
 use tokengate::domain::ports::{InsertOutcome, StoreError, TokenStore};
-use tokengate::domain::token::{
-    CardMeta, Fingerprints, MerchantId, NetworkTokenMeta, SealedPan, TokenId, TokenRecord,
-    TokenStatus, Usage,
-};
+use tokengate::domain::token::{MerchantId, TokenRecord, TokenStatus};
 use tokengate::domain::webhooks::{
-    DeliveryStatus, EndpointId, EventId, EventType, SealedSecret, WebhookEndpoint, WebhookEvent,
+    DeliveryStatus, EventId, EventType, WebhookEndpoint, WebhookEvent,
 };
-use tokengate_cards::{Brand, Expiry};
 
 const LEASE: Duration = Duration::from_millis(500);
 const RETENTION: Duration = Duration::from_secs(3600);
 
-fn token(m: &MerchantId) -> TokenRecord {
-    let now = OffsetDateTime::now_utc();
-    TokenRecord {
-        id: TokenId::generate(),
-        merchant_id: m.clone(),
-        usage: Usage::CardOnFile,
-        status: TokenStatus::Pending,
-        card: CardMeta {
-            brand: Brand::Visa,
-            bin: "411111".into(),
-            last4: "1111".into(),
-            expiry: Expiry::trusted(12, 2030).expect("valid expiry"),
-        },
-        network_token: None,
-        customer_reference: None,
-        sealed_pan: SealedPan {
-            key_id: "k1".into(),
-            blob: vec![7; 44],
-        },
-        fingerprints: Fingerprints {
-            pan: uuid::Uuid::new_v4().simple().to_string(),
-            pan_expiry: uuid::Uuid::new_v4().simple().to_string(),
-            previous: Vec::new(),
-        },
-        created_at: now,
-        updated_at: now,
-        last_event_at: None,
-        recurring_agreement: None,
-        version: 1,
-    }
-}
-
-fn next(rec: &TokenRecord, status: TokenStatus) -> TokenRecord {
-    let mut r = rec.clone();
-    r.status = status;
-    r.version += 1;
-    r.network_token.get_or_insert_with(|| NetworkTokenMeta {
-        d1_token_id: format!("d1-{}", r.id),
-        last4: Some("4821".into()),
-        expiry: None,
-        par: None,
-    });
-    r
-}
-
-fn endpoint(m: &MerchantId) -> WebhookEndpoint {
-    WebhookEndpoint {
-        id: EndpointId::generate(),
-        merchant_id: m.clone(),
-        url: "https://example.com/hook".into(),
-        events: EventType::ALL.to_vec(),
-        secret: SealedSecret {
-            key_id: "k1".into(),
-            blob: vec![1; 60],
-        },
-        created_at: OffsetDateTime::now_utc(),
-        previous_secret: None,
-        secret_rotated_at: None,
-    }
-}
+use crate::support::records::{endpoint, next, token};
 
 fn append(rec: &TokenRecord, ty: EventType, endpoints: &[&WebhookEndpoint]) -> EventAppend {
     let at = OffsetDateTime::now_utc();

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cases;
 pub mod issuer;
+pub mod records;
 pub mod redis_server;
 pub mod tls;
 
