@@ -28,8 +28,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -37,13 +37,13 @@ use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
+use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
-use tracing::Instrument;
-use tracing::instrument::Instrumented;
 
 use super::problem::{ApiError, codes};
 use super::telemetry::{self, AccessLog};
 use crate::observability;
+use crate::telemetry::context::{self, RequestContext};
 
 /// Middleware settings.
 #[derive(Debug, Clone)]
@@ -96,6 +96,7 @@ impl<S> Layer<S> for Gate {
         GateService {
             inner,
             shared: Arc::clone(&self.shared),
+            route: Arc::default(),
         }
     }
 }
@@ -105,6 +106,29 @@ impl<S> Layer<S> for Gate {
 pub struct GateService<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// The route template this instance serves, kept from its first request: axum layers each
+    /// route (and the fallback) separately, so every request an instance sees has the same
+    /// `MatchedPath`, and the log context and metrics share one `Arc<str>` per route.
+    route: Arc<OnceLock<Arc<str>>>,
+}
+
+impl<S> GateService<S> {
+    /// The route template of `req`, or `unmatched` for the 404 fallback.
+    fn route_of(&self, req: &Request) -> Arc<str> {
+        static UNMATCHED: OnceLock<Arc<str>> = OnceLock::new();
+        match req.extensions().get::<MatchedPath>() {
+            Some(m) => {
+                let cached = self.route.get_or_init(|| Arc::from(m.as_str()));
+                if **cached == *m.as_str() {
+                    Arc::clone(cached)
+                } else {
+                    // Not the route this instance first saw (never with our router): a copy.
+                    Arc::from(m.as_str())
+                }
+            }
+            None => Arc::clone(UNMATCHED.get_or_init(|| Arc::from(telemetry::UNMATCHED))),
+        }
+    }
 }
 
 /// A request's slot under `server.max_concurrency`, given back when dropped (the handler
@@ -155,22 +179,15 @@ where
             }
         };
         let method = observability::method_label(req.method());
-        // A reference count, not a string copy.
-        let route = req.extensions().get::<MatchedPath>().cloned();
+        let route = self.route_of(&req);
         let state = match InFlight::take(&self.shared) {
-            Some(slot) => {
-                let span = telemetry::request_span(
-                    telemetry::loggable_request_id(Some(&request_id)),
-                    route
-                        .as_ref()
-                        .map_or(telemetry::UNMATCHED, MatchedPath::as_str),
-                );
-                State::Running {
-                    fut: tokio::time::timeout(self.shared.request_timeout, self.inner.call(req))
-                        .instrument(span),
-                    _slot: slot,
-                }
-            }
+            Some(slot) => State::Running {
+                fut: context::scope(
+                    telemetry::request_context(&request_id, &route),
+                    tokio::time::timeout(self.shared.request_timeout, self.inner.call(req)),
+                ),
+                _slot: slot,
+            },
             None => State::Shed,
         };
         GateFuture {
@@ -191,7 +208,7 @@ pin_project_lite::pin_project! {
         state: State<F>,
         started: Instant,
         method: &'static str,
-        route: Option<MatchedPath>,
+        route: Arc<str>,
         request_id: Option<HeaderValue>,
         access: AccessLog,
     }
@@ -202,7 +219,7 @@ pin_project_lite::pin_project! {
     enum State<F> {
         Running {
             #[pin]
-            fut: Instrumented<tokio::time::Timeout<F>>,
+            fut: TaskLocalFuture<Option<RequestContext>, tokio::time::Timeout<F>>,
             _slot: InFlight,
         },
         Shed,
@@ -234,12 +251,15 @@ where
         // The handler's future and the slot go now, not when the caller drops this future.
         this.state.set(State::Done);
         let status = resp.status().as_u16();
-        let route = this
-            .route
-            .as_ref()
-            .map_or(telemetry::UNMATCHED, MatchedPath::as_str);
         if let Some(id) = this.request_id.take() {
-            telemetry::record(*this.access, this.method, route, &id, *this.started, status);
+            telemetry::record(
+                *this.access,
+                this.method,
+                this.route,
+                &id,
+                *this.started,
+                status,
+            );
             // Echoed unless the handler set one itself (as tower-http's PropagateRequestId).
             if !resp.headers().contains_key(&X_REQUEST_ID) {
                 resp.headers_mut().insert(X_REQUEST_ID.clone(), id);

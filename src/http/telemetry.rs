@@ -2,12 +2,14 @@
 //! access-log line of every request (called by the middleware in src/http/stack.rs), and
 //! `GET /metrics`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::observability;
+use crate::telemetry::context::RequestContext;
 
 pub use crate::telemetry::ACCESS_TARGET;
 
@@ -63,10 +65,26 @@ pub(super) fn loggable_request_id(v: Option<&HeaderValue>) -> &str {
 /// The route of a request no route matched (the 404 fallback): the raw path is never logged.
 pub const UNMATCHED: &str = "unmatched";
 
-/// The request context of every line logged while a request is handled: its id (as logged)
-/// and its route template (the template, never the raw path: paths hold token ids).
-pub(super) fn request_span(request_id: &str, route: &str) -> tracing::Span {
-    tracing::info_span!("request", request_id, route)
+/// The request context of every line logged while a request is handled
+/// (src/telemetry/context.rs): its id as logged and its route template (the template, never the
+/// raw path: paths hold token ids). `None` when `log.level` filters out info lines of this
+/// module, as it filtered out the `request` span the context replaces.
+pub(super) fn request_context(
+    request_id: &HeaderValue,
+    route: &Arc<str>,
+) -> Option<RequestContext> {
+    if !tracing::span_enabled!(tracing::Level::INFO, request_id, route) {
+        return None;
+    }
+    let loggable = loggable_request_id(Some(request_id));
+    Some(RequestContext {
+        request_id: if loggable == "-" {
+            HeaderValue::from_static("-")
+        } else {
+            request_id.clone()
+        },
+        route: Arc::clone(route),
+    })
 }
 
 /// One answered request: its metrics and its access-log line (src/http/stack.rs calls it with
