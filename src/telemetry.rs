@@ -102,9 +102,10 @@ where
         .with_env_filter(filter(cfg))
         .with_writer(writer);
     match resolve_format(cfg.format, terminal) {
-        // The event's fields at the top level; of the spans only the innermost (the request
-        // span and its request id), not the list of all of them. The access-log line takes a
-        // direct path with the same output (src/telemetry/json.rs).
+        // The event's fields at the top level; of the spans only the innermost (else the
+        // request context, written as the `request` span it replaces: telemetry/context.rs),
+        // not the list of all of them. The access-log line takes a direct path with the same
+        // output (src/telemetry/json.rs).
         Resolved::Json => Dispatch::new(
             builder
                 .json()

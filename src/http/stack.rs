@@ -17,8 +17,9 @@
 //!    latency to requests that will time out anyway).
 //! 3. **The whole-request budget** (`server.request_timeout_ms`): when it elapses the handler
 //!    is dropped, its slot freed, and the answer is `503 request_timeout`.
-//! 4. **Request context** (src/http/telemetry.rs): every log line written while the handler
-//!    runs carries the request id and the route template.
+//! 4. **Request context** (src/telemetry/context.rs, a task-local around the handler rather
+//!    than a `tracing` span): every log line written while the handler runs carries the
+//!    request id and the route template.
 //! 5. **Metrics and access log** (src/http/telemetry.rs), outside shedding and timeouts so their
 //!    503s are counted and logged too. Never bodies or headers (card data, credentials).
 //!
