@@ -3,10 +3,10 @@
 //!
 //! It replaces seven tower layers (tower-http's `SetRequestId` and `PropagateRequestId`, an
 //! axum `from_fn` middleware, `HandleError`, `LoadShed`, `GlobalConcurrencyLimit`, `Timeout`)
-//! with the same answers: seven nested futures moved around on every poll, the `from_fn`
-//! middleware's boxed future and per-call clone of the inner service, a semaphore where a
-//! counter does, and extensions nobody read were about a sixth of the gateway's CPU per GET
-//! (docs/performance.md, "GET path, round 4"). What each step does, in order:
+//! with the same answers. In a GET profile the seven nested futures were moved around on
+//! every poll (`memmove` ~3%), `SetRequestId` alone was 1.7%, and the `from_fn` middleware
+//! boxed its future and cloned the inner service per call; a semaphore stood where a counter
+//! does (docs/performance.md, "GET path, round 4"). What each step does, in order:
 //!
 //! 1. **Request id**: the client's `x-request-id` is kept (traces join up across services),
 //!    else a random UUID is generated and put on the request (the audit trail reads it there).
