@@ -1,12 +1,16 @@
 //! Logging setup: text or JSON lines (`log.format`, `auto` by default), filtered by `log.level`
 //! (or `RUST_LOG`), written to stdout by a background thread.
 //!
-//! Log lines inside a request carry its request id (the `request` span of
-//! src/http/telemetry.rs, which also writes the access log). Card data never reaches a log line:
+//! Log lines inside a request carry its request id and route template (the request context of
+//! `telemetry/context.rs`, set by src/http/stack.rs; src/http/telemetry.rs writes the access
+//! log). Card data never reaches a log line:
 //! PANs are a masked type, paths are logged as route templates, and bodies and headers are never
 //! logged.
 
+mod clock;
+pub mod context;
 mod json;
+mod text;
 mod writer;
 
 use std::io::IsTerminal;
@@ -98,9 +102,10 @@ where
         .with_env_filter(filter(cfg))
         .with_writer(writer);
     match resolve_format(cfg.format, terminal) {
-        // The event's fields at the top level; of the spans only the innermost (the request
-        // span and its request id), not the list of all of them. The access-log line takes a
-        // direct path with the same output (src/telemetry/json.rs).
+        // The event's fields at the top level; of the spans only the innermost (else the
+        // request context, written as the `request` span it replaces: telemetry/context.rs),
+        // not the list of all of them. The access-log line takes a direct path with the same
+        // output (src/telemetry/json.rs).
         Resolved::Json => Dispatch::new(
             builder
                 .json()
@@ -112,7 +117,14 @@ where
                 .fmt_fields(json::SpanFields)
                 .finish(),
         ),
-        Resolved::Text => Dispatch::new(builder.with_ansi(ansi).finish()),
+        // The stock text format with the request context where its span was
+        // (src/telemetry/text.rs).
+        Resolved::Text => Dispatch::new(
+            builder
+                .with_ansi(ansi)
+                .event_format(text::TextLines::new())
+                .finish(),
+        ),
     }
 }
 

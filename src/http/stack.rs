@@ -1,18 +1,50 @@
-//! The one tower middleware stack of the API, outermost layer first.
+//! The one middleware of the API, around every route: request id, load shedding, the request
+//! timeout, the request context of log lines, metrics and the access log.
+//!
+//! It replaces seven tower layers (tower-http's `SetRequestId` and `PropagateRequestId`, an
+//! axum `from_fn` middleware, `HandleError`, `LoadShed`, `GlobalConcurrencyLimit`, `Timeout`)
+//! with the same answers. In a GET profile the seven nested futures were moved around on
+//! every poll (`memmove` ~3%), `SetRequestId` alone was 1.7%, and the `from_fn` middleware
+//! boxed its future and cloned the inner service per call; a semaphore stood where a counter
+//! does (docs/performance.md, "GET path, round 4"). What each step does, in order:
+//!
+//! 1. **Request id**: the client's `x-request-id` is kept (traces join up across services),
+//!    else a random UUID is generated and put on the request (the audit trail reads it there).
+//!    Either is echoed on the response, so a client can quote it in a support ticket.
+//! 2. **Load shedding at `server.max_concurrency`**: one counter of requests in flight shared
+//!    by all routes (not per route), bounding memory and the load we put on Redis and D1. Over
+//!    the limit the answer is `503 overloaded` at once instead of a queue (a queue only adds
+//!    latency to requests that will time out anyway).
+//! 3. **The whole-request budget** (`server.request_timeout_ms`): when it elapses the handler
+//!    is dropped, its slot freed, and the answer is `503 request_timeout`.
+//! 4. **Request context** (src/telemetry/context.rs, a task-local around the handler rather
+//!    than a `tracing` span): every log line written while the handler runs carries the
+//!    request id and the route template.
+//! 5. **Metrics and access log** (src/http/telemetry.rs), outside shedding and timeouts so their
+//!    503s are counted and logged too. Never bodies or headers (card data, credentials).
+//!
+//! axum's `Router::layer` puts the middleware around each route (and the fallback) after the
+//! router matched it, so the route template (`MatchedPath`) is known here.
 
-use std::time::Duration;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::error_handling::HandleErrorLayer;
-use axum::http::{Request, StatusCode};
-use axum::response::IntoResponse;
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::{BoxError, ServiceBuilder};
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use tokio::task::futures::TaskLocalFuture;
+use tower::{Layer, Service};
 
 use super::problem::{ApiError, codes};
+use super::telemetry::{self, AccessLog};
+use crate::observability;
+use crate::telemetry::context::{self, RequestContext};
 
 /// Middleware settings.
 #[derive(Debug, Clone)]
@@ -24,72 +56,248 @@ pub struct HttpSettings {
     pub access_log: super::telemetry::AccessLog,
 }
 
+/// The request id header: taken from the client when it sends one, else generated.
+static X_REQUEST_ID: HeaderName = HeaderName::from_static(telemetry::REQUEST_ID);
+
+/// The API routes with the middleware around each of them.
 pub fn apply(router: Router, s: &HttpSettings) -> Router {
-    router.layer(
-        ServiceBuilder::new()
-            // A request id first, so every later layer and every log line can carry it; a
-            // client-supplied x-request-id is kept so traces join up across services.
-            .layer(SetRequestIdLayer::x_request_id(FastRequestUuid))
-            // Echo it on the response so a client can quote it in a support ticket.
-            .layer(PropagateRequestIdLayer::x_request_id())
-            // The request span (request id and route template), metrics by route and the access
-            // log (src/http/telemetry.rs): one cheap middleware instead of tower-http's
-            // TraceLayer, whose span logged the raw path (token ids) and whose per-response
-            // event formatted the whole span. Outside shedding and timeouts so their 503s are
-            // counted and logged too. Never bodies or headers (card data, credentials).
-            .layer(axum::middleware::from_fn_with_state(
-                s.access_log,
-                super::telemetry::track,
-            ))
-            // Turns shedding and timeouts below into problem responses.
-            .layer(HandleErrorLayer::new(handle_stack_error))
-            // Shed outside the limit: when all permits are taken, answer 503 at once instead
-            // of queueing (a queue only adds latency to requests that will time out anyway).
-            .load_shed()
-            // One global limit shared by all routes (not per route), bounding memory and the
-            // load we put on Redis and D1.
-            .layer(GlobalConcurrencyLimitLayer::new(s.max_concurrency))
-            // The whole-request budget, inside the limit so a slow request frees its permit.
-            .timeout(s.request_timeout),
+    router.layer(Gate::new(s))
+}
+
+/// The middleware's [`Layer`]: every route's instance shares one in-flight counter.
+#[derive(Clone)]
+pub struct Gate {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    in_flight: AtomicUsize,
+    max_concurrency: usize,
+    request_timeout: Duration,
+    access: AccessLog,
+}
+
+impl Gate {
+    pub fn new(s: &HttpSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                in_flight: AtomicUsize::new(0),
+                max_concurrency: s.max_concurrency,
+                request_timeout: s.request_timeout,
+                access: s.access_log,
+            }),
+        }
+    }
+}
+
+impl<S> Layer<S> for Gate {
+    type Service = GateService<S>;
+
+    fn layer(&self, inner: S) -> GateService<S> {
+        GateService {
+            inner,
+            shared: Arc::clone(&self.shared),
+            route: Arc::default(),
+        }
+    }
+}
+
+/// One route's service with the middleware around it.
+#[derive(Clone)]
+pub struct GateService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    /// The route template this instance serves, kept from its first request: axum layers each
+    /// route (and the fallback) separately, so every request an instance sees has the same
+    /// `MatchedPath`, and the log context and metrics share one `Arc<str>` per route.
+    route: Arc<OnceLock<Arc<str>>>,
+}
+
+impl<S> GateService<S> {
+    /// The route template of `req`, or `unmatched` for the 404 fallback.
+    fn route_of(&self, req: &Request) -> Arc<str> {
+        static UNMATCHED: OnceLock<Arc<str>> = OnceLock::new();
+        match req.extensions().get::<MatchedPath>() {
+            Some(m) => {
+                let cached = self.route.get_or_init(|| Arc::from(m.as_str()));
+                if **cached == *m.as_str() {
+                    Arc::clone(cached)
+                } else {
+                    // Not the route this instance first saw (never with our router): a copy.
+                    Arc::from(m.as_str())
+                }
+            }
+            None => Arc::clone(UNMATCHED.get_or_init(|| Arc::from(telemetry::UNMATCHED))),
+        }
+    }
+}
+
+/// A request's slot under `server.max_concurrency`, given back when dropped (the handler
+/// finished, timed out, or the connection went away and the future was dropped).
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn take(shared: &Arc<Shared>) -> Option<Self> {
+        // A plain counter is exactly "load shed + concurrency limit": the slot is taken or the
+        // request is refused at once, nothing ever waits for one.
+        let before = shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        if before >= shared.max_concurrency {
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Self(Arc::clone(shared)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S> Service<Request> for GateService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = GateFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let started = Instant::now();
+        // A client-supplied id is kept as sent (the first one if it sent several), as
+        // tower-http's SetRequestId did.
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v) => v.clone(),
+            None => {
+                let v = fast_request_id();
+                req.headers_mut().insert(X_REQUEST_ID.clone(), v.clone());
+                v
+            }
+        };
+        let method = observability::method_label(req.method());
+        let route = self.route_of(&req);
+        let state = match InFlight::take(&self.shared) {
+            Some(slot) => State::Running {
+                fut: context::scope(
+                    telemetry::request_context(&request_id, &route),
+                    tokio::time::timeout(self.shared.request_timeout, self.inner.call(req)),
+                ),
+                _slot: slot,
+            },
+            None => State::Shed,
+        };
+        GateFuture {
+            state,
+            started,
+            method,
+            route,
+            request_id: Some(request_id),
+            access: self.shared.access,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of [`GateService`].
+    pub struct GateFuture<F> {
+        #[pin]
+        state: State<F>,
+        started: Instant,
+        method: &'static str,
+        route: Arc<str>,
+        request_id: Option<HeaderValue>,
+        access: AccessLog,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Running {
+            #[pin]
+            fut: TaskLocalFuture<Option<RequestContext>, tokio::time::Timeout<F>>,
+            _slot: InFlight,
+        },
+        Shed,
+        Done,
+    }
+}
+
+impl<F> Future for GateFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    #[expect(
+        clippy::panic,
+        reason = "polling a completed future is the caller's bug, as for every std future"
+    )]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let mut resp = match this.state.as_mut().project() {
+            StateProj::Running { fut, .. } => match ready!(fut.poll(cx)) {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(never)) => match never {},
+                Err(_elapsed) => timed_out(),
+            },
+            StateProj::Shed => overloaded(),
+            StateProj::Done => panic!("GateFuture polled after completion"),
+        };
+        // The handler's future and the slot go now, not when the caller drops this future.
+        this.state.set(State::Done);
+        let status = resp.status().as_u16();
+        if let Some(id) = this.request_id.take() {
+            telemetry::record(
+                *this.access,
+                this.method,
+                this.route,
+                &id,
+                *this.started,
+                status,
+            );
+            // Echoed unless the handler set one itself (as tower-http's PropagateRequestId).
+            if !resp.headers().contains_key(&X_REQUEST_ID) {
+                resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            }
+        }
+        Poll::Ready(Ok(resp))
+    }
+}
+
+/// A random (v4) UUID as a request id, from the user-space CSPRNG. tower-http's
+/// `MakeRequestUuid` drew each one from the OS (`getrandom`), a system call per request that
+/// showed in the GET profile (docs/performance.md). Request ids need uniqueness, not secrecy
+/// from the OS pool.
+fn fast_request_id() -> HeaderValue {
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    let s = id.hyphenated().encode_lower(&mut buf);
+    // A hyphenated UUID is always a valid header value.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Every slot under `server.max_concurrency` is taken.
+fn overloaded() -> Response {
+    ApiError::of(
+        &codes::OVERLOADED,
+        "the gateway is at its concurrency limit; retry shortly",
     )
+    .with_retry_after(Some(Duration::from_secs(1)))
+    .into_response()
 }
 
-/// Random (v4) UUIDs as request ids, from the user-space CSPRNG. tower-http's `MakeRequestUuid`
-/// draws each one from the OS (`getrandom`), a system call per request that showed in the GET
-/// profile (docs/performance.md). Request ids need uniqueness, not secrecy from the OS pool.
-#[derive(Clone, Copy)]
-struct FastRequestUuid;
-
-impl MakeRequestId for FastRequestUuid {
-    fn make_request_id<B>(&mut self, _request: &Request<B>) -> Option<RequestId> {
-        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-        let mut buf = uuid::Uuid::encode_buffer();
-        let s = id.hyphenated().encode_lower(&mut buf);
-        axum::http::HeaderValue::from_str(s)
-            .ok()
-            .map(RequestId::new)
-    }
-}
-
-async fn handle_stack_error(err: BoxError) -> axum::response::Response {
-    if err.is::<tower::load_shed::error::Overloaded>() {
-        ApiError::of(
-            &codes::OVERLOADED,
-            "the gateway is at its concurrency limit; retry shortly",
-        )
-        .with_retry_after(Some(Duration::from_secs(1)))
-        .into_response()
-    } else if err.is::<tower::timeout::error::Elapsed>() {
-        ApiError::of(
-            &codes::REQUEST_TIMEOUT,
-            "the request did not complete within the gateway's time budget",
-        )
-        .with_retry_after(Some(Duration::from_secs(1)))
-        .into_response()
-    } else {
-        tracing::error!(error = %err, "middleware error");
-        let mut e = ApiError::internal();
-        e.status = StatusCode::INTERNAL_SERVER_ERROR;
-        e.into_response()
-    }
+/// `server.request_timeout_ms` elapsed before the handler answered.
+fn timed_out() -> Response {
+    ApiError::of(
+        &codes::REQUEST_TIMEOUT,
+        "the request did not complete within the gateway's time budget",
+    )
+    .with_retry_after(Some(Duration::from_secs(1)))
+    .into_response()
 }

@@ -1,15 +1,15 @@
-//! HTTP side of the metrics and logs: the middleware that opens the request span, counts and
-//! times every request by route template and writes the access log, and `GET /metrics`.
+//! HTTP side of the metrics and logs: the request context of log lines, the metrics and the
+//! access-log line of every request (called by the middleware in src/http/stack.rs), and
+//! `GET /metrics`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tracing::Instrument;
 
 use crate::observability;
+use crate::telemetry::context::RequestContext;
 
 pub use crate::telemetry::ACCESS_TARGET;
 
@@ -41,11 +41,11 @@ impl AccessLog {
     }
 }
 
-/// The request id as logged: the one `SetRequestIdLayer` set or the client sent. A client id
+/// The request id as logged: the one src/http/stack.rs generated or the client sent. A client id
 /// that is not visible ASCII, is longer than 64 bytes, or holds a run of 13 or more digits (a
 /// card number pasted into a header) is logged as `-`: log lines are bounded, and a PAN never
 /// reaches one. Generated ids (UUIDs: at most 12 digits in a row) always pass.
-fn loggable_request_id(v: Option<&HeaderValue>) -> &str {
+pub(super) fn loggable_request_id(v: Option<&HeaderValue>) -> &str {
     let Some(s) = v.and_then(|v| v.to_str().ok()) else {
         return "-";
     };
@@ -62,33 +62,53 @@ fn loggable_request_id(v: Option<&HeaderValue>) -> &str {
     s
 }
 
-/// One request: its span, its metrics and its access-log line.
+/// The route of a request no route matched (the 404 fallback): the raw path is never logged.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The request context of every line logged while a request is handled
+/// (src/telemetry/context.rs): its id as logged and its route template (the template, never the
+/// raw path: paths hold token ids). `None` when `log.level` filters out info lines of this
+/// module, as it filtered out the `request` span the context replaces.
+pub(super) fn request_context(
+    request_id: &HeaderValue,
+    route: &Arc<str>,
+) -> Option<RequestContext> {
+    if !tracing::span_enabled!(tracing::Level::INFO, request_id, route) {
+        return None;
+    }
+    let loggable = loggable_request_id(Some(request_id));
+    Some(RequestContext {
+        request_id: if loggable == "-" {
+            HeaderValue::from_static("-")
+        } else {
+            request_id.clone()
+        },
+        route: Arc::clone(route),
+    })
+}
+
+/// One answered request: its metrics and its access-log line (src/http/stack.rs calls it with
+/// every response, the middleware's own 503s included).
 ///
 /// The route is axum's `MatchedPath` (the template, e.g. `/v1/tokens/{id}`), never the raw
 /// path: token ids in paths must not become label values or reach a log line. Requests no route
 /// matched (404 fallback) are `unmatched`.
 ///
-/// The `request` span (info, with the request id and the route template) wraps the inner layers
-/// and the handler,
-/// so their log lines carry both. The access-log line is one event emitted after the
-/// response, outside that span, with every field explicit: method, route, status, latency_ms,
-/// request_id. 5xx lines are at warn, so they still show with `log.level = "warn"`.
-pub async fn track(State(access): State<AccessLog>, req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = observability::method_label(req.method());
-    // Clones of the matched path and the header value are reference counts, not string copies.
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let rid = req.headers().get(REQUEST_ID).cloned();
-    let request_id = loggable_request_id(rid.as_ref());
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    // Every line logged while handling the request carries its id and its route template (the
-    // template, never the raw path: paths hold token ids).
-    let span = tracing::info_span!("request", request_id, route);
-    let resp = next.run(req).instrument(span).await;
+/// The access-log line is one event emitted after the response, outside the request context,
+/// with every field explicit: method, route, status, latency_ms, request_id. 5xx lines are at
+/// warn, so they still show with `log.level = "warn"`.
+pub(super) fn record(
+    access: AccessLog,
+    method: &'static str,
+    route: &str,
+    request_id: &HeaderValue,
+    started: Instant,
+    status: u16,
+) {
     let elapsed = started.elapsed();
-    let status = resp.status().as_u16();
     observability::record_http(method, route, status, elapsed);
     if access.should_log(status, rand::random::<f64>) {
+        let request_id = loggable_request_id(Some(request_id));
         // Milliseconds with microsecond resolution, as a number (JSON) rather than a string.
         let latency_ms = elapsed.as_micros() as f64 / 1000.0;
         if status >= 500 {
@@ -97,7 +117,6 @@ pub async fn track(State(access): State<AccessLog>, req: Request, next: Next) ->
             tracing::info!(target: ACCESS_TARGET, method, route, status, latency_ms, request_id, "request");
         }
     }
-    resp
 }
 
 /// Prometheus text exposition of this process's metrics. Unauthenticated, like `/healthz`:

@@ -6,21 +6,29 @@
 //! "GET path profile, round 2"). Access-log events (target [`super::ACCESS_TARGET`]) are
 //! written here field by field straight into the line, with the same keys, values and JSON
 //! types as the stock formatter; every other event goes to the stock formatter unchanged.
+//!
+//! A line logged while a request is handled gets the request context (`context.rs`) as its
+//! `span`, exactly as the stock formatter writes the `request` span the context replaces,
+//! unless another span is current (the JSON format shows only the innermost span).
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::{Format, Json, Writer};
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
+
+use super::clock::CachedSystemTime;
+use super::context;
 
 /// `log.format = "json"`: the stock formatter (flattened event fields, the current span, no
 /// span list) for every event but the access-log line, which is written directly.
 pub struct JsonLines {
-    stock: Format<Json, SystemTime>,
-    timer: SystemTime,
+    stock: Format<Json, CachedSystemTime>,
+    timer: CachedSystemTime,
 }
 
 impl JsonLines {
@@ -30,10 +38,29 @@ impl JsonLines {
                 .json()
                 .flatten_event(true)
                 .with_current_span(true)
-                .with_span_list(false),
-            timer: SystemTime,
+                .with_span_list(false)
+                .with_timer(CachedSystemTime),
+            timer: CachedSystemTime,
         }
     }
+}
+
+thread_local! {
+    /// The buffer of a stock line that gets the request context spliced in, kept between lines.
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+/// `,"span":{"request_id":…,"route":…,"name":"request"}`: the stock formatter's `span` for a
+/// `request` span with these two string fields (its stored fields parsed into a sorted map,
+/// then the name).
+fn write_request_span(w: &mut Writer<'_>, request_id: &str, route: &str) -> fmt::Result {
+    w.write_str(",\"span\":{\"request_id\":")?;
+    write_str_escaped(w, request_id)?;
+    w.write_str(",\"route\":")?;
+    write_str_escaped(w, route)?;
+    w.write_str(",\"name\":")?;
+    write_str_escaped(w, context::SPAN_NAME)?;
+    w.write_char('}')
 }
 
 impl<S, N> FormatEvent<S, N> for JsonLines
@@ -48,8 +75,38 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         let meta = event.metadata();
+        // The span the stock formatter shows: the event's own parent, else the current one.
+        let span = event
+            .parent()
+            .and_then(|id| ctx.span(id))
+            .or_else(|| ctx.lookup_current());
         if meta.target() != super::ACCESS_TARGET {
-            return self.stock.format_event(ctx, w, event);
+            if span.is_some() {
+                return self.stock.format_event(ctx, w, event);
+            }
+            let spliced = context::with(|request_id, route| {
+                // The stock line ends with `}` and a newline: the span goes before them.
+                let mut line = |buf: &mut String| {
+                    buf.clear();
+                    self.stock.format_event(ctx, Writer::new(buf), event)?;
+                    let Some(body) = buf.strip_suffix("}\n") else {
+                        return w.write_str(buf);
+                    };
+                    w.write_str(body)?;
+                    write_request_span(&mut w, request_id, route)?;
+                    w.write_str("}\n")
+                };
+                match SCRATCH.try_with(|s| s.try_borrow_mut().ok().map(|mut b| line(&mut b))) {
+                    Ok(Some(r)) => r,
+                    // A line formatted while another is (a `Debug` impl that logs), or a
+                    // thread being torn down: a buffer of its own.
+                    _ => line(&mut String::new()),
+                }
+            });
+            return match spliced {
+                Some(r) => r,
+                None => self.stock.format_event(ctx, w, event),
+            };
         }
         // The stock formatter's key order: timestamp, level, the event's fields, target, span.
         w.write_str("{\"timestamp\":\"")?;
@@ -65,11 +122,10 @@ where
         fields.result?;
         w.write_str(",\"target\":")?;
         write_str_escaped(&mut w, meta.target())?;
-        let span = event
-            .parent()
-            .and_then(|id| ctx.span(id))
-            .or_else(|| ctx.lookup_current());
-        if let Some(span) = span {
+        if span.is_none() {
+            context::with(|request_id, route| write_request_span(&mut w, request_id, route))
+                .unwrap_or(Ok(()))?;
+        } else if let Some(span) = span {
             w.write_str(",\"span\":{")?;
             let ext = span.extensions();
             // The span's fields as JsonFields stored them: one JSON object, spliced in
@@ -490,5 +546,77 @@ mod tests {
         assert_eq!(lines[6]["span"]["request_id"], "r-1");
         assert_eq!(lines[6]["span"]["name"], "request");
         assert_eq!(lines[6]["message"], "in a span 7");
+    }
+
+    /// The lines of `emit` inside a real `request` span through the stock JSON formatter, then
+    /// inside a request context through [`JsonLines`] (with [`SpanFields`]): byte for byte but
+    /// the timestamp.
+    #[test]
+    fn lines_in_a_request_are_those_of_the_request_span() {
+        fn emit() {
+            tracing::info!(a = 1, "plain");
+            tracing::warn!(b = "two", e = ?Some(3), "warned");
+            let inner = tracing::info_span!("inner", n = 3);
+            inner.in_scope(|| tracing::info!("nested"));
+            tracing::error!("after the nested span");
+        }
+        let route = "/v1/tokens/{id}";
+        for request_id in ["0b7d3f1e-9c4a-4e2b-8f6d-123456789012", "q\"uo\\te", "-"] {
+            let stock_buf = Buf::default();
+            let w = stock_buf.clone();
+            let stock = tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish();
+            tracing::subscriber::with_default(stock, || {
+                tracing::info_span!("request", request_id, route).in_scope(emit);
+            });
+            let ours_buf = Buf::default();
+            let w = ours_buf.clone();
+            let ours = tracing_subscriber::fmt()
+                .with_writer(move || w.clone())
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .event_format(JsonLines::new())
+                .fmt_fields(SpanFields)
+                .finish();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            tracing::subscriber::with_default(ours, || {
+                let ctx = context::RequestContext {
+                    request_id: http::HeaderValue::from_static(request_id),
+                    route: route.into(),
+                };
+                rt.block_on(context::scope(Some(ctx), async { emit() }));
+                tracing::info!("outside");
+            });
+            // The timestamp is the first value: `{"timestamp":"…Z",` (27 characters).
+            let strip = |b: &Buf| -> Vec<String> {
+                String::from_utf8(b.0.lock().unwrap().clone())
+                    .unwrap()
+                    .lines()
+                    .map(|l| {
+                        assert!(l.starts_with("{\"timestamp\":\""), "{l}");
+                        l[14 + 27..].to_owned()
+                    })
+                    .collect()
+            };
+            let stock = strip(&stock_buf);
+            let mut ours = strip(&ours_buf);
+            let outside = ours.pop().unwrap();
+            assert!(!outside.contains("span"), "{outside}");
+            assert_eq!(stock.len(), 4);
+            assert_eq!(stock, ours);
+            let v: Value = serde_json::from_str(&format!("{{\"t\":\"{}", ours[0])).unwrap();
+            assert_eq!(v["span"]["request_id"], request_id);
+            assert_eq!(v["span"]["route"], route);
+            assert_eq!(v["span"]["name"], "request");
+        }
     }
 }

@@ -277,6 +277,65 @@ async fn concurrent_duplicate_idempotency_key_is_409() {
     assert_eq!(third.headers()["idempotent-replayed"], "true");
 }
 
+/// The middleware's own answers (src/http/stack.rs): a request over `server.max_concurrency`
+/// and one past `server.request_timeout_ms` get their problem with `Retry-After: 1`, and both
+/// still echo the request id; the slot of the timed-out request is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_and_shedding_answer_problems_with_retry_after_and_request_id() {
+    let app = TestApp::builder(Backend::Embedded)
+        .env("TOKENGATE__SERVER__MAX_CONCURRENCY", "1")
+        .env("TOKENGATE__SERVER__REQUEST_TIMEOUT_MS", "1000")
+        .env("TOKENGATE__D1__CALL_TIMEOUT_MS", "5000")
+        .start()
+        .await;
+    let (_, key) = app.create_merchant("Slow Co").await;
+    app.sim_faults(json!({"latency": {"fixedMs": 3000}, "operations": ["createToken"]}))
+        .await;
+    let slow = {
+        let client = app.client.clone();
+        let url = app.url("/v1/tokens");
+        let key = key.clone();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(key)
+                .header("x-request-id", "it-slow-1")
+                .json(&card_body(VISA, 12, 2030))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The one slot is taken by the slow request: this one is shed at once.
+    let r = app
+        .client
+        .get(app.url("/v1/tokens/tok_AAAAAAAAAAAAAAAAAAAAAA"))
+        .bearer_auth(&key)
+        .header("x-request-id", "it-shed-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["x-request-id"], "it-shed-1");
+    expect_problem(r, 503, "overloaded").await;
+
+    let r = slow.await.unwrap();
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(r.headers()["x-request-id"], "it-slow-1");
+    let v = expect_problem(r, 503, "request_timeout").await;
+    assert_eq!(
+        v["detail"],
+        "the request did not complete within the gateway's time budget"
+    );
+    // The timed-out request's slot is free again; a generated id is echoed.
+    let r = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(id.len(), 36, "{id}");
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_sheds_with_503_instead_of_queueing() {
     let app = TestApp::builder(Backend::Redis)
