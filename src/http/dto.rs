@@ -145,14 +145,30 @@ pub struct TokenView<'a> {
     /// The recurring agreement recorded for merchant-initiated payments, if any
     /// (`PUT /v1/tokens/{id}/recurring-agreement`).
     pub recurring_agreement: Option<RecurringAgreementView<'a>>,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    #[schema(format = DateTime)]
-    pub updated_at: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Rfc3339Time,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: Rfc3339Time,
 }
 
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A timestamp that serialises as [`rfc3339`] does, formatted on the stack: a token view is
+/// written on every GET and dedup hit, and two `String`s per view showed in their profile.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339Time(pub OffsetDateTime);
+
+impl Serialize for Rfc3339Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The longest RFC 3339 form `time` writes (nanoseconds, an offset) is 35 bytes.
+        let mut buf = [0u8; 64];
+        let mut out = &mut buf[..];
+        // On a failure (a year `time` cannot write as RFC 3339): "", as [`rfc3339`] gives.
+        let n = self.0.format_into(&mut out, &Rfc3339).unwrap_or(0);
+        s.serialize_str(std::str::from_utf8(&buf[..n]).unwrap_or_default())
+    }
 }
 
 impl<'a> From<&'a TokenRecord> for TokenView<'a> {
@@ -180,8 +196,8 @@ impl<'a> From<&'a TokenRecord> for TokenView<'a> {
                 .recurring_agreement
                 .as_ref()
                 .map(RecurringAgreementView::from),
-            created_at: rfc3339(r.created_at),
-            updated_at: rfc3339(r.updated_at),
+            created_at: Rfc3339Time(r.created_at),
+            updated_at: Rfc3339Time(r.updated_at),
         }
     }
 }

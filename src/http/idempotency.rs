@@ -31,11 +31,22 @@ pub struct Reply {
     pub retry_after: Option<std::time::Duration>,
 }
 
+/// Serialises `v` into one buffer sized for a typical view (a token is ~400 bytes), so it is
+/// not regrown while written; the `String` then becomes the response body without a copy.
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    let mut buf = Vec::with_capacity(512);
+    match serde_json::to_writer(&mut buf, v) {
+        // serde_json writes only valid UTF-8.
+        Ok(()) => String::from_utf8(buf).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
 impl Reply {
     pub fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Reply {
         Reply {
             status,
-            body: serde_json::to_string(v).unwrap_or_default(),
+            body: to_json(v),
             content_type: "application/json",
             sensitive: false,
             sealed: false,
@@ -113,12 +124,12 @@ impl From<ApiError> for Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let no_content = self.status == StatusCode::NO_CONTENT;
-        let mut r = (self.status, self.body).into_response();
-        if no_content {
-            // No content, hence no content type (the `String` body would set `text/plain`).
-            r.headers_mut().remove(header::CONTENT_TYPE);
-        } else {
+        // Built directly (not through `(StatusCode, String)`, which sets a `text/plain` type
+        // that would only be replaced): the body `String` becomes the response body as is.
+        let mut r = Response::new(axum::body::Body::from(self.body));
+        *r.status_mut() = self.status;
+        // No content, hence no content type.
+        if self.status != StatusCode::NO_CONTENT {
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(self.content_type),
@@ -166,6 +177,23 @@ where
     let Some(key) = key else {
         return run().await.into_response();
     };
+    // Boxed: a request without a key (the common case) does not carry this path's state
+    // (store calls, digests) in its future, which axum moves and boxes per request.
+    Box::pin(run_keyed(state, scope, key, request_parts, run)).await
+}
+
+/// [`run_idempotent`] with an `Idempotency-Key`.
+async fn run_keyed<F, Fut>(
+    state: &AppState,
+    scope: &str,
+    key: String,
+    request_parts: &[&[u8]],
+    run: F,
+) -> Response
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Reply>,
+{
     let digest = state.services.keyring.request_digest(request_parts);
     let store = &state.services.store;
     let lock_ttl = Duration::from_secs(state.idempotency_lock_ttl_s);

@@ -116,7 +116,7 @@ fn created(t: Tokenized) -> TokenRecord {
 
 fn existing_id(t: Tokenized) -> TokenId {
     match t {
-        Tokenized::Existing(r) => r.id,
+        Tokenized::Existing(r) => r.id.clone(),
         Tokenized::Created(r) => panic!("card tokenized twice: new token {}", r.id),
     }
 }

@@ -158,7 +158,7 @@ pub async fn create_token(
         };
         match state.services.tokenize(&merchant, cmd).await {
             Ok(Tokenized::Created(r)) => Reply::json(StatusCode::CREATED, &TokenView::from(&r)),
-            Ok(Tokenized::Existing(r)) => Reply::json(StatusCode::OK, &TokenView::from(&r)),
+            Ok(Tokenized::Existing(r)) => Reply::json(StatusCode::OK, &TokenView::from(&*r)),
             Err(e) => ApiError::from(e).into(),
         }
     })
@@ -261,7 +261,7 @@ pub async fn create_cryptogram(
 
 async fn lifecycle(
     state: AppState,
-    merchant: crate::domain::merchant::Merchant,
+    merchant: std::sync::Arc<crate::domain::merchant::Merchant>,
     ctx: AuditCtx,
     id: String,
     headers: HeaderMap,
