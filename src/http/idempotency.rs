@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 
 use super::problem::{ApiError, PROBLEM_JSON, codes};
 use super::state::AppState;
@@ -20,7 +21,8 @@ pub const REPLAYED: &str = "idempotent-replayed";
 /// A handler's outcome before it becomes a response: status and JSON body.
 pub struct Reply {
     pub status: StatusCode,
-    pub body: String,
+    /// UTF-8 JSON (every constructor writes a `String` or a [`Reply::json_bytes`] view).
+    pub body: Bytes,
     pub content_type: &'static str,
     /// Never stored for replay (e.g. cryptograms: credentials must not persist).
     pub sensitive: bool,
@@ -32,21 +34,33 @@ pub struct Reply {
 }
 
 /// Serialises `v` into one buffer sized for a typical view (a token is ~400 bytes), so it is
-/// not regrown while written; the `String` then becomes the response body without a copy.
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+/// not regrown while written; the buffer then becomes the response body without a copy.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     let mut buf = Vec::with_capacity(512);
-    match serde_json::to_writer(&mut buf, v) {
-        // serde_json writes only valid UTF-8.
-        Ok(()) => String::from_utf8(buf).unwrap_or_default(),
-        Err(_) => String::new(),
+    if serde_json::to_writer(&mut buf, v).is_err() {
+        // As `serde_json::to_string(v).unwrap_or_default()` answered before: an empty body.
+        buf.clear();
     }
+    buf
 }
 
 impl Reply {
     pub fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Reply {
         Reply {
             status,
-            body: to_json(v),
+            body: Bytes::from(to_json(v)),
+            content_type: "application/json",
+            sensitive: false,
+            sealed: false,
+            retry_after: None,
+        }
+    }
+
+    /// A reply whose JSON is already written (a cached token view, `views::token_json`).
+    pub fn json_bytes(status: StatusCode, json: Bytes) -> Reply {
+        Reply {
+            status,
+            body: json,
             content_type: "application/json",
             sensitive: false,
             sealed: false,
@@ -58,7 +72,7 @@ impl Reply {
     pub fn no_content() -> Reply {
         Reply {
             status: StatusCode::NO_CONTENT,
-            body: String::new(),
+            body: Bytes::new(),
             content_type: "application/json",
             sensitive: false,
             sealed: false,
@@ -113,7 +127,7 @@ impl From<ApiError> for Reply {
     fn from(e: ApiError) -> Reply {
         Reply {
             status: e.status,
-            body: e.body(),
+            body: Bytes::from(e.body()),
             content_type: PROBLEM_JSON,
             sensitive: false,
             sealed: false,
@@ -238,7 +252,7 @@ where
             };
             let mut r = Reply {
                 status,
-                body,
+                body: Bytes::from(body),
                 content_type: ct,
                 sensitive: false,
                 sealed: false,
@@ -257,10 +271,14 @@ where
         let stored = StoredResponse {
             request_digest: digest,
             status: reply.status.as_u16(),
-            body: if reply.sealed {
-                seal_body(state, scope, &key, &reply.body)
-            } else {
-                reply.body.clone()
+            body: {
+                // Always UTF-8 (see `Reply::body`); a stored body is a `String`.
+                let body = String::from_utf8_lossy(&reply.body);
+                if reply.sealed {
+                    seal_body(state, scope, &key, &body)
+                } else {
+                    body.into_owned()
+                }
             },
         };
         store
