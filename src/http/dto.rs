@@ -165,8 +165,13 @@ impl Serialize for Rfc3339Time {
         // The longest RFC 3339 form `time` writes (nanoseconds, an offset) is 35 bytes.
         let mut buf = [0u8; 64];
         let mut out = &mut buf[..];
-        // On a failure (a year `time` cannot write as RFC 3339): "", as [`rfc3339`] gives.
-        let n = self.0.format_into(&mut out, &Rfc3339).unwrap_or(0);
+        // The length is what the writer consumed: the count `format_into` returns does not
+        // include every part (the fraction of a second was missing from it).
+        let n = match self.0.format_into(&mut out, &Rfc3339) {
+            Ok(_) => 64 - out.len(),
+            // A year `time` cannot write as RFC 3339: "", as [`rfc3339`] gives.
+            Err(_) => 0,
+        };
         s.serialize_str(std::str::from_utf8(&buf[..n]).unwrap_or_default())
     }
 }
@@ -359,6 +364,28 @@ impl<'a> From<&'a RecurringAgreement> for RecurringAgreementView<'a> {
             frequency: a.frequency,
             initial_transaction_at: a.initial_transaction_at.map(rfc3339),
             recorded_at: rfc3339(a.recorded_at),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a failing test should stop loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_time_serialises_as_rfc3339_does() {
+        let base = time::macros::datetime!(2026-12-06 00:43:49 UTC);
+        for t in [
+            base,
+            base + time::Duration::nanoseconds(700_000_000),
+            base + time::Duration::nanoseconds(123_456_789),
+            base + time::Duration::nanoseconds(1),
+            base.to_offset(time::macros::offset!(+05:30)),
+            OffsetDateTime::now_utc(),
+        ] {
+            let json = serde_json::to_string(&Rfc3339Time(t)).unwrap();
+            assert_eq!(json, format!("\"{}\"", rfc3339(t)));
         }
     }
 }
