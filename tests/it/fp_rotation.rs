@@ -109,7 +109,7 @@ async fn tokenize_known(
 
 fn created(t: Tokenized) -> TokenRecord {
     match t {
-        Tokenized::Created(r) => r,
+        Tokenized::Created(r) => *r,
         Tokenized::Existing(r) => panic!("expected a new token, got {}", r.id),
     }
 }

@@ -99,7 +99,8 @@ pub struct IssuedCryptogram {
 /// Whether tokenization created a token or found the merchant's existing one for this card.
 #[derive(Debug)]
 pub enum Tokenized {
-    Created(TokenRecord),
+    /// Boxed: the dedup hit's `Result<Tokenized, _>` stays pointer-sized.
+    Created(Box<TokenRecord>),
     /// Shared with the store's coherent cache on a dedup hit: the caller only reads it, so the
     /// record is not copied (docs/performance.md, GET and dedup round 4).
     Existing(Arc<TokenRecord>),
@@ -483,14 +484,14 @@ impl Services {
         }
         crate::observability::token_transition(None, Some(rec.status.label()));
         if self.provider.is_none() {
-            return Ok(Tokenized::Created(rec));
+            return Ok(Tokenized::Created(Box::new(rec)));
         }
         match self.drive_create(merchant, &rec, &cmd.pan, &expiry).await {
             Ok(pt) => {
                 let reserved = rec.clone();
                 apply_provider_token(&mut rec, &pt, Self::now());
                 let rec = self.save_after_create(&reserved, rec).await?;
-                Ok(Tokenized::Created(rec))
+                Ok(Tokenized::Created(Box::new(rec)))
             }
             Err(e) => {
                 if definitely_not_created(&e) {

@@ -158,7 +158,7 @@ pub async fn create_token(
             customer_reference: req.customer_reference,
         };
         match state.services.tokenize(&merchant, cmd).await {
-            Ok(Tokenized::Created(r)) => Reply::json(StatusCode::CREATED, &TokenView::from(&r)),
+            Ok(Tokenized::Created(r)) => Reply::json(StatusCode::CREATED, &TokenView::from(&*r)),
             Ok(Tokenized::Existing(r)) => Reply::json_bytes(StatusCode::OK, token_json(&r)),
             Err(e) => ApiError::from(e).into(),
         }
