@@ -244,7 +244,8 @@ impl ApiKeyRecord {
 /// An authenticated request's caller: the merchant, and the key that authenticated it.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub merchant: Merchant,
+    /// Shared with the API-key cache: a cached key's request does not copy the merchant.
+    pub merchant: std::sync::Arc<Merchant>,
     pub key_id: String,
     pub scopes: Scopes,
 }
@@ -274,7 +275,10 @@ impl Principal {
     }
 
     pub fn key_id(&self) -> &str {
-        self.tenant_and_key().1
+        match self {
+            Principal::Merchant(c) => &c.key_id,
+            Principal::Issuer(c) => &c.key_id,
+        }
     }
 }
 

@@ -391,7 +391,7 @@ impl ClientCerts {
             }
         };
         Ok(Some(Caller {
-            merchant,
+            merchant: std::sync::Arc::new(merchant),
             key_id: fp.caller_id(),
             scopes: b.cert.scopes,
         }))

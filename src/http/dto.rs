@@ -145,14 +145,35 @@ pub struct TokenView<'a> {
     /// The recurring agreement recorded for merchant-initiated payments, if any
     /// (`PUT /v1/tokens/{id}/recurring-agreement`).
     pub recurring_agreement: Option<RecurringAgreementView<'a>>,
-    #[schema(format = DateTime)]
-    pub created_at: String,
-    #[schema(format = DateTime)]
-    pub updated_at: String,
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Rfc3339Time,
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: Rfc3339Time,
 }
 
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A timestamp that serialises as [`rfc3339`] does, formatted on the stack: a token view is
+/// written on every GET and dedup hit, and two `String`s per view showed in their profile.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339Time(pub OffsetDateTime);
+
+impl Serialize for Rfc3339Time {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The longest RFC 3339 form `time` writes (nanoseconds, an offset) is 35 bytes.
+        let mut buf = [0u8; 64];
+        let mut out = &mut buf[..];
+        // The length is what the writer consumed: the count `format_into` returns does not
+        // include every part (the fraction of a second was missing from it).
+        let n = match self.0.format_into(&mut out, &Rfc3339) {
+            Ok(_) => 64 - out.len(),
+            // A year `time` cannot write as RFC 3339: "", as [`rfc3339`] gives.
+            Err(_) => 0,
+        };
+        s.serialize_str(std::str::from_utf8(&buf[..n]).unwrap_or_default())
+    }
 }
 
 impl<'a> From<&'a TokenRecord> for TokenView<'a> {
@@ -180,8 +201,8 @@ impl<'a> From<&'a TokenRecord> for TokenView<'a> {
                 .recurring_agreement
                 .as_ref()
                 .map(RecurringAgreementView::from),
-            created_at: rfc3339(r.created_at),
-            updated_at: rfc3339(r.updated_at),
+            created_at: Rfc3339Time(r.created_at),
+            updated_at: Rfc3339Time(r.updated_at),
         }
     }
 }
@@ -343,6 +364,28 @@ impl<'a> From<&'a RecurringAgreement> for RecurringAgreementView<'a> {
             frequency: a.frequency,
             initial_transaction_at: a.initial_transaction_at.map(rfc3339),
             recorded_at: rfc3339(a.recorded_at),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a failing test should stop loudly")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_time_serialises_as_rfc3339_does() {
+        let base = time::macros::datetime!(2026-12-06 00:43:49 UTC);
+        for t in [
+            base,
+            base + time::Duration::nanoseconds(700_000_000),
+            base + time::Duration::nanoseconds(123_456_789),
+            base + time::Duration::nanoseconds(1),
+            base.to_offset(time::macros::offset!(+05:30)),
+            OffsetDateTime::now_utc(),
+        ] {
+            let json = serde_json::to_string(&Rfc3339Time(t)).unwrap();
+            assert_eq!(json, format!("\"{}\"", rfc3339(t)));
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 
 use super::problem::{ApiError, PROBLEM_JSON, codes};
 use super::state::AppState;
@@ -20,7 +21,8 @@ pub const REPLAYED: &str = "idempotent-replayed";
 /// A handler's outcome before it becomes a response: status and JSON body.
 pub struct Reply {
     pub status: StatusCode,
-    pub body: String,
+    /// UTF-8 JSON (every constructor writes a `String` or a [`Reply::json_bytes`] view).
+    pub body: Bytes,
     pub content_type: &'static str,
     /// Never stored for replay (e.g. cryptograms: credentials must not persist).
     pub sensitive: bool,
@@ -31,11 +33,34 @@ pub struct Reply {
     pub retry_after: Option<std::time::Duration>,
 }
 
+/// Serialises `v` into one buffer sized for a typical view (a token is ~400 bytes), so it is
+/// not regrown while written; the buffer then becomes the response body without a copy.
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(512);
+    if serde_json::to_writer(&mut buf, v).is_err() {
+        // As `serde_json::to_string(v).unwrap_or_default()` answered before: an empty body.
+        buf.clear();
+    }
+    buf
+}
+
 impl Reply {
     pub fn json<T: serde::Serialize>(status: StatusCode, v: &T) -> Reply {
         Reply {
             status,
-            body: serde_json::to_string(v).unwrap_or_default(),
+            body: Bytes::from(to_json(v)),
+            content_type: "application/json",
+            sensitive: false,
+            sealed: false,
+            retry_after: None,
+        }
+    }
+
+    /// A reply whose JSON is already written (a cached token view, `views::token_json`).
+    pub fn json_bytes(status: StatusCode, json: Bytes) -> Reply {
+        Reply {
+            status,
+            body: json,
             content_type: "application/json",
             sensitive: false,
             sealed: false,
@@ -47,7 +72,7 @@ impl Reply {
     pub fn no_content() -> Reply {
         Reply {
             status: StatusCode::NO_CONTENT,
-            body: String::new(),
+            body: Bytes::new(),
             content_type: "application/json",
             sensitive: false,
             sealed: false,
@@ -102,7 +127,7 @@ impl From<ApiError> for Reply {
     fn from(e: ApiError) -> Reply {
         Reply {
             status: e.status,
-            body: e.body(),
+            body: Bytes::from(e.body()),
             content_type: PROBLEM_JSON,
             sensitive: false,
             sealed: false,
@@ -113,12 +138,12 @@ impl From<ApiError> for Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let no_content = self.status == StatusCode::NO_CONTENT;
-        let mut r = (self.status, self.body).into_response();
-        if no_content {
-            // No content, hence no content type (the `String` body would set `text/plain`).
-            r.headers_mut().remove(header::CONTENT_TYPE);
-        } else {
+        // Built directly (not through `(StatusCode, String)`, which sets a `text/plain` type
+        // that would only be replaced): the body `String` becomes the response body as is.
+        let mut r = Response::new(axum::body::Body::from(self.body));
+        *r.status_mut() = self.status;
+        // No content, hence no content type.
+        if self.status != StatusCode::NO_CONTENT {
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static(self.content_type),
@@ -166,6 +191,23 @@ where
     let Some(key) = key else {
         return run().await.into_response();
     };
+    // Boxed: a request without a key (the common case) does not carry this path's state
+    // (store calls, digests) in its future, which axum moves and boxes per request.
+    Box::pin(run_keyed(state, scope, key, request_parts, run)).await
+}
+
+/// [`run_idempotent`] with an `Idempotency-Key`.
+async fn run_keyed<F, Fut>(
+    state: &AppState,
+    scope: &str,
+    key: String,
+    request_parts: &[&[u8]],
+    run: F,
+) -> Response
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Reply>,
+{
     let digest = state.services.keyring.request_digest(request_parts);
     let store = &state.services.store;
     let lock_ttl = Duration::from_secs(state.idempotency_lock_ttl_s);
@@ -210,7 +252,7 @@ where
             };
             let mut r = Reply {
                 status,
-                body,
+                body: Bytes::from(body),
                 content_type: ct,
                 sensitive: false,
                 sealed: false,
@@ -229,10 +271,14 @@ where
         let stored = StoredResponse {
             request_digest: digest,
             status: reply.status.as_u16(),
-            body: if reply.sealed {
-                seal_body(state, scope, &key, &reply.body)
-            } else {
-                reply.body.clone()
+            body: {
+                // Always UTF-8 (see `Reply::body`); a stored body is a `String`.
+                let body = String::from_utf8_lossy(&reply.body);
+                if reply.sealed {
+                    seal_body(state, scope, &key, &body)
+                } else {
+                    body.into_owned()
+                }
             },
         };
         store

@@ -109,14 +109,14 @@ async fn tokenize_known(
 
 fn created(t: Tokenized) -> TokenRecord {
     match t {
-        Tokenized::Created(r) => r,
+        Tokenized::Created(r) => *r,
         Tokenized::Existing(r) => panic!("expected a new token, got {}", r.id),
     }
 }
 
 fn existing_id(t: Tokenized) -> TokenId {
     match t {
-        Tokenized::Existing(r) => r.id,
+        Tokenized::Existing(r) => r.id.clone(),
         Tokenized::Created(r) => panic!("card tokenized twice: new token {}", r.id),
     }
 }

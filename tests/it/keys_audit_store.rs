@@ -268,7 +268,7 @@ async fn revoked_keys_no_longer_authenticate<S: Backend>(s: &S) {
     // The key issued with the merchant: default scopes.
     let (merchant, first) = svc.create_merchant("Shop").await.unwrap();
     let c = svc.authenticate(&first.secret).await.unwrap().unwrap();
-    assert_eq!(c.merchant, merchant);
+    assert_eq!(*c.merchant, merchant);
     assert_eq!(c.key_id, key_id(&first.hash));
     assert_eq!(c.scopes, Scopes::default_for_merchant_key());
 

@@ -112,8 +112,9 @@ impl Services {
     /// this instance, made by the request that finds it due (awaited rather than spawned, so no
     /// detached task keeps the store open past shutdown); a failure is only logged.
     pub(crate) async fn note_key_used(&self, caller: &Principal) {
-        let (tenant, key_id) = caller.tenant_and_key();
         let Some(keys) = &self.keys else { return };
+        // The tenant id (an allocation) only when a touch is due: this runs on every request.
+        let key_id = caller.key_id();
         let now = Instant::now();
         let due = match self.key_last_touch.get(key_id) {
             Some(t) => now.duration_since(*t) >= LAST_USED_EVERY,
@@ -126,10 +127,9 @@ impl Services {
             self.key_last_touch.clear();
         }
         self.key_last_touch.insert(key_id.to_owned(), now);
-        if let Err(e) = keys
-            .touch_key(&tenant, key_id, OffsetDateTime::now_utc())
-            .await
-        {
+        let (tenant, _) = caller.tenant_and_key();
+        // Boxed: the once-a-minute write is not part of every request's future.
+        if let Err(e) = Box::pin(keys.touch_key(&tenant, key_id, OffsetDateTime::now_utc())).await {
             tracing::debug!(key_id = %key_id, error = %e, "lastUsedAt not recorded");
         }
     }

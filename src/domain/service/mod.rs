@@ -99,8 +99,11 @@ pub struct IssuedCryptogram {
 /// Whether tokenization created a token or found the merchant's existing one for this card.
 #[derive(Debug)]
 pub enum Tokenized {
-    Created(TokenRecord),
-    Existing(TokenRecord),
+    /// Boxed: the dedup hit's `Result<Tokenized, _>` stays pointer-sized.
+    Created(Box<TokenRecord>),
+    /// Shared with the store's coherent cache on a dedup hit: the caller only reads it, so the
+    /// record is not copied (docs/performance.md, GET and dedup round 4).
+    Existing(Arc<TokenRecord>),
 }
 
 /// How many times a read-modify-write is retried on a version conflict before giving up.
@@ -286,7 +289,8 @@ impl Services {
             self.note_key_used(&caller).await;
             return Ok(Some(caller));
         }
-        let found = self.lookup_key(&hash).await?;
+        // Boxed: the store lookups of a cache miss are not part of every request's future.
+        let found = Box::pin(self.lookup_key(&hash)).await?;
         match &found {
             Some(c) => {
                 // Bound the cache: a flood of distinct valid keys cannot grow it without limit.
@@ -333,7 +337,7 @@ impl Services {
                 return Ok(None);
             };
             return Ok(Some(Principal::Merchant(Caller {
-                merchant,
+                merchant: Arc::new(merchant),
                 key_id: rec.id,
                 scopes: rec.scopes,
             })));
@@ -344,7 +348,7 @@ impl Services {
         let caller = Caller {
             key_id: key_id(hash),
             scopes: Scopes::default_for_merchant_key(),
-            merchant,
+            merchant: Arc::new(merchant),
         };
         if let Some(keys) = &self.keys {
             let rec = ApiKeyRecord {
@@ -395,18 +399,33 @@ impl Services {
             // The same rule as the wallet routes, which look tokens up by it.
             super::wallet::check_customer_reference(r)?;
         }
-        let mut fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
+        // Dedup looks up the PAN-only fingerprint: the one HMAC a dedup hit needs (a new card
+        // computes both, in `tokenize_new`; its `pan` entry is this same value).
+        let pan_fp = self.keyring.pan_fingerprint(&merchant.id, &cmd.pan);
 
         // Dedup hit: the common case for returning customers, one store read (often none: the
         // store's coherent cache, `TokenStore::read_by_fingerprint`).
         if let Some(existing) = self
             .store
-            .read_by_fingerprint(&merchant.id, &fps.pan)
+            .read_by_fingerprint(&merchant.id, &pan_fp)
             .await?
         {
-            let existing = Arc::unwrap_or_clone(existing);
             return self.on_existing(merchant, existing, &cmd.pan, expiry).await;
         }
+        // Not known under the current key: the cold path (a new card, or a rotation), boxed so
+        // a dedup hit's future does not carry its state (D1 call, sealing, writes).
+        Box::pin(self.tokenize_new(merchant, cmd, expiry, now)).await
+    }
+
+    /// [`Services::tokenize`] for a card not indexed under the current fingerprint key.
+    async fn tokenize_new(
+        &self,
+        merchant: &Merchant,
+        cmd: TokenizeCommand,
+        expiry: Expiry,
+        now: OffsetDateTime,
+    ) -> Result<Tokenized, DomainError> {
+        let mut fps = self.keyring.fingerprints(&merchant.id, &cmd.pan, &expiry);
         // A fingerprint-key rotation whose re-index is not known to be complete: the card may
         // be indexed under a previous key only, so look there too. Until the re-index cleans
         // up, a new record is indexed under those keys as well, so the reservation below
@@ -418,7 +437,6 @@ impl Services {
                 .previous_pan_fingerprints(&merchant.id, &cmd.pan);
             for fp in &previous {
                 if let Some(existing) = self.store.read_by_fingerprint(&merchant.id, fp).await? {
-                    let existing = Arc::unwrap_or_clone(existing);
                     return self.on_existing(merchant, existing, &cmd.pan, expiry).await;
                 }
             }
@@ -461,19 +479,19 @@ impl Services {
         {
             // Lost a race with a concurrent request for the same card.
             return self
-                .on_existing(merchant, *existing, &cmd.pan, expiry)
+                .on_existing(merchant, Arc::new(*existing), &cmd.pan, expiry)
                 .await;
         }
         crate::observability::token_transition(None, Some(rec.status.label()));
         if self.provider.is_none() {
-            return Ok(Tokenized::Created(rec));
+            return Ok(Tokenized::Created(Box::new(rec)));
         }
         match self.drive_create(merchant, &rec, &cmd.pan, &expiry).await {
             Ok(pt) => {
                 let reserved = rec.clone();
                 apply_provider_token(&mut rec, &pt, Self::now());
                 let rec = self.save_after_create(&reserved, rec).await?;
-                Ok(Tokenized::Created(rec))
+                Ok(Tokenized::Created(Box::new(rec)))
             }
             Err(e) => {
                 if definitely_not_created(&e) {
@@ -557,13 +575,39 @@ impl Services {
         }
     }
 
+    /// The merchant's existing token for the card. The usual answer is the record as read
+    /// (shared, not copied); a reissued card or a stale reservation takes the boxed cold path.
     async fn on_existing(
+        &self,
+        merchant: &Merchant,
+        existing: Arc<TokenRecord>,
+        pan: &Pan,
+        expiry: Expiry,
+    ) -> Result<Tokenized, DomainError> {
+        let reissued = existing.card.expiry != expiry && !existing.status.is_terminal();
+        // Checked again after the expiry refresh below (which does not change these fields,
+        // except by re-reading a newer record on a conflict).
+        let maybe_stale = existing.status == TokenStatus::Pending
+            && existing.network_token.is_none()
+            && self.provider.is_some();
+        if !reissued && !maybe_stale {
+            return Ok(Tokenized::Existing(existing));
+        }
+        let rec =
+            Box::pin(self.refresh_existing(merchant, Arc::unwrap_or_clone(existing), pan, expiry))
+                .await?;
+        Ok(Tokenized::Existing(Arc::new(rec)))
+    }
+
+    /// [`Services::on_existing`]'s writes: a reissued card's new expiry, a stale reservation's
+    /// re-drive.
+    async fn refresh_existing(
         &self,
         merchant: &Merchant,
         mut existing: TokenRecord,
         pan: &Pan,
         expiry: Expiry,
-    ) -> Result<Tokenized, DomainError> {
+    ) -> Result<TokenRecord, DomainError> {
         // A reissued card (same PAN, new expiry) is the same card: keep the token, refresh expiry.
         if existing.card.expiry != expiry && !existing.status.is_terminal() {
             let mut fps = self.keyring.fingerprints(&merchant.id, pan, &expiry);
@@ -596,7 +640,7 @@ impl Services {
             apply_provider_token(&mut existing, &pt, Self::now());
             existing = self.save_after_create(&reserved, existing).await?;
         }
-        Ok(Tokenized::Existing(existing))
+        Ok(existing)
     }
 
     pub async fn get_token(

@@ -30,7 +30,8 @@ fn bearer(parts: &Parts) -> Option<&str> {
 }
 
 /// A request authenticated with a merchant API key.
-pub struct MerchantAuth(pub Merchant);
+/// The merchant is shared with the API-key cache (not copied per request).
+pub struct MerchantAuth(pub std::sync::Arc<Merchant>);
 
 impl FromRequestParts<AppState> for MerchantAuth {
     type Rejection = ApiError;
@@ -40,7 +41,8 @@ impl FromRequestParts<AppState> for MerchantAuth {
         // 401). With a key: the connection's certificate must not belong to another merchant,
         // and must be one of the key's merchant's when that merchant requires it (else 403).
         let caller = match bearer(parts) {
-            None => client_cert::authenticate_without_key(parts, state).await?,
+            // Boxed: the rare keyless path is not part of every request's future.
+            None => Box::pin(client_cert::authenticate_without_key(parts, state)).await?,
             Some(key) => {
                 let caller = match state.services.authenticate_any(key).await? {
                     Some(Principal::Merchant(c)) => c,

@@ -177,12 +177,12 @@ pub async fn check_issuer(
 /// Refuses (403 `insufficient_scope`) a caller whose key lacks the route's scope, recording the
 /// refusal when the route is an audited action.
 pub async fn check(parts: &Parts, state: &AppState, caller: &Caller) -> Result<(), ApiError> {
+    // Borrowed, not copied: this runs on every merchant request.
     let path = parts
         .extensions
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
-    let Some((scope, action)) = required(&parts.method, &path) else {
+        .map_or("", MatchedPath::as_str);
+    let Some((scope, action)) = required(&parts.method, path) else {
         tracing::error!(method = %parts.method, path = %path, "route has no scope rule; refused");
         return Err(insufficient("this route is not open to API keys".into()));
     };
@@ -194,14 +194,15 @@ pub async fn check(parts: &Parts, state: &AppState, caller: &Caller) -> Result<(
             actor: caller.key_id.clone(),
             request_id: audit::request_id(&parts.headers),
         };
-        audit::record_best_effort(
+        // Boxed: a refusal's audit write is not part of every request's future.
+        Box::pin(audit::record_best_effort(
             state,
             &ctx,
             &caller.merchant.id,
             action,
             subject(parts.uri.path()),
             "insufficient_scope".to_owned(),
-        )
+        ))
         .await;
     }
     Err(insufficient(format!(

@@ -125,7 +125,7 @@ pub async fn list_audit_events(
 ) -> Response {
     page(
         &state,
-        &AuditTenant::Merchant(merchant.id),
+        &AuditTenant::Merchant(merchant.id.clone()),
         query.as_deref(),
     )
     .await

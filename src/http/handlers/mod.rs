@@ -13,6 +13,7 @@ pub mod notify;
 pub mod production_orders;
 pub mod recurring;
 pub mod reveal;
+pub mod token_views;
 pub mod tokens;
 pub mod wallets;
 pub mod webhooks;

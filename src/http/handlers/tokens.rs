@@ -17,6 +17,7 @@ use crate::http::dto::{
     MerchantCreated, TokenView,
 };
 use crate::http::extract::{Body, parse_json};
+use crate::http::handlers::token_views::token_json;
 use crate::http::idempotency::{Reply, key_from, run_idempotent};
 use crate::http::params::{IdempotencyKeyHeader, TokenIdPath};
 use crate::http::problem::{ApiError, codes};
@@ -157,8 +158,8 @@ pub async fn create_token(
             customer_reference: req.customer_reference,
         };
         match state.services.tokenize(&merchant, cmd).await {
-            Ok(Tokenized::Created(r)) => Reply::json(StatusCode::CREATED, &TokenView::from(&r)),
-            Ok(Tokenized::Existing(r)) => Reply::json(StatusCode::OK, &TokenView::from(&r)),
+            Ok(Tokenized::Created(r)) => Reply::json(StatusCode::CREATED, &TokenView::from(&*r)),
+            Ok(Tokenized::Existing(r)) => Reply::json_bytes(StatusCode::OK, token_json(&r)),
             Err(e) => ApiError::from(e).into(),
         }
     })
@@ -185,7 +186,7 @@ pub async fn get_token(
         Err(e) => return e.into_response(),
     };
     match state.services.read_token(&merchant.id, &id).await {
-        Ok(Some(r)) => Reply::json(StatusCode::OK, &TokenView::from(&*r)).into_response(),
+        Ok(Some(r)) => Reply::json_bytes(StatusCode::OK, token_json(&r)).into_response(),
         Ok(None) => {
             ApiError::of(&codes::TOKEN_NOT_FOUND, "no such token for this merchant").into_response()
         }
@@ -261,7 +262,7 @@ pub async fn create_cryptogram(
 
 async fn lifecycle(
     state: AppState,
-    merchant: crate::domain::merchant::Merchant,
+    merchant: std::sync::Arc<crate::domain::merchant::Merchant>,
     ctx: AuditCtx,
     id: String,
     headers: HeaderMap,
