@@ -140,12 +140,30 @@ pub fn dropped_lines() -> u64 {
     DROPPED.get().map_or(0, writer::DroppedLines::get)
 }
 
+/// The in-memory log output the format tests of this module and of `json.rs` / `text.rs` write to.
 #[cfg(test)]
-mod tests {
-    use std::ffi::OsStr;
+pub(crate) mod test_buf {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
+    #[derive(Clone, Default)]
+    pub(crate) struct Buf(pub(crate) Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::test_buf::Buf;
     use super::*;
 
     #[test]
@@ -164,18 +182,6 @@ mod tests {
         assert!(!use_ansi(false, None));
         assert!(!use_ansi(true, Some(OsStr::new("1"))));
         assert!(use_ansi(true, Some(OsStr::new(""))));
-    }
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
     }
 
     fn capture(format: LogFormat, terminal: bool) -> String {
