@@ -13,7 +13,12 @@
 //!    open-loop generator ([`super::loadgen`]) at half that peak for the p99 a client sees at a
 //!    sustainable load;
 //! 4. the bare hyper server again, so drift during the run shows; every gateway figure is stated
-//!    as a ratio of the mean of the two bare figures.
+//!    as a ratio of the mean of the two bare figures;
+//! 5. and, because the host moves throughput by up to a quarter within minutes, a **paired**
+//!    ratio: a second bare hyper server stays up (idle) while the gateway runs, and each gateway
+//!    `wrk` run is bracketed by a bare `wrk` run of the same length just before and just after
+//!    it; each gateway run's ratio is to the mean of its two brackets, and the report gives the
+//!    median of those ratios with their spread. Drift slower than a run cancels out of it.
 //!
 //! `--scale` runs the vault-size step instead: the vault is filled directly ([`super::fill`]) to
 //! each size, and GET throughput and latency, memory and gateway start-up time are measured at
@@ -55,6 +60,10 @@ pub struct Args {
     /// machine shared with other work, more runs make the figure steadier.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Do not bracket each gateway `wrk` run with bare hyper runs (the paired ratio): halves the
+    /// time of a run, leaves only the before/after ratio.
+    #[arg(long)]
+    unpaired: bool,
     /// Share of the `wrk` peak the open-loop run is scheduled at.
     #[arg(long, default_value_t = 0.5)]
     open_loop_share: f64,
@@ -429,6 +438,9 @@ struct Row {
     /// The median `wrk` run, and the lowest and highest throughput of all runs.
     wrk: Wrk,
     spread: Option<(f64, f64)>,
+    /// Each `wrk` run's throughput over the mean of the bare hyper runs just before and just
+    /// after it (empty when the run was not paired), in run order.
+    paired: Vec<f64>,
     open: Option<OpenLoop>,
     /// The `--curve` runs: (share of the peak, result).
     curve: Vec<(f64, OpenLoop)>,
@@ -866,17 +878,41 @@ impl Ctx {
         Ok(w)
     }
 
-    /// `wrk` peak, then the open-loop run at a share of it.
+    /// One bare hyper `wrk` run of a pair: its throughput.
+    async fn bracket(&self, bare: SocketAddr, tag: &str, i: usize) -> Result<f64, BoxError> {
+        let w = self
+            .wrk(bare, Scenario::Bare, &format!("{tag}-bracket-{i}"))
+            .await?;
+        if w.non2xx > 0 || w.socket_errors > 0 {
+            return Err(format!(
+                "bare hyper bracket run: {} non-2xx answers, {} socket errors",
+                w.non2xx, w.socket_errors
+            )
+            .into());
+        }
+        Ok(w.rps)
+    }
+
+    /// `wrk` peak, then the open-loop run at a share of it. With `pair_with` (a bare hyper
+    /// server), every `wrk` run is bracketed by a bare run just before and just after it, so
+    /// its ratio to bare hyper is taken within seconds, not minutes (see the module docs).
     async fn measure(
         &mut self,
         addr: SocketAddr,
         scenario: Scenario,
         label: String,
         tag: &str,
+        pair_with: Option<SocketAddr>,
     ) -> Result<Row, BoxError> {
         self.say(format!("{label}: wrk peak ..."));
         let mut runs = Vec::new();
-        for i in 0..self.args.repeats.max(1) {
+        // Bare hyper's throughput at each bracket: one more than the gateway runs.
+        let mut brackets: Vec<f64> = Vec::new();
+        let repeats = self.args.repeats.max(1);
+        for i in 0..repeats {
+            if let Some(bare) = pair_with {
+                brackets.push(self.bracket(bare, tag, i).await?);
+            }
             let before = CpuSnapshot::take(&self.watch);
             let w = self.wrk(addr, scenario, &format!("{tag}-{i}")).await?;
             let cpu = before.since(&self.watch, w.requests);
@@ -884,6 +920,24 @@ impl Ctx {
                 self.say(format!("  run {}: {:.0} req/s", i + 1, w.rps));
             }
             runs.push((w, cpu));
+        }
+        let mut paired = Vec::new();
+        if let Some(bare) = pair_with {
+            brackets.push(self.bracket(bare, tag, repeats).await?);
+            for (i, (w, _)) in runs.iter().enumerate() {
+                let mean = (brackets[i] + brackets[i + 1]) / 2.0;
+                if mean > 0.0 {
+                    paired.push(w.rps / mean);
+                }
+            }
+            self.say(format!(
+                "  paired with bare hyper: {}",
+                paired
+                    .iter()
+                    .map(|r| format!("{r:.3}x"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         runs.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
         let spread = match (runs.first(), runs.last()) {
@@ -980,6 +1034,7 @@ impl Ctx {
             label,
             wrk,
             spread,
+            paired,
             open,
             curve,
             cpu_peak,
@@ -1088,9 +1143,9 @@ fn thousands(v: f64) -> String {
 fn table_header(out: &mut String) {
     let _ = writeln!(
         out,
-        "| scenario | req/s (wrk; median, min-max of runs) | x bare hyper | p50 | p99 | p99.9 | p99 at half peak (rate) |"
+        "| scenario | req/s (wrk; median, min-max of runs) | x bare hyper (before/after mean) | x bare hyper, paired (median; min-max) | p50 | p99 | p99.9 | p99 at half peak (rate) |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
 }
 
 fn table_row(out: &mut String, r: &Row, baseline: f64) {
@@ -1113,14 +1168,39 @@ fn table_row(out: &mut String, r: &Row, baseline: f64) {
         ),
         None => thousands(r.wrk.rps),
     };
+    let paired = paired_cell(&r.paired);
     let _ = writeln!(
         out,
-        "| {} | {rps} | {ratio} | {} | {} | {} | {half} |",
+        "| {} | {rps} | {ratio} | {paired} | {} | {} | {} | {half} |",
         r.label,
         ms(r.wrk.p50),
         ms(r.wrk.p99),
         ms(r.wrk.p999),
     );
+}
+
+/// The paired ratios of a row: their median, and their spread when there are several.
+fn paired_cell(ratios: &[f64]) -> String {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.as_slice() {
+        [] => "-".into(),
+        [one] => format!("{one:.3}"),
+        [lo, .., hi] => format!("{:.3} ({lo:.3}-{hi:.3})", median(&sorted)),
+    }
+}
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
 }
 
 /// CPU time per request by process, at peak and at half peak: the basis for sizing.
@@ -1258,6 +1338,7 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             Scenario::Bare,
             "bare hyper (before)".into(),
             "before",
+            None,
         )
         .await?;
     let bare_conns = ctx
@@ -1270,7 +1351,9 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         bare_conns,
         bare.rss_kib(),
     ));
-    drop(bare);
+    // The same server stays up (idle: no CPU) for the paired brackets of the gateway runs and
+    // the "after" figure.
+    let pair_with = (!ctx.args.unpaired).then_some(bare_addr);
 
     // 2. The gateway, per storage shape.
     // (cluster, simulator in its own process)
@@ -1341,7 +1424,7 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
                 (false, true) => format!("{} [sim in own process]", s.label()),
                 (false, false) => s.label().to_owned(),
             };
-            rows.push(ctx.measure(gw.addr, s, label, tag).await?);
+            rows.push(ctx.measure(gw.addr, s, label, tag, pair_with).await?);
         }
         let after_load = gw.proc.rss_kib();
         memory.push(memory_row(
@@ -1357,9 +1440,8 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         drop(redis);
     }
 
-    // 3. The ceiling, after.
+    // 3. The ceiling, after (the same server: it has idled, or served the brackets, since).
     ctx.say("bare hyper (after) ...");
-    let (bare, bare_addr) = ctx.start_bare()?;
     ctx.watch = vec![Watched {
         role: "server",
         pids: vec![bare.pid()],
@@ -1370,6 +1452,7 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             Scenario::Bare,
             "bare hyper (after)".into(),
             "after",
+            None,
         )
         .await?;
     drop(bare);
@@ -1379,10 +1462,19 @@ async fn main_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     let mut out = preamble(ctx, &load_start, "tokengate load test");
     let _ = writeln!(
         out,
-        "- bare hyper: {} req/s before the gateway runs, {} after; ratios below are of the mean, {} req/s\n",
+        "- bare hyper: {} req/s before the gateway runs, {} after; the first ratio column is of the mean, {} req/s",
         thousands(bare_before.wrk.rps),
         thousands(bare_after.wrk.rps),
         thousands(baseline)
+    );
+    let _ = writeln!(
+        out,
+        "- {}\n",
+        if ctx.args.unpaired {
+            "paired ratios: not taken (--unpaired)"
+        } else {
+            "paired ratios: each gateway wrk run over the mean of bare hyper wrk runs of the same length just before and just after it (the host's drift between minutes cancels); the median of the runs, with their spread"
+        }
     );
     table_header(&mut out);
     table_row(&mut out, &bare_before, baseline);
@@ -1714,6 +1806,7 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             Scenario::Bare,
             "bare hyper (before)".into(),
             "before",
+            None,
         )
         .await?;
     drop(bare);
@@ -1790,7 +1883,7 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
         let idle = gw.proc.rss_kib();
         let label = format!("GET /v1/tokens/{{id}}, {} tokens", thousands(filled as f64));
         let row = ctx
-            .measure(gw.addr, Scenario::Get, label, &format!("{filled}"))
+            .measure(gw.addr, Scenario::Get, label, &format!("{filled}"), None)
             .await?;
         let after = gw.proc.rss_kib();
         let (redis_mem, redis_keys) = redis.memory_and_keys();
@@ -1820,6 +1913,7 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             Scenario::Bare,
             "bare hyper (after)".into(),
             "after",
+            None,
         )
         .await?;
     drop(bare);
@@ -1907,4 +2001,24 @@ async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     }
     notes(ctx, &mut out);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, paired_cell};
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[0.4]), 0.4);
+        assert_eq!(median(&[0.3, 0.5, 0.9]), 0.5);
+        assert!((median(&[0.3, 0.5, 0.6, 0.9]) - 0.55).abs() < 1e-12);
+    }
+
+    #[test]
+    fn paired_cell_gives_median_and_spread() {
+        assert_eq!(paired_cell(&[]), "-");
+        assert_eq!(paired_cell(&[0.4567]), "0.457");
+        assert_eq!(paired_cell(&[0.6, 0.4, 0.5]), "0.500 (0.400-0.600)");
+    }
 }
