@@ -2,16 +2,26 @@
 //! tower) that answers every request with a small JSON body, on the same multi-threaded tokio
 //! runtime the gateway uses. Whatever the gateway reaches is stated as a ratio of this, measured
 //! in the same run on the same cores.
+//!
+//! It can also take the **shape** of a new card's I/O without any of its work (`--io-floor` of
+//! the harness): `--redis-round-trips N` makes N sequential Redis round trips per request (a
+//! `GET` of one absent key, through the same `ConnectionManager` the gateway uses), and
+//! `--upstream` one HTTP/2 POST per request to another `bench-hyper --http2` (the D1 call's
+//! shape, without TLS). The CPU such a server spends per request is a lower bound for any
+//! server that does that I/O: the I/O floor a new card pays on top of its P-256 floor.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, header};
-use http_body_util::Full;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use super::BoxError;
@@ -21,26 +31,154 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: SocketAddr,
+    /// Serve HTTP/2 with prior knowledge (cleartext) instead of HTTP/1.1: the upstream of an
+    /// I/O-floor run.
+    #[arg(long)]
+    http2: bool,
+    /// Redis for `--redis-round-trips`.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Sequential Redis round trips per request before answering (0: none, Redis unused).
+    #[arg(long, default_value_t = 0)]
+    redis_round_trips: u32,
+    /// An HTTP/2 upstream (`http://host:port/`, prior knowledge) each request POSTs to once
+    /// before answering, reading the whole answer.
+    #[arg(long)]
+    upstream: Option<Uri>,
+    /// Body size of the upstream POST (a new card's JWE-bearing D1 request is about this size).
+    #[arg(long, default_value_t = 1024)]
+    upstream_body_bytes: usize,
 }
 
 const BODY: &[u8] = br#"{"status":"ok"}"#;
 
-async fn handle(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+/// The I/O a request makes before its answer.
+struct Shape {
+    redis: Option<(redis::aio::ConnectionManager, u32)>,
+    upstream: Option<(Client<HttpConnector, Full<Bytes>>, Uri, Bytes)>,
+}
+
+fn answer(status: StatusCode) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(BODY)));
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    Ok(resp)
+    resp
+}
+
+async fn handle(_req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(answer(StatusCode::OK))
+}
+
+/// The shaped handler: its I/O, then the same answer; a failed round trip answers 502, so
+/// `wrk` counts it and the harness refuses the run.
+async fn handle_shaped(shape: Arc<Shape>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if let Some((conn, n)) = &shape.redis {
+        let mut conn = conn.clone();
+        for _ in 0..*n {
+            let got: Result<Option<Vec<u8>>, _> = redis::cmd("GET")
+                .arg("io-floor:absent")
+                .query_async(&mut conn)
+                .await;
+            if got.is_err() {
+                return Ok(answer(StatusCode::BAD_GATEWAY));
+            }
+        }
+    }
+    if let Some((client, uri, body)) = &shape.upstream {
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(uri.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body.clone()));
+        let Ok(req) = req else {
+            return Ok(answer(StatusCode::BAD_GATEWAY));
+        };
+        let ok = match client.request(req).await {
+            Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        };
+        if !ok {
+            return Ok(answer(StatusCode::BAD_GATEWAY));
+        }
+    }
+    Ok(answer(StatusCode::OK))
 }
 
 /// Serves until the process is killed.
 pub async fn run(args: Args) -> Result<(), BoxError> {
     let listener = TcpListener::bind(args.listen).await?;
-    serve(listener).await
+    if args.http2 {
+        return serve_h2(listener).await;
+    }
+    if args.redis_round_trips == 0 && args.upstream.is_none() {
+        return serve(listener).await;
+    }
+    let redis = if args.redis_round_trips > 0 {
+        let client = redis::Client::open(args.redis_url.as_str())?;
+        Some((
+            client.get_connection_manager().await?,
+            args.redis_round_trips,
+        ))
+    } else {
+        None
+    };
+    let upstream = args.upstream.map(|uri| {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        (
+            client,
+            uri,
+            Bytes::from(vec![b'x'; args.upstream_body_bytes]),
+        )
+    });
+    let shape = Arc::new(Shape { redis, upstream });
+    accept_loop(listener, move |stream| {
+        let shape = shape.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_req: Request<Incoming>| handle_shaped(shape.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    })
+    .await
 }
 
 pub async fn serve(listener: TcpListener) -> Result<(), BoxError> {
+    accept_loop(listener, |stream| {
+        tokio::spawn(async move {
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service_fn(handle))
+                .await;
+        });
+    })
+    .await
+}
+
+async fn serve_h2(listener: TcpListener) -> Result<(), BoxError> {
+    accept_loop(listener, |stream| {
+        tokio::spawn(async move {
+            // The request body is read to its end, as a D1 endpoint reads the JWE it is sent.
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                Ok::<_, Infallible>(answer(StatusCode::OK))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    })
+    .await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    mut on_conn: impl FnMut(tokio::net::TcpStream),
+) -> Result<(), BoxError> {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -51,10 +189,6 @@ pub async fn serve(listener: TcpListener) -> Result<(), BoxError> {
             }
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(async move {
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service_fn(handle))
-                .await;
-        });
+        on_conn(stream);
     }
 }

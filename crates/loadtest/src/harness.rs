@@ -24,6 +24,10 @@
 //! each size, and GET throughput and latency, memory and gateway start-up time are measured at
 //! each.
 //!
+//! `--io-floor` runs the I/O-floor step instead ([`io_floor_run`]): `bench-hyper` taking the
+//! shape of a new card's I/O (Redis round trips, one HTTP/2 call upstream) without its work, so
+//! the CPU that I/O alone costs a server is measured next to the bare ceiling.
+//!
 //! `--d1-latency` runs the D1-at-real-latency step instead ([`d1_latency_run`]): the simulator in
 //! a process of its own answers every call after `--d1-latency-ms`, and new cards and
 //! cryptograms are offered open loop at fixed rates; served share, p99, CPU per request on each
@@ -93,6 +97,10 @@ pub struct Args {
     scale: bool,
     #[arg(long, value_delimiter = ',', default_value = "10000,1000000")]
     scale_sizes: Vec<u64>,
+    /// Run the I/O-floor step instead: bare hyper plain, then with Redis round trips and an
+    /// HTTP/2 call upstream per request (the I/O shape of a new card), CPU per request of each.
+    #[arg(long)]
+    io_floor: bool,
     /// Run the D1-at-real-latency step instead: simulator in its own process with
     /// `--d1-latency-ms` on every call, open-loop new cards and cryptograms at fixed rates
     /// (`--duration` each), Redis standalone.
@@ -610,11 +618,17 @@ impl Ctx {
     }
 
     fn start_bare(&self) -> Result<(Proc, SocketAddr), BoxError> {
+        self.start_bench_hyper(&[])
+    }
+
+    /// `bench-hyper` with extra arguments (its I/O shape: see [`super::bare`]).
+    fn start_bench_hyper(&self, extra: &[String]) -> Result<(Proc, SocketAddr), BoxError> {
         let addr = free_addr()?;
         let child = Command::new(&self.exe)
             .arg("bench-hyper")
             .arg("--listen")
             .arg(addr.to_string())
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -1259,7 +1273,9 @@ fn open_loop_details(out: &mut String, rows: &[&Row], share: f64) {
 
 pub async fn run(args: Args) -> Result<(), BoxError> {
     let mut ctx = Ctx::new(args)?;
-    let report = if ctx.args.scale {
+    let report = if ctx.args.io_floor {
+        io_floor_run(&mut ctx).await?
+    } else if ctx.args.scale {
         scale_run(&mut ctx).await?
     } else if ctx.args.d1_latency {
         d1_latency_run(&mut ctx).await?
@@ -1788,6 +1804,100 @@ Idle before the runs: gateway {}, simulator {}.",
 }
 
 /// Vault-size step: GET, memory and start-up at each size.
+/// The I/O floor: what Redis round trips and one HTTP/2 call per request cost a server that
+/// does nothing else (`bench-hyper` shaped by its flags), next to the plain bare ceiling, CPU
+/// per request from `/proc`. A new card makes four Redis round trips and one D1 call; whatever a
+/// server doing that I/O spends per request, the gateway spends at least as much on top of a
+/// new card's P-256 work (`cargo bench --bench jwe -- floor`).
+async fn io_floor_run(ctx: &mut Ctx) -> Result<String, BoxError> {
+    let load_start = loadavg();
+    let redis = Redis::standalone(&ctx.work)?;
+    let (upstream, up_addr) = ctx.start_bench_hyper(&["--http2".to_owned()])?;
+    let up_uri = format!("http://{up_addr}/");
+    let shapes: [(&str, u32, bool); 6] = [
+        ("bare hyper", 0, false),
+        ("+ 1 Redis round trip", 1, false),
+        ("+ 4 Redis round trips", 4, false),
+        ("+ 1 HTTP/2 call", 0, true),
+        ("+ 1 Redis round trip + 1 HTTP/2 call", 1, true),
+        (
+            "+ 4 Redis round trips + 1 HTTP/2 call (a new card's I/O)",
+            4,
+            true,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (i, (label, trips, call)) in shapes.into_iter().enumerate() {
+        let mut extra = Vec::new();
+        if trips > 0 {
+            extra.extend([
+                "--redis-url".to_owned(),
+                redis.url(),
+                "--redis-round-trips".to_owned(),
+                trips.to_string(),
+            ]);
+        }
+        if call {
+            extra.extend(["--upstream".to_owned(), up_uri.clone()]);
+        }
+        ctx.say(format!("{label} ..."));
+        let (front, addr) = ctx.start_bench_hyper(&extra)?;
+        ctx.watch = vec![
+            Watched {
+                role: "server",
+                pids: vec![front.pid()],
+            },
+            Watched {
+                role: "Redis",
+                pids: redis.pids(),
+            },
+            Watched {
+                role: "upstream",
+                pids: vec![upstream.pid()],
+            },
+        ];
+        let row = ctx
+            .measure(
+                addr,
+                Scenario::Bare,
+                label.to_owned(),
+                &format!("io-floor-{i}"),
+                None,
+            )
+            .await?;
+        if row.wrk.non2xx > 0 || row.wrk.socket_errors > 0 {
+            return Err(format!(
+                "{label}: {} non-2xx answers and {} socket errors: the run does not measure the shape",
+                row.wrk.non2xx, row.wrk.socket_errors
+            )
+            .into());
+        }
+        rows.push(row);
+        drop(front);
+    }
+    drop(upstream);
+    drop(redis);
+
+    let baseline = rows.first().map(|r| r.wrk.rps).unwrap_or(0.0);
+    let mut out = preamble(ctx, &load_start, "tokengate I/O floor");
+    let _ = writeln!(
+        out,
+        "- `bench-hyper` (HTTP/1.1 in, no work) with N sequential Redis round trips (`GET` of an absent key through a `ConnectionManager`) and/or one HTTP/2 POST of 1 KiB (cleartext, prior knowledge, answer read whole) to another `bench-hyper --http2` per request; ratios are to the plain row\n"
+    );
+    table_header(&mut out);
+    for r in &rows {
+        table_row(&mut out, r, baseline);
+    }
+    let refs: Vec<&Row> = rows.iter().collect();
+    cpu_table(&mut out, &refs);
+    let _ = writeln!(
+        out,
+        "\nA new card does this I/O (four Redis round trips, one D1 call, over TLS besides) and its P-256 work (`cargo bench --bench jwe -- floor`); the server CPU of the last row plus that floor is a lower bound for the gateway's CPU per new card."
+    );
+    notes(ctx, &mut out);
+    Ok(out)
+}
+
 async fn scale_run(ctx: &mut Ctx) -> Result<String, BoxError> {
     let load_start = loadavg();
     let mut sizes = ctx.args.scale_sizes.clone();
