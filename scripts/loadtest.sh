@@ -9,6 +9,9 @@
 #   bash scripts/loadtest.sh --cluster       # ... and against a three-primary Redis Cluster too
 #   bash scripts/loadtest.sh --scale         # vault-size step: 10,000 then 1,000,000 tokens
 #   bash scripts/loadtest.sh --quick         # a short smoke run (2 s per step, 500 connections)
+#   bash scripts/loadtest.sh --io-floor --duration 5s --open-loop-share 0
+#                                            # the I/O floor: bare hyper with a new card's Redis round
+#                                            # trips and HTTP/2 call per request but none of its work
 #   bash scripts/loadtest.sh --d1-latency --duration 30s   # D1 at 150 ms a call (simulator in its own
 #                                            # process): open-loop new cards at 2,000/s, cryptograms at 3,000/s;
 #                                            # other rates with --d1-new-rates 1000,1500 --d1-cryptogram-rates 0
