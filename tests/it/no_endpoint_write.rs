@@ -76,7 +76,8 @@ where
     // A token that does not exist.
     let ghost = next(&token(&m), TokenStatus::Active);
     assert!(matches!(
-        s.update_token_if_no_endpoints(&ghost, CheckAt::At(10)).await,
+        s.update_token_if_no_endpoints(&ghost, CheckAt::At(10))
+            .await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(

@@ -415,7 +415,11 @@ pub fn jwe_encrypt(
         .map_err(|_| JoseError::Internal("header encoding"))?;
     let b64_len = |n: usize| (n * 4).div_ceil(3);
     let mut out = String::with_capacity(
-        b64_len(header_json.len()) + 4 + b64_len(IV_LEN) + b64_len(plaintext.len()) + b64_len(TAG_LEN),
+        b64_len(header_json.len())
+            + 4
+            + b64_len(IV_LEN)
+            + b64_len(plaintext.len())
+            + b64_len(TAG_LEN),
     );
     URL_SAFE_NO_PAD.encode_string(&header_json, &mut out);
     let header_b64_len = out.len();

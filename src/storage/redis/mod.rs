@@ -641,10 +641,9 @@ return r
 /// is empty: the endpoint read of a change with an event and its write in one step
 /// (`TokenStore::update_token_if_no_endpoints`). Returns as `UPDATE_TOKEN`, or 3 (an endpoint
 /// exists, nothing written).
-static UPDATE_TOKEN_IF_NO_ENDPOINTS: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| {
-        Script::new(&format!(
-            r#"
+static UPDATE_TOKEN_IF_NO_ENDPOINTS: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
 {COUNT_FUNCTIONS}
 {WALLET_FUNCTIONS}
 {CHECK_FUNCTIONS}
@@ -660,8 +659,8 @@ if r == 0 then
 end
 return r
 "#
-        ))
-    });
+    ))
+});
 
 struct Scripts {
     insert_merchant: Script,
