@@ -787,7 +787,16 @@ pub struct WebhookService {
     wake: Notify,
     /// This instance's name among the workers sharing the outbox (Redis consumer name).
     consumer: String,
+    /// Merchants whose last endpoint read here found at least one endpoint. Only a hint for
+    /// which write to try first ([`Self::try_without_endpoint_read`]), never the decision:
+    /// the store checks the endpoints in the write itself, so a stale entry costs at most one
+    /// round trip. Bounded by [`ENDPOINT_HINTS_MAX`].
+    with_endpoints: dashmap::DashSet<MerchantId>,
 }
+
+/// How many merchants [`WebhookService`] remembers as having endpoints; past it the set is
+/// cleared (a forgotten merchant takes one extra round trip once, then is remembered again).
+const ENDPOINT_HINTS_MAX: usize = 100_000;
 
 impl fmt::Debug for WebhookService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -826,6 +835,7 @@ impl WebhookService {
             egress,
             wake: Notify::new(),
             consumer: format!("gw-{}", random_b64(9)),
+            with_endpoints: dashmap::DashSet::new(),
         }
     }
 
@@ -1299,10 +1309,9 @@ impl WebhookService {
         let Some(event_type) = EventType::of_change(before, after) else {
             return Ok(None);
         };
-        let endpoints: Vec<EndpointId> = self
-            .outbox
-            .list_endpoints(&after.merchant_id)
-            .await?
+        let all = self.outbox.list_endpoints(&after.merchant_id).await?;
+        self.note_endpoints(&after.merchant_id, !all.is_empty());
+        let endpoints: Vec<EndpointId> = all
             .into_iter()
             .filter(|e| e.events.contains(&event_type))
             .map(|e| e.id)
@@ -1335,6 +1344,29 @@ impl WebhookService {
             endpoints,
             retention: self.settings.retention,
         }))
+    }
+
+    /// Whether the write of the change from `before` to `after` should first be tried as
+    /// `TokenStore::update_token_if_no_endpoints`, skipping the endpoint read of
+    /// [`Self::event_for`]: the change is an event, and the last read of this merchant's
+    /// endpoints here found none (or there was none yet). The store's answer decides; this
+    /// only avoids a failed attempt for merchants known to have endpoints.
+    pub fn try_without_endpoint_read(&self, before: &TokenRecord, after: &TokenRecord) -> bool {
+        EventType::of_change(before, after).is_some()
+            && !self.with_endpoints.contains(&after.merchant_id)
+    }
+
+    /// Records what an endpoint read (or a store's refusal to write without one) said about
+    /// the merchant: the hint of [`Self::try_without_endpoint_read`].
+    pub fn note_endpoints(&self, merchant: &MerchantId, any: bool) {
+        if any {
+            if self.with_endpoints.len() >= ENDPOINT_HINTS_MAX {
+                self.with_endpoints.clear();
+            }
+            self.with_endpoints.insert(merchant.clone());
+        } else {
+            self.with_endpoints.remove(merchant);
+        }
     }
 
     /// Tells the service that a token write stored `append` (built by [`Self::event_for`]):

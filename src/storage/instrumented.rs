@@ -125,6 +125,18 @@ impl TokenStore for InstrumentedStore {
         .await
     }
 
+    async fn update_token_if_no_endpoints(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<bool, StoreError> {
+        timed(
+            "update_token",
+            self.inner.update_token_if_no_endpoints(rec, check),
+        )
+        .await
+    }
+
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {
         timed("remove_token", self.inner.remove_token(merchant, id)).await
     }

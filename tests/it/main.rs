@@ -26,6 +26,7 @@ mod issuer_store;
 mod keys_audit_store;
 mod lifecycle;
 mod metrics;
+mod no_endpoint_write;
 mod openapi;
 mod outbox_atomic;
 mod outbox_issuer_atomic;

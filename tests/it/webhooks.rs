@@ -1649,6 +1649,60 @@ async fn two_instances_on_one_redis_deliver_each_event_once() {
     drop(b);
 }
 
+/// A new card of a merchant without endpoints is activated without reading them
+/// (`TokenStore::update_token_if_no_endpoints` checks in the write): an endpoint registered on
+/// another instance is honoured by the very next activation, and once it is deleted there the
+/// activations store no event again (both when this instance last saw an endpoint and after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_events_follow_endpoints_changed_on_another_instance() {
+    let a = fast(TestApp::builder(Backend::Redis)).start().await;
+    let url = a.redis.as_ref().unwrap().url();
+    let b = fast(TestApp::builder(Backend::Embedded))
+        .env("TOKENGATE__STORAGE__REDIS_URL", &url)
+        .start()
+        .await;
+    let rx = Receiver::start().await;
+    let (_, key) = a.create_merchant("Acme").await;
+    let activate = |pan: &'static str| {
+        let (a, key) = (&a, &key);
+        async move {
+            let r = a.tokenize(key, pan).await;
+            assert_eq!(r.status(), 201);
+            let t: Value = r.json().await.unwrap();
+            assert_eq!(t["status"], "ACTIVE", "{t}");
+            t["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let activated = || async {
+        events(&a, &key)
+            .await
+            .iter()
+            .filter(|e| e["type"] == "token.activated")
+            .map(|e| e["tokenId"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+
+    activate("4111111111111111").await;
+    assert!(activated().await.is_empty());
+
+    let (ep, _) = endpoint(&b, &key, &rx.url(), &["token.activated"]).await;
+    let second = activate("5555555555554444").await;
+    assert_eq!(activated().await, vec![second.clone()]);
+
+    let r = b
+        .client
+        .delete(b.url(&format!("/v1/webhook-endpoints/{ep}")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    activate("4012888888881881").await;
+    activate("4000056655665556").await;
+    assert_eq!(activated().await, vec![second]);
+    drop(b);
+}
+
 // --- the outbox store contract -----------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

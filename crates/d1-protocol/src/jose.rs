@@ -327,12 +327,32 @@ struct Epk {
     y: String,
 }
 
+/// [`Epk`] as written: borrowed, so the header of every JWE costs no owned strings.
+#[derive(Serialize)]
+struct EpkOut<'a> {
+    kty: &'static str,
+    crv: &'static str,
+    x: &'a str,
+    y: &'a str,
+}
+
 #[derive(Serialize)]
 struct JweHeaderOut<'a> {
     alg: &'static str,
     enc: &'static str,
     kid: &'a str,
-    epk: Epk,
+    epk: EpkOut<'a>,
+}
+
+/// Length of a 32-byte coordinate in unpadded base64url.
+const COORD_B64_LEN: usize = (COORD_LEN * 4).div_ceil(3);
+
+/// `bytes` (one coordinate) in unpadded base64url, on the stack.
+fn coord_b64<'a>(bytes: &[u8], out: &'a mut [u8; COORD_B64_LEN]) -> Result<&'a str, JoseError> {
+    let n = URL_SAFE_NO_PAD
+        .encode_slice(bytes, out)
+        .map_err(|_| JoseError::Internal("ephemeral public key length"))?;
+    std::str::from_utf8(&out[..n]).map_err(|_| JoseError::Internal("ephemeral public key"))
 }
 
 /// The protected header as received. Only what we act on is typed; `apu`/`apv` are honoured
@@ -376,20 +396,33 @@ pub fn jwe_encrypt(
     if epk_point.len() != 1 + 2 * COORD_LEN {
         return Err(JoseError::Internal("ephemeral public key length"));
     }
+    let (mut xb, mut yb) = ([0u8; COORD_B64_LEN], [0u8; COORD_B64_LEN]);
     let header = JweHeaderOut {
         alg: JWE_ALG,
         enc: JWE_ENC,
         kid,
-        epk: Epk {
-            kty: "EC".to_owned(),
-            crv: "P-256".to_owned(),
-            x: URL_SAFE_NO_PAD.encode(&epk_point[1..1 + COORD_LEN]),
-            y: URL_SAFE_NO_PAD.encode(&epk_point[1 + COORD_LEN..]),
+        epk: EpkOut {
+            kty: "EC",
+            crv: "P-256",
+            x: coord_b64(&epk_point[1..1 + COORD_LEN], &mut xb)?,
+            y: coord_b64(&epk_point[1 + COORD_LEN..], &mut yb)?,
         },
     };
-    let header_json =
-        serde_json::to_vec(&header).map_err(|_| JoseError::Internal("header encoding"))?;
-    let header_b64 = URL_SAFE_NO_PAD.encode(&header_json);
+    // Sized once: the header (fixed fields, two coordinates, the kid), then the compact
+    // serialisation in one string, so no buffer grows (and copies) on the new-card path.
+    let mut header_json = Vec::with_capacity(128 + 2 * COORD_B64_LEN + kid.len());
+    serde_json::to_writer(&mut header_json, &header)
+        .map_err(|_| JoseError::Internal("header encoding"))?;
+    let b64_len = |n: usize| (n * 4).div_ceil(3);
+    let mut out = String::with_capacity(
+        b64_len(header_json.len())
+            + 4
+            + b64_len(IV_LEN)
+            + b64_len(plaintext.len())
+            + b64_len(TAG_LEN),
+    );
+    URL_SAFE_NO_PAD.encode_string(&header_json, &mut out);
+    let header_b64_len = out.len();
 
     let recipient_point = recipient.to_uncompressed_point();
     let peer = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &recipient_point[..]);
@@ -404,17 +437,18 @@ pub fn jwe_encrypt(
     let tag = cipher
         .encrypt_inout_detached(
             &Nonce::from(iv),
-            header_b64.as_bytes(),
+            &out.as_bytes()[..header_b64_len],
             (&mut buf[..]).into(),
         )
         .map_err(|_| JoseError::Internal("AES-GCM encryption failed"))?;
 
-    Ok(format!(
-        "{header_b64}..{}.{}.{}",
-        URL_SAFE_NO_PAD.encode(iv),
-        URL_SAFE_NO_PAD.encode(&buf[..]),
-        URL_SAFE_NO_PAD.encode(tag)
-    ))
+    out.push_str("..");
+    URL_SAFE_NO_PAD.encode_string(iv, &mut out);
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(&buf[..], &mut out);
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(tag, &mut out);
+    Ok(out)
 }
 
 /// Our static P-256 JWE key, prepared once for the static-key ECDH of [`jwe_decrypt_with`].

@@ -547,8 +547,28 @@ impl Services {
         mut rec: TokenRecord,
     ) -> Result<TokenRecord, DomainError> {
         rec.version += 1;
-        let event = self.webhook_event(reserved, &rec).await?;
         let check = self.check_for(&rec);
+        // A merchant without webhook endpoints (the usual case) needs no endpoint read: the
+        // store writes only if there is still no endpoint, checked in the write itself, so
+        // the answer is the one a read just before the write would give. If it finds one,
+        // nothing was written and the general path below reads them and builds the event.
+        let written = match &self.webhooks {
+            Some(w) if w.try_without_endpoint_read(reserved, &rec) => {
+                match self.store.update_token_if_no_endpoints(&rec, check).await {
+                    Ok(written) => written,
+                    Err(e) => return self.after_create_conflict(&rec, e).await,
+                }
+            }
+            _ => false,
+        };
+        if written {
+            crate::observability::token_transition(
+                Some(TokenStatus::Pending.label()),
+                Some(rec.status.label()),
+            );
+            return Ok(rec);
+        }
+        let event = self.webhook_event(reserved, &rec).await?;
         match self
             .store
             .update_token_scheduled(&rec, event.as_ref(), check)
@@ -563,7 +583,19 @@ impl Services {
                 );
                 Ok(rec)
             }
-            Err(StoreError::Conflict) => {
+            Err(e) => self.after_create_conflict(&rec, e).await,
+        }
+    }
+
+    /// [`Services::save_after_create`]'s failed write: on a version conflict (a notification
+    /// got there first) the newer record, with its check noted; any other error as is.
+    async fn after_create_conflict(
+        &self,
+        rec: &TokenRecord,
+        e: StoreError,
+    ) -> Result<TokenRecord, DomainError> {
+        match e {
+            StoreError::Conflict => {
                 let newer = self
                     .get_token(&rec.merchant_id, &rec.id)
                     .await?
@@ -571,7 +603,7 @@ impl Services {
                 self.note_schedule(&newer).await;
                 Ok(newer)
             }
-            Err(e) => Err(e.into()),
+            e => Err(e.into()),
         }
     }
 

@@ -622,6 +622,27 @@ impl TokenStore for EmbeddedStore {
         .await
     }
 
+    async fn update_token_if_no_endpoints(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<bool, StoreError> {
+        let rec = rec.clone();
+        self.run(move |db| {
+            let txn = begin_write(db)?;
+            // The endpoints are read in the write transaction itself: redb serialises writers,
+            // so no endpoint can be registered between this read and the commit.
+            if outbox::has_endpoints_in(&txn, rec.merchant_id.as_str())? {
+                return Ok(false);
+            }
+            update_token_in(&txn, &rec)?;
+            lifecycle::write_check_in(&txn, rec.merchant_id.as_str(), rec.id.as_str(), check)?;
+            txn.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {
         let merchant = merchant.as_str().to_owned();
         let id = id.as_str().to_owned();

@@ -196,6 +196,14 @@ fn advance_chain(txn: &WriteTransaction, job: &OutboxJob, now: u64) -> Result<()
     Ok(())
 }
 
+/// Whether merchant `m` has a webhook endpoint, read inside the write transaction `txn` of a
+/// token write that stores no event only while it has none (`update_token_if_no_endpoints`).
+pub(crate) fn has_endpoints_in(txn: &WriteTransaction, m: &str) -> Result<bool, StoreError> {
+    let t = txn.open_table(ENDPOINTS)?;
+    let mut range = t.range((m, "")..(m, ID_MAX))?;
+    Ok(range.next().transpose()?.is_some())
+}
+
 /// Writes an event, its pending deliveries and their due-now jobs inside `txn`, and trims
 /// events past retention: the body of [`OutboxStore::enqueue_event`], shared with the token
 /// writes that append their event in the same transaction (`update_token_with`,

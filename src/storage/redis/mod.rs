@@ -636,6 +636,32 @@ return r
     ))
 });
 
+/// [`UPDATE_TOKEN`] with the token's reconciliation check (ARGV 12-15, `check_write`) and no
+/// event, run only if the merchant's webhook endpoints hash (ARGV 16, in the merchant's slot)
+/// is empty: the endpoint read of a change with an event and its write in one step
+/// (`TokenStore::update_token_if_no_endpoints`). Returns as `UPDATE_TOKEN`, or 3 (an endpoint
+/// exists, nothing written).
+static UPDATE_TOKEN_IF_NO_ENDPOINTS: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(&format!(
+        r#"
+{COUNT_FUNCTIONS}
+{WALLET_FUNCTIONS}
+{CHECK_FUNCTIONS}
+if redis.call('EXISTS', ARGV[16]) == 1 then
+  return 3
+end
+local function cas()
+{UPDATE_TOKEN}
+end
+local r = cas()
+if r == 0 then
+  check_write(12)
+end
+return r
+"#
+    ))
+});
+
 struct Scripts {
     insert_merchant: Script,
     insert_token: Script,
@@ -1544,6 +1570,23 @@ impl TokenStore for RedisStore {
         update_result(code)?;
         self.move_appended_jobs(&rec.merchant_id, &jobs).await;
         Ok(())
+    }
+
+    async fn update_token_if_no_endpoints(
+        &self,
+        rec: &TokenRecord,
+        check: CheckAt,
+    ) -> Result<bool, StoreError> {
+        let mut inv = self.update_invocation(&UPDATE_TOKEN_IF_NO_ENDPOINTS, rec)?;
+        self.check_args(&mut inv, &rec.merchant_id, &rec.id, check);
+        inv.arg(self.outbox_endpoints_key(&rec.merchant_id));
+        let code: i64 = self.invoke_write(inv).await?;
+        if code == 3 {
+            return Ok(false);
+        }
+        update_result(code)?;
+        self.check_after(&rec.merchant_id, &rec.id, check).await;
+        Ok(true)
     }
 
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {

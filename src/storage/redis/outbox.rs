@@ -427,6 +427,12 @@ impl RedisStore {
         Keys { store: self }
     }
 
+    /// The merchant's webhook endpoints hash, for the token script that writes only while it is
+    /// empty (`UPDATE_TOKEN_IF_NO_ENDPOINTS`, same slot as the merchant's tokens).
+    pub(crate) fn outbox_endpoints_key(&self, m: &MerchantId) -> String {
+        self.outbox_keys().endpoints(m)
+    }
+
     async fn hgetall(&self, key: String) -> Result<HashMap<String, String>, StoreError> {
         let mut c = redis::cmd("HGETALL");
         c.arg(key);
