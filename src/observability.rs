@@ -219,19 +219,23 @@ static HTTP_HANDLES: std::sync::LazyLock<
 static ROUTES: std::sync::LazyLock<dashmap::DashMap<String, &'static str>> =
     std::sync::LazyLock::new(dashmap::DashMap::new);
 
+/// `route` as a `&'static str`: leaked once per distinct route template; callers pass router
+/// templates or `unmatched`, never raw paths, so the set is bounded by the routes in src/http.
+fn intern_route(route: &str) -> &'static str {
+    match ROUTES.get(route) {
+        Some(r) => *r,
+        None => *ROUTES
+            .entry(route.to_owned())
+            .or_insert_with(|| Box::leak(route.to_owned().into_boxed_str())),
+    }
+}
+
 fn http_handles(
     method: &'static str,
     route: &str,
     status: &'static str,
 ) -> (metrics::Counter, metrics::Histogram) {
-    let route: &'static str = match ROUTES.get(route) {
-        Some(r) => *r,
-        // Leaked once per distinct route template; callers pass router templates or
-        // `unmatched`, never raw paths, so the set is bounded by the routes in src/http.
-        None => *ROUTES
-            .entry(route.to_owned())
-            .or_insert_with(|| Box::leak(route.to_owned().into_boxed_str())),
-    };
+    let route = intern_route(route);
     let key = (method, route, status);
     if let Some(h) = HTTP_HANDLES.get(&key) {
         return h.clone();
@@ -247,31 +251,100 @@ fn http_handles(
         .clone()
 }
 
-/// Status codes are a small closed set; `&'static str` avoids an allocation per request.
-fn status_label(status: u16) -> &'static str {
+/// The `status` labels: the codes the API answers with, then the classes of any other code.
+const STATUS_LABELS: [&str; 22] = [
+    "200", "201", "204", "400", "401", "403", "404", "405", "409", "413", "415", "422", "429",
+    "500", "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// The index of `status`'s label in [`STATUS_LABELS`]; a small closed set, so a label is a
+/// `&'static str` and costs no allocation per request.
+fn status_slot(status: u16) -> usize {
     match status {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        409 => "409",
-        413 => "413",
-        415 => "415",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        s if s < 200 => "1xx",
-        s if s < 300 => "2xx",
-        s if s < 400 => "3xx",
-        s if s < 500 => "4xx",
-        _ => "5xx",
+        200 => 0,
+        201 => 1,
+        204 => 2,
+        400 => 3,
+        401 => 4,
+        403 => 5,
+        404 => 6,
+        405 => 7,
+        409 => 8,
+        413 => 9,
+        415 => 10,
+        422 => 11,
+        429 => 12,
+        500 => 13,
+        502 => 14,
+        503 => 15,
+        504 => 16,
+        s if s < 200 => 17,
+        s if s < 300 => 18,
+        s if s < 400 => 19,
+        s if s < 500 => 20,
+        _ => 21,
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    STATUS_LABELS[status_slot(status)]
+}
+
+/// The `method` labels of [`method_label`], in the order of [`method_slot`].
+const METHOD_LABELS: usize = 8;
+
+fn method_slot(method: &'static str) -> usize {
+    match method {
+        "GET" => 0,
+        "POST" => 1,
+        "PUT" => 2,
+        "DELETE" => 3,
+        "PATCH" => 4,
+        "HEAD" => 5,
+        "OPTIONS" => 6,
+        _ => 7,
+    }
+}
+
+/// The request metrics of one route template, held by the route's middleware
+/// (src/http/stack.rs): the handles of each (method, status) pair, resolved the first time the
+/// pair occurs and kept, so a request costs an atomic load per handle instead of two hashed
+/// lookups in shared maps (route, then label set) and two handle clones (docs/performance.md,
+/// "GET and dedup, round 5"). Lazily, not at start-up, so `/metrics` shows a series only once
+/// it has a sample, as before.
+pub struct HttpRouteMetrics {
+    route: &'static str,
+    handles: Box<[OnceLock<(metrics::Counter, metrics::Histogram)>]>,
+}
+
+impl HttpRouteMetrics {
+    /// `route` is a route template or `unmatched`, never a raw path (interned once: the set is
+    /// bounded by the router's routes).
+    pub fn new(route: &str) -> Self {
+        HttpRouteMetrics {
+            route: intern_route(route),
+            handles: (0..METHOD_LABELS * STATUS_LABELS.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// One answered request of this route: the same series as [`record_http`].
+    pub fn record(&self, method: &'static str, status: u16, elapsed: Duration) {
+        if HANDLE.get().is_none() {
+            return record_http(method, self.route, status, elapsed);
+        }
+        let slot = status_slot(status);
+        let (requests, duration) = self.handles[method_slot(method) * STATUS_LABELS.len() + slot]
+            .get_or_init(|| {
+                let (route, status) = (self.route, STATUS_LABELS[slot]);
+                (
+                    counter!(HTTP_REQUESTS, "method" => method, "route" => route, "status" => status),
+                    histogram!(HTTP_DURATION, "method" => method, "route" => route, "status" => status),
+                )
+            });
+        requests.increment(1);
+        duration.record(elapsed.as_secs_f64());
     }
 }
 
@@ -297,38 +370,74 @@ pub fn d1_circuit_open(open: bool) {
 
 // --- store -----------------------------------------------------------------------------------
 
-/// One store operation. `Conflict` and `NotFound` are normal answers (optimistic concurrency,
-/// idempotent removes) and only appear as outcomes; `Unavailable` and `Corrupt` also count as
-/// errors.
-pub fn record_store_op(operation: &'static str, outcome: &'static str, elapsed: Duration) {
-    store_duration(operation, outcome).record(elapsed.as_secs_f64());
-    if matches!(outcome, "unavailable" | "corrupt") {
-        counter!(STORE_ERRORS, "operation" => operation, "kind" => outcome).increment(1);
+/// The outcome of one store operation, the `outcome` label. `Conflict` and `NotFound` are
+/// normal answers (optimistic concurrency, idempotent removes) and only appear as outcomes;
+/// `Unavailable` and `Corrupt` also count as errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Ok,
+    Conflict,
+    NotFound,
+    Unavailable,
+    Corrupt,
+}
+
+impl StoreOutcome {
+    const ALL: usize = 5;
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreOutcome::Ok => "ok",
+            StoreOutcome::Conflict => "conflict",
+            StoreOutcome::NotFound => "not_found",
+            StoreOutcome::Unavailable => "unavailable",
+            StoreOutcome::Corrupt => "corrupt",
+        }
     }
 }
 
-/// Histograms of the store operations by `(operation, outcome)`, both `&'static str` (a closed
-/// set): resolved once, so an operation costs a map lookup instead of a label-set allocation and
-/// a registry lookup (`register_histogram` showed in the GET and dedup profiles, which make one
-/// or two store calls each: docs/performance.md, "GET path, round 3").
-static STORE_HANDLES: std::sync::LazyLock<
-    dashmap::DashMap<(&'static str, &'static str), metrics::Histogram>,
-> = std::sync::LazyLock::new(dashmap::DashMap::new);
+/// The metric handles of one store operation (`operation` label), one per outcome, each
+/// resolved the first time that outcome occurs and kept: an operation then costs one atomic load
+/// and the histogram's own record, instead of a hashed lookup of the `(operation, outcome)`
+/// pair in a shared map and a handle clone per call (the store-metrics wrapper showed in the GET
+/// and dedup profiles, which make one or two store calls each: docs/performance.md, "GET and
+/// dedup, round 5"). Handles are registered lazily, not at start-up, so `/metrics` shows a
+/// series only once it has a sample, as before. Meant to live in a `static` per operation
+/// (src/storage/instrumented.rs): there is one recorder per process.
+pub struct StoreOpMetrics {
+    operation: &'static str,
+    durations: [OnceLock<metrics::Histogram>; StoreOutcome::ALL],
+}
 
-fn store_duration(operation: &'static str, outcome: &'static str) -> metrics::Histogram {
-    // Before the recorder is installed `histogram!` hands out no-op handles: never cache those.
-    if HANDLE.get().is_none() {
-        return histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome);
+impl StoreOpMetrics {
+    pub const fn new(operation: &'static str) -> Self {
+        StoreOpMetrics {
+            operation,
+            durations: [const { OnceLock::new() }; StoreOutcome::ALL],
+        }
     }
-    if let Some(h) = STORE_HANDLES.get(&(operation, outcome)) {
-        return h.clone();
+
+    /// One operation that ended with `outcome` after `elapsed`.
+    pub fn record(&self, outcome: StoreOutcome, elapsed: Duration) {
+        let operation = self.operation;
+        let label = outcome.label();
+        let secs = elapsed.as_secs_f64();
+        if HANDLE.get().is_some() {
+            self.durations[outcome as usize]
+                .get_or_init(
+                    || histogram!(STORE_DURATION, "operation" => operation, "outcome" => label),
+                )
+                .record(secs);
+        } else {
+            // Before the recorder is installed `histogram!` hands out no-op handles: never
+            // keep those.
+            histogram!(STORE_DURATION, "operation" => operation, "outcome" => label).record(secs);
+        }
+        if matches!(outcome, StoreOutcome::Unavailable | StoreOutcome::Corrupt) {
+            // Failures are rare: resolved per call.
+            counter!(STORE_ERRORS, "operation" => operation, "kind" => label).increment(1);
+        }
     }
-    STORE_HANDLES
-        .entry((operation, outcome))
-        .or_insert_with(
-            || histogram!(STORE_DURATION, "operation" => operation, "outcome" => outcome),
-        )
-        .clone()
 }
 
 /// One confirmed write (`storage.redis_durability`): `mode` is `wait` or `waitaof`, `outcome`
@@ -385,6 +494,70 @@ mod tests {
         assert_eq!(method_label(&m), "OTHER");
         assert_eq!(status_label(299), "2xx");
         assert_eq!(status_label(404), "404");
+    }
+
+    #[test]
+    fn route_metrics_record_the_same_series_as_record_http() {
+        let h = handle();
+        let route = HttpRouteMetrics::new("/test/route-metrics/{id}");
+        let other = HttpRouteMetrics::new("/test/route-metrics/{id}");
+        route.record("GET", 200, Duration::from_millis(3));
+        route.record("GET", 200, Duration::from_millis(3));
+        // A second instance of the same route shares the series.
+        other.record("GET", 200, Duration::from_millis(3));
+        route.record("DELETE", 599, Duration::from_millis(3));
+        record_http(
+            "GET",
+            "/test/route-metrics/{id}",
+            404,
+            Duration::from_millis(1),
+        );
+        let text = h.render();
+        for line in [
+            "tokengate_http_requests_total{method=\"GET\",route=\"/test/route-metrics/{id}\",status=\"200\"} 3",
+            "tokengate_http_requests_total{method=\"DELETE\",route=\"/test/route-metrics/{id}\",status=\"5xx\"} 1",
+            "tokengate_http_requests_total{method=\"GET\",route=\"/test/route-metrics/{id}\",status=\"404\"} 1",
+            "tokengate_http_request_duration_seconds_count{method=\"GET\",route=\"/test/route-metrics/{id}\",status=\"200\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn store_op_metrics_record_by_outcome() {
+        static OP: StoreOpMetrics = StoreOpMetrics::new("test_store_op_metrics");
+        let h = handle();
+        OP.record(StoreOutcome::Ok, Duration::from_millis(1));
+        OP.record(StoreOutcome::Ok, Duration::from_millis(1));
+        OP.record(StoreOutcome::Unavailable, Duration::from_millis(1));
+        let text = h.render();
+        for line in [
+            "tokengate_store_operation_duration_seconds_count{operation=\"test_store_op_metrics\",outcome=\"ok\"} 2",
+            "tokengate_store_operation_duration_seconds_count{operation=\"test_store_op_metrics\",outcome=\"unavailable\"} 1",
+            "tokengate_store_errors_total{operation=\"test_store_op_metrics\",kind=\"unavailable\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+        // No series for an outcome that never happened.
+        assert!(
+            !text.contains("operation=\"test_store_op_metrics\",outcome=\"conflict\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_labels_match_their_slots() {
+        for (status, label) in [
+            (200, "200"),
+            (422, "422"),
+            (504, "504"),
+            (102, "1xx"),
+            (302, "3xx"),
+            (418, "4xx"),
+            (599, "5xx"),
+        ] {
+            assert_eq!(status_label(status), label);
+        }
     }
 
     #[test]

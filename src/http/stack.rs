@@ -109,25 +109,40 @@ pub struct GateService<S> {
     shared: Arc<Shared>,
     /// The route template this instance serves, kept from its first request: axum layers each
     /// route (and the fallback) separately, so every request an instance sees has the same
-    /// `MatchedPath`, and the log context and metrics share one `Arc<str>` per route.
-    route: Arc<OnceLock<Arc<str>>>,
+    /// `MatchedPath`, and the log context and metrics share one [`Route`] per route.
+    route: Arc<OnceLock<Arc<Route>>>,
+}
+
+/// A route template and its request metrics' handles.
+struct Route {
+    name: Arc<str>,
+    metrics: observability::HttpRouteMetrics,
+}
+
+impl Route {
+    fn new(name: &str) -> Arc<Route> {
+        Arc::new(Route {
+            name: Arc::from(name),
+            metrics: observability::HttpRouteMetrics::new(name),
+        })
+    }
 }
 
 impl<S> GateService<S> {
     /// The route template of `req`, or `unmatched` for the 404 fallback.
-    fn route_of(&self, req: &Request) -> Arc<str> {
-        static UNMATCHED: OnceLock<Arc<str>> = OnceLock::new();
+    fn route_of(&self, req: &Request) -> Arc<Route> {
+        static UNMATCHED: OnceLock<Arc<Route>> = OnceLock::new();
         match req.extensions().get::<MatchedPath>() {
             Some(m) => {
-                let cached = self.route.get_or_init(|| Arc::from(m.as_str()));
-                if **cached == *m.as_str() {
+                let cached = self.route.get_or_init(|| Route::new(m.as_str()));
+                if *cached.name == *m.as_str() {
                     Arc::clone(cached)
                 } else {
                     // Not the route this instance first saw (never with our router): a copy.
-                    Arc::from(m.as_str())
+                    Route::new(m.as_str())
                 }
             }
-            None => Arc::clone(UNMATCHED.get_or_init(|| Arc::from(telemetry::UNMATCHED))),
+            None => Arc::clone(UNMATCHED.get_or_init(|| Route::new(telemetry::UNMATCHED))),
         }
     }
 }
@@ -184,7 +199,7 @@ where
         let state = match InFlight::take(&self.shared) {
             Some(slot) => State::Running {
                 fut: context::scope(
-                    telemetry::request_context(&request_id, &route),
+                    telemetry::request_context(&request_id, &route.name),
                     tokio::time::timeout(self.shared.request_timeout, self.inner.call(req)),
                 ),
                 _slot: slot,
@@ -209,7 +224,7 @@ pin_project_lite::pin_project! {
         state: State<F>,
         started: Instant,
         method: &'static str,
-        route: Arc<str>,
+        route: Arc<Route>,
         request_id: Option<HeaderValue>,
         access: AccessLog,
     }
@@ -256,7 +271,8 @@ where
             telemetry::record(
                 *this.access,
                 this.method,
-                this.route,
+                &this.route.name,
+                &this.route.metrics,
                 &id,
                 *this.started,
                 status,
@@ -274,12 +290,18 @@ where
 /// `MakeRequestUuid` drew each one from the OS (`getrandom`), a system call per request that
 /// showed in the GET profile (docs/performance.md). Request ids need uniqueness, not secrecy
 /// from the OS pool.
+///
+/// The text is written into an array that becomes the header value's reference-counted owner
+/// (`Bytes::from_owner`): one allocation, and the clones for the request, the log context and
+/// the response are counter increments (`HeaderValue::from_str` copied the text into a
+/// `Bytes` whose first clone allocated again to become shared).
 fn fast_request_id() -> HeaderValue {
     let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-    let mut buf = uuid::Uuid::encode_buffer();
-    let s = id.hyphenated().encode_lower(&mut buf);
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    id.hyphenated().encode_lower(&mut buf);
     // A hyphenated UUID is always a valid header value.
-    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// Every slot under `server.max_concurrency` is taken.

@@ -101,12 +101,13 @@ pub(super) fn record(
     access: AccessLog,
     method: &'static str,
     route: &str,
+    metrics: &observability::HttpRouteMetrics,
     request_id: &HeaderValue,
     started: Instant,
     status: u16,
 ) {
     let elapsed = started.elapsed();
-    observability::record_http(method, route, status, elapsed);
+    metrics.record(method, status, elapsed);
     if access.should_log(status, rand::random::<f64>) {
         let request_id = loggable_request_id(Some(request_id));
         // Milliseconds with microsecond resolution, as a number (JSON) rather than a string.

@@ -18,7 +18,7 @@ use crate::domain::ports::{
 };
 use crate::domain::token::{MerchantId, TokenId, TokenRecord};
 use crate::domain::wallet::{WalletKey, WalletPage};
-use crate::observability::record_store_op;
+use crate::observability::{StoreOpMetrics, StoreOutcome};
 
 /// Times `inner`'s operations.
 pub struct InstrumentedStore {
@@ -31,41 +31,50 @@ impl InstrumentedStore {
     }
 }
 
-/// Runs `fut`, records its latency and outcome under `op`, and returns its result untouched.
+/// Runs `fut`, records its latency and outcome in `metrics`, and returns its result untouched.
 async fn timed<T>(
-    op: &'static str,
+    metrics: &'static StoreOpMetrics,
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
     let started = Instant::now();
     let result = fut.await;
     let elapsed: Duration = started.elapsed();
-    record_store_op(op, outcome_label(result.as_ref().err()), elapsed);
+    metrics.record(outcome(result.as_ref().err()), elapsed);
     result
+}
+
+/// `timed!("op", fut)`: [`timed`] with the metric handles of operation `op`, kept in a `static`
+/// of their own per call site (resolved once per outcome, not looked up per call).
+macro_rules! timed {
+    ($op:literal, $fut:expr $(,)?) => {{
+        static METRICS: StoreOpMetrics = StoreOpMetrics::new($op);
+        timed(&METRICS, $fut)
+    }};
 }
 
 #[async_trait]
 impl TokenStore for InstrumentedStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        timed("ping", self.inner.ping()).await
+        timed!("ping", self.inner.ping()).await
     }
 
     async fn insert_merchant(&self, m: &Merchant, key: &ApiKeyHash) -> Result<(), StoreError> {
-        timed("insert_merchant", self.inner.insert_merchant(m, key)).await
+        timed!("insert_merchant", self.inner.insert_merchant(m, key)).await
     }
 
     async fn get_merchant(&self, id: &MerchantId) -> Result<Option<Merchant>, StoreError> {
-        timed("get_merchant", self.inner.get_merchant(id)).await
+        timed!("get_merchant", self.inner.get_merchant(id)).await
     }
 
     async fn merchant_by_api_key(&self, key: &ApiKeyHash) -> Result<Option<Merchant>, StoreError> {
-        timed("merchant_by_api_key", self.inner.merchant_by_api_key(key)).await
+        timed!("merchant_by_api_key", self.inner.merchant_by_api_key(key)).await
     }
 
     async fn merchant_by_d1_id(
         &self,
         d1_merchant_id: &str,
     ) -> Result<Option<Merchant>, StoreError> {
-        timed(
+        timed!(
             "merchant_by_d1_id",
             self.inner.merchant_by_d1_id(d1_merchant_id),
         )
@@ -77,7 +86,7 @@ impl TokenStore for InstrumentedStore {
         rec: &TokenRecord,
         check: CheckAt,
     ) -> Result<InsertOutcome, StoreError> {
-        timed(
+        timed!(
             "insert_token",
             self.inner.insert_token_scheduled(rec, check),
         )
@@ -89,7 +98,7 @@ impl TokenStore for InstrumentedStore {
         merchant: &MerchantId,
         id: &TokenId,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        timed("get_token", self.inner.get_token(merchant, id)).await
+        timed!("get_token", self.inner.get_token(merchant, id)).await
     }
 
     async fn read_token(
@@ -97,7 +106,7 @@ impl TokenStore for InstrumentedStore {
         merchant: &MerchantId,
         id: &TokenId,
     ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
-        timed("read_token", self.inner.read_token(merchant, id)).await
+        timed!("read_token", self.inner.read_token(merchant, id)).await
     }
 
     async fn read_by_fingerprint(
@@ -105,7 +114,7 @@ impl TokenStore for InstrumentedStore {
         merchant: &MerchantId,
         pan_fingerprint: &str,
     ) -> Result<Option<std::sync::Arc<TokenRecord>>, StoreError> {
-        timed(
+        timed!(
             "read_by_fingerprint",
             self.inner.read_by_fingerprint(merchant, pan_fingerprint),
         )
@@ -118,7 +127,7 @@ impl TokenStore for InstrumentedStore {
         event: Option<&EventAppend>,
         check: CheckAt,
     ) -> Result<(), StoreError> {
-        timed(
+        timed!(
             "update_token",
             self.inner.update_token_scheduled(rec, event, check),
         )
@@ -138,7 +147,7 @@ impl TokenStore for InstrumentedStore {
     }
 
     async fn remove_token(&self, merchant: &MerchantId, id: &TokenId) -> Result<(), StoreError> {
-        timed("remove_token", self.inner.remove_token(merchant, id)).await
+        timed!("remove_token", self.inner.remove_token(merchant, id)).await
     }
 
     async fn find_by_fingerprint(
@@ -146,7 +155,7 @@ impl TokenStore for InstrumentedStore {
         merchant: &MerchantId,
         pan_fingerprint: &str,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        timed(
+        timed!(
             "find_by_fingerprint",
             self.inner.find_by_fingerprint(merchant, pan_fingerprint),
         )
@@ -158,7 +167,7 @@ impl TokenStore for InstrumentedStore {
         merchant: &MerchantId,
         d1_token_id: &str,
     ) -> Result<Option<TokenRecord>, StoreError> {
-        timed(
+        timed!(
             "find_by_d1_token",
             self.inner.find_by_d1_token(merchant, d1_token_id),
         )
@@ -173,7 +182,7 @@ impl TokenStore for InstrumentedStore {
         after: Option<&WalletKey>,
         limit: usize,
     ) -> Result<WalletPage, StoreError> {
-        timed(
+        timed!(
             "list_customer_tokens",
             self.inner
                 .list_customer_tokens(merchant, customer, status, after, limit),
@@ -182,11 +191,11 @@ impl TokenStore for InstrumentedStore {
     }
 
     async fn wallet_index_complete(&self) -> Result<bool, StoreError> {
-        timed("wallet_index_complete", self.inner.wallet_index_complete()).await
+        timed!("wallet_index_complete", self.inner.wallet_index_complete()).await
     }
 
     async fn backfill_wallet_index(&self, batch: usize) -> Result<bool, StoreError> {
-        timed(
+        timed!(
             "backfill_wallet_index",
             self.inner.backfill_wallet_index(batch),
         )
@@ -200,7 +209,7 @@ impl TokenStore for InstrumentedStore {
         request_digest: &str,
         lock_ttl: Duration,
     ) -> Result<IdempotencyBegin, StoreError> {
-        timed(
+        timed!(
             "idempotency_begin",
             self.inner
                 .idempotency_begin(scope, key, request_digest, lock_ttl),
@@ -215,7 +224,7 @@ impl TokenStore for InstrumentedStore {
         response: &StoredResponse,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        timed(
+        timed!(
             "idempotency_complete",
             self.inner.idempotency_complete(scope, key, response, ttl),
         )
@@ -223,7 +232,7 @@ impl TokenStore for InstrumentedStore {
     }
 
     async fn idempotency_abort(&self, scope: &str, key: &str) -> Result<(), StoreError> {
-        timed(
+        timed!(
             "idempotency_abort",
             self.inner.idempotency_abort(scope, key),
         )
@@ -233,13 +242,13 @@ impl TokenStore for InstrumentedStore {
 
 /// The `outcome` label of a store call. `Conflict` and `NotFound` are normal answers
 /// (optimistic concurrency, idempotent removes) and only appear as outcomes.
-fn outcome_label(err: Option<&StoreError>) -> &'static str {
+fn outcome(err: Option<&StoreError>) -> StoreOutcome {
     match err {
-        None => "ok",
-        Some(StoreError::Conflict) => "conflict",
-        Some(StoreError::NotFound) => "not_found",
-        Some(StoreError::Unavailable(_)) => "unavailable",
-        Some(StoreError::Corrupt(_)) => "corrupt",
+        None => StoreOutcome::Ok,
+        Some(StoreError::Conflict) => StoreOutcome::Conflict,
+        Some(StoreError::NotFound) => StoreOutcome::NotFound,
+        Some(StoreError::Unavailable(_)) => StoreOutcome::Unavailable,
+        Some(StoreError::Corrupt(_)) => StoreOutcome::Corrupt,
     }
 }
 

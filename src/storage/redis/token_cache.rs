@@ -87,6 +87,8 @@ struct Shared {
     passed: tokio::sync::watch::Sender<u64>,
     /// ...and the wake-up of the task that sends those `PING`s.
     ping: Arc<tokio::sync::Notify>,
+    /// Set when the cache is dropped, so the `PING` task ends.
+    closed: std::sync::atomic::AtomicBool,
     stats: Stats,
 }
 
@@ -163,13 +165,10 @@ impl TokenCache {
             requested: AtomicU64::new(0),
             passed: tokio::sync::watch::Sender::new(0),
             ping: Arc::new(tokio::sync::Notify::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             stats: Stats::default(),
         });
-        tokio::spawn(send_pings(
-            Arc::downgrade(&shared),
-            shared.ping.clone(),
-            response_timeout,
-        ));
+        tokio::spawn(send_pings(Arc::downgrade(&shared), shared.ping.clone()));
         let info = client.get_connection_info().clone();
         let settings = info
             .redis_settings()
@@ -210,7 +209,7 @@ impl TokenCache {
     /// `false`: no tracking connection, or it failed: read without the cache.
     pub(crate) async fn sync(&self, timeout: Duration) -> bool {
         let s = &self.shared;
-        if s.current().is_none() {
+        if !s.linked() {
             return false;
         }
         let mut passed = s.passed.subscribe();
@@ -220,7 +219,7 @@ impl TokenCache {
             tokio::time::timeout(timeout, passed.wait_for(|p| *p >= want)).await,
             Ok(Ok(_))
         );
-        ok && s.current().is_some()
+        ok && s.linked()
     }
 
     pub(crate) fn lookup(&self, key: &str) -> Lookup {
@@ -305,6 +304,15 @@ impl TokenCache {
     }
 }
 
+impl Drop for TokenCache {
+    /// Ends the `PING` task (it holds only a weak reference and waits without a timer). The
+    /// flag covers a task woken before the last strong reference is gone.
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.ping.notify_one();
+    }
+}
+
 /// Whether a failed tracked read may have cost us pushes (the connection is suspect).
 fn breaks_tracking(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
@@ -321,6 +329,15 @@ impl Shared {
         self.shards[shard]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a tracking connection is up; unlike [`Shared::current`] it copies nothing (the
+    /// read barrier asks twice per read: a `Link` clone is several shared reference counts).
+    fn linked(&self) -> bool {
+        self.link
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
     }
 
     fn current(&self) -> Option<Link> {
@@ -393,22 +410,34 @@ impl Shared {
 
 /// Sends the barrier `PING`s: one per batch of waiting readers, on the tracking connection. A
 /// failed `PING` takes the link down (which empties the cache), so the readers it releases find
-/// nothing cached.
-async fn send_pings(shared: Weak<Shared>, wake: Arc<tokio::sync::Notify>, timeout: Duration) {
+/// nothing cached. The `PING` is bounded by the connection's response timeout (set in
+/// [`open_tracking`]); the task ends when the cache is dropped ([`TokenCache`]'s `Drop` wakes
+/// it), so a wait costs no timer.
+async fn send_pings(shared: Weak<Shared>, wake: Arc<tokio::sync::Notify>) {
+    // Built once: the same command every time.
+    let ping = redis::cmd("PING");
     loop {
-        let _ = tokio::time::timeout(Duration::from_secs(5), wake.notified()).await;
+        wake.notified().await;
         let Some(s) = shared.upgrade() else { return };
+        if s.closed.load(Ordering::Acquire) {
+            return;
+        }
         loop {
+            // Let the tasks already runnable on this worker go first: under load they are
+            // requests that are about to ask for a barrier too, and then one `PING` serves them
+            // all instead of each batch being the first reader or two (a `PING` is a write on
+            // the connection, a wake-up of its task and of Redis: ~7% of a GET's CPU with
+            // batches of 1-3 readers; docs/performance.md, "GET and dedup, round 5"). When
+            // nothing else is runnable it costs one scheduler pass.
+            tokio::task::yield_now().await;
             // Every barrier asked for before this load is covered by the PING sent after it.
             let upto = s.requested.load(Ordering::SeqCst);
             if upto <= *s.passed.borrow() {
                 break;
             }
             if let Some(link) = s.current() {
-                let mut conn = link.conn.clone();
-                let ping = redis::cmd("PING");
-                let answered = tokio::time::timeout(timeout, conn.req_packed_command(&ping)).await;
-                if !matches!(answered, Ok(Ok(_))) {
+                let mut conn = link.conn;
+                if conn.req_packed_command(&ping).await.is_err() {
                     s.link_down(link.epoch);
                 }
             }
