@@ -139,7 +139,7 @@ impl TokenStore for InstrumentedStore {
         rec: &TokenRecord,
         check: CheckAt,
     ) -> Result<bool, StoreError> {
-        timed(
+        timed!(
             "update_token",
             self.inner.update_token_if_no_endpoints(rec, check),
         )
