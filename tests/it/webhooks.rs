@@ -1562,15 +1562,21 @@ async fn production_refuses_loopback_and_opens_only_listed_networks() {
 
 // --- two gateways, one Redis -------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_on_one_redis_deliver_each_event_once() {
+/// Two gateways (fast delivery settings): A with its own Redis, B sharing it (and so its
+/// outbox, consumer group and endpoints).
+async fn two_instances() -> (TestApp, TestApp) {
     let a = fast(TestApp::builder(Backend::Redis)).start().await;
     let url = a.redis.as_ref().unwrap().url();
-    // The second gateway shares A's Redis (and so its outbox and consumer group).
     let b = fast(TestApp::builder(Backend::Embedded))
         .env("TOKENGATE__STORAGE__REDIS_URL", &url)
         .start()
         .await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_redis_deliver_each_event_once() {
+    let (a, b) = two_instances().await;
     let rx = Receiver::start().await;
     // Slow answers keep deliveries in flight, so both workers find work.
     rx.state.delay_ms.store(150, Ordering::SeqCst);
@@ -1655,12 +1661,7 @@ async fn two_instances_on_one_redis_deliver_each_event_once() {
 /// activations store no event again (both when this instance last saw an endpoint and after).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activation_events_follow_endpoints_changed_on_another_instance() {
-    let a = fast(TestApp::builder(Backend::Redis)).start().await;
-    let url = a.redis.as_ref().unwrap().url();
-    let b = fast(TestApp::builder(Backend::Embedded))
-        .env("TOKENGATE__STORAGE__REDIS_URL", &url)
-        .start()
-        .await;
+    let (a, b) = two_instances().await;
     let rx = Receiver::start().await;
     let (_, key) = a.create_merchant("Acme").await;
     let activate = |pan: &'static str| {
