@@ -138,19 +138,17 @@ pub trait TokenStore: Send + Sync + 'static {
     /// webhook endpoint at all, checked **in the same atomic step** as the compare-and-set (the
     /// endpoints are in the merchant's slot; one redb transaction). `Ok(true)`: written, and no
     /// endpoint existed at that instant, so the change has no event. `Ok(false)`: nothing
-    /// written, because an endpoint exists or because the store cannot check: the caller then
-    /// reads the endpoints, builds the event and writes with `update_token_scheduled`. Saves the
-    /// endpoint read on the write path of merchants without webhooks (the new-card activation,
-    /// issue 13) with today's semantics: an endpoint registered anywhere before the write is
-    /// seen by it. Errors as `update_token_scheduled` (`Conflict`, `NotFound`).
+    /// written, because an endpoint exists: the caller then reads the endpoints, builds the
+    /// event and writes with `update_token_scheduled`. Saves the endpoint read on the write path
+    /// of merchants without webhooks (the new-card activation, issue 13) with today's
+    /// semantics: an endpoint registered anywhere before the write is seen by it. Errors as
+    /// `update_token_scheduled` (`Conflict`, `NotFound`). No default: a store (or a wrapper
+    /// such as the metrics one) that did not implement it would silently never take this path.
     async fn update_token_if_no_endpoints(
         &self,
         rec: &TokenRecord,
         check: CheckAt,
-    ) -> Result<bool, StoreError> {
-        let _ = (rec, check);
-        Ok(false)
-    }
+    ) -> Result<bool, StoreError>;
 
     /// Removes a token and its index entries entirely. Used to undo a reservation when the
     /// upstream tokenization failed, so a failed call leaves nothing behind. Idempotent.
