@@ -34,7 +34,7 @@
 //! side and resident memory are reported per rate.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -46,6 +46,7 @@ use tokengate::domain::token::MerchantId;
 use tokengate::storage::redis::RedisConfig;
 
 use super::loadgen::{self, OpenLoop, Scenario, Workload, ms, tokenize_body};
+use super::ports::{free_addr, wait_listening};
 use super::{BoxError, client, fill, parse_duration};
 
 #[derive(clap::Args)]
@@ -201,22 +202,7 @@ fn mib(kib: u64) -> String {
 }
 
 fn free_port() -> Result<u16, BoxError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn free_addr() -> Result<SocketAddr, BoxError> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
-}
-
-fn wait_port(port: u16, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
+    Ok(free_addr()?.port())
 }
 
 fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
@@ -263,7 +249,8 @@ impl Redis {
                 name: format!("redis-server :{port}"),
                 child,
             };
-            if wait_port(port, Duration::from_secs(5)) && p.alive() {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if wait_listening(&[addr], Duration::from_secs(5), &mut p.child) {
                 return Ok((p, port));
             }
         }
@@ -632,11 +619,11 @@ impl Ctx {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let p = Proc {
+        let mut p = Proc {
             name: "bench-hyper".into(),
             child,
         };
-        if !wait_port(addr.port(), Duration::from_secs(10)) {
+        if !wait_listening(&[addr], Duration::from_secs(10), &mut p.child) {
             return Err("bench-hyper did not start".into());
         }
         Ok((p, addr))
@@ -651,34 +638,19 @@ impl Ctx {
     /// Starts `tokengate d1-sim` on free ports; its development keys are written to
     /// `<work>/sim/sim-keys`, where the gateway reads its half (`d1.keys_dir`).
     fn start_external_sim(&self) -> Result<ExternalSim, BoxError> {
-        let dir = self.work.join("sim");
-        std::fs::create_dir_all(&dir)?;
-        let api = free_addr()?;
-        let control = free_addr()?;
-        let log = std::fs::File::create(self.work.join("d1-sim.log"))?;
-        let child = Command::new(&self.gateway_exe)
-            .arg("d1-sim")
-            .arg("--listen")
-            .arg(api.to_string())
-            .arg("--control-listen")
-            .arg(control.to_string())
-            .current_dir(&dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        let mut proc = Proc {
-            name: "tokengate d1-sim".into(),
-            child,
-        };
-        if !wait_port(api.port(), Duration::from_secs(30)) || !proc.alive() {
-            return Err("the D1 simulator did not start; see d1-sim.log".into());
-        }
+        let sim = super::ports::start_d1_sim(
+            &self.gateway_exe,
+            &self.work.join("sim"),
+            &self.work.join("d1-sim.log"),
+        )?;
         Ok(ExternalSim {
-            proc,
-            base_url: format!("https://{api}/authz/v1"),
-            keys_dir: dir.join("sim-keys"),
-            control,
+            proc: Proc {
+                name: "tokengate d1-sim".into(),
+                child: sim.child,
+            },
+            base_url: format!("https://{}/authz/v1", sim.api),
+            keys_dir: sim.keys_dir,
+            control: sim.control,
         })
     }
 

@@ -16,6 +16,8 @@
 //! - [`harness`]: `loadtest`, which starts Redis (standalone or Cluster), the bare server and the
 //!   gateway, runs `wrk` (closed loop, peak throughput) and the open-loop generator per scenario,
 //!   reads memory from `/proc`, and prints the Markdown report.
+//! - [`ports`]: free loopback ports, waiting for a child to listen, and starting the simulator
+//!   with retries; shared by the harness and the chaos suite.
 //! - [`chaos`]: `chaos`, the chaos suite (`scripts/chaos.sh`, `docs/reliability.md`): kills the
 //!   gateway and Redis under load, injects D1 faults, storms two instances with notifications,
 //!   takes the webhook receiver down, and checks nothing acknowledged was lost or duplicated.
@@ -26,6 +28,7 @@ mod client;
 mod fill;
 mod harness;
 mod loadgen;
+mod ports;
 
 use clap::{Parser, Subcommand};
 

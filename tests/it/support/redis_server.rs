@@ -13,6 +13,14 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
+/// Whether something listens on the loopback `port`. A probe of a port nobody listens on can
+/// connect to itself (TCP simultaneous open, source port = destination port); that is not a
+/// listening server, and for a moment the probe holds the port the server is about to bind.
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port))
+        .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -66,7 +74,7 @@ impl RedisServer {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // exited: port clash, retry
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                if listening(port) {
                     return RedisServer {
                         child,
                         port,
@@ -130,7 +138,7 @@ impl RedisServer {
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // the port is not free yet: retry
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                if listening(self.port) {
                     self.child = child;
                     return;
                 }

@@ -4,7 +4,7 @@
 //! opens a fresh loopback connection per call (a killed gateway leaves no pooled connection to
 //! trip over).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use crate::BoxError;
 use crate::client::Conn;
+use crate::ports::{self, free_addr, listening};
 
 /// Client credentials the gateways accept on `POST /oauth2/token` (the driver plays D1 in the
 /// notification storm).
@@ -51,21 +52,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-pub fn free_addr() -> Result<SocketAddr, BoxError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn wait_port(addr: SocketAddr, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if TcpStream::connect(addr).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
 }
 
 // --- HTTP -----------------------------------------------------------------------------------------
@@ -190,7 +176,7 @@ impl Redis {
         // Loading the AOF takes a moment; PING answers LOADING until it is done.
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if wait_port(addr, Duration::from_millis(100))
+            if listening(addr)
                 && Command::new("redis-cli")
                     .args(["-p", &port, "ping"])
                     .output()
@@ -198,6 +184,10 @@ impl Redis {
             {
                 return Ok(());
             }
+            if self.proc.as_mut().is_some_and(|p| !p.alive()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         Err("redis-server did not start".into())
     }
@@ -226,31 +216,12 @@ pub struct Sim {
 
 impl Sim {
     pub fn start(exe: &Path, work: &Path) -> Result<Sim, BoxError> {
-        let dir = work.join("sim");
-        std::fs::create_dir_all(&dir)?;
-        let api = free_addr()?;
-        let control = free_addr()?;
-        let log = std::fs::File::create(work.join("d1-sim.log"))?;
-        let mut proc = Proc::spawn(
-            Command::new(exe)
-                .arg("d1-sim")
-                .arg("--listen")
-                .arg(api.to_string())
-                .arg("--control-listen")
-                .arg(control.to_string())
-                .current_dir(&dir)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(log),
-        )?;
-        if !wait_port(control, Duration::from_secs(60)) || !proc.alive() {
-            return Err("the D1 simulator did not start; see d1-sim.log".into());
-        }
+        let sim = ports::start_d1_sim(exe, &work.join("sim"), &work.join("d1-sim.log"))?;
         Ok(Sim {
-            _proc: proc,
-            api,
-            control,
-            keys_dir: dir.join("sim-keys"),
+            _proc: Proc { child: sim.child },
+            api: sim.api,
+            control: sim.control,
+            keys_dir: sim.keys_dir,
         })
     }
 
