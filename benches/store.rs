@@ -47,7 +47,11 @@ impl RedisServer {
             .spawn()
             .expect("redis-server must be installed");
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // A probe that connected to itself (closed loopback port picked as its own source) is
+        // not the server: keep waiting.
+        while !std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+        {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
