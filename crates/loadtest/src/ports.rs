@@ -9,11 +9,30 @@ use std::time::{Duration, Instant};
 
 use crate::BoxError;
 
-/// A loopback address whose port was free a moment ago. Another process can take it before the
-/// child binds it, so every caller that starts a child on it checks that the child is alive and
-/// retries on a fresh port when it is not.
+/// A loopback address whose port was free a moment ago, for a child to listen on.
+///
+/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`) when there is
+/// room: ports there are never handed out as the source port of an outgoing connection, so
+/// neither a probe connecting to itself nor another process's client socket can take the port
+/// between this pick and the child's `bind`. Where the range leaves no room, the kernel picks (a
+/// port in the ephemeral range; callers still check that the child is alive and retry).
 pub fn free_addr() -> Result<SocketAddr, BoxError> {
+    if let Some((low, high)) = below_ephemeral() {
+        for _ in 0..200 {
+            let port = rand::random_range(low..high);
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                return Ok(l.local_addr()?);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Ports from 10000 up to the start of the ephemeral range, if that leaves at least 1,000.
+fn below_ephemeral() -> Option<(u16, u16)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    (low >= 11_000).then_some((10_000, low))
 }
 
 /// Whether something listens on `addr`.
@@ -118,6 +137,17 @@ mod tests {
         drop(l);
         // Many probes of the closed port: none may report it listening (a self-connect would).
         assert!((0..200).all(|_| !listening(open)));
+    }
+
+    #[test]
+    fn free_ports_are_outside_the_ephemeral_range_when_it_leaves_room() {
+        let addr = free_addr().unwrap();
+        assert!(addr.ip().is_loopback());
+        if let Some((low, high)) = below_ephemeral() {
+            assert!((low..high).contains(&addr.port()), "{addr}");
+        }
+        // Free: a listener can take it.
+        TcpListener::bind(addr).unwrap();
     }
 
     #[test]
