@@ -40,8 +40,9 @@ fn below_ephemeral() -> Option<(u16, u16)> {
 /// A connect to a loopback port nobody listens on can pick that same port as its own source port
 /// and connect to itself (TCP simultaneous open): the probe then "succeeds", and for a moment the
 /// probe's socket holds the port, so the child's own `bind` fails with `EADDRINUSE`. Polling a
-/// port every 10 ms while a debug-build child starts makes that rare event likely enough to have
-/// failed a CI run, so a self-connected probe counts as "not listening".
+/// port every 10 ms while a debug-build child starts repeats that rare chance many times (it is
+/// one of the two explanations of a CI run's "the D1 simulator did not start"), so a
+/// self-connected probe counts as "not listening".
 pub fn listening(addr: SocketAddr) -> bool {
     match TcpStream::connect(addr) {
         Ok(s) => s.local_addr().ok() != s.peer_addr().ok(),
