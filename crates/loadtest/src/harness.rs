@@ -18,7 +18,8 @@
 //!    ratio: a second bare hyper server stays up (idle) while the gateway runs, and each gateway
 //!    `wrk` run is bracketed by a bare `wrk` run of the same length just before and just after
 //!    it; each gateway run's ratio is to the mean of its two brackets, and the report gives the
-//!    median of those ratios with their spread. Drift slower than a run cancels out of it.
+//!    median of those ratios with their spread. Drift slower than a run cancels out of it; a
+//!    shift within a pair does not, so the log lists the brackets too.
 //!
 //! `--scale` runs the vault-size step instead: the vault is filled directly ([`super::fill`]) to
 //! each size, and GET throughput and latency, memory and gateway start-up time are measured at
@@ -865,10 +866,17 @@ impl Ctx {
     }
 
     /// One bare hyper `wrk` run of a pair: its throughput.
-    async fn bracket(&self, bare: SocketAddr, tag: &str, i: usize) -> Result<f64, BoxError> {
-        let w = self
-            .wrk(bare, Scenario::Bare, &format!("{tag}-bracket-{i}"))
-            .await?;
+    async fn bracket(
+        &self,
+        bare: SocketAddr,
+        tag: &str,
+        scenario: Scenario,
+        i: usize,
+    ) -> Result<f64, BoxError> {
+        // Named after the scenario it brackets, so the next scenario's brackets do not
+        // overwrite its files.
+        let name = format!("{tag}-{scenario:?}-bracket-{i}").to_lowercase();
+        let w = self.wrk(bare, Scenario::Bare, &name).await?;
         if w.non2xx > 0 || w.socket_errors > 0 {
             return Err(format!(
                 "bare hyper bracket run: {} non-2xx answers, {} socket errors",
@@ -897,7 +905,7 @@ impl Ctx {
         let repeats = self.args.repeats.max(1);
         for i in 0..repeats {
             if let Some(bare) = pair_with {
-                brackets.push(self.bracket(bare, tag, i).await?);
+                brackets.push(self.bracket(bare, tag, scenario, i).await?);
             }
             let before = CpuSnapshot::take(&self.watch);
             let w = self.wrk(addr, scenario, &format!("{tag}-{i}")).await?;
@@ -909,7 +917,7 @@ impl Ctx {
         }
         let mut paired = Vec::new();
         if let Some(bare) = pair_with {
-            brackets.push(self.bracket(bare, tag, repeats).await?);
+            brackets.push(self.bracket(bare, tag, scenario, repeats).await?);
             for (i, (w, _)) in runs.iter().enumerate() {
                 let mean = (brackets[i] + brackets[i + 1]) / 2.0;
                 if mean > 0.0 {
@@ -921,6 +929,17 @@ impl Ctx {
                 paired
                     .iter()
                     .map(|r| format!("{r:.3}x"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            // The brackets themselves: a pair whose two bare runs differ by a fifth took its
+            // gateway run across one of the host's throughput shifts (docs/performance.md,
+            // "tenth session"), and its ratio says more about the host than the gateway.
+            self.say(format!(
+                "  bare hyper brackets (req/s): {}",
+                brackets
+                    .iter()
+                    .map(|b| format!("{b:.0}"))
                     .collect::<Vec<_>>()
                     .join(", ")
             ));
