@@ -926,22 +926,14 @@ impl Ctx {
             }
             self.say(format!(
                 "  paired with bare hyper: {}",
-                paired
-                    .iter()
-                    .map(|r| format!("{r:.3}x"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                joined(&paired, |r| format!("{r:.3}x"))
             ));
             // The brackets themselves: a pair whose two bare runs differ by a fifth took its
             // gateway run across one of the host's throughput shifts (docs/performance.md,
             // "tenth session"), and its ratio says more about the host than the gateway.
             self.say(format!(
                 "  bare hyper brackets (req/s): {}",
-                brackets
-                    .iter()
-                    .map(|b| format!("{b:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                joined(&brackets, |b| format!("{b:.0}"))
             ));
         }
         runs.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
@@ -1182,6 +1174,11 @@ fn table_row(out: &mut String, r: &Row, baseline: f64) {
         ms(r.wrk.p99),
         ms(r.wrk.p999),
     );
+}
+
+/// `values`, each formatted by `fmt`, separated by commas (for the log).
+fn joined(values: &[f64], fmt: impl Fn(&f64) -> String) -> String {
+    values.iter().map(fmt).collect::<Vec<_>>().join(", ")
 }
 
 /// The paired ratios of a row: their median, and their spread when there are several.
@@ -2114,6 +2111,15 @@ mod tests {
         assert_eq!(median(&[0.4]), 0.4);
         assert_eq!(median(&[0.3, 0.5, 0.9]), 0.5);
         assert!((median(&[0.3, 0.5, 0.6, 0.9]) - 0.55).abs() < 1e-12);
+    }
+
+    #[test]
+    fn joined_formats_each_value() {
+        assert_eq!(super::joined(&[], |v| format!("{v}")), "");
+        assert_eq!(
+            super::joined(&[0.5, 0.4567], |r| format!("{r:.3}x")),
+            "0.500x, 0.457x"
+        );
     }
 
     #[test]
