@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
@@ -52,6 +53,35 @@ pub struct Args {
 
 const BODY: &[u8] = br#"{"status":"ok"}"#;
 
+/// Failures written to stderr (the harness keeps it as `bench-hyper-<port>.log`): enough to
+/// say why a shaped run answered 502, without flooding the log when a dependency is down.
+const NOTED_FAILURES: u32 = 20;
+static FAILURES: AtomicU32 = AtomicU32::new(0);
+
+/// Writes `what` failed, with the error's whole source chain, for the first few failures.
+fn note_failure(what: &str, e: &dyn std::error::Error) {
+    let n = FAILURES.fetch_add(1, Ordering::Relaxed);
+    if n >= NOTED_FAILURES {
+        return;
+    }
+    let mut line = failure_line(what, e);
+    if n + 1 == NOTED_FAILURES {
+        line.push_str(" (later failures are not written)");
+    }
+    eprintln!("{line}");
+}
+
+/// `what` failed, and why: the error and each of its sources, outermost first.
+fn failure_line(what: &str, e: &dyn std::error::Error) -> String {
+    let mut line = format!("bench-hyper: {what} failed: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    line
+}
+
 /// The I/O a request makes before its answer.
 struct Shape {
     redis: Option<(redis::aio::ConnectionManager, u32)>,
@@ -82,7 +112,8 @@ async fn handle_shaped(shape: Arc<Shape>) -> Result<Response<Full<Bytes>>, Infal
                 .arg("io-floor:absent")
                 .query_async(&mut conn)
                 .await;
-            if got.is_err() {
+            if let Err(e) = got {
+                note_failure("a Redis round trip", &e);
                 return Ok(answer(StatusCode::BAD_GATEWAY));
             }
         }
@@ -96,11 +127,15 @@ async fn handle_shaped(shape: Arc<Shape>) -> Result<Response<Full<Bytes>>, Infal
         let Ok(req) = req else {
             return Ok(answer(StatusCode::BAD_GATEWAY));
         };
-        let ok = match client.request(req).await {
-            Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
-            Err(_) => false,
+        let failure: Option<Box<dyn std::error::Error>> = match client.request(req).await {
+            Ok(resp) if !resp.status().is_success() => {
+                Some(format!("answer {}", resp.status()).into())
+            }
+            Ok(resp) => resp.into_body().collect().await.err().map(Into::into),
+            Err(e) => Some(e.into()),
         };
-        if !ok {
+        if let Some(e) = failure {
+            note_failure("the upstream HTTP/2 call", e.as_ref());
             return Ok(answer(StatusCode::BAD_GATEWAY));
         }
     }
@@ -167,9 +202,14 @@ async fn serve_h2(listener: TcpListener) -> Result<(), BoxError> {
                 let _ = req.into_body().collect().await;
                 Ok::<_, Infallible>(answer(StatusCode::OK))
             });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            // A connection that ends in an error (a GOAWAY, a reset) is written down: the
+            // front's calls on it fail, and its log says why.
+            if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .await
+            {
+                note_failure("an upstream HTTP/2 connection", &e);
+            }
         });
     })
     .await
@@ -190,5 +230,42 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         on_conn(stream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure_line;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connection lost")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_failure_line_names_every_cause() {
+        let outer = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        ));
+        assert_eq!(
+            failure_line("the upstream HTTP/2 call", &outer),
+            "bench-hyper: the upstream HTTP/2 call failed: connection lost: reset by peer"
+        );
+        let plain = std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+        assert_eq!(
+            failure_line("a Redis round trip", &plain),
+            "bench-hyper: a Redis round trip failed: timed out"
+        );
     }
 }

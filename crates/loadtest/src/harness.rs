@@ -609,16 +609,19 @@ impl Ctx {
         self.start_bench_hyper(&[])
     }
 
-    /// `bench-hyper` with extra arguments (its I/O shape: see [`super::bare`]).
+    /// `bench-hyper` with extra arguments (its I/O shape: see [`super::bare`]). Its stderr,
+    /// where a shaped server notes why a request failed, is kept as
+    /// [`Ctx::bench_hyper_log`].
     fn start_bench_hyper(&self, extra: &[String]) -> Result<(Proc, SocketAddr), BoxError> {
         let addr = free_addr()?;
+        let log = std::fs::File::create(self.bench_hyper_log(addr))?;
         let child = Command::new(&self.exe)
             .arg("bench-hyper")
             .arg("--listen")
             .arg(addr.to_string())
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()?;
         let mut p = Proc {
             name: "bench-hyper".into(),
@@ -628,6 +631,11 @@ impl Ctx {
             return Err("bench-hyper did not start".into());
         }
         Ok((p, addr))
+    }
+
+    /// Where the stderr of the `bench-hyper` listening on `addr` goes.
+    fn bench_hyper_log(&self, addr: SocketAddr) -> PathBuf {
+        self.work.join(format!("bench-hyper-{}.log", addr.port()))
     }
 
     /// Starts the gateway against `redis` and waits for `/readyz` 200; the start-up time runs
@@ -1855,8 +1863,11 @@ async fn io_floor_run(ctx: &mut Ctx) -> Result<String, BoxError> {
             .await?;
         if row.wrk.non2xx > 0 || row.wrk.socket_errors > 0 {
             return Err(format!(
-                "{label}: {} non-2xx answers and {} socket errors: the run does not measure the shape",
-                row.wrk.non2xx, row.wrk.socket_errors
+                "{label}: {} non-2xx answers and {} socket errors: the run does not measure the shape (why: {} and, for the upstream, {})",
+                row.wrk.non2xx,
+                row.wrk.socket_errors,
+                ctx.bench_hyper_log(addr).display(),
+                ctx.bench_hyper_log(up_addr).display()
             )
             .into());
         }
