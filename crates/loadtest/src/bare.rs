@@ -71,6 +71,22 @@ fn note_failure(what: &str, e: &dyn std::error::Error) {
     eprintln!("{line}");
 }
 
+/// A connection closed before it sent anything: the harness's start-up probe (or a client gone
+/// at connect), not a failure of the shape.
+fn closed_before_any_frame(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// `what` failed, and why: the error and each of its sources, outermost first.
 fn failure_line(what: &str, e: &dyn std::error::Error) -> String {
     let mut line = format!("bench-hyper: {what} failed: {e}");
@@ -204,9 +220,16 @@ async fn serve_h2(listener: TcpListener) -> Result<(), BoxError> {
             });
             // A connection that ends in an error (a GOAWAY, a reset) is written down: the
             // front's calls on it fail, and its log says why.
+            // When a wrk run ends, its connections close and the front cancels every upstream
+            // call in flight at once: dozens of RST_STREAMs. At h2's default (20 reset streams
+            // not yet accepted) the server answered that with GOAWAY `too_many_resets`, and a
+            // call or two of the next run failed on the dying connection (a refused I/O-floor
+            // run). That burst is the harness stopping, not the shape under measurement.
             if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .max_pending_accept_reset_streams(100_000)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
+                && !closed_before_any_frame(&e)
             {
                 note_failure("an upstream HTTP/2 connection", &e);
             }
@@ -235,7 +258,7 @@ async fn accept_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::failure_line;
+    use super::{closed_before_any_frame, failure_line};
 
     #[derive(Debug)]
     struct Outer(std::io::Error);
@@ -267,5 +290,19 @@ mod tests {
             failure_line("a Redis round trip", &plain),
             "bench-hyper: a Redis round trip failed: timed out"
         );
+    }
+
+    #[test]
+    fn only_an_early_end_of_stream_counts_as_a_probe() {
+        let probe = Outer(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed before reading preface",
+        ));
+        assert!(closed_before_any_frame(&probe));
+        let reset = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        ));
+        assert!(!closed_before_any_frame(&reset));
     }
 }
