@@ -140,8 +140,12 @@ async fn handle_shaped(shape: Arc<Shape>) -> Result<Response<Full<Bytes>>, Infal
             .uri(uri.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body.clone()));
-        let Ok(req) = req else {
-            return Ok(answer(StatusCode::BAD_GATEWAY));
+        let req = match req {
+            Ok(req) => req,
+            Err(e) => {
+                note_failure("building the upstream request", &e);
+                return Ok(answer(StatusCode::BAD_GATEWAY));
+            }
         };
         let failure: Option<Box<dyn std::error::Error>> = match client.request(req).await {
             Ok(resp) if !resp.status().is_success() => {
@@ -218,13 +222,13 @@ async fn serve_h2(listener: TcpListener) -> Result<(), BoxError> {
                 let _ = req.into_body().collect().await;
                 Ok::<_, Infallible>(answer(StatusCode::OK))
             });
-            // A connection that ends in an error (a GOAWAY, a reset) is written down: the
-            // front's calls on it fail, and its log says why.
-            // When a wrk run ends, its connections close and the front cancels every upstream
-            // call in flight at once: dozens of RST_STREAMs. At h2's default (20 reset streams
-            // not yet accepted) the server answered that with GOAWAY `too_many_resets`, and a
-            // call or two of the next run failed on the dying connection (a refused I/O-floor
-            // run). That burst is the harness stopping, not the shape under measurement.
+            // The reset-stream allowance: when a wrk run ends, its connections close and the
+            // front cancels every upstream call in flight at once, dozens of RST_STREAMs. At
+            // h2's default (20 reset streams not yet accepted) this server answered that with
+            // GOAWAY `too_many_resets`, and a call or two of the next run failed on the dying
+            // connection (a refused I/O-floor run). That burst is the harness stopping, not the
+            // shape under measurement. A connection that still ends in an error is written
+            // down, since the front's calls on it fail.
             if let Err(e) = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .max_pending_accept_reset_streams(100_000)
                 .serve_connection(TokioIo::new(stream), svc)
